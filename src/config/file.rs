@@ -1,0 +1,411 @@
+//! The conf file as written by the operator: serde structs, one per TOML table.
+//!
+//! Every struct denies unknown fields so a typo is an error, not a silently ignored key.
+//! Fields that later validation must point at are `Spanned`, so errors carry a line.
+//! Nothing here is validated beyond what serde checks; see `validate.rs`.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfFile {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub access_log: AccessLogSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub listeners: Vec<Spanned<ListenerFile>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<UpstreamFile>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteFile>>,
+    /// Wasm modules (Proxy-Wasm filters) that routes chain by name.
+    #[serde(default)]
+    pub modules: BTreeMap<String, Spanned<ModuleFile>>,
+    /// Tenants that own modules. A module without a tenant belongs to `default`.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, Spanned<TenantFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Worker threads for the proxy service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Let idle workers steal tasks from busy ones (tokio multi-thread). Off by default:
+    /// on small machines the per-thread runtimes are cheaper.
+    #[serde(default)]
+    pub work_stealing: bool,
+    /// Seconds to keep serving in-flight requests after SIGTERM / graceful upgrade.
+    #[serde(default = "default_grace")]
+    pub grace_period_secs: u64,
+    /// Directory for precompiled modules and deployed state.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: String,
+    /// Re-read the conf file when it changes on disk (debounced), besides SIGHUP.
+    #[serde(default = "default_true")]
+    pub watch_config: bool,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: default_threads(),
+            work_stealing: false,
+            grace_period_secs: default_grace(),
+            data_dir: default_data_dir(),
+            watch_config: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the Prometheus `/metrics` listener; empty string disables it.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSection {
+    #[serde(default)]
+    pub enabled: bool,
+    /// File to append JSON lines to; standard output when absent.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest request body accepted on routes that do not set their own (bytes).
+    #[serde(default = "default_max_body")]
+    pub max_request_body_bytes: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_request_body_bytes: default_max_body(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: Option<String>,
+    pub listen: Spanned<String>,
+    pub tls: Option<ListenerTlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsFile {
+    /// Certificates; the first is the default when no SNI name matches.
+    pub certs: Vec<Spanned<CertFile>>,
+    /// Offer HTTP/2 through ALPN (h2, then http/1.1).
+    #[serde(default = "default_true")]
+    pub http2: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFile {
+    pub cert: String,
+    pub key: String,
+    /// Server names this certificate answers (exact or `*.example.com`). Empty: taken
+    /// from nothing, usable only as the default certificate.
+    #[serde(default)]
+    pub sni: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Hash,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub targets: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// With `balance = "hash"`: what to hash: `client_ip`, `path`, or `header:<name>`.
+    pub hash_key: Option<Spanned<String>>,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_rw_ms")]
+    pub read_timeout_ms: u64,
+    #[serde(default = "default_rw_ms")]
+    pub write_timeout_ms: u64,
+    /// How long an idle pooled connection to this upstream is kept.
+    #[serde(default = "default_idle_secs")]
+    pub idle_timeout_secs: u64,
+    /// Retries of idempotent requests on another connection after a connect failure.
+    #[serde(default = "default_retries")]
+    pub retries: usize,
+    pub tls: Option<UpstreamTlsFile>,
+    pub health_check: Option<HealthCheckFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    /// SNI and the name the certificate is verified against.
+    pub sni: String,
+    #[serde(default = "default_true")]
+    pub verify: bool,
+    /// Extra CA bundle (PEM) to trust for this upstream.
+    pub ca: Option<String>,
+    /// Ask the upstream for HTTP/2 through ALPN.
+    #[serde(default)]
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    #[default]
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    #[serde(default)]
+    pub kind: HealthKind,
+    /// Path requested by `kind = "http"`; any 200 is healthy.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Host header of `kind = "http"` checks.
+    #[serde(default = "default_health_host")]
+    pub host: String,
+    #[serde(default = "default_health_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_health_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_one")]
+    pub healthy_threshold: usize,
+    #[serde(default = "default_one")]
+    pub unhealthy_threshold: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: Option<String>,
+    /// `api.example.com`, `*.example.com`; absent matches any host.
+    pub host: Option<Spanned<String>>,
+    /// Exact path, with optional `{param}` segments.
+    pub path: Option<Spanned<String>>,
+    /// Segment prefix: `/api` matches `/api` and `/api/...`, not `/apix`.
+    pub path_prefix: Option<Spanned<String>>,
+    /// Methods this route answers; absent or empty matches all.
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    /// Upstream to proxy to; a route without one must have hooks that answer.
+    pub upstream: Option<Spanned<String>>,
+    pub rewrite: Option<RewriteFile>,
+    #[serde(default)]
+    pub request_headers: HeaderOpsFile,
+    #[serde(default)]
+    pub response_headers: HeaderOpsFile,
+    /// Ordered chain of module names run on this route.
+    #[serde(default)]
+    pub hooks: Vec<Spanned<String>>,
+    /// Largest request body accepted (bytes); default from `[limits]`.
+    pub max_request_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteFile {
+    /// Remove the route's `path_prefix` before proxying.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the route's `path_prefix` with this one.
+    pub replace_prefix: Option<String>,
+    /// New path; `{param}` names of the route's path are substituted.
+    pub path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsFile {
+    /// Replace (or create) these headers.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Append these headers, keeping existing values.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Remove these headers.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// One VM per module reused across requests (Envoy's model).
+    #[default]
+    Shared,
+    /// A fresh instance for every request.
+    Request,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleFile {
+    /// Path to the `.wasm` file, relative to the conf file.
+    pub path: Spanned<String>,
+    pub tenant: Option<Spanned<String>>,
+    /// Passed to `on_configure`: a string as is, a table as JSON.
+    pub config: Option<toml::Value>,
+    /// Passed to `on_vm_start`: a string as is, a table as JSON.
+    pub vm_config: Option<toml::Value>,
+    /// Root id the guest's root context is created with.
+    #[serde(default)]
+    pub root_id: String,
+    /// Time budget of one callback, in microseconds.
+    #[serde(default = "default_budget_us")]
+    pub budget_us: u64,
+    /// Time budget of all callbacks of one request together, in microseconds.
+    pub request_budget_us: Option<u64>,
+    /// Linear memory limit per instance, in MiB.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Most instances of this module alive at once (requests beyond wait briefly, then 503).
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+    #[serde(default)]
+    pub on_failure: FailurePolicyFile,
+    /// Upstreams this module may reach with `proxy_http_call`.
+    #[serde(default)]
+    pub allowed_upstreams: Vec<Spanned<String>>,
+    /// Timer period floor for `proxy_set_tick_period`, in milliseconds.
+    #[serde(default = "default_min_tick")]
+    pub min_tick_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailurePolicyFile {
+    /// `deny`, `allow` or `respond`.
+    #[serde(default = "default_policy_spanned")]
+    pub action: Spanned<String>,
+    /// Status for `deny` and `respond`.
+    pub status: Option<u16>,
+    /// Body for `respond`.
+    pub body: Option<String>,
+}
+
+impl Default for FailurePolicyFile {
+    fn default() -> Self {
+        FailurePolicyFile {
+            action: Spanned::new(0..0, default_policy()),
+            status: None,
+            body: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantFile {
+    /// Largest per-callback budget a module of this tenant may ask for (µs).
+    pub max_budget_us: Option<u64>,
+    /// Largest memory a module of this tenant may ask for (MiB).
+    pub max_memory_mb: Option<u64>,
+    /// Largest module accepted (bytes).
+    pub max_module_bytes: Option<u64>,
+    /// Requests per second across the tenant's hooks, with a burst.
+    pub rate_per_sec: Option<u32>,
+    pub burst: Option<u32>,
+}
+
+fn default_threads() -> usize {
+    1
+}
+fn default_grace() -> u64 {
+    5
+}
+fn default_data_dir() -> String {
+    "data".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9091".into()
+}
+fn default_max_body() -> u64 {
+    8 * 1024 * 1024
+}
+fn default_connect_ms() -> u64 {
+    1000
+}
+fn default_rw_ms() -> u64 {
+    30_000
+}
+fn default_idle_secs() -> u64 {
+    60
+}
+fn default_retries() -> usize {
+    1
+}
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_host() -> String {
+    "localhost".into()
+}
+fn default_health_interval() -> u64 {
+    1000
+}
+fn default_health_timeout() -> u64 {
+    500
+}
+fn default_one() -> usize {
+    1
+}
+fn default_budget_us() -> u64 {
+    1000
+}
+fn default_memory_mb() -> u64 {
+    16
+}
+fn default_max_instances() -> usize {
+    64
+}
+fn default_policy() -> String {
+    "deny".into()
+}
+fn default_policy_spanned() -> Spanned<String> {
+    Spanned::new(0..0, default_policy())
+}
+fn default_min_tick() -> u64 {
+    10
+}

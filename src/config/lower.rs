@@ -1,0 +1,683 @@
+//! Validation and lowering: from [`ConfFile`] to the immutable [`Snapshot`] the proxy reads.
+
+use super::file::*;
+use super::{ConfError, ConfErrors, Source};
+use crate::metrics::Metrics;
+use crate::route::{path_params, HeaderOps, Rewrite, Route};
+use crate::routing::{PathPattern, RouteKey, Router};
+use crate::upstream::{self, Balancer, HashKey, Upstream, UpstreamTls};
+use crate::wasm::{self, HookChain, Plugin, PluginSpec};
+use http::{HeaderName, HeaderValue, Method};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+/// Everything one generation of the conf serves with. Immutable once built.
+pub struct Snapshot {
+    pub generation: u64,
+    pub path: PathBuf,
+    pub server: ServerSection,
+    pub metrics_listen: Option<SocketAddr>,
+    pub access_log: AccessLogSection,
+    pub listeners: Vec<Listener>,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub routes: Vec<Arc<Route>>,
+    pub router: Router,
+    pub plugins: BTreeMap<String, Arc<Plugin>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub addr: String,
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub certs: Vec<CertSpec>,
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSpec {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub sni: Vec<String>,
+}
+
+/// What loading needs from the running process.
+pub struct LoadEnv<'a> {
+    pub metrics: &'a Metrics,
+    pub wasm: &'a wasm::Runtime,
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// One line for `wasmgate check` and reload logs.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: ok: {} listener(s), {} upstream(s), {} route(s), {} module(s)",
+            self.path.display(),
+            self.listeners.len(),
+            self.upstreams.len(),
+            self.routes.len(),
+            self.plugins.len()
+        )
+    }
+
+    /// Starts the background work the snapshot owns (health checks); call once published.
+    pub fn start(&self) {
+        for u in self.upstreams.values() {
+            u.spawn_health_checks();
+        }
+    }
+}
+
+/// Reads, validates and lowers the conf file at `path`.
+pub fn load(path: &Path, env: &LoadEnv) -> Result<Snapshot, ConfErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfErrors(vec![ConfError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read conf file: {e}"),
+        }])
+    })?;
+    load_str(path, &text, env)
+}
+
+pub fn load_str(path: &Path, text: &str, env: &LoadEnv) -> Result<Snapshot, ConfErrors> {
+    let src = Source { path, text };
+    let file: ConfFile = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        ConfErrors(vec![src.error(span, e.message().trim_end().to_string())])
+    })?;
+    Lowering {
+        src: &src,
+        env,
+        base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        errors: Vec::new(),
+    }
+    .run(file)
+}
+
+struct Lowering<'a> {
+    src: &'a Source<'a>,
+    env: &'a LoadEnv<'a>,
+    /// Relative paths in the conf are relative to the conf file's folder.
+    base: PathBuf,
+    errors: Vec<ConfError>,
+}
+
+impl Lowering<'_> {
+    fn err<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
+        let e = self.src.error(s.span(), msg);
+        self.errors.push(e);
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn run(mut self, f: ConfFile) -> Result<Snapshot, ConfErrors> {
+        let metrics_listen = if f.metrics.listen.is_empty() {
+            None
+        } else {
+            match f.metrics.listen.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.errors.push(self.src.error(
+                        0..0,
+                        format!(
+                            "[metrics] listen: `{}` is not an address like 127.0.0.1:9091",
+                            f.metrics.listen
+                        ),
+                    ));
+                    None
+                }
+            }
+        };
+        if f.server.threads == 0 {
+            self.errors
+                .push(self.src.error(0..0, "[server] threads must be at least 1"));
+        }
+        let listeners = self.listeners(&f.listeners);
+        let upstreams = self.upstreams(&f.upstreams);
+        let plugins = self.plugins(&f, &upstreams);
+        let (routes, router) = self.routes(&f, &upstreams, &plugins);
+        if !self.errors.is_empty() {
+            self.errors.sort_by_key(|e| (e.line, e.column));
+            return Err(ConfErrors(self.errors));
+        }
+        Ok(Snapshot {
+            generation: self.env.generation,
+            path: self.src.path.to_path_buf(),
+            server: f.server,
+            metrics_listen,
+            access_log: f.access_log,
+            listeners,
+            upstreams,
+            routes,
+            router: router.unwrap_or_default(),
+            plugins,
+        })
+    }
+
+    fn listeners(&mut self, list: &[Spanned<ListenerFile>]) -> Vec<Listener> {
+        if list.is_empty() {
+            self.errors.push(self.src.error(
+                0..0,
+                "no [[listeners]]: add one, e.g. [[listeners]] listen = \"127.0.0.1:8080\"",
+            ));
+        }
+        let mut out = Vec::new();
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, l) in list.iter().enumerate() {
+            let lf = l.get_ref();
+            let name = lf.name.clone().unwrap_or_else(|| format!("listener[{i}]"));
+            let addr = lf.listen.get_ref().clone();
+            if addr.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
+                self.err(
+                    &lf.listen,
+                    format!("listener `{name}`: listen `{addr}` is not a host:port address"),
+                );
+            }
+            if let Some(prev) = seen.insert(addr.clone(), i) {
+                self.err(
+                    &lf.listen,
+                    format!("listener `{name}`: address `{addr}` is already used by listener[{prev}]"),
+                );
+            }
+            let tls = lf.tls.as_ref().map(|t| {
+                if t.certs.is_empty() {
+                    self.err(&lf.listen, format!("listener `{name}`: tls needs at least one entry in certs"));
+                }
+                let certs = t
+                    .certs
+                    .iter()
+                    .map(|c| {
+                        let cf = c.get_ref();
+                        let spec = CertSpec {
+                            cert: self.resolve(&cf.cert),
+                            key: self.resolve(&cf.key),
+                            sni: cf.sni.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                        };
+                        if let Err(e) = crate::tls::load_certified_key(&spec.cert, &spec.key) {
+                            self.err(c, format!("listener `{name}`: {e}"));
+                        }
+                        spec
+                    })
+                    .collect();
+                ListenerTls {
+                    certs,
+                    http2: t.http2,
+                }
+            });
+            out.push(Listener { name, addr, tls });
+        }
+        out
+    }
+
+    fn upstreams(
+        &mut self,
+        map: &BTreeMap<String, Spanned<UpstreamFile>>,
+    ) -> BTreeMap<String, Arc<Upstream>> {
+        let mut out = BTreeMap::new();
+        for (name, u) in map {
+            let uf = u.get_ref();
+            if uf.targets.is_empty() {
+                self.err(u, format!("upstream `{name}` has no targets"));
+                continue;
+            }
+            let mut ok = true;
+            for t in &uf.targets {
+                if t.get_ref().to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
+                    self.err(
+                        t,
+                        format!(
+                            "upstream `{name}`: target `{}` is not a host:port address",
+                            t.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+            let hash_key = match (&uf.balance, &uf.hash_key) {
+                (Balance::Hash, None) => Some(HashKey::ClientIp),
+                (Balance::Hash, Some(k)) => match parse_hash_key(k.get_ref()) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        self.err(k, format!("upstream `{name}`: {e}"));
+                        None
+                    }
+                },
+                (Balance::RoundRobin, Some(k)) => {
+                    self.err(k, format!("upstream `{name}`: hash_key needs balance = \"hash\""));
+                    None
+                }
+                (Balance::RoundRobin, None) => None,
+            };
+            let tls = uf.tls.as_ref().and_then(|t| {
+                let ca = match &t.ca {
+                    None => None,
+                    Some(p) => match crate::tls::load_ca(&self.resolve(p)) {
+                        Ok(ca) => Some(ca),
+                        Err(e) => {
+                            self.err(u, format!("upstream `{name}`: {e}"));
+                            return None;
+                        }
+                    },
+                };
+                Some(UpstreamTls {
+                    sni: t.sni.clone(),
+                    verify: t.verify,
+                    ca,
+                    http2: t.http2,
+                })
+            });
+            if !ok {
+                continue;
+            }
+            let addrs: Vec<String> = uf.targets.iter().map(|t| t.get_ref().clone()).collect();
+            let mut balancer = match Balancer::new(&addrs, uf.balance == Balance::Hash) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.err(u, format!("upstream `{name}`: {e}"));
+                    continue;
+                }
+            };
+            let health_interval = uf.health_check.as_ref().map(|h| {
+                if h.kind == HealthKind::Http && !h.path.starts_with('/') {
+                    self.err(u, format!("upstream `{name}`: health_check.path must start with /"));
+                }
+                balancer.set_health_check(upstream::health_check(
+                    h.kind == HealthKind::Http,
+                    &h.host,
+                    &h.path,
+                    Duration::from_millis(h.timeout_ms.max(1)),
+                    h.healthy_threshold.max(1),
+                    h.unhealthy_threshold.max(1),
+                    tls.as_ref(),
+                ));
+                Duration::from_millis(h.interval_ms.max(10))
+            });
+            out.insert(
+                name.clone(),
+                Arc::new(Upstream {
+                    name: name.clone(),
+                    balancer,
+                    hash_key,
+                    connect_timeout: Duration::from_millis(uf.connect_timeout_ms.max(1)),
+                    read_timeout: Duration::from_millis(uf.read_timeout_ms.max(1)),
+                    write_timeout: Duration::from_millis(uf.write_timeout_ms.max(1)),
+                    idle_timeout: Duration::from_secs(uf.idle_timeout_secs),
+                    retries: uf.retries,
+                    tls,
+                    health_interval,
+                    targets: addrs,
+                    metrics: self.env.metrics.upstream(name),
+                }),
+            );
+        }
+        out
+    }
+
+    fn plugins(
+        &mut self,
+        f: &ConfFile,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+    ) -> BTreeMap<String, Arc<Plugin>> {
+        let mut out = BTreeMap::new();
+        for (name, m) in &f.modules {
+            let mf = m.get_ref();
+            let tenant_name = mf
+                .tenant
+                .as_ref()
+                .map(|t| t.get_ref().clone())
+                .unwrap_or_else(|| "default".into());
+            let tenant = f.tenants.get(&tenant_name).map(|t| t.get_ref());
+            if let (Some(t), None) = (&mf.tenant, tenant) {
+                if t.get_ref() != "default" {
+                    let defined = join_names(f.tenants.keys());
+                    self.err(
+                        t,
+                        format!(
+                            "module `{name}`: tenant `{}` is not defined; defined tenants: {defined}",
+                            t.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+            }
+            if let Some(t) = tenant {
+                if let Some(max) = t.max_budget_us.filter(|max| mf.budget_us > *max) {
+                    self.err(m, format!("module `{name}`: budget_us {} exceeds tenant `{tenant_name}`'s max_budget_us {max}", mf.budget_us));
+                }
+                if let Some(max) = t.max_memory_mb.filter(|max| mf.memory_mb > *max) {
+                    self.err(m, format!("module `{name}`: memory_mb {} exceeds tenant `{tenant_name}`'s max_memory_mb {max}", mf.memory_mb));
+                }
+            }
+            let policy = match wasm::FailurePolicy::parse(
+                mf.on_failure.action.get_ref(),
+                mf.on_failure.status,
+                mf.on_failure.body.as_deref(),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.err(&mf.on_failure.action, format!("module `{name}`: {e}"));
+                    continue;
+                }
+            };
+            let mut allowed = Vec::new();
+            for a in &mf.allowed_upstreams {
+                match upstreams.get(a.get_ref()) {
+                    Some(u) => allowed.push(u.clone()),
+                    None => self.err(
+                        a,
+                        format!(
+                            "module `{name}`: allowed upstream `{}` is not defined; defined upstreams: {}",
+                            a.get_ref(),
+                            join_names(upstreams.keys())
+                        ),
+                    ),
+                }
+            }
+            if mf.budget_us == 0 || mf.memory_mb == 0 || mf.max_instances == 0 {
+                self.err(m, format!("module `{name}`: budget_us, memory_mb and max_instances must be at least 1"));
+                continue;
+            }
+            let wasm_path = self.resolve(mf.path.get_ref());
+            let bytes = match std::fs::read(&wasm_path) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.err(
+                        &mf.path,
+                        format!("module `{name}`: cannot read `{}`: {e}", wasm_path.display()),
+                    );
+                    continue;
+                }
+            };
+            if let Some(max) = tenant
+                .and_then(|t| t.max_module_bytes)
+                .filter(|max| bytes.len() as u64 > *max)
+            {
+                self.err(&mf.path, format!("module `{name}`: {} bytes exceeds tenant `{tenant_name}`'s max_module_bytes {max}", bytes.len()));
+                continue;
+            }
+            let spec = PluginSpec {
+                name: name.clone(),
+                tenant: tenant_name,
+                root_id: mf.root_id.clone(),
+                config: value_bytes(mf.config.as_ref()),
+                vm_config: value_bytes(mf.vm_config.as_ref()),
+                budget: Duration::from_micros(mf.budget_us),
+                request_budget: Duration::from_micros(
+                    mf.request_budget_us.unwrap_or(mf.budget_us.saturating_mul(8)),
+                ),
+                memory_bytes: mf.memory_mb.saturating_mul(1024 * 1024),
+                isolation: mf.isolation,
+                max_instances: mf.max_instances,
+                policy,
+                allowed_upstreams: allowed,
+                min_tick: Duration::from_millis(mf.min_tick_ms.max(1)),
+            };
+            match self.env.wasm.plugin(spec, &bytes, self.env.metrics) {
+                Ok(p) => {
+                    out.insert(name.clone(), p);
+                }
+                Err(e) => self.err(&mf.path, format!("module `{name}`: {e}")),
+            }
+        }
+        out
+    }
+
+    fn routes(
+        &mut self,
+        f: &ConfFile,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        plugins: &BTreeMap<String, Arc<Plugin>>,
+    ) -> (Vec<Arc<Route>>, Option<Router>) {
+        let mut routes = Vec::new();
+        let mut keys = Vec::new();
+        let mut names = Vec::new();
+        let mut spans = Vec::new();
+        for (i, r) in f.routes.iter().enumerate() {
+            let rf = r.get_ref();
+            let name = rf.name.clone().unwrap_or_else(|| format!("route[{i}]"));
+            let before = self.errors.len();
+            let path = match (&rf.path, &rf.path_prefix) {
+                (Some(p), None) => self.check_path(p, &name).map(PathPattern::Exact),
+                (None, Some(p)) => {
+                    if p.get_ref().contains('{') {
+                        self.err(p, format!("route `{name}`: path_prefix cannot have {{param}} segments; use path"));
+                        None
+                    } else {
+                        self.check_path(p, &name).map(PathPattern::Prefix)
+                    }
+                }
+                (Some(p), Some(_)) => {
+                    self.err(p, format!("route `{name}`: set either path or path_prefix, not both"));
+                    None
+                }
+                (None, None) => Some(PathPattern::Prefix("/".into())),
+            };
+            if let Some(h) = &rf.host {
+                let host = h.get_ref();
+                let bad = host.is_empty()
+                    || host.contains(['/', ':', ' '])
+                    || (host.contains('*') && !(host.starts_with("*.") && host[2..].find('*').is_none()));
+                if bad {
+                    self.err(h, format!("route `{name}`: host `{host}` must be a name like api.example.com or *.example.com (no port)"));
+                }
+            }
+            let mut methods = Vec::new();
+            for m in &rf.methods {
+                match Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()) {
+                    Ok(mm) => methods.push(mm),
+                    Err(_) => self.err(m, format!("route `{name}`: `{}` is not an HTTP method", m.get_ref())),
+                }
+            }
+            let upstream = rf.upstream.as_ref().and_then(|u| match upstreams.get(u.get_ref()) {
+                Some(up) => Some(up.clone()),
+                None => {
+                    let defined = join_names(f.upstreams.keys());
+                    self.err(
+                        u,
+                        format!(
+                            "upstream `{}` in route `{name}` is not defined; defined upstreams: {defined}",
+                            u.get_ref()
+                        ),
+                    );
+                    None
+                }
+            });
+            let mut hooks = Vec::new();
+            for h in &rf.hooks {
+                match plugins.get(h.get_ref()) {
+                    Some(p) => hooks.push(p.clone()),
+                    None if f.modules.contains_key(h.get_ref()) => {} // its own error was reported
+                    None => self.err(
+                        h,
+                        format!(
+                            "module `{}` in route `{name}` is not defined; defined modules: {}",
+                            h.get_ref(),
+                            join_names(f.modules.keys())
+                        ),
+                    ),
+                }
+            }
+            if rf.upstream.is_none() && rf.hooks.is_empty() {
+                self.err(r, format!("route `{name}` has neither an upstream nor hooks to answer it"));
+            }
+            let rewrite = rf.rewrite.as_ref().and_then(|rw| self.rewrite(rw, &path, &name, r));
+            let request_headers = self.header_ops(&rf.request_headers, &name, r);
+            let response_headers = self.header_ops(&rf.response_headers, &name, r);
+            if self.errors.len() > before {
+                continue;
+            }
+            let Some(path) = path else { continue };
+            keys.push(RouteKey {
+                host: rf.host.as_ref().map(|h| h.get_ref().clone()),
+                path,
+                methods,
+            });
+            names.push(name.clone());
+            spans.push(r.span());
+            routes.push(Arc::new(Route {
+                metrics: self.env.metrics.route(&name),
+                name,
+                upstream,
+                rewrite,
+                request_headers,
+                response_headers,
+                hooks: HookChain::new(hooks),
+                max_request_body: rf
+                    .max_request_body_bytes
+                    .unwrap_or(f.limits.max_request_body_bytes),
+            }));
+        }
+        let mut seen = BTreeMap::new();
+        for (i, n) in names.iter().enumerate() {
+            if let Some(prev) = seen.insert(n.clone(), i) {
+                let _ = prev;
+                self.errors.push(self.src.error(spans[i].clone(), format!("route name `{n}` is used twice")));
+            }
+        }
+        match Router::build(&keys, &names) {
+            Ok(router) => (routes, Some(router)),
+            Err(errs) => {
+                for e in errs {
+                    self.errors.push(self.src.error(spans[e.route].clone(), e.message));
+                }
+                (routes, None)
+            }
+        }
+    }
+
+    fn check_path(&mut self, p: &Spanned<String>, name: &str) -> Option<String> {
+        let path = p.get_ref();
+        if !path.starts_with('/') {
+            self.err(p, format!("route `{name}`: path `{path}` must start with /"));
+            return None;
+        }
+        if path.contains(['?', '#', ' ']) || path.contains("{*") {
+            self.err(p, format!("route `{name}`: path `{path}` may contain only segments and {{param}} segments"));
+            return None;
+        }
+        Some(path.clone())
+    }
+
+    fn rewrite<T>(
+        &mut self,
+        rw: &RewriteFile,
+        path: &Option<PathPattern>,
+        name: &str,
+        at: &Spanned<T>,
+    ) -> Option<Rewrite> {
+        let chosen = rw.strip_prefix as u8 + rw.replace_prefix.is_some() as u8 + rw.path.is_some() as u8;
+        if chosen != 1 {
+            self.err(at, format!("route `{name}`: rewrite needs exactly one of strip_prefix, replace_prefix, path"));
+            return None;
+        }
+        if let Some(t) = &rw.path {
+            let known = match path {
+                Some(PathPattern::Exact(p)) => path_params(p),
+                _ => Vec::new(),
+            };
+            if !t.get_ref().starts_with('/') {
+                self.err(t, format!("route `{name}`: rewrite path must start with /"));
+                return None;
+            }
+            return match Rewrite::template(t.get_ref(), &known) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    self.err(t, format!("route `{name}`: {e}"));
+                    None
+                }
+            };
+        }
+        let Some(PathPattern::Prefix(prefix)) = path else {
+            self.err(at, format!("route `{name}`: strip_prefix and replace_prefix need a path_prefix route"));
+            return None;
+        };
+        let to = rw.replace_prefix.clone().unwrap_or_default();
+        if !to.is_empty() && !to.starts_with('/') {
+            self.err(at, format!("route `{name}`: replace_prefix must start with /"));
+            return None;
+        }
+        Some(Rewrite::Prefix {
+            from: prefix.trim_end_matches('/').to_string(),
+            to: to.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn header_ops<T>(&mut self, h: &HeaderOpsFile, route: &str, at: &Spanned<T>) -> HeaderOps {
+        let mut ops = HeaderOps::default();
+        let pair = |this: &mut Self, k: &str, v: &str| -> Option<(HeaderName, HeaderValue)> {
+            let n = HeaderName::from_bytes(k.as_bytes());
+            let val = HeaderValue::from_str(v);
+            match (n, val) {
+                (Ok(n), Ok(v)) => Some((n, v)),
+                (Err(_), _) => {
+                    this.err(at, format!("route `{route}`: `{k}` is not a valid header name"));
+                    None
+                }
+                (_, Err(_)) => {
+                    this.err(at, format!("route `{route}`: value of header `{k}` is not valid"));
+                    None
+                }
+            }
+        };
+        ops.set = h.set.iter().filter_map(|(k, v)| pair(self, k, v)).collect();
+        ops.add = h.add.iter().filter_map(|(k, v)| pair(self, k, v)).collect();
+        for k in &h.remove {
+            match HeaderName::from_bytes(k.as_bytes()) {
+                Ok(n) => ops.remove.push(n),
+                Err(_) => self.err(at, format!("route `{route}`: `{k}` is not a valid header name")),
+            }
+        }
+        ops
+    }
+}
+
+fn parse_hash_key(k: &str) -> Result<HashKey, String> {
+    match k {
+        "client_ip" => Ok(HashKey::ClientIp),
+        "path" => Ok(HashKey::Path),
+        _ => match k.strip_prefix("header:") {
+            Some(h) => HeaderName::from_bytes(h.as_bytes())
+                .map(HashKey::Header)
+                .map_err(|_| format!("hash_key `{k}`: `{h}` is not a header name")),
+            None => Err(format!(
+                "hash_key `{k}` is not one of client_ip, path, header:<name>"
+            )),
+        },
+    }
+}
+
+/// Plugin and VM configuration as the guest receives it: strings as is, tables as JSON.
+fn value_bytes(v: Option<&toml::Value>) -> Vec<u8> {
+    match v {
+        None => Vec::new(),
+        Some(toml::Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => serde_json::to_vec(other).unwrap_or_default(),
+    }
+}
+
+fn join_names<'a>(it: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = it.map(|s| s.as_str()).collect();
+    if v.is_empty() {
+        "(none)".into()
+    } else {
+        v.join(", ")
+    }
+}

@@ -1,0 +1,391 @@
+//! Drives a route's hook chain through the proxy phases: leases VMs, runs the Proxy-Wasm
+//! callbacks in order (response phases in reverse, like Envoy's encoder filters), makes
+//! the HTTP callouts guests ask for, and applies each module's failure policy.
+
+use crate::route::Route;
+use crate::wasm::{
+    CallResponse, Failure, FailurePolicy, HookChain, Lease, LocalResponse, Outcome, PendingCall,
+    RequestInfo,
+};
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Per-request hook state, kept in the proxy's CTX.
+pub struct HookState {
+    /// One lease per module of the chain; `None` once a module failed open (`allow`).
+    pub leases: Vec<Option<Lease>>,
+    pub info: RequestInfo,
+    pub req_body: Vec<u8>,
+    pub resp_body: Vec<u8>,
+    /// Body that replaces the upstream's (a local response sent in a response phase).
+    pub replace_body: Option<Bytes>,
+    pub body_hooks: bool,
+}
+
+/// What the proxy does after a phase's hooks ran.
+#[derive(Debug)]
+pub enum Flow {
+    Continue,
+    /// Buffer: hold the body chunk and wait for more.
+    Buffer,
+    /// Answer the client with this response and stop.
+    Respond(LocalResponse),
+}
+
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A request id unique in this process.
+pub fn request_id() -> String {
+    format!("{:016x}", REQUEST_IDS.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The answer a failed module's policy gives, or `None` to fail open.
+fn policy_answer(policy: &FailurePolicy, route: &str) -> Option<LocalResponse> {
+    let json = |status: u16, code: &str| LocalResponse {
+        status,
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
+        body: super::respond::error_body(code, Some(route)).to_vec(),
+        grpc_status: -1,
+    };
+    match policy {
+        FailurePolicy::Allow => None,
+        FailurePolicy::Deny(s) => Some(json(*s, "hook_failed")),
+        FailurePolicy::Respond(s, body) => Some(LocalResponse {
+            status: *s,
+            headers: Vec::new(),
+            body: body.clone().into_bytes(),
+            grpc_status: -1,
+        }),
+    }
+}
+
+/// A local response the gateway itself produces (e.g. modules too busy).
+pub fn busy_response(route: &str) -> LocalResponse {
+    LocalResponse {
+        status: 503,
+        headers: vec![
+            ("content-type".into(), b"application/json".to_vec()),
+            ("retry-after".into(), b"1".to_vec()),
+        ],
+        body: super::respond::error_body("hook_busy", Some(route)).to_vec(),
+        grpc_status: -1,
+    }
+}
+
+impl HookState {
+    /// Leases one VM per module of the chain.
+    pub async fn start(chain: &HookChain, info: RequestInfo) -> Result<HookState, Failure> {
+        let mut leases = Vec::with_capacity(chain.plugins.len());
+        for p in &chain.plugins {
+            match p.lease().await {
+                Ok(l) => leases.push(Some(l)),
+                Err(f) => {
+                    p.report(&f);
+                    return Err(f);
+                }
+            }
+        }
+        Ok(HookState {
+            leases,
+            info,
+            req_body: Vec::new(),
+            resp_body: Vec::new(),
+            replace_body: None,
+            body_hooks: true,
+        })
+    }
+
+    /// Applies module `i`'s policy to its failure.
+    fn on_failure(&mut self, i: usize) -> Flow {
+        let Some(lease) = self.leases[i].take() else {
+            return Flow::Continue;
+        };
+        match policy_answer(&lease.plugin().spec.policy, &self.info.route) {
+            Some(resp) => {
+                self.leases[i] = Some(lease);
+                Flow::Respond(resp)
+            }
+            None => Flow::Continue, // fail open: the module is skipped from now on
+        }
+    }
+
+    /// `on_request_headers` through the chain, with callouts awaited in between.
+    pub async fn request_headers(
+        &mut self,
+        route: &Route,
+        req: &mut RequestHeader,
+        end_of_stream: bool,
+        caller: &Callouts,
+    ) -> Flow {
+        for i in 0..self.leases.len() {
+            let Some(lease) = self.leases[i].as_mut() else {
+                continue;
+            };
+            let mut out = lease.on_request_headers(req, &mut self.info, end_of_stream);
+            loop {
+                match out {
+                    Outcome::Continue => break,
+                    Outcome::Respond(r) => return Flow::Respond(r),
+                    Outcome::Failed(_) => match self.on_failure(i) {
+                        Flow::Continue => break,
+                        other => return other,
+                    },
+                    Outcome::Pause => {
+                        let lease = self.leases[i].as_mut().expect("lease present");
+                        lease.misbehaved("on_request_headers", "paused_without_resume");
+                        match self.on_failure(i) {
+                            Flow::Continue => break,
+                            other => return other,
+                        }
+                    }
+                    Outcome::Wait(calls) => {
+                        let lease = self.leases[i].as_mut().expect("lease present");
+                        out = caller.resolve(lease, Some(&mut *req), &mut self.info, calls).await;
+                    }
+                }
+            }
+        }
+        let _ = route;
+        Flow::Continue
+    }
+
+    /// `on_request_body` through the chain. `chunk` is appended to the buffered body;
+    /// on `Flow::Continue` the whole buffered body is ready in `self.req_body`.
+    pub fn request_body(
+        &mut self,
+        req: &mut RequestHeader,
+        chunk: Option<&[u8]>,
+        end_of_stream: bool,
+    ) -> Flow {
+        if let Some(c) = chunk {
+            self.req_body.extend_from_slice(c);
+        }
+        for i in 0..self.leases.len() {
+            let Some(lease) = self.leases[i].as_mut() else {
+                continue;
+            };
+            match lease.on_request_body(req, &mut self.info, &mut self.req_body, end_of_stream) {
+                Outcome::Continue => {}
+                Outcome::Pause if !end_of_stream => return Flow::Buffer,
+                Outcome::Respond(r) => return Flow::Respond(r),
+                Outcome::Pause | Outcome::Wait(_) => {
+                    lease.misbehaved("on_request_body", "paused_without_resume");
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
+                    }
+                }
+                Outcome::Failed(_) => {
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// `on_response_headers`, last module first. A local response replaces the upstream's.
+    pub fn response_headers(&mut self, req: &RequestHeader, resp: &mut ResponseHeader) -> Flow {
+        self.info.response_code = resp.status.as_u16();
+        for i in (0..self.leases.len()).rev() {
+            let Some(lease) = self.leases[i].as_mut() else {
+                continue;
+            };
+            match lease.on_response_headers(req, resp, &mut self.info, false) {
+                Outcome::Continue => {}
+                Outcome::Respond(r) => return Flow::Respond(r),
+                Outcome::Pause | Outcome::Wait(_) => {
+                    lease.misbehaved("on_response_headers", "paused_in_response");
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
+                    }
+                }
+                Outcome::Failed(_) => {
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// `on_response_body`, last module first, buffering while a module pauses.
+    pub fn response_body(&mut self, req: &RequestHeader, chunk: Option<&[u8]>, eos: bool) -> Flow {
+        if let Some(c) = chunk {
+            self.resp_body.extend_from_slice(c);
+        }
+        for i in (0..self.leases.len()).rev() {
+            let Some(lease) = self.leases[i].as_mut() else {
+                continue;
+            };
+            match lease.on_response_body(req, &mut self.info, &mut self.resp_body, eos) {
+                Outcome::Continue => {}
+                Outcome::Pause if !eos => return Flow::Buffer,
+                Outcome::Respond(r) => return Flow::Respond(r),
+                Outcome::Pause | Outcome::Wait(_) => {
+                    lease.misbehaved("on_response_body", "paused_in_response");
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
+                    }
+                }
+                Outcome::Failed(_) => {
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    pub fn response_trailers(&mut self, req: &RequestHeader, trailers: &mut http::HeaderMap) {
+        for i in (0..self.leases.len()).rev() {
+            if let Some(lease) = self.leases[i].as_mut() {
+                if let Outcome::Failed(_) = lease.on_response_trailers(req, &mut self.info, trailers)
+                {
+                    self.on_failure(i);
+                }
+            }
+        }
+    }
+
+    /// `on_log`, `on_done`, `on_delete` for every module; returns the VMs to their pools.
+    pub fn finish(&mut self, req: &RequestHeader, status: u16) {
+        self.info.response_code = status;
+        for l in self.leases.iter_mut().flatten() {
+            l.finish(Some(req), &mut self.info);
+        }
+        self.leases.clear();
+    }
+}
+
+/// Makes `proxy_http_call` requests to upstreams through Pingora's pooled connector.
+pub struct Callouts {
+    connector: pingora::connectors::http::Connector,
+}
+
+impl Default for Callouts {
+    fn default() -> Self {
+        Callouts {
+            connector: pingora::connectors::http::Connector::new(None),
+        }
+    }
+}
+
+impl Callouts {
+    /// Makes the calls, then hands each answer to the guest, until it continues,
+    /// responds, fails, or pauses with nothing left to wait for.
+    pub async fn resolve(
+        &self,
+        lease: &mut Lease,
+        mut req: Option<&mut RequestHeader>,
+        info: &mut RequestInfo,
+        mut calls: Vec<PendingCall>,
+    ) -> Outcome {
+        loop {
+            let answers: Vec<CallResponse> =
+                futures::future::join_all(calls.drain(..).map(|c| self.call(c))).await;
+            let mut last = Outcome::Pause;
+            for a in answers {
+                last = lease.on_http_call_response(req.as_deref_mut(), info, &a);
+                match last {
+                    Outcome::Pause => continue,
+                    Outcome::Wait(ref mut more) => calls.append(more),
+                    _ => return last,
+                }
+            }
+            if calls.is_empty() {
+                return last;
+            }
+        }
+    }
+
+    /// One callout; a failure of any kind is an answer with status 0.
+    async fn call(&self, c: PendingCall) -> CallResponse {
+        let token = c.token;
+        match tokio::time::timeout(c.timeout, self.exchange(&c)).await {
+            Ok(Ok(mut r)) => {
+                r.token = token;
+                r
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %c.upstream.name, error = %e, "callout failed");
+                CallResponse {
+                    token,
+                    ..CallResponse::default()
+                }
+            }
+            Err(_) => CallResponse {
+                token,
+                ..CallResponse::default()
+            },
+        }
+    }
+
+    async fn exchange(&self, c: &PendingCall) -> pingora::Result<CallResponse> {
+        let peer = c.upstream.peer(b"").ok_or_else(|| {
+            pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, "no healthy target")
+        })?;
+        let get = |n: &str| {
+            c.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_slice())
+        };
+        let method = get(":method").unwrap_or(b"GET");
+        let path = get(":path").unwrap_or(b"/");
+        let mut req = RequestHeader::build(method, path, Some(c.headers.len()))?;
+        if let Some(a) = get(":authority") {
+            req.insert_header(http::header::HOST, a)?;
+        }
+        for (k, v) in &c.headers {
+            if !k.starts_with(':') {
+                req.append_header(k.clone(), v.as_slice())?;
+            }
+        }
+        req.insert_header(http::header::CONTENT_LENGTH, c.body.len())?;
+        let (mut s, _reused) = self.connector.get_http_session(&*peer).await?;
+        s.set_read_timeout(Some(c.timeout));
+        s.write_request_header(Box::new(req)).await?;
+        if !c.body.is_empty() {
+            s.write_request_body(Bytes::from(c.body.clone()), true).await?;
+        }
+        s.finish_request_body().await?;
+        s.read_response_header().await?;
+        let (status, headers) = {
+            let h = s.response_header().ok_or_else(|| {
+                pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
+            })?;
+            (
+                h.status.as_u16(),
+                h.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+                    .collect(),
+            )
+        };
+        let mut body = Vec::new();
+        while let Some(chunk) = s.read_response_body().await? {
+            if body.len() + chunk.len() > 1 << 20 {
+                return Err(pingora::Error::explain(
+                    pingora::ErrorType::InvalidHTTPHeader,
+                    "callout response over 1 MiB",
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.connector
+            .release_http_session(s, &*peer, Some(Duration::from_secs(60)))
+            .await;
+        Ok(CallResponse {
+            token: c.token,
+            status,
+            headers,
+            body,
+            trailers: Vec::new(),
+        })
+    }
+}

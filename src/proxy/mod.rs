@@ -1,0 +1,458 @@
+//! The one `ProxyHttp` implementation. Each phase loads what it needs from the request's
+//! CTX and delegates: routing to [`crate::routing`], hooks to [`hooks`], error answers to
+//! [`respond`]. The conf snapshot is loaded once per request, in `request_filter`, and the
+//! request keeps it to the end, so a reload never changes a request midway.
+
+pub mod access_log;
+pub mod hooks;
+pub mod respond;
+
+use crate::config::Snapshot;
+use crate::metrics::Metrics;
+use crate::reload::Live;
+use crate::route::Route;
+use crate::upstream::HashKey;
+use crate::wasm::{LocalResponse, RequestInfo};
+use access_log::AccessLog;
+use async_trait::async_trait;
+use bytes::Bytes;
+use hooks::{Callouts, Flow, HookState};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use respond::GatewayError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Gateway {
+    pub live: Arc<Live>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Option<AccessLog>,
+    callouts: Callouts,
+}
+
+impl Gateway {
+    pub fn new(live: Arc<Live>, metrics: Arc<Metrics>, access_log: Option<AccessLog>) -> Gateway {
+        Gateway {
+            live,
+            metrics,
+            access_log,
+            callouts: Callouts::default(),
+        }
+    }
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<Arc<Route>>,
+    /// Path (and query) for the upstream, from the route's rewrite.
+    rewritten: Option<String>,
+    hooks: Option<Box<HookState>>,
+    /// A response decided in a body phase, sent by `fail_to_proxy`.
+    pending: Option<LocalResponse>,
+    upstream_sent: Option<Instant>,
+    error: Option<GatewayError>,
+    body_seen: u64,
+    counted: bool,
+}
+
+impl Ctx {
+    fn route_name(&self) -> Option<&str> {
+        self.route.as_ref().map(|r| r.name.as_str())
+    }
+}
+
+fn host_of(session: &Session) -> &str {
+    let req = session.req_header();
+    let raw = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.host())
+        .unwrap_or("");
+    // strip the port, keeping IPv6 literals whole
+    match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    }
+}
+
+fn request_info(session: &Session, route: &Route) -> RequestInfo {
+    let tls = session
+        .digest()
+        .map(|d| d.ssl_digest.is_some())
+        .unwrap_or(false);
+    RequestInfo {
+        id: hooks::request_id(),
+        scheme: if tls { "https" } else { "http" },
+        protocol: if session.is_http2() { "HTTP/2" } else { "HTTP/1.1" },
+        source: session.client_addr().and_then(|a| a.as_inet()).copied(),
+        destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
+        route: route.name.clone(),
+        upstream: route
+            .upstream
+            .as_ref()
+            .map(|u| u.name.clone())
+            .unwrap_or_default(),
+        response_code: 0,
+        props: Vec::new(),
+    }
+}
+
+async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
+    respond::send(session, r.status, &r.headers, None, Bytes::from(r.body)).await
+}
+
+impl Gateway {
+    async fn answer_error(&self, session: &mut Session, ctx: &mut Ctx, e: GatewayError) -> Result<bool> {
+        ctx.error = Some(e);
+        respond::send_error(session, e, ctx.route_name()).await?;
+        Ok(true)
+    }
+
+    /// Hooks for the request: headers first, then (for routes without an upstream) the
+    /// whole body, since nothing else will read it.
+    async fn run_request_hooks(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let route = ctx.route.clone().expect("route set");
+        let info = request_info(session, &route);
+        let mut state = match HookState::start(&route.hooks, info).await {
+            Ok(s) => s,
+            Err(_) => {
+                send_local(session, hooks::busy_response(&route.name)).await?;
+                return Ok(true);
+            }
+        };
+        let eos = session.is_body_empty();
+        let flow = state
+            .request_headers(&route, session.req_header_mut(), eos, &self.callouts)
+            .await;
+        if let Flow::Respond(r) = flow {
+            ctx.hooks = Some(Box::new(state));
+            send_local(session, r).await?;
+            return Ok(true);
+        }
+        if route.upstream.is_none() && !eos {
+            loop {
+                let chunk = session.read_request_body().await?;
+                let end = chunk.is_none();
+                if let Some(c) = &chunk {
+                    ctx.body_seen += c.len() as u64;
+                    if ctx.body_seen > route.max_request_body {
+                        ctx.hooks = Some(Box::new(state));
+                        return self.answer_error(session, ctx, GatewayError::BodyTooLarge).await;
+                    }
+                }
+                match state.request_body(session.req_header_mut(), chunk.as_deref(), end) {
+                    Flow::Respond(r) => {
+                        ctx.hooks = Some(Box::new(state));
+                        send_local(session, r).await?;
+                        return Ok(true);
+                    }
+                    Flow::Continue | Flow::Buffer if end => break,
+                    _ => {}
+                }
+            }
+        }
+        ctx.hooks = Some(Box::new(state));
+        if route.upstream.is_none() {
+            return self.answer_error(session, ctx, GatewayError::NoHookResponse).await;
+        }
+        Ok(false)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            snapshot: None,
+            route: None,
+            rewritten: None,
+            hooks: None,
+            pending: None,
+            upstream_sent: None,
+            error: None,
+            body_seen: 0,
+            counted: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        self.metrics.inflight.inc();
+        ctx.counted = true;
+        let snap = self.live.load();
+        let found = {
+            let req = session.req_header();
+            snap.router
+                .find(host_of(session), req.uri.path(), &req.method)
+                .map(|m| {
+                    let route = snap.routes[m.route].clone();
+                    let rewritten = route.rewrite.as_ref().map(|rw| {
+                        rw.apply(req.uri.path(), req.uri.query(), &m.params)
+                    });
+                    (route, rewritten)
+                })
+        };
+        ctx.snapshot = Some(snap);
+        let (route, rewritten) = match found {
+            Ok(x) => x,
+            Err(crate::routing::Miss::NoRoute) => {
+                return self.answer_error(session, ctx, GatewayError::NoRoute).await
+            }
+            Err(crate::routing::Miss::MethodNotAllowed) => {
+                return self.answer_error(session, ctx, GatewayError::MethodNotAllowed).await
+            }
+        };
+        ctx.route = Some(route.clone());
+        ctx.rewritten = rewritten;
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > route.max_request_body) {
+            return self.answer_error(session, ctx, GatewayError::BodyTooLarge).await;
+        }
+        if !route.hooks.is_empty() {
+            return self.run_request_hooks(session, ctx).await;
+        }
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if let Some(b) = body.as_ref() {
+            ctx.body_seen += b.len() as u64;
+            if ctx.body_seen > route.max_request_body {
+                ctx.error = Some(GatewayError::BodyTooLarge);
+                return Error::e_explain(HTTPStatus(413), "request body over the route's limit");
+            }
+        }
+        let Some(state) = ctx.hooks.as_mut() else {
+            return Ok(());
+        };
+        match state.request_body(session.req_header_mut(), body.as_deref(), end_of_stream) {
+            Flow::Continue => {
+                *body = Some(Bytes::from(std::mem::take(&mut state.req_body)));
+                Ok(())
+            }
+            Flow::Buffer => {
+                *body = None;
+                Ok(())
+            }
+            Flow::Respond(r) => {
+                let status = r.status;
+                ctx.pending = Some(r);
+                Error::e_explain(HTTPStatus(status), "a hook answered during the request body")
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let route = ctx.route.as_ref().expect("request_filter routed");
+        let up = route.upstream.as_ref().expect("routes without upstream answered earlier");
+        let peer = match &up.hash_key {
+            None => up.peer(b""),
+            Some(HashKey::Path) => up.peer(session.req_header().uri.path().as_bytes()),
+            Some(HashKey::Header(h)) => {
+                let v = session.req_header().headers.get(h).map(|v| v.as_bytes());
+                up.peer(v.unwrap_or(b""))
+            }
+            Some(HashKey::ClientIp) => {
+                let ip = session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                up.peer(ip.as_bytes())
+            }
+        };
+        match peer {
+            Some(p) => Ok(p),
+            None => {
+                ctx.error = Some(GatewayError::NoHealthyUpstream);
+                Error::e_explain(ConnectNoRoute, format!("upstream `{}` has no healthy target", up.name))
+            }
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let route = ctx.route.as_ref().expect("routed");
+        if let Some(p) = &ctx.rewritten {
+            let uri = p
+                .parse::<http::Uri>()
+                .or_err(InternalError, "rewritten path is not a valid URI")?;
+            upstream_request.set_uri(uri);
+        }
+        if !route.request_headers.is_empty() {
+            route.request_headers.apply(upstream_request);
+        }
+        if ctx.hooks.is_some() && ctx.body_seen > 0 {
+            // hooks may change the body's length; let Pingora frame it
+            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+        }
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if let (Some(sent), Some(up)) = (ctx.upstream_sent.take(), route.upstream.as_ref()) {
+            up.metrics.latency.observe(sent.elapsed().as_secs_f64());
+        }
+        if !route.response_headers.is_empty() {
+            route.response_headers.apply(resp);
+        }
+        let Some(state) = ctx.hooks.as_mut() else {
+            return Ok(());
+        };
+        match state.response_headers(session.req_header(), resp) {
+            Flow::Respond(r) => {
+                let mut new = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
+                for (k, v) in &r.headers {
+                    new.append_header(k.to_ascii_lowercase(), v.as_slice())?;
+                }
+                *resp = new;
+                state.replace_body = Some(Bytes::from(r.body));
+            }
+            Flow::Continue | Flow::Buffer => {}
+        }
+        // Hooks may change the body: frame it as chunks rather than trust Content-Length.
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        if let Some(b) = &state.replace_body {
+            resp.insert_header(http::header::CONTENT_LENGTH, b.len())?;
+        } else if !session.is_http2() && resp.status.as_u16() >= 200 && resp.status != 204 && resp.status != 304 {
+            resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        let Some(state) = ctx.hooks.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(r) = &state.replace_body {
+            *body = if end_of_stream { Some(r.clone()) } else { None };
+            return Ok(None);
+        }
+        match state.response_body(session.req_header(), body.as_deref(), end_of_stream) {
+            Flow::Continue => *body = Some(Bytes::from(std::mem::take(&mut state.resp_body))),
+            Flow::Buffer => *body = None,
+            Flow::Respond(r) => {
+                // headers are gone already: the local body replaces the rest
+                *body = Some(Bytes::from(r.body));
+                state.replace_body = Some(Bytes::new());
+            }
+        }
+        Ok(None)
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Bytes>> {
+        if let Some(state) = ctx.hooks.as_mut() {
+            state.response_trailers(session.req_header(), trailers);
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if let Some(r) = ctx.pending.take() {
+            let status = r.status;
+            let ok = send_local(session, r).await.is_ok();
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: ok,
+            };
+        }
+        let kind = ctx.error.or_else(|| GatewayError::from_pingora(e));
+        if let (Some(k), Some(up)) = (kind, ctx.route.as_ref().and_then(|r| r.upstream.as_ref())) {
+            match k {
+                GatewayError::UpstreamUnreachable | GatewayError::NoHealthyUpstream => up.metrics.refused.inc(),
+                GatewayError::UpstreamTimeout => up.metrics.timeout.inc(),
+                GatewayError::UpstreamError => up.metrics.other.inc(),
+                _ => {}
+            }
+        }
+        let Some(kind) = kind else {
+            // the client went away or sent something unparseable: nothing to answer
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        ctx.error = Some(kind);
+        tracing::info!(
+            route = ctx.route_name().unwrap_or("-"),
+            error = kind.code(),
+            cause = %e,
+            "request failed"
+        );
+        let ok = respond::send_error(session, kind, ctx.route_name()).await.is_ok();
+        FailToProxy {
+            error_code: kind.status(),
+            can_reuse_downstream: ok && kind != GatewayError::ClientTimeout,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.error.map(|e| e.status()))
+            .unwrap_or(0);
+        if let Some(state) = ctx.hooks.as_mut() {
+            state.finish(session.req_header(), status);
+        }
+        if let Some(r) = &ctx.route {
+            r.metrics.record(status);
+        } else if let Some(e) = ctx.error {
+            self.metrics
+                .requests
+                .with_label_values(&["-", respond::class(e.status())])
+                .inc();
+        }
+        if ctx.counted {
+            self.metrics.inflight.dec();
+        }
+        if let Some(log) = &self.access_log {
+            log.record(session, ctx.route_name(), status, ctx.start.elapsed(), ctx.error.map(|e| e.code()));
+        }
+    }
+}

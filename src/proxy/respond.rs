@@ -1,0 +1,138 @@
+//! The one place errors become client responses: a status, a small JSON body, and the
+//! connection kept alive (`respond_error` would close it; a denied request must not cost
+//! the client its connection).
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
+
+/// Errors the gateway answers itself, each with its status and JSON `error` code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayError {
+    NoRoute,
+    MethodNotAllowed,
+    BodyTooLarge,
+    NoHealthyUpstream,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    UpstreamError,
+    ClientTimeout,
+    BadRequest,
+    NoHookResponse,
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(self) -> u16 {
+        match self {
+            GatewayError::NoRoute => 404,
+            GatewayError::MethodNotAllowed => 405,
+            GatewayError::BodyTooLarge => 413,
+            GatewayError::ClientTimeout => 408,
+            GatewayError::BadRequest => 400,
+            GatewayError::NoHealthyUpstream
+            | GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamError
+            | GatewayError::NoHookResponse => 502,
+            GatewayError::UpstreamTimeout => 504,
+            GatewayError::Internal => 500,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            GatewayError::NoRoute => "no_route",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::BodyTooLarge => "request_body_too_large",
+            GatewayError::NoHealthyUpstream => "no_healthy_upstream",
+            GatewayError::UpstreamUnreachable => "upstream_unreachable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamError => "upstream_error",
+            GatewayError::ClientTimeout => "client_timeout",
+            GatewayError::BadRequest => "bad_request",
+            GatewayError::NoHookResponse => "no_response_from_hooks",
+            GatewayError::Internal => "internal_error",
+        }
+    }
+
+    /// Classifies a Pingora error that ended a proxied request.
+    pub fn from_pingora(e: &Error) -> Option<GatewayError> {
+        use ErrorType::*;
+        let upstream = matches!(e.esource(), pingora::ErrorSource::Upstream);
+        Some(match e.etype() {
+            ConnectTimedout | TLSHandshakeTimedout => GatewayError::UpstreamTimeout,
+            ReadTimedout | WriteTimedout if upstream => GatewayError::UpstreamTimeout,
+            ReadTimedout | WriteTimedout => GatewayError::ClientTimeout,
+            ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError
+            | TLSHandshakeFailure | InvalidCert => GatewayError::UpstreamUnreachable,
+            HTTPStatus(413) => GatewayError::BodyTooLarge,
+            HTTPStatus(_) => return None,
+            ConnectionClosed | ReadError | WriteError if !upstream => return None,
+            InvalidHTTPHeader | H2Error if !upstream => GatewayError::BadRequest,
+            _ if upstream => GatewayError::UpstreamError,
+            _ => GatewayError::Internal,
+        })
+    }
+}
+
+/// `{"error":"…","route":"…"}`, without anything internal.
+pub fn error_body(code: &str, route: Option<&str>) -> Bytes {
+    let v = match route {
+        Some(r) => serde_json::json!({ "error": code, "route": r }),
+        None => serde_json::json!({ "error": code }),
+    };
+    Bytes::from(v.to_string())
+}
+
+/// Writes a complete response (header and body) and keeps the connection reusable.
+pub async fn send(
+    session: &mut Session,
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(headers.len() + 2))?;
+    if let Some(ct) = content_type {
+        resp.insert_header(http::header::CONTENT_TYPE, ct)?;
+    }
+    for (k, v) in headers {
+        let lower = k.to_ascii_lowercase();
+        if lower == "content-length" || lower == "transfer-encoding" || lower.starts_with(':') {
+            continue;
+        }
+        resp.append_header(lower, v.as_slice())?;
+    }
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(resp), head_only || body.is_empty()).await?;
+    if !head_only && !body.is_empty() {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// Sends a gateway error as JSON.
+pub async fn send_error(session: &mut Session, e: GatewayError, route: Option<&str>) -> Result<()> {
+    send(
+        session,
+        e.status(),
+        &[],
+        Some("application/json"),
+        error_body(e.code(), route),
+    )
+    .await
+}
+
+/// Status class label: `2xx`, `4xx`, ...
+pub fn class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}

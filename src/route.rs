@@ -1,0 +1,187 @@
+//! A route as the proxy uses it: where to send the request, what to change on the way,
+//! and which hooks run. Built once per snapshot; read-only afterwards.
+
+use crate::metrics::RouteMetrics;
+use crate::upstream::Upstream;
+use crate::wasm::HookChain;
+use http::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::sync::Arc;
+
+pub struct Route {
+    /// The route's `name`, or `route[N]` (0-based position in the file).
+    pub name: String,
+    pub upstream: Option<Arc<Upstream>>,
+    pub rewrite: Option<Rewrite>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub hooks: HookChain,
+    pub max_request_body: u64,
+    pub metrics: RouteMetrics,
+}
+
+/// Header operations, parsed and validated when the conf is loaded.
+#[derive(Debug, Default, Clone)]
+pub struct HeaderOps {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+/// Header maps the ops apply to: Pingora's request and response headers alike.
+pub trait HeaderTarget {
+    fn set(&mut self, name: &HeaderName, value: &HeaderValue);
+    fn add(&mut self, name: &HeaderName, value: &HeaderValue);
+    fn remove(&mut self, name: &HeaderName);
+}
+
+macro_rules! header_target {
+    ($t:ty) => {
+        impl HeaderTarget for $t {
+            fn set(&mut self, name: &HeaderName, value: &HeaderValue) {
+                let _ = self.insert_header(name.clone(), value.clone());
+            }
+            fn add(&mut self, name: &HeaderName, value: &HeaderValue) {
+                let _ = self.append_header(name.clone(), value.clone());
+            }
+            fn remove(&mut self, name: &HeaderName) {
+                let _ = self.remove_header(name);
+            }
+        }
+    };
+}
+header_target!(RequestHeader);
+header_target!(ResponseHeader);
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Removes, then sets, then adds: a header both removed and added ends up added.
+    pub fn apply(&self, target: &mut impl HeaderTarget) {
+        for n in &self.remove {
+            target.remove(n);
+        }
+        for (n, v) in &self.set {
+            target.set(n, v);
+        }
+        for (n, v) in &self.add {
+            target.add(n, v);
+        }
+    }
+}
+
+/// Path rewrite applied before the request goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Replace the leading `from` (the route's prefix) with `to` (possibly empty).
+    Prefix { from: String, to: String },
+    /// A new path built from literal parts and the route's `{param}` values.
+    Template(Vec<TemplatePart>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    Literal(String),
+    Param(String),
+}
+
+impl Rewrite {
+    /// Parses `/users/{id}/x` into parts; `known` are the params the route's path defines.
+    pub fn template(t: &str, known: &[String]) -> Result<Rewrite, String> {
+        let mut parts = Vec::new();
+        let mut rest = t;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed `{{` in rewrite path `{t}`"))?;
+            let name = &rest[open + 1..open + close];
+            if !known.iter().any(|k| k == name) {
+                return Err(format!(
+                    "rewrite path `{t}` uses `{{{name}}}`, which the route's path does not define"
+                ));
+            }
+            parts.push(TemplatePart::Param(name.to_string()));
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_string()));
+        }
+        Ok(Rewrite::Template(parts))
+    }
+
+    /// The rewritten path and query for `path` (without query) and its optional `query`.
+    pub fn apply(&self, path: &str, query: Option<&str>, params: &[(&str, &str)]) -> String {
+        let mut out = String::with_capacity(path.len() + 16);
+        match self {
+            Rewrite::Prefix { from, to } => {
+                let rest = path.strip_prefix(from.as_str()).unwrap_or(path);
+                out.push_str(to);
+                if !rest.starts_with('/') && !out.ends_with('/') {
+                    out.push('/');
+                }
+                out.push_str(rest);
+            }
+            Rewrite::Template(parts) => {
+                for p in parts {
+                    match p {
+                        TemplatePart::Literal(l) => out.push_str(l),
+                        TemplatePart::Param(n) => {
+                            let v = params.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+                            out.push_str(v.unwrap_or(""));
+                        }
+                    }
+                }
+            }
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+}
+
+/// Names of the `{param}` segments of a path pattern.
+pub fn path_params(pattern: &str) -> Vec<String> {
+    pattern
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|s| s.trim_start_matches('*').to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites() {
+        let strip = Rewrite::Prefix {
+            from: "/api".into(),
+            to: String::new(),
+        };
+        assert_eq!(strip.apply("/api/users", Some("a=1"), &[]), "/users?a=1");
+        assert_eq!(strip.apply("/api", None, &[]), "/");
+        let replace = Rewrite::Prefix {
+            from: "/api".into(),
+            to: "/v2".into(),
+        };
+        assert_eq!(replace.apply("/api/users", None, &[]), "/v2/users");
+    }
+
+    #[test]
+    fn template_rewrites() {
+        let t = Rewrite::template("/internal/{id}/profile", &["id".into()]).unwrap();
+        assert_eq!(t.apply("/u/7", None, &[("id", "7")]), "/internal/7/profile");
+        let err = Rewrite::template("/x/{nope}", &["id".into()]).unwrap_err();
+        assert!(err.contains("`{nope}`"), "{err}");
+    }
+}

@@ -1,0 +1,168 @@
+//! Assembles the Pingora server from a loaded conf: the proxy service with its listeners,
+//! the metrics listener, and the reload service. `main` calls [`run`]; nothing here is
+//! request logic.
+
+use crate::metrics::Metrics;
+use crate::proxy::access_log::AccessLog;
+use crate::proxy::Gateway;
+use crate::reload::{Live, Reloader};
+use crate::wasm;
+use anyhow::Context as _;
+use pingora::apps::http_app::{HttpServer, ServeHttp};
+use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Reads `data_dir` from the conf before the full load, so compiled modules can be
+/// cached there by the first load already.
+pub fn data_dir_of(conf: &Path) -> std::path::PathBuf {
+    let base = conf.parent().unwrap_or(Path::new("."));
+    let dir = std::fs::read_to_string(conf)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            t.get("server")?
+                .get("data_dir")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "data".into());
+    base.join(dir)
+}
+
+/// Loads the conf (exiting with its errors if it is invalid) and serves it until shutdown.
+pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let data_dir = data_dir_of(conf);
+    let runtime = Arc::new(wasm::Runtime::new(Some(&data_dir.join("modules")))?);
+    let live = match Live::open(conf, metrics.clone(), runtime) {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let snap = live.load();
+    tracing::info!("{}", snap.summary());
+
+    let mut sc = ServerConf::default();
+    sc.threads = snap.server.threads;
+    sc.work_stealing = snap.server.work_stealing;
+    sc.grace_period_seconds = Some(snap.server.grace_period_secs);
+    sc.graceful_shutdown_timeout_seconds = Some(snap.server.grace_period_secs);
+    sc.upgrade_sock = data_dir.join("upgrade.sock").to_string_lossy().into_owned();
+    sc.pid_file = data_dir.join("wasmgate.pid").to_string_lossy().into_owned();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, sc);
+    server.bootstrap();
+
+    let access_log = if snap.access_log.enabled {
+        Some(AccessLog::start(
+            snap.access_log.path.as_deref(),
+            metrics.access_log_dropped.clone(),
+        )?)
+    } else {
+        None
+    };
+    let gateway = Gateway::new(live.clone(), metrics.clone(), access_log);
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "wasmgate proxy");
+    let mut ports = Vec::new();
+    for l in &snap.listeners {
+        if let Some(p) = l.addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
+            ports.push(p);
+        }
+        match &l.tls {
+            None => proxy.add_tcp(&l.addr),
+            Some(tls) => {
+                let settings = crate::tls::listener_settings(tls)
+                    .map_err(|e| anyhow::anyhow!("listener `{}`: {e}", l.name))?;
+                proxy.add_tls_with_settings(&l.addr, None, settings);
+            }
+        }
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = snap.metrics_listen {
+        let app = MetricsApp {
+            metrics: metrics.clone(),
+            ports,
+        };
+        let mut svc = pingora::services::listening::Service::new(
+            "wasmgate metrics".into(),
+            HttpServer::new_app(app),
+        );
+        svc.add_tcp(&addr.to_string());
+        server.add_service(svc);
+    }
+    server.add_service(background_service(
+        "wasmgate reload",
+        Reloader {
+            live: live.clone(),
+            watch: snap.server.watch_config,
+        },
+    ));
+    drop(snap);
+    server.run_forever()
+}
+
+/// `/metrics` in Prometheus text format; anything else is 404.
+struct MetricsApp {
+    metrics: Arc<Metrics>,
+    ports: Vec<u16>,
+}
+
+#[async_trait::async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = session.req_header().uri.path();
+        if path != "/metrics" {
+            return http::Response::builder()
+                .status(404)
+                .header("content-type", "application/json")
+                .body(br#"{"error":"not_found"}"#.to_vec())
+                .unwrap_or_default();
+        }
+        // Counting at scrape time keeps the accept path free of bookkeeping.
+        self.metrics
+            .connections
+            .set(established_connections(&self.ports) as i64);
+        let body = self.metrics.render();
+        http::Response::builder()
+            .status(200)
+            .header("content-type", "text/plain; version=0.0.4")
+            .header("content-length", body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}
+
+/// Established TCP connections whose local port is one of `ports` (Linux `/proc`).
+fn established_connections(ports: &[u16]) -> usize {
+    let mut n = 0;
+    for f in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut cols = line.split_whitespace();
+            let local = cols.nth(1).unwrap_or("");
+            let state = cols.nth(1).unwrap_or("");
+            let port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if state == "01" && port.is_some_and(|p| ports.contains(&p)) {
+                n += 1;
+            }
+        }
+    }
+    n
+}

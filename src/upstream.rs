@@ -1,0 +1,169 @@
+//! Upstreams: load-balanced targets with timeouts, keepalive, optional TLS, and active
+//! health checks that run for as long as the snapshot owning the upstream is alive.
+
+use crate::metrics::UpstreamMetrics;
+use pingora::lb::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::selection::{Consistent, RoundRobin};
+use pingora::lb::{Backend, LoadBalancer};
+use pingora::upstreams::peer::HttpPeer;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+pub enum Balancer {
+    RoundRobin(LoadBalancer<RoundRobin>),
+    Hash(LoadBalancer<Consistent>),
+}
+
+/// What the hash balancer hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Path,
+    Header(http::HeaderName),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub sni: String,
+    pub verify: bool,
+    pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    pub http2: bool,
+}
+
+pub struct Upstream {
+    pub name: String,
+    pub balancer: Balancer,
+    pub hash_key: Option<HashKey>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: usize,
+    pub tls: Option<UpstreamTls>,
+    pub health_interval: Option<Duration>,
+    pub targets: Vec<String>,
+    pub metrics: UpstreamMetrics,
+}
+
+impl Balancer {
+    pub fn new(addrs: &[String], hash: bool) -> std::io::Result<Balancer> {
+        Ok(if hash {
+            Balancer::Hash(LoadBalancer::try_from_iter(addrs)?)
+        } else {
+            Balancer::RoundRobin(LoadBalancer::try_from_iter(addrs)?)
+        })
+    }
+
+    fn select(&self, key: &[u8]) -> Option<Backend> {
+        match self {
+            Balancer::RoundRobin(lb) => lb.select(key, 256),
+            Balancer::Hash(lb) => lb.select(key, 256),
+        }
+    }
+
+    pub fn set_health_check(&mut self, hc: Box<dyn HealthCheck + Send + Sync>) {
+        match self {
+            Balancer::RoundRobin(lb) => lb.set_health_check(hc),
+            Balancer::Hash(lb) => lb.set_health_check(hc),
+        }
+    }
+
+    async fn run_health_check(&self) {
+        match self {
+            Balancer::RoundRobin(lb) => lb.backends().run_health_check(true).await,
+            Balancer::Hash(lb) => lb.backends().run_health_check(true).await,
+        }
+    }
+
+    /// Whether a target is currently considered healthy (for tests and the admin view).
+    pub fn healthy(&self, addr: &str) -> Option<bool> {
+        let check = |b: &pingora::lb::Backends| {
+            let set = b.get_backend();
+            let be = set.iter().find(|be| be.addr.to_string() == addr)?;
+            Some(b.ready(be))
+        };
+        match self {
+            Balancer::RoundRobin(lb) => check(lb.backends()),
+            Balancer::Hash(lb) => check(lb.backends()),
+        }
+    }
+}
+
+/// Builds the health check an upstream's conf asks for.
+pub fn health_check(
+    kind_http: bool,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+    healthy: usize,
+    unhealthy: usize,
+    tls: Option<&UpstreamTls>,
+) -> Box<dyn HealthCheck + Send + Sync> {
+    if kind_http {
+        let mut hc = HttpHealthCheck::new(host, tls.is_some());
+        hc.req = pingora::http::RequestHeader::build("GET", path.as_bytes(), None)
+            .expect("validated path");
+        let _ = hc.req.insert_header("Host", host);
+        hc.peer_template.options.connection_timeout = Some(timeout);
+        hc.peer_template.options.read_timeout = Some(timeout);
+        if let Some(t) = tls {
+            hc.peer_template.sni = t.sni.clone();
+            hc.peer_template.options.verify_cert = t.verify;
+            hc.peer_template.options.verify_hostname = t.verify;
+            hc.peer_template.options.ca = t.ca.clone();
+        }
+        hc.consecutive_success = healthy;
+        hc.consecutive_failure = unhealthy;
+        Box::new(hc)
+    } else {
+        let mut hc = TcpHealthCheck::new();
+        hc.peer_template.options.connection_timeout = Some(timeout);
+        hc.consecutive_success = healthy;
+        hc.consecutive_failure = unhealthy;
+        hc
+    }
+}
+
+impl Upstream {
+    /// Picks a healthy target and describes how to reach it. `key` feeds the hash balancer.
+    pub fn peer(&self, key: &[u8]) -> Option<Box<HttpPeer>> {
+        let backend = self.balancer.select(key)?;
+        let (tls, sni) = match &self.tls {
+            Some(t) => (true, t.sni.clone()),
+            None => (false, String::new()),
+        };
+        let mut peer = Box::new(HttpPeer::new(backend, tls, sni));
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.connect_timeout);
+        o.read_timeout = Some(self.read_timeout);
+        o.write_timeout = Some(self.write_timeout);
+        o.idle_timeout = Some(self.idle_timeout);
+        if let Some(t) = &self.tls {
+            o.verify_cert = t.verify;
+            o.verify_hostname = t.verify;
+            o.ca = t.ca.clone();
+            if t.http2 {
+                o.alpn = pingora::protocols::ALPN::H2H1;
+            }
+        }
+        Some(peer)
+    }
+
+    /// Runs health checks every interval until the upstream is dropped (its snapshot
+    /// was replaced and the last request using it finished).
+    pub fn spawn_health_checks(self: &Arc<Self>) {
+        let Some(interval) = self.health_interval else {
+            return;
+        };
+        let weak: Weak<Upstream> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match weak.upgrade() {
+                    Some(up) => up.balancer.run_health_check().await,
+                    None => return,
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,1135 @@
+//! The host side of the Proxy-Wasm v0.2.1 ABI: every `env.proxy_*` import.
+//!
+//! During one callback the [`Frame`] points at the request's header maps and bodies,
+//! which the proxy owns; host functions read and change them in place, so a guest that
+//! reads one header costs no copies. Guest pointers and lengths are checked against the
+//! guest's memory before any access ([`abi::guest_range`]); an invalid one gets the ABI's
+//! status code, never a host crash.
+
+use super::abi::{self, BufferType, HostResult, MapType, Status};
+use super::{Plugin, FUEL_PER_US, HOST_CALL_FUEL, MAX_LOCAL_RESPONSE_BYTES};
+use crate::upstream::Upstream;
+use http::header::HeaderMap;
+use http::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::net::SocketAddr;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::{Caller, Extern, Linker, Memory, StoreLimits, TypedFunc};
+
+/// Store data of one VM.
+pub struct Host {
+    pub(crate) limits: StoreLimits,
+    pub(crate) plugin: Arc<Plugin>,
+    pub(crate) frame: Frame,
+    pub(crate) effects: Effects,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) alloc: Option<TypedFunc<i32, i32>>,
+    /// Set when a host call ran out of fuel, so the trap is reported as an overrun.
+    pub(crate) out_of_fuel: bool,
+}
+
+/// Pointers into the proxy's request state, valid for exactly one callback.
+///
+/// Set by [`super::Lease`] from `&mut` borrows that outlive the call and cleared when the
+/// call returns; nothing keeps them beyond that, so no dangling access is possible.
+#[derive(Default)]
+pub(crate) struct Frame {
+    pub req: Option<NonNull<RequestHeader>>,
+    pub req_writable: bool,
+    pub resp: Option<NonNull<ResponseHeader>>,
+    pub resp_writable: bool,
+    pub resp_trailers: Option<NonNull<HeaderMap>>,
+    pub body: Option<(BufferType, NonNull<Vec<u8>>)>,
+    pub info: Option<NonNull<RequestInfo>>,
+    pub call: Option<NonNull<CallResponse>>,
+}
+
+// SAFETY: the pointers are only dereferenced on the thread running the callback, while
+// the borrows they were made from are alive (see `Frame`'s doc).
+unsafe impl Send for Frame {}
+unsafe impl Sync for Frame {}
+
+/// What the guest asked for during a callback, read by the proxy afterwards.
+#[derive(Default)]
+pub(crate) struct Effects {
+    pub local: Option<LocalResponse>,
+    pub local_too_large: bool,
+    pub calls: Vec<PendingCall>,
+    pub continue_request: bool,
+    pub continue_response: bool,
+    pub next_token: u32,
+}
+
+/// Facts about the request that are not in its headers.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    pub id: String,
+    pub scheme: &'static str,
+    pub protocol: &'static str,
+    pub source: Option<SocketAddr>,
+    pub destination: Option<SocketAddr>,
+    pub route: String,
+    pub upstream: String,
+    pub response_code: u16,
+    /// Properties set by guests (`proxy_set_property`), visible to later hooks.
+    pub props: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// An answer a guest produced instead of (or in place of) the upstream's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub grpc_status: i32,
+}
+
+/// A `proxy_http_call` waiting to be made by the proxy.
+#[derive(Clone)]
+pub struct PendingCall {
+    pub token: u32,
+    pub upstream: Arc<Upstream>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for PendingCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PendingCall({} to {})", self.token, self.upstream.name)
+    }
+}
+
+/// The answer to a `proxy_http_call`; `status == 0` means the call failed.
+#[derive(Debug, Default, Clone)]
+pub struct CallResponse {
+    pub token: u32,
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub trailers: Vec<(String, Vec<u8>)>,
+}
+
+/// A metric a guest defined with `proxy_define_metric`.
+pub(crate) enum GuestMetric {
+    Counter(prometheus::IntCounter),
+    Gauge(prometheus::IntGauge),
+    /// Histogram samples are counted and summed (exported as counters).
+    Histogram(prometheus::IntCounter, prometheus::IntCounter),
+}
+
+type C<'a> = Caller<'a, Host>;
+
+/// Charges fuel for a host call copying `bytes`; fails the call when the budget is gone.
+fn charge(c: &mut C, bytes: usize) -> wasmtime::Result<()> {
+    let cost = HOST_CALL_FUEL + (bytes as u64) / 8;
+    let left = c.get_fuel()?;
+    if left < cost {
+        c.data_mut().out_of_fuel = true;
+        let _ = c.set_fuel(0);
+        wasmtime::bail!("budget exhausted in a host call");
+    }
+    c.set_fuel(left - cost)?;
+    Ok(())
+}
+
+fn memory(c: &mut C) -> HostResult<Memory> {
+    match c.data().memory {
+        Some(m) => Ok(m),
+        None => match c.get_export("memory") {
+            Some(Extern::Memory(m)) => Ok(m),
+            _ => Err(Status::InternalFailure),
+        },
+    }
+}
+
+fn read(c: &mut C, ptr: i32, len: i32) -> HostResult<Vec<u8>> {
+    let m = memory(c)?;
+    let data = m.data(&*c);
+    let r = abi::guest_range(data.len(), ptr, len)?;
+    Ok(data[r].to_vec())
+}
+
+fn write_u32(c: &mut C, ptr: i32, v: u32) -> HostResult {
+    let m = memory(c)?;
+    let data = m.data_mut(&mut *c);
+    let r = abi::guest_range(data.len(), ptr, 4)?;
+    data[r].copy_from_slice(&v.to_le_bytes());
+    Ok(())
+}
+
+fn write_u64(c: &mut C, ptr: i32, v: u64) -> HostResult {
+    let m = memory(c)?;
+    let data = m.data_mut(&mut *c);
+    let r = abi::guest_range(data.len(), ptr, 8)?;
+    data[r].copy_from_slice(&v.to_le_bytes());
+    Ok(())
+}
+
+/// Copies `bytes` into memory the guest allocates, and writes its address and size to
+/// the guest's return pointers.
+fn give(c: &mut C, bytes: &[u8], ret_ptr: i32, ret_len: i32) -> wasmtime::Result<HostResult> {
+    charge(c, bytes.len())?;
+    // Check the return slots before allocating so a bad pointer does not leak guest memory.
+    {
+        let m = match memory(c) {
+            Ok(m) => m,
+            Err(s) => return Ok(Err(s)),
+        };
+        let len = m.data_size(&*c);
+        if abi::guest_range(len, ret_ptr, 4).is_err() || abi::guest_range(len, ret_len, 4).is_err()
+        {
+            return Ok(Err(Status::InvalidMemoryAccess));
+        }
+    }
+    let addr = if bytes.is_empty() {
+        0
+    } else {
+        let Some(alloc) = c.data().alloc.clone() else {
+            return Ok(Err(Status::InternalFailure));
+        };
+        let p = alloc.call(&mut *c, bytes.len() as i32)?;
+        if p == 0 {
+            return Ok(Err(Status::InternalFailure));
+        }
+        let m = memory(c).map_err(|_| wasmtime::format_err!("memory vanished"))?;
+        let data = m.data_mut(&mut *c);
+        match abi::guest_range(data.len(), p, bytes.len() as i32) {
+            Ok(r) => data[r].copy_from_slice(bytes),
+            Err(s) => return Ok(Err(s)),
+        }
+        p
+    };
+    Ok(write_u32(c, ret_ptr, addr as u32).and_then(|_| write_u32(c, ret_len, bytes.len() as u32)))
+}
+
+fn frame_req<'a>(c: &C) -> HostResult<&'a RequestHeader> {
+    // SAFETY: see `Frame`.
+    c.data()
+        .frame
+        .req
+        .map(|p| unsafe { &*p.as_ptr() })
+        .ok_or(Status::NotFound)
+}
+
+fn frame_req_mut<'a>(c: &C) -> HostResult<&'a mut RequestHeader> {
+    let f = &c.data().frame;
+    match f.req {
+        // SAFETY: see `Frame`; writable only when the proxy lent it mutably.
+        Some(p) if f.req_writable => Ok(unsafe { &mut *p.as_ptr() }),
+        Some(_) => Err(Status::BadArgument),
+        None => Err(Status::NotFound),
+    }
+}
+
+fn frame_resp<'a>(c: &C) -> HostResult<&'a mut ResponseHeader> {
+    // SAFETY: see `Frame`.
+    c.data()
+        .frame
+        .resp
+        .map(|p| unsafe { &mut *p.as_ptr() })
+        .ok_or(Status::NotFound)
+}
+
+fn frame_info<'a>(c: &C) -> Option<&'a mut RequestInfo> {
+    // SAFETY: see `Frame`.
+    c.data().frame.info.map(|p| unsafe { &mut *p.as_ptr() })
+}
+
+fn frame_call<'a>(c: &C) -> HostResult<&'a CallResponse> {
+    // SAFETY: see `Frame`.
+    c.data()
+        .frame
+        .call
+        .map(|p| unsafe { &*p.as_ptr() })
+        .ok_or(Status::NotFound)
+}
+
+fn host_header(req: &RequestHeader) -> &[u8] {
+    req.headers
+        .get(http::header::HOST)
+        .map(|v| v.as_bytes())
+        .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or(b"")
+}
+
+/// All pairs of a map, pseudo-headers first, as the guest sees them.
+fn map_pairs(c: &C, t: MapType) -> HostResult<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let push_map = |out: &mut Vec<(Vec<u8>, Vec<u8>)>, m: &HeaderMap| {
+        for (k, v) in m {
+            out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+        }
+    };
+    match t {
+        MapType::RequestHeaders => {
+            let r = frame_req(c)?;
+            let scheme = frame_info(c).map(|i| i.scheme).unwrap_or("http");
+            out.push((b":method".to_vec(), r.method.as_str().as_bytes().to_vec()));
+            out.push((b":path".to_vec(), path_and_query(r).as_bytes().to_vec()));
+            out.push((b":authority".to_vec(), host_header(r).to_vec()));
+            out.push((b":scheme".to_vec(), scheme.as_bytes().to_vec()));
+            push_map(&mut out, &r.headers);
+        }
+        MapType::ResponseHeaders => {
+            let r = frame_resp(c)?;
+            out.push((b":status".to_vec(), r.status.as_str().as_bytes().to_vec()));
+            push_map(&mut out, &r.headers);
+        }
+        MapType::ResponseTrailers => {
+            // SAFETY: see `Frame`.
+            let t = c.data().frame.resp_trailers.map(|p| unsafe { &*p.as_ptr() });
+            push_map(&mut out, t.ok_or(Status::NotFound)?);
+        }
+        MapType::RequestTrailers => return Err(Status::NotFound),
+        MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers => {
+            let call = frame_call(c)?;
+            if t == MapType::HttpCallResponseHeaders {
+                out.push((b":status".to_vec(), call.status.to_string().into_bytes()));
+            }
+            let src = if t == MapType::HttpCallResponseHeaders {
+                &call.headers
+            } else {
+                &call.trailers
+            };
+            for (k, v) in src {
+                out.push((k.as_bytes().to_vec(), v.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn path_and_query(r: &RequestHeader) -> &str {
+    r.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+fn map_get(c: &C, t: MapType, key: &[u8]) -> HostResult<Vec<u8>> {
+    match t {
+        MapType::RequestHeaders => {
+            let r = frame_req(c)?;
+            match key {
+                b":path" => return Ok(path_and_query(r).as_bytes().to_vec()),
+                b":method" => return Ok(r.method.as_str().as_bytes().to_vec()),
+                b":authority" | b"host" => return Ok(host_header(r).to_vec()),
+                b":scheme" => {
+                    return Ok(frame_info(c)
+                        .map(|i| i.scheme)
+                        .unwrap_or("http")
+                        .as_bytes()
+                        .to_vec())
+                }
+                _ => {}
+            }
+            let v = r.headers.get(header_name(key)?).ok_or(Status::NotFound)?;
+            Ok(v.as_bytes().to_vec())
+        }
+        MapType::ResponseHeaders => {
+            let r = frame_resp(c)?;
+            if key == b":status" {
+                return Ok(r.status.as_str().as_bytes().to_vec());
+            }
+            let v = r.headers.get(header_name(key)?).ok_or(Status::NotFound)?;
+            Ok(v.as_bytes().to_vec())
+        }
+        _ => map_pairs(c, t)?
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+            .ok_or(Status::NotFound),
+    }
+}
+
+fn header_name(key: &[u8]) -> HostResult<HeaderName> {
+    HeaderName::from_bytes(key).map_err(|_| Status::BadArgument)
+}
+
+fn header_value(v: &[u8]) -> HostResult<HeaderValue> {
+    HeaderValue::from_bytes(v).map_err(|_| Status::BadArgument)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Add,
+    Replace,
+    Remove,
+}
+
+/// Applies one header change to the map the frame lends mutably.
+fn map_change(c: &C, t: MapType, key: &[u8], value: &[u8], op: Op) -> HostResult {
+    match t {
+        MapType::RequestHeaders => {
+            let r = frame_req_mut(c)?;
+            if key.first() == Some(&b':') {
+                return set_request_pseudo(r, key, value, op);
+            }
+            let n = header_name(key)?;
+            match op {
+                Op::Remove => {
+                    r.remove_header(&n);
+                }
+                Op::Replace => {
+                    r.insert_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?
+                }
+                Op::Add => {
+                    r.append_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?;
+                }
+            }
+            Ok(())
+        }
+        MapType::ResponseHeaders => {
+            if !c.data().frame.resp_writable {
+                return Err(Status::BadArgument);
+            }
+            let r = frame_resp(c)?;
+            if key == b":status" {
+                let s = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .ok_or(Status::BadArgument)?;
+                return r.set_status(s).map_err(|_| Status::BadArgument);
+            }
+            let n = header_name(key)?;
+            match op {
+                Op::Remove => {
+                    r.remove_header(&n);
+                }
+                Op::Replace => {
+                    r.insert_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?
+                }
+                Op::Add => {
+                    r.append_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?;
+                }
+            }
+            Ok(())
+        }
+        MapType::ResponseTrailers => {
+            // SAFETY: see `Frame`.
+            let m = c
+                .data()
+                .frame
+                .resp_trailers
+                .map(|p| unsafe { &mut *p.as_ptr() })
+                .ok_or(Status::NotFound)?;
+            let n = header_name(key)?;
+            match op {
+                Op::Remove => {
+                    m.remove(&n);
+                }
+                Op::Replace => {
+                    m.insert(n, header_value(value)?);
+                }
+                Op::Add => {
+                    m.append(n, header_value(value)?);
+                }
+            }
+            Ok(())
+        }
+        _ => Err(Status::BadArgument), // read-only maps
+    }
+}
+
+fn set_request_pseudo(r: &mut RequestHeader, key: &[u8], value: &[u8], op: Op) -> HostResult {
+    if op == Op::Remove {
+        return Err(Status::BadArgument);
+    }
+    match key {
+        b":path" => {
+            let uri = http::Uri::try_from(value).map_err(|_| Status::BadArgument)?;
+            if uri.scheme().is_some() || !value.starts_with(b"/") {
+                return Err(Status::BadArgument);
+            }
+            r.set_uri(uri);
+            Ok(())
+        }
+        b":method" => {
+            let m = http::Method::from_bytes(value).map_err(|_| Status::BadArgument)?;
+            r.set_method(m);
+            Ok(())
+        }
+        b":authority" => r
+            .insert_header(http::header::HOST, header_value(value)?)
+            .map_err(|_| Status::BadArgument),
+        _ => Err(Status::BadArgument),
+    }
+}
+
+fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
+    let plugin = &c.data().plugin;
+    let info = frame_info(c);
+    if let Some(i) = &info {
+        if let Some((_, v)) = i.props.iter().find(|(k, _)| k == path) {
+            return Ok(v.clone());
+        }
+    }
+    let parts = abi::property_path(path);
+    let s = |v: &str| Ok(v.as_bytes().to_vec());
+    let int = |v: i64| Ok(v.to_le_bytes().to_vec());
+    match parts.as_slice() {
+        [b"plugin_name"] => s(&plugin.spec.name),
+        [b"plugin_root_id"] => s(&plugin.spec.root_id),
+        [b"plugin_vm_id"] | [b"tenant"] => s(&plugin.spec.tenant),
+        [b"request", field] => {
+            let r = frame_req(c)?;
+            match *field {
+                b"path" => s(path_and_query(r)),
+                b"url_path" => s(r.uri.path()),
+                b"query" => s(r.uri.query().unwrap_or("")),
+                b"method" => s(r.method.as_str()),
+                b"host" => Ok(host_header(r).to_vec()),
+                b"scheme" => s(info.map(|i| i.scheme).unwrap_or("http")),
+                b"protocol" => s(info.map(|i| i.protocol).unwrap_or("HTTP/1.1")),
+                b"id" => s(info.map(|i| i.id.as_str()).unwrap_or("")),
+                b"useragent" => Ok(r
+                    .headers
+                    .get(http::header::USER_AGENT)
+                    .map(|v| v.as_bytes().to_vec())
+                    .unwrap_or_default()),
+                b"headers" => {
+                    let pairs = map_pairs(c, MapType::RequestHeaders)?;
+                    Ok(abi::serialize_map(
+                        pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+                    ))
+                }
+                _ => Err(Status::NotFound),
+            }
+        }
+        [b"response", b"code"] => {
+            let code = match frame_resp(c) {
+                Ok(r) => r.status.as_u16(),
+                Err(_) => info.map(|i| i.response_code).filter(|c| *c != 0).ok_or(Status::NotFound)?,
+            };
+            int(code as i64)
+        }
+        [b"response", b"headers"] => {
+            let pairs = map_pairs(c, MapType::ResponseHeaders)?;
+            Ok(abi::serialize_map(
+                pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+            ))
+        }
+        [b"source", b"address"] => s(&info.and_then(|i| i.source).ok_or(Status::NotFound)?.to_string()),
+        [b"source", b"port"] => int(info.and_then(|i| i.source).ok_or(Status::NotFound)?.port() as i64),
+        [b"destination", b"address"] => {
+            s(&info.and_then(|i| i.destination).ok_or(Status::NotFound)?.to_string())
+        }
+        [b"destination", b"port"] => {
+            int(info.and_then(|i| i.destination).ok_or(Status::NotFound)?.port() as i64)
+        }
+        [b"route_name"] => s(&info.ok_or(Status::NotFound)?.route),
+        [b"cluster_name"] | [b"upstream", b"name"] => s(&info.ok_or(Status::NotFound)?.upstream),
+        _ => Err(Status::NotFound),
+    }
+}
+
+/// Registers every `env.proxy_*` host function.
+pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap("env", "proxy_log", |mut c: C, level: i32, p: i32, n: i32| {
+        charge(&mut c, n.max(0) as usize)?;
+        let msg = match read(&mut c, p, n) {
+            Ok(m) => m,
+            Err(s) => return Ok(s as i32),
+        };
+        guest_log(&c.data().plugin, level, &String::from_utf8_lossy(&msg));
+        Ok::<i32, wasmtime::Error>(0)
+    })?;
+    l.func_wrap("env", "proxy_get_log_level", |mut c: C, ret: i32| {
+        charge(&mut c, 0)?;
+        let level = if tracing::enabled!(tracing::Level::TRACE) {
+            0
+        } else if tracing::enabled!(tracing::Level::DEBUG) {
+            1
+        } else {
+            2
+        };
+        Ok::<i32, wasmtime::Error>(abi::status(write_u32(&mut c, ret, level)))
+    })?;
+    l.func_wrap("env", "proxy_get_current_time_nanoseconds", |mut c: C, ret: i32| {
+        charge(&mut c, 0)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Ok::<i32, wasmtime::Error>(abi::status(write_u64(&mut c, ret, now)))
+    })?;
+    l.func_wrap("env", "proxy_set_tick_period_milliseconds", |mut c: C, ms: i32| {
+        charge(&mut c, 0)?;
+        let p = &c.data().plugin;
+        let ms = (ms as u32).max(p.spec.min_tick.as_millis() as u32 * (ms != 0) as u32);
+        p.tick_ms.store(ms, Ordering::Relaxed);
+        Ok::<i32, wasmtime::Error>(0)
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: C, t: i32, start: i32, max: i32, ret_p: i32, ret_n: i32| {
+            charge(&mut c, 0)?;
+            let bytes = match buffer(&c, t) {
+                Ok(b) => b,
+                Err(s) => return Ok(s as i32),
+            };
+            let start = start as u32 as usize;
+            if start > bytes.len() {
+                return Ok(Status::BadArgument as i32);
+            }
+            let end = start.saturating_add(max as u32 as usize).min(bytes.len());
+            let slice = bytes[start..end].to_vec();
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &slice, ret_p, ret_n)?))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |mut c: C, t: i32, start: i32, size: i32, p: i32, n: i32| {
+            charge(&mut c, n.max(0) as usize)?;
+            let data = match read(&mut c, p, n) {
+                Ok(d) => d,
+                Err(s) => return Ok(s as i32),
+            };
+            let Ok(t) = BufferType::from_i32(t) else {
+                return Ok(Status::BadArgument as i32);
+            };
+            let Some((bt, ptr)) = c.data().frame.body else {
+                return Ok(Status::NotFound as i32);
+            };
+            if bt != t {
+                return Ok(Status::BadArgument as i32);
+            }
+            // SAFETY: see `Frame`.
+            let body = unsafe { &mut *ptr.as_ptr() };
+            let start = (start as u32 as usize).min(body.len());
+            let end = start.saturating_add(size as u32 as usize).min(body.len());
+            body.splice(start..end, data);
+            Ok::<i32, wasmtime::Error>(0)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: C, t: i32, ret_p: i32, ret_n: i32| {
+            charge(&mut c, 0)?;
+            let pairs = match MapType::from_i32(t).and_then(|t| map_pairs(&c, t)) {
+                Ok(p) => p,
+                Err(s) => return Ok(s as i32),
+            };
+            let bytes = abi::serialize_map(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &bytes, ret_p, ret_n)?))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: C, t: i32, p: i32, n: i32| {
+            charge(&mut c, n.max(0) as usize)?;
+            let r = (|| {
+                let t = MapType::from_i32(t)?;
+                let bytes = read(&mut c, p, n)?;
+                let pairs = abi::deserialize_map(&bytes)?;
+                // Replace the whole map: drop regular headers, keep pseudo-headers unless given.
+                let names: Vec<Vec<u8>> = map_pairs(&c, t)?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| k.first() != Some(&b':'))
+                    .collect();
+                for k in names {
+                    map_change(&c, t, &k, b"", Op::Remove)?;
+                }
+                for (k, v) in pairs {
+                    map_change(&c, t, k, v, Op::Add)?;
+                }
+                Ok(())
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: C, t: i32, kp: i32, kn: i32, ret_p: i32, ret_n: i32| {
+            charge(&mut c, 0)?;
+            let v = match read(&mut c, kp, kn)
+                .and_then(|k| MapType::from_i32(t).and_then(|t| map_get(&c, t, &k)))
+            {
+                Ok(v) => v,
+                Err(s) => return Ok(s as i32),
+            };
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &v, ret_p, ret_n)?))
+        },
+    )?;
+    for (name, op) in [
+        ("proxy_replace_header_map_value", Op::Replace),
+        ("proxy_add_header_map_value", Op::Add),
+    ] {
+        l.func_wrap(
+            "env",
+            name,
+            move |mut c: C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32| {
+                charge(&mut c, (kn.max(0) + vn.max(0)) as usize)?;
+                let r = (|| {
+                    let k = read(&mut c, kp, kn)?;
+                    let v = read(&mut c, vp, vn)?;
+                    map_change(&c, MapType::from_i32(t)?, &k, &v, op)
+                })();
+                Ok::<i32, wasmtime::Error>(abi::status(r))
+            },
+        )?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: C, t: i32, kp: i32, kn: i32| {
+            charge(&mut c, 0)?;
+            let r = (|| {
+                let k = read(&mut c, kp, kn)?;
+                map_change(&c, MapType::from_i32(t)?, &k, b"", Op::Remove)
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: C, pp: i32, pn: i32, ret_p: i32, ret_n: i32| {
+            charge(&mut c, 0)?;
+            let v = match read(&mut c, pp, pn).and_then(|p| property(&c, &p)) {
+                Ok(v) => v,
+                Err(s) => return Ok(s as i32),
+            };
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &v, ret_p, ret_n)?))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: C, pp: i32, pn: i32, vp: i32, vn: i32| {
+            charge(&mut c, (pn.max(0) + vn.max(0)) as usize)?;
+            let r = (|| {
+                let p = read(&mut c, pp, pn)?;
+                let v = read(&mut c, vp, vn)?;
+                let info = frame_info(&c).ok_or(Status::NotFound)?;
+                if let Some(slot) = info.props.iter_mut().find(|(k, _)| *k == p) {
+                    slot.1 = v;
+                } else if info.props.len() < 64 {
+                    info.props.push((p, v));
+                } else {
+                    return Err(Status::BadArgument);
+                }
+                Ok(())
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    define_shared(l)?;
+    define_streams(l)?;
+    define_metrics(l)?;
+    define_unsupported(l)?;
+    Ok(())
+}
+
+fn buffer(c: &C, t: i32) -> HostResult<Vec<u8>> {
+    let t = BufferType::from_i32(t)?;
+    let p = &c.data().plugin;
+    match t {
+        BufferType::PluginConfiguration => Ok(p.spec.config.clone()),
+        BufferType::VmConfiguration => Ok(p.spec.vm_config.clone()),
+        BufferType::HttpCallResponseBody => Ok(frame_call(c)?.body.clone()),
+        BufferType::RequestBody | BufferType::ResponseBody => match c.data().frame.body {
+            // SAFETY: see `Frame`.
+            Some((bt, ptr)) if bt == t => Ok(unsafe { &*ptr.as_ptr() }.clone()),
+            _ => Err(Status::NotFound),
+        },
+    }
+}
+
+fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: C, kp: i32, kn: i32, ret_p: i32, ret_n: i32, ret_cas: i32| {
+            charge(&mut c, 0)?;
+            let key = match read(&mut c, kp, kn) {
+                Ok(k) => k,
+                Err(s) => return Ok(s as i32),
+            };
+            let p = c.data().plugin.clone();
+            let found = p
+                .shared
+                .data
+                .get(&(p.spec.tenant.clone(), key))
+                .map(|e| e.value().clone());
+            let Some((v, cas)) = found else {
+                return Ok(Status::NotFound as i32);
+            };
+            if let Err(s) = write_u32(&mut c, ret_cas, cas) {
+                return Ok(s as i32);
+            }
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &v, ret_p, ret_n)?))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: C, kp: i32, kn: i32, vp: i32, vn: i32, cas: i32| {
+            charge(&mut c, (kn.max(0) + vn.max(0)) as usize)?;
+            let r = (|| {
+                let k = read(&mut c, kp, kn)?;
+                let v = read(&mut c, vp, vn)?;
+                let p = c.data().plugin.clone();
+                let mut e = p.shared.data.entry((p.spec.tenant.clone(), k)).or_insert((Vec::new(), 0));
+                let cas = cas as u32;
+                if cas != 0 && cas != e.1 {
+                    return Err(Status::CasMismatch);
+                }
+                e.0 = v;
+                e.1 = e.1.wrapping_add(1).max(1);
+                Ok(())
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: C, np: i32, nn: i32, ret: i32| {
+            charge(&mut c, 0)?;
+            let r = (|| {
+                let name = read(&mut c, np, nn)?;
+                let p = c.data().plugin.clone();
+                let tenant = p.spec.tenant.clone();
+                let id = *p.shared.queue_ids.entry((tenant.clone(), name)).or_insert_with(|| {
+                    let id = p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1;
+                    p.shared.queues.insert(id, (tenant, Default::default()));
+                    id
+                });
+                write_u32(&mut c, ret, id)
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |mut c: C, _vp: i32, _vn: i32, np: i32, nn: i32, ret: i32| {
+            charge(&mut c, 0)?;
+            let r = (|| {
+                // Queues are scoped by tenant; the vm_id argument cannot reach another's.
+                let name = read(&mut c, np, nn)?;
+                let p = c.data().plugin.clone();
+                let id = *p
+                    .shared
+                    .queue_ids
+                    .get(&(p.spec.tenant.clone(), name))
+                    .ok_or(Status::NotFound)?;
+                write_u32(&mut c, ret, id)
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: C, id: i32, vp: i32, vn: i32| {
+            charge(&mut c, vn.max(0) as usize)?;
+            let r = (|| {
+                let v = read(&mut c, vp, vn)?;
+                let p = c.data().plugin.clone();
+                let mut q = p.shared.queues.get_mut(&(id as u32)).ok_or(Status::NotFound)?;
+                if q.0 != p.spec.tenant {
+                    return Err(Status::NotFound);
+                }
+                if q.1.len() >= 10_000 {
+                    return Err(Status::InternalFailure);
+                }
+                q.1.push_back(v);
+                Ok(())
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: C, id: i32, ret_p: i32, ret_n: i32| {
+            charge(&mut c, 0)?;
+            let p = c.data().plugin.clone();
+            let item = {
+                let Some(mut q) = p.shared.queues.get_mut(&(id as u32)) else {
+                    return Ok(Status::NotFound as i32);
+                };
+                if q.0 != p.spec.tenant {
+                    return Ok(Status::NotFound as i32);
+                }
+                q.1.pop_front()
+            };
+            match item {
+                None => Ok(Status::Empty as i32),
+                Some(v) => Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &v, ret_p, ret_n)?)),
+            }
+        },
+    )?;
+    Ok(())
+}
+
+fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap("env", "proxy_continue_stream", |mut c: C, t: i32| {
+        charge(&mut c, 0)?;
+        let e = &mut c.data_mut().effects;
+        Ok::<i32, wasmtime::Error>(match t {
+            0 => {
+                e.continue_request = true;
+                0
+            }
+            1 => {
+                e.continue_response = true;
+                0
+            }
+            _ => Status::BadArgument as i32,
+        })
+    })?;
+    // v0.1.0 names, still imported by some SDKs.
+    l.func_wrap("env", "proxy_continue_request", |mut c: C| {
+        charge(&mut c, 0)?;
+        c.data_mut().effects.continue_request = true;
+        Ok::<i32, wasmtime::Error>(0)
+    })?;
+    l.func_wrap("env", "proxy_continue_response", |mut c: C| {
+        charge(&mut c, 0)?;
+        c.data_mut().effects.continue_response = true;
+        Ok::<i32, wasmtime::Error>(0)
+    })?;
+    l.func_wrap("env", "proxy_close_stream", |mut c: C, _t: i32| {
+        charge(&mut c, 0)?;
+        // Closing is answered like Envoy's reset: the request ends with a local 502 unless
+        // the guest already chose an answer.
+        let e = &mut c.data_mut().effects;
+        if e.local.is_none() {
+            e.local = Some(LocalResponse {
+                status: 502,
+                headers: Vec::new(),
+                body: Vec::new(),
+                grpc_status: -1,
+            });
+        }
+        Ok::<i32, wasmtime::Error>(0)
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: C, status: i32, _dp: i32, _dn: i32, bp: i32, bn: i32, hp: i32, hn: i32, grpc: i32| {
+            charge(&mut c, (bn.max(0) + hn.max(0)) as usize)?;
+            let r = (|| {
+                if !(200..=599).contains(&status) {
+                    return Err(Status::BadArgument);
+                }
+                if bn as u32 as usize > MAX_LOCAL_RESPONSE_BYTES {
+                    c.data_mut().effects.local_too_large = true;
+                    return Err(Status::BadArgument);
+                }
+                let body = read(&mut c, bp, bn)?;
+                let hbytes = read(&mut c, hp, hn)?;
+                let headers = abi::deserialize_map(&hbytes)?
+                    .into_iter()
+                    .map(|(k, v)| {
+                        header_name(k)?;
+                        header_value(v)?;
+                        Ok((String::from_utf8_lossy(k).into_owned(), v.to_vec()))
+                    })
+                    .collect::<HostResult<Vec<_>>>()?;
+                c.data_mut().effects.local = Some(LocalResponse {
+                    status: status as u16,
+                    headers,
+                    body,
+                    grpc_status: grpc,
+                });
+                Ok(())
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_http_call",
+        |mut c: C,
+         up: i32,
+         un: i32,
+         hp: i32,
+         hn: i32,
+         bp: i32,
+         bn: i32,
+         _tp: i32,
+         _tn: i32,
+         timeout_ms: i32,
+         ret: i32| {
+            charge(&mut c, (hn.max(0) + bn.max(0)) as usize)?;
+            let r = (|| {
+                let name = read(&mut c, up, un)?;
+                let hbytes = read(&mut c, hp, hn)?;
+                let body = read(&mut c, bp, bn)?;
+                let headers = abi::deserialize_map(&hbytes)?
+                    .into_iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
+                    .collect::<Vec<_>>();
+                let p = c.data().plugin.clone();
+                let upstream = p
+                    .spec
+                    .allowed_upstreams
+                    .iter()
+                    .find(|u| u.name.as_bytes() == name.as_slice())
+                    .cloned()
+                    .ok_or(Status::BadArgument)?;
+                if c.data().effects.calls.len() >= 8 {
+                    return Err(Status::InternalFailure);
+                }
+                let e = &mut c.data_mut().effects;
+                e.next_token = e.next_token.wrapping_add(1).max(1);
+                let token = e.next_token;
+                e.calls.push(PendingCall {
+                    token,
+                    upstream,
+                    headers,
+                    body,
+                    timeout: Duration::from_millis((timeout_ms as u32).clamp(1, 60_000) as u64),
+                });
+                write_u32(&mut c, ret, token)
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    Ok(())
+}
+
+fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: C, kind: i32, np: i32, nn: i32, ret: i32| {
+            charge(&mut c, 0)?;
+            let r = (|| {
+                let name = String::from_utf8(read(&mut c, np, nn)?).map_err(|_| Status::BadArgument)?;
+                if name.is_empty() || name.len() > 128 || !(0..=2).contains(&kind) {
+                    return Err(Status::BadArgument);
+                }
+                let p = c.data().plugin.clone();
+                let key = format!("{kind}:{name}");
+                let id = match p.metric_ids.get(&key) {
+                    Some(id) => *id,
+                    None => {
+                        if p.metric_ids.len() >= 256 {
+                            return Err(Status::InternalFailure);
+                        }
+                        let labels = [p.spec.tenant.as_str(), p.spec.name.as_str(), name.as_str()];
+                        let m = match kind {
+                            0 => GuestMetric::Counter(p.metrics.guest_counters.with_label_values(&labels)),
+                            1 => GuestMetric::Gauge(p.metrics.guest_gauges.with_label_values(&labels)),
+                            _ => {
+                                let count = format!("{name}_count");
+                                let sum = format!("{name}_sum");
+                                let l2 = |n: &str| {
+                                    p.metrics
+                                        .guest_counters
+                                        .with_label_values(&[p.spec.tenant.as_str(), p.spec.name.as_str(), n])
+                                };
+                                GuestMetric::Histogram(l2(&count), l2(&sum))
+                            }
+                        };
+                        let id = p.next_metric_id();
+                        p.guest_metrics.insert(id, m);
+                        p.metric_ids.insert(key, id);
+                        id
+                    }
+                };
+                write_u32(&mut c, ret, id)
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap("env", "proxy_increment_metric", |mut c: C, id: i32, off: i64| {
+        charge(&mut c, 0)?;
+        let p = c.data().plugin.clone();
+        let r = match p.guest_metrics.get(&(id as u32)).as_deref() {
+            Some(GuestMetric::Counter(m)) if off >= 0 => {
+                m.inc_by(off as u64);
+                Ok(())
+            }
+            Some(GuestMetric::Gauge(m)) => {
+                m.add(off);
+                Ok(())
+            }
+            Some(_) => Err(Status::BadArgument),
+            None => Err(Status::NotFound),
+        };
+        Ok::<i32, wasmtime::Error>(abi::status(r))
+    })?;
+    l.func_wrap("env", "proxy_record_metric", |mut c: C, id: i32, v: i64| {
+        charge(&mut c, 0)?;
+        let p = c.data().plugin.clone();
+        let r = match p.guest_metrics.get(&(id as u32)).as_deref() {
+            Some(GuestMetric::Counter(m)) => {
+                let cur = m.get();
+                if (v as u64) >= cur {
+                    m.inc_by(v as u64 - cur);
+                    Ok(())
+                } else {
+                    Err(Status::BadArgument)
+                }
+            }
+            Some(GuestMetric::Gauge(m)) => {
+                m.set(v);
+                Ok(())
+            }
+            Some(GuestMetric::Histogram(count, sum)) => {
+                count.inc();
+                sum.inc_by(v as u64);
+                Ok(())
+            }
+            None => Err(Status::NotFound),
+        };
+        Ok::<i32, wasmtime::Error>(abi::status(r))
+    })?;
+    l.func_wrap("env", "proxy_get_metric", |mut c: C, id: i32, ret: i32| {
+        charge(&mut c, 0)?;
+        let p = c.data().plugin.clone();
+        let v = match p.guest_metrics.get(&(id as u32)).as_deref() {
+            Some(GuestMetric::Counter(m)) => m.get(),
+            Some(GuestMetric::Gauge(m)) => m.get() as u64,
+            Some(GuestMetric::Histogram(count, _)) => count.get(),
+            None => return Ok(Status::NotFound as i32),
+        };
+        Ok::<i32, wasmtime::Error>(abi::status(write_u64(&mut c, ret, v)))
+    })?;
+    Ok(())
+}
+
+/// Host calls this gateway does not offer: they answer `Unimplemented`, never trap.
+fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    const U: i32 = Status::Unimplemented as i32;
+    l.func_wrap("env", "proxy_grpc_call", |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U)?;
+    l.func_wrap("env", "proxy_grpc_stream", |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U)?;
+    l.func_wrap("env", "proxy_grpc_send", |_: C, _: i32, _: i32, _: i32, _: i32| U)?;
+    l.func_wrap("env", "proxy_grpc_cancel", |_: C, _: i32| U)?;
+    l.func_wrap("env", "proxy_grpc_close", |_: C, _: i32| U)?;
+    l.func_wrap("env", "proxy_get_status", |_: C, _: i32, _: i32, _: i32| U)?;
+    l.func_wrap("env", "proxy_set_effective_context", |_: C, _: i32| 0)?;
+    l.func_wrap("env", "proxy_call_foreign_function", |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U)?;
+    l.func_wrap("env", "proxy_done", |_: C| 0)?;
+    Ok(())
+}
+
+/// A guest's `proxy_log` line, as a tracing event with tenant and module fields.
+pub(crate) fn guest_log(p: &Plugin, level: i32, msg: &str) {
+    let (t, m) = (p.spec.tenant.as_str(), p.spec.name.as_str());
+    match level {
+        0 => tracing::trace!(target: "wasmgate::guest", tenant = t, module = m, "{msg}"),
+        1 => tracing::debug!(target: "wasmgate::guest", tenant = t, module = m, "{msg}"),
+        2 => tracing::info!(target: "wasmgate::guest", tenant = t, module = m, "{msg}"),
+        3 => tracing::warn!(target: "wasmgate::guest", tenant = t, module = m, "{msg}"),
+        _ => tracing::error!(target: "wasmgate::guest", tenant = t, module = m, "{msg}"),
+    }
+}
+
+/// Fuel for a budget.
+pub(crate) fn fuel_for(budget: Duration) -> u64 {
+    (budget.as_micros() as u64).saturating_mul(FUEL_PER_US)
+}

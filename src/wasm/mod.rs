@@ -1,0 +1,461 @@
+//! The wasm runtime: one engine, compiled modules cached by content digest, Proxy-Wasm
+//! plugins with pooled VMs, budgets and failure policies.
+//!
+//! Knows nothing of Pingora's sessions: the proxy hands it header maps and bodies for the
+//! length of one callback (see [`host::Frame`]) and gets back an [`Outcome`].
+//!
+//! Budgets are measured in fuel, not wall-clock time: fuel is deterministic, so a valid
+//! callback never trips because the thread was descheduled on a busy machine, and it costs
+//! about what epoch checks cost (see the README's measurements). One microsecond of budget
+//! buys [`FUEL_PER_US`] units (roughly one wasm instruction each); host calls are charged
+//! too, so a guest cannot escape its budget by looping over cheap host calls.
+
+pub mod abi;
+pub mod host;
+mod vm;
+mod wasi;
+
+pub use host::{CallResponse, LocalResponse, PendingCall, RequestInfo};
+pub use vm::{Lease, Outcome};
+
+use crate::config::file::Isolation;
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+use anyhow::Context as _;
+use crossbeam_queue::ArrayQueue;
+use dashmap::DashMap;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, OptLevel};
+
+/// Fuel granted per microsecond of budget.
+pub const FUEL_PER_US: u64 = 1_000;
+/// Fuel a host call costs before any bytes are copied, and per byte copied.
+pub const HOST_CALL_FUEL: u64 = 50;
+/// Largest linear memory any module may be configured with.
+pub const MAX_MEMORY_BYTES: u64 = 512 << 20;
+/// Wasm stack per instance; deep recursion traps at this depth.
+pub const MAX_WASM_STACK: usize = 512 << 10;
+/// Largest body a guest may answer with through `proxy_send_local_response`.
+pub const MAX_LOCAL_RESPONSE_BYTES: usize = 1 << 20;
+/// Instances the pooling allocator can hold at once, across all modules.
+const POOL_INSTANCES: u32 = 1000;
+/// How long a request waits for a busy module's instance before getting 503.
+pub const INSTANCE_WAIT: Duration = Duration::from_millis(100);
+
+/// What the guest's failure turns into for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Answer with this status and a JSON error body.
+    Deny(u16),
+    /// Fail open: skip this module for the rest of the request.
+    Allow,
+    /// Answer with a fixed status and body.
+    Respond(u16, String),
+}
+
+impl FailurePolicy {
+    pub fn parse(action: &str, status: Option<u16>, body: Option<&str>) -> Result<Self, String> {
+        let status_ok = |s: u16| {
+            if (200..=599).contains(&s) {
+                Ok(s)
+            } else {
+                Err(format!("on_failure.status {s} is not an HTTP status (200-599)"))
+            }
+        };
+        match action {
+            "deny" => Ok(FailurePolicy::Deny(status_ok(status.unwrap_or(503))?)),
+            "allow" => Ok(FailurePolicy::Allow),
+            "respond" => Ok(FailurePolicy::Respond(
+                status_ok(status.unwrap_or(503))?,
+                body.unwrap_or("").to_string(),
+            )),
+            other => Err(format!(
+                "on_failure.action `{other}` is not one of deny, allow, respond"
+            )),
+        }
+    }
+}
+
+/// Why a callback failed; the label of the failure metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// Ran out of its fuel budget (per callback or per request).
+    Overrun,
+    /// Trapped: unreachable, out-of-bounds access, stack overflow, failed allocation.
+    Trap(String),
+    /// Broke the ABI's rules (paused without a way to resume, oversized local response).
+    Misbehaved(&'static str),
+    /// No instance could be had in time (module at its max_instances).
+    Busy,
+}
+
+impl Cause {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Cause::Overrun => "budget_overrun",
+            Cause::Trap(_) => "trap",
+            Cause::Misbehaved(m) => m,
+            Cause::Busy => "instances_exhausted",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub callback: &'static str,
+    pub cause: Cause,
+}
+
+/// A module as the conf declares it, before it is instantiated.
+pub struct PluginSpec {
+    pub name: String,
+    pub tenant: String,
+    pub root_id: String,
+    pub config: Vec<u8>,
+    pub vm_config: Vec<u8>,
+    pub budget: Duration,
+    pub request_budget: Duration,
+    pub memory_bytes: u64,
+    pub isolation: Isolation,
+    pub max_instances: usize,
+    pub policy: FailurePolicy,
+    pub allowed_upstreams: Vec<Arc<Upstream>>,
+    pub min_tick: Duration,
+}
+
+/// A compiled module, ready to instantiate. Shared by every plugin using the same bytes.
+pub struct Compiled {
+    pub digest: String,
+    pub size: usize,
+    pub pre: InstancePre<host::Host>,
+    pub compile_time: Duration,
+    pub from_disk: bool,
+}
+
+/// A configured module: compiled code, its conf, its idle VMs.
+pub struct Plugin {
+    pub spec: PluginSpec,
+    pub compiled: Arc<Compiled>,
+    pub(crate) shared: Arc<SharedState>,
+    pub(crate) engine: Engine,
+    idle: ArrayQueue<Box<vm::Vm>>,
+    permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) metrics: PluginMetrics,
+    /// Tick period asked by the guest, in ms (0: none).
+    pub(crate) tick_ms: AtomicU32,
+    pub(crate) metric_ids: DashMap<String, u32>,
+    pub(crate) guest_metrics: DashMap<u32, host::GuestMetric>,
+    next_metric: AtomicU32,
+    generation: AtomicU64,
+}
+
+#[derive(Clone)]
+pub(crate) struct PluginMetrics {
+    pub invocations: prometheus::IntCounter,
+    pub cpu: prometheus::Histogram,
+    pub failures: prometheus::IntCounterVec,
+    pub guest_counters: prometheus::IntCounterVec,
+    pub guest_gauges: prometheus::IntGaugeVec,
+}
+
+/// State shared by guests of one tenant: key-value data with CAS, and queues.
+#[derive(Default)]
+pub struct SharedState {
+    pub data: DashMap<(String, Vec<u8>), (Vec<u8>, u32)>,
+    pub queue_ids: DashMap<(String, Vec<u8>), u32>,
+    pub queues: DashMap<u32, (String, std::collections::VecDeque<Vec<u8>>)>,
+    pub next_queue: AtomicU32,
+}
+
+/// The engine, the host functions, and the compiled-module cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<host::Host>,
+    cache: DashMap<[u8; 32], Arc<Compiled>>,
+    cache_dir: Option<PathBuf>,
+    shared: Arc<SharedState>,
+}
+
+impl Runtime {
+    /// `cache_dir`: where precompiled artifacts persist across restarts (`None`: memory only).
+    pub fn new(cache_dir: Option<&Path>) -> anyhow::Result<Runtime> {
+        let werr = |e: wasmtime::Error| anyhow::anyhow!("{e:#}");
+        let engine = Engine::new(&engine_config()).map_err(werr)?;
+        let mut linker = Linker::new(&engine);
+        host::define(&mut linker).map_err(werr)?;
+        wasi::define(&mut linker).map_err(werr)?;
+        if let Some(d) = cache_dir {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("creating module cache {}", d.display()))?;
+        }
+        Ok(Runtime {
+            engine,
+            linker,
+            cache: DashMap::new(),
+            cache_dir: cache_dir.map(Path::to_path_buf),
+            shared: Arc::new(SharedState::default()),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles `bytes` (or finds it compiled, in memory or on disk) and checks that it
+    /// is a Proxy-Wasm module this host can run.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Arc<Compiled>, String> {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        if let Some(c) = self.cache.get(&digest) {
+            return Ok(c.clone());
+        }
+        let start = Instant::now();
+        let (module, from_disk) = self.load_or_compile(bytes, &digest)?;
+        vm::check_exports(&module)?;
+        let mut linker = self.linker.clone();
+        wasi::stub_unknown(&mut linker, &module)?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| {
+            format!("imports something this host does not provide: {}", root_cause(&e))
+        })?;
+        let compiled = Arc::new(Compiled {
+            digest: hex::encode(digest),
+            size: bytes.len(),
+            pre,
+            compile_time: start.elapsed(),
+            from_disk,
+        });
+        self.cache.insert(digest, compiled.clone());
+        Ok(compiled)
+    }
+
+    fn load_or_compile(&self, bytes: &[u8], digest: &[u8; 32]) -> Result<(Module, bool), String> {
+        if !bytes.starts_with(b"\0asm") {
+            return Err("not a wasm module (missing the \\0asm header)".into());
+        }
+        let artifact = self.cache_dir.as_ref().map(|d| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            use std::hash::{Hash, Hasher};
+            self.engine.precompile_compatibility_hash().hash(&mut h);
+            d.join(format!("{}-{:016x}.cwasm", hex::encode(digest), h.finish()))
+        });
+        if let Some(path) = &artifact {
+            if path.exists() {
+                // SAFETY: the artifact was written by `Module::serialize` of an engine with
+                // the same compatibility hash (part of the file name), into the gateway's
+                // own data directory; wasmtime checks its header and version again.
+                if let Ok(m) = unsafe { Module::deserialize_file(&self.engine, path) } {
+                    return Ok((m, true));
+                }
+            }
+        }
+        let module = Module::new(&self.engine, bytes)
+            .map_err(|e| format!("does not compile: {}", root_cause(&e)))?;
+        if let Some(path) = artifact {
+            if let Ok(ser) = module.serialize() {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, ser).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        }
+        Ok((module, false))
+    }
+
+    /// Builds a plugin: compile, then start one VM to run `on_vm_start` and `on_configure`,
+    /// so a configuration the guest rejects is a conf error, not a runtime surprise.
+    pub fn plugin(
+        &self,
+        spec: PluginSpec,
+        bytes: &[u8],
+        metrics: &Metrics,
+    ) -> Result<Arc<Plugin>, String> {
+        if spec.memory_bytes > MAX_MEMORY_BYTES {
+            return Err(format!(
+                "memory_mb {} exceeds the gateway's maximum of {} MiB",
+                spec.memory_bytes >> 20,
+                MAX_MEMORY_BYTES >> 20
+            ));
+        }
+        let compiled = self.compile(bytes)?;
+        let labels = [spec.tenant.as_str(), spec.name.as_str()];
+        let pm = PluginMetrics {
+            invocations: metrics.hook_invocations.with_label_values(&labels),
+            cpu: metrics.hook_cpu.with_label_values(&labels),
+            failures: metrics.hook_events.clone(),
+            guest_counters: metrics.guest_metrics.clone(),
+            guest_gauges: metrics.guest_gauges.clone(),
+        };
+        let max = spec.max_instances;
+        let plugin = Arc::new(Plugin {
+            compiled,
+            shared: self.shared.clone(),
+            engine: self.engine.clone(),
+            idle: ArrayQueue::new(max.max(1)),
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+            metrics: pm,
+            tick_ms: AtomicU32::new(0),
+            metric_ids: DashMap::new(),
+            guest_metrics: DashMap::new(),
+            next_metric: AtomicU32::new(1),
+            generation: AtomicU64::new(0),
+            spec,
+        });
+        let first = vm::Vm::start(&plugin).map_err(|f| match f.cause {
+            Cause::Misbehaved(m) => format!("{} failed: {m}", f.callback),
+            c => format!("{} failed: {}", f.callback, describe(&c)),
+        })?;
+        if plugin.spec.isolation == Isolation::Shared {
+            let _ = plugin.idle.push(first);
+        }
+        Ok(plugin)
+    }
+}
+
+impl Plugin {
+    /// Takes a VM for one request: an idle one, or a new one if under `max_instances`;
+    /// waits up to [`INSTANCE_WAIT`] for one to free up.
+    pub async fn lease(self: &Arc<Self>) -> Result<Lease, Failure> {
+        let busy = || Failure {
+            callback: "instantiate",
+            cause: Cause::Busy,
+        };
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::time::timeout(INSTANCE_WAIT, self.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| busy())?
+                .map_err(|_| busy())?,
+        };
+        let vm = match self.idle.pop() {
+            Some(vm) => vm,
+            None => vm::Vm::start(self)?,
+        };
+        Ok(Lease::new(self.clone(), vm, permit))
+    }
+
+    pub(crate) fn give_back(&self, vm: Box<vm::Vm>) {
+        if self.spec.isolation == Isolation::Shared {
+            let _ = self.idle.push(vm);
+        }
+    }
+
+    pub(crate) fn next_metric_id(&self) -> u32 {
+        self.next_metric.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts and logs a failed callback, naming tenant, module, callback and cause.
+    pub fn report(&self, f: &Failure) {
+        self.metrics
+            .failures
+            .with_label_values(&[&self.spec.tenant, &self.spec.name, f.cause.label()])
+            .inc();
+        tracing::warn!(
+            tenant = %self.spec.tenant,
+            module = %self.spec.name,
+            callback = f.callback,
+            cause = f.cause.label(),
+            detail = %describe(&f.cause),
+            "hook failed"
+        );
+    }
+
+    /// Idle VMs right now (for tests and the admin view).
+    pub fn idle_vms(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Runs `on_tick` on idle VMs every period the guest asked for, while the plugin lives.
+    pub fn spawn_ticks(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        tokio::spawn(async move {
+            loop {
+                let period = match weak.upgrade() {
+                    Some(p) if p.generation.load(Ordering::Relaxed) == gen => {
+                        let ms = p.tick_ms.load(Ordering::Relaxed) as u64;
+                        if ms > 0 {
+                            p.tick_idle();
+                        }
+                        Duration::from_millis(if ms == 0 { 200 } else { ms })
+                    }
+                    _ => return,
+                };
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+
+    fn tick_idle(&self) {
+        let n = self.idle.len();
+        let mut done = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(mut vm) = self.idle.pop() else { break };
+            match vm.tick(self) {
+                Ok(()) => done.push(vm),
+                Err(f) => self.report(&f),
+            }
+        }
+        for vm in done {
+            let _ = self.idle.push(vm);
+        }
+    }
+}
+
+fn engine_config() -> Config {
+    let mut c = Config::new();
+    c.consume_fuel(true);
+    // Backtraces make every trap of a hostile module expensive; the trap kind is enough.
+    c.wasm_backtrace_max_frames(None);
+    c.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable);
+    c.max_wasm_stack(MAX_WASM_STACK);
+    c.cranelift_opt_level(OptLevel::Speed);
+    c.parallel_compilation(true);
+    let mut pool = wasmtime::PoolingAllocationConfig::default();
+    pool.total_core_instances(POOL_INSTANCES)
+        .total_memories(POOL_INSTANCES)
+        .total_tables(POOL_INSTANCES)
+        .max_memory_size(MAX_MEMORY_BYTES as usize)
+        .max_memories_per_module(1)
+        .max_tables_per_module(1)
+        .table_elements(20_000)
+        .max_core_instance_size(1 << 20)
+        // Keeping a little memory resident skips an madvise per fresh instance.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10);
+    c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    c
+}
+
+/// Trap text for logs (never for clients).
+pub fn describe(c: &Cause) -> String {
+    match c {
+        Cause::Overrun => "ran out of its time budget".into(),
+        Cause::Trap(t) => t.clone(),
+        Cause::Misbehaved(m) => (*m).into(),
+        Cause::Busy => "no instance free within the wait limit".into(),
+    }
+}
+
+/// An error with its causes, on one line.
+pub(crate) fn root_cause(e: &wasmtime::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// The ordered hooks of one route.
+#[derive(Default, Clone)]
+pub struct HookChain {
+    pub plugins: Vec<Arc<Plugin>>,
+}
+
+impl HookChain {
+    pub fn new(plugins: Vec<Arc<Plugin>>) -> HookChain {
+        HookChain { plugins }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+}

@@ -1,0 +1,573 @@
+//! One Proxy-Wasm VM (a wasm instance with its root context) and the per-request lease
+//! through which the proxy drives a VM's HTTP context.
+
+use super::abi::{BufferType, ACTION_CONTINUE};
+use super::host::{fuel_for, CallResponse, Effects, Frame, Host, LocalResponse, PendingCall, RequestInfo};
+use super::{Cause, Failure, Plugin};
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::{Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
+
+const ROOT: i32 = 1;
+/// Budget multiplier for VM start (`_initialize`, `on_vm_start`, `on_configure`).
+const START_BUDGET_FACTOR: u64 = 50;
+
+type F1 = TypedFunc<i32, ()>;
+type F2 = TypedFunc<(i32, i32), ()>;
+type F2R = TypedFunc<(i32, i32), i32>;
+type F3R = TypedFunc<(i32, i32, i32), i32>;
+
+struct Exports {
+    on_context_create: F2,
+    on_vm_start: Option<F2R>,
+    on_configure: Option<F2R>,
+    on_request_headers: Option<F3R>,
+    on_request_body: Option<F3R>,
+    on_response_headers: Option<F3R>,
+    on_response_body: Option<F3R>,
+    on_response_trailers: Option<F2R>,
+    on_log: Option<F1>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_delete: Option<F1>,
+    on_http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    on_tick: Option<F1>,
+}
+
+pub struct Vm {
+    store: Store<Host>,
+    f: Exports,
+    next_ctx: i32,
+}
+
+/// Rejects modules that are not Proxy-Wasm filters, with the reason.
+pub(crate) fn check_exports(m: &Module) -> Result<(), String> {
+    let has = |n: &str| m.get_export(n).is_some();
+    if !has("memory") {
+        return Err("does not export its memory".into());
+    }
+    if !has("proxy_abi_version_0_2_1") && !has("proxy_abi_version_0_2_0") {
+        return Err("does not export proxy_abi_version_0_2_1: not a Proxy-Wasm v0.2.x module".into());
+    }
+    if !has("proxy_on_context_create") {
+        return Err("does not export proxy_on_context_create".into());
+    }
+    if !has("proxy_on_memory_allocate") && !has("malloc") {
+        return Err("exports no allocator (proxy_on_memory_allocate or malloc)".into());
+    }
+    Ok(())
+}
+
+fn failure(callback: &'static str, e: wasmtime::Error, host: &Host) -> Failure {
+    let cause = if host.out_of_fuel {
+        Cause::Overrun
+    } else {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => Cause::Overrun,
+            Some(t) => Cause::Trap(t.to_string()),
+            None => Cause::Trap(super::root_cause(&e)),
+        }
+    };
+    Failure { callback, cause }
+}
+
+impl Vm {
+    /// Instantiates the module and configures its root context.
+    pub(crate) fn start(plugin: &Arc<Plugin>) -> Result<Box<Vm>, Failure> {
+        let fail = |cb: &'static str, msg: String| Failure {
+            callback: cb,
+            cause: Cause::Trap(msg),
+        };
+        let host = Host {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(plugin.spec.memory_bytes as usize)
+                .instances(1)
+                .tables(4)
+                .table_elements(20_000)
+                .memories(1)
+                .build(),
+            plugin: plugin.clone(),
+            frame: Frame::default(),
+            effects: Effects::default(),
+            memory: None,
+            alloc: None,
+            out_of_fuel: false,
+        };
+        let mut store = Store::new(&plugin.engine, host);
+        store.limiter(|h| &mut h.limits);
+        let start_fuel = fuel_for(plugin.spec.budget).saturating_mul(START_BUDGET_FACTOR);
+        store.set_fuel(start_fuel).map_err(|e| fail("instantiate", e.to_string()))?;
+        let inst = plugin
+            .compiled
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| failure("instantiate", e, store.data()))?;
+        let memory = inst.get_memory(&mut store, "memory");
+        let alloc = inst
+            .get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate")
+            .or_else(|_| inst.get_typed_func::<i32, i32>(&mut store, "malloc"))
+            .map_err(|e| fail("instantiate", format!("allocator has the wrong type: {e}")))?;
+        store.data_mut().memory = memory;
+        store.data_mut().alloc = Some(alloc);
+        macro_rules! opt {
+            ($name:literal) => {
+                match inst.get_export(&mut store, $name) {
+                    None => None,
+                    Some(_) => Some(inst.get_typed_func(&mut store, $name).map_err(|e| {
+                        fail("instantiate", format!("export {} has the wrong type: {e}", $name))
+                    })?),
+                }
+            };
+        }
+        let f = Exports {
+            on_context_create: inst
+                .get_typed_func(&mut store, "proxy_on_context_create")
+                .map_err(|e| fail("instantiate", format!("proxy_on_context_create: {e}")))?,
+            on_vm_start: opt!("proxy_on_vm_start"),
+            on_configure: opt!("proxy_on_configure"),
+            on_request_headers: opt!("proxy_on_request_headers"),
+            on_request_body: opt!("proxy_on_request_body"),
+            on_response_headers: opt!("proxy_on_response_headers"),
+            on_response_body: opt!("proxy_on_response_body"),
+            on_response_trailers: opt!("proxy_on_response_trailers"),
+            on_log: opt!("proxy_on_log"),
+            on_done: opt!("proxy_on_done"),
+            on_delete: opt!("proxy_on_delete"),
+            on_http_call_response: opt!("proxy_on_http_call_response"),
+            on_tick: opt!("proxy_on_tick"),
+        };
+        // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
+        for init in ["_initialize", "_start"] {
+            if inst.get_export(&mut store, init).is_some() {
+                let func = inst
+                    .get_typed_func::<(), ()>(&mut store, init)
+                    .map_err(|e| fail("instantiate", format!("{init}: {e}")))?;
+                func.call(&mut store, ()).map_err(|e| failure("_initialize", e, store.data()))?;
+                break;
+            }
+        }
+        let mut vm = Box::new(Vm {
+            store,
+            f,
+            next_ctx: ROOT + 1,
+        });
+        let cc = vm.f.on_context_create.clone();
+        cc.call(&mut vm.store, (ROOT, 0))
+            .map_err(|e| failure("on_context_create", e, vm.store.data()))?;
+        let p = &plugin.spec;
+        if let Some(f) = vm.f.on_vm_start.clone() {
+            let ok = f
+                .call(&mut vm.store, (ROOT, p.vm_config.len() as i32))
+                .map_err(|e| failure("on_vm_start", e, vm.store.data()))?;
+            if ok == 0 {
+                return Err(Failure {
+                    callback: "on_vm_start",
+                    cause: Cause::Misbehaved("the guest rejected its VM configuration"),
+                });
+            }
+        }
+        if let Some(f) = vm.f.on_configure.clone() {
+            let ok = f
+                .call(&mut vm.store, (ROOT, p.config.len() as i32))
+                .map_err(|e| failure("on_configure", e, vm.store.data()))?;
+            if ok == 0 {
+                return Err(Failure {
+                    callback: "on_configure",
+                    cause: Cause::Misbehaved("the guest rejected its plugin configuration"),
+                });
+            }
+        }
+        Ok(vm)
+    }
+
+    pub(crate) fn tick(&mut self, plugin: &Plugin) -> Result<(), Failure> {
+        let Some(f) = self.f.on_tick.clone() else {
+            return Ok(());
+        };
+        self.store.data_mut().out_of_fuel = false;
+        let _ = self.store.set_fuel(fuel_for(plugin.spec.budget));
+        f.call(&mut self.store, ROOT)
+            .map_err(|e| failure("on_tick", e, self.store.data()))
+    }
+}
+
+/// What a stream callback asks the proxy to do next.
+#[derive(Debug)]
+pub enum Outcome {
+    Continue,
+    /// Stop and answer with this response.
+    Respond(LocalResponse),
+    /// Wait for these callouts, then call [`Lease::on_http_call_response`] for each.
+    Wait(Vec<PendingCall>),
+    /// The guest returned Pause (buffer more body, or wait without a callout).
+    Pause,
+    Failed(Failure),
+}
+
+/// A VM lent to one request, with that request's HTTP context inside it.
+pub struct Lease {
+    plugin: Arc<Plugin>,
+    vm: Option<Box<Vm>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    ctx: i32,
+    fuel_left: u64,
+    /// Time spent in this module's callbacks for the request.
+    pub cpu: Duration,
+    pub failed: Option<Failure>,
+    finished: bool,
+}
+
+/// The request state a callback may see.
+#[derive(Default)]
+pub struct View<'a> {
+    pub req: Option<&'a mut RequestHeader>,
+    pub req_ro: Option<&'a RequestHeader>,
+    pub resp: Option<&'a mut ResponseHeader>,
+    pub resp_trailers: Option<&'a mut http::HeaderMap>,
+    pub body: Option<(BufferType, &'a mut Vec<u8>)>,
+    pub info: Option<&'a mut RequestInfo>,
+    pub call: Option<&'a CallResponse>,
+}
+
+impl Lease {
+    pub(crate) fn new(
+        plugin: Arc<Plugin>,
+        vm: Box<Vm>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Lease {
+        Lease {
+            fuel_left: fuel_for(plugin.spec.request_budget),
+            plugin,
+            vm: Some(vm),
+            _permit: permit,
+            ctx: 0,
+            cpu: Duration::ZERO,
+            failed: None,
+            finished: false,
+        }
+    }
+
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    /// Runs one callback with the frame pointing at `view`; classifies what came of it.
+    fn run<R>(
+        &mut self,
+        name: &'static str,
+        view: View<'_>,
+        call: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
+    ) -> Result<(R, Effects), Failure> {
+        if let Some(f) = &self.failed {
+            return Err(f.clone());
+        }
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(Failure {
+                callback: name,
+                cause: Cause::Misbehaved("instance_lost"),
+            });
+        };
+        let fuel = fuel_for(self.plugin.spec.budget).min(self.fuel_left);
+        let store = &mut vm.store;
+        {
+            let h = store.data_mut();
+            h.out_of_fuel = false;
+            h.effects = Effects {
+                next_token: h.effects.next_token,
+                ..Effects::default()
+            };
+            h.frame = Frame {
+                req_writable: view.req.is_some(),
+                req: view
+                    .req
+                    .map(NonNull::from)
+                    .or(view.req_ro.map(|r| NonNull::from(r))),
+                resp_writable: view.resp.is_some(),
+                resp: view.resp.map(NonNull::from),
+                resp_trailers: view.resp_trailers.map(NonNull::from),
+                body: view.body.map(|(t, b)| (t, NonNull::from(b))),
+                info: view.info.map(NonNull::from),
+                call: view.call.map(NonNull::from),
+            };
+        }
+        let _ = store.set_fuel(fuel);
+        let start = Instant::now();
+        let result = call(store);
+        self.cpu += start.elapsed();
+        let left = store.get_fuel().unwrap_or(0);
+        self.fuel_left = self.fuel_left.saturating_sub(fuel - left.min(fuel));
+        let h = store.data_mut();
+        h.frame = Frame::default();
+        let effects = std::mem::take(&mut h.effects);
+        h.effects.next_token = effects.next_token;
+        match result {
+            Ok(r) if effects.local_too_large => {
+                let _ = r;
+                self.fail(Failure {
+                    callback: name,
+                    cause: Cause::Misbehaved("local_response_too_large"),
+                })
+            }
+            Ok(r) => Ok((r, effects)),
+            Err(e) => {
+                let f = failure(name, e, store.data());
+                self.fail(f)
+            }
+        }
+    }
+
+    fn fail<T>(&mut self, f: Failure) -> Result<T, Failure> {
+        // A VM that trapped or overran may be in any state: it is dropped, never reused.
+        self.vm = None;
+        self.plugin.report(&f);
+        self.failed = Some(f.clone());
+        Err(f)
+    }
+
+    /// Marks the request failed for a reason found outside a callback.
+    pub fn misbehaved(&mut self, callback: &'static str, why: &'static str) -> Failure {
+        let f = Failure {
+            callback,
+            cause: Cause::Misbehaved(why),
+        };
+        let _ = self.fail::<()>(f.clone());
+        f
+    }
+
+    fn ensure_context(&mut self) -> Result<(), Failure> {
+        if self.ctx != 0 {
+            return Ok(());
+        }
+        let vm = self.vm.as_mut().ok_or(Failure {
+            callback: "on_context_create",
+            cause: Cause::Misbehaved("instance_lost"),
+        })?;
+        let ctx = vm.next_ctx;
+        vm.next_ctx = vm.next_ctx.wrapping_add(1).max(ROOT + 1);
+        let f = vm.f.on_context_create.clone();
+        self.run("on_context_create", View::default(), |s| f.call(s, (ctx, ROOT)))?;
+        self.ctx = ctx;
+        self.plugin.metrics.invocations.inc();
+        Ok(())
+    }
+
+    fn stream(
+        &mut self,
+        name: &'static str,
+        f: Option<F3R>,
+        a: i32,
+        b: i32,
+        view: View<'_>,
+    ) -> Outcome {
+        if let Err(e) = self.ensure_context() {
+            return Outcome::Failed(e);
+        }
+        let Some(f) = f else {
+            return Outcome::Continue;
+        };
+        let ctx = self.ctx;
+        match self.run(name, view, |s| f.call(s, (ctx, a, b))) {
+            Err(e) => Outcome::Failed(e),
+            Ok((action, fx)) => outcome(action, fx),
+        }
+    }
+
+    fn exports(&self) -> Option<&Exports> {
+        self.vm.as_ref().map(|v| &v.f)
+    }
+
+    pub fn on_request_headers(
+        &mut self,
+        req: &mut RequestHeader,
+        info: &mut RequestInfo,
+        end_of_stream: bool,
+    ) -> Outcome {
+        let n = req.headers.len() as i32 + 4;
+        let f = self.exports().and_then(|e| e.on_request_headers.clone());
+        let view = View {
+            req: Some(req),
+            info: Some(info),
+            ..View::default()
+        };
+        self.stream("on_request_headers", f, n, end_of_stream as i32, view)
+    }
+
+    pub fn on_request_body(
+        &mut self,
+        req: &mut RequestHeader,
+        info: &mut RequestInfo,
+        body: &mut Vec<u8>,
+        end_of_stream: bool,
+    ) -> Outcome {
+        let n = body.len() as i32;
+        let f = self.exports().and_then(|e| e.on_request_body.clone());
+        let view = View {
+            req: Some(req),
+            info: Some(info),
+            body: Some((BufferType::RequestBody, body)),
+            ..View::default()
+        };
+        self.stream("on_request_body", f, n, end_of_stream as i32, view)
+    }
+
+    pub fn on_response_headers(
+        &mut self,
+        req: &RequestHeader,
+        resp: &mut ResponseHeader,
+        info: &mut RequestInfo,
+        end_of_stream: bool,
+    ) -> Outcome {
+        let n = resp.headers.len() as i32 + 1;
+        let f = self.exports().and_then(|e| e.on_response_headers.clone());
+        let view = View {
+            req_ro: Some(req),
+            resp: Some(resp),
+            info: Some(info),
+            ..View::default()
+        };
+        self.stream("on_response_headers", f, n, end_of_stream as i32, view)
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        req: &RequestHeader,
+        info: &mut RequestInfo,
+        body: &mut Vec<u8>,
+        end_of_stream: bool,
+    ) -> Outcome {
+        let n = body.len() as i32;
+        let f = self.exports().and_then(|e| e.on_response_body.clone());
+        let view = View {
+            req_ro: Some(req),
+            info: Some(info),
+            body: Some((BufferType::ResponseBody, body)),
+            ..View::default()
+        };
+        self.stream("on_response_body", f, n, end_of_stream as i32, view)
+    }
+
+    pub fn on_response_trailers(
+        &mut self,
+        req: &RequestHeader,
+        info: &mut RequestInfo,
+        trailers: &mut http::HeaderMap,
+    ) -> Outcome {
+        if let Err(e) = self.ensure_context() {
+            return Outcome::Failed(e);
+        }
+        let Some(f) = self.exports().and_then(|e| e.on_response_trailers.clone()) else {
+            return Outcome::Continue;
+        };
+        let (ctx, n) = (self.ctx, trailers.len() as i32);
+        let view = View {
+            req_ro: Some(req),
+            info: Some(info),
+            resp_trailers: Some(trailers),
+            ..View::default()
+        };
+        match self.run("on_response_trailers", view, |s| f.call(s, (ctx, n))) {
+            Err(e) => Outcome::Failed(e),
+            Ok((a, fx)) => outcome(a, fx),
+        }
+    }
+
+    /// Delivers a callout's answer. `Continue` means the guest resumed the request.
+    pub fn on_http_call_response(
+        &mut self,
+        req: Option<&mut RequestHeader>,
+        info: &mut RequestInfo,
+        resp: &CallResponse,
+    ) -> Outcome {
+        let Some(f) = self.exports().and_then(|e| e.on_http_call_response.clone()) else {
+            return Outcome::Continue;
+        };
+        let ctx = self.ctx;
+        let (nh, nb, nt) = if resp.status == 0 {
+            (0, 0, 0)
+        } else {
+            (
+                resp.headers.len() as i32 + 1,
+                resp.body.len() as i32,
+                resp.trailers.len() as i32,
+            )
+        };
+        let view = View {
+            req,
+            info: Some(info),
+            call: Some(resp),
+            ..View::default()
+        };
+        match self.run("on_http_call_response", view, |s| {
+            f.call(s, (ctx, resp.token as i32, nh, nb, nt))
+        }) {
+            Err(e) => Outcome::Failed(e),
+            Ok(((), fx)) => {
+                if let Some(l) = fx.local {
+                    Outcome::Respond(l)
+                } else if !fx.calls.is_empty() {
+                    Outcome::Wait(fx.calls)
+                } else if fx.continue_request || fx.continue_response {
+                    Outcome::Continue
+                } else {
+                    Outcome::Pause
+                }
+            }
+        }
+    }
+
+    /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context.
+    pub fn finish(&mut self, req: Option<&RequestHeader>, info: &mut RequestInfo) {
+        if self.finished || self.ctx == 0 || self.failed.is_some() {
+            self.finished = true;
+            return;
+        }
+        self.finished = true;
+        let ctx = self.ctx;
+        let Some(e) = self.exports() else { return };
+        let (log, done, delete) = (e.on_log.clone(), e.on_done.clone(), e.on_delete.clone());
+        if let Some(f) = log {
+            let view = View {
+                req_ro: req,
+                info: Some(&mut *info),
+                ..View::default()
+            };
+            if self.run("on_log", view, |s| f.call(s, ctx)).is_err() {
+                return;
+            }
+        }
+        if let Some(f) = done {
+            if self.run("on_done", View::default(), |s| f.call(s, ctx)).is_err() {
+                return;
+            }
+        }
+        if let Some(f) = delete {
+            let _ = self.run("on_delete", View::default(), |s| f.call(s, ctx));
+        }
+        self.plugin.metrics.cpu.observe(self.cpu.as_secs_f64());
+    }
+}
+
+fn outcome(action: i32, fx: Effects) -> Outcome {
+    if let Some(l) = fx.local {
+        Outcome::Respond(l)
+    } else if !fx.calls.is_empty() {
+        Outcome::Wait(fx.calls)
+    } else if action == ACTION_CONTINUE {
+        Outcome::Continue
+    } else {
+        Outcome::Pause
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut info = RequestInfo::default();
+            self.finish(None, &mut info);
+        }
+        if let Some(vm) = self.vm.take() {
+            self.plugin.give_back(vm);
+        }
+    }
+}
