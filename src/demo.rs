@@ -106,6 +106,20 @@ async fn conn(mut sock: TcpStream, opts: &UpstreamOpts, stats: &Stats) -> std::i
             tokio::time::sleep(opts.delay).await;
         }
         stats.requests.fetch_add(1, Ordering::Relaxed);
+        if path.starts_with("/auth/check") {
+            // a stand-in auth service for the ext-auth demo: one good token
+            let ok = headers.get("authorization").and_then(|v| v.as_str()) == Some("Bearer demo-token");
+            let head: &[u8] = if ok {
+                b"HTTP/1.1 200 OK\r\nx-user: demo-user\r\ncontent-length: 0\r\n\r\n"
+            } else {
+                b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+            };
+            sock.write_all(head).await?;
+            if close {
+                return Ok(());
+            }
+            continue;
+        }
         let payload = if opts.fixed {
             b"{\"ok\":true}".to_vec()
         } else {

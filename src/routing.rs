@@ -246,8 +246,11 @@ fn tree_paths(p: &PathPattern) -> Vec<String> {
     }
 }
 
+/// Two method sets clash when a request could match both with neither more specific:
+/// both "any method", or both listing a common method. A route listing methods is more
+/// specific than one that takes any.
 fn methods_overlap(a: &[Method], b: &[Method]) -> bool {
-    a.is_empty() || b.is_empty() || a.iter().any(|m| b.contains(m))
+    (a.is_empty() && b.is_empty()) || a.iter().any(|m| b.contains(m))
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ impl AccessLog {
                 .unwrap_or(0),
             "client": session.client_addr().map(|a| a.to_string()),
             "method": req.method.as_str(),
-            "host": req.headers.get(http::header::HOST).and_then(|v| v.to_str().ok()),
+            "host": req.headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).or(req.uri.host()),
             "path": req.uri.path(),
             "route": route,
             "status": status,

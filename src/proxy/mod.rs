@@ -102,6 +102,16 @@ fn request_info(session: &Session, route: &Route) -> RequestInfo {
     }
 }
 
+/// The buffered body as the next chunk; `None` when empty, so Pingora never writes an
+/// empty chunk after the end of a body.
+fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
+    if buf.is_empty() {
+        None
+    } else {
+        Some(Bytes::from(std::mem::take(buf)))
+    }
+}
+
 async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
     respond::send(session, r.status, &r.headers, None, Bytes::from(r.body)).await
 }
@@ -248,7 +258,7 @@ impl ProxyHttp for Gateway {
         };
         match state.request_body(session.req_header_mut(), body.as_deref(), end_of_stream) {
             Flow::Continue => {
-                *body = Some(Bytes::from(std::mem::take(&mut state.req_body)));
+                *body = take_nonempty(&mut state.req_body);
                 Ok(())
             }
             Flow::Buffer => {
@@ -369,7 +379,7 @@ impl ProxyHttp for Gateway {
             return Ok(None);
         }
         match state.response_body(session.req_header(), body.as_deref(), end_of_stream) {
-            Flow::Continue => *body = Some(Bytes::from(std::mem::take(&mut state.resp_body))),
+            Flow::Continue => *body = take_nonempty(&mut state.resp_body),
             Flow::Buffer => *body = None,
             Flow::Respond(r) => {
                 // headers are gone already: the local body replaces the rest

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Quick start 1/2: installs what is missing, builds the gateway and the example wasm
+# guests, starts the demo upstream on 127.0.0.1:9000 and runs the gateway on
+# conf/demo.toml (HTTP 127.0.0.1:8080, HTTPS 127.0.0.1:8443, metrics 127.0.0.1:9091).
+# Ctrl-C stops both.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+source scripts/lib.sh
+ensure_packages cmake
+ensure_rust_targets
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
+scripts/build-guests.sh
+cargo build --release
+bin="$CARGO_TARGET_DIR/release/wasmgate"
+"$bin" demo-upstream --listen 127.0.0.1:9000 &
+upstream=$!
+trap 'kill $upstream 2>/dev/null || true' EXIT
+echo "try: curl -s localhost:8080/hello/world ; see the curl lines at the end of conf/demo.toml"
+"$bin" serve --config conf/demo.toml

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Quick start 2/2: the whole test suite (unit, integration through real listeners,
+# conf snapshots, wasm guests built from guests/). CI runs exactly this.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+source scripts/lib.sh
+ensure_packages cmake
+ensure_rust_targets
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
+scripts/build-guests.sh
+# One profile for tests and benchmarks: dependencies are compiled once.
+cargo test --release --all-targets -- --test-threads 2 "$@"

@@ -1,0 +1,249 @@
+//! Test harness: real gateway processes on free loopback ports, real upstreams, real wasm.
+//!
+//! `Gw::start(conf)` writes the conf (with `{port:NAME}` placeholders replaced by free
+//! ports and `{guests}` by the built guests' folder) into a temp dir, starts
+//! `wasmgate serve` on it and waits until every listener accepts. Dropping it kills the
+//! process it started.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use wasmgate::demo::{Stats, UpstreamOpts};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wasmgate")
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Folder of the built guests; builds them once per test binary if missing.
+pub fn guests() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = repo().join("guests/out");
+            if !out.join("abi_probe.wasm").exists() {
+                let st = Command::new(repo().join("scripts/build-guests.sh"))
+                    .status()
+                    .expect("run build-guests.sh");
+                assert!(st.success(), "building guests failed");
+            }
+            out
+        })
+        .clone()
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real upstream on a free port, served from the test's runtime.
+pub struct Upstream {
+    pub port: u16,
+    pub stats: Arc<Stats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        Self::with(UpstreamOpts {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn with(opts: UpstreamOpts) -> Upstream {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stats = Arc::new(Stats::default());
+        let task = tokio::spawn(wasmgate::demo::serve(l, opts, stats.clone()));
+        Upstream { port, stats, task }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Gw {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub ports: HashMap<String, u16>,
+    pub conf_path: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+/// Replaces `{port:NAME}` (allocating a free port per new NAME) and `{guests}`.
+pub fn render(conf: &str, ports: &mut HashMap<String, u16>) -> String {
+    let mut out = String::new();
+    let mut rest = conf;
+    while let Some(i) = rest.find("{port:") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').unwrap() + i;
+        let name = &rest[i + 6..end];
+        let p = *ports.entry(name.to_string()).or_insert_with(free_port);
+        out.push_str(&p.to_string());
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out.replace("{guests}", &guests().display().to_string())
+}
+
+impl Gw {
+    pub fn start(conf: &str) -> Gw {
+        Self::start_in(tempfile::tempdir().unwrap(), conf, HashMap::new())
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, conf: &str, mut ports: HashMap<String, u16>) -> Gw {
+        let text = render(conf, &mut ports);
+        let conf_path = dir.path().join("gw.toml");
+        std::fs::write(&conf_path, text).unwrap();
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&conf_path)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wasmgate");
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let gw = Gw {
+            child,
+            dir,
+            ports,
+            conf_path,
+            log,
+        };
+        for p in gw.ports.values() {
+            // only ports the gateway listens on matter; upstream ports are already open
+            gw.wait_port(*p);
+        }
+        gw
+    }
+
+    fn wait_port(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("port {port} never opened; gateway log:\n{}", self.log());
+    }
+
+    pub fn port(&self, name: &str) -> u16 {
+        self.ports[name]
+    }
+
+    pub fn url(&self, name: &str, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port(name), path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the gateway's log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Rewrites the conf file (same placeholders and ports).
+    pub fn rewrite_conf(&mut self, conf: &str) {
+        let text = render(conf, &mut self.ports);
+        let tmp = self.conf_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.conf_path).unwrap();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("metrics", "/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- gateway log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Value of a counter line in Prometheus text (`name{labels} value`), 0 if absent.
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}

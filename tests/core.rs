@@ -1,0 +1,490 @@
+//! The gateway core through a real `wasmgate serve` process: routing, rewrites, header
+//! operations, load balancing and health checks, TLS with SNI, HTTP/2, error answers,
+//! live reloads and metrics.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+async fn get_json(c: &reqwest::Client, url: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text().await.unwrap();
+    let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, v, headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_precedence_by_host_path_and_method() {
+    let names = ["catchall", "api", "user", "me", "wild", "exact_host", "delete"];
+    let mut ups = Vec::new();
+    for n in names {
+        ups.push(Upstream::start(n).await);
+    }
+    let mut conf = String::from(
+        "[metrics]\nlisten = \"127.0.0.1:{port:metrics}\"\n[server]\nwatch_config = false\n\
+         [[listeners]]\nlisten = \"127.0.0.1:{port:http}\"\n",
+    );
+    for (n, u) in names.iter().zip(&ups) {
+        conf += &format!("[upstreams.{n}]\ntargets = [\"{}\"]\n", u.addr());
+    }
+    conf += r#"
+[[routes]]
+name = "catchall"
+upstream = "catchall"
+[[routes]]
+path_prefix = "/api"
+upstream = "api"
+[[routes]]
+path = "/api/users/{id}"
+upstream = "user"
+[[routes]]
+path = "/api/users/me"
+upstream = "me"
+[[routes]]
+host = "*.example.com"
+path_prefix = "/api"
+upstream = "wild"
+[[routes]]
+host = "a.example.com"
+path_prefix = "/api"
+upstream = "exact_host"
+[[routes]]
+path = "/api/users/{id}"
+methods = ["DELETE"]
+upstream = "delete"
+"#;
+    let gw = Gw::start(&conf);
+    let c = client();
+    let hit = |host: &'static str, method: reqwest::Method, path: &'static str| {
+        let c = c.clone();
+        let url = gw.url("http", path);
+        async move {
+            let r = c.request(method, url).header("host", host).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{host} {path}");
+            r.headers()["x-upstream"].to_str().unwrap().to_string()
+        }
+    };
+    use reqwest::Method as M;
+    assert_eq!(hit("x.org", M::GET, "/").await, "catchall");
+    assert_eq!(hit("x.org", M::GET, "/apix").await, "catchall");
+    assert_eq!(hit("x.org", M::GET, "/api").await, "api");
+    assert_eq!(hit("x.org", M::GET, "/api/deep/path").await, "api");
+    assert_eq!(hit("x.org", M::GET, "/api/users/42").await, "user");
+    assert_eq!(hit("x.org", M::GET, "/api/users/me").await, "me");
+    assert_eq!(hit("x.org", M::DELETE, "/api/users/42").await, "delete");
+    assert_eq!(hit("z.example.com", M::GET, "/api/x").await, "wild");
+    assert_eq!(hit("A.EXAMPLE.COM:8080", M::GET, "/api/x").await, "exact_host");
+    // a host whose routes do not match the path falls back to host-less routes
+    assert_eq!(hit("a.example.com", M::GET, "/other").await, "catchall");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_and_header_operations() {
+    let up = Upstream::start("echo").await;
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.echo]
+targets = ["{addr}"]
+[[routes]]
+path_prefix = "/strip"
+upstream = "echo"
+rewrite = {{ strip_prefix = true }}
+request_headers = {{ set = {{ "x-set" = "s" }}, add = {{ "x-multi" = "added" }}, remove = ["x-secret"] }}
+response_headers = {{ set = {{ "x-gw" = "wasmgate" }}, remove = ["x-upstream"] }}
+[[routes]]
+path_prefix = "/v1"
+upstream = "echo"
+rewrite = {{ replace_prefix = "/internal/v2" }}
+[[routes]]
+path = "/u/{{id}}/posts/{{post}}"
+upstream = "echo"
+rewrite = {{ path = "/posts/{{post}}?user={{id}}" }}
+"#,
+        addr = up.addr()
+    );
+    let gw = Gw::start(&conf);
+    let c = client();
+    let r = c
+        .get(gw.url("http", "/strip/a/b?q=1"))
+        .header("x-secret", "hide")
+        .header("x-multi", "orig")
+        .header("x-set", "client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-gw"], "wasmgate");
+    assert!(r.headers().get("x-upstream").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["path"], "/a/b?q=1");
+    assert_eq!(v["headers"]["x-set"], "s");
+    assert!(v["headers"].get("x-secret").is_none());
+    // the echo joins repeated headers' last value; both must have reached it
+    assert!(v["headers"]["x-multi"] == "added" || v["headers"]["x-multi"] == "orig");
+    let (_, v, _) = get_json(&c, &gw.url("http", "/strip")).await;
+    assert_eq!(v["path"], "/");
+    let (_, v, _) = get_json(&c, &gw.url("http", "/v1/things")).await;
+    assert_eq!(v["path"], "/internal/v2/things");
+    let (_, v, _) = get_json(&c, &gw.url("http", "/u/7/posts/99")).await;
+    assert_eq!(v["path"], "/posts/99?user=7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_health_check_ejection_and_return() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let b_port = b.port;
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.pool]
+targets = ["{}", "{}"]
+health_check = {{ kind = "http", path = "/healthz", interval_ms = 50, timeout_ms = 200 }}
+[[routes]]
+upstream = "pool"
+"#,
+        a.addr(),
+        b.addr()
+    );
+    let gw = Gw::start(&conf);
+    let c = client();
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..20 {
+        let r = c.get(gw.url("http", "/")).send().await.unwrap();
+        *seen.entry(r.headers()["x-upstream"].to_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("a"), Some(&10), "{seen:?}");
+    assert_eq!(seen.get("b"), Some(&10), "{seen:?}");
+
+    // b dies: after the health check notices, every request goes to a and succeeds
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..20 {
+        let r = c.get(gw.url("http", "/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-upstream"], "a");
+    }
+    // b returns on the same port and gets traffic again
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", b_port)).await.unwrap();
+    let back = tokio::spawn(wasmgate::demo::serve(
+        l,
+        wasmgate::demo::UpstreamOpts { name: "b".into(), ..Default::default() },
+        Default::default(),
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut b_hits = 0;
+    for _ in 0..20 {
+        let r = c.get(gw.url("http", "/")).send().await.unwrap();
+        if r.headers()["x-upstream"] == "b" {
+            b_hits += 1;
+        }
+    }
+    back.abort();
+    assert!(b_hits >= 5, "b came back but got {b_hits}/20");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_balancing_is_sticky() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.pool]
+targets = ["{}", "{}"]
+balance = "hash"
+hash_key = "header:x-user"
+[[routes]]
+upstream = "pool"
+"#,
+        a.addr(),
+        b.addr()
+    );
+    let gw = Gw::start(&conf);
+    let c = client();
+    let mut targets = std::collections::HashSet::new();
+    for user in ["ann", "bob", "cid", "dee", "eve", "fay"] {
+        let mut first = None;
+        for _ in 0..5 {
+            let r = c.get(gw.url("http", "/")).header("x-user", user).send().await.unwrap();
+            let t = r.headers()["x-upstream"].to_str().unwrap().to_string();
+            assert_eq!(first.get_or_insert(t.clone()), &t, "user {user} moved");
+        }
+        targets.insert(first.unwrap());
+    }
+    assert_eq!(targets.len(), 2, "six users all hashed to one target");
+}
+
+fn tls_conf(up: &str, dir: &std::path::Path) -> (String, Vec<Vec<u8>>) {
+    let mut ders = Vec::new();
+    let mut certs = String::new();
+    for name in ["a.test", "b.test"] {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string(), format!("*.{name}")]).unwrap();
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        ders.push(ck.cert.der().to_vec());
+        certs += &format!(
+            "{{ cert = \"{}\", key = \"{}\", sni = [\"{name}\", \"*.{name}\"] }},",
+            cert.display(),
+            key.display()
+        );
+    }
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:https}}"
+tls = {{ certs = [{certs}] }}
+[upstreams.echo]
+targets = ["{up}"]
+[[routes]]
+upstream = "echo"
+"#
+    );
+    (conf, ders)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_picks_certificates_by_sni_and_speaks_http2() {
+    let up = Upstream::start("echo").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, ders) = tls_conf(&up.addr(), dir.path());
+    let gw = Gw::start_in(dir, &conf, Default::default());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", gw.port("https")).parse().unwrap();
+    for (i, host) in ["a.test", "x.b.test"].iter().enumerate() {
+        let mut builder = reqwest::Client::builder()
+            .resolve(host, addr)
+            .tls_info(true)
+            .timeout(Duration::from_secs(5));
+        for d in &ders {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_der(d).unwrap());
+        }
+        let c = builder.build().unwrap();
+        let r = c
+            .get(format!("https://{host}:{}/hello", addr.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN should pick h2");
+        let info = r.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
+        assert_eq!(info.peer_certificate().unwrap(), ders[i].as_slice(), "wrong cert for {host}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["path"], "/hello");
+    }
+    // HTTP/1.1 still works on the same listener
+    let c = reqwest::Client::builder()
+        .resolve("a.test", addr)
+        .add_root_certificate(reqwest::Certificate::from_der(&ders[0]).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = c.get(format!("https://a.test:{}/", addr.port())).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_precise_json_and_keep_the_connection() {
+    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+        name: "slow".into(),
+        delay: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let dead_port = free_port();
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.slow]
+targets = ["{}"]
+read_timeout_ms = 200
+[upstreams.dead]
+targets = ["127.0.0.1:{dead_port}"]
+connect_timeout_ms = 200
+[[routes]]
+name = "slow"
+path_prefix = "/slow"
+upstream = "slow"
+[[routes]]
+name = "dead"
+path_prefix = "/dead"
+upstream = "dead"
+[[routes]]
+name = "post-only"
+path = "/post"
+methods = ["POST"]
+upstream = "dead"
+"#,
+        slow.addr()
+    );
+    let gw = Gw::start(&conf);
+    let c = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    let (s, v, h) = get_json(&c, &gw.url("http", "/nothing-here")).await;
+    assert_eq!((s, v.clone()), (404, serde_json::json!({"error": "no_route"})));
+    assert_ne!(h.get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    let (s, v, _) = get_json(&c, &gw.url("http", "/post")).await;
+    assert_eq!((s, v["error"].as_str()), (405, Some("method_not_allowed")));
+    let (s, v, _) = get_json(&c, &gw.url("http", "/dead/x")).await;
+    assert_eq!(s, 502);
+    assert_eq!(v, serde_json::json!({"error": "upstream_unreachable", "route": "dead"}));
+    let t = std::time::Instant::now();
+    let (s, v, _) = get_json(&c, &gw.url("http", "/slow/x")).await;
+    assert_eq!(s, 504);
+    assert_eq!(v, serde_json::json!({"error": "upstream_timeout", "route": "slow"}));
+    assert!(t.elapsed() < Duration::from_secs(2), "timeout took {:?}", t.elapsed());
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "wasmgate_upstream_errors_total{kind=\"timeout\",upstream=\"slow\"}"), 1.0, "{m}");
+    assert_eq!(metric(&m, "wasmgate_upstream_errors_total{kind=\"unreachable\",upstream=\"dead\"}"), 1.0);
+    assert!(gw.wait_log("upstream_timeout", Duration::from_secs(2)).await);
+}
+
+const RELOAD_A: &str = r#"
+[metrics]
+listen = "127.0.0.1:{port:metrics}"
+[[listeners]]
+listen = "127.0.0.1:{port:http}"
+[upstreams.echo]
+targets = ["UP"]
+[[routes]]
+path_prefix = "/a"
+upstream = "echo"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_good_confs_and_rejects_bad_ones() {
+    let up = Upstream::start("echo").await;
+    let a = RELOAD_A.replace("UP", &up.addr());
+    let mut gw = Gw::start(&a);
+    let c = client();
+    assert_eq!(c.get(gw.url("http", "/a")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(gw.url("http", "/b")).send().await.unwrap().status(), 404);
+
+    // file watch: a new route appears, the old one goes
+    gw.rewrite_conf(&a.replace("/a\"", "/b\""));
+    let mut ok = false;
+    for _ in 0..100 {
+        if c.get(gw.url("http", "/b")).send().await.unwrap().status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(ok, "file change never applied:\n{}", gw.log());
+    assert_eq!(c.get(gw.url("http", "/a")).send().await.unwrap().status(), 404);
+
+    // a bad conf is rejected with its line, the old one keeps serving
+    gw.rewrite_conf(&a.replace("upstream = \"echo\"", "upstream = \"billing\""));
+    assert!(
+        gw.wait_log("upstream `billing` in route `route[0]` is not defined; defined upstreams: echo", Duration::from_secs(5)).await,
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("gw.toml:10:12"), "error must name file:line:col\n{}", gw.log());
+    for _ in 0..5 {
+        assert_eq!(c.get(gw.url("http", "/b")).send().await.unwrap().status(), 200);
+    }
+    let m = gw.metrics().await;
+    assert!(metric(&m, "wasmgate_config_reloads_total{result=\"failed\"}") >= 1.0);
+    assert_eq!(metric(&m, "wasmgate_config_generation"), 2.0);
+
+    // SIGHUP reloads too
+    gw.rewrite_conf(&a.replace("/a\"", "/c\""));
+    gw.signal(libc::SIGHUP);
+    let mut ok = false;
+    for _ in 0..100 {
+        if c.get(gw.url("http", "/c")).send().await.unwrap().status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(ok, "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_finish_on_their_snapshot() {
+    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+        name: "slow".into(),
+        delay: Duration::from_millis(600),
+        ..Default::default()
+    })
+    .await;
+    let a = RELOAD_A.replace("UP", &slow.addr());
+    let mut gw = Gw::start(&a);
+    let c = client();
+    let url = gw.url("http", "/a/slow");
+    let inflight = tokio::spawn(async move { c.get(url).send().await.unwrap().status() });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // the route the request is on goes away while it waits for the upstream
+    gw.rewrite_conf(&a.replace("/a\"", "/z\""));
+    gw.signal(libc::SIGHUP);
+    assert_eq!(inflight.await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_and_access_log_is_json() {
+    let up = Upstream::start("echo").await;
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[access_log]
+enabled = true
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+name = "all"
+upstream = "echo"
+"#,
+        up.addr()
+    );
+    let gw = Gw::start(&conf);
+    let c = client();
+    for _ in 0..7 {
+        c.get(gw.url("http", "/x")).send().await.unwrap();
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "wasmgate_requests_total{route=\"all\",status=\"2xx\"}"), 7.0, "{m}");
+    assert_eq!(metric(&m, "wasmgate_upstream_latency_seconds_count{upstream=\"echo\"}"), 7.0);
+    assert!(m.contains("wasmgate_open_connections"));
+    assert_eq!(metric(&m, "wasmgate_config_generation"), 1.0);
+    assert!(gw.wait_log("\"route\":\"all\"", Duration::from_secs(2)).await);
+    let line = gw.log().lines().find(|l| l.starts_with('{') && l.contains("\"route\":\"all\"")).unwrap().to_string();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["path"], "/x");
+}
