@@ -57,6 +57,9 @@ pub struct Ctx {
     error: Option<GatewayError>,
     body_seen: u64,
     counted: bool,
+    /// Pingora closes the client connection after errors past peer selection, so answers
+    /// from then on must say `Connection: close`.
+    peer_selected: bool,
 }
 
 impl Ctx {
@@ -190,6 +193,7 @@ impl ProxyHttp for Gateway {
             error: None,
             body_seen: 0,
             counted: false,
+            peer_selected: false,
         }
     }
 
@@ -274,6 +278,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.peer_selected = true;
         let route = ctx.route.as_ref().expect("request_filter routed");
         let up = route.upstream.as_ref().expect("routes without upstream answered earlier");
         let peer = match &up.hash_key {
@@ -403,12 +408,15 @@ impl ProxyHttp for Gateway {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if ctx.peer_selected {
+            session.set_keepalive(None);
+        }
         if let Some(r) = ctx.pending.take() {
             let status = r.status;
             let ok = send_local(session, r).await.is_ok();
             return FailToProxy {
                 error_code: status,
-                can_reuse_downstream: ok,
+                can_reuse_downstream: ok && !ctx.peer_selected,
             };
         }
         let kind = ctx.error.or_else(|| GatewayError::from_pingora(e));
@@ -437,7 +445,7 @@ impl ProxyHttp for Gateway {
         let ok = respond::send_error(session, kind, ctx.route_name()).await.is_ok();
         FailToProxy {
             error_code: kind.status(),
-            can_reuse_downstream: ok && kind != GatewayError::ClientTimeout,
+            can_reuse_downstream: ok && !ctx.peer_selected && kind != GatewayError::ClientTimeout,
         }
     }
 
