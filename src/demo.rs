@@ -58,7 +58,9 @@ async fn conn(mut sock: TcpStream, opts: &UpstreamOpts, stats: &Stats) -> std::i
                     let v = String::from_utf8_lossy(h.value).to_string();
                     if h.name.eq_ignore_ascii_case("content-length") {
                         len = v.trim().parse().unwrap_or(0);
-                    } else if h.name.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
+                    } else if h.name.eq_ignore_ascii_case("connection")
+                        && v.eq_ignore_ascii_case("close")
+                    {
                         close = true;
                     } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                         chunked = v.to_ascii_lowercase().contains("chunked");
@@ -108,7 +110,8 @@ async fn conn(mut sock: TcpStream, opts: &UpstreamOpts, stats: &Stats) -> std::i
         stats.requests.fetch_add(1, Ordering::Relaxed);
         if path.starts_with("/auth/check") {
             // a stand-in auth service for the ext-auth demo: one good token
-            let ok = headers.get("authorization").and_then(|v| v.as_str()) == Some("Bearer demo-token");
+            let ok =
+                headers.get("authorization").and_then(|v| v.as_str()) == Some("Bearer demo-token");
             let head: &[u8] = if ok {
                 b"HTTP/1.1 200 OK\r\nx-user: demo-user\r\ncontent-length: 0\r\n\r\n"
             } else {
@@ -161,7 +164,8 @@ async fn read_chunked(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Resul
             buf.extend_from_slice(&tmp[..n]);
         };
         let size_str = String::from_utf8_lossy(&buf[..line_end]).to_string();
-        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
         while buf.len() < line_end + 2 + size + 2 {
             let mut tmp = [0u8; 8192];
             let n = sock.read(&mut tmp).await?;

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "wasmgate", version, about = "Edge gateway running tenant WebAssembly hooks (Proxy-Wasm v0.2.1) on Pingora")]
+#[command(
+    name = "wasmgate",
+    version,
+    about = "Edge gateway running tenant WebAssembly hooks (Proxy-Wasm v0.2.1) on Pingora"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -49,6 +53,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -64,7 +69,11 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Check { config } => check(&config),
-        Cmd::DemoUpstream { listen, name, fixed } => {
+        Cmd::DemoUpstream {
+            listen,
+            name,
+            fixed,
+        } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

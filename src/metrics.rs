@@ -33,7 +33,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("wasmgate".into()), None).expect("registry");
         let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Requests answered, by route and status class"),
+            Opts::new(
+                "requests_total",
+                "Requests answered, by route and status class",
+            ),
             &["route", "status"],
         )
         .unwrap();
@@ -50,7 +53,10 @@ impl Metrics {
         )
         .unwrap();
         let upstream_errors = IntCounterVec::new(
-            Opts::new("upstream_errors_total", "Failed upstream exchanges, by kind"),
+            Opts::new(
+                "upstream_errors_total",
+                "Failed upstream exchanges, by kind",
+            ),
             &["upstream", "kind"],
         )
         .unwrap();
@@ -81,7 +87,10 @@ impl Metrics {
         )
         .unwrap();
         let hook_invocations = IntCounterVec::new(
-            Opts::new("hook_invocations_total", "Requests that ran a module's hooks"),
+            Opts::new(
+                "hook_invocations_total",
+                "Requests that ran a module's hooks",
+            ),
             &["tenant", "module"],
         )
         .unwrap();
@@ -98,7 +107,10 @@ impl Metrics {
         )
         .unwrap();
         let guest_metrics = IntCounterVec::new(
-            Opts::new("guest_counter", "Counters and histograms samples defined by guests"),
+            Opts::new(
+                "guest_counter",
+                "Counters and histograms samples defined by guests",
+            ),
             &["tenant", "module", "name"],
         )
         .unwrap();

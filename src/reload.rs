@@ -28,7 +28,11 @@ pub struct Live {
 
 impl Live {
     /// Loads the first snapshot (generation 1).
-    pub fn open(path: &Path, metrics: Arc<Metrics>, wasm: Arc<wasm::Runtime>) -> Result<Live, ConfErrors> {
+    pub fn open(
+        path: &Path,
+        metrics: Arc<Metrics>,
+        wasm: Arc<wasm::Runtime>,
+    ) -> Result<Live, ConfErrors> {
         let snap = config::load(
             path,
             &LoadEnv {
@@ -84,7 +88,9 @@ impl Live {
                 let old = self.current.swap(snap.clone());
                 self.generation.store(gen, Ordering::Relaxed);
                 if old.listeners != snap.listeners {
-                    tracing::warn!("listener changes take effect only after a restart or graceful upgrade");
+                    tracing::warn!(
+                        "listener changes take effect only after a restart or graceful upgrade"
+                    );
                 }
                 snap.start();
                 self.metrics.reloads.with_label_values(&["ok"]).inc();
@@ -134,12 +140,7 @@ impl BackgroundService for Reloader {
                 }
                 Some(()) = rx.recv() => {
                     // debounce: editors write in several steps
-                    loop {
-                        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                            Ok(Some(())) => continue,
-                            _ => break,
-                        }
-                    }
+                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
                     tracing::info!("conf file changed: reloading");
                     let _ = self.live.reload().await;
                 }
@@ -148,7 +149,10 @@ impl BackgroundService for Reloader {
     }
 }
 
-fn watch_file(path: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch_file(
+    path: &Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
     let file = path.canonicalize().ok()?;
     let dir = file.parent()?.to_path_buf();

@@ -273,14 +273,14 @@ mod tests {
     fn precedence_host_path_method() {
         use PathPattern::*;
         let keys = vec![
-            key(None, Prefix("/".into()), &[]),                          // 0
-            key(None, Prefix("/api".into()), &[]),                       // 1
-            key(None, Exact("/api/users/{id}".into()), &[]),             // 2
-            key(None, Exact("/api/users/me".into()), &[]),               // 3
-            key(Some("*.example.com"), Prefix("/api".into()), &[]),      // 4
-            key(Some("a.example.com"), Prefix("/api".into()), &[]),      // 5
-            key(None, Exact("/api/users/{id}".into()), &["DELETE"]),     // 6
-            key(Some("*.b.example.com"), Prefix("/api".into()), &[]),    // 7
+            key(None, Prefix("/".into()), &[]),                       // 0
+            key(None, Prefix("/api".into()), &[]),                    // 1
+            key(None, Exact("/api/users/{id}".into()), &[]),          // 2
+            key(None, Exact("/api/users/me".into()), &[]),            // 3
+            key(Some("*.example.com"), Prefix("/api".into()), &[]),   // 4
+            key(Some("a.example.com"), Prefix("/api".into()), &[]),   // 5
+            key(None, Exact("/api/users/{id}".into()), &["DELETE"]),  // 6
+            key(Some("*.b.example.com"), Prefix("/api".into()), &[]), // 7
         ];
         let r = Router::build(&keys, &names(keys.len())).unwrap();
         let get = Method::GET;
@@ -291,7 +291,12 @@ mod tests {
         let m = r.find("x.org", "/api/users/42", &get).unwrap();
         assert_eq!((m.route, m.params), (2, vec![("id", "42")]));
         assert_eq!(r.find("x.org", "/api/users/me", &get).unwrap().route, 3);
-        assert_eq!(r.find("x.org", "/api/users/42", &Method::DELETE).unwrap().route, 6);
+        assert_eq!(
+            r.find("x.org", "/api/users/42", &Method::DELETE)
+                .unwrap()
+                .route,
+            6
+        );
         assert_eq!(r.find("z.example.com", "/api/x", &get).unwrap().route, 4);
         assert_eq!(r.find("A.Example.COM", "/api/x", &get).unwrap().route, 5);
         assert_eq!(r.find("c.b.example.com", "/api", &get).unwrap().route, 7);
@@ -304,7 +309,10 @@ mod tests {
         use PathPattern::*;
         let keys = vec![key(None, Exact("/only-post".into()), &["POST"])];
         let r = Router::build(&keys, &names(1)).unwrap();
-        assert_eq!(r.find("h", "/only-post", &Method::GET), Err(Miss::MethodNotAllowed));
+        assert_eq!(
+            r.find("h", "/only-post", &Method::GET),
+            Err(Miss::MethodNotAllowed)
+        );
         assert_eq!(r.find("h", "/nothing", &Method::GET), Err(Miss::NoRoute));
     }
 
@@ -323,7 +331,9 @@ mod tests {
         };
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert_eq!(errs[0].route, 1);
-        assert!(errs[0].message.contains("`r1` can never be told apart from route `r0`"));
+        assert!(errs[0]
+            .message
+            .contains("`r1` can never be told apart from route `r0`"));
         assert!(errs[1].message.contains("conflicts"), "{errs:?}");
     }
 }

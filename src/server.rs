@@ -48,14 +48,17 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     let snap = live.load();
     tracing::info!("{}", snap.summary());
 
-    let mut sc = ServerConf::default();
-    sc.threads = snap.server.threads;
-    sc.work_stealing = snap.server.work_stealing;
-    sc.grace_period_seconds = Some(snap.server.grace_period_secs);
-    sc.graceful_shutdown_timeout_seconds = Some(snap.server.grace_period_secs);
-    sc.upgrade_sock = data_dir.join("upgrade.sock").to_string_lossy().into_owned();
-    sc.pid_file = data_dir.join("wasmgate.pid").to_string_lossy().into_owned();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let sc = ServerConf {
+        threads: snap.server.threads,
+        work_stealing: snap.server.work_stealing,
+        grace_period_seconds: Some(snap.server.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(snap.server.grace_period_secs),
+        upgrade_sock: data_dir.join("upgrade.sock").to_string_lossy().into_owned(),
+        pid_file: data_dir.join("wasmgate.pid").to_string_lossy().into_owned(),
+        ..ServerConf::default()
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let opt = Opt {
         upgrade,
         ..Opt::default()
@@ -72,11 +75,19 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
         None
     };
     let gateway = Gateway::new(live.clone(), metrics.clone(), access_log);
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "wasmgate proxy");
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "wasmgate proxy",
+    );
     let mut ports = Vec::new();
     for l in &snap.listeners {
-        if let Some(p) = l.addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
+        if let Some(p) = l
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+        {
             ports.push(p);
         }
         match &l.tls {

@@ -65,10 +65,9 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
     pingora::tls::install_default_crypto_provider();
     let certs = read_pem(cert)?
         .into_iter()
-        .filter(|i| matches!(i, rustls_pemfile::Item::X509Certificate(_)))
-        .map(|i| match i {
-            rustls_pemfile::Item::X509Certificate(c) => c,
-            _ => unreachable!(),
+        .filter_map(|i| match i {
+            rustls_pemfile::Item::X509Certificate(c) => Some(c),
+            _ => None,
         })
         .collect::<Vec<_>>();
     if certs.is_empty() {
@@ -83,8 +82,8 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
             _ => None,
         })
         .ok_or_else(|| format!("no private key found in `{}`", key.display()))?;
-    let provider = rustls::crypto::CryptoProvider::get_default()
-        .ok_or("no TLS crypto provider installed")?;
+    let provider =
+        rustls::crypto::CryptoProvider::get_default().ok_or("no TLS crypto provider installed")?;
     let signing = provider
         .key_provider
         .load_private_key(key_der)
@@ -98,9 +97,10 @@ pub fn load_ca(path: &Path) -> Result<Arc<pingora::protocols::tls::CaType>, Stri
     let certs: Vec<WrappedX509> = read_pem(path)?
         .into_iter()
         .filter_map(|i| match i {
-            rustls_pemfile::Item::X509Certificate(c) => {
-                Some(WrappedX509::new(c.to_vec(), pingora::utils::tls::parse_x509))
-            }
+            rustls_pemfile::Item::X509Certificate(c) => Some(WrappedX509::new(
+                c.to_vec(),
+                pingora::utils::tls::parse_x509,
+            )),
             _ => None,
         })
         .collect();

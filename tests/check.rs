@@ -65,8 +65,9 @@ fn invalid_confs_fail_with_their_expected_errors() {
         if bless {
             std::fs::write(&expected_path, &err).unwrap();
         } else {
-            let expected = std::fs::read_to_string(&expected_path)
-                .unwrap_or_else(|_| panic!("missing {}; run with BLESS=1", expected_path.display()));
+            let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| {
+                panic!("missing {}; run with BLESS=1", expected_path.display())
+            });
             if expected != err {
                 mismatches.push(format!(
                     "{}:\n--- expected\n{expected}--- got\n{err}",

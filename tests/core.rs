@@ -19,7 +19,15 @@ async fn get_json(c: &reqwest::Client, url: &str) -> (u16, Value, reqwest::heade
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_precedence_by_host_path_and_method() {
-    let names = ["catchall", "api", "user", "me", "wild", "exact_host", "delete"];
+    let names = [
+        "catchall",
+        "api",
+        "user",
+        "me",
+        "wild",
+        "exact_host",
+        "delete",
+    ];
     let mut ups = Vec::new();
     for n in names {
         ups.push(Upstream::start(n).await);
@@ -63,7 +71,12 @@ upstream = "delete"
         let c = c.clone();
         let url = gw.url("http", path);
         async move {
-            let r = c.request(method, url).header("host", host).send().await.unwrap();
+            let r = c
+                .request(method, url)
+                .header("host", host)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200, "{host} {path}");
             r.headers()["x-upstream"].to_str().unwrap().to_string()
         }
@@ -77,7 +90,10 @@ upstream = "delete"
     assert_eq!(hit("x.org", M::GET, "/api/users/me").await, "me");
     assert_eq!(hit("x.org", M::DELETE, "/api/users/42").await, "delete");
     assert_eq!(hit("z.example.com", M::GET, "/api/x").await, "wild");
-    assert_eq!(hit("A.EXAMPLE.COM:8080", M::GET, "/api/x").await, "exact_host");
+    assert_eq!(
+        hit("A.EXAMPLE.COM:8080", M::GET, "/api/x").await,
+        "exact_host"
+    );
     // a host whose routes do not match the path falls back to host-less routes
     assert_eq!(hit("a.example.com", M::GET, "/other").await, "catchall");
 }
@@ -165,7 +181,9 @@ upstream = "pool"
     let mut seen = std::collections::HashMap::new();
     for _ in 0..20 {
         let r = c.get(gw.url("http", "/")).send().await.unwrap();
-        *seen.entry(r.headers()["x-upstream"].to_str().unwrap().to_string()).or_insert(0) += 1;
+        *seen
+            .entry(r.headers()["x-upstream"].to_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     assert_eq!(seen.get("a"), Some(&10), "{seen:?}");
     assert_eq!(seen.get("b"), Some(&10), "{seen:?}");
@@ -179,10 +197,15 @@ upstream = "pool"
         assert_eq!(r.headers()["x-upstream"], "a");
     }
     // b returns on the same port and gets traffic again
-    let l = tokio::net::TcpListener::bind(("127.0.0.1", b_port)).await.unwrap();
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", b_port))
+        .await
+        .unwrap();
     let back = tokio::spawn(wasmgate::demo::serve(
         l,
-        wasmgate::demo::UpstreamOpts { name: "b".into(), ..Default::default() },
+        wasmgate::demo::UpstreamOpts {
+            name: "b".into(),
+            ..Default::default()
+        },
         Default::default(),
     ));
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -225,7 +248,12 @@ upstream = "pool"
     for user in ["ann", "bob", "cid", "dee", "eve", "fay"] {
         let mut first = None;
         for _ in 0..5 {
-            let r = c.get(gw.url("http", "/")).header("x-user", user).send().await.unwrap();
+            let r = c
+                .get(gw.url("http", "/"))
+                .header("x-user", user)
+                .send()
+                .await
+                .unwrap();
             let t = r.headers()["x-upstream"].to_str().unwrap().to_string();
             assert_eq!(first.get_or_insert(t.clone()), &t, "user {user} moved");
         }
@@ -238,7 +266,8 @@ fn tls_conf(up: &str, dir: &std::path::Path) -> (String, Vec<Vec<u8>>) {
     let mut ders = Vec::new();
     let mut certs = String::new();
     for name in ["a.test", "b.test"] {
-        let ck = rcgen::generate_simple_self_signed(vec![name.to_string(), format!("*.{name}")]).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string(), format!("*.{name}")])
+            .unwrap();
         let cert = dir.join(format!("{name}.crt"));
         let key = dir.join(format!("{name}.key"));
         std::fs::write(&cert, ck.cert.pem()).unwrap();
@@ -292,7 +321,11 @@ async fn https_picks_certificates_by_sni_and_speaks_http2() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN should pick h2");
         let info = r.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
-        assert_eq!(info.peer_certificate().unwrap(), ders[i].as_slice(), "wrong cert for {host}");
+        assert_eq!(
+            info.peer_certificate().unwrap(),
+            ders[i].as_slice(),
+            "wrong cert for {host}"
+        );
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["path"], "/hello");
     }
@@ -303,7 +336,11 @@ async fn https_picks_certificates_by_sni_and_speaks_http2() {
         .http1_only()
         .build()
         .unwrap();
-    let r = c.get(format!("https://a.test:{}/", addr.port())).send().await.unwrap();
+    let r = c
+        .get(format!("https://a.test:{}/", addr.port()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
     assert_eq!(r.status(), 200);
 }
@@ -348,24 +385,59 @@ upstream = "dead"
         slow.addr()
     );
     let gw = Gw::start(&conf);
-    let c = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
     let (s, v, h) = get_json(&c, &gw.url("http", "/nothing-here")).await;
-    assert_eq!((s, v.clone()), (404, serde_json::json!({"error": "no_route"})));
-    assert_ne!(h.get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    assert_eq!(
+        (s, v.clone()),
+        (404, serde_json::json!({"error": "no_route"}))
+    );
+    assert_ne!(
+        h.get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
     let (s, v, _) = get_json(&c, &gw.url("http", "/post")).await;
     assert_eq!((s, v["error"].as_str()), (405, Some("method_not_allowed")));
     let (s, v, _) = get_json(&c, &gw.url("http", "/dead/x")).await;
     assert_eq!(s, 502);
-    assert_eq!(v, serde_json::json!({"error": "upstream_unreachable", "route": "dead"}));
+    assert_eq!(
+        v,
+        serde_json::json!({"error": "upstream_unreachable", "route": "dead"})
+    );
     let t = std::time::Instant::now();
     let (s, v, _) = get_json(&c, &gw.url("http", "/slow/x")).await;
     assert_eq!(s, 504);
-    assert_eq!(v, serde_json::json!({"error": "upstream_timeout", "route": "slow"}));
-    assert!(t.elapsed() < Duration::from_secs(2), "timeout took {:?}", t.elapsed());
+    assert_eq!(
+        v,
+        serde_json::json!({"error": "upstream_timeout", "route": "slow"})
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "timeout took {:?}",
+        t.elapsed()
+    );
     let m = gw.metrics().await;
-    assert_eq!(metric(&m, "wasmgate_upstream_errors_total{kind=\"timeout\",upstream=\"slow\"}"), 1.0, "{m}");
-    assert_eq!(metric(&m, "wasmgate_upstream_errors_total{kind=\"unreachable\",upstream=\"dead\"}"), 1.0);
-    assert!(gw.wait_log("upstream_timeout", Duration::from_secs(2)).await);
+    assert_eq!(
+        metric(
+            &m,
+            "wasmgate_upstream_errors_total{kind=\"timeout\",upstream=\"slow\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "wasmgate_upstream_errors_total{kind=\"unreachable\",upstream=\"dead\"}"
+        ),
+        1.0
+    );
+    assert!(
+        gw.wait_log("upstream_timeout", Duration::from_secs(2))
+            .await
+    );
 }
 
 const RELOAD_A: &str = r#"
@@ -386,8 +458,14 @@ async fn reload_applies_good_confs_and_rejects_bad_ones() {
     let a = RELOAD_A.replace("UP", &up.addr());
     let mut gw = Gw::start(&a);
     let c = client();
-    assert_eq!(c.get(gw.url("http", "/a")).send().await.unwrap().status(), 200);
-    assert_eq!(c.get(gw.url("http", "/b")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(gw.url("http", "/a")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.get(gw.url("http", "/b")).send().await.unwrap().status(),
+        404
+    );
 
     // file watch: a new route appears, the old one goes
     gw.rewrite_conf(&a.replace("/a\"", "/b\""));
@@ -400,18 +478,32 @@ async fn reload_applies_good_confs_and_rejects_bad_ones() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     assert!(ok, "file change never applied:\n{}", gw.log());
-    assert_eq!(c.get(gw.url("http", "/a")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(gw.url("http", "/a")).send().await.unwrap().status(),
+        404
+    );
 
     // a bad conf is rejected with its line, the old one keeps serving
     gw.rewrite_conf(&a.replace("upstream = \"echo\"", "upstream = \"billing\""));
     assert!(
-        gw.wait_log("upstream `billing` in route `route[0]` is not defined; defined upstreams: echo", Duration::from_secs(5)).await,
+        gw.wait_log(
+            "upstream `billing` in route `route[0]` is not defined; defined upstreams: echo",
+            Duration::from_secs(5)
+        )
+        .await,
         "{}",
         gw.log()
     );
-    assert!(gw.log().contains("gw.toml:10:12"), "error must name file:line:col\n{}", gw.log());
+    assert!(
+        gw.log().contains("gw.toml:10:12"),
+        "error must name file:line:col\n{}",
+        gw.log()
+    );
     for _ in 0..5 {
-        assert_eq!(c.get(gw.url("http", "/b")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(gw.url("http", "/b")).send().await.unwrap().status(),
+            200
+        );
     }
     let m = gw.metrics().await;
     assert!(metric(&m, "wasmgate_config_reloads_total{result=\"failed\"}") >= 1.0);
@@ -478,12 +570,30 @@ upstream = "echo"
         c.get(gw.url("http", "/x")).send().await.unwrap();
     }
     let m = gw.metrics().await;
-    assert_eq!(metric(&m, "wasmgate_requests_total{route=\"all\",status=\"2xx\"}"), 7.0, "{m}");
-    assert_eq!(metric(&m, "wasmgate_upstream_latency_seconds_count{upstream=\"echo\"}"), 7.0);
+    assert_eq!(
+        metric(&m, "wasmgate_requests_total{route=\"all\",status=\"2xx\"}"),
+        7.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "wasmgate_upstream_latency_seconds_count{upstream=\"echo\"}"
+        ),
+        7.0
+    );
     assert!(m.contains("wasmgate_open_connections"));
     assert_eq!(metric(&m, "wasmgate_config_generation"), 1.0);
-    assert!(gw.wait_log("\"route\":\"all\"", Duration::from_secs(2)).await);
-    let line = gw.log().lines().find(|l| l.starts_with('{') && l.contains("\"route\":\"all\"")).unwrap().to_string();
+    assert!(
+        gw.wait_log("\"route\":\"all\"", Duration::from_secs(2))
+            .await
+    );
+    let line = gw
+        .log()
+        .lines()
+        .find(|l| l.starts_with('{') && l.contains("\"route\":\"all\""))
+        .unwrap()
+        .to_string();
     let v: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["status"], 200);
     assert_eq!(v["path"], "/x");

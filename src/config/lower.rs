@@ -74,6 +74,9 @@ impl Snapshot {
         for u in self.upstreams.values() {
             u.spawn_health_checks();
         }
+        for p in self.plugins.values() {
+            p.spawn_ticks();
+        }
     }
 }
 
@@ -185,7 +188,11 @@ impl Lowering<'_> {
             let lf = l.get_ref();
             let name = lf.name.clone().unwrap_or_else(|| format!("listener[{i}]"));
             let addr = lf.listen.get_ref().clone();
-            if addr.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
+            if addr
+                .to_socket_addrs()
+                .map(|mut a| a.next().is_none())
+                .unwrap_or(true)
+            {
                 self.err(
                     &lf.listen,
                     format!("listener `{name}`: listen `{addr}` is not a host:port address"),
@@ -194,12 +201,17 @@ impl Lowering<'_> {
             if let Some(prev) = seen.insert(addr.clone(), i) {
                 self.err(
                     &lf.listen,
-                    format!("listener `{name}`: address `{addr}` is already used by listener[{prev}]"),
+                    format!(
+                        "listener `{name}`: address `{addr}` is already used by listener[{prev}]"
+                    ),
                 );
             }
             let tls = lf.tls.as_ref().map(|t| {
                 if t.certs.is_empty() {
-                    self.err(&lf.listen, format!("listener `{name}`: tls needs at least one entry in certs"));
+                    self.err(
+                        &lf.listen,
+                        format!("listener `{name}`: tls needs at least one entry in certs"),
+                    );
                 }
                 let certs = t
                     .certs
@@ -240,7 +252,11 @@ impl Lowering<'_> {
             }
             let mut ok = true;
             for t in &uf.targets {
-                if t.get_ref().to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
+                if t.get_ref()
+                    .to_socket_addrs()
+                    .map(|mut a| a.next().is_none())
+                    .unwrap_or(true)
+                {
                     self.err(
                         t,
                         format!(
@@ -261,7 +277,10 @@ impl Lowering<'_> {
                     }
                 },
                 (Balance::RoundRobin, Some(k)) => {
-                    self.err(k, format!("upstream `{name}`: hash_key needs balance = \"hash\""));
+                    self.err(
+                        k,
+                        format!("upstream `{name}`: hash_key needs balance = \"hash\""),
+                    );
                     None
                 }
                 (Balance::RoundRobin, None) => None,
@@ -297,7 +316,10 @@ impl Lowering<'_> {
             };
             let health_interval = uf.health_check.as_ref().map(|h| {
                 if h.kind == HealthKind::Http && !h.path.starts_with('/') {
-                    self.err(u, format!("upstream `{name}`: health_check.path must start with /"));
+                    self.err(
+                        u,
+                        format!("upstream `{name}`: health_check.path must start with /"),
+                    );
                 }
                 balancer.set_health_check(upstream::health_check(
                     h.kind == HealthKind::Http,
@@ -401,7 +423,10 @@ impl Lowering<'_> {
                 Err(e) => {
                     self.err(
                         &mf.path,
-                        format!("module `{name}`: cannot read `{}`: {e}", wasm_path.display()),
+                        format!(
+                            "module `{name}`: cannot read `{}`: {e}",
+                            wasm_path.display()
+                        ),
                     );
                     continue;
                 }
@@ -421,7 +446,8 @@ impl Lowering<'_> {
                 vm_config: value_bytes(mf.vm_config.as_ref()),
                 budget: Duration::from_micros(mf.budget_us),
                 request_budget: Duration::from_micros(
-                    mf.request_budget_us.unwrap_or(mf.budget_us.saturating_mul(8)),
+                    mf.request_budget_us
+                        .unwrap_or(mf.budget_us.saturating_mul(8)),
                 ),
                 memory_bytes: mf.memory_mb.saturating_mul(1024 * 1024),
                 isolation: mf.isolation,
@@ -465,7 +491,10 @@ impl Lowering<'_> {
                     }
                 }
                 (Some(p), Some(_)) => {
-                    self.err(p, format!("route `{name}`: set either path or path_prefix, not both"));
+                    self.err(
+                        p,
+                        format!("route `{name}`: set either path or path_prefix, not both"),
+                    );
                     None
                 }
                 (None, None) => Some(PathPattern::Prefix("/".into())),
@@ -474,7 +503,8 @@ impl Lowering<'_> {
                 let host = h.get_ref();
                 let bad = host.is_empty()
                     || host.contains(['/', ':', ' '])
-                    || (host.contains('*') && !(host.starts_with("*.") && host[2..].find('*').is_none()));
+                    || (host.contains('*')
+                        && !(host.starts_with("*.") && host[2..].find('*').is_none()));
                 if bad {
                     self.err(h, format!("route `{name}`: host `{host}` must be a name like api.example.com or *.example.com (no port)"));
                 }
@@ -483,7 +513,10 @@ impl Lowering<'_> {
             for m in &rf.methods {
                 match Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()) {
                     Ok(mm) => methods.push(mm),
-                    Err(_) => self.err(m, format!("route `{name}`: `{}` is not an HTTP method", m.get_ref())),
+                    Err(_) => self.err(
+                        m,
+                        format!("route `{name}`: `{}` is not an HTTP method", m.get_ref()),
+                    ),
                 }
             }
             let upstream = rf.upstream.as_ref().and_then(|u| match upstreams.get(u.get_ref()) {
@@ -516,9 +549,15 @@ impl Lowering<'_> {
                 }
             }
             if rf.upstream.is_none() && rf.hooks.is_empty() {
-                self.err(r, format!("route `{name}` has neither an upstream nor hooks to answer it"));
+                self.err(
+                    r,
+                    format!("route `{name}` has neither an upstream nor hooks to answer it"),
+                );
             }
-            let rewrite = rf.rewrite.as_ref().and_then(|rw| self.rewrite(rw, &path, &name, r));
+            let rewrite = rf
+                .rewrite
+                .as_ref()
+                .and_then(|rw| self.rewrite(rw, &path, &name, r));
             let request_headers = self.header_ops(&rf.request_headers, &name, r);
             let response_headers = self.header_ops(&rf.response_headers, &name, r);
             if self.errors.len() > before {
@@ -549,14 +588,18 @@ impl Lowering<'_> {
         for (i, n) in names.iter().enumerate() {
             if let Some(prev) = seen.insert(n.clone(), i) {
                 let _ = prev;
-                self.errors.push(self.src.error(spans[i].clone(), format!("route name `{n}` is used twice")));
+                self.errors.push(
+                    self.src
+                        .error(spans[i].clone(), format!("route name `{n}` is used twice")),
+                );
             }
         }
         match Router::build(&keys, &names) {
             Ok(router) => (routes, Some(router)),
             Err(errs) => {
                 for e in errs {
-                    self.errors.push(self.src.error(spans[e.route].clone(), e.message));
+                    self.errors
+                        .push(self.src.error(spans[e.route].clone(), e.message));
                 }
                 (routes, None)
             }
@@ -566,7 +609,10 @@ impl Lowering<'_> {
     fn check_path(&mut self, p: &Spanned<String>, name: &str) -> Option<String> {
         let path = p.get_ref();
         if !path.starts_with('/') {
-            self.err(p, format!("route `{name}`: path `{path}` must start with /"));
+            self.err(
+                p,
+                format!("route `{name}`: path `{path}` must start with /"),
+            );
             return None;
         }
         if path.contains(['?', '#', ' ']) || path.contains("{*") {
@@ -583,7 +629,8 @@ impl Lowering<'_> {
         name: &str,
         at: &Spanned<T>,
     ) -> Option<Rewrite> {
-        let chosen = rw.strip_prefix as u8 + rw.replace_prefix.is_some() as u8 + rw.path.is_some() as u8;
+        let chosen =
+            rw.strip_prefix as u8 + rw.replace_prefix.is_some() as u8 + rw.path.is_some() as u8;
         if chosen != 1 {
             self.err(at, format!("route `{name}`: rewrite needs exactly one of strip_prefix, replace_prefix, path"));
             return None;
@@ -606,12 +653,18 @@ impl Lowering<'_> {
             };
         }
         let Some(PathPattern::Prefix(prefix)) = path else {
-            self.err(at, format!("route `{name}`: strip_prefix and replace_prefix need a path_prefix route"));
+            self.err(
+                at,
+                format!("route `{name}`: strip_prefix and replace_prefix need a path_prefix route"),
+            );
             return None;
         };
         let to = rw.replace_prefix.clone().unwrap_or_default();
         if !to.is_empty() && !to.starts_with('/') {
-            self.err(at, format!("route `{name}`: replace_prefix must start with /"));
+            self.err(
+                at,
+                format!("route `{name}`: replace_prefix must start with /"),
+            );
             return None;
         }
         Some(Rewrite::Prefix {
@@ -628,11 +681,17 @@ impl Lowering<'_> {
             match (n, val) {
                 (Ok(n), Ok(v)) => Some((n, v)),
                 (Err(_), _) => {
-                    this.err(at, format!("route `{route}`: `{k}` is not a valid header name"));
+                    this.err(
+                        at,
+                        format!("route `{route}`: `{k}` is not a valid header name"),
+                    );
                     None
                 }
                 (_, Err(_)) => {
-                    this.err(at, format!("route `{route}`: value of header `{k}` is not valid"));
+                    this.err(
+                        at,
+                        format!("route `{route}`: value of header `{k}` is not valid"),
+                    );
                     None
                 }
             }
@@ -642,7 +701,10 @@ impl Lowering<'_> {
         for k in &h.remove {
             match HeaderName::from_bytes(k.as_bytes()) {
                 Ok(n) => ops.remove.push(n),
-                Err(_) => self.err(at, format!("route `{route}`: `{k}` is not a valid header name")),
+                Err(_) => self.err(
+                    at,
+                    format!("route `{route}`: `{k}` is not a valid header name"),
+                ),
             }
         }
         ops

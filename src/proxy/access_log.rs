@@ -14,9 +14,17 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Starts the writer: appends to `path`, or standard output.
-    pub fn start(path: Option<&str>, dropped: prometheus::IntCounter) -> std::io::Result<AccessLog> {
+    pub fn start(
+        path: Option<&str>,
+        dropped: prometheus::IntCounter,
+    ) -> std::io::Result<AccessLog> {
         let mut out: Box<dyn Write + Send> = match path {
-            Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+            Some(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
             None => Box::new(std::io::stdout()),
         };
         let (tx, rx) = sync_channel::<String>(8192);

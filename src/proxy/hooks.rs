@@ -142,7 +142,9 @@ impl HookState {
                     }
                     Outcome::Wait(calls) => {
                         let lease = self.leases[i].as_mut().expect("lease present");
-                        out = caller.resolve(lease, Some(&mut *req), &mut self.info, calls).await;
+                        out = caller
+                            .resolve(lease, Some(&mut *req), &mut self.info, calls)
+                            .await;
                     }
                 }
             }
@@ -244,7 +246,8 @@ impl HookState {
     pub fn response_trailers(&mut self, req: &RequestHeader, trailers: &mut http::HeaderMap) {
         for i in (0..self.leases.len()).rev() {
             if let Some(lease) = self.leases[i].as_mut() {
-                if let Outcome::Failed(_) = lease.on_response_trailers(req, &mut self.info, trailers)
+                if let Outcome::Failed(_) =
+                    lease.on_response_trailers(req, &mut self.info, trailers)
                 {
                     self.on_failure(i);
                 }
@@ -351,7 +354,8 @@ impl Callouts {
         s.set_read_timeout(Some(c.timeout));
         s.write_request_header(Box::new(req)).await?;
         if !c.body.is_empty() {
-            s.write_request_body(Bytes::from(c.body.clone()), true).await?;
+            s.write_request_body(Bytes::from(c.body.clone()), true)
+                .await?;
         }
         s.finish_request_body().await?;
         s.read_response_header().await?;

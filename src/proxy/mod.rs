@@ -91,7 +91,11 @@ fn request_info(session: &Session, route: &Route) -> RequestInfo {
     RequestInfo {
         id: hooks::request_id(),
         scheme: if tls { "https" } else { "http" },
-        protocol: if session.is_http2() { "HTTP/2" } else { "HTTP/1.1" },
+        protocol: if session.is_http2() {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        },
         source: session.client_addr().and_then(|a| a.as_inet()).copied(),
         destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
         route: route.name.clone(),
@@ -120,7 +124,12 @@ async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
 }
 
 impl Gateway {
-    async fn answer_error(&self, session: &mut Session, ctx: &mut Ctx, e: GatewayError) -> Result<bool> {
+    async fn answer_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        e: GatewayError,
+    ) -> Result<bool> {
         ctx.error = Some(e);
         respond::send_error(session, e, ctx.route_name()).await?;
         Ok(true)
@@ -155,7 +164,9 @@ impl Gateway {
                     ctx.body_seen += c.len() as u64;
                     if ctx.body_seen > route.max_request_body {
                         ctx.hooks = Some(Box::new(state));
-                        return self.answer_error(session, ctx, GatewayError::BodyTooLarge).await;
+                        return self
+                            .answer_error(session, ctx, GatewayError::BodyTooLarge)
+                            .await;
                     }
                 }
                 match state.request_body(session.req_header_mut(), chunk.as_deref(), end) {
@@ -171,7 +182,9 @@ impl Gateway {
         }
         ctx.hooks = Some(Box::new(state));
         if route.upstream.is_none() {
-            return self.answer_error(session, ctx, GatewayError::NoHookResponse).await;
+            return self
+                .answer_error(session, ctx, GatewayError::NoHookResponse)
+                .await;
         }
         Ok(false)
     }
@@ -207,9 +220,10 @@ impl ProxyHttp for Gateway {
                 .find(host_of(session), req.uri.path(), &req.method)
                 .map(|m| {
                     let route = snap.routes[m.route].clone();
-                    let rewritten = route.rewrite.as_ref().map(|rw| {
-                        rw.apply(req.uri.path(), req.uri.query(), &m.params)
-                    });
+                    let rewritten = route
+                        .rewrite
+                        .as_ref()
+                        .map(|rw| rw.apply(req.uri.path(), req.uri.query(), &m.params));
                     (route, rewritten)
                 })
         };
@@ -220,7 +234,9 @@ impl ProxyHttp for Gateway {
                 return self.answer_error(session, ctx, GatewayError::NoRoute).await
             }
             Err(crate::routing::Miss::MethodNotAllowed) => {
-                return self.answer_error(session, ctx, GatewayError::MethodNotAllowed).await
+                return self
+                    .answer_error(session, ctx, GatewayError::MethodNotAllowed)
+                    .await
             }
         };
         ctx.route = Some(route.clone());
@@ -232,7 +248,9 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > route.max_request_body) {
-            return self.answer_error(session, ctx, GatewayError::BodyTooLarge).await;
+            return self
+                .answer_error(session, ctx, GatewayError::BodyTooLarge)
+                .await;
         }
         if !route.hooks.is_empty() {
             return self.run_request_hooks(session, ctx).await;
@@ -272,7 +290,10 @@ impl ProxyHttp for Gateway {
             Flow::Respond(r) => {
                 let status = r.status;
                 ctx.pending = Some(r);
-                Error::e_explain(HTTPStatus(status), "a hook answered during the request body")
+                Error::e_explain(
+                    HTTPStatus(status),
+                    "a hook answered during the request body",
+                )
             }
         }
     }
@@ -280,7 +301,10 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.peer_selected = true;
         let route = ctx.route.as_ref().expect("request_filter routed");
-        let up = route.upstream.as_ref().expect("routes without upstream answered earlier");
+        let up = route
+            .upstream
+            .as_ref()
+            .expect("routes without upstream answered earlier");
         let peer = match &up.hash_key {
             None => up.peer(b""),
             Some(HashKey::Path) => up.peer(session.req_header().uri.path().as_bytes()),
@@ -301,7 +325,10 @@ impl ProxyHttp for Gateway {
             Some(p) => Ok(p),
             None => {
                 ctx.error = Some(GatewayError::NoHealthyUpstream);
-                Error::e_explain(ConnectNoRoute, format!("upstream `{}` has no healthy target", up.name))
+                Error::e_explain(
+                    ConnectNoRoute,
+                    format!("upstream `{}` has no healthy target", up.name),
+                )
             }
         }
     }
@@ -322,8 +349,15 @@ impl ProxyHttp for Gateway {
         if !route.request_headers.is_empty() {
             route.request_headers.apply(upstream_request);
         }
-        if ctx.hooks.is_some() && ctx.body_seen > 0 {
-            // hooks may change the body's length; let Pingora frame it
+        let has_body = upstream_request
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+            || upstream_request
+                .headers
+                .contains_key(http::header::TRANSFER_ENCODING);
+        if ctx.hooks.is_some() && has_body {
+            // hooks may change the body's length: Pingora frames it as chunks instead
             upstream_request.remove_header(&http::header::CONTENT_LENGTH);
         }
         ctx.upstream_sent = Some(Instant::now());
@@ -363,7 +397,11 @@ impl ProxyHttp for Gateway {
         resp.remove_header(&http::header::CONTENT_LENGTH);
         if let Some(b) = &state.replace_body {
             resp.insert_header(http::header::CONTENT_LENGTH, b.len())?;
-        } else if !session.is_http2() && resp.status.as_u16() >= 200 && resp.status != 204 && resp.status != 304 {
+        } else if !session.is_http2()
+            && resp.status.as_u16() >= 200
+            && resp.status != 204
+            && resp.status != 304
+        {
             resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }
         Ok(())
@@ -422,7 +460,9 @@ impl ProxyHttp for Gateway {
         let kind = ctx.error.or_else(|| GatewayError::from_pingora(e));
         if let (Some(k), Some(up)) = (kind, ctx.route.as_ref().and_then(|r| r.upstream.as_ref())) {
             match k {
-                GatewayError::UpstreamUnreachable | GatewayError::NoHealthyUpstream => up.metrics.refused.inc(),
+                GatewayError::UpstreamUnreachable | GatewayError::NoHealthyUpstream => {
+                    up.metrics.refused.inc()
+                }
                 GatewayError::UpstreamTimeout => up.metrics.timeout.inc(),
                 GatewayError::UpstreamError => up.metrics.other.inc(),
                 _ => {}
@@ -442,7 +482,9 @@ impl ProxyHttp for Gateway {
             cause = %e,
             "request failed"
         );
-        let ok = respond::send_error(session, kind, ctx.route_name()).await.is_ok();
+        let ok = respond::send_error(session, kind, ctx.route_name())
+            .await
+            .is_ok();
         FailToProxy {
             error_code: kind.status(),
             can_reuse_downstream: ok && !ctx.peer_selected && kind != GatewayError::ClientTimeout,
@@ -470,7 +512,13 @@ impl ProxyHttp for Gateway {
             self.metrics.inflight.dec();
         }
         if let Some(log) = &self.access_log {
-            log.record(session, ctx.route_name(), status, ctx.start.elapsed(), ctx.error.map(|e| e.code()));
+            log.record(
+                session,
+                ctx.route_name(),
+                status,
+                ctx.start.elapsed(),
+                ctx.error.map(|e| e.code()),
+            );
         }
     }
 }

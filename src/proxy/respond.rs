@@ -107,7 +107,9 @@ pub async fn send(
     }
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head_only || body.is_empty()).await?;
+    session
+        .write_response_header(Box::new(resp), head_only || body.is_empty())
+        .await?;
     if !head_only && !body.is_empty() {
         session.write_response_body(Some(body), true).await?;
     }

@@ -123,7 +123,7 @@ pub(crate) enum GuestMetric {
 
 type C<'a> = Caller<'a, Host>;
 
-/// Charges fuel for a host call copying `bytes`; fails the call when the budget is gone.
+/// Charges the fixed fuel cost of a host call; fails the call when the budget is gone.
 fn charge(c: &mut C, bytes: usize) -> wasmtime::Result<()> {
     let cost = HOST_CALL_FUEL + (bytes as u64) / 8;
     let left = c.get_fuel()?;
@@ -146,11 +146,25 @@ fn memory(c: &mut C) -> HostResult<Memory> {
     }
 }
 
+/// Copies `[ptr, ptr+len)` out of guest memory, charging fuel for the bytes copied.
 fn read(c: &mut C, ptr: i32, len: i32) -> HostResult<Vec<u8>> {
     let m = memory(c)?;
     let data = m.data(&*c);
     let r = abi::guest_range(data.len(), ptr, len)?;
-    Ok(data[r].to_vec())
+    let out = data[r].to_vec();
+    charge_bytes(c, out.len());
+    Ok(out)
+}
+
+/// Charges for copied bytes. Running dry leaves the guest with no fuel, so it traps as
+/// an overrun on its next instruction.
+fn charge_bytes(c: &mut C, bytes: usize) {
+    let cost = (bytes as u64) / 8;
+    let left = c.get_fuel().unwrap_or(0);
+    if left <= cost {
+        c.data_mut().out_of_fuel = true;
+    }
+    let _ = c.set_fuel(left.saturating_sub(cost));
 }
 
 fn write_u32(c: &mut C, ptr: i32, v: u32) -> HostResult {
@@ -172,7 +186,7 @@ fn write_u64(c: &mut C, ptr: i32, v: u64) -> HostResult {
 /// Copies `bytes` into memory the guest allocates, and writes its address and size to
 /// the guest's return pointers.
 fn give(c: &mut C, bytes: &[u8], ret_ptr: i32, ret_len: i32) -> wasmtime::Result<HostResult> {
-    charge(c, bytes.len())?;
+    charge_bytes(c, bytes.len());
     // Check the return slots before allocating so a bad pointer does not leak guest memory.
     {
         let m = match memory(c) {
@@ -281,7 +295,11 @@ fn map_pairs(c: &C, t: MapType) -> HostResult<Vec<(Vec<u8>, Vec<u8>)>> {
         }
         MapType::ResponseTrailers => {
             // SAFETY: see `Frame`.
-            let t = c.data().frame.resp_trailers.map(|p| unsafe { &*p.as_ptr() });
+            let t = c
+                .data()
+                .frame
+                .resp_trailers
+                .map(|p| unsafe { &*p.as_ptr() });
             push_map(&mut out, t.ok_or(Status::NotFound)?);
         }
         MapType::RequestTrailers => return Err(Status::NotFound),
@@ -371,11 +389,12 @@ fn map_change(c: &C, t: MapType, key: &[u8], value: &[u8], op: Op) -> HostResult
                 Op::Remove => {
                     r.remove_header(&n);
                 }
-                Op::Replace => {
-                    r.insert_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?
-                }
+                Op::Replace => r
+                    .insert_header(n, header_value(value)?)
+                    .map_err(|_| Status::BadArgument)?,
                 Op::Add => {
-                    r.append_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?;
+                    r.append_header(n, header_value(value)?)
+                        .map_err(|_| Status::BadArgument)?;
                 }
             }
             Ok(())
@@ -397,11 +416,12 @@ fn map_change(c: &C, t: MapType, key: &[u8], value: &[u8], op: Op) -> HostResult
                 Op::Remove => {
                     r.remove_header(&n);
                 }
-                Op::Replace => {
-                    r.insert_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?
-                }
+                Op::Replace => r
+                    .insert_header(n, header_value(value)?)
+                    .map_err(|_| Status::BadArgument)?,
                 Op::Add => {
-                    r.append_header(n, header_value(value)?).map_err(|_| Status::BadArgument)?;
+                    r.append_header(n, header_value(value)?)
+                        .map_err(|_| Status::BadArgument)?;
                 }
             }
             Ok(())
@@ -453,6 +473,8 @@ fn set_request_pseudo(r: &mut RequestHeader, key: &[u8], value: &[u8], op: Op) -
         b":authority" => r
             .insert_header(http::header::HOST, header_value(value)?)
             .map_err(|_| Status::BadArgument),
+        // the scheme is the connection's; setting it to what it is already is accepted
+        b":scheme" => Ok(()),
         _ => Err(Status::BadArgument),
     }
 }
@@ -500,7 +522,10 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
         [b"response", b"code"] => {
             let code = match frame_resp(c) {
                 Ok(r) => r.status.as_u16(),
-                Err(_) => info.map(|i| i.response_code).filter(|c| *c != 0).ok_or(Status::NotFound)?,
+                Err(_) => info
+                    .map(|i| i.response_code)
+                    .filter(|c| *c != 0)
+                    .ok_or(Status::NotFound)?,
             };
             int(code as i64)
         }
@@ -510,14 +535,21 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
                 pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
             ))
         }
-        [b"source", b"address"] => s(&info.and_then(|i| i.source).ok_or(Status::NotFound)?.to_string()),
-        [b"source", b"port"] => int(info.and_then(|i| i.source).ok_or(Status::NotFound)?.port() as i64),
-        [b"destination", b"address"] => {
-            s(&info.and_then(|i| i.destination).ok_or(Status::NotFound)?.to_string())
+        [b"source", b"address"] => s(&info
+            .and_then(|i| i.source)
+            .ok_or(Status::NotFound)?
+            .to_string()),
+        [b"source", b"port"] => {
+            int(info.and_then(|i| i.source).ok_or(Status::NotFound)?.port() as i64)
         }
-        [b"destination", b"port"] => {
-            int(info.and_then(|i| i.destination).ok_or(Status::NotFound)?.port() as i64)
-        }
+        [b"destination", b"address"] => s(&info
+            .and_then(|i| i.destination)
+            .ok_or(Status::NotFound)?
+            .to_string()),
+        [b"destination", b"port"] => int(info
+            .and_then(|i| i.destination)
+            .ok_or(Status::NotFound)?
+            .port() as i64),
         [b"route_name"] => s(&info.ok_or(Status::NotFound)?.route),
         [b"cluster_name"] | [b"upstream", b"name"] => s(&info.ok_or(Status::NotFound)?.upstream),
         _ => Err(Status::NotFound),
@@ -526,15 +558,19 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
 
 /// Registers every `env.proxy_*` host function.
 pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    l.func_wrap("env", "proxy_log", |mut c: C, level: i32, p: i32, n: i32| {
-        charge(&mut c, n.max(0) as usize)?;
-        let msg = match read(&mut c, p, n) {
-            Ok(m) => m,
-            Err(s) => return Ok(s as i32),
-        };
-        guest_log(&c.data().plugin, level, &String::from_utf8_lossy(&msg));
-        Ok::<i32, wasmtime::Error>(0)
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: C, level: i32, p: i32, n: i32| {
+            charge(&mut c, 0)?;
+            let msg = match read(&mut c, p, n) {
+                Ok(m) => m,
+                Err(s) => return Ok(s as i32),
+            };
+            guest_log(&c.data().plugin, level, &String::from_utf8_lossy(&msg));
+            Ok::<i32, wasmtime::Error>(0)
+        },
+    )?;
     l.func_wrap("env", "proxy_get_log_level", |mut c: C, ret: i32| {
         charge(&mut c, 0)?;
         let level = if tracing::enabled!(tracing::Level::TRACE) {
@@ -546,21 +582,29 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         };
         Ok::<i32, wasmtime::Error>(abi::status(write_u32(&mut c, ret, level)))
     })?;
-    l.func_wrap("env", "proxy_get_current_time_nanoseconds", |mut c: C, ret: i32| {
-        charge(&mut c, 0)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        Ok::<i32, wasmtime::Error>(abi::status(write_u64(&mut c, ret, now)))
-    })?;
-    l.func_wrap("env", "proxy_set_tick_period_milliseconds", |mut c: C, ms: i32| {
-        charge(&mut c, 0)?;
-        let p = &c.data().plugin;
-        let ms = (ms as u32).max(p.spec.min_tick.as_millis() as u32 * (ms != 0) as u32);
-        p.tick_ms.store(ms, Ordering::Relaxed);
-        Ok::<i32, wasmtime::Error>(0)
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C, ret: i32| {
+            charge(&mut c, 0)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            Ok::<i32, wasmtime::Error>(abi::status(write_u64(&mut c, ret, now)))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: C, ms: i32| {
+            charge(&mut c, 0)?;
+            let p = &c.data().plugin;
+            let ms = (ms as u32).max(p.spec.min_tick.as_millis() as u32 * (ms != 0) as u32);
+            p.tick_ms.store(ms, Ordering::Relaxed);
+            Ok::<i32, wasmtime::Error>(0)
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_get_buffer_bytes",
@@ -583,7 +627,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: C, t: i32, start: i32, size: i32, p: i32, n: i32| {
-            charge(&mut c, n.max(0) as usize)?;
+            charge(&mut c, 0)?;
             let data = match read(&mut c, p, n) {
                 Ok(d) => d,
                 Err(s) => return Ok(s as i32),
@@ -622,7 +666,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: C, t: i32, p: i32, n: i32| {
-            charge(&mut c, n.max(0) as usize)?;
+            charge(&mut c, 0)?;
             let r = (|| {
                 let t = MapType::from_i32(t)?;
                 let bytes = read(&mut c, p, n)?;
@@ -636,8 +680,17 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 for k in names {
                     map_change(&c, t, &k, b"", Op::Remove)?;
                 }
+                let has_authority = pairs.iter().any(|(k, _)| *k == b":authority");
                 for (k, v) in pairs {
-                    map_change(&c, t, k, v, Op::Add)?;
+                    if has_authority && k.eq_ignore_ascii_case(b"host") {
+                        continue; // the same header as :authority
+                    }
+                    let op = if k.first() == Some(&b':') {
+                        Op::Replace
+                    } else {
+                        Op::Add
+                    };
+                    map_change(&c, t, k, v, op)?;
                 }
                 Ok(())
             })();
@@ -666,7 +719,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             "env",
             name,
             move |mut c: C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32| {
-                charge(&mut c, (kn.max(0) + vn.max(0)) as usize)?;
+                charge(&mut c, 0)?;
                 let r = (|| {
                     let k = read(&mut c, kp, kn)?;
                     let v = read(&mut c, vp, vn)?;
@@ -704,7 +757,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_property",
         |mut c: C, pp: i32, pn: i32, vp: i32, vn: i32| {
-            charge(&mut c, (pn.max(0) + vn.max(0)) as usize)?;
+            charge(&mut c, 0)?;
             let r = (|| {
                 let p = read(&mut c, pp, pn)?;
                 let v = read(&mut c, vp, vn)?;
@@ -772,12 +825,16 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_shared_data",
         |mut c: C, kp: i32, kn: i32, vp: i32, vn: i32, cas: i32| {
-            charge(&mut c, (kn.max(0) + vn.max(0)) as usize)?;
+            charge(&mut c, 0)?;
             let r = (|| {
                 let k = read(&mut c, kp, kn)?;
                 let v = read(&mut c, vp, vn)?;
                 let p = c.data().plugin.clone();
-                let mut e = p.shared.data.entry((p.spec.tenant.clone(), k)).or_insert((Vec::new(), 0));
+                let mut e = p
+                    .shared
+                    .data
+                    .entry((p.spec.tenant.clone(), k))
+                    .or_insert((Vec::new(), 0));
                 let cas = cas as u32;
                 if cas != 0 && cas != e.1 {
                     return Err(Status::CasMismatch);
@@ -798,11 +855,15 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 let name = read(&mut c, np, nn)?;
                 let p = c.data().plugin.clone();
                 let tenant = p.spec.tenant.clone();
-                let id = *p.shared.queue_ids.entry((tenant.clone(), name)).or_insert_with(|| {
-                    let id = p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1;
-                    p.shared.queues.insert(id, (tenant, Default::default()));
-                    id
-                });
+                let id = *p
+                    .shared
+                    .queue_ids
+                    .entry((tenant.clone(), name))
+                    .or_insert_with(|| {
+                        let id = p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1;
+                        p.shared.queues.insert(id, (tenant, Default::default()));
+                        id
+                    });
                 write_u32(&mut c, ret, id)
             })();
             Ok::<i32, wasmtime::Error>(abi::status(r))
@@ -831,11 +892,15 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_enqueue_shared_queue",
         |mut c: C, id: i32, vp: i32, vn: i32| {
-            charge(&mut c, vn.max(0) as usize)?;
+            charge(&mut c, 0)?;
             let r = (|| {
                 let v = read(&mut c, vp, vn)?;
                 let p = c.data().plugin.clone();
-                let mut q = p.shared.queues.get_mut(&(id as u32)).ok_or(Status::NotFound)?;
+                let mut q = p
+                    .shared
+                    .queues
+                    .get_mut(&(id as u32))
+                    .ok_or(Status::NotFound)?;
                 if q.0 != p.spec.tenant {
                     return Err(Status::NotFound);
                 }
@@ -917,8 +982,16 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_send_local_response",
-        |mut c: C, status: i32, _dp: i32, _dn: i32, bp: i32, bn: i32, hp: i32, hn: i32, grpc: i32| {
-            charge(&mut c, (bn.max(0) + hn.max(0)) as usize)?;
+        |mut c: C,
+         status: i32,
+         _dp: i32,
+         _dn: i32,
+         bp: i32,
+         bn: i32,
+         hp: i32,
+         hn: i32,
+         grpc: i32| {
+            charge(&mut c, 0)?;
             let r = (|| {
                 if !(200..=599).contains(&status) {
                     return Err(Status::BadArgument);
@@ -962,7 +1035,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          _tn: i32,
          timeout_ms: i32,
          ret: i32| {
-            charge(&mut c, (hn.max(0) + bn.max(0)) as usize)?;
+            charge(&mut c, 0)?;
             let r = (|| {
                 let name = read(&mut c, up, un)?;
                 let hbytes = read(&mut c, hp, hn)?;
@@ -1007,7 +1080,8 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut c: C, kind: i32, np: i32, nn: i32, ret: i32| {
             charge(&mut c, 0)?;
             let r = (|| {
-                let name = String::from_utf8(read(&mut c, np, nn)?).map_err(|_| Status::BadArgument)?;
+                let name =
+                    String::from_utf8(read(&mut c, np, nn)?).map_err(|_| Status::BadArgument)?;
                 if name.is_empty() || name.len() > 128 || !(0..=2).contains(&kind) {
                     return Err(Status::BadArgument);
                 }
@@ -1021,15 +1095,21 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                         }
                         let labels = [p.spec.tenant.as_str(), p.spec.name.as_str(), name.as_str()];
                         let m = match kind {
-                            0 => GuestMetric::Counter(p.metrics.guest_counters.with_label_values(&labels)),
-                            1 => GuestMetric::Gauge(p.metrics.guest_gauges.with_label_values(&labels)),
+                            0 => GuestMetric::Counter(
+                                p.metrics.guest_counters.with_label_values(&labels),
+                            ),
+                            1 => GuestMetric::Gauge(
+                                p.metrics.guest_gauges.with_label_values(&labels),
+                            ),
                             _ => {
                                 let count = format!("{name}_count");
                                 let sum = format!("{name}_sum");
                                 let l2 = |n: &str| {
-                                    p.metrics
-                                        .guest_counters
-                                        .with_label_values(&[p.spec.tenant.as_str(), p.spec.name.as_str(), n])
+                                    p.metrics.guest_counters.with_label_values(&[
+                                        p.spec.tenant.as_str(),
+                                        p.spec.name.as_str(),
+                                        n,
+                                    ])
                                 };
                                 GuestMetric::Histogram(l2(&count), l2(&sum))
                             }
@@ -1045,23 +1125,27 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             Ok::<i32, wasmtime::Error>(abi::status(r))
         },
     )?;
-    l.func_wrap("env", "proxy_increment_metric", |mut c: C, id: i32, off: i64| {
-        charge(&mut c, 0)?;
-        let p = c.data().plugin.clone();
-        let r = match p.guest_metrics.get(&(id as u32)).as_deref() {
-            Some(GuestMetric::Counter(m)) if off >= 0 => {
-                m.inc_by(off as u64);
-                Ok(())
-            }
-            Some(GuestMetric::Gauge(m)) => {
-                m.add(off);
-                Ok(())
-            }
-            Some(_) => Err(Status::BadArgument),
-            None => Err(Status::NotFound),
-        };
-        Ok::<i32, wasmtime::Error>(abi::status(r))
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |mut c: C, id: i32, off: i64| {
+            charge(&mut c, 0)?;
+            let p = c.data().plugin.clone();
+            let r = match p.guest_metrics.get(&(id as u32)).as_deref() {
+                Some(GuestMetric::Counter(m)) if off >= 0 => {
+                    m.inc_by(off as u64);
+                    Ok(())
+                }
+                Some(GuestMetric::Gauge(m)) => {
+                    m.add(off);
+                    Ok(())
+                }
+                Some(_) => Err(Status::BadArgument),
+                None => Err(Status::NotFound),
+            };
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
     l.func_wrap("env", "proxy_record_metric", |mut c: C, id: i32, v: i64| {
         charge(&mut c, 0)?;
         let p = c.data().plugin.clone();
@@ -1102,17 +1186,47 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// Host calls this gateway does not offer: they answer `Unimplemented`, never trap.
+/// Host calls this gateway does not offer answer an error status, never trap. gRPC calls
+/// answer `InternalFailure` rather than `Unimplemented`, which the Rust SDK would turn
+/// into a guest panic; a foreign function is simply `NotFound`.
 fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    const U: i32 = Status::Unimplemented as i32;
-    l.func_wrap("env", "proxy_grpc_call", |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U)?;
-    l.func_wrap("env", "proxy_grpc_stream", |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U)?;
-    l.func_wrap("env", "proxy_grpc_send", |_: C, _: i32, _: i32, _: i32, _: i32| U)?;
+    const U: i32 = Status::InternalFailure as i32;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |_: C,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32| U,
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U,
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |_: C, _: i32, _: i32, _: i32, _: i32| U,
+    )?;
     l.func_wrap("env", "proxy_grpc_cancel", |_: C, _: i32| U)?;
     l.func_wrap("env", "proxy_grpc_close", |_: C, _: i32| U)?;
     l.func_wrap("env", "proxy_get_status", |_: C, _: i32, _: i32, _: i32| U)?;
     l.func_wrap("env", "proxy_set_effective_context", |_: C, _: i32| 0)?;
-    l.func_wrap("env", "proxy_call_foreign_function", |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U)?;
+    l.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
+    )?;
     l.func_wrap("env", "proxy_done", |_: C| 0)?;
     Ok(())
 }

@@ -63,7 +63,9 @@ impl FailurePolicy {
             if (200..=599).contains(&s) {
                 Ok(s)
             } else {
-                Err(format!("on_failure.status {s} is not an HTTP status (200-599)"))
+                Err(format!(
+                    "on_failure.status {s} is not an HTTP status (200-599)"
+                ))
             }
         };
         match action {
@@ -218,7 +220,10 @@ impl Runtime {
         let mut linker = self.linker.clone();
         wasi::stub_unknown(&mut linker, &module)?;
         let pre = linker.instantiate_pre(&module).map_err(|e| {
-            format!("imports something this host does not provide: {}", root_cause(&e))
+            format!(
+                "imports something this host does not provide: {}",
+                root_cause(&e)
+            )
         })?;
         let compiled = Arc::new(Compiled {
             digest: hex::encode(digest),

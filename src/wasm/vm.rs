@@ -2,7 +2,9 @@
 //! through which the proxy drives a VM's HTTP context.
 
 use super::abi::{BufferType, ACTION_CONTINUE};
-use super::host::{fuel_for, CallResponse, Effects, Frame, Host, LocalResponse, PendingCall, RequestInfo};
+use super::host::{
+    fuel_for, CallResponse, Effects, Frame, Host, LocalResponse, PendingCall, RequestInfo,
+};
 use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::ptr::NonNull;
@@ -18,6 +20,7 @@ type F1 = TypedFunc<i32, ()>;
 type F2 = TypedFunc<(i32, i32), ()>;
 type F2R = TypedFunc<(i32, i32), i32>;
 type F3R = TypedFunc<(i32, i32, i32), i32>;
+type F5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 struct Exports {
     on_context_create: F2,
@@ -31,7 +34,7 @@ struct Exports {
     on_log: Option<F1>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_delete: Option<F1>,
-    on_http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    on_http_call_response: Option<F5>,
     on_tick: Option<F1>,
 }
 
@@ -48,7 +51,9 @@ pub(crate) fn check_exports(m: &Module) -> Result<(), String> {
         return Err("does not export its memory".into());
     }
     if !has("proxy_abi_version_0_2_1") && !has("proxy_abi_version_0_2_0") {
-        return Err("does not export proxy_abi_version_0_2_1: not a Proxy-Wasm v0.2.x module".into());
+        return Err(
+            "does not export proxy_abi_version_0_2_1: not a Proxy-Wasm v0.2.x module".into(),
+        );
     }
     if !has("proxy_on_context_create") {
         return Err("does not export proxy_on_context_create".into());
@@ -97,7 +102,9 @@ impl Vm {
         let mut store = Store::new(&plugin.engine, host);
         store.limiter(|h| &mut h.limits);
         let start_fuel = fuel_for(plugin.spec.budget).saturating_mul(START_BUDGET_FACTOR);
-        store.set_fuel(start_fuel).map_err(|e| fail("instantiate", e.to_string()))?;
+        store
+            .set_fuel(start_fuel)
+            .map_err(|e| fail("instantiate", e.to_string()))?;
         let inst = plugin
             .compiled
             .pre
@@ -115,7 +122,10 @@ impl Vm {
                 match inst.get_export(&mut store, $name) {
                     None => None,
                     Some(_) => Some(inst.get_typed_func(&mut store, $name).map_err(|e| {
-                        fail("instantiate", format!("export {} has the wrong type: {e}", $name))
+                        fail(
+                            "instantiate",
+                            format!("export {} has the wrong type: {e}", $name),
+                        )
                     })?),
                 }
             };
@@ -143,7 +153,8 @@ impl Vm {
                 let func = inst
                     .get_typed_func::<(), ()>(&mut store, init)
                     .map_err(|e| fail("instantiate", format!("{init}: {e}")))?;
-                func.call(&mut store, ()).map_err(|e| failure("_initialize", e, store.data()))?;
+                func.call(&mut store, ())
+                    .map_err(|e| failure("_initialize", e, store.data()))?;
                 break;
             }
         }
@@ -282,7 +293,7 @@ impl Lease {
                 req: view
                     .req
                     .map(NonNull::from)
-                    .or(view.req_ro.map(|r| NonNull::from(r))),
+                    .or(view.req_ro.map(NonNull::from)),
                 resp_writable: view.resp.is_some(),
                 resp: view.resp.map(NonNull::from),
                 resp_trailers: view.resp_trailers.map(NonNull::from),
@@ -346,7 +357,9 @@ impl Lease {
         let ctx = vm.next_ctx;
         vm.next_ctx = vm.next_ctx.wrapping_add(1).max(ROOT + 1);
         let f = vm.f.on_context_create.clone();
-        self.run("on_context_create", View::default(), |s| f.call(s, (ctx, ROOT)))?;
+        self.run("on_context_create", View::default(), |s| {
+            f.call(s, (ctx, ROOT))
+        })?;
         self.ctx = ctx;
         self.plugin.metrics.invocations.inc();
         Ok(())
@@ -537,7 +550,10 @@ impl Lease {
             }
         }
         if let Some(f) = done {
-            if self.run("on_done", View::default(), |s| f.call(s, ctx)).is_err() {
+            if self
+                .run("on_done", View::default(), |s| f.call(s, ctx))
+                .is_err()
+            {
                 return;
             }
         }

@@ -53,31 +53,39 @@ fn put_u32(m: &mut [u8], at: i32, v: u32) -> bool {
 }
 
 pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    l.func_wrap(WASI, "fd_write", |mut c: C, fd: i32, iovs: i32, n: i32, ret: i32| {
-        if fd != 1 && fd != 2 {
-            return EBADF;
-        }
-        let Some(m) = mem(&mut c) else { return EFAULT };
-        let mut text = Vec::new();
-        for i in 0..(n.clamp(0, 1024) as usize) {
-            let at = iovs as u32 as usize + i * 8;
-            let Some(iov) = m.get(at..at + 8) else { return EFAULT };
-            let p = u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]) as usize;
-            let len = u32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]) as usize;
-            let Some(b) = m.get(p..p.saturating_add(len)) else { return EFAULT };
-            text.extend_from_slice(&b[..len.min(64 * 1024 - text.len().min(64 * 1024))]);
-        }
-        let total = text.len() as u32;
-        if !put_u32(m, ret, total) {
-            return EFAULT;
-        }
-        let msg = String::from_utf8_lossy(&text);
-        let level = if fd == 2 { 3 } else { 2 };
-        for line in msg.lines().filter(|l| !l.is_empty()) {
-            guest_log(&c.data().plugin, level, line);
-        }
-        ESUCCESS
-    })?;
+    l.func_wrap(
+        WASI,
+        "fd_write",
+        |mut c: C, fd: i32, iovs: i32, n: i32, ret: i32| {
+            if fd != 1 && fd != 2 {
+                return EBADF;
+            }
+            let Some(m) = mem(&mut c) else { return EFAULT };
+            let mut text = Vec::new();
+            for i in 0..(n.clamp(0, 1024) as usize) {
+                let at = iovs as u32 as usize + i * 8;
+                let Some(iov) = m.get(at..at + 8) else {
+                    return EFAULT;
+                };
+                let p = u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]) as usize;
+                let len = u32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]) as usize;
+                let Some(b) = m.get(p..p.saturating_add(len)) else {
+                    return EFAULT;
+                };
+                text.extend_from_slice(&b[..len.min(64 * 1024 - text.len().min(64 * 1024))]);
+            }
+            let total = text.len() as u32;
+            if !put_u32(m, ret, total) {
+                return EFAULT;
+            }
+            let msg = String::from_utf8_lossy(&text);
+            let level = if fd == 2 { 3 } else { 2 };
+            for line in msg.lines().filter(|l| !l.is_empty()) {
+                guest_log(&c.data().plugin, level, line);
+            }
+            ESUCCESS
+        },
+    )?;
     for name in ["environ_sizes_get", "args_sizes_get"] {
         l.func_wrap(WASI, name, |mut c: C, count: i32, size: i32| {
             let Some(m) = mem(&mut c) else { return EFAULT };
@@ -91,29 +99,37 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     for name in ["environ_get", "args_get"] {
         l.func_wrap(WASI, name, |_: C, _: i32, _: i32| ESUCCESS)?;
     }
-    l.func_wrap(WASI, "proc_exit", |_: C, code: i32| -> wasmtime::Result<()> {
-        wasmtime::bail!("guest called proc_exit({code})")
-    })?;
+    l.func_wrap(
+        WASI,
+        "proc_exit",
+        |_: C, code: i32| -> wasmtime::Result<()> {
+            wasmtime::bail!("guest called proc_exit({code})")
+        },
+    )?;
     l.func_wrap(WASI, "sched_yield", |_: C| ESUCCESS)?;
-    l.func_wrap(WASI, "clock_time_get", |mut c: C, id: i32, _prec: i64, ret: i32| {
-        let now = match id {
-            0 => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
-            1 => monotonic_ns(),
-            _ => return 28, // EINVAL
-        };
-        let Some(m) = mem(&mut c) else { return EFAULT };
-        let at = ret as u32 as usize;
-        match m.get_mut(at..at.saturating_add(8)) {
-            Some(s) if s.len() == 8 => {
-                s.copy_from_slice(&now.to_le_bytes());
-                ESUCCESS
+    l.func_wrap(
+        WASI,
+        "clock_time_get",
+        |mut c: C, id: i32, _prec: i64, ret: i32| {
+            let now = match id {
+                0 => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0),
+                1 => monotonic_ns(),
+                _ => return 28, // EINVAL
+            };
+            let Some(m) = mem(&mut c) else { return EFAULT };
+            let at = ret as u32 as usize;
+            match m.get_mut(at..at.saturating_add(8)) {
+                Some(s) if s.len() == 8 => {
+                    s.copy_from_slice(&now.to_le_bytes());
+                    ESUCCESS
+                }
+                _ => EFAULT,
             }
-            _ => EFAULT,
-        }
-    })?;
+        },
+    )?;
     l.func_wrap(WASI, "random_get", |mut c: C, p: i32, n: i32| {
         use ring::rand::SecureRandom;
         let Some(m) = mem(&mut c) else { return EFAULT };
@@ -131,16 +147,27 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     }
     l.func_wrap(WASI, "fd_fdstat_get", |_: C, _: i32, _: i32| EBADF)?;
     l.func_wrap(WASI, "fd_prestat_get", |_: C, _: i32, _: i32| EBADF)?;
-    l.func_wrap(WASI, "fd_prestat_dir_name", |_: C, _: i32, _: i32, _: i32| EBADF)?;
-    l.func_wrap(WASI, "fd_read", |_: C, _: i32, _: i32, _: i32, _: i32| EBADF)?;
-    l.func_wrap(WASI, "fd_seek", |_: C, _: i32, _: i64, _: i32, _: i32| EBADF)?;
+    l.func_wrap(
+        WASI,
+        "fd_prestat_dir_name",
+        |_: C, _: i32, _: i32, _: i32| EBADF,
+    )?;
+    l.func_wrap(WASI, "fd_read", |_: C, _: i32, _: i32, _: i32, _: i32| {
+        EBADF
+    })?;
+    l.func_wrap(WASI, "fd_seek", |_: C, _: i32, _: i64, _: i32, _: i32| {
+        EBADF
+    })?;
     Ok(())
 }
 
 fn monotonic_ns() -> u64 {
     use std::sync::OnceLock;
     static START: OnceLock<std::time::Instant> = OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 /// Any other WASI function the module imports answers ENOSYS (or traps if its type has

@@ -142,7 +142,9 @@ impl Gw {
                     if n == 0 {
                         break;
                     }
-                    log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             });
         }
