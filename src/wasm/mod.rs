@@ -334,6 +334,26 @@ impl Plugin {
                 .map_err(|_| busy())?
                 .map_err(|_| busy())?,
         };
+        self.lease_with(permit)
+    }
+
+    /// Like [`Plugin::lease`] without waiting: `Busy` at once when at `max_instances`.
+    pub fn try_lease(self: &Arc<Self>) -> Result<Lease, Failure> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Failure {
+                callback: "instantiate",
+                cause: Cause::Busy,
+            })?;
+        self.lease_with(permit)
+    }
+
+    fn lease_with(
+        self: &Arc<Self>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Lease, Failure> {
         let vm = match self.idle.pop() {
             Some(vm) => vm,
             None => vm::Vm::start(self)?,

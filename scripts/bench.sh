@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Benchmarks, side by side in one run on this machine:
+#   wrk against: the upstream directly, the gateway (no hook, API-key hook, JWT hook,
+#   wasm API backend), and nginx as the same reverse proxy (plain, and with an njs
+#   API-key check); then the criterion benches (route matching, hook chain costs).
+# Each wrk target runs several times, interleaved; the table shows medians.
+# Ends with machine-readable lines: `ratio name=value` and `figure name=value`.
+#
+#   scripts/bench.sh            5 runs x 8 s per target
+#   scripts/bench.sh --quick    3 runs x 3 s per target (under 3 minutes in all)
+# Env: THREADS (gateway threads = nginx workers, default 1), CONNS (default 32).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+source scripts/lib.sh
+
+runs=5 dur=8 crit_time=3
+if [ "${1:-}" = "--quick" ]; then runs=3 dur=3 crit_time=1; fi
+threads="${THREADS:-1}"
+conns="${CONNS:-32}"
+
+ensure_packages cmake wrk nginx python3
+ensure_rust_targets
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
+scripts/build-guests.sh >/dev/null
+cargo build --release --quiet
+bin="$CARGO_TARGET_DIR/release/wasmgate"
+
+tmp="$(mktemp -d)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up_port=$(free_port); gw_port=$(free_port); ng_port=$(free_port); metrics_port=$(free_port)
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 never opened" >&2
+  exit 1
+}
+
+# --- upstream: a tiny fixed JSON answer
+"$bin" demo-upstream --fixed --listen "127.0.0.1:$up_port" --name bench 2>/dev/null &
+pids+=($!)
+wait_port "$up_port"
+
+# --- gateway
+jwt_secret="bench-secret"
+token=$(python3 - "$jwt_secret" <<'PY'
+import base64, hmac, hashlib, json, sys
+b = lambda x: base64.urlsafe_b64encode(x).rstrip(b"=").decode()
+head = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b(json.dumps({"sub": "bench", "exp": 4102444800}).encode())
+sig = b(hmac.new(sys.argv[1].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+PY
+)
+cat > "$tmp/gw.toml" <<CONF
+[server]
+threads = $threads
+data_dir = "$tmp/data"
+watch_config = false
+[metrics]
+listen = "127.0.0.1:$metrics_port"
+[[listeners]]
+listen = "127.0.0.1:$gw_port"
+[upstreams.up]
+targets = ["127.0.0.1:$up_port"]
+[modules.key]
+path = "$root/guests/out/api_key_auth.wasm"
+config = { keys = ["bench-key"] }
+[modules.jwt]
+path = "$root/guests/out/jwt_auth.wasm"
+config = { secret = "$jwt_secret" }
+[modules.hello]
+path = "$root/guests/out/hello_api.wasm"
+[[routes]]
+path_prefix = "/plain"
+upstream = "up"
+[[routes]]
+path_prefix = "/key"
+upstream = "up"
+hooks = ["key"]
+[[routes]]
+path_prefix = "/jwt"
+upstream = "up"
+hooks = ["jwt"]
+[[routes]]
+path_prefix = "/hello"
+hooks = ["hello"]
+CONF
+RUST_LOG=warn "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
+pids+=($!)
+wait_port "$gw_port"
+
+# --- nginx as the same reverse proxy, with an njs API-key check on /key
+cat > "$tmp/auth.js" <<'JS'
+function check(r) { return r.headersIn['x-api-key'] === 'bench-key' ? '1' : '0'; }
+export default { check };
+JS
+cat > "$tmp/nginx.conf" <<CONF
+worker_processes $threads;
+daemon off;
+pid $tmp/nginx.pid;
+error_log $tmp/nginx-error.log;
+load_module /usr/lib/nginx/modules/ngx_http_js_module.so;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  js_path "$tmp";
+  js_import main from auth.js;
+  js_set \$key_ok main.check;
+  upstream up { server 127.0.0.1:$up_port; keepalive 64; }
+  server {
+    listen 127.0.0.1:$ng_port;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location /key {
+      if (\$key_ok = 0) { return 401; }
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+nginx -c "$tmp/nginx.conf" -p "$tmp" &
+pids+=($!)
+wait_port "$ng_port"
+
+# --- wrk runs, interleaved across targets
+names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key)
+urls=("http://127.0.0.1:$up_port/" "http://127.0.0.1:$gw_port/plain/x" "http://127.0.0.1:$gw_port/key/x"
+      "http://127.0.0.1:$gw_port/jwt/x" "http://127.0.0.1:$gw_port/hello/bench" "http://127.0.0.1:$ng_port/x"
+      "http://127.0.0.1:$ng_port/key/x")
+hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key")
+
+# sanity: every target answers 200 before measuring
+for i in "${!names[@]}"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' ${hdrs[$i]:+-H "${hdrs[$i]}"} "${urls[$i]}")
+  [ "$code" = 200 ] || { echo "${names[$i]} answered $code" >&2; exit 1; }
+done
+
+: >"$tmp/results"
+for run in $(seq 1 "$runs"); do
+  for i in "${!names[@]}"; do
+    out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency ${hdrs[$i]:+-H "${hdrs[$i]}"} "${urls[$i]}")
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+    echo "${names[$i]} $rps $p50 $p99 ${errs:-}" >>"$tmp/results"
+  done
+done
+
+# --- criterion benches (short)
+cargo bench --quiet --bench route_match --bench hooks -- \
+  --warm-up-time 1 --measurement-time "$crit_time" >"$tmp/criterion.log" 2>&1 || {
+  cat "$tmp/criterion.log" >&2; exit 1; }
+
+python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" <<'PY'
+import json, os, statistics, sys
+results, crit, runs, dur, threads, conns = sys.argv[1:]
+rows = {}
+def ms(v):
+    v = v.strip()
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float("nan")
+for line in open(results):
+    parts = line.split()
+    if len(parts) < 4:
+        continue
+    name, rps, p50, p99 = parts[:4]
+    r = rows.setdefault(name, {"rps": [], "p50": [], "p99": [], "errors": []})
+    r["rps"].append(float(rps)); r["p50"].append(ms(p50)); r["p99"].append(ms(p99))
+    if len(parts) > 4:
+        r["errors"].append(" ".join(parts[4:]))
+med = {n: statistics.median(r["rps"]) for n, r in rows.items()}
+print(f"\nwrk -t1 -c{conns}, {runs} runs x {dur}s per target, interleaved; gateway threads = nginx workers = {threads}")
+print(f"{'target':18} {'req/s (median)':>15} {'runs':>28} {'p50 ms':>8} {'p99 ms':>8}")
+for n, r in rows.items():
+    runs_s = "/".join(f"{x/1000:.1f}k" for x in r["rps"])
+    print(f"{n:18} {med[n]:15.0f} {runs_s:>28} {statistics.median(r['p50']):8.3f} {statistics.median(r['p99']):8.3f}")
+    if r["errors"]:
+        print(f"  errors: {r['errors']}")
+def est(group, bench):
+    p = os.path.join(crit, group, bench, "new", "estimates.json")
+    with open(p) as f:
+        return json.load(f)["median"]["point_estimate"]  # ns
+fig = {
+    "route_match_10_ns": est("route_match", "10_routes"),
+    "route_match_1k_ns": est("route_match", "1000_routes"),
+    "route_match_10k_ns": est("route_match", "10000_routes"),
+    "hook_chain_pooled_us": est("hook_chain", "pooled_vm") / 1000,
+    "hook_chain_fresh_us": est("hook_chain", "fresh_instance") / 1000,
+    "get_header_map_value_ns": est("host_call_x1000", "get_header_map_value") / 1000,
+    "send_local_response_ns": est("host_call_x1000", "send_local_response") / 1000,
+    "call_no_budget_ns": est("budget_mechanism_call_100_iterations", "none"),
+    "call_fuel_ns": est("budget_mechanism_call_100_iterations", "fuel"),
+    "call_epoch_ns": est("budget_mechanism_call_100_iterations", "epoch"),
+}
+print()
+print(f"ratio gateway_vs_nginx={med['gateway'] / med['nginx']:.2f}")
+print(f"ratio gateway_vs_upstream_direct={med['gateway'] / med['upstream']:.2f}")
+print(f"ratio hook_vs_plain={med['gateway_key'] / med['gateway']:.2f}")
+print(f"ratio jwt_hook_vs_plain={med['gateway_jwt'] / med['gateway']:.2f}")
+print(f"ratio wasm_auth_vs_njs_auth={med['gateway_key'] / med['nginx_njs_key']:.2f}")
+print(f"ratio wasm_backend_vs_plain={med['gateway_backend'] / med['gateway']:.2f}")
+for k, v in fig.items():
+    print(f"figure {k}={v:.3g}" if v < 100 else f"figure {k}={v:.0f}")
+PY
