@@ -22,6 +22,7 @@ pub struct Metrics {
     pub hook_events: IntCounterVec,
     pub hook_invocations: IntCounterVec,
     pub hook_cpu: HistogramVec,
+    pub hook_fuel: IntCounterVec,
     pub guest_metrics: IntCounterVec,
     pub guest_gauges: prometheus::IntGaugeVec,
 }
@@ -94,10 +95,18 @@ impl Metrics {
             &["tenant", "module"],
         )
         .unwrap();
+        let hook_fuel = IntCounterVec::new(
+            Opts::new(
+                "hook_fuel_total",
+                "Fuel burned by a module's callbacks (about one unit per wasm instruction)",
+            ),
+            &["tenant", "module"],
+        )
+        .unwrap();
         let hook_cpu = HistogramVec::new(
             HistogramOpts::new(
                 "hook_cpu_seconds",
-                "Time spent in a module's callbacks per request",
+                "Wasm CPU per request and module, from fuel burned (1000 units = 1 us)",
             )
             .buckets(vec![
                 0.000_001, 0.000_002, 0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025,
@@ -131,6 +140,7 @@ impl Metrics {
             Box::new(hook_events.clone()),
             Box::new(hook_invocations.clone()),
             Box::new(hook_cpu.clone()),
+            Box::new(hook_fuel.clone()),
             Box::new(guest_metrics.clone()),
             Box::new(guest_gauges.clone()),
         ] {
@@ -149,6 +159,7 @@ impl Metrics {
             hook_events,
             hook_invocations,
             hook_cpu,
+            hook_fuel,
             guest_metrics,
             guest_gauges,
         }

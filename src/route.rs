@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 pub struct Route {
     /// The route's `name`, or `route[N]` (0-based position in the file).
-    pub name: String,
+    pub name: Arc<str>,
     pub upstream: Option<Arc<Upstream>>,
     pub rewrite: Option<Rewrite>,
     pub request_headers: HeaderOps,

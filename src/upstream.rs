@@ -31,7 +31,7 @@ pub struct UpstreamTls {
 }
 
 pub struct Upstream {
-    pub name: String,
+    pub name: Arc<str>,
     pub balancer: Balancer,
     pub hash_key: Option<HashKey>,
     pub connect_timeout: Duration,

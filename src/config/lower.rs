@@ -335,7 +335,7 @@ impl Lowering<'_> {
             out.insert(
                 name.clone(),
                 Arc::new(Upstream {
-                    name: name.clone(),
+                    name: name.as_str().into(),
                     balancer,
                     hash_key,
                     connect_timeout: Duration::from_millis(uf.connect_timeout_ms.max(1)),
@@ -573,7 +573,7 @@ impl Lowering<'_> {
             spans.push(r.span());
             routes.push(Arc::new(Route {
                 metrics: self.env.metrics.route(&name),
-                name,
+                name: name.into(),
                 upstream,
                 rewrite,
                 request_headers,

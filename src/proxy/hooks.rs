@@ -37,8 +37,8 @@ pub enum Flow {
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// A request id unique in this process.
-pub fn request_id() -> String {
-    format!("{:016x}", REQUEST_IDS.fetch_add(1, Ordering::Relaxed))
+pub fn request_id() -> u64 {
+    REQUEST_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The answer a failed module's policy gives, or `None` to fail open.

@@ -64,7 +64,7 @@ pub struct Ctx {
 
 impl Ctx {
     fn route_name(&self) -> Option<&str> {
-        self.route.as_ref().map(|r| r.name.as_str())
+        self.route.as_ref().map(|r| &*r.name)
     }
 }
 
@@ -99,11 +99,7 @@ fn request_info(session: &Session, route: &Route) -> RequestInfo {
         source: session.client_addr().and_then(|a| a.as_inet()).copied(),
         destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
         route: route.name.clone(),
-        upstream: route
-            .upstream
-            .as_ref()
-            .map(|u| u.name.clone())
-            .unwrap_or_default(),
+        upstream: route.upstream.as_ref().map(|u| u.name.clone()),
         response_code: 0,
         props: Vec::new(),
     }
@@ -278,6 +274,9 @@ impl ProxyHttp for Gateway {
         let Some(state) = ctx.hooks.as_mut() else {
             return Ok(());
         };
+        if ctx.body_seen == 0 && end_of_stream {
+            return Ok(()); // no body at all: like Envoy, no body callback
+        }
         match state.request_body(session.req_header_mut(), body.as_deref(), end_of_stream) {
             Flow::Continue => {
                 *body = take_nonempty(&mut state.req_body);
@@ -382,6 +381,7 @@ impl ProxyHttp for Gateway {
         let Some(state) = ctx.hooks.as_mut() else {
             return Ok(());
         };
+        let had_length = resp.headers.contains_key(http::header::CONTENT_LENGTH);
         match state.response_headers(session.req_header(), resp) {
             Flow::Respond(r) => {
                 let mut new = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
@@ -393,14 +393,13 @@ impl ProxyHttp for Gateway {
             }
             Flow::Continue | Flow::Buffer => {}
         }
-        // Hooks may change the body: frame it as chunks rather than trust Content-Length.
-        resp.remove_header(&http::header::CONTENT_LENGTH);
+        // Like Envoy, a hook that changes the body's length removes Content-Length in its
+        // headers callback; the body is then framed as chunks (HTTP/1.1).
         if let Some(b) = &state.replace_body {
             resp.insert_header(http::header::CONTENT_LENGTH, b.len())?;
-        } else if !session.is_http2()
-            && resp.status.as_u16() >= 200
-            && resp.status != 204
-            && resp.status != 304
+        } else if had_length
+            && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !session.is_http2()
         {
             resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }

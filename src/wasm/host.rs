@@ -66,13 +66,14 @@ pub(crate) struct Effects {
 /// Facts about the request that are not in its headers.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
-    pub id: String,
+    /// Unique per process; shown to guests as 16 hex digits.
+    pub id: u64,
     pub scheme: &'static str,
     pub protocol: &'static str,
     pub source: Option<SocketAddr>,
     pub destination: Option<SocketAddr>,
-    pub route: String,
-    pub upstream: String,
+    pub route: Arc<str>,
+    pub upstream: Option<Arc<str>>,
     pub response_code: u16,
     /// Properties set by guests (`proxy_set_property`), visible to later hooks.
     pub props: Vec<(Vec<u8>, Vec<u8>)>,
@@ -504,7 +505,7 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
                 b"host" => Ok(host_header(r).to_vec()),
                 b"scheme" => s(info.map(|i| i.scheme).unwrap_or("http")),
                 b"protocol" => s(info.map(|i| i.protocol).unwrap_or("HTTP/1.1")),
-                b"id" => s(info.map(|i| i.id.as_str()).unwrap_or("")),
+                b"id" => s(&format!("{:016x}", info.ok_or(Status::NotFound)?.id)),
                 b"useragent" => Ok(r
                     .headers
                     .get(http::header::USER_AGENT)
@@ -551,7 +552,9 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
             .ok_or(Status::NotFound)?
             .port() as i64),
         [b"route_name"] => s(&info.ok_or(Status::NotFound)?.route),
-        [b"cluster_name"] | [b"upstream", b"name"] => s(&info.ok_or(Status::NotFound)?.upstream),
+        [b"cluster_name"] | [b"upstream", b"name"] => s(info
+            .and_then(|i| i.upstream.as_deref())
+            .ok_or(Status::NotFound)?),
         _ => Err(Status::NotFound),
     }
 }

@@ -158,6 +158,7 @@ pub struct Plugin {
 #[derive(Clone)]
 pub(crate) struct PluginMetrics {
     pub invocations: prometheus::IntCounter,
+    pub fuel: prometheus::IntCounter,
     pub cpu: prometheus::Histogram,
     pub failures: prometheus::IntCounterVec,
     pub guest_counters: prometheus::IntCounterVec,
@@ -288,6 +289,7 @@ impl Runtime {
         let labels = [spec.tenant.as_str(), spec.name.as_str()];
         let pm = PluginMetrics {
             invocations: metrics.hook_invocations.with_label_values(&labels),
+            fuel: metrics.hook_fuel.with_label_values(&labels),
             cpu: metrics.hook_cpu.with_label_values(&labels),
             failures: metrics.hook_events.clone(),
             guest_counters: metrics.guest_metrics.clone(),

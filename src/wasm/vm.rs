@@ -9,7 +9,6 @@ use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use wasmtime::{Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
 
 const ROOT: i32 = 1;
@@ -223,8 +222,9 @@ pub struct Lease {
     _permit: tokio::sync::OwnedSemaphorePermit,
     ctx: i32,
     fuel_left: u64,
-    /// Time spent in this module's callbacks for the request.
-    pub cpu: Duration,
+    /// Fuel this request's callbacks burned: the deterministic measure of the wasm CPU
+    /// it used (metered and billed; see [`super::FUEL_PER_US`]).
+    pub fuel_used: u64,
     pub failed: Option<Failure>,
     finished: bool,
 }
@@ -253,7 +253,7 @@ impl Lease {
             vm: Some(vm),
             _permit: permit,
             ctx: 0,
-            cpu: Duration::ZERO,
+            fuel_used: 0,
             failed: None,
             finished: false,
         }
@@ -268,7 +268,7 @@ impl Lease {
         &mut self,
         name: &'static str,
         view: View<'_>,
-        call: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<R>,
+        call: impl FnOnce(&mut Store<Host>, &Exports) -> wasmtime::Result<R>,
     ) -> Result<(R, Effects), Failure> {
         if let Some(f) = &self.failed {
             return Err(f.clone());
@@ -280,7 +280,7 @@ impl Lease {
             });
         };
         let fuel = fuel_for(self.plugin.spec.budget).min(self.fuel_left);
-        let store = &mut vm.store;
+        let Vm { store, f, .. } = &mut **vm;
         {
             let h = store.data_mut();
             h.out_of_fuel = false;
@@ -303,11 +303,10 @@ impl Lease {
             };
         }
         let _ = store.set_fuel(fuel);
-        let start = Instant::now();
-        let result = call(store);
-        self.cpu += start.elapsed();
-        let left = store.get_fuel().unwrap_or(0);
-        self.fuel_left = self.fuel_left.saturating_sub(fuel - left.min(fuel));
+        let result = call(store, f);
+        let used = fuel - store.get_fuel().unwrap_or(0).min(fuel);
+        self.fuel_left = self.fuel_left.saturating_sub(used);
+        self.fuel_used += used;
         let h = store.data_mut();
         h.frame = Frame::default();
         let effects = std::mem::take(&mut h.effects);
@@ -356,9 +355,8 @@ impl Lease {
         })?;
         let ctx = vm.next_ctx;
         vm.next_ctx = vm.next_ctx.wrapping_add(1).max(ROOT + 1);
-        let f = vm.f.on_context_create.clone();
-        self.run("on_context_create", View::default(), |s| {
-            f.call(s, (ctx, ROOT))
+        self.run("on_context_create", View::default(), |s, f| {
+            f.on_context_create.call(s, (ctx, ROOT))
         })?;
         self.ctx = ctx;
         self.plugin.metrics.invocations.inc();
@@ -368,7 +366,7 @@ impl Lease {
     fn stream(
         &mut self,
         name: &'static str,
-        f: Option<F3R>,
+        pick: fn(&Exports) -> Option<&F3R>,
         a: i32,
         b: i32,
         view: View<'_>,
@@ -376,18 +374,22 @@ impl Lease {
         if let Err(e) = self.ensure_context() {
             return Outcome::Failed(e);
         }
-        let Some(f) = f else {
+        if !self.exports(pick) {
             return Outcome::Continue;
-        };
+        }
         let ctx = self.ctx;
-        match self.run(name, view, |s| f.call(s, (ctx, a, b))) {
+        match self.run(name, view, |s, f| match pick(f) {
+            Some(func) => func.call(s, (ctx, a, b)),
+            None => Ok(ACTION_CONTINUE),
+        }) {
             Err(e) => Outcome::Failed(e),
             Ok((action, fx)) => outcome(action, fx),
         }
     }
 
-    fn exports(&self) -> Option<&Exports> {
-        self.vm.as_ref().map(|v| &v.f)
+    /// Whether the leased VM's module exports the callback `pick` selects.
+    fn exports<T>(&self, pick: fn(&Exports) -> Option<&T>) -> bool {
+        self.vm.as_ref().is_some_and(|v| pick(&v.f).is_some())
     }
 
     pub fn on_request_headers(
@@ -397,13 +399,18 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = req.headers.len() as i32 + 4;
-        let f = self.exports().and_then(|e| e.on_request_headers.clone());
         let view = View {
             req: Some(req),
             info: Some(info),
             ..View::default()
         };
-        self.stream("on_request_headers", f, n, end_of_stream as i32, view)
+        self.stream(
+            "on_request_headers",
+            |e| e.on_request_headers.as_ref(),
+            n,
+            end_of_stream as i32,
+            view,
+        )
     }
 
     pub fn on_request_body(
@@ -414,14 +421,19 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = body.len() as i32;
-        let f = self.exports().and_then(|e| e.on_request_body.clone());
         let view = View {
             req: Some(req),
             info: Some(info),
             body: Some((BufferType::RequestBody, body)),
             ..View::default()
         };
-        self.stream("on_request_body", f, n, end_of_stream as i32, view)
+        self.stream(
+            "on_request_body",
+            |e| e.on_request_body.as_ref(),
+            n,
+            end_of_stream as i32,
+            view,
+        )
     }
 
     pub fn on_response_headers(
@@ -432,14 +444,19 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = resp.headers.len() as i32 + 1;
-        let f = self.exports().and_then(|e| e.on_response_headers.clone());
         let view = View {
             req_ro: Some(req),
             resp: Some(resp),
             info: Some(info),
             ..View::default()
         };
-        self.stream("on_response_headers", f, n, end_of_stream as i32, view)
+        self.stream(
+            "on_response_headers",
+            |e| e.on_response_headers.as_ref(),
+            n,
+            end_of_stream as i32,
+            view,
+        )
     }
 
     pub fn on_response_body(
@@ -450,14 +467,19 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = body.len() as i32;
-        let f = self.exports().and_then(|e| e.on_response_body.clone());
         let view = View {
             req_ro: Some(req),
             info: Some(info),
             body: Some((BufferType::ResponseBody, body)),
             ..View::default()
         };
-        self.stream("on_response_body", f, n, end_of_stream as i32, view)
+        self.stream(
+            "on_response_body",
+            |e| e.on_response_body.as_ref(),
+            n,
+            end_of_stream as i32,
+            view,
+        )
     }
 
     pub fn on_response_trailers(
@@ -469,9 +491,9 @@ impl Lease {
         if let Err(e) = self.ensure_context() {
             return Outcome::Failed(e);
         }
-        let Some(f) = self.exports().and_then(|e| e.on_response_trailers.clone()) else {
+        if !self.exports(|e| e.on_response_trailers.as_ref()) {
             return Outcome::Continue;
-        };
+        }
         let (ctx, n) = (self.ctx, trailers.len() as i32);
         let view = View {
             req_ro: Some(req),
@@ -479,7 +501,12 @@ impl Lease {
             resp_trailers: Some(trailers),
             ..View::default()
         };
-        match self.run("on_response_trailers", view, |s| f.call(s, (ctx, n))) {
+        match self.run("on_response_trailers", view, |s, f| {
+            match &f.on_response_trailers {
+                Some(func) => func.call(s, (ctx, n)),
+                None => Ok(ACTION_CONTINUE),
+            }
+        }) {
             Err(e) => Outcome::Failed(e),
             Ok((a, fx)) => outcome(a, fx),
         }
@@ -492,9 +519,9 @@ impl Lease {
         info: &mut RequestInfo,
         resp: &CallResponse,
     ) -> Outcome {
-        let Some(f) = self.exports().and_then(|e| e.on_http_call_response.clone()) else {
+        if !self.exports(|e| e.on_http_call_response.as_ref()) {
             return Outcome::Continue;
-        };
+        }
         let ctx = self.ctx;
         let (nh, nb, nt) = if resp.status == 0 {
             (0, 0, 0)
@@ -511,8 +538,11 @@ impl Lease {
             call: Some(resp),
             ..View::default()
         };
-        match self.run("on_http_call_response", view, |s| {
-            f.call(s, (ctx, resp.token as i32, nh, nb, nt))
+        match self.run("on_http_call_response", view, |s, f| {
+            match &f.on_http_call_response {
+                Some(func) => func.call(s, (ctx, resp.token as i32, nh, nb, nt)),
+                None => Ok(()),
+            }
         }) {
             Err(e) => Outcome::Failed(e),
             Ok(((), fx)) => {
@@ -537,30 +567,34 @@ impl Lease {
         }
         self.finished = true;
         let ctx = self.ctx;
-        let Some(e) = self.exports() else { return };
-        let (log, done, delete) = (e.on_log.clone(), e.on_done.clone(), e.on_delete.clone());
-        if let Some(f) = log {
-            let view = View {
-                req_ro: req,
-                info: Some(&mut *info),
-                ..View::default()
-            };
-            if self.run("on_log", view, |s| f.call(s, ctx)).is_err() {
-                return;
-            }
+        let view = View {
+            req_ro: req,
+            info: Some(&mut *info),
+            ..View::default()
+        };
+        let ended = self.run("on_log", view, |s, f| match &f.on_log {
+            Some(func) => func.call(s, ctx),
+            None => Ok(()),
+        });
+        if ended.is_err() {
+            return;
         }
-        if let Some(f) = done {
-            if self
-                .run("on_done", View::default(), |s| f.call(s, ctx))
-                .is_err()
-            {
-                return;
-            }
+        let done = self.run("on_done", View::default(), |s, f| match &f.on_done {
+            Some(func) => func.call(s, ctx).map(drop),
+            None => Ok(()),
+        });
+        if done.is_err() {
+            return;
         }
-        if let Some(f) = delete {
-            let _ = self.run("on_delete", View::default(), |s| f.call(s, ctx));
-        }
-        self.plugin.metrics.cpu.observe(self.cpu.as_secs_f64());
+        let _ = self.run("on_delete", View::default(), |s, f| match &f.on_delete {
+            Some(func) => func.call(s, ctx),
+            None => Ok(()),
+        });
+        self.plugin.metrics.fuel.inc_by(self.fuel_used);
+        self.plugin
+            .metrics
+            .cpu
+            .observe(self.fuel_used as f64 / (super::FUEL_PER_US as f64 * 1e6));
     }
 }
 
