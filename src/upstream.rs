@@ -43,6 +43,9 @@ pub struct Upstream {
     pub health_interval: Option<Duration>,
     pub targets: Vec<String>,
     pub metrics: UpstreamMetrics,
+    /// Keeps pooled connections of different upstreams apart even when they share a
+    /// target and SNI (Pingora's pool key does not include the trusted CAs).
+    pub pool_key: u64,
 }
 
 impl Balancer {
@@ -133,6 +136,7 @@ impl Upstream {
             None => (false, String::new()),
         };
         let mut peer = Box::new(HttpPeer::new(backend, tls, sni));
+        peer.group_key = self.pool_key;
         let o = &mut peer.options;
         o.connection_timeout = Some(self.connect_timeout);
         o.read_timeout = Some(self.read_timeout);

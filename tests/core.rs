@@ -598,3 +598,124 @@ upstream = "echo"
     assert_eq!(v["status"], 200);
     assert_eq!(v["path"], "/x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_with_sni_and_verification() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let echo = Upstream::start("echo").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["up.test".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(p("up.crt"), leaf.pem()).unwrap();
+    std::fs::write(p("up.key"), leaf_key.serialize_pem()).unwrap();
+    // gateway A: the TLS upstream, fronting the echo server
+    let a_conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = ""
+[[listeners]]
+listen = "127.0.0.1:{{port:https}}"
+tls = {{ certs = [{{ cert = "{}", key = "{}", sni = ["up.test"] }}] }}
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+upstream = "echo"
+"#,
+        p("up.crt"),
+        p("up.key"),
+        echo.addr()
+    );
+    let a = Gw::start_in(dir, &a_conf, Default::default());
+    let a_addr = format!("127.0.0.1:{}", a.port("https"));
+    let ca_path = a.dir().join("ca.pem").display().to_string();
+    // gateway B: proxies to A over TLS, verifying A's certificate against the CA
+    let b_conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.good]
+targets = ["{a_addr}"]
+tls = {{ sni = "up.test", ca = "{ca_path}" }}
+[upstreams.wrong_name]
+targets = ["{a_addr}"]
+tls = {{ sni = "other.test", ca = "{ca_path}" }}
+[upstreams.untrusted]
+targets = ["{a_addr}"]
+tls = {{ sni = "up.test" }}
+[[routes]]
+path_prefix = "/good"
+upstream = "good"
+[[routes]]
+path_prefix = "/wrong"
+upstream = "wrong_name"
+[[routes]]
+path_prefix = "/untrusted"
+upstream = "untrusted"
+"#
+    );
+    let b = Gw::start(&b_conf);
+    let c = client();
+    let r = c.get(b.url("http", "/good/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["path"], "/good/x");
+    for bad in ["/wrong/x", "/untrusted/x"] {
+        let (s, v, _) = get_json(&c, &b.url("http", bad)).await;
+        assert_eq!(s, 502, "{bad}: {v}");
+        assert_eq!(v["error"], "upstream_unreachable", "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_hands_over_the_listeners() {
+    let up = Upstream::start("echo").await;
+    let conf = RELOAD_A.replace("UP", &up.addr())
+        + "[server]\ngrace_period_secs = 1\nwatch_config = false\n";
+    let mut gw = Gw::start(&conf);
+    let c = client();
+    assert_eq!(
+        c.get(gw.url("http", "/a")).send().await.unwrap().status(),
+        200
+    );
+    let mut new = gw.spawn_upgrade();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.signal(libc::SIGQUIT);
+    // requests keep succeeding through the handover, until and after the old process is
+    // gone (Pingora waits a few seconds, then the grace period, before exiting)
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    let mut after_exit = 0;
+    let mut old_exit = None;
+    while std::time::Instant::now() < deadline && after_exit < 10 {
+        let r = c.get(gw.url("http", "/a")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        n += 1;
+        if old_exit.is_none() {
+            old_exit = gw.child.try_wait().unwrap();
+        } else {
+            after_exit += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = new.kill();
+    let _ = new.wait();
+    assert!(
+        old_exit.is_some(),
+        "the old process should have exited after its grace period"
+    );
+    assert!(n > 20);
+}

@@ -369,6 +369,8 @@ hooks = ["probe"]
         .unwrap();
     let v: Value = r.json().await.unwrap();
     assert!(v["ticks"].as_u64().unwrap() >= 2, "{v}");
+    // the first request's enqueue reached the root context through on_queue_ready
+    assert!(v["queue_ready_items"].as_u64().unwrap() >= 1, "{v}");
 
     // bodies: buffered request body replaced, response header and body changed
     let r = c
@@ -764,4 +766,39 @@ fn modules_that_are_not_proxy_wasm_or_loop_at_start_are_conf_errors() {
         "{err}"
     );
     assert!(err.contains("launch_missiles"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_loads_precompiled_modules() {
+    let up = Upstream::start("echo").await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = base(&up.addr())
+        + r#"
+[modules.hello]
+path = "{guests}/hello_api.wasm"
+[[routes]]
+path_prefix = "/hello"
+hooks = ["hello"]
+"#;
+    let gw = Gw::start_in(dir, &conf, Default::default());
+    assert!(
+        gw.wait_log("precompiled=false", Duration::from_secs(5))
+            .await,
+        "{}",
+        gw.log()
+    );
+    let (dir, ports) = gw.stop();
+    let gw = Gw::start_in(dir, &conf, ports);
+    assert!(
+        gw.wait_log("precompiled=true", Duration::from_secs(5))
+            .await,
+        "{}",
+        gw.log()
+    );
+    let r = client()
+        .get(gw.url("http", "/hello/again"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

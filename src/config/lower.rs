@@ -345,6 +345,17 @@ impl Lowering<'_> {
                     retries: uf.retries,
                     tls,
                     health_interval,
+                    pool_key: {
+                        use std::hash::{Hash, Hasher};
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        name.hash(&mut h);
+                        if let Some(ca) = uf.tls.as_ref().and_then(|t| t.ca.as_ref()) {
+                            std::fs::read(self.resolve(ca))
+                                .unwrap_or_default()
+                                .hash(&mut h);
+                        }
+                        h.finish()
+                    },
                     targets: addrs,
                     metrics: self.env.metrics.upstream(name),
                 }),

@@ -862,11 +862,15 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     .shared
                     .queue_ids
                     .entry((tenant.clone(), name))
-                    .or_insert_with(|| {
-                        let id = p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1;
-                        p.shared.queues.insert(id, (tenant, Default::default()));
-                        id
-                    });
+                    .or_insert_with(|| p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1);
+                // (re-)registering makes this plugin the one notified, e.g. after a reload
+                let mut q = p.shared.queues.entry(id).or_insert_with(|| super::Queue {
+                    tenant,
+                    items: Default::default(),
+                    owner: std::sync::Weak::new(),
+                });
+                q.owner = Arc::downgrade(&p);
+                drop(q);
                 write_u32(&mut c, ret, id)
             })();
             Ok::<i32, wasmtime::Error>(abi::status(r))
@@ -899,18 +903,24 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let r = (|| {
                 let v = read(&mut c, vp, vn)?;
                 let p = c.data().plugin.clone();
-                let mut q = p
-                    .shared
-                    .queues
-                    .get_mut(&(id as u32))
-                    .ok_or(Status::NotFound)?;
-                if q.0 != p.spec.tenant {
-                    return Err(Status::NotFound);
+                let owner = {
+                    let mut q = p
+                        .shared
+                        .queues
+                        .get_mut(&(id as u32))
+                        .ok_or(Status::NotFound)?;
+                    if q.tenant != p.spec.tenant {
+                        return Err(Status::NotFound);
+                    }
+                    if q.items.len() >= 10_000 {
+                        return Err(Status::InternalFailure);
+                    }
+                    q.items.push_back(v);
+                    q.owner.upgrade()
+                };
+                if let Some(owner) = owner {
+                    owner.queue_ready(id as u32);
                 }
-                if q.1.len() >= 10_000 {
-                    return Err(Status::InternalFailure);
-                }
-                q.1.push_back(v);
                 Ok(())
             })();
             Ok::<i32, wasmtime::Error>(abi::status(r))
@@ -926,10 +936,10 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 let Some(mut q) = p.shared.queues.get_mut(&(id as u32)) else {
                     return Ok(Status::NotFound as i32);
                 };
-                if q.0 != p.spec.tenant {
+                if q.tenant != p.spec.tenant {
                     return Ok(Status::NotFound as i32);
                 }
-                q.1.pop_front()
+                q.items.pop_front()
             };
             match item {
                 None => Ok(Status::Empty as i32),

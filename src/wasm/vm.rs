@@ -35,6 +35,7 @@ struct Exports {
     on_delete: Option<F1>,
     on_http_call_response: Option<F5>,
     on_tick: Option<F1>,
+    on_queue_ready: Option<F2>,
 }
 
 pub struct Vm {
@@ -145,6 +146,7 @@ impl Vm {
             on_delete: opt!("proxy_on_delete"),
             on_http_call_response: opt!("proxy_on_http_call_response"),
             on_tick: opt!("proxy_on_tick"),
+            on_queue_ready: opt!("proxy_on_queue_ready"),
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
         for init in ["_initialize", "_start"] {
@@ -189,6 +191,16 @@ impl Vm {
             }
         }
         Ok(vm)
+    }
+
+    pub(crate) fn queue_ready(&mut self, plugin: &Plugin, queue: u32) -> Result<(), Failure> {
+        let Some(f) = self.f.on_queue_ready.clone() else {
+            return Ok(());
+        };
+        self.store.data_mut().out_of_fuel = false;
+        let _ = self.store.set_fuel(fuel_for(plugin.spec.budget));
+        f.call(&mut self.store, (ROOT, queue as i32))
+            .map_err(|e| failure("on_queue_ready", e, self.store.data()))
     }
 
     pub(crate) fn tick(&mut self, plugin: &Plugin) -> Result<(), Failure> {

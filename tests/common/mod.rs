@@ -173,6 +173,27 @@ impl Gw {
         panic!("port {port} never opened; gateway log:\n{}", self.log());
     }
 
+    /// Starts a second gateway on the same conf with `--upgrade`: it waits for this one's
+    /// listening sockets, handed over when this one gets SIGQUIT.
+    pub fn spawn_upgrade(&self) -> Child {
+        Command::new(bin())
+            .args(["serve", "--upgrade", "--config"])
+            .arg(&self.conf_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start upgraded wasmgate")
+    }
+
+    /// Stops the gateway, keeping its folder and ports for a restart.
+    pub fn stop(mut self) -> (tempfile::TempDir, HashMap<String, u16>) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.ports.clone())
+    }
+
     pub fn port(&self, name: &str) -> u16 {
         self.ports[name]
     }

@@ -37,6 +37,7 @@ impl RootContext for Root {
             return false;
         }
         self.set_tick_period(Duration::from_millis(20));
+        self.register_shared_queue("probe-ready");
         self.vm_ok
     }
 
@@ -46,6 +47,18 @@ impl RootContext for Root {
             .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
             .unwrap_or(0);
         let _ = self.set_shared_data("ticks", Some((n + 1).to_string().as_bytes()), cas);
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let mut n = 0;
+        while let Ok(Some(_)) = self.dequeue_shared_queue(queue_id) {
+            n += 1;
+        }
+        let (v, cas) = self.get_shared_data("queue_ready_items");
+        let seen = v
+            .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let _ = self.set_shared_data("queue_ready_items", Some((seen + n).to_string().as_bytes()), cas);
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
@@ -84,7 +97,18 @@ impl Probe {
             .0
             .and_then(|v| String::from_utf8(v).ok())
             .unwrap_or_else(|| "0".into());
-        format!("{{\"failed\":[{}],\"checks\":{},\"ticks\":{}}}", failed.join(","), self.checks, ticks)
+        let queued = self
+            .get_shared_data("queue_ready_items")
+            .0
+            .and_then(|v| String::from_utf8(v).ok())
+            .unwrap_or_else(|| "0".into());
+        format!(
+            "{{\"failed\":[{}],\"checks\":{},\"ticks\":{},\"queue_ready_items\":{}}}",
+            failed.join(","),
+            self.checks,
+            ticks,
+            queued
+        )
     }
 
     fn headers_and_properties(&mut self) {
@@ -142,6 +166,11 @@ impl Probe {
         self.check("queue enqueue", self.enqueue_shared_queue(q, Some(b"item")).is_ok());
         self.check("queue dequeue", self.dequeue_shared_queue(q) == Ok(Some(b"item".to_vec())));
         self.check("queue empty", self.dequeue_shared_queue(q) == Ok(None));
+        // the root context registered this one: it is told by on_queue_ready
+        match self.resolve_shared_queue("any-vm", "probe-ready") {
+            Some(ready) => self.check("notify enqueue", self.enqueue_shared_queue(ready, Some(b"note")).is_ok()),
+            None => self.check("notify queue registered", false),
+        }
 
         match hostcalls::define_metric(MetricType::Counter, "probe_requests") {
             Ok(id) => {
