@@ -6,6 +6,7 @@
 //! cache, the Proxy-Wasm host), [`reload`] (live snapshot swaps), [`server`] (assembly).
 
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod metrics;
 pub mod proxy;

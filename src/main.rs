@@ -34,6 +34,60 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Create a tenant (operator only).
+    Tenant {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        name: String,
+        /// Limits as JSON, e.g. {"rate_per_sec": 100, "max_concurrency": 10}
+        #[arg(long, default_value = "{}")]
+        limits: String,
+    },
+    /// Deploy a module for a tenant (compiled, then swapped in), optionally bound as a
+    /// function URL (/TENANT/FUNCTION).
+    Deploy {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        file: PathBuf,
+        /// Plugin configuration passed to on_configure (JSON).
+        #[arg(long)]
+        config: Option<String>,
+        /// Bind it as a function URL: /TENANT/FUNCTION
+        #[arg(long)]
+        bind: Option<String>,
+    },
+    /// Print a tenant's hook logs; --follow streams them live.
+    Logs {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print a tenant's usage per module (JSON).
+    Usage {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Manage tenant tokens.
+    Token {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Run a small JSON upstream (the demo's backend and the benchmark's target).
     DemoUpstream {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -69,6 +123,76 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Check { config } => check(&config),
+        Cmd::Tenant { admin, name, limits } => {
+            let limits: serde_json::Value = match serde_json::from_str(&limits) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("error: --limits is not JSON: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let body = serde_json::json!({ "name": name, "limits": limits }).to_string();
+            admin_call(&admin, "POST", "/v1/tenants", body.as_bytes())
+        }
+        Cmd::Deploy { admin, tenant, name, file, config, bind } => {
+            let bytes = match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: cannot read {}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut path = format!("/v1/tenants/{tenant}/modules/{name}");
+            if let Some(c) = config {
+                path += &format!("?config={}", wasmgate::control::client::encode(&c));
+            }
+            let code = admin_call(&admin, "PUT", &path, &bytes);
+            if code != ExitCode::SUCCESS {
+                return code;
+            }
+            match bind {
+                None => ExitCode::SUCCESS,
+                Some(b) => {
+                    let f = b.trim_matches('/').rsplit('/').next().unwrap_or_default().to_string();
+                    let body = serde_json::json!({ "module": name }).to_string();
+                    admin_call(&admin, "PUT", &format!("/v1/tenants/{tenant}/functions/{f}"), body.as_bytes())
+                }
+            }
+        }
+        Cmd::Logs { admin, tenant, follow } => {
+            let c = client(&admin);
+            if follow {
+                match c.follow(&format!("/v1/tenants/{tenant}/logs?follow=true"), |l| println!("{l}")) {
+                    Ok(200) => ExitCode::SUCCESS,
+                    Ok(_) => ExitCode::FAILURE,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            } else {
+                admin_call(&admin, "GET", &format!("/v1/tenants/{tenant}/logs"), b"")
+            }
+        }
+        Cmd::Usage { admin, tenant, from, to } => {
+            let mut q = Vec::new();
+            if let Some(f) = from {
+                q.push(format!("from={f}"));
+            }
+            if let Some(t) = to {
+                q.push(format!("to={t}"));
+            }
+            let path = format!("/v1/tenants/{tenant}/usage?{}", q.join("&"));
+            admin_call(&admin, "GET", &path, b"")
+        }
+        Cmd::Token { admin, cmd } => match cmd {
+            TokenCmd::Create { tenant, ops, ttl_secs } => {
+                let ops: Vec<&str> = ops.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
+                let body = serde_json::json!({ "ops": ops, "ttl_secs": ttl_secs }).to_string();
+                admin_call(&admin, "POST", &format!("/v1/tenants/{tenant}/tokens"), body.as_bytes())
+            }
+            TokenCmd::Revoke { jti } => admin_call(&admin, "DELETE", &format!("/v1/tokens/{jti}"), b""),
+        },
         Cmd::DemoUpstream {
             listen,
             name,
@@ -95,6 +219,31 @@ fn main() -> ExitCode {
                 wasmgate::demo::serve(l, opts, Arc::default()).await;
                 ExitCode::SUCCESS
             })
+        }
+    }
+}
+
+fn client(a: &AdminArgs) -> wasmgate::control::client::Client {
+    wasmgate::control::client::Client {
+        addr: a.admin.clone(),
+        token: a.token.clone(),
+    }
+}
+
+/// One admin call: prints the JSON answer; fails on a non-2xx status.
+fn admin_call(a: &AdminArgs, method: &str, path: &str, body: &[u8]) -> ExitCode {
+    match client(a).call(method, path, body) {
+        Ok(r) if (200..300).contains(&r.status) => {
+            println!("{}", r.body);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("error: {} {}", r.status, r.body);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the admin API at {}: {e}", a.admin);
+            ExitCode::FAILURE
         }
     }
 }
@@ -129,3 +278,30 @@ fn check(config: &std::path::Path) -> ExitCode {
 // glibc malloc showed up as ~10% of the proxy's CPU; see the README's measurements.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Where the admin API is and who is asking.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API address.
+    #[arg(long, env = "WASMGATE_ADMIN", default_value = "127.0.0.1:9092")]
+    admin: String,
+    /// Operator or tenant token.
+    #[arg(long, env = "WASMGATE_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a tenant token (operator only); prints it.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated: deploy,logs,usage
+        #[arg(long, default_value = "deploy,logs,usage")]
+        ops: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+    /// Revoke a token by its id (operator only).
+    Revoke { jti: String },
+}

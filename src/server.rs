@@ -74,7 +74,13 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    let gateway = Gateway::new(live.clone(), metrics.clone(), access_log);
+    let control = Arc::new(crate::control::Control::open(
+        live.clone(),
+        metrics.clone(),
+        &data_dir.join("control"),
+    )?);
+    let mut gateway = Gateway::new(live.clone(), metrics.clone(), access_log);
+    gateway.control = Some(control.clone());
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         gateway,
@@ -112,6 +118,30 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
         );
         svc.add_tcp(&addr.to_string());
         server.add_service(svc);
+    }
+    if !snap.admin.listen.is_empty() {
+        let loopback = snap
+            .admin
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(false);
+        if !loopback {
+            tracing::warn!(listen = %snap.admin.listen, "the admin API listens beyond loopback");
+        }
+        if !control.has_operator_token() {
+            tracing::warn!(
+                "no operator token (set ${} or [admin] token): only tenant tokens are accepted",
+                snap.admin.token_env
+            );
+        }
+        server.add_service(background_service(
+            "wasmgate admin",
+            crate::control::api::AdminService {
+                control: control.clone(),
+                listen: snap.admin.listen.clone(),
+            },
+        ));
     }
     server.add_service(background_service(
         "wasmgate reload",

@@ -18,6 +18,8 @@ pub struct ConfFile {
     #[serde(default)]
     pub access_log: AccessLogSection,
     #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
     pub listeners: Vec<Spanned<ListenerFile>>,
@@ -80,6 +82,40 @@ impl Default for MetricsSection {
             listen: default_metrics_listen(),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin API; empty disables it. Loopback by default.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Environment variable holding the operator token (never put secrets in the conf
+    /// file unless it is protected like one).
+    #[serde(default = "default_admin_token_env")]
+    pub token_env: String,
+    /// The operator token itself, when not taken from the environment.
+    pub token: Option<String>,
+    /// Function URLs by host: `{function}.{tenant}.<base_domain>`.
+    pub base_domain: Option<String>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: default_admin_listen(),
+            token_env: default_admin_token_env(),
+            token: None,
+            base_domain: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_admin_token_env() -> String {
+    "WASMGATE_ADMIN_TOKEN".into()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -332,7 +368,7 @@ impl Default for FailurePolicyFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantFile {
     /// Largest per-callback budget a module of this tenant may ask for (µs).
@@ -344,6 +380,11 @@ pub struct TenantFile {
     /// Requests per second across the tenant's hooks, with a burst.
     pub rate_per_sec: Option<u32>,
     pub burst: Option<u32>,
+    /// Requests of this tenant's functions served at once; more wait briefly, then 503.
+    pub max_concurrency: Option<u32>,
+    /// Upstreams this tenant's functions may guard (bind with an upstream).
+    #[serde(default)]
+    pub allowed_upstreams: Vec<String>,
 }
 
 fn default_threads() -> usize {

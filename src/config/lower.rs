@@ -22,6 +22,9 @@ pub struct Snapshot {
     pub server: ServerSection,
     pub metrics_listen: Option<SocketAddr>,
     pub access_log: AccessLogSection,
+    pub admin: AdminSection,
+    /// Tenants declared in the conf, with their limits.
+    pub tenants: BTreeMap<String, TenantFile>,
     pub listeners: Vec<Listener>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<Arc<Route>>,
@@ -167,6 +170,8 @@ impl Lowering<'_> {
             server: f.server,
             metrics_listen,
             access_log: f.access_log,
+            admin: f.admin,
+            tenants: f.tenants.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),
             listeners,
             upstreams,
             routes,

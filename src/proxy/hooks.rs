@@ -256,10 +256,13 @@ impl HookState {
     }
 
     /// `on_log`, `on_done`, `on_delete` for every module; returns the VMs to their pools.
-    pub fn finish(&mut self, req: &RequestHeader, status: u16) {
+    pub fn finish(&mut self, req: &RequestHeader, status: u16, bytes_in: u64, bytes_out: u64) {
         self.info.response_code = status;
         for l in self.leases.iter_mut().flatten() {
             l.finish(Some(req), &mut self.info);
+            let u = &l.plugin().usage;
+            u.add(crate::wasm::meter::BYTES_IN, bytes_in);
+            u.add(crate::wasm::meter::BYTES_OUT, bytes_out);
         }
         self.leases.clear();
     }

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 pub struct Gateway {
     pub live: Arc<Live>,
+    /// Tenants' function URLs and limits (when the admin API is on).
+    pub control: Option<Arc<crate::control::Control>>,
     pub metrics: Arc<Metrics>,
     pub access_log: Option<AccessLog>,
     callouts: Callouts,
@@ -36,6 +38,7 @@ impl Gateway {
     pub fn new(live: Arc<Live>, metrics: Arc<Metrics>, access_log: Option<AccessLog>) -> Gateway {
         Gateway {
             live,
+            control: None,
             metrics,
             access_log,
             callouts: Callouts::default(),
@@ -60,6 +63,8 @@ pub struct Ctx {
     /// Pingora closes the client connection after errors past peer selection, so answers
     /// from then on must say `Connection: close`.
     peer_selected: bool,
+    /// A slot under the tenant's `max_concurrency`, held for the request's life.
+    _tenant_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Ctx {
@@ -129,6 +134,71 @@ impl Gateway {
         ctx.error = Some(e);
         respond::send_error(session, e, ctx.route_name()).await?;
         Ok(true)
+    }
+
+    /// The rest of `request_filter` once a route is chosen: body limit, then hooks.
+    async fn routed(&self, session: &mut Session, ctx: &mut Ctx, route: Arc<Route>) -> Result<bool> {
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > route.max_request_body) {
+            return self
+                .answer_error(session, ctx, GatewayError::BodyTooLarge)
+                .await;
+        }
+        if !route.hooks.is_empty() {
+            return self.run_request_hooks(session, ctx).await;
+        }
+        Ok(false)
+    }
+
+    /// Function URLs (`/{tenant}/{function}/...` or by host): tenant rate and concurrency
+    /// limits, then the function's route. `None` when the request is not for a function.
+    async fn function_request(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Option<bool>> {
+        let Some(control) = &self.control else {
+            return Ok(None);
+        };
+        let Some(f) = control.function_for(host_of(session), session.req_header().uri.path()) else {
+            return Ok(None);
+        };
+        ctx.route = Some(f.route.clone());
+        if let Err(wait) = f.tenant.admit() {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            ctx.error = Some(GatewayError::RateLimited);
+            let h = [("retry-after".to_string(), secs.to_string().into_bytes())];
+            respond::send_error_with(session, GatewayError::RateLimited, ctx.route_name(), &h).await?;
+            return Ok(Some(true));
+        }
+        if let Some(sem) = &f.tenant.concurrency {
+            let slot = match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => tokio::time::timeout(crate::control::CONCURRENCY_WAIT, sem.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok()),
+            };
+            match slot {
+                Some(p) => ctx._tenant_slot = Some(p),
+                None => {
+                    ctx.error = Some(GatewayError::TenantBusy);
+                    let h = [("retry-after".to_string(), b"1".to_vec())];
+                    respond::send_error_with(session, GatewayError::TenantBusy, ctx.route_name(), &h).await?;
+                    return Ok(Some(true));
+                }
+            }
+        }
+        // A function sees its own path: /{tenant}/{function}/rest becomes /rest, for its
+        // hooks and for the upstream it guards.
+        let req = session.req_header();
+        if let Some(p) = f.route.rewrite.as_ref().map(|rw| rw.apply(req.uri.path(), req.uri.query(), &[])) {
+            let uri = p.parse::<http::Uri>().or_err(InternalError, "function path is not a valid URI")?;
+            session.req_header_mut().set_uri(uri);
+        }
+        ctx.snapshot = Some(self.live.load());
+        self.routed(session, ctx, f.route.clone()).await.map(Some)
     }
 
     /// Hooks for the request: headers first, then (for routes without an upstream) the
@@ -203,12 +273,16 @@ impl ProxyHttp for Gateway {
             body_seen: 0,
             counted: false,
             peer_selected: false,
+            _tenant_slot: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         self.metrics.inflight.inc();
         ctx.counted = true;
+        if let Some(done) = self.function_request(session, ctx).await? {
+            return Ok(done);
+        }
         let snap = self.live.load();
         let found = {
             let req = session.req_header();
@@ -237,21 +311,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.route = Some(route.clone());
         ctx.rewritten = rewritten;
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > route.max_request_body) {
-            return self
-                .answer_error(session, ctx, GatewayError::BodyTooLarge)
-                .await;
-        }
-        if !route.hooks.is_empty() {
-            return self.run_request_hooks(session, ctx).await;
-        }
-        Ok(false)
+        self.routed(session, ctx, route).await
     }
 
     async fn request_body_filter(
@@ -497,7 +557,8 @@ impl ProxyHttp for Gateway {
             .or(ctx.error.map(|e| e.status()))
             .unwrap_or(0);
         if let Some(state) = ctx.hooks.as_mut() {
-            state.finish(session.req_header(), status);
+            let sent = session.body_bytes_sent() as u64;
+            state.finish(session.req_header(), status, ctx.body_seen, sent);
         }
         if let Some(r) = &ctx.route {
             r.metrics.record(status);

@@ -21,6 +21,8 @@ pub enum GatewayError {
     ClientTimeout,
     BadRequest,
     NoHookResponse,
+    RateLimited,
+    TenantBusy,
     Internal,
 }
 
@@ -37,6 +39,8 @@ impl GatewayError {
             | GatewayError::UpstreamError
             | GatewayError::NoHookResponse => 502,
             GatewayError::UpstreamTimeout => 504,
+            GatewayError::RateLimited => 429,
+            GatewayError::TenantBusy => 503,
             GatewayError::Internal => 500,
         }
     }
@@ -53,6 +57,8 @@ impl GatewayError {
             GatewayError::ClientTimeout => "client_timeout",
             GatewayError::BadRequest => "bad_request",
             GatewayError::NoHookResponse => "no_response_from_hooks",
+            GatewayError::RateLimited => "rate_limited",
+            GatewayError::TenantBusy => "tenant_busy",
             GatewayError::Internal => "internal_error",
         }
     }
@@ -118,10 +124,20 @@ pub async fn send(
 
 /// Sends a gateway error as JSON.
 pub async fn send_error(session: &mut Session, e: GatewayError, route: Option<&str>) -> Result<()> {
+    send_error_with(session, e, route, &[]).await
+}
+
+/// Sends a gateway error as JSON with extra headers (e.g. `Retry-After`).
+pub async fn send_error_with(
+    session: &mut Session,
+    e: GatewayError,
+    route: Option<&str>,
+    headers: &[(String, Vec<u8>)],
+) -> Result<()> {
     send(
         session,
         e.status(),
-        &[],
+        headers,
         Some("application/json"),
         error_body(e.code(), route),
     )

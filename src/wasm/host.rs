@@ -1247,6 +1247,8 @@ fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 /// A guest's `proxy_log` line, as a tracing event with tenant and module fields.
 pub(crate) fn guest_log(p: &Plugin, level: i32, msg: &str) {
     let (t, m) = (p.spec.tenant.as_str(), p.spec.name.as_str());
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "critical"];
+    p.log.push(m, LEVELS[level.clamp(0, 5) as usize], msg);
     match level {
         0 => tracing::trace!(target: "wasmgate::guest", tenant = t, module = m, "{msg}"),
         1 => tracing::debug!(target: "wasmgate::guest", tenant = t, module = m, "{msg}"),

@@ -12,6 +12,7 @@
 
 pub mod abi;
 pub mod host;
+pub mod meter;
 mod vm;
 mod wasi;
 
@@ -132,6 +133,7 @@ pub struct PluginSpec {
 /// A compiled module, ready to instantiate. Shared by every plugin using the same bytes.
 pub struct Compiled {
     pub digest: String,
+    pub exports: Vec<String>,
     pub size: usize,
     pub pre: InstancePre<host::Host>,
     pub compile_time: Duration,
@@ -147,6 +149,8 @@ pub struct Plugin {
     idle: ArrayQueue<Box<vm::Vm>>,
     permits: Arc<tokio::sync::Semaphore>,
     pub(crate) metrics: PluginMetrics,
+    pub usage: Arc<meter::Usage>,
+    pub log: Arc<meter::TenantLog>,
     /// Tick period asked by the guest, in ms (0: none).
     pub(crate) tick_ms: AtomicU32,
     pub(crate) metric_ids: DashMap<String, u32>,
@@ -191,6 +195,7 @@ pub struct Runtime {
     cache: DashMap<[u8; 32], Arc<Compiled>>,
     cache_dir: Option<PathBuf>,
     shared: Arc<SharedState>,
+    pub meter: Arc<meter::Meter>,
 }
 
 impl Runtime {
@@ -211,6 +216,7 @@ impl Runtime {
             cache: DashMap::new(),
             cache_dir: cache_dir.map(Path::to_path_buf),
             shared: Arc::new(SharedState::default()),
+            meter: Arc::default(),
         })
     }
 
@@ -237,6 +243,7 @@ impl Runtime {
             )
         })?;
         let compiled = Arc::new(Compiled {
+            exports: module.exports().map(|e| e.name().to_string()).collect(),
             digest: hex::encode(digest),
             size: bytes.len(),
             pre,
@@ -321,6 +328,8 @@ impl Runtime {
             idle: ArrayQueue::new(max.max(1)),
             permits: Arc::new(tokio::sync::Semaphore::new(max)),
             metrics: pm,
+            usage: self.meter.usage(&spec.tenant, &spec.name),
+            log: self.meter.log(&spec.tenant),
             tick_ms: AtomicU32::new(0),
             metric_ids: DashMap::new(),
             guest_metrics: DashMap::new(),
@@ -398,6 +407,16 @@ impl Plugin {
             .failures
             .with_label_values(&[&self.spec.tenant, &self.spec.name, f.cause.label()])
             .inc();
+        match f.cause {
+            Cause::Overrun => self.usage.add(meter::OVERRUNS, 1),
+            Cause::Trap(_) => self.usage.add(meter::TRAPS, 1),
+            _ => {}
+        }
+        self.log.push(
+            &self.spec.name,
+            "error",
+            &format!("{} failed: {} ({})", f.callback, f.cause.label(), describe(&f.cause)),
+        );
         tracing::warn!(
             tenant = %self.spec.tenant,
             module = %self.spec.name,

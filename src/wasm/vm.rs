@@ -323,6 +323,14 @@ impl Lease {
         h.frame = Frame::default();
         let effects = std::mem::take(&mut h.effects);
         h.effects.next_token = effects.next_token;
+        if effects.local.is_some() {
+            self.plugin.usage.add(super::meter::LOCAL_RESPONSES, 1);
+        }
+        if !effects.calls.is_empty() {
+            self.plugin
+                .usage
+                .add(super::meter::CALLOUTS, effects.calls.len() as u64);
+        }
         match result {
             Ok(r) if effects.local_too_large => {
                 let _ = r;
@@ -372,6 +380,7 @@ impl Lease {
         })?;
         self.ctx = ctx;
         self.plugin.metrics.invocations.inc();
+        self.plugin.usage.add(super::meter::INVOCATIONS, 1);
         Ok(())
     }
 
@@ -603,6 +612,13 @@ impl Lease {
             None => Ok(()),
         });
         self.plugin.metrics.fuel.inc_by(self.fuel_used);
+        let usage = &self.plugin.usage;
+        usage.add(super::meter::CPU_US, self.fuel_used / super::FUEL_PER_US);
+        if let Some(vm) = &self.vm {
+            if let Some(m) = vm.store.data().memory {
+                usage.peak(m.data_size(&vm.store) as u64);
+            }
+        }
         self.plugin
             .metrics
             .cpu

@@ -1,0 +1,655 @@
+//! The control plane: tenants, runtime deploys, function URLs, tokens.
+//!
+//! Admin actions change a `Stored` record (persisted as `data_dir/control.json`, module
+//! bytes beside it) under a mutex that only the admin API takes. What the request path
+//! reads — function routes and tenant limits — is rebuilt after each change and published
+//! through `ArcSwap`, so requests never wait on the control plane. A deploy compiles and
+//! configures the module on a blocking thread before anything is swapped; requests in
+//! flight keep the version they started with.
+
+pub mod api;
+pub mod client;
+pub mod token;
+
+use crate::config::file::{Isolation, TenantFile};
+use crate::metrics::Metrics;
+use crate::reload::Live;
+use crate::route::{HeaderOps, Rewrite, Route};
+use crate::wasm::meter::now_secs;
+use crate::wasm::{FailurePolicy, HookChain, Plugin, PluginSpec};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Limits applied when neither the conf nor the API set one.
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 8 << 20;
+const DEFAULT_BUDGET_US: u64 = 1000;
+const DEFAULT_MEMORY_MB: u64 = 16;
+/// How long a request waits for a slot under its tenant's `max_concurrency`.
+pub const CONCURRENCY_WAIT: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct VersionRec {
+    pub version: u32,
+    pub digest: String,
+    pub size: u64,
+    pub uploaded_at: u64,
+    pub uploaded_by: String,
+    pub exports: Vec<String>,
+    pub compile_ms: u64,
+    pub config: String,
+    pub budget_us: u64,
+    pub memory_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ModuleRec {
+    pub versions: Vec<VersionRec>,
+    pub active: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionRec {
+    pub module: String,
+    pub upstream: Option<String>,
+}
+
+/// Options of a deploy, from the request's query.
+#[derive(Debug, Default, Clone)]
+pub struct DeployOpts {
+    /// Plugin configuration handed to `on_configure`.
+    pub config: String,
+    pub budget_us: Option<u64>,
+    pub memory_mb: Option<u64>,
+}
+
+/// What the control plane persists.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Stored {
+    /// Tenants created through the API (conf tenants live in the conf).
+    pub tenants: BTreeMap<String, TenantFile>,
+    pub modules: BTreeMap<String, BTreeMap<String, ModuleRec>>,
+    pub functions: BTreeMap<String, BTreeMap<String, FunctionRec>>,
+    pub revoked: BTreeSet<String>,
+    pub next_version: u32,
+}
+
+/// A tenant as the request path sees it: its limits and their live state.
+pub struct TenantRt {
+    pub name: String,
+    pub limits: TenantFile,
+    rate: Option<Gcra>,
+    pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// Rate limiting by generic cell rate: one atomic "theoretical arrival time", no lock.
+struct Gcra {
+    interval_ns: u64,
+    tolerance_ns: u64,
+    tat: AtomicU64,
+    epoch: Instant,
+}
+
+impl Gcra {
+    fn new(per_sec: u32, burst: u32) -> Gcra {
+        let interval_ns = 1_000_000_000 / per_sec.max(1) as u64;
+        Gcra {
+            interval_ns,
+            tolerance_ns: interval_ns * burst.max(1) as u64,
+            tat: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// `Ok` if allowed, else how long until a request would be.
+    fn check(&self) -> Result<(), Duration> {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let base = tat.max(now);
+            if base - now >= self.tolerance_ns {
+                return Err(Duration::from_nanos(base - now - self.tolerance_ns + self.interval_ns));
+            }
+            match self.tat.compare_exchange_weak(tat, base + self.interval_ns, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(t) => tat = t,
+            }
+        }
+    }
+}
+
+impl TenantRt {
+    fn new(name: &str, limits: TenantFile) -> TenantRt {
+        TenantRt {
+            name: name.into(),
+            rate: limits
+                .rate_per_sec
+                .map(|r| Gcra::new(r, limits.burst.unwrap_or(r.max(1)))),
+            concurrency: limits
+                .max_concurrency
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
+            limits,
+        }
+    }
+
+    /// Rate check: `Err(retry_after)` when over the tenant's rate.
+    pub fn admit(&self) -> Result<(), Duration> {
+        match &self.rate {
+            Some(g) => g.check(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A bound function as the request path uses it.
+pub struct Function {
+    pub route: Arc<Route>,
+    pub tenant: Arc<TenantRt>,
+}
+
+/// Why an admin action failed: a status and a reason for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub reason: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::new(404, "not_found", format!("{what} does not exist"))
+}
+
+pub struct Control {
+    data_dir: PathBuf,
+    live: Arc<Live>,
+    metrics: Arc<Metrics>,
+    pub(crate) operator_token: Option<String>,
+    pub(crate) secret: Vec<u8>,
+    base_domain: Option<String>,
+    stored: Mutex<Stored>,
+    /// Active plugin per (tenant, module).
+    plugins: Mutex<HashMap<(String, String), Arc<Plugin>>>,
+    tenants: ArcSwap<HashMap<String, Arc<TenantRt>>>,
+    functions: ArcSwap<HashMap<(String, String), Arc<Function>>>,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Control {
+    /// Opens the control plane in `data_dir`, reloading what was deployed before (from the
+    /// precompiled cache, so nothing is recompiled).
+    pub fn open(live: Arc<Live>, metrics: Arc<Metrics>, data_dir: &Path) -> anyhow::Result<Control> {
+        std::fs::create_dir_all(data_dir)?;
+        let snap = live.load();
+        let operator_token = snap
+            .admin
+            .token
+            .clone()
+            .or_else(|| std::env::var(&snap.admin.token_env).ok())
+            .filter(|t| !t.is_empty());
+        let secret = token::load_or_create_secret(&data_dir.join("admin.key"))?;
+        let stored: Stored = match std::fs::read(data_dir.join("control.json")) {
+            Ok(b) => serde_json::from_slice(&b)?,
+            Err(_) => Stored::default(),
+        };
+        let c = Control {
+            data_dir: data_dir.to_path_buf(),
+            base_domain: snap.admin.base_domain.clone().map(|d| d.to_ascii_lowercase()),
+            live,
+            metrics,
+            operator_token,
+            secret,
+            stored: Mutex::new(stored.clone()),
+            plugins: Mutex::new(HashMap::new()),
+            tenants: ArcSwap::from_pointee(HashMap::new()),
+            functions: ArcSwap::from_pointee(HashMap::new()),
+        };
+        let mut plugins = HashMap::new();
+        for (t, mods) in &stored.modules {
+            for (m, rec) in mods {
+                let Some(v) = rec.active.and_then(|a| rec.versions.iter().find(|v| v.version == a)) else {
+                    continue;
+                };
+                let limits = c.all_tenants(&stored).get(t).cloned().unwrap_or_default();
+                match c.build_plugin(t, m, v, &limits) {
+                    Ok(p) => {
+                        plugins.insert((t.clone(), m.clone()), p);
+                    }
+                    Err(e) => tracing::error!(tenant = %t, module = %m, "cannot restore deployed module: {}", e.reason),
+                }
+            }
+        }
+        *c.plugins.lock().unwrap_or_else(|e| e.into_inner()) = plugins;
+        c.publish(&stored);
+        Ok(c)
+    }
+
+    pub fn has_operator_token(&self) -> bool {
+        self.operator_token.is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stored> {
+        self.stored.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, s: &Stored) -> ApiResult<()> {
+        let path = self.data_dir.join("control.json");
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(s).map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| ApiError::new(500, "internal", format!("cannot persist: {e}")))
+    }
+
+    /// Conf tenants plus API tenants (the conf wins for a name in both).
+    fn all_tenants(&self, s: &Stored) -> BTreeMap<String, TenantFile> {
+        let mut all = s.tenants.clone();
+        for (k, v) in &self.live.load().tenants {
+            all.insert(k.clone(), v.clone());
+        }
+        all
+    }
+
+    pub fn tenant_exists(&self, t: &str) -> bool {
+        self.tenants.load().contains_key(t)
+    }
+
+    /// Rebuilds what the request path reads and publishes it.
+    fn publish(&self, s: &Stored) {
+        let tenants: HashMap<String, Arc<TenantRt>> = self
+            .all_tenants(s)
+            .into_iter()
+            .map(|(k, v)| (k.clone(), Arc::new(TenantRt::new(&k, v))))
+            .collect();
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let snap = self.live.load();
+        let mut functions = HashMap::new();
+        for (t, fns) in &s.functions {
+            let Some(tenant) = tenants.get(t) else { continue };
+            for (f, rec) in fns {
+                let Some(p) = plugins.get(&(t.clone(), rec.module.clone())) else {
+                    continue;
+                };
+                let upstream = rec.upstream.as_ref().and_then(|u| snap.upstreams.get(u).cloned());
+                let name = format!("fn:{t}/{f}");
+                let route = Arc::new(Route {
+                    metrics: self.metrics.route(&name),
+                    name: name.into(),
+                    upstream,
+                    rewrite: Some(Rewrite::Prefix {
+                        from: format!("/{t}/{f}"),
+                        to: String::new(),
+                    }),
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                    hooks: HookChain::new(vec![p.clone()]),
+                    max_request_body: 8 << 20,
+                });
+                functions.insert(
+                    (t.clone(), f.clone()),
+                    Arc::new(Function {
+                        route,
+                        tenant: tenant.clone(),
+                    }),
+                );
+            }
+        }
+        for p in plugins.values() {
+            p.spawn_ticks();
+        }
+        self.tenants.store(Arc::new(tenants));
+        self.functions.store(Arc::new(functions));
+    }
+
+    /// The function a request addresses: `/{tenant}/{function}/...`, or
+    /// `{function}.{tenant}.<base_domain>` when a base domain is set. Two hash lookups.
+    pub fn function_for(&self, host: &str, path: &str) -> Option<Arc<Function>> {
+        let fns = self.functions.load();
+        if fns.is_empty() {
+            return None;
+        }
+        if let Some(base) = &self.base_domain {
+            if let Some(prefix) = host.strip_suffix(base.as_str()).and_then(|p| p.strip_suffix('.')) {
+                if let Some((f, t)) = prefix.split_once('.') {
+                    if let Some(found) = fns.get(&(t.to_string(), f.to_string())) {
+                        return Some(found.clone());
+                    }
+                }
+            }
+        }
+        let mut seg = path.trim_start_matches('/').splitn(3, '/');
+        let (t, f) = (seg.next()?, seg.next()?);
+        fns.get(&(t.to_string(), f.to_string())).cloned()
+    }
+
+    // ---- admin actions ----------------------------------------------------------------
+
+    pub fn list_tenants(&self) -> serde_json::Value {
+        let s = self.lock();
+        let conf = self.live.load();
+        let all = self.all_tenants(&s);
+        serde_json::json!(all
+            .iter()
+            .map(|(k, v)| serde_json::json!({
+                "name": k,
+                "source": if conf.tenants.contains_key(k) { "conf" } else { "api" },
+                "limits": v,
+            }))
+            .collect::<Vec<_>>())
+    }
+
+    pub fn tenant_view(&self, t: &str) -> ApiResult<serde_json::Value> {
+        let s = self.lock();
+        let all = self.all_tenants(&s);
+        let limits = all.get(t).ok_or_else(|| not_found(&format!("tenant `{t}`")))?;
+        Ok(serde_json::json!({
+            "name": t,
+            "limits": limits,
+            "modules": s.modules.get(t).map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+            "functions": s.functions.get(t).cloned().unwrap_or_default(),
+        }))
+    }
+
+    pub fn create_tenant(&self, name: &str, limits: TenantFile) -> ApiResult<()> {
+        if !valid_name(name) {
+            return Err(ApiError::new(400, "bad_name", "tenant names are 1-63 of a-z, 0-9, - and _"));
+        }
+        let mut s = self.lock();
+        if self.all_tenants(&s).contains_key(name) {
+            return Err(ApiError::new(409, "exists", format!("tenant `{name}` already exists")));
+        }
+        let snap = self.live.load();
+        if let Some(bad) = limits.allowed_upstreams.iter().find(|u| !snap.upstreams.contains_key(*u)) {
+            return Err(ApiError::new(400, "bad_upstream", format!("upstream `{bad}` is not defined")));
+        }
+        s.tenants.insert(name.into(), limits);
+        self.persist(&s)?;
+        self.publish(&s);
+        Ok(())
+    }
+
+    pub fn delete_tenant(&self, name: &str) -> ApiResult<()> {
+        let mut s = self.lock();
+        if self.live.load().tenants.contains_key(name) {
+            return Err(ApiError::new(409, "conf_tenant", format!("tenant `{name}` is declared in the conf file; remove it there")));
+        }
+        if s.tenants.remove(name).is_none() {
+            return Err(not_found(&format!("tenant `{name}`")));
+        }
+        s.modules.remove(name);
+        s.functions.remove(name);
+        self.plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(t, _), _| t != name);
+        self.persist(&s)?;
+        self.publish(&s);
+        let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(name));
+        Ok(())
+    }
+
+    fn module_file(&self, t: &str, m: &str, digest: &str) -> PathBuf {
+        self.data_dir.join("tenants").join(t).join(m).join(format!("{digest}.wasm"))
+    }
+
+    fn build_plugin(&self, t: &str, m: &str, v: &VersionRec, limits: &TenantFile) -> ApiResult<Arc<Plugin>> {
+        let bytes = std::fs::read(self.module_file(t, m, &v.digest))
+            .map_err(|e| ApiError::new(500, "internal", format!("module bytes missing: {e}")))?;
+        self.compile(t, m, v, &bytes, limits)
+    }
+
+    /// Compiles and configures one version; the tenant's allowed upstreams are the only
+    /// ones its `proxy_http_call` can reach.
+    fn compile(&self, t: &str, m: &str, v: &VersionRec, bytes: &[u8], limits: &TenantFile) -> ApiResult<Arc<Plugin>> {
+        let snap = self.live.load();
+        let allowed = limits
+            .allowed_upstreams
+            .iter()
+            .filter_map(|u| snap.upstreams.get(u).cloned())
+            .collect();
+        let spec = PluginSpec {
+            name: m.into(),
+            tenant: t.into(),
+            root_id: String::new(),
+            config: v.config.clone().into_bytes(),
+            vm_config: Vec::new(),
+            budget: Duration::from_micros(v.budget_us),
+            request_budget: Duration::from_micros(v.budget_us * 8),
+            memory_bytes: v.memory_mb << 20,
+            isolation: Isolation::Shared,
+            max_instances: 64,
+            policy: FailurePolicy::Deny(503),
+            allowed_upstreams: allowed,
+            min_tick: Duration::from_millis(10),
+        };
+        self.live
+            .wasm
+            .plugin(spec, bytes, &self.metrics)
+            .map_err(|e| ApiError::new(400, "module_rejected", e))
+    }
+
+    /// Deploys `bytes` as a new version of module `m` of tenant `t` and activates it.
+    /// Runs on a blocking thread (it compiles).
+    pub fn deploy(&self, t: &str, m: &str, bytes: &[u8], opts: DeployOpts, by: &str) -> ApiResult<VersionRec> {
+        if !valid_name(m) {
+            return Err(ApiError::new(400, "bad_name", "module names are 1-63 of a-z, 0-9, - and _"));
+        }
+        let limits = {
+            let s = self.lock();
+            self.all_tenants(&s)
+                .get(t)
+                .cloned()
+                .ok_or_else(|| not_found(&format!("tenant `{t}`")))?
+        };
+        let reject = |e: ApiError| {
+            self.live.wasm.meter.log(t).push(m, "error", &format!("deploy rejected: {}", e.reason));
+            tracing::warn!(tenant = %t, module = %m, by = %by, reason = %e.reason, "deploy rejected");
+            e
+        };
+        let max = limits.max_module_bytes.unwrap_or(DEFAULT_MAX_MODULE_BYTES);
+        if bytes.len() as u64 > max {
+            return Err(reject(ApiError::new(413, "module_too_large", format!("{} bytes is over the tenant's limit of {max}", bytes.len()))));
+        }
+        if !bytes.starts_with(b"\0asm") {
+            return Err(reject(ApiError::new(400, "not_wasm", "the body is not a wasm module (missing the \\0asm header)")));
+        }
+        let within = |asked: Option<u64>, default: u64, max: Option<u64>, what: &str| -> ApiResult<u64> {
+            match (asked, max) {
+                (Some(a), Some(mx)) if a > mx => Err(ApiError::new(400, "over_limit", format!("{what} {a} is over the tenant's limit of {mx}"))),
+                (Some(a), _) if a == 0 => Err(ApiError::new(400, "over_limit", format!("{what} must be at least 1"))),
+                (Some(a), _) => Ok(a),
+                (None, mx) => Ok(mx.map_or(default, |mx| default.min(mx))),
+            }
+        };
+        let budget_us = within(opts.budget_us, DEFAULT_BUDGET_US, limits.max_budget_us, "budget_us").map_err(reject)?;
+        let memory_mb = within(opts.memory_mb, DEFAULT_MEMORY_MB, limits.max_memory_mb, "memory_mb").map_err(reject)?;
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+        let mut v = VersionRec {
+            version: 0,
+            digest: digest.clone(),
+            size: bytes.len() as u64,
+            uploaded_at: now_secs(),
+            uploaded_by: by.into(),
+            exports: Vec::new(),
+            compile_ms: 0,
+            config: opts.config,
+            budget_us,
+            memory_mb,
+        };
+        let started = Instant::now();
+        let plugin = self.compile(t, m, &v, bytes, &limits).map_err(reject)?;
+        v.compile_ms = started.elapsed().as_millis() as u64;
+        v.exports = plugin.compiled.exports.clone();
+        let file = self.module_file(t, m, &digest);
+        std::fs::create_dir_all(file.parent().expect("has parent"))
+            .and_then(|_| std::fs::write(&file, bytes))
+            .map_err(|e| ApiError::new(500, "internal", format!("cannot store module: {e}")))?;
+        let mut s = self.lock();
+        s.next_version += 1;
+        v.version = s.next_version;
+        let rec = s.modules.entry(t.into()).or_default().entry(m.into()).or_default();
+        rec.versions.push(v.clone());
+        rec.active = Some(v.version);
+        self.persist(&s)?;
+        self.plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((t.into(), m.into()), plugin);
+        self.publish(&s);
+        tracing::info!(tenant = %t, module = %m, version = v.version, digest = &digest[..12], by = %by, "module deployed");
+        Ok(v)
+    }
+
+    pub fn module_view(&self, t: &str, m: &str) -> ApiResult<ModuleRec> {
+        self.lock()
+            .modules
+            .get(t)
+            .and_then(|ms| ms.get(m))
+            .cloned()
+            .ok_or_else(|| not_found(&format!("module `{m}` of tenant `{t}`")))
+    }
+
+    pub fn modules_view(&self, t: &str) -> BTreeMap<String, ModuleRec> {
+        self.lock().modules.get(t).cloned().unwrap_or_default()
+    }
+
+    /// Activates `version` (or, with `None`, the version before the active one).
+    pub fn activate(&self, t: &str, m: &str, version: Option<u32>, by: &str) -> ApiResult<u32> {
+        let rec = self.module_view(t, m)?;
+        let limits = {
+            let s = self.lock();
+            self.all_tenants(&s).get(t).cloned().unwrap_or_default()
+        };
+        let target = match version {
+            Some(v) => rec.versions.iter().find(|x| x.version == v).cloned(),
+            None => {
+                let pos = rec.versions.iter().position(|x| Some(x.version) == rec.active);
+                pos.and_then(|p| p.checked_sub(1)).map(|p| rec.versions[p].clone())
+            }
+        }
+        .ok_or_else(|| ApiError::new(404, "no_such_version", "no such version to activate"))?;
+        let plugin = self.build_plugin(t, m, &target, &limits)?;
+        let mut s = self.lock();
+        if let Some(r) = s.modules.get_mut(t).and_then(|ms| ms.get_mut(m)) {
+            r.active = Some(target.version);
+        }
+        self.persist(&s)?;
+        self.plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((t.into(), m.into()), plugin);
+        self.publish(&s);
+        tracing::info!(tenant = %t, module = %m, version = target.version, by = %by, "module version activated");
+        Ok(target.version)
+    }
+
+    pub fn delete_module(&self, t: &str, m: &str, by: &str) -> ApiResult<()> {
+        let mut s = self.lock();
+        let removed = s.modules.get_mut(t).and_then(|ms| ms.remove(m));
+        if removed.is_none() {
+            return Err(not_found(&format!("module `{m}` of tenant `{t}`")));
+        }
+        if let Some(fns) = s.functions.get_mut(t) {
+            fns.retain(|_, f| f.module != m);
+        }
+        self.plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(t.to_string(), m.to_string()));
+        self.persist(&s)?;
+        self.publish(&s);
+        let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(t).join(m));
+        tracing::info!(tenant = %t, module = %m, by = %by, "module deleted");
+        Ok(())
+    }
+
+    pub fn bind(&self, t: &str, f: &str, rec: FunctionRec, by: &str) -> ApiResult<()> {
+        if !valid_name(f) {
+            return Err(ApiError::new(400, "bad_name", "function names are 1-63 of a-z, 0-9, - and _"));
+        }
+        let mut s = self.lock();
+        if !s.modules.get(t).is_some_and(|ms| ms.contains_key(&rec.module)) {
+            return Err(not_found(&format!("module `{}` of tenant `{t}`", rec.module)));
+        }
+        if let Some(u) = &rec.upstream {
+            let allowed = self.all_tenants(&s).get(t).map(|l| l.allowed_upstreams.contains(u)).unwrap_or(false);
+            if !allowed {
+                return Err(ApiError::new(403, "upstream_not_allowed", format!("the operator has not allowed tenant `{t}` to use upstream `{u}`")));
+            }
+        }
+        s.functions.entry(t.into()).or_default().insert(f.into(), rec);
+        self.persist(&s)?;
+        self.publish(&s);
+        tracing::info!(tenant = %t, function = %f, by = %by, "function bound");
+        Ok(())
+    }
+
+    pub fn unbind(&self, t: &str, f: &str, by: &str) -> ApiResult<()> {
+        let mut s = self.lock();
+        if s.functions.get_mut(t).and_then(|fs| fs.remove(f)).is_none() {
+            return Err(not_found(&format!("function `{f}` of tenant `{t}`")));
+        }
+        self.persist(&s)?;
+        self.publish(&s);
+        tracing::info!(tenant = %t, function = %f, by = %by, "function unbound");
+        Ok(())
+    }
+
+    pub fn functions_view(&self, t: &str) -> BTreeMap<String, FunctionRec> {
+        self.lock().functions.get(t).cloned().unwrap_or_default()
+    }
+
+    pub fn revoke(&self, jti: &str) -> ApiResult<()> {
+        let mut s = self.lock();
+        s.revoked.insert(jti.into());
+        self.persist(&s)
+    }
+
+    pub fn is_revoked(&self, jti: &str) -> bool {
+        self.lock().revoked.contains(jti)
+    }
+
+    pub fn usage(&self, t: &str, from: u64, to: u64) -> serde_json::Value {
+        let rows = self.live.wasm.meter.tenant_usage(t, from, to);
+        let mut modules = serde_json::Map::new();
+        let mut total = [0u64; 9];
+        for (m, c) in &rows {
+            let mut o = serde_json::Map::new();
+            for (i, f) in crate::wasm::meter::FIELDS.iter().enumerate() {
+                o.insert((*f).into(), c[i].into());
+                total[i] = if i == 8 { total[i].max(c[i]) } else { total[i] + c[i] };
+            }
+            modules.insert(m.clone(), o.into());
+        }
+        let totals: serde_json::Map<String, serde_json::Value> = crate::wasm::meter::FIELDS
+            .iter()
+            .enumerate()
+            .map(|(i, f)| ((*f).to_string(), total[i].into()))
+            .collect();
+        serde_json::json!({ "tenant": t, "from": from, "to": to, "modules": modules, "totals": totals })
+    }
+
+    pub fn log(&self, t: &str) -> Arc<crate::wasm::meter::TenantLog> {
+        self.live.wasm.meter.log(t)
+    }
+}
