@@ -123,7 +123,11 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Check { config } => check(&config),
-        Cmd::Tenant { admin, name, limits } => {
+        Cmd::Tenant {
+            admin,
+            name,
+            limits,
+        } => {
             let limits: serde_json::Value = match serde_json::from_str(&limits) {
                 Ok(v) => v,
                 Err(e) => {
@@ -134,7 +138,14 @@ fn main() -> ExitCode {
             let body = serde_json::json!({ "name": name, "limits": limits }).to_string();
             admin_call(&admin, "POST", "/v1/tenants", body.as_bytes())
         }
-        Cmd::Deploy { admin, tenant, name, file, config, bind } => {
+        Cmd::Deploy {
+            admin,
+            tenant,
+            name,
+            file,
+            config,
+            bind,
+        } => {
             let bytes = match std::fs::read(&file) {
                 Ok(b) => b,
                 Err(e) => {
@@ -153,16 +164,32 @@ fn main() -> ExitCode {
             match bind {
                 None => ExitCode::SUCCESS,
                 Some(b) => {
-                    let f = b.trim_matches('/').rsplit('/').next().unwrap_or_default().to_string();
+                    let f = b
+                        .trim_matches('/')
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
                     let body = serde_json::json!({ "module": name }).to_string();
-                    admin_call(&admin, "PUT", &format!("/v1/tenants/{tenant}/functions/{f}"), body.as_bytes())
+                    admin_call(
+                        &admin,
+                        "PUT",
+                        &format!("/v1/tenants/{tenant}/functions/{f}"),
+                        body.as_bytes(),
+                    )
                 }
             }
         }
-        Cmd::Logs { admin, tenant, follow } => {
+        Cmd::Logs {
+            admin,
+            tenant,
+            follow,
+        } => {
             let c = client(&admin);
             if follow {
-                match c.follow(&format!("/v1/tenants/{tenant}/logs?follow=true"), |l| println!("{l}")) {
+                match c.follow(&format!("/v1/tenants/{tenant}/logs?follow=true"), |l| {
+                    println!("{l}")
+                }) {
                     Ok(200) => ExitCode::SUCCESS,
                     Ok(_) => ExitCode::FAILURE,
                     Err(e) => {
@@ -174,7 +201,12 @@ fn main() -> ExitCode {
                 admin_call(&admin, "GET", &format!("/v1/tenants/{tenant}/logs"), b"")
             }
         }
-        Cmd::Usage { admin, tenant, from, to } => {
+        Cmd::Usage {
+            admin,
+            tenant,
+            from,
+            to,
+        } => {
             let mut q = Vec::new();
             if let Some(f) = from {
                 q.push(format!("from={f}"));
@@ -186,12 +218,27 @@ fn main() -> ExitCode {
             admin_call(&admin, "GET", &path, b"")
         }
         Cmd::Token { admin, cmd } => match cmd {
-            TokenCmd::Create { tenant, ops, ttl_secs } => {
-                let ops: Vec<&str> = ops.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
+            TokenCmd::Create {
+                tenant,
+                ops,
+                ttl_secs,
+            } => {
+                let ops: Vec<&str> = ops
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .collect();
                 let body = serde_json::json!({ "ops": ops, "ttl_secs": ttl_secs }).to_string();
-                admin_call(&admin, "POST", &format!("/v1/tenants/{tenant}/tokens"), body.as_bytes())
+                admin_call(
+                    &admin,
+                    "POST",
+                    &format!("/v1/tenants/{tenant}/tokens"),
+                    body.as_bytes(),
+                )
             }
-            TokenCmd::Revoke { jti } => admin_call(&admin, "DELETE", &format!("/v1/tokens/{jti}"), b""),
+            TokenCmd::Revoke { jti } => {
+                admin_call(&admin, "DELETE", &format!("/v1/tokens/{jti}"), b"")
+            }
         },
         Cmd::DemoUpstream {
             listen,

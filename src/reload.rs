@@ -112,12 +112,17 @@ impl Live {
 pub struct Reloader {
     pub live: Arc<Live>,
     pub watch: bool,
+    /// Deployed modules restored at startup, whose timers start with this service.
+    pub control: Option<Arc<crate::control::Control>>,
 }
 
 #[async_trait::async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         self.live.load().start();
+        if let Some(c) = &self.control {
+            c.start();
+        }
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),

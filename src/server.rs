@@ -148,6 +148,7 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
         Reloader {
             live: live.clone(),
             watch: snap.server.watch_config,
+            control: Some(control.clone()),
         },
     ));
     drop(snap);

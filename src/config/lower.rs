@@ -171,7 +171,11 @@ impl Lowering<'_> {
             metrics_listen,
             access_log: f.access_log,
             admin: f.admin,
-            tenants: f.tenants.into_iter().map(|(k, v)| (k, v.into_inner())).collect(),
+            tenants: f
+                .tenants
+                .into_iter()
+                .map(|(k, v)| (k, v.into_inner()))
+                .collect(),
             listeners,
             upstreams,
             routes,

@@ -87,10 +87,17 @@ enum Resp {
 }
 
 fn err_json(e: &ApiError) -> Resp {
-    Resp::Json(e.status, serde_json::json!({ "error": e.code, "reason": e.reason }))
+    Resp::Json(
+        e.status,
+        serde_json::json!({ "error": e.code, "reason": e.reason }),
+    )
 }
 
-async fn serve(c: Arc<Control>, mut sock: TcpStream, shutdown: ShutdownWatch) -> std::io::Result<()> {
+async fn serve(
+    c: Arc<Control>,
+    mut sock: TcpStream,
+    shutdown: ShutdownWatch,
+) -> std::io::Result<()> {
     let req = match read_request(&mut sock).await? {
         Ok(r) => r,
         Err(e) => return write_json(&mut sock, &err_json(&e)).await,
@@ -122,7 +129,9 @@ async fn serve(c: Arc<Control>, mut sock: TcpStream, shutdown: ShutdownWatch) ->
 }
 
 async fn write_json(sock: &mut TcpStream, r: &Resp) -> std::io::Result<()> {
-    let Resp::Json(status, v) = r else { return Ok(()) };
+    let Resp::Json(status, v) = r else {
+        return Ok(());
+    };
     let body = v.to_string();
     let head = format!(
         "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -147,7 +156,8 @@ async fn follow(
     )
     .await?;
     for line in log.recent() {
-        sock.write_all(format!("data: {line}\n\n").as_bytes()).await?;
+        sock.write_all(format!("data: {line}\n\n").as_bytes())
+            .await?;
     }
     loop {
         tokio::select! {
@@ -181,13 +191,20 @@ async fn read_request(sock: &mut TcpStream) -> std::io::Result<Result<Req, ApiEr
                 let mut auth = None;
                 for h in r.headers.iter() {
                     if h.name.eq_ignore_ascii_case("content-length") {
-                        len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                        len = std::str::from_utf8(h.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
                     } else if h.name.eq_ignore_ascii_case("authorization") {
                         auth = std::str::from_utf8(h.value).ok().map(str::to_string);
                     }
                 }
                 if len > MAX_BODY {
-                    return Ok(Err(ApiError::new(413, "body_too_large", format!("bodies are limited to {MAX_BODY} bytes"))));
+                    return Ok(Err(ApiError::new(
+                        413,
+                        "body_too_large",
+                        format!("bodies are limited to {MAX_BODY} bytes"),
+                    )));
                 }
                 let target = r.path.unwrap_or("/").to_string();
                 let method = r.method.unwrap_or("GET").to_string();
@@ -218,7 +235,13 @@ async fn read_request(sock: &mut TcpStream) -> std::io::Result<Result<Req, ApiEr
                 }));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            _ => return Ok(Err(ApiError::new(400, "bad_request", "malformed or oversized request head"))),
+            _ => {
+                return Ok(Err(ApiError::new(
+                    400,
+                    "bad_request",
+                    "malformed or oversized request head",
+                )))
+            }
         }
     }
 }
@@ -278,7 +301,11 @@ fn authenticate(c: &Control, auth: Option<&str>) -> ApiResult<Who> {
 fn operator(who: &Who) -> ApiResult<()> {
     match who {
         Who::Operator => Ok(()),
-        Who::Tenant(_) => Err(ApiError::new(403, "forbidden", "this needs the operator token")),
+        Who::Tenant(_) => Err(ApiError::new(
+            403,
+            "forbidden",
+            "this needs the operator token",
+        )),
     }
 }
 
@@ -286,11 +313,17 @@ fn operator(who: &Who) -> ApiResult<()> {
 fn allowed(who: &Who, tenant: &str, op: Option<&str>) -> ApiResult<()> {
     match who {
         Who::Operator => Ok(()),
-        Who::Tenant(c) if c.sub != tenant => Err(ApiError::new(403, "forbidden", format!("this token is for tenant `{}`", c.sub))),
+        Who::Tenant(c) if c.sub != tenant => Err(ApiError::new(
+            403,
+            "forbidden",
+            format!("this token is for tenant `{}`", c.sub),
+        )),
         Who::Tenant(c) => match op {
-            Some(op) if !c.ops.iter().any(|o| o == op) => {
-                Err(ApiError::new(403, "forbidden", format!("this token does not allow `{op}`")))
-            }
+            Some(op) if !c.ops.iter().any(|o| o == op) => Err(ApiError::new(
+                403,
+                "forbidden",
+                format!("this token does not allow `{op}`"),
+            )),
             _ => Ok(()),
         },
     }
@@ -304,7 +337,11 @@ fn exists(c: &Control, t: &str) -> ApiResult<()> {
     if c.tenant_exists(t) {
         Ok(())
     } else {
-        Err(ApiError::new(404, "not_found", format!("tenant `{t}` does not exist")))
+        Err(ApiError::new(
+            404,
+            "not_found",
+            format!("tenant `{t}` does not exist"),
+        ))
     }
 }
 
@@ -363,7 +400,11 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             exists(c, t)?;
             let n: NewToken = json_body(&req.body)?;
             if n.ops.is_empty() || n.ops.iter().any(|o| !token::OPS.contains(&o.as_str())) {
-                return Err(ApiError::new(400, "bad_ops", format!("ops must be a non-empty subset of {:?}", token::OPS)));
+                return Err(ApiError::new(
+                    400,
+                    "bad_ops",
+                    format!("ops must be a non-empty subset of {:?}", token::OPS),
+                ));
             }
             let claims = Claims {
                 sub: t.to_string(),
@@ -373,7 +414,10 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             };
             let tok = token::sign(&c.secret, &claims);
             tracing::info!(target: "wasmgate::admin", who = %by, tenant = %t, jti = %claims.jti, "token issued");
-            Ok(Resp::Json(201, serde_json::json!({ "token": tok, "jti": claims.jti, "exp": claims.exp, "ops": claims.ops })))
+            Ok(Resp::Json(
+                201,
+                serde_json::json!({ "token": tok, "jti": claims.jti, "exp": claims.exp, "ops": claims.ops }),
+            ))
         }
         ("DELETE", ["v1", "tokens", jti]) => {
             operator(who)?;
@@ -391,7 +435,11 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             let num = |k: &str| -> ApiResult<Option<u64>> {
                 req.query
                     .get(k)
-                    .map(|v| v.parse().map_err(|_| ApiError::new(400, "bad_query", format!("{k} must be a number"))))
+                    .map(|v| {
+                        v.parse().map_err(|_| {
+                            ApiError::new(400, "bad_query", format!("{k} must be a number"))
+                        })
+                    })
                     .transpose()
             };
             let opts = DeployOpts {
@@ -442,7 +490,15 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
                 upstream: Option<String>,
             }
             let b: Bind = json_body(&req.body)?;
-            c.bind(t, f, FunctionRec { module: b.module, upstream: b.upstream }, &by)?;
+            c.bind(
+                t,
+                f,
+                FunctionRec {
+                    module: b.module,
+                    upstream: b.upstream,
+                },
+                &by,
+            )?;
             ok(serde_json::json!({ "bound": format!("/{t}/{f}") }))
         }
         ("DELETE", ["v1", "tenants", t, "functions", f]) => {
@@ -460,13 +516,21 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             allowed(who, t, Some("logs"))?;
             exists(c, t)?;
             let log = c.log(t);
-            if req.query.get("follow").is_some_and(|v| v == "true" || v == "1") {
+            if req
+                .query
+                .get("follow")
+                .is_some_and(|v| v == "true" || v == "1")
+            {
                 Ok(Resp::Follow(log))
             } else {
                 ok(serde_json::json!(log.recent()))
             }
         }
-        _ => Err(ApiError::new(404, "not_found", format!("no endpoint {} {}", req.method, req.path))),
+        _ => Err(ApiError::new(
+            404,
+            "not_found",
+            format!("no endpoint {} {}", req.method, req.path),
+        )),
     }
 }
 

@@ -18,7 +18,9 @@ pub struct Answer {
 pub fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -26,7 +28,10 @@ pub fn encode(s: &str) -> String {
 
 impl Client {
     fn open(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<BufReader<TcpStream>> {
-        let addr = self.addr.trim_start_matches("http://").trim_end_matches('/');
+        let addr = self
+            .addr
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
         let mut s = TcpStream::connect(addr)?;
         write!(
             s,
@@ -41,7 +46,11 @@ impl Client {
     fn head(r: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
         let mut line = String::new();
         r.read_line(&mut line)?;
-        let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         loop {
             line.clear();
             if r.read_line(&mut line)? == 0 || line == "\r\n" {

@@ -112,9 +112,16 @@ impl Gcra {
         loop {
             let base = tat.max(now);
             if base - now >= self.tolerance_ns {
-                return Err(Duration::from_nanos(base - now - self.tolerance_ns + self.interval_ns));
+                return Err(Duration::from_nanos(
+                    base - now - self.tolerance_ns + self.interval_ns,
+                ));
             }
-            match self.tat.compare_exchange_weak(tat, base + self.interval_ns, Ordering::Relaxed, Ordering::Relaxed) {
+            match self.tat.compare_exchange_weak(
+                tat,
+                base + self.interval_ns,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(t) => tat = t,
             }
@@ -192,13 +199,18 @@ pub struct Control {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 impl Control {
     /// Opens the control plane in `data_dir`, reloading what was deployed before (from the
     /// precompiled cache, so nothing is recompiled).
-    pub fn open(live: Arc<Live>, metrics: Arc<Metrics>, data_dir: &Path) -> anyhow::Result<Control> {
+    pub fn open(
+        live: Arc<Live>,
+        metrics: Arc<Metrics>,
+        data_dir: &Path,
+    ) -> anyhow::Result<Control> {
         std::fs::create_dir_all(data_dir)?;
         let snap = live.load();
         let operator_token = snap
@@ -214,7 +226,11 @@ impl Control {
         };
         let c = Control {
             data_dir: data_dir.to_path_buf(),
-            base_domain: snap.admin.base_domain.clone().map(|d| d.to_ascii_lowercase()),
+            base_domain: snap
+                .admin
+                .base_domain
+                .clone()
+                .map(|d| d.to_ascii_lowercase()),
             live,
             metrics,
             operator_token,
@@ -227,7 +243,10 @@ impl Control {
         let mut plugins = HashMap::new();
         for (t, mods) in &stored.modules {
             for (m, rec) in mods {
-                let Some(v) = rec.active.and_then(|a| rec.versions.iter().find(|v| v.version == a)) else {
+                let Some(v) = rec
+                    .active
+                    .and_then(|a| rec.versions.iter().find(|v| v.version == a))
+                else {
                     continue;
                 };
                 let limits = c.all_tenants(&stored).get(t).cloned().unwrap_or_default();
@@ -235,13 +254,27 @@ impl Control {
                     Ok(p) => {
                         plugins.insert((t.clone(), m.clone()), p);
                     }
-                    Err(e) => tracing::error!(tenant = %t, module = %m, "cannot restore deployed module: {}", e.reason),
+                    Err(e) => {
+                        tracing::error!(tenant = %t, module = %m, "cannot restore deployed module: {}", e.reason)
+                    }
                 }
             }
         }
         *c.plugins.lock().unwrap_or_else(|e| e.into_inner()) = plugins;
         c.publish(&stored);
         Ok(c)
+    }
+
+    /// Starts the timers of restored modules; called once the services run.
+    pub fn start(&self) {
+        for p in self
+            .plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            p.spawn_ticks();
+        }
     }
 
     pub fn has_operator_token(&self) -> bool {
@@ -255,7 +288,8 @@ impl Control {
     fn persist(&self, s: &Stored) -> ApiResult<()> {
         let path = self.data_dir.join("control.json");
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(s).map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(s)
+            .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
         std::fs::write(&tmp, bytes)
             .and_then(|_| std::fs::rename(&tmp, &path))
             .map_err(|e| ApiError::new(500, "internal", format!("cannot persist: {e}")))
@@ -281,16 +315,25 @@ impl Control {
             .into_iter()
             .map(|(k, v)| (k.clone(), Arc::new(TenantRt::new(&k, v))))
             .collect();
-        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let plugins = self
+            .plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let snap = self.live.load();
         let mut functions = HashMap::new();
         for (t, fns) in &s.functions {
-            let Some(tenant) = tenants.get(t) else { continue };
+            let Some(tenant) = tenants.get(t) else {
+                continue;
+            };
             for (f, rec) in fns {
                 let Some(p) = plugins.get(&(t.clone(), rec.module.clone())) else {
                     continue;
                 };
-                let upstream = rec.upstream.as_ref().and_then(|u| snap.upstreams.get(u).cloned());
+                let upstream = rec
+                    .upstream
+                    .as_ref()
+                    .and_then(|u| snap.upstreams.get(u).cloned());
                 let name = format!("fn:{t}/{f}");
                 let route = Arc::new(Route {
                     metrics: self.metrics.route(&name),
@@ -329,7 +372,10 @@ impl Control {
             return None;
         }
         if let Some(base) = &self.base_domain {
-            if let Some(prefix) = host.strip_suffix(base.as_str()).and_then(|p| p.strip_suffix('.')) {
+            if let Some(prefix) = host
+                .strip_suffix(base.as_str())
+                .and_then(|p| p.strip_suffix('.'))
+            {
                 if let Some((f, t)) = prefix.split_once('.') {
                     if let Some(found) = fns.get(&(t.to_string(), f.to_string())) {
                         return Some(found.clone());
@@ -361,7 +407,9 @@ impl Control {
     pub fn tenant_view(&self, t: &str) -> ApiResult<serde_json::Value> {
         let s = self.lock();
         let all = self.all_tenants(&s);
-        let limits = all.get(t).ok_or_else(|| not_found(&format!("tenant `{t}`")))?;
+        let limits = all
+            .get(t)
+            .ok_or_else(|| not_found(&format!("tenant `{t}`")))?;
         Ok(serde_json::json!({
             "name": t,
             "limits": limits,
@@ -372,15 +420,31 @@ impl Control {
 
     pub fn create_tenant(&self, name: &str, limits: TenantFile) -> ApiResult<()> {
         if !valid_name(name) {
-            return Err(ApiError::new(400, "bad_name", "tenant names are 1-63 of a-z, 0-9, - and _"));
+            return Err(ApiError::new(
+                400,
+                "bad_name",
+                "tenant names are 1-63 of a-z, 0-9, - and _",
+            ));
         }
         let mut s = self.lock();
         if self.all_tenants(&s).contains_key(name) {
-            return Err(ApiError::new(409, "exists", format!("tenant `{name}` already exists")));
+            return Err(ApiError::new(
+                409,
+                "exists",
+                format!("tenant `{name}` already exists"),
+            ));
         }
         let snap = self.live.load();
-        if let Some(bad) = limits.allowed_upstreams.iter().find(|u| !snap.upstreams.contains_key(*u)) {
-            return Err(ApiError::new(400, "bad_upstream", format!("upstream `{bad}` is not defined")));
+        if let Some(bad) = limits
+            .allowed_upstreams
+            .iter()
+            .find(|u| !snap.upstreams.contains_key(*u))
+        {
+            return Err(ApiError::new(
+                400,
+                "bad_upstream",
+                format!("upstream `{bad}` is not defined"),
+            ));
         }
         s.tenants.insert(name.into(), limits);
         self.persist(&s)?;
@@ -391,7 +455,11 @@ impl Control {
     pub fn delete_tenant(&self, name: &str) -> ApiResult<()> {
         let mut s = self.lock();
         if self.live.load().tenants.contains_key(name) {
-            return Err(ApiError::new(409, "conf_tenant", format!("tenant `{name}` is declared in the conf file; remove it there")));
+            return Err(ApiError::new(
+                409,
+                "conf_tenant",
+                format!("tenant `{name}` is declared in the conf file; remove it there"),
+            ));
         }
         if s.tenants.remove(name).is_none() {
             return Err(not_found(&format!("tenant `{name}`")));
@@ -409,10 +477,20 @@ impl Control {
     }
 
     fn module_file(&self, t: &str, m: &str, digest: &str) -> PathBuf {
-        self.data_dir.join("tenants").join(t).join(m).join(format!("{digest}.wasm"))
+        self.data_dir
+            .join("tenants")
+            .join(t)
+            .join(m)
+            .join(format!("{digest}.wasm"))
     }
 
-    fn build_plugin(&self, t: &str, m: &str, v: &VersionRec, limits: &TenantFile) -> ApiResult<Arc<Plugin>> {
+    fn build_plugin(
+        &self,
+        t: &str,
+        m: &str,
+        v: &VersionRec,
+        limits: &TenantFile,
+    ) -> ApiResult<Arc<Plugin>> {
         let bytes = std::fs::read(self.module_file(t, m, &v.digest))
             .map_err(|e| ApiError::new(500, "internal", format!("module bytes missing: {e}")))?;
         self.compile(t, m, v, &bytes, limits)
@@ -420,7 +498,14 @@ impl Control {
 
     /// Compiles and configures one version; the tenant's allowed upstreams are the only
     /// ones its `proxy_http_call` can reach.
-    fn compile(&self, t: &str, m: &str, v: &VersionRec, bytes: &[u8], limits: &TenantFile) -> ApiResult<Arc<Plugin>> {
+    fn compile(
+        &self,
+        t: &str,
+        m: &str,
+        v: &VersionRec,
+        bytes: &[u8],
+        limits: &TenantFile,
+    ) -> ApiResult<Arc<Plugin>> {
         let snap = self.live.load();
         let allowed = limits
             .allowed_upstreams
@@ -450,9 +535,20 @@ impl Control {
 
     /// Deploys `bytes` as a new version of module `m` of tenant `t` and activates it.
     /// Runs on a blocking thread (it compiles).
-    pub fn deploy(&self, t: &str, m: &str, bytes: &[u8], opts: DeployOpts, by: &str) -> ApiResult<VersionRec> {
+    pub fn deploy(
+        &self,
+        t: &str,
+        m: &str,
+        bytes: &[u8],
+        opts: DeployOpts,
+        by: &str,
+    ) -> ApiResult<VersionRec> {
         if !valid_name(m) {
-            return Err(ApiError::new(400, "bad_name", "module names are 1-63 of a-z, 0-9, - and _"));
+            return Err(ApiError::new(
+                400,
+                "bad_name",
+                "module names are 1-63 of a-z, 0-9, - and _",
+            ));
         }
         let limits = {
             let s = self.lock();
@@ -462,27 +558,60 @@ impl Control {
                 .ok_or_else(|| not_found(&format!("tenant `{t}`")))?
         };
         let reject = |e: ApiError| {
-            self.live.wasm.meter.log(t).push(m, "error", &format!("deploy rejected: {}", e.reason));
+            self.live
+                .wasm
+                .meter
+                .log(t)
+                .push(m, "error", &format!("deploy rejected: {}", e.reason));
             tracing::warn!(tenant = %t, module = %m, by = %by, reason = %e.reason, "deploy rejected");
             e
         };
         let max = limits.max_module_bytes.unwrap_or(DEFAULT_MAX_MODULE_BYTES);
         if bytes.len() as u64 > max {
-            return Err(reject(ApiError::new(413, "module_too_large", format!("{} bytes is over the tenant's limit of {max}", bytes.len()))));
+            return Err(reject(ApiError::new(
+                413,
+                "module_too_large",
+                format!("{} bytes is over the tenant's limit of {max}", bytes.len()),
+            )));
         }
         if !bytes.starts_with(b"\0asm") {
-            return Err(reject(ApiError::new(400, "not_wasm", "the body is not a wasm module (missing the \\0asm header)")));
+            return Err(reject(ApiError::new(
+                400,
+                "not_wasm",
+                "the body is not a wasm module (missing the \\0asm header)",
+            )));
         }
-        let within = |asked: Option<u64>, default: u64, max: Option<u64>, what: &str| -> ApiResult<u64> {
-            match (asked, max) {
-                (Some(a), Some(mx)) if a > mx => Err(ApiError::new(400, "over_limit", format!("{what} {a} is over the tenant's limit of {mx}"))),
-                (Some(a), _) if a == 0 => Err(ApiError::new(400, "over_limit", format!("{what} must be at least 1"))),
-                (Some(a), _) => Ok(a),
-                (None, mx) => Ok(mx.map_or(default, |mx| default.min(mx))),
-            }
-        };
-        let budget_us = within(opts.budget_us, DEFAULT_BUDGET_US, limits.max_budget_us, "budget_us").map_err(reject)?;
-        let memory_mb = within(opts.memory_mb, DEFAULT_MEMORY_MB, limits.max_memory_mb, "memory_mb").map_err(reject)?;
+        let within =
+            |asked: Option<u64>, default: u64, max: Option<u64>, what: &str| -> ApiResult<u64> {
+                match (asked, max) {
+                    (Some(a), Some(mx)) if a > mx => Err(ApiError::new(
+                        400,
+                        "over_limit",
+                        format!("{what} {a} is over the tenant's limit of {mx}"),
+                    )),
+                    (Some(0), _) => Err(ApiError::new(
+                        400,
+                        "over_limit",
+                        format!("{what} must be at least 1"),
+                    )),
+                    (Some(a), _) => Ok(a),
+                    (None, mx) => Ok(mx.map_or(default, |mx| default.min(mx))),
+                }
+            };
+        let budget_us = within(
+            opts.budget_us,
+            DEFAULT_BUDGET_US,
+            limits.max_budget_us,
+            "budget_us",
+        )
+        .map_err(reject)?;
+        let memory_mb = within(
+            opts.memory_mb,
+            DEFAULT_MEMORY_MB,
+            limits.max_memory_mb,
+            "memory_mb",
+        )
+        .map_err(reject)?;
         let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
         let mut v = VersionRec {
             version: 0,
@@ -507,7 +636,12 @@ impl Control {
         let mut s = self.lock();
         s.next_version += 1;
         v.version = s.next_version;
-        let rec = s.modules.entry(t.into()).or_default().entry(m.into()).or_default();
+        let rec = s
+            .modules
+            .entry(t.into())
+            .or_default()
+            .entry(m.into())
+            .or_default();
         rec.versions.push(v.clone());
         rec.active = Some(v.version);
         self.persist(&s)?;
@@ -543,8 +677,12 @@ impl Control {
         let target = match version {
             Some(v) => rec.versions.iter().find(|x| x.version == v).cloned(),
             None => {
-                let pos = rec.versions.iter().position(|x| Some(x.version) == rec.active);
-                pos.and_then(|p| p.checked_sub(1)).map(|p| rec.versions[p].clone())
+                let pos = rec
+                    .versions
+                    .iter()
+                    .position(|x| Some(x.version) == rec.active);
+                pos.and_then(|p| p.checked_sub(1))
+                    .map(|p| rec.versions[p].clone())
             }
         }
         .ok_or_else(|| ApiError::new(404, "no_such_version", "no such version to activate"))?;
@@ -585,19 +723,41 @@ impl Control {
 
     pub fn bind(&self, t: &str, f: &str, rec: FunctionRec, by: &str) -> ApiResult<()> {
         if !valid_name(f) {
-            return Err(ApiError::new(400, "bad_name", "function names are 1-63 of a-z, 0-9, - and _"));
+            return Err(ApiError::new(
+                400,
+                "bad_name",
+                "function names are 1-63 of a-z, 0-9, - and _",
+            ));
         }
         let mut s = self.lock();
-        if !s.modules.get(t).is_some_and(|ms| ms.contains_key(&rec.module)) {
-            return Err(not_found(&format!("module `{}` of tenant `{t}`", rec.module)));
+        if !s
+            .modules
+            .get(t)
+            .is_some_and(|ms| ms.contains_key(&rec.module))
+        {
+            return Err(not_found(&format!(
+                "module `{}` of tenant `{t}`",
+                rec.module
+            )));
         }
         if let Some(u) = &rec.upstream {
-            let allowed = self.all_tenants(&s).get(t).map(|l| l.allowed_upstreams.contains(u)).unwrap_or(false);
+            let allowed = self
+                .all_tenants(&s)
+                .get(t)
+                .map(|l| l.allowed_upstreams.contains(u))
+                .unwrap_or(false);
             if !allowed {
-                return Err(ApiError::new(403, "upstream_not_allowed", format!("the operator has not allowed tenant `{t}` to use upstream `{u}`")));
+                return Err(ApiError::new(
+                    403,
+                    "upstream_not_allowed",
+                    format!("the operator has not allowed tenant `{t}` to use upstream `{u}`"),
+                ));
             }
         }
-        s.functions.entry(t.into()).or_default().insert(f.into(), rec);
+        s.functions
+            .entry(t.into())
+            .or_default()
+            .insert(f.into(), rec);
         self.persist(&s)?;
         self.publish(&s);
         tracing::info!(tenant = %t, function = %f, by = %by, "function bound");
@@ -637,7 +797,11 @@ impl Control {
             let mut o = serde_json::Map::new();
             for (i, f) in crate::wasm::meter::FIELDS.iter().enumerate() {
                 o.insert((*f).into(), c[i].into());
-                total[i] = if i == 8 { total[i].max(c[i]) } else { total[i] + c[i] };
+                total[i] = if i == 8 {
+                    total[i].max(c[i])
+                } else {
+                    total[i] + c[i]
+                };
             }
             modules.insert(m.clone(), o.into());
         }

@@ -48,12 +48,15 @@ pub fn sign(secret: &[u8], claims: &Claims) -> String {
 /// Checks signature and expiry; the reason is safe to show the caller.
 pub fn verify(secret: &[u8], token: &str, now: u64) -> Result<Claims, &'static str> {
     let mut parts = token.split('.');
-    let (Some(head), Some(body), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(head), Some(body), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err("malformed token");
     };
     let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| "malformed token")?;
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    ring::hmac::verify(&key, format!("{head}.{body}").as_bytes(), &sig).map_err(|_| "bad signature")?;
+    ring::hmac::verify(&key, format!("{head}.{body}").as_bytes(), &sig)
+        .map_err(|_| "bad signature")?;
     let claims: Claims = URL_SAFE_NO_PAD
         .decode(body)
         .ok()
@@ -85,8 +88,14 @@ mod tests {
         };
         let t = sign(b"k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1", &c);
         assert_eq!(verify(b"k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1", &t, 99), Ok(c));
-        assert_eq!(verify(b"k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1", &t, 100), Err("token expired"));
-        assert_eq!(verify(b"other-secret-other-secret-000000", &t, 1), Err("bad signature"));
+        assert_eq!(
+            verify(b"k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1", &t, 100),
+            Err("token expired")
+        );
+        assert_eq!(
+            verify(b"other-secret-other-secret-000000", &t, 1),
+            Err("bad signature")
+        );
         assert_eq!(verify(b"k", "a.b", 1), Err("malformed token"));
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
     }

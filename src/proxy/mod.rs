@@ -137,7 +137,12 @@ impl Gateway {
     }
 
     /// The rest of `request_filter` once a route is chosen: body limit, then hooks.
-    async fn routed(&self, session: &mut Session, ctx: &mut Ctx, route: Arc<Route>) -> Result<bool> {
+    async fn routed(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        route: Arc<Route>,
+    ) -> Result<bool> {
         let declared = session
             .req_header()
             .headers
@@ -161,7 +166,8 @@ impl Gateway {
         let Some(control) = &self.control else {
             return Ok(None);
         };
-        let Some(f) = control.function_for(host_of(session), session.req_header().uri.path()) else {
+        let Some(f) = control.function_for(host_of(session), session.req_header().uri.path())
+        else {
             return Ok(None);
         };
         ctx.route = Some(f.route.clone());
@@ -169,23 +175,33 @@ impl Gateway {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             ctx.error = Some(GatewayError::RateLimited);
             let h = [("retry-after".to_string(), secs.to_string().into_bytes())];
-            respond::send_error_with(session, GatewayError::RateLimited, ctx.route_name(), &h).await?;
+            respond::send_error_with(session, GatewayError::RateLimited, ctx.route_name(), &h)
+                .await?;
             return Ok(Some(true));
         }
         if let Some(sem) = &f.tenant.concurrency {
             let slot = match sem.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
-                Err(_) => tokio::time::timeout(crate::control::CONCURRENCY_WAIT, sem.clone().acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok()),
+                Err(_) => tokio::time::timeout(
+                    crate::control::CONCURRENCY_WAIT,
+                    sem.clone().acquire_owned(),
+                )
+                .await
+                .ok()
+                .and_then(|r| r.ok()),
             };
             match slot {
                 Some(p) => ctx._tenant_slot = Some(p),
                 None => {
                     ctx.error = Some(GatewayError::TenantBusy);
                     let h = [("retry-after".to_string(), b"1".to_vec())];
-                    respond::send_error_with(session, GatewayError::TenantBusy, ctx.route_name(), &h).await?;
+                    respond::send_error_with(
+                        session,
+                        GatewayError::TenantBusy,
+                        ctx.route_name(),
+                        &h,
+                    )
+                    .await?;
                     return Ok(Some(true));
                 }
             }
@@ -193,8 +209,15 @@ impl Gateway {
         // A function sees its own path: /{tenant}/{function}/rest becomes /rest, for its
         // hooks and for the upstream it guards.
         let req = session.req_header();
-        if let Some(p) = f.route.rewrite.as_ref().map(|rw| rw.apply(req.uri.path(), req.uri.query(), &[])) {
-            let uri = p.parse::<http::Uri>().or_err(InternalError, "function path is not a valid URI")?;
+        if let Some(p) = f
+            .route
+            .rewrite
+            .as_ref()
+            .map(|rw| rw.apply(req.uri.path(), req.uri.query(), &[]))
+        {
+            let uri = p
+                .parse::<http::Uri>()
+                .or_err(InternalError, "function path is not a valid URI")?;
             session.req_header_mut().set_uri(uri);
         }
         ctx.snapshot = Some(self.live.load());

@@ -415,7 +415,12 @@ impl Plugin {
         self.log.push(
             &self.spec.name,
             "error",
-            &format!("{} failed: {} ({})", f.callback, f.cause.label(), describe(&f.cause)),
+            &format!(
+                "{} failed: {} ({})",
+                f.callback,
+                f.cause.label(),
+                describe(&f.cause)
+            ),
         );
         tracing::warn!(
             tenant = %self.spec.tenant,
@@ -434,9 +439,13 @@ impl Plugin {
 
     /// Runs `on_tick` on idle VMs every period the guest asked for, while the plugin lives.
     pub fn spawn_ticks(self: &Arc<Self>) {
+        // Outside a runtime (a restore at startup) the timers start with the services.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let weak = Arc::downgrade(self);
         let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        tokio::spawn(async move {
+        rt.spawn(async move {
             loop {
                 let period = match weak.upgrade() {
                     Some(p) if p.generation.load(Ordering::Relaxed) == gen => {

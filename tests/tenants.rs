@@ -1,0 +1,753 @@
+//! Tenants and live deploys through a real gateway: the admin API and its tokens,
+//! function URLs, deploys under load, rollback, limits, usage, log streaming and
+//! persistence across a restart.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+const OP: &str = "operator-secret-for-tests";
+
+fn conf(upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[admin]
+listen = "127.0.0.1:{{port:admin}}"
+token = "{OP}"
+base_domain = "fn.test"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.echo]
+targets = ["{upstream}"]
+[upstreams.secret]
+targets = ["{upstream}"]
+[[routes]]
+path_prefix = "/plain"
+upstream = "echo"
+[tenants.confco]
+max_module_bytes = 300000
+allowed_upstreams = ["echo"]
+"#
+    )
+}
+
+struct Admin {
+    base: String,
+    c: reqwest::Client,
+}
+
+impl Admin {
+    fn new(gw: &Gw) -> Admin {
+        Admin {
+            base: gw.url("admin", ""),
+            c: client(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = self.c.request(m, format!("{}{path}", self.base)).body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.send().await.unwrap();
+        let s = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            s,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn json(&self, method: &str, path: &str, token: &str, v: Value) -> (u16, Value) {
+        self.call(method, path, Some(token), v.to_string().into_bytes())
+            .await
+    }
+
+    async fn token(&self, tenant: &str, ops: &[&str]) -> String {
+        let (s, v) = self
+            .json(
+                "POST",
+                &format!("/v1/tenants/{tenant}/tokens"),
+                OP,
+                serde_json::json!({ "ops": ops }),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    async fn tenant(&self, name: &str, limits: Value) {
+        let (s, v) = self
+            .json(
+                "POST",
+                "/v1/tenants",
+                OP,
+                serde_json::json!({ "name": name, "limits": limits }),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+
+    async fn deploy(
+        &self,
+        tenant: &str,
+        module: &str,
+        token: &str,
+        bytes: Vec<u8>,
+    ) -> (u16, Value) {
+        self.call(
+            "PUT",
+            &format!("/v1/tenants/{tenant}/modules/{module}"),
+            Some(token),
+            bytes,
+        )
+        .await
+    }
+}
+
+fn guest(name: &str) -> Vec<u8> {
+    std::fs::read(guests().join(format!("{name}.wasm"))).unwrap()
+}
+
+/// A module answering every request with a fixed body.
+fn fixed_answer(body: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 64) "{body}")
+          (func (export "proxy_abi_version_0_2_1"))
+          (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+          (func (export "proxy_on_context_create") (param i32 i32))
+          (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 64) (i32.const {len}) (i32.const 0) (i32.const 0) (i32.const -1)))
+            (i32.const 1)))"#,
+        len = body.len()
+    ))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_deploy_call_redeploy_under_load_rollback_delete() {
+    let up = Upstream::start("echo").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let a = Admin::new(&gw);
+    a.tenant("acme", serde_json::json!({})).await;
+    let tok = a.token("acme", &["deploy", "logs", "usage"]).await;
+    let (s, v) = a.deploy("acme", "hello", &tok, guest("hello_api")).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["version"], 1);
+    assert!(v["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "proxy_on_request_headers"));
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/acme/functions/greet",
+            &tok,
+            serde_json::json!({ "module": "hello" }),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let c = client();
+    let url = gw.url("http", "/acme/greet/hello/bob");
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "bob");
+    // host form: {function}.{tenant}.<base_domain>
+    let r = c
+        .get(gw.url("http", "/hello/ann"))
+        .header("host", "greet.acme.fn.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "ann");
+
+    // redeploy under load: no request fails while a new version is swapped in
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut bad, mut v2) = (0, 0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok += 1;
+                        if r.text().await.unwrap() == "v2" {
+                            v2 += 1;
+                        }
+                    }
+                    _ => bad += 1,
+                }
+            }
+            (ok, bad, v2)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, v) = a.deploy("acme", "hello", &tok, fixed_answer("v2")).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["version"], 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut bad, mut v2) = (0, 0, 0);
+    for l in load {
+        let (o, b, n) = l.await.unwrap();
+        ok += o;
+        bad += b;
+        v2 += n;
+    }
+    assert_eq!(bad, 0, "{bad} requests failed during the redeploy");
+    assert!(ok > 20 && v2 > 0, "ok={ok} v2={v2}");
+
+    // versions, rollback, delete
+    let (s, v) = a
+        .call("GET", "/v1/tenants/acme/modules/hello", Some(&tok), vec![])
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(v["active"], 2);
+    let (s, v) = a
+        .call(
+            "POST",
+            "/v1/tenants/acme/modules/hello/rollback",
+            Some(&tok),
+            vec![],
+        )
+        .await;
+    assert_eq!((s, v["active"].as_u64()), (200, Some(1)));
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "bob");
+    let (s, _) = a
+        .json(
+            "POST",
+            "/v1/tenants/acme/modules/hello/activate",
+            &tok,
+            serde_json::json!({"version": 2}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        c.get(&url).send().await.unwrap().text().await.unwrap(),
+        "v2"
+    );
+    let (s, _) = a
+        .call(
+            "DELETE",
+            "/v1/tenants/acme/modules/hello",
+            Some(&tok),
+            vec![],
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 404);
+    let (s, _) = a.call("DELETE", "/v1/tenants/acme", Some(OP), vec![]).await;
+    assert_eq!(s, 200);
+    assert!(
+        gw.log().contains("who=tenant:acme:"),
+        "admin actions are logged with who did them"
+    );
+    assert!(!gw.log().contains(&tok), "a token leaked into the log");
+    assert!(
+        !gw.log().contains(OP),
+        "the operator token leaked into the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_matrix() {
+    let up = Upstream::start("echo").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let a = Admin::new(&gw);
+    a.tenant("alpha", serde_json::json!({})).await;
+    a.tenant("beta", serde_json::json!({})).await;
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let alpha = leak(a.token("alpha", &["deploy", "logs", "usage"]).await);
+    let alpha_usage_only = leak(a.token("alpha", &["usage"]).await);
+    let beta = leak(a.token("beta", &["deploy", "logs", "usage"]).await);
+    let (s, v) = a.deploy("alpha", "m", alpha, guest("hello_api")).await;
+    assert_eq!(s, 201, "{v}");
+    // revoked and expired tokens
+    let (_, v) = a
+        .json(
+            "POST",
+            "/v1/tenants/alpha/tokens",
+            OP,
+            serde_json::json!({"ops": ["deploy"]}),
+        )
+        .await;
+    let revoked = leak(v["token"].as_str().unwrap().to_string());
+    let (s, _) = a
+        .call(
+            "DELETE",
+            &format!("/v1/tokens/{}", v["jti"].as_str().unwrap()),
+            Some(OP),
+            vec![],
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, v) = a
+        .json(
+            "POST",
+            "/v1/tenants/alpha/tokens",
+            OP,
+            serde_json::json!({"ops": ["deploy"], "ttl_secs": 1}),
+        )
+        .await;
+    let expired = leak(v["token"].as_str().unwrap().to_string());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let forged = leak({
+        let mut t = alpha.to_string();
+        t.pop();
+        t.push(if alpha.ends_with('A') { 'B' } else { 'A' });
+        t
+    });
+
+    let endpoints: Vec<(&str, &str, Option<&str>)> = vec![
+        // (method, path, op needed by a tenant token; None = operator only)
+        ("GET", "/v1/tenants", None),
+        ("POST", "/v1/tenants/alpha/tokens", None),
+        ("DELETE", "/v1/tokens/x", None),
+        ("GET", "/v1/tenants/alpha", Some("any")),
+        ("GET", "/v1/tenants/alpha/modules", Some("deploy")),
+        ("GET", "/v1/tenants/alpha/modules/m", Some("deploy")),
+        ("GET", "/v1/tenants/alpha/functions", Some("deploy")),
+        ("GET", "/v1/tenants/alpha/usage", Some("usage")),
+        ("GET", "/v1/tenants/alpha/logs", Some("logs")),
+    ];
+    for (method, path, op) in endpoints {
+        let body = if path.ends_with("/tokens") {
+            br#"{"ops":["usage"]}"#.to_vec()
+        } else {
+            vec![]
+        };
+        let status = |t: Option<&'static str>| a.call(method, path, t, body.clone());
+        // the operator can do everything
+        let (s, v) = status(Some(OP)).await;
+        assert!(s < 300, "operator {method} {path}: {s} {v}");
+        // bad tokens: 401
+        for bad in [
+            None,
+            Some("garbage"),
+            Some(forged),
+            Some(revoked),
+            Some(expired),
+        ] {
+            let (s, v) = status(bad).await;
+            assert_eq!(s, 401, "{method} {path} with {bad:?}: {v}");
+        }
+        // tenant beta never reaches alpha's anything: 403
+        let (s, v) = status(Some(beta)).await;
+        assert_eq!(s, 403, "beta on {method} {path}: {v}");
+        // alpha: allowed exactly by its ops
+        let (s, v) = status(Some(alpha)).await;
+        match op {
+            None => assert_eq!(s, 403, "alpha on operator endpoint {path}: {v}"),
+            Some(_) => assert_eq!(s, 200, "alpha on {path}: {v}"),
+        }
+        let (s, _) = status(Some(alpha_usage_only)).await;
+        let expect = match op {
+            Some("usage") | Some("any") => 200,
+            _ => 403,
+        };
+        assert_eq!(s, expect, "alpha(usage only) on {method} {path}");
+    }
+    // writes: beta cannot deploy into alpha, alpha cannot create tenants
+    assert_eq!(
+        a.deploy("alpha", "x", beta, guest("hello_api")).await.0,
+        403
+    );
+    assert_eq!(
+        a.deploy("alpha", "x", alpha_usage_only, guest("hello_api"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        a.json(
+            "POST",
+            "/v1/tenants",
+            alpha,
+            serde_json::json!({"name": "gamma"})
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        a.call("DELETE", "/v1/tenants/alpha", Some(alpha), vec![])
+            .await
+            .0,
+        403
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_refused_with_the_reason() {
+    let up = Upstream::start("echo").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let a = Admin::new(&gw);
+    let tok = a.token("confco", &["deploy", "logs"]).await;
+    let (s, v) = a
+        .deploy("confco", "m", &tok, b"hello, not wasm".to_vec())
+        .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("not_wasm")), "{v}");
+    let (s, v) = a.deploy("confco", "m", &tok, vec![0u8; 300_001]).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (413, Some("module_too_large")),
+        "{v}"
+    );
+    let plain = wat::parse_str("(module (memory (export \"memory\") 1))").unwrap();
+    let (s, v) = a.deploy("confco", "m", &tok, plain).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (400, Some("module_rejected")),
+        "{v}"
+    );
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("proxy_abi_version_0_2_1"),
+        "{v}"
+    );
+    let (s, v) = a
+        .deploy("confco", "m", &tok, b"\0asm\x01\0\0\0\x01garbage".to_vec())
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (400, Some("module_rejected")),
+        "{v}"
+    );
+    assert!(
+        v["reason"].as_str().unwrap().contains("does not compile"),
+        "{v}"
+    );
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/v1/tenants/confco/modules/m?config=%7B%22keys%22%3A%5B%5D%7D",
+            Some(&tok),
+            guest("api_key_auth"),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rejected its plugin configuration"),
+        "{v}"
+    );
+    // binding to an upstream the operator did not allow
+    let (s, _) = a.deploy("confco", "ok", &tok, guest("hello_api")).await;
+    assert_eq!(s, 201);
+    let (s, v) = a
+        .json(
+            "PUT",
+            "/v1/tenants/confco/functions/f",
+            &tok,
+            serde_json::json!({"module": "ok", "upstream": "secret"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("upstream_not_allowed")),
+        "{v}"
+    );
+    // rejected deploys are in the tenant's log
+    let (_, v) = a
+        .call("GET", "/v1/tenants/confco/logs", Some(&tok), vec![])
+        .await;
+    assert!(v.to_string().contains("deploy rejected"), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_and_concurrency_limits() {
+    let up = Upstream::start("echo").await;
+    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+        name: "slow".into(),
+        delay: Duration::from_millis(600),
+        ..Default::default()
+    })
+    .await;
+    let conf = conf(&up.addr()) + &format!("[upstreams.slow]\ntargets = [\"{}\"]\n", slow.addr());
+    let gw = Gw::start(&conf);
+    let a = Admin::new(&gw);
+    a.tenant(
+        "limited",
+        serde_json::json!({"rate_per_sec": 5, "burst": 5}),
+    )
+    .await;
+    a.tenant(
+        "narrow",
+        serde_json::json!({"max_concurrency": 1, "allowed_upstreams": ["slow"]}),
+    )
+    .await;
+    let lt = a.token("limited", &["deploy"]).await;
+    let nt = a.token("narrow", &["deploy"]).await;
+    assert_eq!(
+        a.deploy("limited", "h", &lt, guest("hello_api")).await.0,
+        201
+    );
+    assert_eq!(
+        a.json(
+            "PUT",
+            "/v1/tenants/limited/functions/f",
+            &lt,
+            serde_json::json!({"module": "h"})
+        )
+        .await
+        .0,
+        200
+    );
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/v1/tenants/narrow/modules/pass?config=%7B%7D",
+            Some(&nt),
+            guest("rewrite"),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        a.json(
+            "PUT",
+            "/v1/tenants/narrow/functions/f",
+            &nt,
+            serde_json::json!({"module": "pass", "upstream": "slow"})
+        )
+        .await
+        .0,
+        200
+    );
+    let c = client();
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..20 {
+        let r = c
+            .get(gw.url("http", "/limited/f/hello/x"))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                let after: u64 = r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(after >= 1);
+                assert_eq!(r.json::<Value>().await.unwrap()["error"], "rate_limited");
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(
+        (5..=7).contains(&ok),
+        "burst of 5 (plus refill) expected, got {ok} ok"
+    );
+    assert_eq!(ok + limited, 20);
+
+    let url = gw.url("http", "/narrow/f/x");
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.get(url).send().await.unwrap().status().as_u16() }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t = std::time::Instant::now();
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "tenant_busy");
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "it must not queue unboundedly"
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    // the guarded upstream saw the function's own path
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["path"], "/x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_matches_traffic_and_logs_stream_live() {
+    let up = Upstream::start("echo").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let a = Admin::new(&gw);
+    a.tenant("meter", serde_json::json!({"allowed_upstreams": ["echo"]}))
+        .await;
+    let tok = a.token("meter", &["deploy", "logs", "usage"]).await;
+    let t0 = wasmgate::wasm::meter::now_secs() - 1;
+    assert_eq!(
+        a.deploy("meter", "hello", &tok, guest("hello_api")).await.0,
+        201
+    );
+    assert_eq!(
+        a.json(
+            "PUT",
+            "/v1/tenants/meter/functions/hi",
+            &tok,
+            serde_json::json!({"module": "hello"})
+        )
+        .await
+        .0,
+        200
+    );
+    let c = client();
+    let mut out_bytes = 0;
+    for i in 0..7 {
+        let r = c
+            .get(gw.url("http", &format!("/meter/hi/hello/u{i}")))
+            .send()
+            .await
+            .unwrap();
+        out_bytes += r.bytes().await.unwrap().len() as u64;
+    }
+    let (s, v) = a
+        .call(
+            "GET",
+            &format!("/v1/tenants/meter/usage?from={t0}"),
+            Some(&tok),
+            vec![],
+        )
+        .await;
+    assert_eq!(s, 200);
+    let m = &v["modules"]["hello"];
+    assert_eq!(m["invocations"], 7, "{v}");
+    assert_eq!(m["local_responses"], 7, "{v}");
+    assert_eq!(m["bytes_out"], out_bytes, "{v}");
+    assert!(m["wasm_cpu_us"].as_u64().unwrap() > 0, "{v}");
+    assert!(m["peak_memory_bytes"].as_u64().unwrap() >= 65536, "{v}");
+    assert_eq!(v["totals"]["invocations"], 7);
+    // a window before the traffic has none of it
+    let (_, v) = a
+        .call(
+            "GET",
+            &format!("/v1/tenants/meter/usage?from=0&to={}", t0 - 10),
+            Some(&tok),
+            vec![],
+        )
+        .await;
+    assert_eq!(v["totals"]["invocations"], 0, "{v}");
+
+    // logs: follow, then cause a line
+    assert_eq!(
+        a.call(
+            "PUT",
+            "/v1/tenants/meter/modules/auth?config=%7B%22keys%22%3A%5B%22k%22%5D%7D",
+            Some(&tok),
+            guest("api_key_auth")
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        a.json(
+            "PUT",
+            "/v1/tenants/meter/functions/guard",
+            &tok,
+            serde_json::json!({"module": "auth", "upstream": "echo"})
+        )
+        .await
+        .0,
+        200
+    );
+    let mut stream = c
+        .get(gw.url("admin", "/v1/tenants/meter/logs?follow=true"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let r = c
+        .get(gw.url("http", "/meter/guard/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(chunk) = stream.chunk().await.unwrap() {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("denied (missing_api_key)") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(found, "log line not streamed: {seen}");
+    assert!(seen.contains("\"module\":\"auth\""), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_survive_a_restart_without_recompiling() {
+    let up = Upstream::start("echo").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let a = Admin::new(&gw);
+    let tok = a.token("confco", &["deploy"]).await;
+    assert_eq!(
+        a.deploy("confco", "hello", &tok, guest("hello_api"))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        a.json(
+            "PUT",
+            "/v1/tenants/confco/functions/hi",
+            &tok,
+            serde_json::json!({"module": "hello"})
+        )
+        .await
+        .0,
+        200
+    );
+    let (dir, ports) = gw.stop();
+    let gw = Gw::start_in(dir, &conf(&up.addr()), ports);
+    let r = client()
+        .get(gw.url("http", "/confco/hi/hello/again"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "again");
+    assert!(
+        gw.wait_log("module=hello digest=", Duration::from_secs(2))
+            .await
+    );
+    let line = gw
+        .log()
+        .lines()
+        .find(|l| l.contains("module=hello") && l.contains("module loaded"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("precompiled=true"), "{line}");
+    // the tenant token still works after the restart (same signing key)
+    let a = Admin::new(&gw);
+    assert_eq!(
+        a.call("GET", "/v1/tenants/confco/modules", Some(&tok), vec![])
+            .await
+            .0,
+        200
+    );
+}
