@@ -7,7 +7,7 @@
 # Ends with machine-readable lines: `ratio name=value` and `figure name=value`.
 #
 #   scripts/bench.sh            5 runs x 8 s per target
-#   scripts/bench.sh --quick    3 runs x 3 s per target (under 3 minutes in all)
+#   scripts/bench.sh --quick    3 runs x 2 s per target (under 3 minutes in all)
 # Env: THREADS (gateway threads = nginx workers, default 1), CONNS (default 32).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -15,7 +15,7 @@ cd "$root"
 source scripts/lib.sh
 
 runs=5 dur=8 crit_time=3
-if [ "${1:-}" = "--quick" ]; then runs=3 dur=3 crit_time=1; fi
+if [ "${1:-}" = "--quick" ]; then runs=3 dur=2 crit_time=1; fi
 threads="${THREADS:-1}"
 conns="${CONNS:-32}"
 
@@ -37,6 +37,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); gw_port=$(free_port); ng_port=$(free_port); metrics_port=$(free_port)
+admin_port=$(free_port)
 
 wait_port() {
   for _ in $(seq 1 200); do
@@ -70,6 +71,9 @@ data_dir = "$tmp/data"
 watch_config = false
 [metrics]
 listen = "127.0.0.1:$metrics_port"
+[admin]
+listen = "127.0.0.1:$admin_port"
+token = "bench-operator-token"
 [[listeners]]
 listen = "127.0.0.1:$gw_port"
 [upstreams.up]
@@ -158,14 +162,71 @@ for run in $(seq 1 "$runs"); do
   done
 done
 
+# --- deploys: time from upload to the first successful request, and requests/s on a
+#     function while it is redeployed 10 times per second
+cargo run --release --quiet --example gen_module -- 1048576 "$tmp/big.wasm" 2>/dev/null
+python3 - "127.0.0.1:$admin_port" "127.0.0.1:$gw_port" "$root/guests/out/hello_api.wasm" "$tmp/big.wasm" \
+  "$dur" "$tmp/deploys" <<'PY'
+import http.client, json, os, statistics, subprocess, sys, threading, time
+admin, gw, small_path, big_path, dur, out = sys.argv[1:]
+H = {"authorization": "Bearer bench-operator-token"}
+def call(method, path, body=b"", host=admin):
+    c = http.client.HTTPConnection(host, timeout=30)
+    c.request(method, path, body, H)
+    r = c.getresponse()
+    return r.status, r.read()
+def unique(b, i):
+    # a custom section makes the bytes (and digest) new without changing the code
+    payload = bytes([1]) + b"x" + os.urandom(8) + i.to_bytes(4, "little")
+    return b + bytes([0, len(payload)]) + payload
+def first_ok(name, body):
+    t0 = time.perf_counter()
+    s, d = call("PUT", f"/v1/tenants/bench/modules/{name}", body)
+    assert s == 201, d
+    s, d = call("PUT", f"/v1/tenants/bench/functions/{name}", json.dumps({"module": name}).encode())
+    assert s == 200, d
+    while True:
+        s, _ = call("GET", f"/bench/{name}/hello/x", host=gw)
+        if s == 200:
+            return (time.perf_counter() - t0) * 1000
+s, d = call("POST", "/v1/tenants", json.dumps({"name": "bench", "limits": {"max_module_bytes": 4 << 20}}).encode())
+assert s == 201, d
+small, big = open(small_path, "rb").read(), open(big_path, "rb").read()
+cold = [first_ok(f"cold{i}", unique(small, i)) for i in range(3)]
+warm = [first_ok(f"warm{i}", small) for i in range(3)]
+bigc = [first_ok(f"big{i}", unique(big, i)) for i in range(3)]
+def wrk():
+    o = subprocess.run(["wrk", "-t1", "-c32", f"-d{dur}s", f"http://{gw}/bench/warm0/hello/x"],
+                       capture_output=True, text=True).stdout
+    rps = float([l for l in o.splitlines() if l.startswith("Requests/sec")][0].split()[1])
+    bad = [l.strip() for l in o.splitlines() if "Non-2xx" in l or "Socket errors" in l]
+    return rps, bad
+steady, _ = wrk()
+stop, deploys = False, [0]
+def redeploy():
+    i = 0
+    while not stop:
+        t = time.perf_counter()
+        s, d = call("PUT", "/v1/tenants/bench/modules/warm0", small)
+        assert s == 201, d
+        deploys[0] += 1
+        time.sleep(max(0, 0.1 - (time.perf_counter() - t)))
+th = threading.Thread(target=redeploy); th.start()
+during, bad = wrk()
+stop = True; th.join()
+with open(out, "w") as f:
+    json.dump({"cold": cold, "warm": warm, "big": bigc, "steady": steady, "during": during,
+               "errors_during": bad, "deploys": deploys[0]}, f)
+PY
+
 # --- criterion benches (short)
 cargo bench --quiet --bench route_match --bench hooks -- \
   --warm-up-time 1 --measurement-time "$crit_time" >"$tmp/criterion.log" 2>&1 || {
   cat "$tmp/criterion.log" >&2; exit 1; }
 
-python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" <<'PY'
+python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" <<'PY'
 import json, os, statistics, sys
-results, crit, runs, dur, threads, conns = sys.argv[1:]
+results, crit, runs, dur, threads, conns, deploys = sys.argv[1:]
 rows = {}
 def ms(v):
     v = v.strip()
@@ -213,6 +274,15 @@ print(f"ratio hook_vs_plain={med['gateway_key'] / med['gateway']:.2f}")
 print(f"ratio jwt_hook_vs_plain={med['gateway_jwt'] / med['gateway']:.2f}")
 print(f"ratio wasm_auth_vs_njs_auth={med['gateway_key'] / med['nginx_njs_key']:.2f}")
 print(f"ratio wasm_backend_vs_plain={med['gateway_backend'] / med['gateway']:.2f}")
+d = json.load(open(deploys))
+print(f"\ndeploys (upload -> first 200 on the function URL), median of 3: small cold {statistics.median(d['cold']):.0f} ms,"
+      f" small warm {statistics.median(d['warm']):.0f} ms, 1 MB cold {statistics.median(d['big']):.0f} ms")
+print(f"function URL: {d['steady']:.0f} req/s steady, {d['during']:.0f} req/s during {d['deploys']} redeploys"
+      f" (10/s); errors during: {d['errors_during'] or 'none'}")
+fig["deploy_first_ok_cold_ms"] = statistics.median(d["cold"])
+fig["deploy_first_ok_warm_ms"] = statistics.median(d["warm"])
+fig["deploy_1mb_first_ok_cold_ms"] = statistics.median(d["big"])
+print(f"ratio rps_during_redeploys_vs_steady={d['during'] / d['steady']:.2f}")
 for k, v in fig.items():
     print(f"figure {k}={v:.3g}" if v < 100 else f"figure {k}={v:.0f}")
 PY
