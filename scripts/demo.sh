@@ -16,5 +16,8 @@ bin="$CARGO_TARGET_DIR/release/wasmgate"
 "$bin" demo-upstream --listen 127.0.0.1:9000 &
 upstream=$!
 trap 'kill $upstream 2>/dev/null || true' EXIT
+# the demo's operator token for the admin API (127.0.0.1:9092); set your own in real use
+export WASMGATE_ADMIN_TOKEN="${WASMGATE_ADMIN_TOKEN:-demo-operator-token}"
 echo "try: curl -s localhost:8080/hello/world ; see the curl lines at the end of conf/demo.toml"
+echo "admin API on 127.0.0.1:9092, operator token: \$WASMGATE_ADMIN_TOKEN (see README, Tenants)"
 "$bin" serve --config conf/demo.toml
