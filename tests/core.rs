@@ -719,3 +719,192 @@ async fn graceful_upgrade_hands_over_the_listeners() {
     );
     assert!(n > 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protective_limits_answer_431_413_408() {
+    let up = Upstream::start("echo").await;
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[limits]
+max_request_header_bytes = 2048
+max_request_headers = 20
+max_request_body_bytes = 1000
+client_body_timeout_ms = 300
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+upstream = "echo"
+[[routes]]
+path_prefix = "/big"
+upstream = "echo"
+max_request_body_bytes = 100000
+"#,
+        up.addr()
+    );
+    let gw = Gw::start(&conf);
+    let c = client();
+    let (s, v, _) = get_json(&c, &gw.url("http", "/ok")).await;
+    assert_eq!(s, 200, "{v}");
+    // header size and count
+    let r = c
+        .get(gw.url("http", "/x"))
+        .header("x-big", "a".repeat(3000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "request_headers_too_large"
+    );
+    let mut req = c.get(gw.url("http", "/x"));
+    for i in 0..25 {
+        req = req.header(format!("x-h{i}"), "1");
+    }
+    assert_eq!(req.send().await.unwrap().status(), 431);
+    // body size: declared, and streamed without a length
+    let r = c
+        .post(gw.url("http", "/x"))
+        .body("a".repeat(5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "request_body_too_large"
+    );
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
+    for _ in 0..3 {
+        write!(s, "1f4\r\n{}\r\n", "a".repeat(500)).unwrap();
+    }
+    let _ = write!(s, "0\r\n\r\n");
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        head.starts_with("HTTP/1.1 413"),
+        "chunked body over the limit: {head}"
+    );
+    let r = c
+        .post(gw.url("http", "/big/x"))
+        .body("a".repeat(5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "per-route limit");
+    // a client that stops sending its body gets 408
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 500\r\n\r\nonly-a-little"
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("client_timeout"), "{head}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_reset_and_retry_on_another_target() {
+    let good = Upstream::start("good").await;
+    let resetting = Upstream::with(wasmgate::demo::UpstreamOpts {
+        name: "reset".into(),
+        reset: true,
+        ..Default::default()
+    })
+    .await;
+    let dead = free_port();
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[upstreams.flaky]
+targets = ["127.0.0.1:{dead}", "{}"]
+retries = 1
+connect_timeout_ms = 300
+[upstreams.noretry]
+targets = ["127.0.0.1:{dead}", "{}"]
+retries = 0
+[upstreams.reset]
+targets = ["{}"]
+[[routes]]
+path_prefix = "/flaky"
+upstream = "flaky"
+[[routes]]
+path_prefix = "/noretry"
+upstream = "noretry"
+[[routes]]
+path_prefix = "/reset"
+upstream = "reset"
+"#,
+        good.addr(),
+        good.addr(),
+        resetting.addr()
+    );
+    let gw = Gw::start(&conf);
+    let c = client();
+    // one target refuses: idempotent requests are retried on the other and all succeed
+    for _ in 0..10 {
+        let r = c.get(gw.url("http", "/flaky/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // without retries, half of them fail with 502
+    let mut failed = 0;
+    for _ in 0..10 {
+        if c.get(gw.url("http", "/noretry/x"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 502
+        {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 5);
+    // POST is not idempotent: not retried
+    let mut post_failed = 0;
+    for _ in 0..4 {
+        if c.post(gw.url("http", "/flaky/x"))
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 502
+        {
+            post_failed += 1;
+        }
+    }
+    assert_eq!(post_failed, 2);
+    // an upstream that drops the connection instead of answering: 502 upstream_error
+    let (s, v, _) = get_json(&c, &gw.url("http", "/reset/x")).await;
+    assert_eq!(s, 502, "{v}");
+    assert!(
+        v["error"] == "upstream_error" || v["error"] == "upstream_unreachable",
+        "{v}"
+    );
+}

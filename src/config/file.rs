@@ -133,14 +133,36 @@ pub struct LimitsSection {
     /// Largest request body accepted on routes that do not set their own (bytes).
     #[serde(default = "default_max_body")]
     pub max_request_body_bytes: u64,
+    /// Largest request head (request line and headers), in bytes: 431 beyond.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_request_header_bytes: usize,
+    /// Most request headers: 431 beyond.
+    #[serde(default = "default_max_headers")]
+    pub max_request_headers: usize,
+    /// How long the client may take to send each piece of its body: 408 beyond.
+    #[serde(default = "default_body_timeout")]
+    pub client_body_timeout_ms: u64,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             max_request_body_bytes: default_max_body(),
+            max_request_header_bytes: default_max_header_bytes(),
+            max_request_headers: default_max_headers(),
+            client_body_timeout_ms: default_body_timeout(),
         }
     }
+}
+
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_body_timeout() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,6 +23,7 @@ pub struct Snapshot {
     pub metrics_listen: Option<SocketAddr>,
     pub access_log: AccessLogSection,
     pub admin: AdminSection,
+    pub limits: LimitsSection,
     /// Tenants declared in the conf, with their limits.
     pub tenants: BTreeMap<String, TenantFile>,
     pub listeners: Vec<Listener>,
@@ -171,6 +172,7 @@ impl Lowering<'_> {
             metrics_listen,
             access_log: f.access_log,
             admin: f.admin,
+            limits: f.limits,
             tenants: f
                 .tenants
                 .into_iter()

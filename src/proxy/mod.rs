@@ -60,6 +60,7 @@ pub struct Ctx {
     error: Option<GatewayError>,
     body_seen: u64,
     counted: bool,
+    retries: usize,
     /// Pingora closes the client connection after errors past peer selection, so answers
     /// from then on must say `Connection: close`.
     peer_selected: bool,
@@ -108,6 +109,24 @@ fn request_info(session: &Session, route: &Route) -> RequestInfo {
         response_code: 0,
         props: Vec::new(),
     }
+}
+
+/// 431 when the request head is over the conf's size or count limits.
+fn over_header_limits(
+    session: &Session,
+    l: &crate::config::file::LimitsSection,
+) -> Option<GatewayError> {
+    let req = session.req_header();
+    if req.headers.len() > l.max_request_headers {
+        return Some(GatewayError::HeadersTooLarge);
+    }
+    let size: usize = req.uri.to_string().len()
+        + req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    (size > l.max_request_header_bytes).then_some(GatewayError::HeadersTooLarge)
 }
 
 /// The buffered body as the next chunk; `None` when empty, so Pingora never writes an
@@ -220,7 +239,6 @@ impl Gateway {
                 .or_err(InternalError, "function path is not a valid URI")?;
             session.req_header_mut().set_uri(uri);
         }
-        ctx.snapshot = Some(self.live.load());
         self.routed(session, ctx, f.route.clone()).await.map(Some)
     }
 
@@ -295,6 +313,7 @@ impl ProxyHttp for Gateway {
             error: None,
             body_seen: 0,
             counted: false,
+            retries: 0,
             peer_selected: false,
             _tenant_slot: None,
         }
@@ -303,10 +322,18 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         self.metrics.inflight.inc();
         ctx.counted = true;
+        // the one snapshot load of the request
+        let snap = self.live.load();
+        if let Some(e) = over_header_limits(session, &snap.limits) {
+            return self.answer_error(session, ctx, e).await;
+        }
+        // a slow client must not hold the request: each body read has a deadline (408)
+        session.set_read_timeout(Some(Duration::from_millis(
+            snap.limits.client_body_timeout_ms,
+        )));
         if let Some(done) = self.function_request(session, ctx).await? {
             return Ok(done);
         }
-        let snap = self.live.load();
         let found = {
             let req = session.req_header();
             snap.router
@@ -525,6 +552,27 @@ impl ProxyHttp for Gateway {
             state.response_trailers(session.req_header(), trailers);
         }
         Ok(None)
+    }
+
+    /// A connect failure is retried on a fresh connection (to the next target, since the
+    /// balancer moves on) for idempotent requests, up to the upstream's `retries`.
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let allowed = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.upstream.as_ref())
+            .map_or(0, |u| u.retries);
+        if ctx.retries < allowed && session.req_header().method.is_idempotent() {
+            ctx.retries += 1;
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

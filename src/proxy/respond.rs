@@ -14,6 +14,7 @@ pub enum GatewayError {
     NoRoute,
     MethodNotAllowed,
     BodyTooLarge,
+    HeadersTooLarge,
     NoHealthyUpstream,
     UpstreamUnreachable,
     UpstreamTimeout,
@@ -32,6 +33,7 @@ impl GatewayError {
             GatewayError::NoRoute => 404,
             GatewayError::MethodNotAllowed => 405,
             GatewayError::BodyTooLarge => 413,
+            GatewayError::HeadersTooLarge => 431,
             GatewayError::ClientTimeout => 408,
             GatewayError::BadRequest => 400,
             GatewayError::NoHealthyUpstream
@@ -50,6 +52,7 @@ impl GatewayError {
             GatewayError::NoRoute => "no_route",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::BodyTooLarge => "request_body_too_large",
+            GatewayError::HeadersTooLarge => "request_headers_too_large",
             GatewayError::NoHealthyUpstream => "no_healthy_upstream",
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",

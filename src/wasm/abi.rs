@@ -208,7 +208,8 @@ mod tests {
     /// handled without panicking, and a map that decodes must encode back identically.
     #[test]
     fn fuzz_regressions() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/abi_decode");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/abi_decode");
         let mut n = 0;
         for e in std::fs::read_dir(dir).unwrap() {
             let data = std::fs::read(e.unwrap().path()).unwrap();
@@ -218,7 +219,10 @@ mod tests {
             n += 1;
         }
         assert!(n >= 1);
-        assert_eq!(deserialize_map(&[0, 0, 0, 0, 4]), Err(Status::SerializationFailure));
+        assert_eq!(
+            deserialize_map(&[0, 0, 0, 0, 4]),
+            Err(Status::SerializationFailure)
+        );
     }
 
     #[test]
