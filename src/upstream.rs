@@ -57,10 +57,15 @@ impl Balancer {
         })
     }
 
-    fn select(&self, key: &[u8]) -> Option<Backend> {
+    /// A healthy target, skipping those in `avoid` (targets this request already failed on).
+    fn select(&self, key: &[u8], avoid: &[String]) -> Option<Backend> {
+        let accept =
+            |b: &Backend, healthy: bool| healthy && !avoid.iter().any(|a| *a == b.addr.to_string());
         match self {
-            Balancer::RoundRobin(lb) => lb.select(key, 256),
-            Balancer::Hash(lb) => lb.select(key, 256),
+            Balancer::RoundRobin(lb) if avoid.is_empty() => lb.select(key, 256),
+            Balancer::Hash(lb) if avoid.is_empty() => lb.select(key, 256),
+            Balancer::RoundRobin(lb) => lb.select_with(key, 256, accept),
+            Balancer::Hash(lb) => lb.select_with(key, 256, accept),
         }
     }
 
@@ -130,7 +135,12 @@ pub fn health_check(
 impl Upstream {
     /// Picks a healthy target and describes how to reach it. `key` feeds the hash balancer.
     pub fn peer(&self, key: &[u8]) -> Option<Box<HttpPeer>> {
-        let backend = self.balancer.select(key)?;
+        self.peer_avoiding(key, &[])
+    }
+
+    /// Like [`Upstream::peer`], never one of the `avoid` targets (a retry goes elsewhere).
+    pub fn peer_avoiding(&self, key: &[u8], avoid: &[String]) -> Option<Box<HttpPeer>> {
+        let backend = self.balancer.select(key, avoid)?;
         let (tls, sni) = match &self.tls {
             Some(t) => (true, t.sni.clone()),
             None => (false, String::new()),

@@ -61,6 +61,8 @@ pub struct Ctx {
     body_seen: u64,
     counted: bool,
     retries: usize,
+    /// Targets this request failed to connect to: retries go elsewhere.
+    failed_targets: Vec<String>,
     /// Pingora closes the client connection after errors past peer selection, so answers
     /// from then on must say `Connection: close`.
     peer_selected: bool,
@@ -314,6 +316,7 @@ impl ProxyHttp for Gateway {
             body_seen: 0,
             counted: false,
             retries: 0,
+            failed_targets: Vec::new(),
             peer_selected: false,
             _tenant_slot: None,
         }
@@ -414,12 +417,15 @@ impl ProxyHttp for Gateway {
             .upstream
             .as_ref()
             .expect("routes without upstream answered earlier");
+        let avoid = &ctx.failed_targets;
         let peer = match &up.hash_key {
-            None => up.peer(b""),
-            Some(HashKey::Path) => up.peer(session.req_header().uri.path().as_bytes()),
+            None => up.peer_avoiding(b"", avoid),
+            Some(HashKey::Path) => {
+                up.peer_avoiding(session.req_header().uri.path().as_bytes(), avoid)
+            }
             Some(HashKey::Header(h)) => {
                 let v = session.req_header().headers.get(h).map(|v| v.as_bytes());
-                up.peer(v.unwrap_or(b""))
+                up.peer_avoiding(v.unwrap_or(b""), avoid)
             }
             Some(HashKey::ClientIp) => {
                 let ip = session
@@ -427,7 +433,7 @@ impl ProxyHttp for Gateway {
                     .and_then(|a| a.as_inet())
                     .map(|a| a.ip().to_string())
                     .unwrap_or_default();
-                up.peer(ip.as_bytes())
+                up.peer_avoiding(ip.as_bytes(), avoid)
             }
         };
         match peer {
@@ -559,10 +565,12 @@ impl ProxyHttp for Gateway {
     fn fail_to_connect(
         &self,
         session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.failed_targets
+            .push(pingora::upstreams::peer::Peer::address(peer).to_string());
         let allowed = ctx
             .route
             .as_ref()
