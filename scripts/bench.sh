@@ -35,18 +35,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); gw_port=$(free_port); ng_port=$(free_port); metrics_port=$(free_port)
 admin_port=$(free_port)
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "port $1 never opened" >&2
-  exit 1
-}
 
 # --- upstream: a tiny fixed JSON answer
 "$bin" demo-upstream --fixed --listen "127.0.0.1:$up_port" --name bench 2>/dev/null &

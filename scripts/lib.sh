@@ -25,3 +25,15 @@ pkg_for() {
 ensure_rust_targets() {
   rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_port PORT: until something listens on 127.0.0.1:PORT (10 s at most)
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 never opened" >&2
+  exit 1
+}

@@ -32,8 +32,6 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 pa=$(free_port); pb=$(free_port); gw=$(free_port); mt=$(free_port); ad=$(free_port)
 
 "$bin" demo-upstream --fixed --listen "127.0.0.1:$pa" --name a 2>/dev/null & pids+=($!)

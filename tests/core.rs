@@ -101,14 +101,9 @@ upstream = "delete"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewrites_and_header_operations() {
     let up = Upstream::start("echo").await;
-    let conf = format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = "127.0.0.1:{{port:metrics}}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
 [upstreams.echo]
 targets = ["{addr}"]
 [[routes]]
@@ -126,8 +121,8 @@ path = "/u/{{id}}/posts/{{post}}"
 upstream = "echo"
 rewrite = {{ path = "/posts/{{post}}?user={{id}}" }}
 "#,
-        addr = up.addr()
-    );
+            addr = up.addr()
+        );
     let gw = Gw::start(&conf);
     let c = client();
     let r = c
@@ -159,23 +154,18 @@ async fn round_robin_health_check_ejection_and_return() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let b_port = b.port;
-    let conf = format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = "127.0.0.1:{{port:metrics}}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
 [upstreams.pool]
 targets = ["{}", "{}"]
 health_check = {{ kind = "http", path = "/healthz", interval_ms = 50, timeout_ms = 200 }}
 [[routes]]
 upstream = "pool"
 "#,
-        a.addr(),
-        b.addr()
-    );
+            a.addr(),
+            b.addr()
+        );
     let gw = Gw::start(&conf);
     let c = client();
     let mut seen = std::collections::HashMap::new();
@@ -224,14 +214,9 @@ upstream = "pool"
 async fn hash_balancing_is_sticky() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let conf = format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = "127.0.0.1:{{port:metrics}}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
 [upstreams.pool]
 targets = ["{}", "{}"]
 balance = "hash"
@@ -239,9 +224,9 @@ hash_key = "header:x-user"
 [[routes]]
 upstream = "pool"
 "#,
-        a.addr(),
-        b.addr()
-    );
+            a.addr(),
+            b.addr()
+        );
     let gw = Gw::start(&conf);
     let c = client();
     let mut targets = std::collections::HashSet::new();
@@ -357,14 +342,9 @@ async fn errors_are_precise_json_and_keep_the_connection() {
     })
     .await;
     let dead_port = free_port();
-    let conf = format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = "127.0.0.1:{{port:metrics}}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
 [upstreams.slow]
 targets = ["{}"]
 read_timeout_ms = 200
@@ -385,8 +365,8 @@ path = "/post"
 methods = ["POST"]
 upstream = "dead"
 "#,
-        slow.addr()
-    );
+            slow.addr()
+        );
     let gw = Gw::start(&conf);
     let c = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
@@ -836,14 +816,9 @@ async fn upstream_faults_reset_and_retry_on_another_target() {
     })
     .await;
     let dead = free_port();
-    let conf = format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = "127.0.0.1:{{port:metrics}}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
 [upstreams.flaky]
 targets = ["127.0.0.1:{dead}", "{}"]
 retries = 1
@@ -863,10 +838,10 @@ upstream = "noretry"
 path_prefix = "/reset"
 upstream = "reset"
 "#,
-        good.addr(),
-        good.addr(),
-        resetting.addr()
-    );
+            good.addr(),
+            good.addr(),
+            resetting.addr()
+        );
     let gw = Gw::start(&conf);
     let c = client();
     // one target refuses: idempotent requests are retried on the other and all succeed

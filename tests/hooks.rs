@@ -12,14 +12,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 fn base(upstream: &str) -> String {
-    format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = "127.0.0.1:{{port:metrics}}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
+    HEAD.to_string()
+        + &format!(
+            r#"
 [upstreams.echo]
 targets = ["{upstream}"]
 [[routes]]
@@ -27,7 +22,7 @@ name = "plain"
 path_prefix = "/plain"
 upstream = "echo"
 "#
-    )
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

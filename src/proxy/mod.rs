@@ -571,12 +571,16 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         ctx.failed_targets
             .push(pingora::upstreams::peer::Peer::address(peer).to_string());
-        let allowed = ctx
+        let (allowed, targets) = ctx
             .route
             .as_ref()
             .and_then(|r| r.upstream.as_ref())
-            .map_or(0, |u| u.retries);
-        if ctx.retries < allowed && session.req_header().method.is_idempotent() {
+            .map_or((0, 0), |u| (u.retries, u.targets.len()));
+        // a retry needs a target this request has not failed on yet
+        if ctx.retries < allowed
+            && targets > ctx.failed_targets.len()
+            && session.req_header().method.is_idempotent()
+        {
             ctx.retries += 1;
             e.set_retry(true);
         }

@@ -15,6 +15,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use wasmgate::demo::{Stats, UpstreamOpts};
 
+/// The start most test confs share: no file watch, metrics and one HTTP listener on free
+/// ports (`{port:metrics}`, `{port:http}`).
+pub const HEAD: &str = r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{port:metrics}"
+[[listeners]]
+listen = "127.0.0.1:{port:http}"
+"#;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_wasmgate")
 }
