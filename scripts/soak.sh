@@ -115,7 +115,7 @@ done = function()
 end
 LUA
 healthy() { # $1 seconds -> "requests errors p99_ms rps"
-  local out; out=$(wrk -t1 -c8 -d"${1}s" --latency -s "$tmp/mix.lua" "http://127.0.0.1:$gw")
+  local out; out=$(wrk -t1 -c16 -d"${1}s" --latency -s "$tmp/mix.lua" "http://127.0.0.1:$gw")
   echo "$out" >>"$tmp/wrk.log"
   local n e p99 rps
   n=$(awk '/requests in/ {print $1}' <<<"$out")
