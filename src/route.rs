@@ -18,6 +18,8 @@ pub struct Route {
     pub hooks: HookChain,
     pub max_request_body: u64,
     pub metrics: RouteMetrics,
+    /// The tenant that may attach modules to this route through the admin API.
+    pub tenant: Option<String>,
 }
 
 /// Header operations, parsed and validated when the conf is loaded.

@@ -751,3 +751,87 @@ async fn deploys_survive_a_restart_without_recompiling() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_attach_modules_to_their_conf_routes() {
+    let up = Upstream::start("echo").await;
+    let conf = conf(&up.addr())
+        + r#"
+[tenants.other]
+[[routes]]
+name = "confco-api"
+path_prefix = "/api"
+upstream = "echo"
+tenant = "confco"
+"#;
+    let gw = Gw::start(&conf);
+    let a = Admin::new(&gw);
+    let tok = a.token("confco", &["deploy"]).await;
+    let other = a.token("other", &["deploy"]).await;
+    let cfg = "%7B%22request%22%3A%7B%22set_headers%22%3A%7B%22x-attached%22%3A%22yes%22%7D%7D%7D";
+    let (s, v) = a
+        .call(
+            "PUT",
+            &format!("/v1/tenants/confco/modules/tag?config={cfg}"),
+            Some(&tok),
+            guest("rewrite"),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let c = client();
+    let v: Value = c
+        .get(gw.url("http", "/api/x"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["headers"].get("x-attached").is_none());
+    let (s, v) = a
+        .json(
+            "PUT",
+            "/v1/tenants/confco/routes/confco-api",
+            &tok,
+            serde_json::json!({"modules": ["tag"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let v: Value = c
+        .get(gw.url("http", "/api/x"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["headers"]["x-attached"], "yes");
+    // another tenant cannot attach to this route, nor to a route without a tenant
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/other/routes/confco-api",
+            &other,
+            serde_json::json!({"modules": []}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/confco/routes/route[0]",
+            &tok,
+            serde_json::json!({"modules": ["tag"]}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/confco/routes/confco-api",
+            &tok,
+            serde_json::json!({"modules": ["nope"]}),
+        )
+        .await;
+    assert_eq!(s, 404);
+}

@@ -294,6 +294,8 @@ pub struct RouteFile {
     pub hooks: Vec<Spanned<String>>,
     /// Largest request body accepted (bytes); default from `[limits]`.
     pub max_request_body_bytes: Option<u64>,
+    /// Tenant allowed to attach its deployed modules to this route (admin API).
+    pub tenant: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -570,6 +570,18 @@ impl Lowering<'_> {
                     ),
                 }
             }
+            if let Some(t) = &rf.tenant {
+                if !f.tenants.contains_key(t.get_ref()) {
+                    self.err(
+                        t,
+                        format!(
+                            "route `{name}`: tenant `{}` is not defined; defined tenants: {}",
+                            t.get_ref(),
+                            join_names(f.tenants.keys())
+                        ),
+                    );
+                }
+            }
             if rf.upstream.is_none() && rf.hooks.is_empty() {
                 self.err(
                     r,
@@ -604,6 +616,7 @@ impl Lowering<'_> {
                 max_request_body: rf
                     .max_request_body_bytes
                     .unwrap_or(f.limits.max_request_body_bytes),
+                tenant: rf.tenant.as_ref().map(|t| t.get_ref().clone()),
             }));
         }
         let mut seen = BTreeMap::new();

@@ -22,6 +22,8 @@
 //! | GET | /v1/tenants/{t}/functions | deploy |
 //! | PUT | /v1/tenants/{t}/functions/{f} `{"module": m, "upstream": optional}` | deploy |
 //! | DELETE | /v1/tenants/{t}/functions/{f} | deploy |
+//! | GET | /v1/tenants/{t}/routes (modules attached to the tenant's conf routes) | deploy |
+//! | PUT | /v1/tenants/{t}/routes/{route} `{"modules": [m, ...]}` (route has `tenant = "t"` in the conf) | deploy |
 //! | GET | /v1/tenants/{t}/usage?from=&to= (unix seconds) | usage |
 //! | GET | /v1/tenants/{t}/logs[?follow=true] (server-sent events when following) | logs |
 
@@ -505,6 +507,23 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             allowed(who, t, Some("deploy"))?;
             c.unbind(t, f, &by)?;
             ok(serde_json::json!({ "unbound": f }))
+        }
+        ("GET", ["v1", "tenants", t, "routes"]) => {
+            allowed(who, t, Some("deploy"))?;
+            exists(c, t)?;
+            ok(serde_json::to_value(c.route_hooks_view(t)).unwrap_or_default())
+        }
+        ("PUT", ["v1", "tenants", t, "routes", r]) => {
+            allowed(who, t, Some("deploy"))?;
+            exists(c, t)?;
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Attach {
+                modules: Vec<String>,
+            }
+            let a: Attach = json_body(&req.body)?;
+            c.attach(t, r, a.modules, &by)?;
+            ok(serde_json::json!({ "route": r, "attached": c.route_hooks_view(t).get(*r) }))
         }
         ("GET", ["v1", "tenants", t, "usage"]) => {
             allowed(who, t, Some("usage"))?;

@@ -76,6 +76,9 @@ pub struct Stored {
     pub functions: BTreeMap<String, BTreeMap<String, FunctionRec>>,
     pub revoked: BTreeSet<String>,
     pub next_version: u32,
+    /// Modules a tenant attached to conf routes it owns: tenant -> route -> modules.
+    #[serde(default)]
+    pub route_hooks: BTreeMap<String, BTreeMap<String, Vec<String>>>,
 }
 
 /// A tenant as the request path sees it: its limits and their live state.
@@ -194,6 +197,8 @@ pub struct Control {
     plugins: Mutex<HashMap<(String, String), Arc<Plugin>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantRt>>>,
     functions: ArcSwap<HashMap<(String, String), Arc<Function>>>,
+    /// Route name -> the hook chain with the tenant's attached modules appended.
+    route_hooks: ArcSwap<HashMap<String, Arc<HookChain>>>,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -239,6 +244,7 @@ impl Control {
             plugins: Mutex::new(HashMap::new()),
             tenants: ArcSwap::from_pointee(HashMap::new()),
             functions: ArcSwap::from_pointee(HashMap::new()),
+            route_hooks: ArcSwap::from_pointee(HashMap::new()),
         };
         let mut plugins = HashMap::new();
         for (t, mods) in &stored.modules {
@@ -347,6 +353,7 @@ impl Control {
                     response_headers: HeaderOps::default(),
                     hooks: HookChain::new(vec![p.clone()]),
                     max_request_body: 8 << 20,
+                    tenant: Some(t.clone()),
                 });
                 functions.insert(
                     (t.clone(), f.clone()),
@@ -357,9 +364,28 @@ impl Control {
                 );
             }
         }
+        let mut route_hooks = HashMap::new();
+        for (t, routes) in &s.route_hooks {
+            for (r, mods) in routes {
+                let Some(route) = snap
+                    .routes
+                    .iter()
+                    .find(|x| &*x.name == r && x.tenant.as_deref() == Some(t))
+                else {
+                    continue;
+                };
+                let mut chain = route.hooks.plugins.clone();
+                chain.extend(
+                    mods.iter()
+                        .filter_map(|m| plugins.get(&(t.clone(), m.clone())).cloned()),
+                );
+                route_hooks.insert(r.clone(), Arc::new(HookChain::new(chain)));
+            }
+        }
         for p in plugins.values() {
             p.spawn_ticks();
         }
+        self.route_hooks.store(Arc::new(route_hooks));
         self.tenants.store(Arc::new(tenants));
         self.functions.store(Arc::new(functions));
     }
@@ -386,6 +412,51 @@ impl Control {
         let mut seg = path.trim_start_matches('/').splitn(3, '/');
         let (t, f) = (seg.next()?, seg.next()?);
         fns.get(&(t.to_string(), f.to_string())).cloned()
+    }
+
+    /// The hook chain of a conf route with its tenant's attached modules, if any.
+    pub fn route_chain(&self, route: &str) -> Option<Arc<HookChain>> {
+        let m = self.route_hooks.load();
+        if m.is_empty() {
+            return None;
+        }
+        m.get(route).cloned()
+    }
+
+    /// Attaches deployed modules (in order, after the conf's hooks) to a conf route the
+    /// tenant owns (`tenant = "…"` on the route).
+    pub fn attach(&self, t: &str, route: &str, modules: Vec<String>, by: &str) -> ApiResult<()> {
+        let snap = self.live.load();
+        let r = snap
+            .routes
+            .iter()
+            .find(|x| &*x.name == route)
+            .ok_or_else(|| not_found(&format!("route `{route}`")))?;
+        if r.tenant.as_deref() != Some(t) {
+            return Err(ApiError::new(
+                403,
+                "not_your_route",
+                format!("route `{route}` does not belong to tenant `{t}`"),
+            ));
+        }
+        let mut s = self.lock();
+        for m in &modules {
+            if !s.modules.get(t).is_some_and(|ms| ms.contains_key(m)) {
+                return Err(not_found(&format!("module `{m}` of tenant `{t}`")));
+            }
+        }
+        s.route_hooks
+            .entry(t.into())
+            .or_default()
+            .insert(route.into(), modules);
+        self.persist(&s)?;
+        self.publish(&s);
+        tracing::info!(tenant = %t, route = %route, by = %by, "modules attached to route");
+        Ok(())
+    }
+
+    pub fn route_hooks_view(&self, t: &str) -> BTreeMap<String, Vec<String>> {
+        self.lock().route_hooks.get(t).cloned().unwrap_or_default()
     }
 
     // ---- admin actions ----------------------------------------------------------------

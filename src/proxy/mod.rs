@@ -175,8 +175,13 @@ impl Gateway {
                 .answer_error(session, ctx, GatewayError::BodyTooLarge)
                 .await;
         }
-        if !route.hooks.is_empty() {
-            return self.run_request_hooks(session, ctx).await;
+        let attached = self
+            .control
+            .as_ref()
+            .and_then(|c| c.route_chain(&route.name));
+        if !route.hooks.is_empty() || attached.is_some() {
+            let chain = attached.as_deref().unwrap_or(&route.hooks);
+            return self.run_request_hooks(session, ctx, chain).await;
         }
         Ok(false)
     }
@@ -246,10 +251,15 @@ impl Gateway {
 
     /// Hooks for the request: headers first, then (for routes without an upstream) the
     /// whole body, since nothing else will read it.
-    async fn run_request_hooks(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn run_request_hooks(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        chain: &crate::wasm::HookChain,
+    ) -> Result<bool> {
         let route = ctx.route.clone().expect("route set");
         let info = request_info(session, &route);
-        let mut state = match HookState::start(&route.hooks, info).await {
+        let mut state = match HookState::start(chain, info).await {
             Ok(s) => s,
             Err(_) => {
                 send_local(session, hooks::busy_response(&route.name)).await?;
