@@ -122,7 +122,9 @@ fn over_header_limits(
     if req.headers.len() > l.max_request_headers {
         return Some(GatewayError::HeadersTooLarge);
     }
-    let size: usize = req.uri.to_string().len()
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    let size: usize = target
         + req
             .headers
             .iter()
