@@ -196,7 +196,8 @@ pub struct Control {
     /// Active plugin per (tenant, module).
     plugins: Mutex<HashMap<(String, String), Arc<Plugin>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantRt>>>,
-    functions: ArcSwap<HashMap<(String, String), Arc<Function>>>,
+    /// tenant -> function -> route; nested so a lookup borrows the request's `&str`s.
+    functions: ArcSwap<HashMap<String, HashMap<String, Arc<Function>>>>,
     /// Route name -> the hook chain with the tenant's attached modules appended.
     route_hooks: ArcSwap<HashMap<String, Arc<HookChain>>>,
 }
@@ -327,7 +328,7 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let snap = self.live.load();
-        let mut functions = HashMap::new();
+        let mut functions: HashMap<String, HashMap<String, Arc<Function>>> = HashMap::new();
         for (t, fns) in &s.functions {
             let Some(tenant) = tenants.get(t) else {
                 continue;
@@ -355,8 +356,8 @@ impl Control {
                     max_request_body: 8 << 20,
                     tenant: Some(t.clone()),
                 });
-                functions.insert(
-                    (t.clone(), f.clone()),
+                functions.entry(t.clone()).or_default().insert(
+                    f.clone(),
                     Arc::new(Function {
                         route,
                         tenant: tenant.clone(),
@@ -403,7 +404,7 @@ impl Control {
                 .and_then(|p| p.strip_suffix('.'))
             {
                 if let Some((f, t)) = prefix.split_once('.') {
-                    if let Some(found) = fns.get(&(t.to_string(), f.to_string())) {
+                    if let Some(found) = fns.get(t).and_then(|m| m.get(f)) {
                         return Some(found.clone());
                     }
                 }
@@ -411,7 +412,7 @@ impl Control {
         }
         let mut seg = path.trim_start_matches('/').splitn(3, '/');
         let (t, f) = (seg.next()?, seg.next()?);
-        fns.get(&(t.to_string(), f.to_string())).cloned()
+        fns.get(t).and_then(|m| m.get(f)).cloned()
     }
 
     /// The hook chain of a conf route with its tenant's attached modules, if any.
