@@ -107,10 +107,16 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     }
     server.add_service(proxy);
 
+    server.add_service(background_service(
+        "wasmgate connections",
+        ConnectionCounter {
+            metrics: metrics.clone(),
+            ports,
+        },
+    ));
     if let Some(addr) = snap.metrics_listen {
         let app = MetricsApp {
             metrics: metrics.clone(),
-            ports,
         };
         let mut svc = pingora::services::listening::Service::new(
             "wasmgate metrics".into(),
@@ -155,10 +161,34 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     server.run_forever()
 }
 
+/// Counts open client connections every 100 ms (from `/proc`, off the request path) into
+/// `wasmgate_open_connections`, which the proxy reads for `[limits] max_connections`.
+struct ConnectionCounter {
+    metrics: Arc<Metrics>,
+    ports: Vec<u16>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for ConnectionCounter {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    let ports = self.ports.clone();
+                    if let Ok(n) = tokio::task::spawn_blocking(move || established_connections(&ports)).await {
+                        self.metrics.connections.set(n as i64);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `/metrics` in Prometheus text format; anything else is 404.
 struct MetricsApp {
     metrics: Arc<Metrics>,
-    ports: Vec<u16>,
 }
 
 #[async_trait::async_trait]
@@ -172,10 +202,6 @@ impl ServeHttp for MetricsApp {
                 .body(br#"{"error":"not_found"}"#.to_vec())
                 .unwrap_or_default();
         }
-        // Counting at scrape time keeps the accept path free of bookkeeping.
-        self.metrics
-            .connections
-            .set(established_connections(&self.ports) as i64);
         let body = self.metrics.render();
         http::Response::builder()
             .status(200)

@@ -886,3 +886,42 @@ upstream = "reset"
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_connections_are_shed_with_503() {
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            "[limits]\nmax_connections = 4\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\n",
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    assert_eq!(
+        c.get(gw.url("http", "/x")).send().await.unwrap().status(),
+        200
+    );
+    // idle connections beyond the limit
+    let idle: Vec<_> = (0..6)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = c.get(gw.url("http", "/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["connection"], "close");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "too_many_connections"
+    );
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        c.get(gw.url("http", "/x")).send().await.unwrap().status(),
+        200
+    );
+    let m = gw.metrics().await;
+    assert!(metric(&m, "wasmgate_open_connections") <= 2.0, "{m}");
+}

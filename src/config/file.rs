@@ -142,6 +142,10 @@ pub struct LimitsSection {
     /// How long the client may take to send each piece of its body: 408 beyond.
     #[serde(default = "default_body_timeout")]
     pub client_body_timeout_ms: u64,
+    /// Open client connections beyond which new requests get 503 and their connection
+    /// closed (counted every 100 ms); 0 disables the check.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for LimitsSection {
@@ -151,6 +155,7 @@ impl Default for LimitsSection {
             max_request_header_bytes: default_max_header_bytes(),
             max_request_headers: default_max_headers(),
             client_body_timeout_ms: default_body_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -160,6 +165,9 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_max_headers() -> usize {
     100
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 fn default_body_timeout() -> u64 {
     10_000

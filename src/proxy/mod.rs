@@ -342,6 +342,14 @@ impl ProxyHttp for Gateway {
         if let Some(e) = over_header_limits(session, &snap.limits) {
             return self.answer_error(session, ctx, e).await;
         }
+        let max_conns = snap.limits.max_connections;
+        if max_conns > 0 && self.metrics.connections.get() > max_conns as i64 {
+            // shed load: answer, and close this connection to make room
+            session.set_keepalive(None);
+            return self
+                .answer_error(session, ctx, GatewayError::TooManyConnections)
+                .await;
+        }
         // a slow client must not hold the request: each body read has a deadline (408)
         session.set_read_timeout(Some(Duration::from_millis(
             snap.limits.client_body_timeout_ms,

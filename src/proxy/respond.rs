@@ -24,6 +24,7 @@ pub enum GatewayError {
     NoHookResponse,
     RateLimited,
     TenantBusy,
+    TooManyConnections,
     Internal,
 }
 
@@ -43,6 +44,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => 504,
             GatewayError::RateLimited => 429,
             GatewayError::TenantBusy => 503,
+            GatewayError::TooManyConnections => 503,
             GatewayError::Internal => 500,
         }
     }
@@ -62,6 +64,7 @@ impl GatewayError {
             GatewayError::NoHookResponse => "no_response_from_hooks",
             GatewayError::RateLimited => "rate_limited",
             GatewayError::TenantBusy => "tenant_busy",
+            GatewayError::TooManyConnections => "too_many_connections",
             GatewayError::Internal => "internal_error",
         }
     }
