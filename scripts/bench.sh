@@ -21,10 +21,7 @@ conns="${CONNS:-32}"
 
 ensure_packages cmake wrk nginx python3
 ensure_rust_targets
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
-scripts/build-guests.sh >/dev/null
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/wasmgate"
+build_release
 
 tmp="$(mktemp -d)"
 pids=()

@@ -9,10 +9,7 @@ cd "$root"
 source scripts/lib.sh
 ensure_packages cmake
 ensure_rust_targets
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
-scripts/build-guests.sh
-cargo build --release
-bin="$CARGO_TARGET_DIR/release/wasmgate"
+build_release
 "$bin" demo-upstream --listen 127.0.0.1:9000 &
 upstream=$!
 trap 'kill $upstream 2>/dev/null || true' EXIT

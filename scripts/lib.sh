@@ -22,6 +22,16 @@ pkg_for() {
   esac
 }
 
+# One target dir for the demo, tests and benchmarks, outside the clone.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
+
+# build_release: the guests and the gateway in release; sets $bin to the gateway binary.
+build_release() {
+  scripts/build-guests.sh >/dev/null
+  cargo build --release --quiet
+  bin="$CARGO_TARGET_DIR/release/wasmgate"
+}
+
 ensure_rust_targets() {
   rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 }

@@ -17,10 +17,7 @@ duration=60
 rss_bound="${RSS_BOUND_MB:-150}"
 ensure_packages cmake wrk python3 curl
 ensure_rust_targets
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
-scripts/build-guests.sh >/dev/null
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/wasmgate"
+build_release
 tmp="$(mktemp -d)"
 cargo run --release --quiet --example hostile -- "$tmp/hostile"
 

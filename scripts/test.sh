@@ -7,7 +7,6 @@ cd "$root"
 source scripts/lib.sh
 ensure_packages cmake
 ensure_rust_targets
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
 scripts/build-guests.sh
 # One profile for tests and benchmarks: dependencies are compiled once.
 cargo test --release --lib --bins --tests -- --test-threads 2 "$@"

@@ -12,6 +12,8 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
+    /// `requests_total{route="-"}`: requests answered before a route was found.
+    pub unrouted: RouteMetrics,
     pub upstream_latency: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub inflight: IntGauge,
@@ -148,6 +150,9 @@ impl Metrics {
         }
         Metrics {
             registry,
+            unrouted: RouteMetrics {
+                by_class: CLASSES.map(|c| requests.with_label_values(&["-", c])),
+            },
             requests,
             upstream_latency,
             upstream_errors,

@@ -2,7 +2,6 @@
 //! callbacks in order (response phases in reverse, like Envoy's encoder filters), makes
 //! the HTTP callouts guests ask for, and applies each module's failure policy.
 
-use crate::route::Route;
 use crate::wasm::{
     CallResponse, Failure, FailurePolicy, HookChain, Lease, LocalResponse, Outcome, PendingCall,
     RequestInfo,
@@ -114,7 +113,6 @@ impl HookState {
     /// `on_request_headers` through the chain, with callouts awaited in between.
     pub async fn request_headers(
         &mut self,
-        route: &Route,
         req: &mut RequestHeader,
         end_of_stream: bool,
         caller: &Callouts,
@@ -149,7 +147,6 @@ impl HookState {
                 }
             }
         }
-        let _ = route;
         Flow::Continue
     }
 

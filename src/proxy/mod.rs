@@ -270,7 +270,7 @@ impl Gateway {
         };
         let eos = session.is_body_empty();
         let flow = state
-            .request_headers(&route, session.req_header_mut(), eos, &self.callouts)
+            .request_headers(session.req_header_mut(), eos, &self.callouts)
             .await;
         if let Flow::Respond(r) = flow {
             ctx.hooks = Some(Box::new(state));
@@ -666,10 +666,7 @@ impl ProxyHttp for Gateway {
         if let Some(r) = &ctx.route {
             r.metrics.record(status);
         } else if let Some(e) = ctx.error {
-            self.metrics
-                .requests
-                .with_label_values(&["-", respond::class(e.status())])
-                .inc();
+            self.metrics.unrouted.record(e.status());
         }
         if ctx.counted {
             self.metrics.inflight.dec();

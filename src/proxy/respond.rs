@@ -149,14 +149,3 @@ pub async fn send_error_with(
     )
     .await
 }
-
-/// Status class label: `2xx`, `4xx`, ...
-pub fn class(status: u16) -> &'static str {
-    match status / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    }
-}

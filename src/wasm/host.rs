@@ -124,9 +124,10 @@ pub(crate) enum GuestMetric {
 
 type C<'a> = Caller<'a, Host>;
 
-/// Charges the fixed fuel cost of a host call; fails the call when the budget is gone.
-fn charge(c: &mut C, bytes: usize) -> wasmtime::Result<()> {
-    let cost = HOST_CALL_FUEL + (bytes as u64) / 8;
+/// Charges the fixed fuel cost of a host call (bytes copied are charged by `read` and
+/// `give`); fails the call when the budget is gone.
+fn charge(c: &mut C) -> wasmtime::Result<()> {
+    let cost = HOST_CALL_FUEL;
     let left = c.get_fuel()?;
     if left < cost {
         c.data_mut().out_of_fuel = true;
@@ -565,7 +566,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: C, level: i32, p: i32, n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let msg = match read(&mut c, p, n) {
                 Ok(m) => m,
                 Err(s) => return Ok(s as i32),
@@ -575,7 +576,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         },
     )?;
     l.func_wrap("env", "proxy_get_log_level", |mut c: C, ret: i32| {
-        charge(&mut c, 0)?;
+        charge(&mut c)?;
         let level = if tracing::enabled!(tracing::Level::TRACE) {
             0
         } else if tracing::enabled!(tracing::Level::DEBUG) {
@@ -589,7 +590,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_current_time_nanoseconds",
         |mut c: C, ret: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -601,7 +602,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_tick_period_milliseconds",
         |mut c: C, ms: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let p = &c.data().plugin;
             let ms = (ms as u32).max(p.spec.min_tick.as_millis() as u32 * (ms != 0) as u32);
             p.tick_ms.store(ms, Ordering::Relaxed);
@@ -612,7 +613,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: C, t: i32, start: i32, max: i32, ret_p: i32, ret_n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let bytes = match buffer(&c, t) {
                 Ok(b) => b,
                 Err(s) => return Ok(s as i32),
@@ -630,7 +631,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: C, t: i32, start: i32, size: i32, p: i32, n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let data = match read(&mut c, p, n) {
                 Ok(d) => d,
                 Err(s) => return Ok(s as i32),
@@ -656,7 +657,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: C, t: i32, ret_p: i32, ret_n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let pairs = match MapType::from_i32(t).and_then(|t| map_pairs(&c, t)) {
                 Ok(p) => p,
                 Err(s) => return Ok(s as i32),
@@ -669,7 +670,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: C, t: i32, p: i32, n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let t = MapType::from_i32(t)?;
                 let bytes = read(&mut c, p, n)?;
@@ -704,7 +705,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C, t: i32, kp: i32, kn: i32, ret_p: i32, ret_n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let v = match read(&mut c, kp, kn)
                 .and_then(|k| MapType::from_i32(t).and_then(|t| map_get(&c, t, &k)))
             {
@@ -722,7 +723,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             "env",
             name,
             move |mut c: C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32| {
-                charge(&mut c, 0)?;
+                charge(&mut c)?;
                 let r = (|| {
                     let k = read(&mut c, kp, kn)?;
                     let v = read(&mut c, vp, vn)?;
@@ -736,7 +737,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: C, t: i32, kp: i32, kn: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let k = read(&mut c, kp, kn)?;
                 map_change(&c, MapType::from_i32(t)?, &k, b"", Op::Remove)
@@ -748,7 +749,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_property",
         |mut c: C, pp: i32, pn: i32, ret_p: i32, ret_n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let v = match read(&mut c, pp, pn).and_then(|p| property(&c, &p)) {
                 Ok(v) => v,
                 Err(s) => return Ok(s as i32),
@@ -760,7 +761,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_property",
         |mut c: C, pp: i32, pn: i32, vp: i32, vn: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let p = read(&mut c, pp, pn)?;
                 let v = read(&mut c, vp, vn)?;
@@ -804,7 +805,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_shared_data",
         |mut c: C, kp: i32, kn: i32, ret_p: i32, ret_n: i32, ret_cas: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let key = match read(&mut c, kp, kn) {
                 Ok(k) => k,
                 Err(s) => return Ok(s as i32),
@@ -828,7 +829,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_shared_data",
         |mut c: C, kp: i32, kn: i32, vp: i32, vn: i32, cas: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let k = read(&mut c, kp, kn)?;
                 let v = read(&mut c, vp, vn)?;
@@ -853,7 +854,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_register_shared_queue",
         |mut c: C, np: i32, nn: i32, ret: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let name = read(&mut c, np, nn)?;
                 let p = c.data().plugin.clone();
@@ -880,7 +881,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_resolve_shared_queue",
         |mut c: C, _vp: i32, _vn: i32, np: i32, nn: i32, ret: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 // Queues are scoped by tenant; the vm_id argument cannot reach another's.
                 let name = read(&mut c, np, nn)?;
@@ -899,7 +900,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_enqueue_shared_queue",
         |mut c: C, id: i32, vp: i32, vn: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let v = read(&mut c, vp, vn)?;
                 let p = c.data().plugin.clone();
@@ -930,7 +931,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_dequeue_shared_queue",
         |mut c: C, id: i32, ret_p: i32, ret_n: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let p = c.data().plugin.clone();
             let item = {
                 let Some(mut q) = p.shared.queues.get_mut(&(id as u32)) else {
@@ -952,7 +953,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 
 fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap("env", "proxy_continue_stream", |mut c: C, t: i32| {
-        charge(&mut c, 0)?;
+        charge(&mut c)?;
         let e = &mut c.data_mut().effects;
         Ok::<i32, wasmtime::Error>(match t {
             0 => {
@@ -968,17 +969,17 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     })?;
     // v0.1.0 names, still imported by some SDKs.
     l.func_wrap("env", "proxy_continue_request", |mut c: C| {
-        charge(&mut c, 0)?;
+        charge(&mut c)?;
         c.data_mut().effects.continue_request = true;
         Ok::<i32, wasmtime::Error>(0)
     })?;
     l.func_wrap("env", "proxy_continue_response", |mut c: C| {
-        charge(&mut c, 0)?;
+        charge(&mut c)?;
         c.data_mut().effects.continue_response = true;
         Ok::<i32, wasmtime::Error>(0)
     })?;
     l.func_wrap("env", "proxy_close_stream", |mut c: C, _t: i32| {
-        charge(&mut c, 0)?;
+        charge(&mut c)?;
         // Closing is answered like Envoy's reset: the request ends with a local 502 unless
         // the guest already chose an answer.
         let e = &mut c.data_mut().effects;
@@ -1004,7 +1005,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          hp: i32,
          hn: i32,
          grpc: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 if !(200..=599).contains(&status) {
                     return Err(Status::BadArgument);
@@ -1048,7 +1049,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          _tn: i32,
          timeout_ms: i32,
          ret: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let name = read(&mut c, up, un)?;
                 let hbytes = read(&mut c, hp, hn)?;
@@ -1091,7 +1092,7 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: C, kind: i32, np: i32, nn: i32, ret: i32| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let r = (|| {
                 let name =
                     String::from_utf8(read(&mut c, np, nn)?).map_err(|_| Status::BadArgument)?;
@@ -1142,7 +1143,7 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_increment_metric",
         |mut c: C, id: i32, off: i64| {
-            charge(&mut c, 0)?;
+            charge(&mut c)?;
             let p = c.data().plugin.clone();
             let r = match p.guest_metrics.get(&(id as u32)).as_deref() {
                 Some(GuestMetric::Counter(m)) if off >= 0 => {
@@ -1160,7 +1161,7 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         },
     )?;
     l.func_wrap("env", "proxy_record_metric", |mut c: C, id: i32, v: i64| {
-        charge(&mut c, 0)?;
+        charge(&mut c)?;
         let p = c.data().plugin.clone();
         let r = match p.guest_metrics.get(&(id as u32)).as_deref() {
             Some(GuestMetric::Counter(m)) => {
@@ -1186,7 +1187,7 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         Ok::<i32, wasmtime::Error>(abi::status(r))
     })?;
     l.func_wrap("env", "proxy_get_metric", |mut c: C, id: i32, ret: i32| {
-        charge(&mut c, 0)?;
+        charge(&mut c)?;
         let p = c.data().plugin.clone();
         let v = match p.guest_metrics.get(&(id as u32)).as_deref() {
             Some(GuestMetric::Counter(m)) => m.get(),

@@ -194,23 +194,30 @@ impl Vm {
     }
 
     pub(crate) fn queue_ready(&mut self, plugin: &Plugin, queue: u32) -> Result<(), Failure> {
-        let Some(f) = self.f.on_queue_ready.clone() else {
-            return Ok(());
-        };
-        self.store.data_mut().out_of_fuel = false;
-        let _ = self.store.set_fuel(fuel_for(plugin.spec.budget));
-        f.call(&mut self.store, (ROOT, queue as i32))
-            .map_err(|e| failure("on_queue_ready", e, self.store.data()))
+        self.root_call(plugin, "on_queue_ready", |s, f| match &f.on_queue_ready {
+            Some(func) => func.call(s, (ROOT, queue as i32)),
+            None => Ok(()),
+        })
     }
 
     pub(crate) fn tick(&mut self, plugin: &Plugin) -> Result<(), Failure> {
-        let Some(f) = self.f.on_tick.clone() else {
-            return Ok(());
-        };
-        self.store.data_mut().out_of_fuel = false;
-        let _ = self.store.set_fuel(fuel_for(plugin.spec.budget));
-        f.call(&mut self.store, ROOT)
-            .map_err(|e| failure("on_tick", e, self.store.data()))
+        self.root_call(plugin, "on_tick", |s, f| match &f.on_tick {
+            Some(func) => func.call(s, ROOT),
+            None => Ok(()),
+        })
+    }
+
+    /// A root-context callback outside any request, under the module's callback budget.
+    fn root_call(
+        &mut self,
+        plugin: &Plugin,
+        name: &'static str,
+        call: impl FnOnce(&mut Store<Host>, &Exports) -> wasmtime::Result<()>,
+    ) -> Result<(), Failure> {
+        let Vm { store, f, .. } = self;
+        store.data_mut().out_of_fuel = false;
+        let _ = store.set_fuel(fuel_for(plugin.spec.budget));
+        call(store, f).map_err(|e| failure(name, e, store.data()))
     }
 }
 
