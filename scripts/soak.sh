@@ -49,6 +49,7 @@ token = "soak-operator"
 max_request_header_bytes = 16384
 max_request_body_bytes = 65536
 client_body_timeout_ms = 1000
+client_header_timeout_ms = 1000
 [[listeners]]
 listen = "127.0.0.1:$gw"
 [upstreams.pool]
@@ -154,8 +155,22 @@ chaos+=($!)
 python3 - "$gw" "$end" >"$tmp/abuse" <<'PY' &
 import socket, sys, time
 port, end = int(sys.argv[1]), float(sys.argv[2])
-slow = big = 0
+slow = heads = big = 0
 while time.time() < end:
+    # slowloris: a head trickled a byte every 50 ms that never ends
+    s = socket.create_connection(("127.0.0.1", port), timeout=0.05)
+    got = b""
+    for b in b"GET /plain/x HTTP/1.1\r\nhost: t\r\nx-pad: " + b"a" * 100:
+        try:
+            s.send(bytes([b]))
+            got += s.recv(100)
+            break
+        except socket.timeout:
+            pass
+        except OSError:
+            break
+    if got.startswith(b"HTTP/1.1 408"): heads += 1
+    s.close()
     # slow client: headers trickled byte by byte, then a body that never completes
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     for b in b"POST /plain/x HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\nab":
@@ -174,7 +189,7 @@ while time.time() < end:
     s.sendall(b"POST /plain/x HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n")
     if s.recv(100).startswith(b"HTTP/1.1 413"): big += 1
     s.close()
-print(slow, big)
+print(slow, heads, big)
 PY
 chaos+=($!)
 sleep 1
@@ -186,9 +201,9 @@ rss_end=$( [ $alive = 1 ] && rss || echo 0 )
 metrics=$(curl -s "http://127.0.0.1:$mt/metrics" || true)
 reloads_ok=$(awk '/^wasmgate_config_reloads_total\{result="ok"\}/ {print $2}' <<<"$metrics")
 reloads_bad=$(awk '/^wasmgate_config_reloads_total\{result="failed"\}/ {print $2}' <<<"$metrics")
-read -r slow_408 oversized_rejected <"$tmp/abuse"
+read -r slow_408 slow_heads_408 oversized_rejected <"$tmp/abuse"
 healthy_errors=$(( base_err + chaos_err ))
-echo "soak: duration_s=$duration healthy_requests=$chaos_n healthy_errors=$healthy_errors healthy_rps=$chaos_rps max_rps=$max_out hostile_contained=$(cat "$tmp/hostile_contained") reloads_ok=${reloads_ok:-0} reloads_rejected=${reloads_bad:-0} deploys=$(cat "$tmp/deploys") slow_clients_408=$slow_408 oversized_rejected=$oversized_rejected gateway_restarts=$((1 - alive)) rss_start_mb=$rss_start rss_end_mb=$rss_end p99_healthy_baseline_ms=$base_p99 p99_healthy_chaos_ms=$chaos_p99"
+echo "soak: duration_s=$duration healthy_requests=$chaos_n healthy_errors=$healthy_errors healthy_rps=$chaos_rps max_rps=$max_out hostile_contained=$(cat "$tmp/hostile_contained") reloads_ok=${reloads_ok:-0} reloads_rejected=${reloads_bad:-0} deploys=$(cat "$tmp/deploys") slow_clients_408=$slow_408 slow_heads_408=$slow_heads_408 oversized_rejected=$oversized_rejected gateway_restarts=$((1 - alive)) rss_start_mb=$rss_start rss_end_mb=$rss_end p99_healthy_baseline_ms=$base_p99 p99_healthy_chaos_ms=$chaos_p99"
 fail=0
 grep -E "Non-2xx|Socket errors|^[0-9]{3} " "$tmp/wrk.log" | sort | uniq -c | sort -rn | head -8 >&2 || true
 [ "$healthy_errors" = 0 ] || { echo "FAIL: healthy requests failed" >&2; fail=1; }

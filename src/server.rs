@@ -4,6 +4,7 @@
 
 use crate::metrics::Metrics;
 use crate::proxy::access_log::AccessLog;
+use crate::proxy::conn::ClientApp;
 use crate::proxy::Gateway;
 use crate::reload::{Live, Reloader};
 use crate::wasm;
@@ -81,21 +82,14 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     )?);
     let mut gateway = Gateway::new(live.clone(), metrics.clone(), access_log);
     gateway.control = Some(control.clone());
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "wasmgate proxy",
+    // every accepted stream is wrapped: exact connection count, request-head deadline
+    let app = ClientApp::new(
+        pingora::proxy::http_proxy(&server.configuration, gateway),
+        live.clone(),
+        metrics.clone(),
     );
-    let mut ports = Vec::new();
+    let mut proxy = pingora::services::listening::Service::new("wasmgate proxy".into(), app);
     for l in &snap.listeners {
-        if let Some(p) = l
-            .addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok())
-        {
-            ports.push(p);
-        }
         match &l.tls {
             None => proxy.add_tcp(&l.addr),
             Some(tls) => {
@@ -107,13 +101,6 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     }
     server.add_service(proxy);
 
-    server.add_service(background_service(
-        "wasmgate connections",
-        ConnectionCounter {
-            metrics: metrics.clone(),
-            ports,
-        },
-    ));
     if let Some(addr) = snap.metrics_listen {
         let app = MetricsApp {
             metrics: metrics.clone(),
@@ -161,31 +148,6 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     server.run_forever()
 }
 
-/// Counts open client connections every 100 ms (from `/proc`, off the request path) into
-/// `wasmgate_open_connections`, which the proxy reads for `[limits] max_connections`.
-struct ConnectionCounter {
-    metrics: Arc<Metrics>,
-    ports: Vec<u16>,
-}
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for ConnectionCounter {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {
-                    let ports = self.ports.clone();
-                    if let Ok(n) = tokio::task::spawn_blocking(move || established_connections(&ports)).await {
-                        self.metrics.connections.set(n as i64);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// `/metrics` in Prometheus text format; anything else is 404.
 struct MetricsApp {
     metrics: Arc<Metrics>,
@@ -210,27 +172,4 @@ impl ServeHttp for MetricsApp {
             .body(body)
             .unwrap_or_default()
     }
-}
-
-/// Established TCP connections whose local port is one of `ports` (Linux `/proc`).
-fn established_connections(ports: &[u16]) -> usize {
-    let mut n = 0;
-    for f in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(f) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let mut cols = line.split_whitespace();
-            let local = cols.nth(1).unwrap_or("");
-            let state = cols.nth(1).unwrap_or("");
-            let port = local
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if state == "01" && port.is_some_and(|p| ports.contains(&p)) {
-                n += 1;
-            }
-        }
-    }
-    n
 }

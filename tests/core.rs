@@ -806,6 +806,103 @@ max_request_body_bytes = 100000
     assert!(t.elapsed() < Duration::from_secs(3));
 }
 
+/// Reads one HTTP/1.1 response with a content-length body; `None` once the peer closed.
+fn read_response(s: &mut std::net::TcpStream) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                let status = head[9..12].parse().unwrap();
+                let body = String::from_utf8_lossy(&got[end + 4..end + 4 + len]).to_string();
+                return Some((status, body));
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
+    use std::io::Write;
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            "[limits]\nclient_header_timeout_ms = 400\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\n",
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+
+    // slowloris: every byte arrives well within any per-read timeout, the head never ends
+    let mut s = connect();
+    let mut w = s.try_clone().unwrap();
+    let t = std::time::Instant::now();
+    let trickler = std::thread::spawn(move || {
+        let head = b"GET /x HTTP/1.1\r\nhost: t\r\nx-pad: ";
+        for b in head.iter().chain(std::iter::repeat_n(&b'a', 100)) {
+            if w.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(40));
+        }
+    });
+    let (status, body) = read_response(&mut s).expect("an answer before the close");
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "client_timeout"
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_secs(3),
+        "answered after {waited:?}"
+    );
+    assert!(read_response(&mut s).is_none(), "the connection is closed");
+    trickler.join().unwrap();
+
+    // a connection that never sends anything is closed without an answer
+    let mut silent = connect();
+    let t = std::time::Instant::now();
+    assert!(read_response(&mut silent).is_none());
+    assert!(t.elapsed() < Duration::from_secs(3));
+
+    // idle time between kept-alive requests is not a slow head
+    let mut ka = connect();
+    for round in 0..3 {
+        write!(ka, "GET /ka HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+        let (status, body) = read_response(&mut ka).expect("kept alive");
+        assert_eq!(status, 200, "round {round}: {body}");
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    // a head that arrives in pieces but in time is served
+    write!(ka, "GET /ka HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    write!(ka, "host: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut ka).unwrap().0, 200);
+
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "wasmgate_requests_total{route=\"-\",status=\"4xx\"}"),
+        1.0,
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_faults_reset_and_retry_on_another_target() {
     let good = Upstream::start("good").await;
@@ -908,7 +1005,10 @@ async fn too_many_connections_are_shed_with_503() {
     let idle: Vec<_> = (0..6)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap())
         .collect();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // counted exactly once accepted (no polling)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let open = metric(&gw.metrics().await, "wasmgate_open_connections");
+    assert!((6.0..=7.0).contains(&open), "{open} open connections");
     let r = c.get(gw.url("http", "/x")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["connection"], "close");
@@ -917,7 +1017,7 @@ async fn too_many_connections_are_shed_with_503() {
         "too_many_connections"
     );
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         c.get(gw.url("http", "/x")).send().await.unwrap().status(),
         200

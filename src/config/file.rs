@@ -139,9 +139,13 @@ pub struct LimitsSection {
     /// Most request headers: 431 beyond.
     #[serde(default = "default_max_headers")]
     pub max_request_headers: usize,
+    /// How long the client may take to send a whole request head (from accept, or from
+    /// the first byte of a later request on a kept-alive connection): 408 beyond.
+    #[serde(default = "default_header_timeout")]
+    pub client_header_timeout_ms: Spanned<u64>,
     /// How long the client may take to send each piece of its body: 408 beyond.
     #[serde(default = "default_body_timeout")]
-    pub client_body_timeout_ms: u64,
+    pub client_body_timeout_ms: Spanned<u64>,
     /// Open client connections beyond which new requests get 503 and their connection
     /// closed (counted every 100 ms); 0 disables the check.
     #[serde(default = "default_max_connections")]
@@ -154,6 +158,7 @@ impl Default for LimitsSection {
             max_request_body_bytes: default_max_body(),
             max_request_header_bytes: default_max_header_bytes(),
             max_request_headers: default_max_headers(),
+            client_header_timeout_ms: default_header_timeout(),
             client_body_timeout_ms: default_body_timeout(),
             max_connections: default_max_connections(),
         }
@@ -169,8 +174,11 @@ fn default_max_headers() -> usize {
 fn default_max_connections() -> usize {
     10_000
 }
-fn default_body_timeout() -> u64 {
-    10_000
+fn default_header_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 10_000)
+}
+fn default_body_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 10_000)
 }
 
 #[derive(Debug, Deserialize)]

@@ -157,6 +157,17 @@ impl Lowering<'_> {
             self.errors
                 .push(self.src.error(0..0, "[server] threads must be at least 1"));
         }
+        for (name, ms) in [
+            (
+                "client_header_timeout_ms",
+                &f.limits.client_header_timeout_ms,
+            ),
+            ("client_body_timeout_ms", &f.limits.client_body_timeout_ms),
+        ] {
+            if *ms.get_ref() == 0 {
+                self.err(ms, format!("[limits] {name} must be at least 1 ms"));
+            }
+        }
         let listeners = self.listeners(&f.listeners);
         let upstreams = self.upstreams(&f.upstreams);
         let plugins = self.plugins(&f, &upstreams);

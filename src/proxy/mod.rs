@@ -4,6 +4,7 @@
 //! request keeps it to the end, so a reload never changes a request midway.
 
 pub mod access_log;
+pub mod conn;
 pub mod hooks;
 pub mod respond;
 
@@ -335,6 +336,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        conn::head_received();
         self.metrics.inflight.inc();
         ctx.counted = true;
         // the one snapshot load of the request
@@ -352,7 +354,7 @@ impl ProxyHttp for Gateway {
         }
         // a slow client must not hold the request: each body read has a deadline (408)
         session.set_read_timeout(Some(Duration::from_millis(
-            snap.limits.client_body_timeout_ms,
+            *snap.limits.client_body_timeout_ms.get_ref(),
         )));
         if let Some(done) = self.function_request(session, ctx).await? {
             return Ok(done);
@@ -654,6 +656,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        conn::request_done();
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
