@@ -9,9 +9,10 @@
 //!   part of a head received, the client gets `408 {"error":"client_timeout"}` and the
 //!   connection is closed; a connection that sent nothing is closed quietly.
 //!
-//! The clock starts at accept for the first request and at the first byte of each later
-//! request on a kept-alive connection (idle time between requests is Pingora's keep-alive
-//! timeout, not a slow head). The proxy tells the stream where heads end through a
+//! The clock starts at accept for the first request and when a later request's head on a
+//! kept-alive connection first has to wait for more bytes (idle time between requests is
+//! Pingora's keep-alive timeout, not a slow head; a head that arrives in one read never
+//! arms a timer). The proxy tells the stream where heads end through a
 //! task-local handle: [`head_received`] when the request phases start, [`request_done`]
 //! when the response is logged. HTTP/2 connections (ALPN `h2`) frame their own headers
 //! and are never armed.
@@ -114,7 +115,10 @@ pub struct ClientStream {
     inner: Stream,
     phase: Arc<HeadPhase>,
     limit: Duration,
+    /// The head deadline. Set lazily, on the first read of a head that has to wait: a head
+    /// that arrives in one read (nearly all of them) never touches the timer wheel.
     clock: Pin<Box<Sleep>>,
+    clock_set: bool,
     /// Bytes of the current head seen so far (only counted while the clock runs).
     head_bytes: usize,
     /// Once the deadline passed: how much of the 408 answer has been written.
@@ -129,7 +133,9 @@ impl ClientStream {
             inner,
             phase,
             limit,
+            // the first request's clock starts at accept
             clock: Box::pin(tokio::time::sleep(limit)),
+            clock_set: true,
             head_bytes: 0,
             expired: None,
             metrics,
@@ -221,19 +227,28 @@ impl AsyncRead for ClientStream {
                 if r.is_ok() && n > 0 {
                     this.phase.0.store(IN_HEAD, Ordering::Relaxed);
                     this.head_bytes = n;
-                    let deadline = Instant::now() + this.limit;
-                    this.clock.as_mut().reset(deadline);
+                    this.clock_set = false;
                 }
                 Poll::Ready(r)
             }
             _ => {
-                if this.clock.as_mut().poll(cx).is_ready() {
-                    return this.poll_expire(cx);
-                }
                 let before = buf.filled().len();
-                let r = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
-                this.head_bytes += buf.filled().len() - before;
-                Poll::Ready(r)
+                match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                    Poll::Ready(r) => {
+                        this.head_bytes += buf.filled().len() - before;
+                        Poll::Ready(r)
+                    }
+                    Poll::Pending => {
+                        if !this.clock_set {
+                            this.clock.as_mut().reset(Instant::now() + this.limit);
+                            this.clock_set = true;
+                        }
+                        match this.clock.as_mut().poll(cx) {
+                            Poll::Ready(()) => this.poll_expire(cx),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    }
+                }
             }
         }
     }
