@@ -18,6 +18,7 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub inflight: IntGauge,
     pub connections: IntGauge,
+    pub connections_accepted: IntCounter,
     pub reloads: IntCounterVec,
     pub generation: IntGauge,
     pub access_log_dropped: IntCounter,
@@ -67,6 +68,11 @@ impl Metrics {
         let connections = IntGauge::new(
             "open_connections",
             "Downstream connections currently open on the proxy listeners",
+        )
+        .unwrap();
+        let connections_accepted = IntCounter::new(
+            "connections_accepted_total",
+            "Downstream connections accepted on the proxy listeners",
         )
         .unwrap();
         let reloads = IntCounterVec::new(
@@ -136,6 +142,7 @@ impl Metrics {
             Box::new(upstream_errors.clone()),
             Box::new(inflight.clone()),
             Box::new(connections.clone()),
+            Box::new(connections_accepted.clone()),
             Box::new(reloads.clone()),
             Box::new(generation.clone()),
             Box::new(access_log_dropped.clone()),
@@ -158,6 +165,7 @@ impl Metrics {
             upstream_errors,
             inflight,
             connections,
+            connections_accepted,
             reloads,
             generation,
             access_log_dropped,

@@ -290,7 +290,11 @@ async fn https_picks_certificates_by_sni_and_speaks_http2() {
     let up = Upstream::start("echo").await;
     let dir = tempfile::tempdir().unwrap();
     let (conf, ders) = tls_conf(&up.addr(), dir.path());
+    // a short head deadline: HTTP/2 connections must not be subject to it
+    let conf = conf + "[limits]\nclient_header_timeout_ms = 300\n";
     let gw = Gw::start_in(dir, &conf, Default::default());
+    let accepted = || async { metric(&gw.metrics().await, "wasmgate_connections_accepted_total") };
+    let accepted_at_start = accepted().await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", gw.port("https")).parse().unwrap();
     for (i, host) in ["a.test", "x.b.test"].iter().enumerate() {
         let mut builder = reqwest::Client::builder()
@@ -316,7 +320,20 @@ async fn https_picks_certificates_by_sni_and_speaks_http2() {
         );
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["path"], "/hello");
+        // idle beyond the head deadline, then a second stream on the same connection
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = c
+            .get(format!("https://{host}:{}/again", addr.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
     }
+    assert_eq!(
+        accepted().await - accepted_at_start,
+        2.0,
+        "one h2 connection per client"
+    );
     // HTTP/1.1 still works on the same listener
     let c = reqwest::Client::builder()
         .resolve("a.test", addr)
@@ -841,6 +858,8 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
             up.addr()
         );
     let gw = Gw::start(&conf);
+    let accepted = || async { metric(&gw.metrics().await, "wasmgate_connections_accepted_total") };
+    let accepted_at_start = accepted().await;
     let port = gw.port("http");
     let connect = || {
         let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -900,6 +919,11 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
         metric(&m, "wasmgate_requests_total{route=\"-\",status=\"4xx\"}"),
         1.0,
         "{m}"
+    );
+    assert_eq!(
+        accepted().await - accepted_at_start,
+        3.0,
+        "the kept-alive connection served every request"
     );
 }
 

@@ -129,6 +129,7 @@ pub struct ClientStream {
 impl ClientStream {
     fn new(inner: Stream, phase: Arc<HeadPhase>, limit: Duration, metrics: Arc<Metrics>) -> Self {
         metrics.connections.inc();
+        metrics.connections_accepted.inc();
         ClientStream {
             inner,
             phase,
