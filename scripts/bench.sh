@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks, side by side in one run on this machine:
 #   wrk against: the upstream directly, the gateway (no hook, API-key hook, JWT hook,
-#   wasm API backend), and nginx as the same reverse proxy (plain, and with an njs
+#   wasm API backend), a bare Pingora proxy with no logic (examples/bare_pingora.rs: the
+#   floor under the gateway), and nginx as the same reverse proxy (plain, and with an njs
 #   API-key check); then the criterion benches (route matching, hook chain costs).
 # Each wrk target runs several times, interleaved; the table shows medians.
 # Ends with machine-readable lines: `ratio name=value` and `figure name=value`.
@@ -92,6 +93,14 @@ RUST_LOG=warn "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
 pids+=($!)
 wait_port "$gw_port"
 
+# --- Pingora with no logic of its own: the floor under the gateway
+bare_port=$(free_port)
+cargo build --release --quiet --example bare_pingora
+RUST_LOG=warn "$CARGO_TARGET_DIR/release/examples/bare_pingora" "127.0.0.1:$bare_port" "127.0.0.1:$up_port" "$threads" \
+  >"$tmp/bare.log" 2>&1 &
+pids+=($!)
+wait_port "$bare_port"
+
 # --- nginx as the same reverse proxy, with an njs API-key check on /key
 cat > "$tmp/auth.js" <<'JS'
 function check(r) { return r.headersIn['x-api-key'] === 'bench-key' ? '1' : '0'; }
@@ -125,11 +134,11 @@ pids+=($!)
 wait_port "$ng_port"
 
 # --- wrk runs, interleaved across targets
-names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key)
+names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key pingora_bare)
 urls=("http://127.0.0.1:$up_port/" "http://127.0.0.1:$gw_port/plain/x" "http://127.0.0.1:$gw_port/key/x"
       "http://127.0.0.1:$gw_port/jwt/x" "http://127.0.0.1:$gw_port/hello/bench" "http://127.0.0.1:$ng_port/x"
-      "http://127.0.0.1:$ng_port/key/x")
-hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key")
+      "http://127.0.0.1:$ng_port/key/x" "http://127.0.0.1:$bare_port/x")
+hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key" "")
 
 # sanity: every target answers 200 before measuring
 for i in "${!names[@]}"; do
@@ -256,6 +265,8 @@ fig = {
 }
 print()
 print(f"ratio gateway_vs_nginx={med['gateway'] / med['nginx']:.2f}")
+print(f"ratio gateway_vs_bare_pingora={med['gateway'] / med['pingora_bare']:.2f}")
+print(f"ratio bare_pingora_vs_nginx={med['pingora_bare'] / med['nginx']:.2f}")
 print(f"ratio gateway_vs_upstream_direct={med['gateway'] / med['upstream']:.2f}")
 print(f"ratio hook_vs_plain={med['gateway_key'] / med['gateway']:.2f}")
 print(f"ratio jwt_hook_vs_plain={med['gateway_jwt'] / med['gateway']:.2f}")
