@@ -14,9 +14,15 @@ use sha2::Sha256;
 use std::rc::Rc;
 
 #[derive(Deserialize)]
-struct Config {
+struct ConfigFile {
     secret: String,
     #[serde(default)]
+    leeway_secs: u64,
+}
+
+struct Config {
+    /// The HMAC keyed once (its inner and outer pads hashed) and cloned per request.
+    mac: Hmac<Sha256>,
     leeway_secs: u64,
 }
 
@@ -45,9 +51,13 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
-        match serde_json::from_slice::<Config>(&bytes) {
-            Ok(c) if !c.secret.is_empty() => {
-                self.config = Some(Rc::new(c));
+        let keyed = serde_json::from_slice::<ConfigFile>(&bytes)
+            .ok()
+            .filter(|c| !c.secret.is_empty())
+            .and_then(|c| Some((Hmac::<Sha256>::new_from_slice(c.secret.as_bytes()).ok()?, c.leeway_secs)));
+        match keyed {
+            Some((mac, leeway_secs)) => {
+                self.config = Some(Rc::new(Config { mac, leeway_secs }));
                 true
             }
             _ => {
@@ -89,7 +99,7 @@ impl Jwt {
             return Err("unsupported_alg");
         }
         let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| "malformed_token")?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.config.secret.as_bytes()).map_err(|_| "bad_secret")?;
+        let mut mac = self.config.mac.clone();
         mac.update(head.as_bytes());
         mac.update(b".");
         mac.update(body.as_bytes());
