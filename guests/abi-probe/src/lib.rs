@@ -58,11 +58,20 @@ impl RootContext for Root {
         let seen = v
             .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
             .unwrap_or(0);
-        let _ = self.set_shared_data("queue_ready_items", Some((seen + n).to_string().as_bytes()), cas);
+        let _ = self.set_shared_data(
+            "queue_ready_items",
+            Some((seen + n).to_string().as_bytes()),
+            cas,
+        );
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Probe { failed: Vec::new(), checks: 0, body_mode: false, upstream_body: Vec::new() }))
+        Some(Box::new(Probe {
+            failed: Vec::new(),
+            checks: 0,
+            body_mode: false,
+            upstream_body: Vec::new(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -117,11 +126,20 @@ impl Probe {
         self.check("get_header", v.as_deref() == Some("1"));
         self.check("get_missing_header", h(self, "x-not-there").is_none());
         self.check(":method", h(self, ":method").as_deref() == Some("GET"));
-        self.check(":path", h(self, ":path").is_some_and(|p| p.starts_with("/probe")));
-        self.check(":authority", h(self, ":authority").is_some_and(|a| !a.is_empty()));
+        self.check(
+            ":path",
+            h(self, ":path").is_some_and(|p| p.starts_with("/probe")),
+        );
+        self.check(
+            ":authority",
+            h(self, ":authority").is_some_and(|a| !a.is_empty()),
+        );
         self.check(":scheme", h(self, ":scheme").as_deref() == Some("http"));
         let pairs = self.get_http_request_headers();
-        self.check("get_pairs", pairs.iter().any(|(k, v)| k == "x-probe" && v == "1"));
+        self.check(
+            "get_pairs",
+            pairs.iter().any(|(k, v)| k == "x-probe" && v == "1"),
+        );
         self.add_http_request_header("x-added", "a");
         self.check("add_header", h(self, "x-added").as_deref() == Some("a"));
         self.set_http_request_header("x-probe", Some("2"));
@@ -132,21 +150,69 @@ impl Probe {
         all.push(("x-set-pairs".into(), "yes".into()));
         let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         self.set_http_request_headers(refs);
-        self.check("set_pairs", h(self, "x-set-pairs").as_deref() == Some("yes") && h(self, "x-added").as_deref() == Some("a"));
+        self.check(
+            "set_pairs",
+            h(self, "x-set-pairs").as_deref() == Some("yes")
+                && h(self, "x-added").as_deref() == Some("a"),
+        );
 
-        self.check("prop request.path", self.prop("request.path").is_some_and(|p| p.starts_with("/probe")));
-        self.check("prop request.url_path", self.prop("request.url_path").as_deref() == Some("/probe"));
-        self.check("prop request.method", self.prop("request.method").as_deref() == Some("GET"));
-        self.check("prop request.host", self.prop("request.host").is_some_and(|p| !p.is_empty()));
-        self.check("prop request.scheme", self.prop("request.scheme").as_deref() == Some("http"));
-        self.check("prop request.protocol", self.prop("request.protocol").is_some_and(|p| p.starts_with("HTTP/")));
-        self.check("prop request.id", self.prop("request.id").is_some_and(|p| !p.is_empty()));
-        self.check("prop request.headers", self.get_property(vec!["request", "headers"]).is_some_and(|b| b.len() > 8));
-        self.check("prop source.address", self.prop("source.address").is_some_and(|p| p.starts_with("127.0.0.1:")));
-        self.check("prop destination.address", self.prop("destination.address").is_some_and(|p| p.contains(':')));
-        self.check("prop plugin_name", self.prop("plugin_name").as_deref() == Some("probe"));
-        self.check("prop plugin_root_id", self.prop("plugin_root_id").as_deref() == Some("probe-root"));
-        self.check("prop unknown", self.get_property(vec!["no", "such"]).is_none());
+        self.check(
+            "prop request.path",
+            self.prop("request.path")
+                .is_some_and(|p| p.starts_with("/probe")),
+        );
+        self.check(
+            "prop request.url_path",
+            self.prop("request.url_path").as_deref() == Some("/probe"),
+        );
+        self.check(
+            "prop request.method",
+            self.prop("request.method").as_deref() == Some("GET"),
+        );
+        self.check(
+            "prop request.host",
+            self.prop("request.host").is_some_and(|p| !p.is_empty()),
+        );
+        self.check(
+            "prop request.scheme",
+            self.prop("request.scheme").as_deref() == Some("http"),
+        );
+        self.check(
+            "prop request.protocol",
+            self.prop("request.protocol")
+                .is_some_and(|p| p.starts_with("HTTP/")),
+        );
+        self.check(
+            "prop request.id",
+            self.prop("request.id").is_some_and(|p| !p.is_empty()),
+        );
+        self.check(
+            "prop request.headers",
+            self.get_property(vec!["request", "headers"])
+                .is_some_and(|b| b.len() > 8),
+        );
+        self.check(
+            "prop source.address",
+            self.prop("source.address")
+                .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        );
+        self.check(
+            "prop destination.address",
+            self.prop("destination.address")
+                .is_some_and(|p| p.contains(':')),
+        );
+        self.check(
+            "prop plugin_name",
+            self.prop("plugin_name").as_deref() == Some("probe"),
+        );
+        self.check(
+            "prop plugin_root_id",
+            self.prop("plugin_root_id").as_deref() == Some("probe-root"),
+        );
+        self.check(
+            "prop unknown",
+            self.get_property(vec!["no", "such"]).is_none(),
+        );
         self.set_property(vec!["my", "prop"], Some(b"v"));
         self.check("set_property", self.prop("my.prop").as_deref() == Some("v"));
     }
@@ -155,20 +221,44 @@ impl Probe {
         let key = format!("k-{}", self.prop("request.id").unwrap_or_default());
         let set = self.set_shared_data(&key, Some(b"v1"), None);
         let (v, cas) = self.get_shared_data(&key);
-        self.check("shared set/get", set.is_ok() && v.as_deref() == Some(&b"v1"[..]) && cas.is_some());
+        self.check(
+            "shared set/get",
+            set.is_ok() && v.as_deref() == Some(&b"v1"[..]) && cas.is_some(),
+        );
         let stale = cas.map(|c| c.wrapping_add(7));
-        self.check("shared cas mismatch", self.set_shared_data(&key, Some(b"v2"), stale) == Err(Status::CasMismatch));
-        self.check("shared cas ok", self.set_shared_data(&key, Some(b"v3"), cas).is_ok());
-        self.check("shared missing", self.get_shared_data("never-set-key").0.is_none());
+        self.check(
+            "shared cas mismatch",
+            self.set_shared_data(&key, Some(b"v2"), stale) == Err(Status::CasMismatch),
+        );
+        self.check(
+            "shared cas ok",
+            self.set_shared_data(&key, Some(b"v3"), cas).is_ok(),
+        );
+        self.check(
+            "shared missing",
+            self.get_shared_data("never-set-key").0.is_none(),
+        );
 
         let q = self.register_shared_queue("probe-q");
-        self.check("queue resolve", self.resolve_shared_queue("any-vm", "probe-q") == Some(q));
-        self.check("queue enqueue", self.enqueue_shared_queue(q, Some(b"item")).is_ok());
-        self.check("queue dequeue", self.dequeue_shared_queue(q) == Ok(Some(b"item".to_vec())));
+        self.check(
+            "queue resolve",
+            self.resolve_shared_queue("any-vm", "probe-q") == Some(q),
+        );
+        self.check(
+            "queue enqueue",
+            self.enqueue_shared_queue(q, Some(b"item")).is_ok(),
+        );
+        self.check(
+            "queue dequeue",
+            self.dequeue_shared_queue(q) == Ok(Some(b"item".to_vec())),
+        );
         self.check("queue empty", self.dequeue_shared_queue(q) == Ok(None));
         // the root context registered this one: it is told by on_queue_ready
         match self.resolve_shared_queue("any-vm", "probe-ready") {
-            Some(ready) => self.check("notify enqueue", self.enqueue_shared_queue(ready, Some(b"note")).is_ok()),
+            Some(ready) => self.check(
+                "notify enqueue",
+                self.enqueue_shared_queue(ready, Some(b"note")).is_ok(),
+            ),
             None => self.check("notify queue registered", false),
         }
 
@@ -176,7 +266,10 @@ impl Probe {
             Ok(id) => {
                 let before = hostcalls::get_metric(id).unwrap_or(u64::MAX);
                 let inc = hostcalls::increment_metric(id, 3);
-                self.check("metric counter", inc.is_ok() && hostcalls::get_metric(id) == Ok(before + 3));
+                self.check(
+                    "metric counter",
+                    inc.is_ok() && hostcalls::get_metric(id) == Ok(before + 3),
+                );
             }
             Err(_) => self.check("metric define counter", false),
         }
@@ -191,7 +284,14 @@ impl Probe {
             Ok(id) => self.check("metric histogram", hostcalls::record_metric(id, 5).is_ok()),
             Err(_) => self.check("metric define histogram", false),
         }
-        for level in [LogLevel::Trace, LogLevel::Debug, LogLevel::Info, LogLevel::Warn, LogLevel::Error, LogLevel::Critical] {
+        for level in [
+            LogLevel::Trace,
+            LogLevel::Debug,
+            LogLevel::Info,
+            LogLevel::Warn,
+            LogLevel::Error,
+            LogLevel::Critical,
+        ] {
             self.checks += 1;
             if hostcalls::log(level, "probe log line").is_err() {
                 self.failed.push(format!("log {level:?}"));
@@ -199,26 +299,75 @@ impl Probe {
         }
         self.check("log level", hostcalls::get_log_level().is_ok());
         let now = self.get_current_time();
-        let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         self.check("current time", secs > 1_600_000_000);
-        self.check("plugin config buffer", hostcalls::get_buffer(BufferType::PluginConfiguration, 0, 1).ok().flatten().as_deref() == Some(&b"{"[..]));
-        self.check("vm config buffer", hostcalls::get_buffer(BufferType::VmConfiguration, 0, 100).ok().flatten().as_deref() == Some(&b"probe-vm"[..]));
-        self.check("grpc unimplemented", self.dispatch_grpc_call("echo", "s", "m", vec![], None, Duration::from_secs(1)).is_err());
-        self.check("callout to unknown upstream", self.dispatch_http_call("nope", vec![(":path", "/")], None, vec![], Duration::from_secs(1)).is_err());
+        self.check(
+            "plugin config buffer",
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, 1)
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some(&b"{"[..]),
+        );
+        self.check(
+            "vm config buffer",
+            hostcalls::get_buffer(BufferType::VmConfiguration, 0, 100)
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some(&b"probe-vm"[..]),
+        );
+        self.check(
+            "grpc unimplemented",
+            self.dispatch_grpc_call("echo", "s", "m", vec![], None, Duration::from_secs(1))
+                .is_err(),
+        );
+        self.check(
+            "callout to unknown upstream",
+            self.dispatch_http_call(
+                "nope",
+                vec![(":path", "/")],
+                None,
+                vec![],
+                Duration::from_secs(1),
+            )
+            .is_err(),
+        );
     }
 }
 
 impl Context for Probe {
-    fn on_http_call_response(&mut self, _token: u32, n_headers: usize, body_size: usize, _t: usize) {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        n_headers: usize,
+        body_size: usize,
+        _t: usize,
+    ) {
         self.check("callout answered", n_headers > 0);
         let status = self.get_http_call_response_header(":status");
         self.check("callout status", status.as_deref() == Some("200"));
         let hs = self.get_http_call_response_headers();
-        self.check("callout header pairs", hs.iter().any(|(k, _)| k == "x-upstream"));
-        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
-        self.check("callout body", String::from_utf8_lossy(&body).contains("callout-ping"));
+        self.check(
+            "callout header pairs",
+            hs.iter().any(|(k, _)| k == "x-upstream"),
+        );
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        self.check(
+            "callout body",
+            String::from_utf8_lossy(&body).contains("callout-ping"),
+        );
         let report = self.report();
-        self.send_http_response(200, vec![("content-type", "application/json"), ("x-probe", "done")], Some(report.as_bytes()));
+        self.send_http_response(
+            200,
+            vec![("content-type", "application/json"), ("x-probe", "done")],
+            Some(report.as_bytes()),
+        );
     }
 }
 
@@ -234,7 +383,11 @@ impl HttpContext for Probe {
         self.shared_queues_metrics_misc();
         match self.dispatch_http_call(
             "echo",
-            vec![(":method", "POST"), (":path", "/callout"), (":authority", "echo")],
+            vec![
+                (":method", "POST"),
+                (":path", "/callout"),
+                (":authority", "echo"),
+            ],
             Some(b"callout-ping"),
             vec![],
             Duration::from_secs(2),
@@ -261,12 +414,21 @@ impl HttpContext for Probe {
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         if self.body_mode {
-            self.check(":status", self.get_http_response_header(":status").as_deref() == Some("200"));
-            self.check("response header", self.get_http_response_header("x-upstream").is_some());
+            self.check(
+                ":status",
+                self.get_http_response_header(":status").as_deref() == Some("200"),
+            );
+            self.check(
+                "response header",
+                self.get_http_response_header("x-upstream").is_some(),
+            );
             self.set_http_response_header("x-probe-response", Some("yes"));
             // the body will change length: drop Content-Length, as filters do in Envoy
             self.set_http_response_header("content-length", None);
-            self.check("prop response.code", self.get_property(vec!["response", "code"]) == Some(200i64.to_le_bytes().to_vec()));
+            self.check(
+                "prop response.code",
+                self.get_property(vec!["response", "code"]) == Some(200i64.to_le_bytes().to_vec()),
+            );
         }
         Action::Continue
     }

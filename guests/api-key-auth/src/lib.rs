@@ -53,7 +53,9 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Check { config: self.config.clone() }))
+        Some(Box::new(Check {
+            config: self.config.clone(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -72,11 +74,18 @@ impl HttpContext for Check {
         match self.get_http_request_header(&self.config.header) {
             Some(k) if self.config.keys.iter().any(|allowed| *allowed == k) => Action::Continue,
             got => {
-                let reason = if got.is_some() { "invalid_api_key" } else { "missing_api_key" };
+                let reason = if got.is_some() {
+                    "invalid_api_key"
+                } else {
+                    "missing_api_key"
+                };
                 log::info!("api-key-auth: denied ({reason})");
                 self.send_http_response(
                     401,
-                    vec![("content-type", "application/json"), ("www-authenticate", "ApiKey")],
+                    vec![
+                        ("content-type", "application/json"),
+                        ("www-authenticate", "ApiKey"),
+                    ],
                     Some(format!("{{\"error\":\"{reason}\"}}").as_bytes()),
                 );
                 Action::Pause

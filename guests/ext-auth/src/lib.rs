@@ -52,7 +52,9 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(ExtAuth { config: self.config.clone()? }))
+        Some(Box::new(ExtAuth {
+            config: self.config.clone()?,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -66,7 +68,9 @@ struct ExtAuth {
 
 impl HttpContext for ExtAuth {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let auth = self.get_http_request_header("authorization").unwrap_or_default();
+        let auth = self
+            .get_http_request_header("authorization")
+            .unwrap_or_default();
         let c = self.config.clone();
         match self.dispatch_http_call(
             &c.upstream,
@@ -83,7 +87,11 @@ impl HttpContext for ExtAuth {
             Ok(_) => Action::Pause,
             Err(e) => {
                 log::error!("ext-auth: cannot call {}: {e:?}", c.upstream);
-                self.send_http_response(503, vec![("content-type", "application/json")], Some(b"{\"error\":\"auth_unavailable\"}"));
+                self.send_http_response(
+                    503,
+                    vec![("content-type", "application/json")],
+                    Some(b"{\"error\":\"auth_unavailable\"}"),
+                );
                 Action::Pause
             }
         }
@@ -93,17 +101,27 @@ impl HttpContext for ExtAuth {
 impl Context for ExtAuth {
     fn on_http_call_response(&mut self, _token: u32, n_headers: usize, _body: usize, _t: usize) {
         if n_headers == 0 {
-            self.send_http_response(503, vec![("content-type", "application/json")], Some(b"{\"error\":\"auth_unavailable\"}"));
+            self.send_http_response(
+                503,
+                vec![("content-type", "application/json")],
+                Some(b"{\"error\":\"auth_unavailable\"}"),
+            );
             return;
         }
-        let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
         if status.starts_with('2') {
             if let Some(user) = self.get_http_call_response_header("x-user") {
                 self.set_http_request_header("x-user", Some(&user));
             }
             self.resume_http_request();
         } else {
-            self.send_http_response(403, vec![("content-type", "application/json")], Some(b"{\"error\":\"forbidden\"}"));
+            self.send_http_response(
+                403,
+                vec![("content-type", "application/json")],
+                Some(b"{\"error\":\"forbidden\"}"),
+            );
         }
     }
 }

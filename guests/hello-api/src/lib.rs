@@ -35,7 +35,10 @@ impl HttpContext for Hello {
                 let body = format!("{{\"hello\":{},\"greetings\":{count}}}", json_escape(name));
                 self.send_http_response(
                     200,
-                    vec![("content-type", "application/json"), ("x-served-by", "wasm")],
+                    vec![
+                        ("content-type", "application/json"),
+                        ("x-served-by", "wasm"),
+                    ],
                     Some(body.as_bytes()),
                 );
             }
@@ -54,10 +57,17 @@ fn bump(ctx: &dyn Context) -> u64 {
     for _ in 0..8 {
         let (value, cas) = ctx.get_shared_data("greetings");
         let n = value
-            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u64>().ok()))
+            .and_then(|v| {
+                std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+            })
             .unwrap_or(0)
             + 1;
-        if ctx.set_shared_data("greetings", Some(n.to_string().as_bytes()), cas).is_ok() {
+        if ctx
+            .set_shared_data("greetings", Some(n.to_string().as_bytes()), cas)
+            .is_ok()
+        {
             return n;
         }
     }

@@ -54,7 +54,12 @@ impl RootContext for Root {
         let keyed = serde_json::from_slice::<ConfigFile>(&bytes)
             .ok()
             .filter(|c| !c.secret.is_empty())
-            .and_then(|c| Some((Hmac::<Sha256>::new_from_slice(c.secret.as_bytes()).ok()?, c.leeway_secs)));
+            .and_then(|c| {
+                Some((
+                    Hmac::<Sha256>::new_from_slice(c.secret.as_bytes()).ok()?,
+                    c.leeway_secs,
+                ))
+            });
         match keyed {
             Some((mac, leeway_secs)) => {
                 self.config = Some(Rc::new(Config { mac, leeway_secs }));
@@ -68,7 +73,9 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Jwt { config: self.config.clone()? }))
+        Some(Box::new(Jwt {
+            config: self.config.clone()?,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -84,10 +91,14 @@ impl Context for Jwt {}
 
 impl Jwt {
     fn verify(&self, now: u64) -> Result<Claims, &'static str> {
-        let h = self.get_http_request_header("authorization").ok_or("missing_token")?;
+        let h = self
+            .get_http_request_header("authorization")
+            .ok_or("missing_token")?;
         let token = h.strip_prefix("Bearer ").ok_or("not_a_bearer_token")?;
         let mut parts = token.split('.');
-        let (Some(head), Some(body), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(head), Some(body), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err("malformed_token");
         };
         let header: Header = URL_SAFE_NO_PAD
@@ -136,7 +147,10 @@ impl HttpContext for Jwt {
             Err(reason) => {
                 self.send_http_response(
                     401,
-                    vec![("content-type", "application/json"), ("www-authenticate", "Bearer")],
+                    vec![
+                        ("content-type", "application/json"),
+                        ("www-authenticate", "Bearer"),
+                    ],
                     Some(format!("{{\"error\":\"{reason}\"}}").as_bytes()),
                 );
                 Action::Pause
