@@ -928,6 +928,61 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_timeout_is_the_operators() {
+    use std::io::Write;
+    let up = Upstream::start("echo").await;
+    let conf = |secs: u64| {
+        HEAD.to_string()
+            + &format!(
+                "[limits]\nclient_keepalive_timeout_secs = {secs}\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\n",
+                up.addr()
+            )
+    };
+    let mut gw = Gw::start(&conf(1));
+    let connect = |port: u16| {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    // idle past one second: closed by the gateway
+    let mut s = connect(gw.port("http"));
+    write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).unwrap().0, 200);
+    let t = std::time::Instant::now();
+    assert!(read_response(&mut s).is_none(), "closed while idle");
+    let idle = t.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(3),
+        "closed after {idle:?}"
+    );
+    // within the timeout it is reused
+    let mut s = connect(gw.port("http"));
+    for _ in 0..2 {
+        write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut s).unwrap().0, 200);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // 0 turns keep-alive off: one request per connection
+    gw.rewrite_conf(&conf(0));
+    gw.signal(libc::SIGHUP);
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if metric(&gw.metrics().await, "wasmgate_config_generation") == 2.0 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(reloaded, "{}", gw.log());
+    let mut s = connect(gw.port("http"));
+    write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).unwrap().0, 200);
+    let t = std::time::Instant::now();
+    assert!(read_response(&mut s).is_none());
+    assert!(t.elapsed() < Duration::from_millis(500), "closed at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_faults_reset_and_retry_on_another_target() {
     let good = Upstream::start("good").await;
     let resetting = Upstream::with(wasmgate::demo::UpstreamOpts {

@@ -143,6 +143,10 @@ pub struct LimitsSection {
     /// the first byte of a later request on a kept-alive connection): 408 beyond.
     #[serde(default = "default_header_timeout")]
     pub client_header_timeout_ms: Spanned<u64>,
+    /// How long a kept-alive client connection may sit idle between requests before it is
+    /// closed (whole seconds); 0 turns keep-alive off.
+    #[serde(default = "default_keepalive")]
+    pub client_keepalive_timeout_secs: u64,
     /// How long the client may take to send each piece of its body: 408 beyond.
     #[serde(default = "default_body_timeout")]
     pub client_body_timeout_ms: Spanned<u64>,
@@ -159,6 +163,7 @@ impl Default for LimitsSection {
             max_request_header_bytes: default_max_header_bytes(),
             max_request_headers: default_max_headers(),
             client_header_timeout_ms: default_header_timeout(),
+            client_keepalive_timeout_secs: default_keepalive(),
             client_body_timeout_ms: default_body_timeout(),
             max_connections: default_max_connections(),
         }
@@ -173,6 +178,11 @@ fn default_max_headers() -> usize {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+/// Pingora's own idle keep-alive timeout; the gateway only overrides a different value.
+pub const DEFAULT_KEEPALIVE_SECS: u64 = 60;
+fn default_keepalive() -> u64 {
+    DEFAULT_KEEPALIVE_SECS
 }
 fn default_header_timeout() -> Spanned<u64> {
     Spanned::new(0..0, 10_000)

@@ -352,6 +352,11 @@ impl ProxyHttp for Gateway {
                 .answer_error(session, ctx, GatewayError::TooManyConnections)
                 .await;
         }
+        let keepalive = snap.limits.client_keepalive_timeout_secs;
+        if keepalive != crate::config::file::DEFAULT_KEEPALIVE_SECS {
+            // idle time allowed before the next request (0: none, close after this one)
+            session.set_keepalive((keepalive > 0).then_some(keepalive));
+        }
         // a slow client must not hold the request: each body read has a deadline (408)
         session.set_read_timeout(Some(Duration::from_millis(
             *snap.limits.client_body_timeout_ms.get_ref(),
