@@ -18,14 +18,7 @@ a="$1" b="$2" runs="${3:-5}" dur="${4:-5}"
 ensure_packages wrk python3
 build_release # the guests and the demo upstream
 
-tmp="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+with_scratch
 
 up_port=$(free_port)
 "$bin" demo-upstream --fixed --listen "127.0.0.1:$up_port" --name ab 2>/dev/null &

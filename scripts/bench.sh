@@ -24,14 +24,7 @@ ensure_packages cmake wrk nginx python3
 ensure_rust_targets
 build_release
 
-tmp="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+with_scratch
 
 up_port=$(free_port); gw_port=$(free_port); ng_port=$(free_port); metrics_port=$(free_port)
 admin_port=$(free_port)

@@ -47,3 +47,16 @@ wait_port() {
   echo "port $1 never opened" >&2
   exit 1
 }
+
+# with_scratch: a temp dir in $tmp and a list $pids for the processes the script starts;
+# on exit those processes are stopped (by their PID, nothing else) and the dir removed.
+with_scratch() {
+  tmp="$(mktemp -d)"
+  pids=()
+  trap cleanup_scratch EXIT
+}
+cleanup_scratch() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$tmp"
+}

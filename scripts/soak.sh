@@ -18,21 +18,13 @@ rss_bound="${RSS_BOUND_MB:-150}"
 ensure_packages cmake wrk python3 curl
 ensure_rust_targets
 build_release
-tmp="$(mktemp -d)"
+with_scratch
 cargo run --release --quiet --example hostile -- "$tmp/hostile"
-
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -n "${up_b:-}" ] && kill "$up_b" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
 pa=$(free_port); pb=$(free_port); gw=$(free_port); mt=$(free_port); ad=$(free_port)
 
 "$bin" demo-upstream --fixed --listen "127.0.0.1:$pa" --name a 2>/dev/null & pids+=($!)
 "$bin" demo-upstream --fixed --listen "127.0.0.1:$pb" --name b 2>/dev/null & up_b=$!
+pids+=("$up_b")
 wait_port "$pa"; wait_port "$pb"
 
 write_conf() { # $1 = file; valid conf

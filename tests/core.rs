@@ -781,8 +781,7 @@ max_request_body_bytes = 100000
         "request_body_too_large"
     );
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = raw_client(gw.port("http"));
     write!(
         s,
         "POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -807,8 +806,7 @@ max_request_body_bytes = 100000
         .unwrap();
     assert_eq!(r.status(), 200, "per-route limit");
     // a client that stops sending its body gets 408
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = raw_client(gw.port("http"));
     write!(
         s,
         "POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 500\r\n\r\nonly-a-little"
@@ -821,6 +819,22 @@ max_request_body_bytes = 100000
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(head.contains("client_timeout"), "{head}");
     assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+/// `HEAD` plus one `[limits]` line and a catch-all route to `up`.
+fn echo_conf(limits: &str, up: &Upstream) -> String {
+    HEAD.to_string()
+        + &format!(
+            "[limits]\n{limits}\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\n",
+            up.addr()
+        )
+}
+
+/// A raw loopback connection with a 5 s read timeout, for byte-exact requests.
+fn raw_client(port: u16) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
 }
 
 /// Reads one HTTP/1.1 response with a content-length body; `None` once the peer closed.
@@ -852,20 +866,10 @@ fn read_response(s: &mut std::net::TcpStream) -> Option<(u16, String)> {
 async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
     use std::io::Write;
     let up = Upstream::start("echo").await;
-    let conf = HEAD.to_string()
-        + &format!(
-            "[limits]\nclient_header_timeout_ms = 400\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\n",
-            up.addr()
-        );
-    let gw = Gw::start(&conf);
+    let gw = Gw::start(&echo_conf("client_header_timeout_ms = 400", &up));
     let accepted = || async { metric(&gw.metrics().await, "wasmgate_connections_accepted_total") };
     let accepted_at_start = accepted().await;
-    let port = gw.port("http");
-    let connect = || {
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
-    };
+    let connect = || raw_client(gw.port("http"));
 
     // slowloris: every byte arrives well within any per-read timeout, the head never ends
     let mut s = connect();
@@ -931,21 +935,10 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
 async fn idle_keepalive_timeout_is_the_operators() {
     use std::io::Write;
     let up = Upstream::start("echo").await;
-    let conf = |secs: u64| {
-        HEAD.to_string()
-            + &format!(
-                "[limits]\nclient_keepalive_timeout_secs = {secs}\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\n",
-                up.addr()
-            )
-    };
+    let conf = |secs: u64| echo_conf(&format!("client_keepalive_timeout_secs = {secs}"), &up);
     let mut gw = Gw::start(&conf(1));
-    let connect = |port: u16| {
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
-    };
     // idle past one second: closed by the gateway
-    let mut s = connect(gw.port("http"));
+    let mut s = raw_client(gw.port("http"));
     write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
     assert_eq!(read_response(&mut s).unwrap().0, 200);
     let t = std::time::Instant::now();
@@ -956,7 +949,7 @@ async fn idle_keepalive_timeout_is_the_operators() {
         "closed after {idle:?}"
     );
     // within the timeout it is reused
-    let mut s = connect(gw.port("http"));
+    let mut s = raw_client(gw.port("http"));
     for _ in 0..2 {
         write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
         assert_eq!(read_response(&mut s).unwrap().0, 200);
@@ -974,7 +967,7 @@ async fn idle_keepalive_timeout_is_the_operators() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     assert!(reloaded, "{}", gw.log());
-    let mut s = connect(gw.port("http"));
+    let mut s = raw_client(gw.port("http"));
     write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
     assert_eq!(read_response(&mut s).unwrap().0, 200);
     let t = std::time::Instant::now();
@@ -1066,12 +1059,7 @@ upstream = "reset"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_connections_are_shed_with_503() {
     let up = Upstream::start("echo").await;
-    let conf = HEAD.to_string()
-        + &format!(
-            "[limits]\nmax_connections = 4\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\n",
-            up.addr()
-        );
-    let gw = Gw::start(&conf);
+    let gw = Gw::start(&echo_conf("max_connections = 4", &up));
     let c = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()

@@ -455,12 +455,16 @@ impl ProxyHttp for Gateway {
                 up.peer_avoiding(v.unwrap_or(b""), avoid)
             }
             Some(HashKey::ClientIp) => {
+                // the address's octets: no text to build per request
                 let ip = session
                     .client_addr()
                     .and_then(|a| a.as_inet())
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default();
-                up.peer_avoiding(ip.as_bytes(), avoid)
+                    .map(|a| a.ip());
+                match ip {
+                    Some(std::net::IpAddr::V4(v4)) => up.peer_avoiding(&v4.octets(), avoid),
+                    Some(std::net::IpAddr::V6(v6)) => up.peer_avoiding(&v6.octets(), avoid),
+                    None => up.peer_avoiding(b"", avoid),
+                }
             }
         };
         match peer {

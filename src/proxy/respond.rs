@@ -91,11 +91,15 @@ impl GatewayError {
 
 /// `{"error":"…","route":"…"}`, without anything internal.
 pub fn error_body(code: &str, route: Option<&str>) -> Bytes {
-    let v = match route {
-        Some(r) => serde_json::json!({ "error": code, "route": r }),
-        None => serde_json::json!({ "error": code }),
-    };
-    Bytes::from(v.to_string())
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        error: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        route: Option<&'a str>,
+    }
+    // one buffer, no intermediate JSON map; route names are escaped like any string
+    let v = serde_json::to_vec(&Body { error: code, route }).unwrap_or_default();
+    Bytes::from(v)
 }
 
 /// Writes a complete response (header and body) and keeps the connection reusable.
