@@ -102,8 +102,16 @@ enum Cmd {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_new(if env.is_empty() { "info" } else { &env })
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !env.contains("pingora_proxy") {
+        // Pingora's proxy logs a client's broken or refused connection as an ERROR line;
+        // the gateway logs each failed request itself, at a level that fits its cause.
+        // `RUST_LOG=pingora_proxy=…` brings those lines back.
+        filter = filter.add_directive("pingora_proxy=off".parse().expect("valid directive"));
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

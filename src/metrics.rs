@@ -19,6 +19,10 @@ pub struct Metrics {
     pub inflight: IntGauge,
     pub connections: IntGauge,
     pub connections_accepted: IntCounter,
+    /// Responses cut off after their head was sent (the connection was dropped).
+    pub responses_aborted: IntCounter,
+    /// Request heads over `max_request_header_bytes`, refused while being read.
+    pub heads_too_large: IntCounter,
     pub reloads: IntCounterVec,
     pub generation: IntGauge,
     pub access_log_dropped: IntCounter,
@@ -73,6 +77,17 @@ impl Metrics {
         let connections_accepted = IntCounter::new(
             "connections_accepted_total",
             "Downstream connections accepted on the proxy listeners",
+        )
+        .unwrap();
+        let responses_aborted = IntCounter::new(
+            "responses_aborted_total",
+            "Responses cut off after their head was sent: the client connection was dropped \
+             without completing the body, so the client sees a truncated response",
+        )
+        .unwrap();
+        let heads_too_large = IntCounter::new(
+            "request_heads_too_large_total",
+            "Request heads refused with 431 while being read, over max_request_header_bytes",
         )
         .unwrap();
         let reloads = IntCounterVec::new(
@@ -143,6 +158,8 @@ impl Metrics {
             Box::new(inflight.clone()),
             Box::new(connections.clone()),
             Box::new(connections_accepted.clone()),
+            Box::new(responses_aborted.clone()),
+            Box::new(heads_too_large.clone()),
             Box::new(reloads.clone()),
             Box::new(generation.clone()),
             Box::new(access_log_dropped.clone()),
@@ -166,6 +183,8 @@ impl Metrics {
             inflight,
             connections,
             connections_accepted,
+            responses_aborted,
+            heads_too_large,
             reloads,
             generation,
             access_log_dropped,

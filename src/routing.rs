@@ -63,7 +63,8 @@ pub struct Match<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Miss {
     NoRoute,
-    MethodNotAllowed,
+    /// The path matched this route (the most specific), but none there takes the method.
+    MethodNotAllowed(usize),
 }
 
 #[derive(Default)]
@@ -210,7 +211,7 @@ impl PartialOrd for Miss {
 }
 impl Ord for Miss {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let r = |m: &Miss| matches!(m, Miss::MethodNotAllowed) as u8;
+        let r = |m: &Miss| matches!(m, Miss::MethodNotAllowed(_)) as u8;
         r(self).cmp(&r(other))
     }
 }
@@ -222,7 +223,7 @@ impl PathTable {
             .value
             .iter()
             .find(|c| c.methods.is_empty() || c.methods.contains(method))
-            .ok_or(Miss::MethodNotAllowed)?;
+            .ok_or(Miss::MethodNotAllowed(m.value[0].route))?;
         let params = m.params.iter().filter(|(k, _)| *k != REST).collect();
         Ok(Match {
             route: cand.route,
@@ -311,7 +312,7 @@ mod tests {
         let r = Router::build(&keys, &names(1)).unwrap();
         assert_eq!(
             r.find("h", "/only-post", &Method::GET),
-            Err(Miss::MethodNotAllowed)
+            Err(Miss::MethodNotAllowed(0))
         );
         assert_eq!(r.find("h", "/nothing", &Method::GET), Err(Miss::NoRoute));
     }

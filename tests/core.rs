@@ -569,7 +569,15 @@ upstream = "echo"
     for _ in 0..7 {
         c.get(gw.url("http", "/x")).send().await.unwrap();
     }
-    let m = gw.metrics().await;
+    // a request is counted when it is logged, just after its response went out
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut m = gw.metrics().await;
+    while metric(&m, "wasmgate_requests_total{route=\"all\",status=\"2xx\"}") < 7.0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = gw.metrics().await;
+    }
     assert_eq!(
         metric(&m, "wasmgate_requests_total{route=\"all\",status=\"2xx\"}"),
         7.0,

@@ -7,7 +7,16 @@
 //!   client_header_timeout_ms`, the slowloris defence): Pingora reads the head before any
 //!   gateway code runs, so the deadline lives in the stream itself. When it passes with
 //!   part of a head received, the client gets `408 {"error":"client_timeout"}` and the
-//!   connection is closed; a connection that sent nothing is closed quietly.
+//!   connection is closed; a connection that sent nothing is closed quietly;
+//! - bounds how large a request head may grow while it is read (`[limits]
+//!   max_request_header_bytes`): Pingora would buffer up to 1 MiB of an unfinished head
+//!   per connection. When Pingora asks for more bytes of a head that is already over the
+//!   limit, the client gets `431 {"error":"request_headers_too_large"}` and the
+//!   connection is closed;
+//! - answers in the gateway's JSON error format where Pingora answers by itself: a
+//!   response written before the gateway saw a request head (a head Pingora could not
+//!   parse, or a method it refuses) is Pingora's bodiless error page; the stream writes
+//!   the gateway's answer with the same status instead.
 //!
 //! The clock starts at accept for the first request and when a later request's head on a
 //! kept-alive connection first has to wait for more bytes (idle time between requests is
@@ -92,15 +101,26 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
             // handed back for reuse: already wrapped and counted
             return self.inner.process_new(stream, shutdown).await;
         }
-        let limit =
-            Duration::from_millis(*self.live.load().limits.client_header_timeout_ms.get_ref());
+        let (limit, head_limit) = {
+            let snap = self.live.load();
+            (
+                Duration::from_millis(*snap.limits.client_header_timeout_ms.get_ref()),
+                snap.limits.max_request_header_bytes,
+            )
+        };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let phase = Arc::new(HeadPhase(AtomicU8::new(if h2 {
             HEAD_READ
         } else {
             IN_HEAD
         })));
-        let wrapped = ClientStream::new(stream, phase.clone(), limit, self.metrics.clone());
+        let wrapped = ClientStream::new(
+            stream,
+            phase.clone(),
+            limit,
+            head_limit,
+            self.metrics.clone(),
+        );
         CONN.scope(phase, self.inner.process_new(Box::new(wrapped), shutdown))
             .await
     }
@@ -121,13 +141,23 @@ pub struct ClientStream {
     clock_set: bool,
     /// Bytes of the current head seen so far (only counted while the clock runs).
     head_bytes: usize,
-    /// Once the deadline passed: how much of the 408 answer has been written.
-    expired: Option<usize>,
+    /// Largest request head, in bytes.
+    head_limit: usize,
+    /// Once the head is refused (408, 431): the answer and how much of it is written.
+    refusing: Option<(&'static [u8], usize)>,
+    /// Pingora's own error answer being replaced: ours, and how much of it is written.
+    replacing: Option<(&'static [u8], usize)>,
     metrics: Arc<Metrics>,
 }
 
 impl ClientStream {
-    fn new(inner: Stream, phase: Arc<HeadPhase>, limit: Duration, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        inner: Stream,
+        phase: Arc<HeadPhase>,
+        limit: Duration,
+        head_limit: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         metrics.connections.inc();
         metrics.connections_accepted.inc();
         ClientStream {
@@ -138,60 +168,129 @@ impl ClientStream {
             clock: Box::pin(tokio::time::sleep(limit)),
             clock_set: true,
             head_bytes: 0,
-            expired: None,
+            head_limit,
+            refusing: None,
+            replacing: None,
             metrics,
         }
     }
 
-    /// Writes the 408 answer (only if part of a head arrived), then fails the read so
-    /// Pingora closes the connection.
+    /// The head deadline passed: answers 408 (only if part of a head arrived; a silent
+    /// connection is closed quietly).
     fn poll_expire(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let answer = timeout_answer();
-        let mut written = *self.expired.get_or_insert_with(|| {
+        if self.refusing.is_none() {
             if self.head_bytes == 0 {
                 tracing::debug!("connection sent nothing in time: closed");
-                return answer.len(); // nothing to answer: close quietly
+                self.refusing = Some((b"", 0));
+            } else {
+                self.metrics
+                    .unrouted
+                    .record(GatewayError::ClientTimeout.status());
+                tracing::debug!(
+                    error = GatewayError::ClientTimeout.code(),
+                    received = self.head_bytes,
+                    limit_ms = self.limit.as_millis() as u64,
+                    "request head not received in time"
+                );
+                self.refusing = Some((answer(GatewayError::ClientTimeout), 0));
             }
-            self.metrics
-                .unrouted
-                .record(GatewayError::ClientTimeout.status());
-            tracing::info!(
-                error = GatewayError::ClientTimeout.code(),
-                received = self.head_bytes,
-                limit_ms = self.limit.as_millis() as u64,
-                "request head not received in time"
-            );
-            0
-        });
+        }
+        self.poll_refuse(cx)
+    }
+
+    /// Writes the refusal, then fails the read so Pingora closes the connection.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (answer, mut written) = self.refusing.expect("refusal chosen");
         while written < answer.len() {
             match ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[written..])) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => written += n,
             }
-            self.expired = Some(written);
+            self.refusing = Some((answer, written));
         }
         let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
         Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "request head not received in time",
+            io::ErrorKind::InvalidData,
+            "request head refused",
         )))
+    }
+
+    /// Pingora asks for more of a head that is already over the limit: 431.
+    fn refuse_large_head(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.metrics.heads_too_large.inc();
+        self.metrics
+            .unrouted
+            .record(GatewayError::HeadersTooLarge.status());
+        tracing::debug!(
+            received = self.head_bytes,
+            limit = self.head_limit,
+            "request head over max_request_header_bytes"
+        );
+        self.refusing = Some((answer(GatewayError::HeadersTooLarge), 0));
+        self.poll_refuse(cx)
     }
 }
 
-/// `408` with the gateway's JSON error body; built once.
-fn timeout_answer() -> &'static [u8] {
-    static ANSWER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    ANSWER.get_or_init(|| {
-        let body = error_body(GatewayError::ClientTimeout.code(), None);
-        let mut a = format!(
-            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        a.extend_from_slice(&body);
-        a
-    })
+/// Errors the stream answers itself, each built once.
+const OWN_ANSWERS: [GatewayError; 6] = [
+    GatewayError::ClientTimeout,
+    GatewayError::HeadersTooLarge,
+    GatewayError::BadRequest,
+    GatewayError::MethodNotAllowed,
+    GatewayError::BodyTooLarge,
+    GatewayError::Internal,
+];
+
+/// A whole answer with the gateway's JSON error body, closing the connection.
+fn answer(e: GatewayError) -> &'static [u8] {
+    static ANSWERS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    let all = ANSWERS.get_or_init(|| {
+        OWN_ANSWERS
+            .iter()
+            .map(|e| {
+                let body = error_body(e.code(), None);
+                let status = http::StatusCode::from_u16(e.status()).expect("valid status");
+                let mut a = format!(
+                    "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or(""),
+                    body.len()
+                )
+                .into_bytes();
+                a.extend_from_slice(&body);
+                a
+            })
+            .collect()
+    });
+    let i = OWN_ANSWERS
+        .iter()
+        .position(|x| *x == e)
+        .unwrap_or(OWN_ANSWERS.len() - 1);
+    &all[i]
+}
+
+/// Our answer for a response Pingora writes by itself (before any request reached the
+/// gateway): the same status, the gateway's body.
+fn replacement(pingora_bytes: &[u8]) -> Option<&'static [u8]> {
+    let status = pingora_bytes.strip_prefix(b"HTTP/1.")?.get(2..5)?;
+    // Pingora's error pages (`gen_error_response`) carry its Server header
+    if !pingora_bytes
+        .windows(17)
+        .any(|w| w.eq_ignore_ascii_case(b"\r\nserver: pingora"))
+    {
+        return None;
+    }
+    let e = match status {
+        b"400" => GatewayError::BadRequest,
+        b"405" => GatewayError::MethodNotAllowed,
+        b"413" => GatewayError::BodyTooLarge,
+        b"431" => GatewayError::HeadersTooLarge,
+        b"408" => GatewayError::ClientTimeout,
+        [b'4' | b'5', ..] => GatewayError::Internal,
+        _ => return None,
+    };
+    Some(answer(e))
 }
 
 impl Drop for ClientStream {
@@ -216,8 +315,8 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.expired.is_some() {
-            return this.poll_expire(cx);
+        if this.refusing.is_some() {
+            return this.poll_refuse(cx);
         }
         match this.phase.0.load(Ordering::Relaxed) {
             HEAD_READ => Pin::new(&mut this.inner).poll_read(cx, buf),
@@ -233,6 +332,10 @@ impl AsyncRead for ClientStream {
                 Poll::Ready(r)
             }
             _ => {
+                if this.head_bytes > this.head_limit {
+                    // everything read so far is an unfinished head
+                    return this.refuse_large_head(cx);
+                }
                 let before = buf.filled().len();
                 match Pin::new(&mut this.inner).poll_read(cx, buf) {
                     Poll::Ready(r) => {
@@ -261,7 +364,25 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.replacing.is_none() && this.phase.0.load(Ordering::Relaxed) != HEAD_READ {
+            // no request reached the gateway: only Pingora's own error page is written now
+            this.replacing = replacement(buf).map(|a| (a, 0));
+        }
+        let Some((ours, mut written)) = this.replacing else {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        while written < ours.len() {
+            match ready!(Pin::new(&mut this.inner).poll_write(cx, &ours[written..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            this.replacing = Some((ours, written));
+        }
+        // Pingora's bytes (and any it writes after them) are taken as written; it closes
+        // the connection after its error page
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_write_vectored(
@@ -269,7 +390,16 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.replacing.is_some() || this.phase.0.load(Ordering::Relaxed) != HEAD_READ {
+            // rare (an error page): one slice at a time through poll_write
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return Pin::new(this).poll_write(cx, first);
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod conn;
 pub mod hooks;
 pub mod respond;
+pub mod target;
 
 use crate::config::Snapshot;
 use crate::metrics::Metrics;
@@ -67,8 +68,18 @@ pub struct Ctx {
     /// Pingora closes the client connection after errors past peer selection, so answers
     /// from then on must say `Connection: close`.
     peer_selected: bool,
+    /// The request body as the hooks left it, when it was read in `request_filter`.
+    prebuffered: Option<Bytes>,
+    /// The Content-Length sent upstream with a body the hooks stream.
+    upstream_length: Option<u64>,
+    /// Body bytes sent upstream after the hooks.
+    body_out: u64,
     /// A slot under the tenant's `max_concurrency`, held for the request's life.
     _tenant_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The normalized host, when it differs from a slice of the request's own (case).
+    host: Option<String>,
+    /// The path routes match, when it differs from the request's path (`;` parameters).
+    route_key: Option<String>,
 }
 
 impl Ctx {
@@ -77,19 +88,122 @@ impl Ctx {
     }
 }
 
-fn host_of(session: &Session) -> &str {
-    let req = session.req_header();
-    let raw = req
-        .headers
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.host())
-        .unwrap_or("");
-    // strip the port, keeping IPv6 literals whole
-    match raw.rfind(':') {
-        Some(i) if !raw[i..].contains(']') => &raw[..i],
-        _ => raw,
+/// The request's host as routes match it: normalized by [`check_target`] (lower case, no
+/// port, no trailing dot). Empty for an HTTP/1.0 request without one.
+fn host_of<'a>(session: &'a Session, ctx: &'a Ctx) -> &'a str {
+    if let Some(h) = &ctx.host {
+        return h;
     }
+    match target::normalize_host(raw_host(session).unwrap_or("")) {
+        Ok(std::borrow::Cow::Borrowed(h)) => h,
+        _ => "", // owned results were kept in ctx.host; invalid ones answered 400
+    }
+}
+
+/// The `Host` header, or the authority of an HTTP/2 request.
+fn raw_host(session: &Session) -> Option<&str> {
+    let req = session.req_header();
+    match req.headers.get(http::header::HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri.authority().map(|a| a.as_str()),
+    }
+}
+
+/// The path routes match: the normalized path without `;` parameters.
+fn route_path<'a>(session: &'a Session, ctx: &'a Ctx) -> &'a str {
+    ctx.route_key
+        .as_deref()
+        .unwrap_or_else(|| session.req_header().uri.path())
+}
+
+/// Refuses request targets and hosts that could route one way here and another way
+/// upstream, and puts the normalized path in the request (see [`target`]): what is
+/// forwarded is what was matched. Absolute-form targets are forwarded in origin-form,
+/// their authority as `Host`.
+fn check_target(session: &mut Session, ctx: &mut Ctx) -> Result<(), target::TargetError> {
+    use target::TargetError;
+    let h2 = session.is_http2();
+    let req = session.req_header();
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let (first_host, more) = (hosts.next(), hosts.next().is_some());
+    if more {
+        return Err(TargetError::Host);
+    }
+    // h1: the target as it came on the wire
+    let mut authority = None;
+    if !h2 {
+        let raw = req.raw_path();
+        if !req.raw_path_is_utf8() {
+            return Err(TargetError::Escape);
+        }
+        if raw.first() != Some(&b'/') {
+            let lower = raw
+                .get(..8)
+                .map(|b| b.to_ascii_lowercase())
+                .unwrap_or_default();
+            let skip = if lower.starts_with(b"http://") {
+                7
+            } else if lower.starts_with(b"https://") {
+                8
+            } else {
+                return Err(TargetError::Form);
+            };
+            let rest = &raw[skip..];
+            let end = rest
+                .iter()
+                .position(|&b| b == b'/' || b == b'?' || b == b'#')
+                .unwrap_or(rest.len());
+            let a = std::str::from_utf8(&rest[..end]).map_err(|_| TargetError::Host)?;
+            if a.contains('@') {
+                return Err(TargetError::Host);
+            }
+            authority = Some(a.to_string());
+        }
+    }
+    let host = match (&authority, first_host) {
+        (Some(a), _) => Some(a.as_str()),
+        (None, Some(h)) => Some(h.to_str().map_err(|_| TargetError::Host)?),
+        (None, None) if h2 => req.uri.authority().map(|a| a.as_str()),
+        (None, None) => None,
+    };
+    match host {
+        Some(h) => {
+            if let std::borrow::Cow::Owned(o) = target::normalize_host(h)? {
+                ctx.host = Some(o);
+            }
+        }
+        None if req.version == http::Version::HTTP_10 => {}
+        None => return Err(TargetError::Host),
+    }
+    let n = target::normalize_path(req.uri.path())?;
+    let changed = matches!(n.path, std::borrow::Cow::Owned(_));
+    if let std::borrow::Cow::Owned(k) = n.key {
+        if n.path != k {
+            ctx.route_key = Some(k);
+        }
+    }
+    if changed || authority.is_some() {
+        let mut pq = n.path.into_owned();
+        if let Some(q) = req.uri.query() {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let mut parts = req.uri.clone().into_parts();
+        parts.path_and_query = Some(pq.parse().map_err(|_| TargetError::Form)?);
+        if authority.is_some() {
+            // origin-form upstream; the authority becomes the Host
+            parts.scheme = None;
+            parts.authority = None;
+        }
+        let uri = http::Uri::from_parts(parts).map_err(|_| TargetError::Form)?;
+        let req = session.req_header_mut();
+        req.set_uri(uri);
+        if let Some(a) = authority {
+            req.insert_header(http::header::HOST, a)
+                .map_err(|_| TargetError::Host)?;
+        }
+    }
+    Ok(())
 }
 
 fn request_info(session: &Session, route: &Route) -> RequestInfo {
@@ -134,6 +248,19 @@ fn over_header_limits(
     (size > l.max_request_header_bytes).then_some(GatewayError::HeadersTooLarge)
 }
 
+/// Bodies up to this size that hooks see are read before the request goes upstream, so
+/// the upstream gets their final length (Pingora's retry buffer holds this much).
+const PREREAD_LIMIT: u64 = 64 * 1024;
+
+fn content_length(session: &Session) -> Option<u64> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// The buffered body as the next chunk; `None` when empty, so Pingora never writes an
 /// empty chunk after the end of a body.
 fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
@@ -167,12 +294,7 @@ impl Gateway {
         ctx: &mut Ctx,
         route: Arc<Route>,
     ) -> Result<bool> {
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = content_length(session);
         if declared.is_some_and(|n| n > route.max_request_body) {
             return self
                 .answer_error(session, ctx, GatewayError::BodyTooLarge)
@@ -195,8 +317,7 @@ impl Gateway {
         let Some(control) = &self.control else {
             return Ok(None);
         };
-        let Some(f) = control.function_for(host_of(session), session.req_header().uri.path())
-        else {
+        let Some(f) = control.function_for(host_of(session, ctx), route_path(session, ctx)) else {
             return Ok(None);
         };
         ctx.route = Some(f.route.clone());
@@ -242,7 +363,7 @@ impl Gateway {
             .route
             .rewrite
             .as_ref()
-            .map(|rw| rw.apply(req.uri.path(), req.uri.query(), &[]))
+            .map(|rw| rw.apply(route_path(session, ctx), req.uri.query(), &[]))
         {
             let uri = p
                 .parse::<http::Uri>()
@@ -278,10 +399,20 @@ impl Gateway {
             send_local(session, r).await?;
             return Ok(true);
         }
-        if route.upstream.is_none() && !eos {
+        // Routes without an upstream read the whole body here: nothing else will. Small
+        // bodies of proxied requests are read here too, so that the upstream gets the
+        // hooks' body with its exact Content-Length (Pingora sends the request head
+        // before it reads the body; it replays what was read here from its retry buffer).
+        let declared = content_length(session);
+        let preread = route.upstream.is_some() && declared.is_some_and(|n| n <= PREREAD_LIMIT);
+        if !eos && (route.upstream.is_none() || preread) {
+            if preread {
+                session.as_mut().enable_retry_buffering();
+            }
+            let mut out = Vec::new();
             loop {
                 let chunk = session.read_request_body().await?;
-                let end = chunk.is_none();
+                let end = chunk.is_none() || session.is_body_done();
                 if let Some(c) = &chunk {
                     ctx.body_seen += c.len() as u64;
                     if ctx.body_seen > route.max_request_body {
@@ -297,9 +428,15 @@ impl Gateway {
                         send_local(session, r).await?;
                         return Ok(true);
                     }
-                    Flow::Continue | Flow::Buffer if end => break,
-                    _ => {}
+                    Flow::Continue => out.append(&mut state.req_body),
+                    Flow::Buffer => {}
                 }
+                if end {
+                    break;
+                }
+            }
+            if preread {
+                ctx.prebuffered = Some(Bytes::from(out));
             }
         }
         ctx.hooks = Some(Box::new(state));
@@ -332,17 +469,35 @@ impl ProxyHttp for Gateway {
             failed_targets: Vec::new(),
             peer_selected: false,
             _tenant_slot: None,
+            host: None,
+            route_key: None,
+            prebuffered: None,
+            upstream_length: None,
+            body_out: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         conn::head_received();
+        // Pipelined requests (several in one write) are answered in order; without this
+        // Pingora answers the first and closes, dropping the rest. It sticks to the
+        // connection once set.
+        if !session.is_http2() {
+            session.as_mut().set_pipelining_enabled(true);
+        }
         self.metrics.inflight.inc();
         ctx.counted = true;
         // the one snapshot load of the request
         let snap = self.live.load();
         if let Some(e) = over_header_limits(session, &snap.limits) {
             return self.answer_error(session, ctx, e).await;
+        }
+        if let Err(e) = check_target(session, ctx) {
+            tracing::debug!(reason = e.reason(), "bad request target");
+            session.set_keepalive(None);
+            return self
+                .answer_error(session, ctx, GatewayError::BadRequest)
+                .await;
         }
         let max_conns = snap.limits.max_connections;
         if max_conns > 0 && self.metrics.connections.get() > max_conns as i64 {
@@ -366,14 +521,15 @@ impl ProxyHttp for Gateway {
         }
         let found = {
             let req = session.req_header();
+            let path = route_path(session, ctx);
             snap.router
-                .find(host_of(session), req.uri.path(), &req.method)
+                .find(host_of(session, ctx), path, &req.method)
                 .map(|m| {
                     let route = snap.routes[m.route].clone();
                     let rewritten = route
                         .rewrite
                         .as_ref()
-                        .map(|rw| rw.apply(req.uri.path(), req.uri.query(), &m.params));
+                        .map(|rw| rw.apply(path, req.uri.query(), &m.params));
                     (route, rewritten)
                 })
         };
@@ -383,10 +539,12 @@ impl ProxyHttp for Gateway {
             Err(crate::routing::Miss::NoRoute) => {
                 return self.answer_error(session, ctx, GatewayError::NoRoute).await
             }
-            Err(crate::routing::Miss::MethodNotAllowed) => {
+            Err(crate::routing::Miss::MethodNotAllowed(r)) => {
+                // the body names the route whose path matched
+                ctx.route = Some(ctx.snapshot.as_ref().expect("set above").routes[r].clone());
                 return self
                     .answer_error(session, ctx, GatewayError::MethodNotAllowed)
-                    .await
+                    .await;
             }
         };
         ctx.route = Some(route.clone());
@@ -404,6 +562,16 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
+        if let Some(b) = &ctx.prebuffered {
+            // read and run through the hooks in request_filter; Pingora replays the raw
+            // bytes from its retry buffer (again on a retry): send the hooks' body instead
+            *body = Some(if end_of_stream {
+                b.clone()
+            } else {
+                Bytes::new()
+            });
+            return Ok(());
+        }
         if let Some(b) = body.as_ref() {
             ctx.body_seen += b.len() as u64;
             if ctx.body_seen > route.max_request_body {
@@ -418,23 +586,35 @@ impl ProxyHttp for Gateway {
             return Ok(()); // no body at all: like Envoy, no body callback
         }
         match state.request_body(session.req_header_mut(), body.as_deref(), end_of_stream) {
-            Flow::Continue => {
-                *body = take_nonempty(&mut state.req_body);
-                Ok(())
-            }
-            Flow::Buffer => {
-                *body = None;
-                Ok(())
-            }
+            // To Pingora, `None` ends the request body and an empty chunk is "nothing yet":
+            // mid-body, an empty result (a held chunk, or an empty read of a chunked body)
+            // must be the latter, or the upstream gets a truncated body.
+            Flow::Continue if end_of_stream => *body = take_nonempty(&mut state.req_body),
+            Flow::Continue => *body = Some(Bytes::from(std::mem::take(&mut state.req_body))),
+            Flow::Buffer => *body = Some(Bytes::new()),
             Flow::Respond(r) => {
                 let status = r.status;
                 ctx.pending = Some(r);
-                Error::e_explain(
+                return Error::e_explain(
                     HTTPStatus(status),
                     "a hook answered during the request body",
-                )
+                );
             }
         }
+        // A streamed body keeps the client's Content-Length (see upstream_request_filter):
+        // a hook that changes its length without removing the header in its headers
+        // callback gets the request aborted rather than sent with a wrong length.
+        ctx.body_out += body.as_ref().map_or(0, |b| b.len() as u64);
+        if let Some(n) = ctx.upstream_length {
+            if ctx.body_out > n || (end_of_stream && ctx.body_out != n) {
+                ctx.error = Some(GatewayError::HookChangedLength);
+                return Error::e_explain(
+                    InternalError,
+                    "a hook changed the length of a body whose Content-Length it kept",
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -481,11 +661,18 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         let route = ctx.route.as_ref().expect("routed");
+        if !upstream_request.headers.contains_key(http::header::HOST) {
+            // an HTTP/1.0 client may omit Host; HTTP/1.1 upstreams need one: the
+            // authority the client reached, i.e. this listener's address
+            if let Some(a) = session.server_addr().and_then(|a| a.as_inet()) {
+                upstream_request.insert_header(http::header::HOST, a.to_string())?;
+            }
+        }
         if let Some(p) = &ctx.rewritten {
             let uri = p
                 .parse::<http::Uri>()
@@ -495,16 +682,19 @@ impl ProxyHttp for Gateway {
         if !route.request_headers.is_empty() {
             route.request_headers.apply(upstream_request);
         }
-        let has_body = upstream_request
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-            || upstream_request
+        if let Some(b) = &ctx.prebuffered {
+            // the hooks' whole body is known: its exact length
+            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, b.len())?;
+        } else if ctx.hooks.is_some() {
+            // Streamed through hooks: the Content-Length is kept unless a hook removed it
+            // (then Pingora sends the body chunked); its length is checked as it streams.
+            ctx.upstream_length = upstream_request
                 .headers
-                .contains_key(http::header::TRANSFER_ENCODING);
-        if ctx.hooks.is_some() && has_body {
-            // hooks may change the body's length: Pingora frames it as chunks instead
-            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            ctx.body_out = 0;
         }
         ctx.upstream_sent = Some(Instant::now());
         Ok(())
@@ -571,9 +761,15 @@ impl ProxyHttp for Gateway {
             Flow::Continue => *body = take_nonempty(&mut state.resp_body),
             Flow::Buffer => *body = None,
             Flow::Respond(r) => {
-                // headers are gone already: the local body replaces the rest
-                *body = Some(Bytes::from(r.body));
-                state.replace_body = Some(Bytes::new());
+                // Like Envoy, a local reply once the response is under way resets the
+                // stream: fail_to_proxy answers it if the head is still unsent, and
+                // otherwise cuts the response off.
+                let status = r.status;
+                ctx.pending = Some(r);
+                return Error::e_explain(
+                    HTTPStatus(status),
+                    "a hook answered or failed during the response body",
+                );
             }
         }
         Ok(None)
@@ -622,6 +818,28 @@ impl ProxyHttp for Gateway {
         if ctx.peer_selected {
             session.set_keepalive(None);
         }
+        if session.response_written().is_some() {
+            // The head is out: anything written now would read as the rest of that
+            // response (an error body inside a 200, or a terminating chunk that makes a
+            // truncated answer look complete). Drop the connection instead, mid-body.
+            self.metrics.responses_aborted.inc();
+            ctx.pending = None;
+            let kind = ctx
+                .error
+                .or_else(|| GatewayError::from_pingora(e))
+                .unwrap_or(GatewayError::Internal);
+            ctx.error = Some(kind);
+            tracing::warn!(
+                route = ctx.route_name().unwrap_or("-"),
+                error = kind.code(),
+                cause = %e,
+                "response aborted after its head was sent"
+            );
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         if let Some(r) = ctx.pending.take() {
             let status = r.status;
             let ok = send_local(session, r).await.is_ok();
@@ -649,12 +867,17 @@ impl ProxyHttp for Gateway {
             };
         };
         ctx.error = Some(kind);
-        tracing::info!(
-            route = ctx.route_name().unwrap_or("-"),
-            error = kind.code(),
-            cause = %e,
-            "request failed"
-        );
+        if kind.clients_fault() {
+            // a client can make as many of these as it likes: not worth an operator's eye
+            tracing::debug!(route = ctx.route_name().unwrap_or("-"), error = kind.code(), cause = %e, "request refused");
+        } else {
+            tracing::info!(
+                route = ctx.route_name().unwrap_or("-"),
+                error = kind.code(),
+                cause = %e,
+                "request failed"
+            );
+        }
         let ok = respond::send_error(session, kind, ctx.route_name())
             .await
             .is_ok();
@@ -662,6 +885,12 @@ impl ProxyHttp for Gateway {
             error_code: kind.status(),
             can_reuse_downstream: ok && !ctx.peer_selected && kind != GatewayError::ClientTimeout,
         }
+    }
+
+    /// Every failed request is logged once by `fail_to_proxy`, at a level that fits who
+    /// caused it; Pingora's own ERROR line would repeat it (and let clients fill the log).
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
+        true
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {

@@ -25,6 +25,8 @@ pub enum GatewayError {
     RateLimited,
     TenantBusy,
     TooManyConnections,
+    /// A hook changed the length of a streamed request body whose Content-Length it kept.
+    HookChangedLength,
     Internal,
 }
 
@@ -45,6 +47,7 @@ impl GatewayError {
             GatewayError::RateLimited => 429,
             GatewayError::TenantBusy => 503,
             GatewayError::TooManyConnections => 503,
+            GatewayError::HookChangedLength => 502,
             GatewayError::Internal => 500,
         }
     }
@@ -65,8 +68,20 @@ impl GatewayError {
             GatewayError::RateLimited => "rate_limited",
             GatewayError::TenantBusy => "tenant_busy",
             GatewayError::TooManyConnections => "too_many_connections",
+            GatewayError::HookChangedLength => "hook_changed_body_length",
             GatewayError::Internal => "internal_error",
         }
+    }
+
+    /// Errors a client causes at will (bad requests, slow or oversized ones).
+    pub fn clients_fault(self) -> bool {
+        matches!(
+            self,
+            GatewayError::BadRequest
+                | GatewayError::ClientTimeout
+                | GatewayError::BodyTooLarge
+                | GatewayError::HeadersTooLarge
+        )
     }
 
     /// Classifies a Pingora error that ended a proxied request.

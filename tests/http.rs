@@ -1,0 +1,749 @@
+//! HTTP faithfulness and security through a real gateway, spoken over raw sockets: path
+//! and host spellings that must not skip an auth hook, request bodies held back by
+//! filters, responses cut off upstream, pipelining, oversized heads, and the framing
+//! rules of RFC 9112 (Host, HTTP/1.0, chunked bodies, hop-by-hop headers).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// One response read off a raw connection.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+    /// The body ended by its own framing (length or last chunk), not by a close.
+    complete: bool,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<String> {
+        let name = format!("{}:", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&name))
+            .map(|l| l[name.len()..].trim().to_string())
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A raw HTTP/1 client: writes bytes as given, parses what comes back.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    /// Writes; a failed write (the server closed) is left for the response to explain.
+    fn send(&mut self, bytes: &[u8]) -> &mut Self {
+        let _ = self.s.write_all(bytes);
+        self
+    }
+
+    /// Reads more; false on close or error.
+    fn fill(&mut self) -> bool {
+        let mut b = [0u8; 65536];
+        match self.s.read(&mut b) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&b[..n]);
+                true
+            }
+        }
+    }
+
+    /// The next response (to a request of `method`), or `None` if the connection closed
+    /// before a head arrived. 1xx heads are skipped.
+    fn response_to(&mut self, method: &str) -> Option<Resp> {
+        loop {
+            let end = loop {
+                if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i;
+                }
+                if !self.fill() {
+                    return None;
+                }
+            };
+            let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+            self.buf.drain(..end + 4);
+            let status: u16 = head[9..12].parse().unwrap();
+            if (100..200).contains(&status) {
+                continue;
+            }
+            let mut r = Resp {
+                status,
+                head,
+                body: Vec::new(),
+                complete: true,
+            };
+            if method == "HEAD" || status == 204 || status == 304 {
+                return Some(r);
+            }
+            let chunked = r
+                .header("transfer-encoding")
+                .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+            if chunked {
+                r.complete = self.read_chunks(&mut r.body);
+            } else if let Some(n) = r.header("content-length") {
+                let n: usize = n.parse().unwrap();
+                while self.buf.len() < n && self.fill() {}
+                let take = n.min(self.buf.len());
+                r.body = self.buf.drain(..take).collect();
+                r.complete = take == n;
+            } else {
+                while self.fill() {}
+                r.body = std::mem::take(&mut self.buf);
+            }
+            return Some(r);
+        }
+    }
+
+    fn response(&mut self) -> Option<Resp> {
+        self.response_to("GET")
+    }
+
+    /// Decodes a chunked body; false when the connection closed before the last chunk.
+    fn read_chunks(&mut self, body: &mut Vec<u8>) -> bool {
+        loop {
+            let line = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                if !self.fill() {
+                    return false;
+                }
+            };
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&self.buf[..line])
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .trim(),
+                16,
+            )
+            .unwrap();
+            while self.buf.len() < line + 2 + size + 2 {
+                if !self.fill() {
+                    return false;
+                }
+            }
+            body.extend_from_slice(&self.buf[line + 2..line + 2 + size]);
+            self.buf.drain(..line + 2 + size + 2);
+            if size == 0 {
+                return true;
+            }
+        }
+    }
+
+    /// True when the server closed the connection (within the read timeout).
+    fn closed(&mut self) -> bool {
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+fn get(port: u16, target: &str, host: &str, extra: &str) -> Resp {
+    Raw::connect(port)
+        .send(format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n{extra}\r\n").as_bytes())
+        .response()
+        .unwrap_or_else(|| panic!("no answer to {target}"))
+}
+
+const AUTH: &str = r#"
+[tenants.ops]
+[modules.auth]
+tenant = "ops"
+path = "{guests}/api_key_auth.wasm"
+config = { keys = ["k"] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_and_host_spellings_never_skip_a_hooked_route() {
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + AUTH
+        + &format!(
+            r#"
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+name = "hooked"
+path_prefix = "/hooked"
+upstream = "echo"
+hooks = ["auth"]
+[[routes]]
+name = "admin"
+host = "admin.example.com"
+path_prefix = "/"
+upstream = "echo"
+hooks = ["auth"]
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "echo"
+"#,
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+
+    // every spelling of /hooked/x reaches the hook (401) or is refused (400)
+    for (target, want) in [
+        ("/hooked/x", 401),
+        ("/%68ooked/x", 401),
+        ("//hooked/x", 401),
+        ("/hooked//x", 401),
+        ("/x/../hooked/x", 401),
+        ("/./hooked/x", 401),
+        ("/%2e%2e/hooked/x", 401),
+        ("/x/%2E%2E/hooked/x", 401),
+        ("/hooked;p=1/x", 401),
+        ("/x/..;/hooked/x", 401),
+        ("http://t/hooked/x", 401),
+        ("HTTP://t/%68ooked/x", 401),
+        ("/hooked%2fx", 400),
+        ("/hooked%2Fx", 400),
+        ("/hooked%5cx", 400),
+        ("/hooked\\x", 400),
+        ("hooked/x", 400),
+        ("*", 400),
+        ("/hooked%00/x", 400),
+        ("/hooked%zz", 400),
+    ] {
+        let r = get(port, target, "t", "");
+        assert_eq!(r.status, want, "{target}: {}", r.head);
+        if want == 400 {
+            assert_eq!(r.json()["error"], "bad_request", "{target}");
+        } else {
+            assert_eq!(r.json()["error"], "missing_api_key", "{target}");
+        }
+    }
+    // two spaces: Pingora repairs the line to `%20/hooked/x`, which is not origin-form
+    let r = Raw::connect(port)
+        .send(b"GET  /hooked/x HTTP/1.1\r\nhost: t\r\n\r\n")
+        .response()
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.head);
+
+    // host spellings of admin.example.com reach its hook
+    for host in [
+        "admin.example.com",
+        "admin.example.com.",
+        "ADMIN.Example.com",
+        "admin.example.com:8080",
+        "Admin.Example.Com.:80",
+    ] {
+        let r = get(port, "/anything", host, "");
+        assert_eq!(r.status, 401, "{host}: {}", r.head);
+    }
+
+    // what the upstream gets is what was matched: the normalized path, origin-form
+    let r = get(
+        port,
+        "/%68ooked/./y//z/../x?q=%2F1",
+        "t",
+        "x-api-key: k\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.json()["path"], "/hooked/y/x?q=%2F1");
+    let r = get(port, "/hooked;v=2/x", "t", "x-api-key: k\r\n");
+    assert_eq!(r.json()["path"], "/hooked;v=2/x");
+    let r = get(
+        port,
+        "http://Admin.Example.com/a/%7euser",
+        "Admin.Example.com",
+        "x-api-key: k\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+    let v = r.json();
+    assert_eq!(v["path"], "/a/~user");
+    assert_eq!(v["headers"]["host"], "Admin.Example.com");
+    // the catch-all still serves everything else, untouched
+    let r = get(port, "/other/p%C3%A9?x=1", "t", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/other/p%C3%A9?x=1");
+    assert_eq!(r.json()["headers"]["host"], "t");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_header_rules_of_rfc_9112() {
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            "[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"echo\"\n",
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    let one = |req: &str| {
+        Raw::connect(port)
+            .send(req.as_bytes())
+            .response()
+            .unwrap_or_else(|| panic!("no answer to {req:?}"))
+    };
+    // HTTP/1.1 needs exactly one valid Host
+    for req in [
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: a b\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: \r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: 127.0.0.1/evil\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: a@b\r\n\r\n",
+        "GET http://u@t/ HTTP/1.1\r\nhost: t\r\n\r\n",
+        // absolute-form whose authority is not the Host (Pingora refuses it; the answer
+        // is the gateway's)
+        "GET http://a/ HTTP/1.1\r\nhost: b\r\n\r\n",
+    ] {
+        let r = one(req);
+        assert_eq!(r.status, 400, "{req:?}: {}", r.head);
+        assert_eq!(r.json()["error"], "bad_request");
+    }
+    // HTTP/1.0 without Host is fine, and the upstream still gets a Host
+    let mut c = Raw::connect(port);
+    let r = c.send(b"GET /ten HTTP/1.0\r\n\r\n").response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    let v = r.json();
+    assert_eq!(v["path"], "/ten");
+    let host = v["headers"]["host"].as_str().unwrap_or("");
+    assert!(!host.is_empty(), "upstream got no Host: {v}");
+    assert!(c.closed(), "an HTTP/1.0 request without keep-alive closes");
+}
+
+/// A Proxy-Wasm filter in WAT that holds the request body back (Pause) until its end,
+/// then runs `at_end` (with `$size`, the whole body's length, in scope); on the response
+/// side it runs `resp_body` in each `on_response_body`.
+fn body_filter(at_end: &str, resp_body: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 4096))
+  (global $seen (mut i32) (i32.const 0))
+  (data (i32.const 16) "X")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_request_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    {at_end}
+    (i32.const 0))
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (global.set $seen (i32.add (global.get $seen) (local.get $size)))
+    {resp_body}
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32))
+)"#
+    ))
+    .unwrap()
+}
+
+fn body(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// Sends `data` as one request, with Content-Length or in chunks of 7 000 bytes.
+fn post(port: u16, path: &str, data: &[u8], chunked: bool) -> Resp {
+    let mut c = Raw::connect(port);
+    if chunked {
+        c.send(
+            format!("POST {path} HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n")
+                .as_bytes(),
+        );
+        for piece in data.chunks(7000) {
+            c.send(format!("{:x}\r\n", piece.len()).as_bytes());
+            c.send(piece).send(b"\r\n");
+        }
+        c.send(b"0\r\n\r\n");
+    } else {
+        c.send(
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n",
+                data.len()
+            )
+            .as_bytes(),
+        );
+        c.send(data);
+    }
+    c.response().expect("an answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_arrive_whole_and_keep_their_framing() {
+    let up = Upstream::start("echo").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hold.wasm"), body_filter("", "")).unwrap();
+    let replace = "(drop (call $set (i32.const 0) (i32.const 0) (local.get $size) (i32.const 16) (i32.const 1)))";
+    std::fs::write(dir.path().join("replace.wasm"), body_filter(replace, "")).unwrap();
+    let d = dir.path().display();
+    let conf = HEAD.to_string()
+        + AUTH
+        + &format!(
+            r#"
+[limits]
+max_request_body_bytes = 20000000
+[modules.hold]
+path = "{d}/hold.wasm"
+[modules.replace]
+path = "{d}/replace.wasm"
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+path_prefix = "/hold"
+upstream = "echo"
+hooks = ["hold"]
+[[routes]]
+path_prefix = "/replace"
+upstream = "echo"
+hooks = ["replace"]
+[[routes]]
+path_prefix = "/keyed"
+upstream = "echo"
+hooks = ["auth"]
+"#,
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    for n in [1_000, 16_000, 70_000, 1_000_000, 10_000_000] {
+        let data = body(n);
+        for chunked in [false, true] {
+            for path in ["/hold", "/keyed"] {
+                let r = if path == "/keyed" {
+                    let mut c = Raw::connect(port);
+                    let framing = if chunked {
+                        "transfer-encoding: chunked".to_string()
+                    } else {
+                        format!("content-length: {n}")
+                    };
+                    c.send(
+                        format!(
+                            "POST /keyed HTTP/1.1\r\nhost: t\r\nx-api-key: k\r\n{framing}\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    );
+                    if chunked {
+                        c.send(format!("{n:x}\r\n").as_bytes())
+                            .send(&data)
+                            .send(b"\r\n0\r\n\r\n");
+                    } else {
+                        c.send(&data);
+                    }
+                    c.response().unwrap()
+                } else {
+                    post(port, path, &data, chunked)
+                };
+                assert_eq!(r.status, 200, "{path} {n} chunked={chunked}: {}", r.head);
+                let v = r.json();
+                let got = v["body"].as_str().unwrap();
+                assert_eq!(got.len(), n, "{path} {n} chunked={chunked}");
+                assert!(
+                    got.as_bytes() == data.as_slice(),
+                    "{path} {n}: body changed"
+                );
+                // a body no hook changed keeps the client's framing
+                let h = &v["headers"];
+                if chunked {
+                    assert_eq!(h["transfer-encoding"], "chunked", "{path} {n}");
+                } else {
+                    assert_eq!(h["content-length"], n.to_string(), "{path} {n}: {h}");
+                    assert!(h.get("transfer-encoding").is_none(), "{path} {n}: {h}");
+                }
+            }
+        }
+    }
+    // a hook that replaces a body it held whole: small bodies get their new length...
+    for chunked in [false, true] {
+        let r = post(port, "/replace", &body(1000), chunked);
+        assert_eq!(r.status, 200, "{}", r.head);
+        let v = r.json();
+        assert_eq!(v["body"], "X");
+        if !chunked {
+            assert_eq!(v["headers"]["content-length"], "1");
+        }
+    }
+    // ...a chunked one of any size stays chunked...
+    let r = post(port, "/replace", &body(300_000), true);
+    assert_eq!(r.json()["body"], "X");
+    // ...and a streamed one that kept a Content-Length that is no longer true is refused,
+    // never sent upstream with a wrong length
+    let before = up.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let r = post(port, "/replace", &body(300_000), false);
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert_eq!(r.json()["error"], "hook_changed_body_length");
+    assert_eq!(
+        up.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "the upstream answered a request with a wrong length"
+    );
+}
+
+/// An upstream speaking raw bytes: for each connection, reads one request head, then
+/// writes each step (bytes, then a pause) and closes.
+async fn scripted_upstream(steps: Vec<(Vec<u8>, u64)>) -> (String, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let steps = steps.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                for (bytes, pause) in steps {
+                    if s.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_cut_off_after_their_head_never_look_complete() {
+    let part = vec![b'p'; 10_000];
+    let with_length = {
+        let mut v = b"HTTP/1.1 200 OK\r\ncontent-length: 20000\r\n\r\n".to_vec();
+        v.extend_from_slice(&part);
+        v
+    };
+    let chunked = {
+        let mut v = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2710\r\n".to_vec();
+        v.extend_from_slice(&part);
+        v.extend_from_slice(b"\r\n");
+        v
+    };
+    // upstreams that reset mid-body, with a length and chunked, and one that is whole
+    // but slow, for a filter that fails on its second body chunk
+    let (cut_len, _t1) = scripted_upstream(vec![(with_length.clone(), 100)]).await;
+    let (cut_chunked, _t2) = scripted_upstream(vec![(chunked, 100)]).await;
+    let (slow, _t3) = scripted_upstream(vec![(with_length, 300), (part.clone(), 100)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // fails once the body is past the first 10 000 bytes (the head is out by then)
+    let trap = "(if (i32.gt_u (global.get $seen) (i32.const 10000)) (then unreachable))";
+    std::fs::write(dir.path().join("trap.wasm"), body_filter("", trap)).unwrap();
+    let d = dir.path().display();
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[modules.trap]
+path = "{d}/trap.wasm"
+[upstreams.cut_len]
+targets = ["{cut_len}"]
+[upstreams.cut_chunked]
+targets = ["{cut_chunked}"]
+[upstreams.slow]
+targets = ["{slow}"]
+[[routes]]
+path_prefix = "/len"
+upstream = "cut_len"
+[[routes]]
+path_prefix = "/chunked"
+upstream = "cut_chunked"
+[[routes]]
+path_prefix = "/trap"
+upstream = "slow"
+hooks = ["trap"]
+"#
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    for path in ["/len", "/chunked", "/trap"] {
+        let mut c = Raw::connect(port);
+        let r = c
+            .send(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+            .response()
+            .unwrap();
+        assert_eq!(r.status, 200, "{path}");
+        assert!(!r.complete, "{path}: a cut-off response read as complete");
+        assert!(r.body.len() <= 20_000, "{path}");
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("error"),
+            "{path}: an error body was appended to the response"
+        );
+        assert!(
+            r.body.iter().all(|&b| b == b'p'),
+            "{path}: foreign bytes in the body"
+        );
+    }
+    // curl, a real client, reports the truncation as a failure
+    let curl = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(gw.url("http", "/chunked"))
+        .output();
+    if let Ok(out) = curl {
+        assert!(
+            !out.status.success(),
+            "curl took a truncated response as complete"
+        );
+    }
+    let m = gw.metrics().await;
+    assert!(metric(&m, "wasmgate_responses_aborted_total") >= 3.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + AUTH
+        + &format!(
+            r#"
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+path_prefix = "/keyed"
+upstream = "echo"
+hooks = ["auth"]
+[[routes]]
+path_prefix = "/"
+upstream = "echo"
+"#,
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let mut c = Raw::connect(gw.port("http"));
+    c.send(
+        b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n\
+          POST /two HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc\
+          GET /keyed/three HTTP/1.1\r\nhost: t\r\n\r\n\
+          GET /keyed/four HTTP/1.1\r\nhost: t\r\nx-api-key: k\r\n\r\n\
+          HEAD /five HTTP/1.1\r\nhost: t\r\n\r\n\
+          GET /six HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    );
+    let r = c.response().unwrap();
+    assert_eq!(r.json()["path"], "/one");
+    let r = c.response().unwrap();
+    assert_eq!(
+        (r.json()["path"].clone(), r.json()["body"].clone()),
+        ("/two".into(), "abc".into())
+    );
+    let r = c.response().unwrap();
+    assert_eq!(r.status, 401);
+    let r = c.response().unwrap();
+    assert_eq!(r.json()["path"], "/keyed/four");
+    let r = c.response_to("HEAD").unwrap();
+    assert_eq!(r.status, 200);
+    let r = c.response().unwrap();
+    assert_eq!(r.json()["path"], "/six");
+    assert!(c.closed());
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_are_refused_while_read() {
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            "[limits]\nmax_request_header_bytes = 16384\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"echo\"\n",
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    // one head over the limit, never finished: 431 and closed, long before 1 MiB
+    let mut c = Raw::connect(port);
+    c.send(b"GET / HTTP/1.1\r\nhost: t\r\n");
+    let filler = format!("x-filler: {}\r\n", "f".repeat(1000));
+    let mut sent = 0;
+    let mut refused = false;
+    while sent < 1 << 20 {
+        if c.s.write_all(filler.as_bytes()).is_err() {
+            refused = true;
+            break;
+        }
+        sent += filler.len();
+    }
+    let r = c.response();
+    if let Some(r) = r {
+        assert_eq!(r.status, 431, "{}", r.head);
+        assert_eq!(r.json()["error"], "request_headers_too_large");
+    } else {
+        assert!(refused, "the gateway read a 1 MiB head");
+    }
+    // a head just under the limit is fine
+    let big = format!("x-big: {}\r\n", "b".repeat(15_000));
+    let r = get(port, "/ok", "t", &big);
+    assert_eq!(r.status, 200);
+
+    // 300 connections each holding an unfinished head cannot inflate the gateway
+    let pid = gw.child.id();
+    let before = rss_kb(pid);
+    let chunk = format!("x-pad: {}\r\n", "p".repeat(4000));
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n");
+        for _ in 0..16 {
+            if s.write_all(chunk.as_bytes()).is_err() {
+                break;
+            }
+        }
+        conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown_mb = rss_kb(pid).saturating_sub(before) / 1024;
+    assert!(
+        grown_mb < 64,
+        "RSS grew {grown_mb} MiB for 300 oversized heads"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        metric(&m, "wasmgate_request_heads_too_large_total") >= 300.0,
+        "{m}"
+    );
+    drop(conns);
+    let log = gw.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && !l.contains("admin API"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "client errors logged as ERROR: {errors:?}"
+    );
+}
