@@ -747,3 +747,192 @@ async fn oversized_request_heads_are_refused_while_read() {
         "client errors logged as ERROR: {errors:?}"
     );
 }
+
+/// An upstream whose answer depends on the path: chunked bodies, hop-by-hop headers,
+/// bodiless statuses with a Transfer-Encoding, an interim 103; anything else is the echo
+/// upstream's answer from `echo`.
+async fn quirky_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i;
+                        }
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let answer: &[u8] = match path.as_str() {
+                        "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                        "/hop" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nkeep-alive: timeout=5\r\nconnection: x-foo, keep-alive\r\nx-foo: secret\r\nupgrade: h2c\r\nproxy-connection: keep-alive\r\nx-ok: 1\r\n\r\nok",
+                        "/204" => b"HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n",
+                        "/304" => b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+                        "/early" => b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_and_hop_by_hop_rules_of_rfc_9112() {
+    let up = Upstream::start("echo").await;
+    let (quirky, _q) = quirky_upstream().await;
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[upstreams.echo]
+targets = ["{}"]
+[upstreams.quirky]
+targets = ["{quirky}"]
+[[routes]]
+name = "get-only"
+path = "/get-only"
+methods = ["GET"]
+upstream = "echo"
+[[routes]]
+path_prefix = "/q"
+upstream = "quirky"
+rewrite = {{ strip_prefix = true }}
+[[routes]]
+path_prefix = "/"
+upstream = "echo"
+"#,
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+
+    // an HTTP/1.0 client never gets chunks: the body ends with the connection
+    let mut c = Raw::connect(port);
+    let r = c
+        .send(b"GET /q/chunked HTTP/1.0\r\n\r\n")
+        .response()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("transfer-encoding").is_none(), "{}", r.head);
+    assert_eq!(r.body, b"hello world");
+    // ...nor interim answers, which an HTTP/1.1 client does get
+    let mut raw = Vec::new();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /q/early HTTP/1.0\r\n\r\n").unwrap();
+    let _ = s.read_to_end(&mut raw);
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let mut raw = Vec::new();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /q/early HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let _ = s.read_to_end(&mut raw);
+    assert!(
+        raw.starts_with(b"HTTP/1.1 103"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+
+    // hop-by-hop headers stay with the upstream's connection
+    let r = get(port, "/q/hop", "t", "");
+    assert_eq!(r.body, b"ok");
+    assert_eq!(r.header("x-ok").as_deref(), Some("1"));
+    for h in ["keep-alive", "x-foo", "upgrade", "proxy-connection"] {
+        assert!(r.header(h).is_none(), "{h} passed on: {}", r.head);
+    }
+    // bodiless answers carry no Transfer-Encoding, and the connection goes on
+    let mut c = Raw::connect(port);
+    for p in ["/q/204", "/q/304"] {
+        c.send(format!("GET {p} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes());
+        let r = c.response().unwrap();
+        assert!(r.header("transfer-encoding").is_none(), "{p}: {}", r.head);
+    }
+    c.send(b"GET /after HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(c.response().unwrap().json()["path"], "/after");
+
+    // Expect: 100-continue is answered by the gateway, and the connection stays open
+    let mut c = Raw::connect(port);
+    c.send(
+        b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+    );
+    let mut first = [0u8; 25];
+    c.s.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let r = c.send(b"hello").response().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body"], "hello");
+    assert!(r.json()["headers"].get("expect").is_none());
+    assert_eq!(r.header("connection").as_deref(), Some("keep-alive"));
+    c.send(b"GET /second HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(c.response().unwrap().json()["path"], "/second");
+
+    // request framing: bad chunks 400, other codings 501, one Content-Length upstream
+    let one = |req: &[u8]| Raw::connect(port).send(req).response().unwrap();
+    let r = one(b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n");
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, "bad_request".into())
+    );
+    let r = one(
+        b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+    );
+    assert_eq!(r.status, 400);
+    let r = one(b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (501, "unsupported_transfer_encoding".into())
+    );
+    let r =
+        one(b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello");
+    assert_eq!(r.status, 400);
+    for req in [
+        &b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 5, 5\r\n\r\nhello"[..],
+        b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello",
+    ] {
+        let v = one(req).json();
+        assert_eq!(v["headers"]["content-length"], "5");
+        assert_eq!(v["body"], "hello");
+    }
+    // the upstream's connections were never desynchronized by any of this
+    for i in 0..4 {
+        let p = format!("/check/{i}");
+        assert_eq!(get(port, &p, "t", "").json()["method"], "GET");
+    }
+
+    // Pingora's own refusals speak the gateway's JSON, and a wrong method names the route
+    let r = one(b"CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n");
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (405, "method_not_allowed".into())
+    );
+    let r = one(b"GET /x HTTP/1.1\r\nhost: t\r\nbad header\r\n\r\n");
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, "bad_request".into())
+    );
+    let r = one(b"POST /get-only HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["route"], "get-only");
+}

@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod conn;
+pub mod framing;
 pub mod hooks;
 pub mod respond;
 pub mod target;
@@ -308,6 +309,7 @@ impl Gateway {
             let chain = attached.as_deref().unwrap_or(&route.hooks);
             return self.run_request_hooks(session, ctx, chain).await;
         }
+        framing::continue_if_expected(session).await?;
         Ok(false)
     }
 
@@ -399,6 +401,7 @@ impl Gateway {
             send_local(session, r).await?;
             return Ok(true);
         }
+        framing::continue_if_expected(session).await?;
         // Routes without an upstream read the whole body here: nothing else will. Small
         // bodies of proxied requests are read here too, so that the upstream gets the
         // hooks' body with its exact Content-Length (Pingora sends the request head
@@ -498,6 +501,10 @@ impl ProxyHttp for Gateway {
             return self
                 .answer_error(session, ctx, GatewayError::BadRequest)
                 .await;
+        }
+        if let Err(e) = framing::request_head(session) {
+            session.set_keepalive(None);
+            return self.answer_error(session, ctx, e).await;
         }
         let max_conns = snap.limits.max_connections;
         if max_conns > 0 && self.metrics.connections.get() > max_conns as i64 {
@@ -706,6 +713,10 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        framing::response_head(session, resp)?;
+        if resp.status.is_informational() {
+            return Ok(()); // interim answers are passed on as they are, not to hooks
+        }
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
@@ -738,7 +749,11 @@ impl ProxyHttp for Gateway {
             && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
             && !session.is_http2()
         {
-            resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            if session.req_header().version == http::Version::HTTP_10 {
+                session.set_keepalive(None); // HTTP/1.0: the close ends the body
+            } else {
+                resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            }
         }
         Ok(())
     }
@@ -818,7 +833,10 @@ impl ProxyHttp for Gateway {
         if ctx.peer_selected {
             session.set_keepalive(None);
         }
-        if session.response_written().is_some() {
+        if session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational())
+        {
             // The head is out: anything written now would read as the rest of that
             // response (an error body inside a 200, or a terminating chunk that makes a
             // truncated answer look complete). Drop the connection instead, mid-body.

@@ -27,6 +27,8 @@ pub enum GatewayError {
     TooManyConnections,
     /// A hook changed the length of a streamed request body whose Content-Length it kept.
     HookChangedLength,
+    /// A transfer coding other than `chunked` (the gateway cannot forward it faithfully).
+    UnsupportedTransferEncoding,
     Internal,
 }
 
@@ -48,6 +50,7 @@ impl GatewayError {
             GatewayError::TenantBusy => 503,
             GatewayError::TooManyConnections => 503,
             GatewayError::HookChangedLength => 502,
+            GatewayError::UnsupportedTransferEncoding => 501,
             GatewayError::Internal => 500,
         }
     }
@@ -69,6 +72,7 @@ impl GatewayError {
             GatewayError::TenantBusy => "tenant_busy",
             GatewayError::TooManyConnections => "too_many_connections",
             GatewayError::HookChangedLength => "hook_changed_body_length",
+            GatewayError::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             GatewayError::Internal => "internal_error",
         }
     }
@@ -78,6 +82,7 @@ impl GatewayError {
         matches!(
             self,
             GatewayError::BadRequest
+                | GatewayError::UnsupportedTransferEncoding
                 | GatewayError::ClientTimeout
                 | GatewayError::BodyTooLarge
                 | GatewayError::HeadersTooLarge
@@ -97,7 +102,11 @@ impl GatewayError {
             HTTPStatus(413) => GatewayError::BodyTooLarge,
             HTTPStatus(_) => return None,
             ConnectionClosed | ReadError | WriteError if !upstream => return None,
-            InvalidHTTPHeader | H2Error if !upstream => GatewayError::BadRequest,
+            InvalidHTTPHeader | H1Error | H2Error | InvalidH2 if !upstream => {
+                GatewayError::BadRequest
+            }
+            // a malformed chunked request body
+            Custom("InvalidChunk") if !upstream => GatewayError::BadRequest,
             _ if upstream => GatewayError::UpstreamError,
             _ => GatewayError::Internal,
         })
