@@ -936,3 +936,70 @@ upstream = "echo"
     assert_eq!(r.status, 405);
     assert_eq!(r.json()["route"], "get-only");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_learn_the_client_address_per_listener() {
+    let up = Upstream::start("echo").await;
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = "127.0.0.1:{{port:metrics}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+[[listeners]]
+listen = "127.0.0.1:{{port:behind_lb}}"
+trusted_proxies = ["127.0.0.0/8"]
+[[listeners]]
+listen = "127.0.0.1:{{port:replace}}"
+forwarded = "replace"
+trusted_proxies = ["127.0.0.1"]
+[[listeners]]
+listen = "127.0.0.1:{{port:off}}"
+forwarded = "off"
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+upstream = "echo"
+"#,
+        up.addr()
+    );
+    let gw = Gw::start(&conf);
+    let forged =
+        "x-forwarded-for: 6.6.6.6\r\nx-forwarded-proto: https\r\nforwarded: for=6.6.6.6\r\n";
+    let seen = |listener: &str| {
+        get(gw.port(listener), "/who", "api.test:8080", forged).json()["headers"].clone()
+    };
+
+    // the default: a client's own claims are replaced by what the gateway saw
+    let h = seen("http");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "api.test:8080");
+    assert_eq!(
+        h["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"api.test:8080\""
+    );
+    // behind a trusted proxy, its headers are kept and this hop appended
+    let h = seen("behind_lb");
+    assert_eq!(h["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(
+        h["forwarded"],
+        "for=6.6.6.6, for=127.0.0.1;proto=http;host=\"api.test:8080\""
+    );
+    // replace trusts nobody; off passes the client's headers as they came
+    assert_eq!(seen("replace")["x-forwarded-for"], "127.0.0.1");
+    let h = seen("off");
+    assert_eq!(h["x-forwarded-for"], "6.6.6.6");
+    assert_eq!(h["forwarded"], "for=6.6.6.6");
+    // an HTTP/1.0 request without Host still says who asked
+    let r = Raw::connect(gw.port("http"))
+        .send(b"GET /old HTTP/1.0\r\n\r\n")
+        .response()
+        .unwrap();
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert!(h.get("x-forwarded-host").is_none());
+}

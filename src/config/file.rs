@@ -197,6 +197,13 @@ pub struct ListenerFile {
     pub name: Option<String>,
     pub listen: Spanned<String>,
     pub tls: Option<ListenerTlsFile>,
+    /// X-Forwarded-For/-Proto/-Host and Forwarded sent upstream: `append` (the default),
+    /// `replace` or `off`.
+    pub forwarded: Option<Spanned<String>>,
+    /// Peers (addresses or CIDR ranges) whose forwarding headers are believed and
+    /// extended; anyone else's are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,6 +38,38 @@ pub struct Listener {
     pub name: String,
     pub addr: String,
     pub tls: Option<ListenerTls>,
+    /// The address as parsed, to tell which listener a request came in on.
+    pub local: Option<SocketAddr>,
+    pub forwarded: Forwarded,
+}
+
+/// What a listener tells upstreams about the client (see `proxy::forwarded`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    pub mode: ForwardedMode,
+    pub trusted: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedMode {
+    /// Extend a trusted peer's headers with this hop; replace anyone else's.
+    #[default]
+    Append,
+    /// Always start the headers afresh with this hop.
+    Replace,
+    /// Pass whatever the client sent, add nothing.
+    Off,
+}
+
+impl Snapshot {
+    /// The listener whose socket `local` is (a wildcard listen address matches by port).
+    pub fn listener_at(&self, local: &SocketAddr) -> Option<&Listener> {
+        self.listeners.iter().find(|l| {
+            l.local.is_some_and(|a| {
+                a.port() == local.port() && (a.ip() == local.ip() || a.ip().is_unspecified())
+            })
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,7 +288,41 @@ impl Lowering<'_> {
                     http2: t.http2,
                 }
             });
-            out.push(Listener { name, addr, tls });
+            let mode = match lf.forwarded.as_ref().map(|m| m.get_ref().as_str()) {
+                None | Some("append") => ForwardedMode::Append,
+                Some("replace") => ForwardedMode::Replace,
+                Some("off") => ForwardedMode::Off,
+                Some(other) => {
+                    let span = lf.forwarded.as_ref().expect("some");
+                    self.err(
+                        span,
+                        format!("listener `{name}`: forwarded is `append`, `replace` or `off`, not `{other}`"),
+                    );
+                    ForwardedMode::Append
+                }
+            };
+            let mut trusted = Vec::new();
+            for t in &lf.trusted_proxies {
+                let text = t.get_ref();
+                let net = text
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                match net {
+                    Ok(n) => trusted.push(n),
+                    Err(_) => self.err(
+                        t,
+                        format!("listener `{name}`: trusted proxy `{text}` is not an address or CIDR range"),
+                    ),
+                }
+            }
+            let local = addr.parse().ok();
+            out.push(Listener {
+                name,
+                addr,
+                tls,
+                local,
+                forwarded: Forwarded { mode, trusted },
+            });
         }
         out
     }

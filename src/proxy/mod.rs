@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod conn;
+pub mod forwarded;
 pub mod framing;
 pub mod hooks;
 pub mod respond;
@@ -506,6 +507,8 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
             return self.answer_error(session, ctx, e).await;
         }
+        let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+        forwarded::apply(session, local.and_then(|a| snap.listener_at(&a)));
         let max_conns = snap.limits.max_connections;
         if max_conns > 0 && self.metrics.connections.get() > max_conns as i64 {
             // shed load: answer, and close this connection to make room
