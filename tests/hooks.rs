@@ -444,19 +444,31 @@ fn wat_module(req_headers: &str, resp_headers: &str, log: &str, memory_pages: u3
 
 const SPIN: &str = "(loop $l (br $l))";
 
-/// Gateway with one route per hostile module; returns it and the module names.
+/// Gateway with one route per hostile module (tenant `evil`, `budget_us = 2000` unless
+/// the module's extra lines say otherwise); returns it and the module names.
 fn hostile_gateway(up: &str, cases: &[(&str, Vec<u8>, &str)]) -> Gw {
+    hostile_gateway_with(&base(up), cases)
+}
+
+fn hostile_gateway_with(head: &str, cases: &[(&str, Vec<u8>, &str)]) -> Gw {
     let dir = tempfile::tempdir().unwrap();
-    let mut conf = base(up);
+    let mut conf = head.to_string();
     for (name, wasm, extra) in cases {
         let p = dir.path().join(format!("{name}.wasm"));
         std::fs::write(&p, wasm).unwrap();
+        let mut keys = String::new();
+        if !extra.contains("tenant =") {
+            keys += "tenant = \"evil\"\n";
+        }
+        if !extra.contains("budget_us =") {
+            keys += "budget_us = 2000\n";
+        }
         conf += &format!(
-            "[modules.{name}]\ntenant = \"evil\"\npath = \"{}\"\nbudget_us = 2000\n{extra}\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"echo\"\nhooks = [\"{name}\"]\n",
+            "[modules.{name}]\n{keys}path = \"{}\"\n{extra}\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"echo\"\nhooks = [\"{name}\"]\n",
             p.display()
         );
     }
-    conf += "[tenants.evil]\n";
+    conf += "[tenants.evil]\n[tenants.other]\n";
     Gw::start_in(dir, &conf, Default::default())
 }
 
@@ -796,4 +808,178 @@ hooks = ["hello"]
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A Proxy-Wasm module in WAT with the plumbing the resource tests share: a bump
+/// allocator that grows memory (reset for every context, heap from 2 MiB), `$itoa`, and
+/// `$respond` answering 200 with a number as the body. `items` adds the callbacks.
+fn raw_module(imports: &str, pages: u32, items: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  {imports}
+  (memory (export "memory") {pages})
+  (global $heap (mut i32) (i32.const 2097152))
+  (global $mid (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32) (local $have i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.set $have (i32.mul (memory.size) (i32.const 65536)))
+    (if (i32.gt_u (global.get $heap) (local.get $have))
+      (then (drop (memory.grow (i32.add (i32.const 1)
+        (i32.div_u (i32.sub (global.get $heap) (local.get $have)) (i32.const 65536)))))))
+    (local.get $p))
+  (func $itoa (param $n i32) (param $at i32) (result i32)
+    (local $len i32) (local $t i32) (local $i i32)
+    (local.set $t (local.get $n))
+    (local.set $len (i32.const 1))
+    (block $d (loop $l
+      (br_if $d (i32.lt_u (local.get $t) (i32.const 10)))
+      (local.set $t (i32.div_u (local.get $t) (i32.const 10)))
+      (local.set $len (i32.add (local.get $len) (i32.const 1)))
+      (br $l)))
+    (local.set $i (local.get $len))
+    (local.set $t (local.get $n))
+    (loop $w
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (i32.store8 (i32.add (local.get $at) (local.get $i))
+        (i32.add (i32.const 48) (i32.rem_u (local.get $t) (i32.const 10))))
+      (local.set $t (i32.div_u (local.get $t) (i32.const 10)))
+      (br_if $w (i32.gt_u (local.get $i) (i32.const 0))))
+    (local.get $len))
+  (func $respond (param $n i32)
+    (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 512)
+      (call $itoa (local.get $n) (i32.const 512)) (i32.const 0) (i32.const 0) (i32.const -1))))
+  (func (export "proxy_on_context_create") (param i32 i32) (global.set $heap (i32.const 2097152)))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32))
+  {items}
+)"#
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("bad WAT: {e}\n{text}"))
+}
+
+/// A guest that stores whatever it is asked to in shared data and queues: `x-op` picks
+/// the call (`d`: set key `x-arg` to 1 MiB, `D`: to 9 MiB, `e`: enqueue 1 MiB on queue
+/// `x-arg`, `q`: dequeue from it, `r`: register queues until refused), and the answer's
+/// body is the call's status (for `r`, how many queues it registered).
+fn hoarder() -> Vec<u8> {
+    raw_module(
+        r#"
+  (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $reg (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enq (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $deq (param i32 i32 i32) (result i32)))"#,
+        160,
+        r#"
+  (data (i32.const 16) "x-op")
+  (data (i32.const 32) "x-arg")
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (local $op i32) (local $st i32) (local $i i32) (local $ap i32) (local $an i32)
+    (drop (call $get (i32.const 0) (i32.const 16) (i32.const 4) (i32.const 1024) (i32.const 1028)))
+    (local.set $op (i32.load8_u (i32.load (i32.const 1024))))
+    (drop (call $get (i32.const 0) (i32.const 32) (i32.const 5) (i32.const 1032) (i32.const 1036)))
+    (local.set $ap (i32.load (i32.const 1032)))
+    (local.set $an (i32.load (i32.const 1036)))
+    (if (i32.eq (local.get $op) (i32.const 100))
+      (then (local.set $st (call $set (local.get $ap) (local.get $an) (i32.const 65536) (i32.const 1048576) (i32.const 0)))))
+    (if (i32.eq (local.get $op) (i32.const 68))
+      (then (local.set $st (call $set (local.get $ap) (local.get $an) (i32.const 0) (i32.const 9437184) (i32.const 0)))))
+    (if (i32.eq (local.get $op) (i32.const 101))
+      (then
+        (drop (call $reg (local.get $ap) (local.get $an) (i32.const 1040)))
+        (local.set $st (call $enq (i32.load (i32.const 1040)) (i32.const 65536) (i32.const 1048576)))))
+    (if (i32.eq (local.get $op) (i32.const 113))
+      (then
+        (drop (call $reg (local.get $ap) (local.get $an) (i32.const 1040)))
+        (local.set $st (call $deq (i32.load (i32.const 1040)) (i32.const 1044) (i32.const 1048)))))
+    (if (i32.eq (local.get $op) (i32.const 114))
+      (then
+        (block $done (loop $l
+          (i32.store16 (i32.const 1100) (local.get $i))
+          (br_if $done (i32.ne (call $reg (i32.const 1100) (i32.const 2) (i32.const 1040)) (i32.const 0)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $l (i32.lt_u (local.get $i) (i32.const 300)))))
+        (local.set $st (local.get $i))))
+    (call $respond (local.get $st))
+    (i32.const 0))"#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_data_and_queues_are_capped_per_tenant() {
+    let up = Upstream::start("echo").await;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("hoard", hoarder(), ""),
+        ("neighbour", hoarder(), "tenant = \"other\""),
+    ];
+    let gw = hostile_gateway(&up.addr(), &cases);
+    let c = client();
+    let call = |module: &'static str, op: &'static str, arg: String| {
+        let c = c.clone();
+        let url = gw.url("http", &format!("/{module}/x"));
+        async move {
+            let r = c
+                .get(url)
+                .header("x-op", op)
+                .header("x-arg", arg)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    // shared data: 8 MiB per tenant, counting keys, values and 64 bytes per key
+    for i in 1..=7 {
+        assert_eq!(call("hoard", "d", format!("k{i}")).await, "0", "key {i}");
+    }
+    assert_eq!(call("hoard", "d", "k8".into()).await, "10"); // InternalFailure: full
+    assert_eq!(call("hoard", "d", "k1".into()).await, "0"); // same size: replaces
+    assert_eq!(call("hoard", "D", "big".into()).await, "2"); // BadArgument: can never fit
+    assert_eq!(call("neighbour", "d", "k8".into()).await, "0"); // another tenant's quota
+                                                                // queues: 4 MiB per queue, 8 MiB per tenant
+    for _ in 0..4 {
+        assert_eq!(call("hoard", "e", "a".into()).await, "0");
+    }
+    assert_eq!(call("hoard", "e", "a".into()).await, "10");
+    for _ in 0..4 {
+        assert_eq!(call("hoard", "e", "b".into()).await, "0");
+    }
+    assert_eq!(call("hoard", "e", "c".into()).await, "10"); // empty queue, tenant full
+    assert_eq!(call("hoard", "q", "a".into()).await, "0");
+    assert_eq!(call("hoard", "e", "c".into()).await, "0"); // the dequeue freed 1 MiB
+                                                           // 256 queues per tenant; a, b and c exist
+    assert_eq!(call("hoard", "r", String::new()).await, "253");
+
+    let m = gw.metrics().await;
+    let refused = |cause: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_failures_total{{cause=\"{cause}\",module=\"hoard\",tenant=\"evil\"}}"),
+        )
+    };
+    assert_eq!(refused("shared_data_full"), 2.0, "{m}");
+    assert_eq!(refused("queue_full"), 3.0, "{m}");
+    assert!(
+        gw.log()
+            .contains("tenant=evil module=hoard cause=\"shared_data_full\""),
+        "{}",
+        gw.log()
+    );
+
+    // a guest that keeps writing new keys no longer grows the gateway
+    let before = rss_kb(gw.child.id());
+    for i in 0..200 {
+        assert_eq!(call("hoard", "d", format!("n{i}")).await, "10");
+    }
+    let after = rss_kb(gw.child.id());
+    assert!(
+        after < before + 32 * 1024,
+        "RSS grew from {before} kB to {after} kB"
+    );
 }
