@@ -983,3 +983,102 @@ async fn shared_data_and_queues_are_capped_per_tenant() {
         "RSS grew from {before} kB to {after} kB"
     );
 }
+
+fn wasi_module(on_request_headers: &str, data: &str) -> Vec<u8> {
+    raw_module(
+        r#"
+  (import "wasi_snapshot_preview1" "random_get" (func $rand (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))"#,
+        3,
+        &format!(
+            r#"
+  {data}
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (local $i i32)
+    {on_request_headers}
+    (i32.const 0))"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_calls_pay_fuel_and_are_capped() {
+    let up = Upstream::start("echo").await;
+    // 64 KiB of one-character lines, written through 1,024 iovecs per call, forever
+    let lines = format!("(data (i32.const 65536) \"{}\")", "a\\n".repeat(32 * 1024));
+    let write_loop = r#"
+      (loop $fill
+        (i32.store (i32.add (i32.const 8192) (i32.mul (local.get $i) (i32.const 8))) (i32.const 65536))
+        (i32.store (i32.add (i32.const 8196) (i32.mul (local.get $i) (i32.const 8))) (i32.const 65536))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $fill (i32.lt_u (local.get $i) (i32.const 1024))))
+      (loop $l (drop (call $write (i32.const 1) (i32.const 8192) (i32.const 1024) (i32.const 1024))) (br $l))"#;
+    let write_ok = r#"
+      (i32.store (i32.const 8192) (i32.const 200))
+      (i32.store (i32.const 8196) (i32.const 11))
+      (drop (call $write (i32.const 1) (i32.const 8192) (i32.const 1) (i32.const 1024)))
+      (call $respond (i32.load (i32.const 1024)))"#;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "rand_loop",
+            wasi_module(
+                "(loop $l (drop (call $rand (i32.const 65536) (i32.const 65536))) (br $l))",
+                "",
+            ),
+            "",
+        ),
+        (
+            "rand_sizes",
+            wasi_module(
+                "(call $respond (i32.add (i32.mul (call $rand (i32.const 0) (i32.const 8388608)) (i32.const 100))
+                   (call $rand (i32.const 0) (i32.const 16))))",
+                "",
+            ),
+            "",
+        ),
+        ("write_loop", wasi_module(write_loop, &lines), ""),
+        (
+            "write_ok",
+            wasi_module(write_ok, "(data (i32.const 200) \"hello wasi\\n\")"),
+            "",
+        ),
+    ];
+    let gw = hostile_gateway(&up.addr(), &cases);
+    let c = client();
+    for name in ["rand_loop", "write_loop"] {
+        // before WASI calls paid fuel, each of these ran for tens of seconds
+        let t = std::time::Instant::now();
+        let r = c
+            .get(gw.url("http", &format!("/{name}/x")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{name}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{name}: {:?}",
+            t.elapsed()
+        );
+    }
+    // 8 MiB at once is refused (EINVAL 28), 16 bytes are served (0)
+    let r = c.get(gw.url("http", "/rand_sizes/x")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "2800");
+    let r = c.get(gw.url("http", "/write_ok/x")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "11");
+    assert!(gw.wait_log("hello wasi", Duration::from_secs(2)).await);
+    let m = gw.metrics().await;
+    for name in ["rand_loop", "write_loop"] {
+        let key = format!(
+            "wasmgate_hook_failures_total{{cause=\"budget_overrun\",module=\"{name}\",tenant=\"evil\"}}"
+        );
+        assert_eq!(metric(&m, &key), 1.0, "{key}\n{m}");
+    }
+    // the write that could not be paid for logged nothing
+    let log = gw.log();
+    let guest_lines = log
+        .lines()
+        .filter(|l| l.contains("module=write_loop"))
+        .filter(|l| !l.contains("module loaded") && !l.contains("hook failed"))
+        .count();
+    assert_eq!(guest_lines, 0, "{log}");
+}

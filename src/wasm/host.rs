@@ -8,7 +8,7 @@
 
 use super::abi::{self, BufferType, HostResult, MapType, Status};
 use super::{
-    Plugin, TenantQuota, FUEL_PER_US, HOST_CALL_FUEL, MAX_LOCAL_RESPONSE_BYTES,
+    Plugin, TenantQuota, FUEL_PER_US, HOST_CALL_FUEL, LOG_LINE_FUEL, MAX_LOCAL_RESPONSE_BYTES,
     SHARED_ENTRY_OVERHEAD,
 };
 use crate::upstream::Upstream;
@@ -130,8 +130,13 @@ type C<'a> = Caller<'a, Host>;
 
 /// Charges the fixed fuel cost of a host call (bytes copied are charged by `read` and
 /// `give`); fails the call when the budget is gone.
-fn charge(c: &mut C) -> wasmtime::Result<()> {
-    let cost = HOST_CALL_FUEL;
+pub(crate) fn charge(c: &mut C) -> wasmtime::Result<()> {
+    charge_fuel(c, HOST_CALL_FUEL)
+}
+
+/// Charges `cost` fuel up front, before the work it pays for is done: a call the budget
+/// cannot pay for fails as an overrun without doing it.
+pub(crate) fn charge_fuel(c: &mut C, cost: u64) -> wasmtime::Result<()> {
     let left = c.get_fuel()?;
     if left < cost {
         c.data_mut().out_of_fuel = true;
@@ -570,7 +575,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: C, level: i32, p: i32, n: i32| {
-            charge(&mut c)?;
+            charge_fuel(&mut c, HOST_CALL_FUEL + LOG_LINE_FUEL)?;
             let msg = match read(&mut c, p, n) {
                 Ok(m) => m,
                 Err(s) => return Ok(s as i32),
