@@ -1082,3 +1082,62 @@ async fn wasi_calls_pay_fuel_and_are_capped() {
         .count();
     assert_eq!(guest_lines, 0, "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overruns_and_traps_are_billed_the_fuel_they_burned() {
+    let up = Upstream::start("echo").await;
+    let head = base(&up.addr())
+        + "[admin]\nlisten = \"127.0.0.1:{port:admin}\"\ntoken = \"operator-secret\"\n";
+    let work_then_trap = r#"
+      (local.set $n (i32.const 100000))
+      (loop $l (br_if $l (local.tee $n (i32.sub (local.get $n) (i32.const 1)))))
+      unreachable"#;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("spin", wat_module(SPIN, "", "", 1), ""),
+        ("work_trap", wat_module(work_then_trap, "", "", 1), ""),
+    ];
+    let gw = hostile_gateway_with(&head, &cases);
+    let c = client();
+    for _ in 0..5 {
+        for name in ["spin", "work_trap"] {
+            let r = c
+                .get(gw.url("http", &format!("/{name}/x")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 503);
+        }
+    }
+    let m = gw.metrics().await;
+    let fuel = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_fuel_total{{module=\"{name}\",tenant=\"evil\"}}"),
+        )
+    };
+    // budget_us = 2000: each overrun burned its whole 2,000,000 units
+    assert!(fuel("spin") >= 10_000_000.0, "{m}");
+    assert!(fuel("work_trap") >= 5.0 * 200_000.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "wasmgate_hook_cpu_seconds_count{module=\"spin\",tenant=\"evil\"}"
+        ),
+        5.0,
+        "{m}"
+    );
+    let r = c
+        .get(gw.url("admin", "/v1/tenants/evil/usage?from=0"))
+        .bearer_auth("operator-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let spin = &v["modules"]["spin"];
+    assert!(spin["wasm_cpu_us"].as_u64().unwrap() >= 10_000, "{v}");
+    assert_eq!(spin["budget_overruns"], 5, "{v}");
+    let trap = &v["modules"]["work_trap"];
+    assert!(trap["wasm_cpu_us"].as_u64().unwrap() >= 1_000, "{v}");
+    assert_eq!(trap["traps"], 5, "{v}");
+}

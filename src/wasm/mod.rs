@@ -552,6 +552,15 @@ impl Plugin {
         );
     }
 
+    /// Counts fuel burned outside a request's lease accounting or at its end, and bills
+    /// it to the tenant.
+    pub(crate) fn bill_fuel(&self, fuel: u64) {
+        if fuel > 0 {
+            self.metrics.fuel.inc_by(fuel);
+            self.usage.add_fuel(fuel);
+        }
+    }
+
     /// Counts a write refused because the tenant's shared data or queues are full (cause
     /// `shared_data_full`, `queue_full`); logs it at most once a second per module.
     pub(crate) fn quota_exceeded(&self, cause: &'static str, detail: &str) {

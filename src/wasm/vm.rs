@@ -78,12 +78,10 @@ fn failure(callback: &'static str, e: wasmtime::Error, host: &Host) -> Failure {
 }
 
 impl Vm {
-    /// Instantiates the module and configures its root context.
+    /// Instantiates the module and configures its root context. The fuel this burns is
+    /// billed to the tenant like any callback's (with `isolation = "request"` it is paid
+    /// on every request).
     pub(crate) fn start(plugin: &Arc<Plugin>) -> Result<Box<Vm>, Failure> {
-        let fail = |cb: &'static str, msg: String| Failure {
-            callback: cb,
-            cause: Cause::Trap(msg),
-        };
         let host = Host {
             limits: StoreLimitsBuilder::new()
                 .memory_size(plugin.spec.memory_bytes as usize)
@@ -102,26 +100,41 @@ impl Vm {
         let mut store = Store::new(&plugin.engine, host);
         store.limiter(|h| &mut h.limits);
         let start_fuel = fuel_for(plugin.spec.budget).saturating_mul(START_BUDGET_FACTOR);
-        store
-            .set_fuel(start_fuel)
-            .map_err(|e| fail("instantiate", e.to_string()))?;
+        store.set_fuel(start_fuel).map_err(|e| Failure {
+            callback: "instantiate",
+            cause: Cause::Trap(e.to_string()),
+        })?;
+        let booted = Self::boot(plugin, &mut store);
+        plugin.bill_fuel(start_fuel - store.get_fuel().unwrap_or(0).min(start_fuel));
+        Ok(Box::new(Vm {
+            store,
+            f: booted?,
+            next_ctx: ROOT + 1,
+        }))
+    }
+
+    fn boot(plugin: &Arc<Plugin>, store: &mut Store<Host>) -> Result<Exports, Failure> {
+        let fail = |cb: &'static str, msg: String| Failure {
+            callback: cb,
+            cause: Cause::Trap(msg),
+        };
         let inst = plugin
             .compiled
             .pre
-            .instantiate(&mut store)
+            .instantiate(&mut *store)
             .map_err(|e| failure("instantiate", e, store.data()))?;
-        let memory = inst.get_memory(&mut store, "memory");
+        let memory = inst.get_memory(&mut *store, "memory");
         let alloc = inst
-            .get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate")
-            .or_else(|_| inst.get_typed_func::<i32, i32>(&mut store, "malloc"))
+            .get_typed_func::<i32, i32>(&mut *store, "proxy_on_memory_allocate")
+            .or_else(|_| inst.get_typed_func::<i32, i32>(&mut *store, "malloc"))
             .map_err(|e| fail("instantiate", format!("allocator has the wrong type: {e}")))?;
         store.data_mut().memory = memory;
         store.data_mut().alloc = Some(alloc);
         macro_rules! opt {
             ($name:literal) => {
-                match inst.get_export(&mut store, $name) {
+                match inst.get_export(&mut *store, $name) {
                     None => None,
-                    Some(_) => Some(inst.get_typed_func(&mut store, $name).map_err(|e| {
+                    Some(_) => Some(inst.get_typed_func(&mut *store, $name).map_err(|e| {
                         fail(
                             "instantiate",
                             format!("export {} has the wrong type: {e}", $name),
@@ -132,7 +145,7 @@ impl Vm {
         }
         let f = Exports {
             on_context_create: inst
-                .get_typed_func(&mut store, "proxy_on_context_create")
+                .get_typed_func(&mut *store, "proxy_on_context_create")
                 .map_err(|e| fail("instantiate", format!("proxy_on_context_create: {e}")))?,
             on_vm_start: opt!("proxy_on_vm_start"),
             on_configure: opt!("proxy_on_configure"),
@@ -150,28 +163,23 @@ impl Vm {
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
         for init in ["_initialize", "_start"] {
-            if inst.get_export(&mut store, init).is_some() {
+            if inst.get_export(&mut *store, init).is_some() {
                 let func = inst
-                    .get_typed_func::<(), ()>(&mut store, init)
+                    .get_typed_func::<(), ()>(&mut *store, init)
                     .map_err(|e| fail("instantiate", format!("{init}: {e}")))?;
-                func.call(&mut store, ())
+                func.call(&mut *store, ())
                     .map_err(|e| failure("_initialize", e, store.data()))?;
                 break;
             }
         }
-        let mut vm = Box::new(Vm {
-            store,
-            f,
-            next_ctx: ROOT + 1,
-        });
-        let cc = vm.f.on_context_create.clone();
-        cc.call(&mut vm.store, (ROOT, 0))
-            .map_err(|e| failure("on_context_create", e, vm.store.data()))?;
+        f.on_context_create
+            .call(&mut *store, (ROOT, 0))
+            .map_err(|e| failure("on_context_create", e, store.data()))?;
         let p = &plugin.spec;
-        if let Some(f) = vm.f.on_vm_start.clone() {
-            let ok = f
-                .call(&mut vm.store, (ROOT, p.vm_config.len() as i32))
-                .map_err(|e| failure("on_vm_start", e, vm.store.data()))?;
+        if let Some(func) = &f.on_vm_start {
+            let ok = func
+                .call(&mut *store, (ROOT, p.vm_config.len() as i32))
+                .map_err(|e| failure("on_vm_start", e, store.data()))?;
             if ok == 0 {
                 return Err(Failure {
                     callback: "on_vm_start",
@@ -179,10 +187,10 @@ impl Vm {
                 });
             }
         }
-        if let Some(f) = vm.f.on_configure.clone() {
-            let ok = f
-                .call(&mut vm.store, (ROOT, p.config.len() as i32))
-                .map_err(|e| failure("on_configure", e, vm.store.data()))?;
+        if let Some(func) = &f.on_configure {
+            let ok = func
+                .call(&mut *store, (ROOT, p.config.len() as i32))
+                .map_err(|e| failure("on_configure", e, store.data()))?;
             if ok == 0 {
                 return Err(Failure {
                     callback: "on_configure",
@@ -190,7 +198,7 @@ impl Vm {
                 });
             }
         }
-        Ok(vm)
+        Ok(f)
     }
 
     pub(crate) fn queue_ready(&mut self, plugin: &Plugin, queue: u32) -> Result<(), Failure> {
@@ -216,8 +224,11 @@ impl Vm {
     ) -> Result<(), Failure> {
         let Vm { store, f, .. } = self;
         store.data_mut().out_of_fuel = false;
-        let _ = store.set_fuel(fuel_for(plugin.spec.budget));
-        call(store, f).map_err(|e| failure(name, e, store.data()))
+        let fuel = fuel_for(plugin.spec.budget);
+        let _ = store.set_fuel(fuel);
+        let r = call(store, f).map_err(|e| failure(name, e, store.data()));
+        plugin.bill_fuel(fuel - store.get_fuel().unwrap_or(0).min(fuel));
+        r
     }
 }
 
@@ -587,13 +598,33 @@ impl Lease {
         }
     }
 
-    /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context.
+    /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context; then bills what the
+    /// request's callbacks burned, failed ones included (an overrun burned its whole
+    /// budget and is the most expensive request there is).
     pub fn finish(&mut self, req: Option<&RequestHeader>, info: &mut RequestInfo) {
-        if self.finished || self.ctx == 0 || self.failed.is_some() {
-            self.finished = true;
+        if self.finished {
             return;
         }
         self.finished = true;
+        if self.ctx != 0 && self.failed.is_none() {
+            self.end_context(req, info);
+        }
+        if self.ctx == 0 && self.fuel_used == 0 {
+            return; // no callback ran: nothing to bill
+        }
+        self.plugin.bill_fuel(self.fuel_used);
+        if let Some(vm) = &self.vm {
+            if let Some(m) = vm.store.data().memory {
+                self.plugin.usage.peak(m.data_size(&vm.store) as u64);
+            }
+        }
+        self.plugin
+            .metrics
+            .cpu
+            .observe(self.fuel_used as f64 / (super::FUEL_PER_US as f64 * 1e6));
+    }
+
+    fn end_context(&mut self, req: Option<&RequestHeader>, info: &mut RequestInfo) {
         let ctx = self.ctx;
         let view = View {
             req_ro: req,
@@ -618,18 +649,6 @@ impl Lease {
             Some(func) => func.call(s, ctx),
             None => Ok(()),
         });
-        self.plugin.metrics.fuel.inc_by(self.fuel_used);
-        let usage = &self.plugin.usage;
-        usage.add(super::meter::CPU_US, self.fuel_used / super::FUEL_PER_US);
-        if let Some(vm) = &self.vm {
-            if let Some(m) = vm.store.data().memory {
-                usage.peak(m.data_size(&vm.store) as u64);
-            }
-        }
-        self.plugin
-            .metrics
-            .cpu
-            .observe(self.fuel_used as f64 / (super::FUEL_PER_US as f64 * 1e6));
     }
 }
 
