@@ -1141,3 +1141,172 @@ async fn overruns_and_traps_are_billed_the_fuel_they_burned() {
     assert!(trap["wasm_cpu_us"].as_u64().unwrap() >= 1_000, "{v}");
     assert_eq!(trap["traps"], 5, "{v}");
 }
+
+/// An upstream answering every GET with `len` bytes of `x`, written 16 KiB at a time.
+async fn big_upstream(len: usize) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let body = vec![b'x'; len];
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    };
+                    buf.drain(..end);
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for chunk in body.chunks(16 * 1024) {
+                        if s.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A module whose `on_response_body` counts its calls in the guest counter `body_calls`
+/// and then runs `on_body` (which leaves the action on the stack).
+fn body_module(on_body: &str) -> Vec<u8> {
+    raw_module(
+        r#"
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $defm (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $incm (param i32 i64) (result i32)))"#,
+        2,
+        &format!(
+            r#"
+  (data (i32.const 48) "body_calls")
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $defm (i32.const 0) (i32.const 48) (i32.const 10) (i32.const 1060)))
+    (global.set $mid (i32.load (i32.const 1060)))
+    (i32.const 1))
+  ;; sums `len` bytes at `p`: about 8 fuel per byte
+  (func $scan (param $p i32) (param $len i32) (result i32)
+    (local $end i32) (local $sum i32)
+    (local.set $end (i32.add (local.get $p) (local.get $len)))
+    (block $d (loop $l
+      (br_if $d (i32.ge_u (local.get $p) (local.get $end)))
+      (local.set $sum (i32.add (local.get $sum) (i32.load8_u (local.get $p))))
+      (local.set $p (i32.add (local.get $p) (i32.const 1)))
+      (br $l)))
+    (local.get $sum))
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (local $i i32)
+    (drop (call $incm (global.get $mid) (i64.const 1)))
+    {on_body})"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_callbacks_do_not_exhaust_the_request_budget_on_large_bodies() {
+    const LEN: usize = 8 << 20;
+    let (addr, _up) = big_upstream(LEN).await;
+    // ~1.2 ms of fixed work per chunk (the callback budget is 2 ms, the request's 16 ms)
+    let per_chunk = r#"
+      (local.set $i (i32.const 200000))
+      (loop $l (br_if $l (local.tee $i (i32.sub (local.get $i) (i32.const 1)))))
+      (i32.const 0)"#;
+    // the SDKs' http_body example: buffer to the end, then read and scan the whole body
+    let scan_at_end = r#"
+      (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+      (drop (call $buf (i32.const 1) (i32.const 0) (local.get $size) (i32.const 1024) (i32.const 1028)))
+      (drop (call $scan (i32.load (i32.const 1024)) (i32.load (i32.const 1028))))
+      (i32.const 0)"#;
+    // hostile: re-reads and scans everything buffered so far on every chunk (quadratic)
+    let rescan = r#"
+      (drop (call $buf (i32.const 1) (i32.const 0) (local.get $size) (i32.const 1024) (i32.const 1028)))
+      (drop (call $scan (i32.load (i32.const 1024)) (i32.load (i32.const 1028))))
+      (global.set $heap (i32.const 2097152))
+      (i32.eqz (local.get $eos))"#;
+    let spin = "(loop $l (br $l)) (i32.const 0)";
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("per_chunk", body_module(per_chunk), ""),
+        ("scan", body_module(scan_at_end), "memory_mb = 32"),
+        ("rescan", body_module(rescan), "memory_mb = 32"),
+        ("body_spin", body_module(spin), ""),
+    ];
+    let gw = hostile_gateway(&addr, &cases);
+    let c = client();
+    for name in ["per_chunk", "scan"] {
+        let r = c
+            .get(gw.url("http", &format!("/{name}/x")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.len(), LEN, "{name}");
+        assert!(body.iter().all(|b| *b == b'x'), "{name}");
+    }
+    for name in ["rescan", "body_spin"] {
+        let complete = match c.get(gw.url("http", &format!("/{name}/x"))).send().await {
+            Ok(r) => {
+                let ok = r.status() == 200;
+                matches!(r.bytes().await, Ok(b) if ok && b.len() == LEN)
+            }
+            Err(_) => false,
+        };
+        assert!(!complete, "{name} got its whole body through");
+    }
+    let m = gw.metrics().await;
+    let failures = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_failures_total{{cause=\"budget_overrun\",module=\"{name}\""),
+        )
+    };
+    let fuel = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_fuel_total{{module=\"{name}\",tenant=\"evil\"}}"),
+        )
+    };
+    let calls = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_guest_counter{{module=\"{name}\",name=\"body_calls\""),
+        )
+    };
+    assert_eq!(failures("per_chunk"), 0.0, "{m}");
+    assert_eq!(failures("scan"), 0.0, "{m}");
+    // both did more than the old limits allowed: per_chunk more than the 16 ms request
+    // budget in total, scan more than the 2 ms callback budget in its last callback
+    assert!(fuel("per_chunk") > 16_000_000.0, "{m}");
+    assert!(fuel("scan") > 16_000_000.0, "{m}");
+    eprintln!(
+        "body callbacks for {LEN} bytes: per_chunk {}, scan {}; fuel per_chunk {}, scan {}",
+        calls("per_chunk"),
+        calls("scan"),
+        fuel("per_chunk"),
+        fuel("scan")
+    );
+    assert_eq!(failures("rescan"), 1.0, "{m}");
+    assert_eq!(failures("body_spin"), 1.0, "{m}");
+    assert!(
+        gw.log().contains(
+            "tenant=evil module=rescan callback=\"on_response_body\" cause=\"budget_overrun\""
+        ),
+        "{}",
+        gw.log()
+    );
+}

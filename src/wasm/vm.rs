@@ -252,6 +252,14 @@ pub struct Lease {
     _permit: tokio::sync::OwnedSemaphorePermit,
     ctx: i32,
     fuel_left: u64,
+    /// Fuel body callbacks may spend beyond their per-callback budget: grows with every
+    /// body byte that arrives ([`super::BODY_FUEL_PER_BYTE`]), shrinks by what they spend.
+    body_fuel: u64,
+    /// Per direction (request, response): body length after the last body callback,
+    /// and whether it paused (then the next callback sees that body plus new bytes).
+    body_seen: [(usize, bool); 2],
+    /// Whether the callback being run is a body callback (see [`Lease::run`]).
+    in_body: bool,
     /// Fuel this request's callbacks burned: the deterministic measure of the wasm CPU
     /// it used (metered and billed; see [`super::FUEL_PER_US`]).
     pub fuel_used: u64,
@@ -279,6 +287,9 @@ impl Lease {
     ) -> Lease {
         Lease {
             fuel_left: fuel_for(plugin.spec.request_budget),
+            body_fuel: 0,
+            body_seen: [(0, false); 2],
+            in_body: false,
             plugin,
             vm: Some(vm),
             _permit: permit,
@@ -309,7 +320,15 @@ impl Lease {
                 cause: Cause::Misbehaved("instance_lost"),
             });
         };
-        let fuel = fuel_for(self.plugin.spec.budget).min(self.fuel_left);
+        // Body callbacks run on their own budget plus the body allowance, never on the
+        // request's: a filter doing fixed work per chunk must not fail because the body
+        // came in many chunks (the request budget would run out after budget/work chunks).
+        let budget = fuel_for(self.plugin.spec.budget);
+        let fuel = if self.in_body {
+            budget.saturating_add(self.body_fuel)
+        } else {
+            budget.min(self.fuel_left)
+        };
         let Vm { store, f, .. } = &mut **vm;
         {
             let h = store.data_mut();
@@ -335,7 +354,11 @@ impl Lease {
         let _ = store.set_fuel(fuel);
         let result = call(store, f);
         let used = fuel - store.get_fuel().unwrap_or(0).min(fuel);
-        self.fuel_left = self.fuel_left.saturating_sub(used);
+        if self.in_body {
+            self.body_fuel = self.body_fuel.saturating_sub(used.saturating_sub(budget));
+        } else {
+            self.fuel_left = self.fuel_left.saturating_sub(used);
+        }
         self.fuel_used += used;
         let h = store.data_mut();
         h.frame = Frame::default();
@@ -460,19 +483,38 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = body.len() as i32;
+        self.body_arrived(0, body.len());
         let view = View {
             req: Some(req),
             info: Some(info),
-            body: Some((BufferType::RequestBody, body)),
+            body: Some((BufferType::RequestBody, &mut *body)),
             ..View::default()
         };
-        self.stream(
+        self.in_body = true;
+        let out = self.stream(
             "on_request_body",
             |e| e.on_request_body.as_ref(),
             n,
             end_of_stream as i32,
             view,
-        )
+        );
+        self.in_body = false;
+        self.body_seen[0] = (body.len(), matches!(out, Outcome::Pause));
+        out
+    }
+
+    /// Adds the allowance for the body bytes that arrived since direction `dir`'s last
+    /// body callback: all of `len` unless that callback paused and kept the body buffered.
+    fn body_arrived(&mut self, dir: usize, len: usize) {
+        let (seen, paused) = self.body_seen[dir];
+        let new = if paused {
+            len.saturating_sub(seen)
+        } else {
+            len
+        };
+        self.body_fuel = self
+            .body_fuel
+            .saturating_add(new as u64 * super::BODY_FUEL_PER_BYTE);
     }
 
     pub fn on_response_headers(
@@ -506,19 +548,24 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = body.len() as i32;
+        self.body_arrived(1, body.len());
         let view = View {
             req_ro: Some(req),
             info: Some(info),
-            body: Some((BufferType::ResponseBody, body)),
+            body: Some((BufferType::ResponseBody, &mut *body)),
             ..View::default()
         };
-        self.stream(
+        self.in_body = true;
+        let out = self.stream(
             "on_response_body",
             |e| e.on_response_body.as_ref(),
             n,
             end_of_stream as i32,
             view,
-        )
+        );
+        self.in_body = false;
+        self.body_seen[1] = (body.len(), matches!(out, Outcome::Pause));
+        out
     }
 
     pub fn on_response_trailers(
