@@ -395,12 +395,15 @@ hooks = ["probe"]
             "wasmgate_guest_counter{module=\"probe\",name=\"probe_requests\""
         ) >= 6.0
     );
-    assert!(
-        metric(
-            &m,
-            "wasmgate_guest_counter{module=\"probe\",name=\"probe_logged\""
-        ) >= 3.0
-    );
+    // on_log runs in the logging phase, after the client has its answer: wait for it
+    let logged = "wasmgate_guest_counter{module=\"probe\",name=\"probe_logged\"";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut m = m;
+    while metric(&m, logged) < 3.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = gw.metrics().await;
+    }
+    assert!(metric(&m, logged) >= 3.0, "{m}");
     assert!(gw.log().contains("probe log line"));
 }
 
@@ -984,6 +987,19 @@ async fn shared_data_and_queues_are_capped_per_tenant() {
     );
 }
 
+/// `/metrics` once `ready` holds for it, or after 5 s: requests are metered in their
+/// logging phase, which runs after the client has its answer.
+async fn metrics_when(gw: &Gw, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = gw.metrics().await;
+        if ready(&m) || std::time::Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn wasi_module(on_request_headers: &str, data: &str) -> Vec<u8> {
     raw_module(
         r#"
@@ -1108,7 +1124,9 @@ async fn overruns_and_traps_are_billed_the_fuel_they_burned() {
             assert_eq!(r.status(), 503);
         }
     }
-    let m = gw.metrics().await;
+    let spins = "wasmgate_hook_cpu_seconds_count{module=\"spin\",tenant=\"evil\"}";
+    let traps = "wasmgate_hook_cpu_seconds_count{module=\"work_trap\",tenant=\"evil\"}";
+    let m = metrics_when(&gw, |m| metric(m, spins) >= 5.0 && metric(m, traps) >= 5.0).await;
     let fuel = |name: &str| {
         metric(
             &m,
@@ -1118,14 +1136,7 @@ async fn overruns_and_traps_are_billed_the_fuel_they_burned() {
     // budget_us = 2000: each overrun burned its whole 2,000,000 units
     assert!(fuel("spin") >= 10_000_000.0, "{m}");
     assert!(fuel("work_trap") >= 5.0 * 200_000.0, "{m}");
-    assert_eq!(
-        metric(
-            &m,
-            "wasmgate_hook_cpu_seconds_count{module=\"spin\",tenant=\"evil\"}"
-        ),
-        5.0,
-        "{m}"
-    );
+    assert_eq!(metric(&m, spins), 5.0, "{m}");
     let r = c
         .get(gw.url("admin", "/v1/tenants/evil/usage?from=0"))
         .bearer_auth("operator-secret")
@@ -1268,7 +1279,13 @@ async fn body_callbacks_do_not_exhaust_the_request_budget_on_large_bodies() {
         };
         assert!(!complete, "{name} got its whole body through");
     }
-    let m = gw.metrics().await;
+    let done = |name: &str| format!("wasmgate_hook_cpu_seconds_count{{module=\"{name}\"");
+    let m = metrics_when(&gw, |m| {
+        ["per_chunk", "scan", "rescan", "body_spin"]
+            .iter()
+            .all(|n| metric(m, &done(n)) >= 1.0)
+    })
+    .await;
     let failures = |name: &str| {
         metric(
             &m,
