@@ -862,7 +862,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     Entry::Vacant(e) => {
                         let max = p.quota.limits().queues;
                         if !TenantQuota::reserve(&p.quota.queues, 1, max) {
-                            p.quota_exceeded("queue_full", &format!("{max} queues registered"));
+                            p.quota_exceeded("queue_full", || format!("{max} queues registered"));
                             return Err(Status::InternalFailure);
                         }
                         *e.insert(p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1)
@@ -921,25 +921,23 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     let lim = p.quota.limits();
                     let n = v.len() as u64;
                     if n > lim.queue_bytes.min(lim.tenant_queue_bytes) {
-                        p.quota_exceeded("queue_full", &format!("an item of {n} bytes"));
+                        p.quota_exceeded("queue_full", || format!("an item of {n} bytes"));
                         return Err(Status::BadArgument);
                     }
                     if q.items.len() as u64 >= lim.queue_items || q.bytes + n > lim.queue_bytes {
-                        p.quota_exceeded(
-                            "queue_full",
-                            &format!(
+                        p.quota_exceeded("queue_full", || {
+                            format!(
                                 "queue {id} holds {} items, {} bytes",
                                 q.items.len(),
                                 q.bytes
-                            ),
-                        );
+                            )
+                        });
                         return Err(Status::InternalFailure);
                     }
                     if !TenantQuota::reserve(&p.quota.queue_bytes, n, lim.tenant_queue_bytes) {
-                        p.quota_exceeded(
-                            "queue_full",
-                            &format!("{} bytes queued in all queues", lim.tenant_queue_bytes),
-                        );
+                        p.quota_exceeded("queue_full", || {
+                            format!("{} bytes queued in all queues", lim.tenant_queue_bytes)
+                        });
                         return Err(Status::InternalFailure);
                     }
                     q.bytes += n;
@@ -994,17 +992,15 @@ fn set_shared(p: &Plugin, k: Vec<u8>, v: Vec<u8>, cas: u32) -> HostResult {
     let size = |k: &[u8], v: &[u8]| k.len() as u64 + v.len() as u64 + SHARED_ENTRY_OVERHEAD;
     let new = size(&k, &v);
     if new > max {
-        p.quota_exceeded(
-            "shared_data_full",
-            &format!("a key and value of {new} bytes"),
-        );
+        p.quota_exceeded("shared_data_full", || {
+            format!("a key and value of {new} bytes")
+        });
         return Err(Status::BadArgument);
     }
     let full = || {
-        p.quota_exceeded(
-            "shared_data_full",
-            &format!("{max} bytes of shared data stored"),
-        );
+        p.quota_exceeded("shared_data_full", || {
+            format!("{max} bytes of shared data stored")
+        });
         Err(Status::InternalFailure)
     };
     match p.shared.data.entry((p.spec.tenant.clone(), k)) {

@@ -570,7 +570,9 @@ impl Plugin {
 
     /// Counts a write refused because the tenant's shared data or queues are full (cause
     /// `shared_data_full`, `queue_full`); logs it at most once a second per module.
-    pub(crate) fn quota_exceeded(&self, cause: &'static str, detail: &str) {
+    /// `detail` is only formatted for the line that is logged: a guest looping on a full
+    /// quota makes no string per call.
+    pub(crate) fn quota_exceeded(&self, cause: &'static str, detail: impl FnOnce() -> String) {
         self.metrics
             .failures
             .with_label_values(&[&self.spec.tenant, &self.spec.name, cause])
@@ -585,6 +587,7 @@ impl Plugin {
         {
             return;
         }
+        let detail = detail();
         self.log
             .push(&self.spec.name, "error", &format!("{cause}: {detail}"));
         tracing::warn!(
