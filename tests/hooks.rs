@@ -868,8 +868,8 @@ fn raw_module(imports: &str, pages: u32, items: &str) -> Vec<u8> {
 
 /// A guest that stores whatever it is asked to in shared data and queues: `x-op` picks
 /// the call (`d`: set key `x-arg` to 1 MiB, `D`: to 9 MiB, `e`: enqueue 1 MiB on queue
-/// `x-arg`, `q`: dequeue from it, `r`: register queues until refused), and the answer's
-/// body is the call's status (for `r`, how many queues it registered).
+/// `x-arg`, `q`: dequeue from it, `n`: register it, `r`: register queues until refused),
+/// and the answer's body is the call's status (for `r`, how many queues it registered).
 fn hoarder() -> Vec<u8> {
     raw_module(
         r#"
@@ -900,6 +900,8 @@ fn hoarder() -> Vec<u8> {
       (then
         (drop (call $reg (local.get $ap) (local.get $an) (i32.const 1040)))
         (local.set $st (call $deq (i32.load (i32.const 1040)) (i32.const 1044) (i32.const 1048)))))
+    (if (i32.eq (local.get $op) (i32.const 110))
+      (then (local.set $st (call $reg (local.get $ap) (local.get $an) (i32.const 1040)))))
     (if (i32.eq (local.get $op) (i32.const 114))
       (then
         (block $done (loop $l
@@ -956,8 +958,11 @@ async fn shared_data_and_queues_are_capped_per_tenant() {
     assert_eq!(call("hoard", "e", "c".into()).await, "10"); // empty queue, tenant full
     assert_eq!(call("hoard", "q", "a".into()).await, "0");
     assert_eq!(call("hoard", "e", "c".into()).await, "0"); // the dequeue freed 1 MiB
-                                                           // 256 queues per tenant; a, b and c exist
-    assert_eq!(call("hoard", "r", String::new()).await, "253");
+                                                           // names are kept forever: at most 256 bytes (BadArgument beyond)
+    assert_eq!(call("hoard", "n", "n".repeat(257)).await, "2");
+    assert_eq!(call("hoard", "n", "n".repeat(256)).await, "0");
+    // 256 queues per tenant; a, b, c and the 256-byte one exist
+    assert_eq!(call("hoard", "r", String::new()).await, "252");
 
     let m = gw.metrics().await;
     let refused = |cause: &str| {
@@ -968,6 +973,7 @@ async fn shared_data_and_queues_are_capped_per_tenant() {
     };
     assert_eq!(refused("shared_data_full"), 2.0, "{m}");
     assert_eq!(refused("queue_full"), 3.0, "{m}");
+    assert_eq!(refused("queue_name_too_long"), 1.0, "{m}");
     assert!(
         gw.log()
             .contains("tenant=evil module=hoard cause=\"shared_data_full\""),

@@ -9,7 +9,7 @@
 use super::abi::{self, BufferType, HostResult, MapType, Status};
 use super::{
     Plugin, TenantQuota, FUEL_PER_US, HOST_CALL_FUEL, LOG_LINE_FUEL, MAX_LOCAL_RESPONSE_BYTES,
-    SHARED_ENTRY_OVERHEAD,
+    MAX_QUEUE_NAME_BYTES, SHARED_ENTRY_OVERHEAD,
 };
 use crate::upstream::Upstream;
 use dashmap::mapref::entry::Entry;
@@ -854,8 +854,15 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut c: C, np: i32, nn: i32, ret: i32| {
             charge(&mut c)?;
             let r = (|| {
-                let name = read(&mut c, np, nn)?;
                 let p = c.data().plugin.clone();
+                // Names are kept for the gateway's life: an unbounded one is a leak.
+                if nn as u32 as usize > MAX_QUEUE_NAME_BYTES {
+                    p.quota_exceeded("queue_name_too_long", || {
+                        format!("a queue name of {} bytes", nn as u32)
+                    });
+                    return Err(Status::BadArgument);
+                }
+                let name = read(&mut c, np, nn)?;
                 let tenant = p.spec.tenant.clone();
                 let id = match p.shared.queue_ids.entry((tenant.clone(), name)) {
                     Entry::Occupied(e) => *e.get(),

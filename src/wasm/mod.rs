@@ -244,6 +244,9 @@ impl Default for SharedLimits {
     }
 }
 
+/// Longest shared queue name (`proxy_register_shared_queue` answers `BadArgument` beyond).
+pub const MAX_QUEUE_NAME_BYTES: usize = 256;
+
 /// Bytes a shared-data key costs beyond its key and value (map slot, two vectors, CAS):
 /// without it, millions of empty keys would be free.
 pub const SHARED_ENTRY_OVERHEAD: u64 = 64;
