@@ -395,12 +395,15 @@ hooks = ["probe"]
             "wasmgate_guest_counter{module=\"probe\",name=\"probe_requests\""
         ) >= 6.0
     );
-    assert!(
-        metric(
-            &m,
-            "wasmgate_guest_counter{module=\"probe\",name=\"probe_logged\""
-        ) >= 3.0
-    );
+    // on_log runs in the logging phase, after the client has its answer: wait for it
+    let logged = "wasmgate_guest_counter{module=\"probe\",name=\"probe_logged\"";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut m = m;
+    while metric(&m, logged) < 3.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = gw.metrics().await;
+    }
+    assert!(metric(&m, logged) >= 3.0, "{m}");
     assert!(gw.log().contains("probe log line"));
 }
 
@@ -444,19 +447,31 @@ fn wat_module(req_headers: &str, resp_headers: &str, log: &str, memory_pages: u3
 
 const SPIN: &str = "(loop $l (br $l))";
 
-/// Gateway with one route per hostile module; returns it and the module names.
+/// Gateway with one route per hostile module (tenant `evil`, `budget_us = 2000` unless
+/// the module's extra lines say otherwise); returns it and the module names.
 fn hostile_gateway(up: &str, cases: &[(&str, Vec<u8>, &str)]) -> Gw {
+    hostile_gateway_with(&base(up), cases)
+}
+
+fn hostile_gateway_with(head: &str, cases: &[(&str, Vec<u8>, &str)]) -> Gw {
     let dir = tempfile::tempdir().unwrap();
-    let mut conf = base(up);
+    let mut conf = head.to_string();
     for (name, wasm, extra) in cases {
         let p = dir.path().join(format!("{name}.wasm"));
         std::fs::write(&p, wasm).unwrap();
+        let mut keys = String::new();
+        if !extra.contains("tenant =") {
+            keys += "tenant = \"evil\"\n";
+        }
+        if !extra.contains("budget_us =") {
+            keys += "budget_us = 2000\n";
+        }
         conf += &format!(
-            "[modules.{name}]\ntenant = \"evil\"\npath = \"{}\"\nbudget_us = 2000\n{extra}\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"echo\"\nhooks = [\"{name}\"]\n",
+            "[modules.{name}]\n{keys}path = \"{}\"\n{extra}\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"echo\"\nhooks = [\"{name}\"]\n",
             p.display()
         );
     }
-    conf += "[tenants.evil]\n";
+    conf += "[tenants.evil]\n[tenants.other]\n";
     Gw::start_in(dir, &conf, Default::default())
 }
 
@@ -796,4 +811,525 @@ hooks = ["hello"]
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A Proxy-Wasm module in WAT with the plumbing the resource tests share: a bump
+/// allocator that grows memory (reset for every context, heap from 2 MiB), `$itoa`, and
+/// `$respond` answering 200 with a number as the body. `items` adds the callbacks.
+fn raw_module(imports: &str, pages: u32, items: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  {imports}
+  (memory (export "memory") {pages})
+  (global $heap (mut i32) (i32.const 2097152))
+  (global $mid (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32) (local $have i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.set $have (i32.mul (memory.size) (i32.const 65536)))
+    (if (i32.gt_u (global.get $heap) (local.get $have))
+      (then (drop (memory.grow (i32.add (i32.const 1)
+        (i32.div_u (i32.sub (global.get $heap) (local.get $have)) (i32.const 65536)))))))
+    (local.get $p))
+  (func $itoa (param $n i32) (param $at i32) (result i32)
+    (local $len i32) (local $t i32) (local $i i32)
+    (local.set $t (local.get $n))
+    (local.set $len (i32.const 1))
+    (block $d (loop $l
+      (br_if $d (i32.lt_u (local.get $t) (i32.const 10)))
+      (local.set $t (i32.div_u (local.get $t) (i32.const 10)))
+      (local.set $len (i32.add (local.get $len) (i32.const 1)))
+      (br $l)))
+    (local.set $i (local.get $len))
+    (local.set $t (local.get $n))
+    (loop $w
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (i32.store8 (i32.add (local.get $at) (local.get $i))
+        (i32.add (i32.const 48) (i32.rem_u (local.get $t) (i32.const 10))))
+      (local.set $t (i32.div_u (local.get $t) (i32.const 10)))
+      (br_if $w (i32.gt_u (local.get $i) (i32.const 0))))
+    (local.get $len))
+  (func $respond (param $n i32)
+    (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 512)
+      (call $itoa (local.get $n) (i32.const 512)) (i32.const 0) (i32.const 0) (i32.const -1))))
+  (func (export "proxy_on_context_create") (param i32 i32) (global.set $heap (i32.const 2097152)))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32))
+  {items}
+)"#
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("bad WAT: {e}\n{text}"))
+}
+
+/// A guest that stores whatever it is asked to in shared data and queues: `x-op` picks
+/// the call (`d`: set key `x-arg` to 1 MiB, `D`: to 9 MiB, `e`: enqueue 1 MiB on queue
+/// `x-arg`, `q`: dequeue from it, `n`: register it, `r`: register queues until refused),
+/// and the answer's body is the call's status (for `r`, how many queues it registered).
+fn hoarder() -> Vec<u8> {
+    raw_module(
+        r#"
+  (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $reg (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enq (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $deq (param i32 i32 i32) (result i32)))"#,
+        160,
+        r#"
+  (data (i32.const 16) "x-op")
+  (data (i32.const 32) "x-arg")
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (local $op i32) (local $st i32) (local $i i32) (local $ap i32) (local $an i32)
+    (drop (call $get (i32.const 0) (i32.const 16) (i32.const 4) (i32.const 1024) (i32.const 1028)))
+    (local.set $op (i32.load8_u (i32.load (i32.const 1024))))
+    (drop (call $get (i32.const 0) (i32.const 32) (i32.const 5) (i32.const 1032) (i32.const 1036)))
+    (local.set $ap (i32.load (i32.const 1032)))
+    (local.set $an (i32.load (i32.const 1036)))
+    (if (i32.eq (local.get $op) (i32.const 100))
+      (then (local.set $st (call $set (local.get $ap) (local.get $an) (i32.const 65536) (i32.const 1048576) (i32.const 0)))))
+    (if (i32.eq (local.get $op) (i32.const 68))
+      (then (local.set $st (call $set (local.get $ap) (local.get $an) (i32.const 0) (i32.const 9437184) (i32.const 0)))))
+    (if (i32.eq (local.get $op) (i32.const 101))
+      (then
+        (drop (call $reg (local.get $ap) (local.get $an) (i32.const 1040)))
+        (local.set $st (call $enq (i32.load (i32.const 1040)) (i32.const 65536) (i32.const 1048576)))))
+    (if (i32.eq (local.get $op) (i32.const 113))
+      (then
+        (drop (call $reg (local.get $ap) (local.get $an) (i32.const 1040)))
+        (local.set $st (call $deq (i32.load (i32.const 1040)) (i32.const 1044) (i32.const 1048)))))
+    (if (i32.eq (local.get $op) (i32.const 110))
+      (then (local.set $st (call $reg (local.get $ap) (local.get $an) (i32.const 1040)))))
+    (if (i32.eq (local.get $op) (i32.const 114))
+      (then
+        (block $done (loop $l
+          (i32.store16 (i32.const 1100) (local.get $i))
+          (br_if $done (i32.ne (call $reg (i32.const 1100) (i32.const 2) (i32.const 1040)) (i32.const 0)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $l (i32.lt_u (local.get $i) (i32.const 300)))))
+        (local.set $st (local.get $i))))
+    (call $respond (local.get $st))
+    (i32.const 0))"#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_data_and_queues_are_capped_per_tenant() {
+    let up = Upstream::start("echo").await;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("hoard", hoarder(), ""),
+        ("neighbour", hoarder(), "tenant = \"other\""),
+    ];
+    let gw = hostile_gateway(&up.addr(), &cases);
+    let c = client();
+    let call = |module: &'static str, op: &'static str, arg: String| {
+        let c = c.clone();
+        let url = gw.url("http", &format!("/{module}/x"));
+        async move {
+            let r = c
+                .get(url)
+                .header("x-op", op)
+                .header("x-arg", arg)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    // shared data: 8 MiB per tenant, counting keys, values and 64 bytes per key
+    for i in 1..=7 {
+        assert_eq!(call("hoard", "d", format!("k{i}")).await, "0", "key {i}");
+    }
+    assert_eq!(call("hoard", "d", "k8".into()).await, "10"); // InternalFailure: full
+    assert_eq!(call("hoard", "d", "k1".into()).await, "0"); // same size: replaces
+    assert_eq!(call("hoard", "D", "big".into()).await, "2"); // BadArgument: can never fit
+    assert_eq!(call("neighbour", "d", "k8".into()).await, "0"); // another tenant's quota
+                                                                // queues: 4 MiB per queue, 8 MiB per tenant
+    for _ in 0..4 {
+        assert_eq!(call("hoard", "e", "a".into()).await, "0");
+    }
+    assert_eq!(call("hoard", "e", "a".into()).await, "10");
+    for _ in 0..4 {
+        assert_eq!(call("hoard", "e", "b".into()).await, "0");
+    }
+    assert_eq!(call("hoard", "e", "c".into()).await, "10"); // empty queue, tenant full
+    assert_eq!(call("hoard", "q", "a".into()).await, "0");
+    assert_eq!(call("hoard", "e", "c".into()).await, "0"); // the dequeue freed 1 MiB
+                                                           // names are kept forever: at most 256 bytes (BadArgument beyond)
+    assert_eq!(call("hoard", "n", "n".repeat(257)).await, "2");
+    assert_eq!(call("hoard", "n", "n".repeat(256)).await, "0");
+    // 256 queues per tenant; a, b, c and the 256-byte one exist
+    assert_eq!(call("hoard", "r", String::new()).await, "252");
+
+    let m = gw.metrics().await;
+    let refused = |cause: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_failures_total{{cause=\"{cause}\",module=\"hoard\",tenant=\"evil\"}}"),
+        )
+    };
+    assert_eq!(refused("shared_data_full"), 2.0, "{m}");
+    assert_eq!(refused("queue_full"), 3.0, "{m}");
+    assert_eq!(refused("queue_name_too_long"), 1.0, "{m}");
+    assert!(
+        gw.log()
+            .contains("tenant=evil module=hoard cause=\"shared_data_full\""),
+        "{}",
+        gw.log()
+    );
+
+    // a guest that keeps writing new keys no longer grows the gateway
+    let before = rss_kb(gw.child.id());
+    for i in 0..200 {
+        assert_eq!(call("hoard", "d", format!("n{i}")).await, "10");
+    }
+    let after = rss_kb(gw.child.id());
+    assert!(
+        after < before + 32 * 1024,
+        "RSS grew from {before} kB to {after} kB"
+    );
+}
+
+/// `/metrics` once `ready` holds for it, or after 5 s: requests are metered in their
+/// logging phase, which runs after the client has its answer.
+async fn metrics_when(gw: &Gw, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = gw.metrics().await;
+        if ready(&m) || std::time::Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn wasi_module(on_request_headers: &str, data: &str) -> Vec<u8> {
+    raw_module(
+        r#"
+  (import "wasi_snapshot_preview1" "random_get" (func $rand (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))"#,
+        3,
+        &format!(
+            r#"
+  {data}
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (local $i i32)
+    {on_request_headers}
+    (i32.const 0))"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_calls_pay_fuel_and_are_capped() {
+    let up = Upstream::start("echo").await;
+    // 64 KiB of one-character lines, written through 1,024 iovecs per call, forever
+    let lines = format!("(data (i32.const 65536) \"{}\")", "a\\n".repeat(32 * 1024));
+    let write_loop = r#"
+      (loop $fill
+        (i32.store (i32.add (i32.const 8192) (i32.mul (local.get $i) (i32.const 8))) (i32.const 65536))
+        (i32.store (i32.add (i32.const 8196) (i32.mul (local.get $i) (i32.const 8))) (i32.const 65536))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $fill (i32.lt_u (local.get $i) (i32.const 1024))))
+      (loop $l (drop (call $write (i32.const 1) (i32.const 8192) (i32.const 1024) (i32.const 1024))) (br $l))"#;
+    let write_ok = r#"
+      (i32.store (i32.const 8192) (i32.const 200))
+      (i32.store (i32.const 8196) (i32.const 11))
+      (drop (call $write (i32.const 1) (i32.const 8192) (i32.const 1) (i32.const 1024)))
+      (call $respond (i32.load (i32.const 1024)))"#;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "rand_loop",
+            wasi_module(
+                "(loop $l (drop (call $rand (i32.const 65536) (i32.const 65536))) (br $l))",
+                "",
+            ),
+            "",
+        ),
+        (
+            "rand_sizes",
+            wasi_module(
+                "(call $respond (i32.add (i32.mul (call $rand (i32.const 0) (i32.const 8388608)) (i32.const 100))
+                   (call $rand (i32.const 0) (i32.const 16))))",
+                "",
+            ),
+            "",
+        ),
+        ("write_loop", wasi_module(write_loop, &lines), ""),
+        (
+            "write_ok",
+            wasi_module(write_ok, "(data (i32.const 200) \"hello wasi\\n\")"),
+            "",
+        ),
+    ];
+    let gw = hostile_gateway(&up.addr(), &cases);
+    let c = client();
+    for name in ["rand_loop", "write_loop"] {
+        // before WASI calls paid fuel, each of these ran for tens of seconds
+        let t = std::time::Instant::now();
+        let r = c
+            .get(gw.url("http", &format!("/{name}/x")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{name}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{name}: {:?}",
+            t.elapsed()
+        );
+    }
+    // 8 MiB at once is refused (EINVAL 28), 16 bytes are served (0)
+    let r = c.get(gw.url("http", "/rand_sizes/x")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "2800");
+    let r = c.get(gw.url("http", "/write_ok/x")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "11");
+    assert!(gw.wait_log("hello wasi", Duration::from_secs(2)).await);
+    let m = gw.metrics().await;
+    for name in ["rand_loop", "write_loop"] {
+        let key = format!(
+            "wasmgate_hook_failures_total{{cause=\"budget_overrun\",module=\"{name}\",tenant=\"evil\"}}"
+        );
+        assert_eq!(metric(&m, &key), 1.0, "{key}\n{m}");
+    }
+    // the write that could not be paid for logged nothing
+    let log = gw.log();
+    let guest_lines = log
+        .lines()
+        .filter(|l| l.contains("module=write_loop"))
+        .filter(|l| !l.contains("module loaded") && !l.contains("hook failed"))
+        .count();
+    assert_eq!(guest_lines, 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overruns_and_traps_are_billed_the_fuel_they_burned() {
+    let up = Upstream::start("echo").await;
+    let head = base(&up.addr())
+        + "[admin]\nlisten = \"127.0.0.1:{port:admin}\"\ntoken = \"operator-secret\"\n";
+    let work_then_trap = r#"
+      (local.set $n (i32.const 100000))
+      (loop $l (br_if $l (local.tee $n (i32.sub (local.get $n) (i32.const 1)))))
+      unreachable"#;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("spin", wat_module(SPIN, "", "", 1), ""),
+        ("work_trap", wat_module(work_then_trap, "", "", 1), ""),
+    ];
+    let gw = hostile_gateway_with(&head, &cases);
+    let c = client();
+    for _ in 0..5 {
+        for name in ["spin", "work_trap"] {
+            let r = c
+                .get(gw.url("http", &format!("/{name}/x")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 503);
+        }
+    }
+    let spins = "wasmgate_hook_cpu_seconds_count{module=\"spin\",tenant=\"evil\"}";
+    let traps = "wasmgate_hook_cpu_seconds_count{module=\"work_trap\",tenant=\"evil\"}";
+    let m = metrics_when(&gw, |m| metric(m, spins) >= 5.0 && metric(m, traps) >= 5.0).await;
+    let fuel = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_fuel_total{{module=\"{name}\",tenant=\"evil\"}}"),
+        )
+    };
+    // budget_us = 2000: each overrun burned its whole 2,000,000 units
+    assert!(fuel("spin") >= 10_000_000.0, "{m}");
+    assert!(fuel("work_trap") >= 5.0 * 200_000.0, "{m}");
+    assert_eq!(metric(&m, spins), 5.0, "{m}");
+    let r = c
+        .get(gw.url("admin", "/v1/tenants/evil/usage?from=0"))
+        .bearer_auth("operator-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let spin = &v["modules"]["spin"];
+    assert!(spin["wasm_cpu_us"].as_u64().unwrap() >= 10_000, "{v}");
+    assert_eq!(spin["budget_overruns"], 5, "{v}");
+    let trap = &v["modules"]["work_trap"];
+    assert!(trap["wasm_cpu_us"].as_u64().unwrap() >= 1_000, "{v}");
+    assert_eq!(trap["traps"], 5, "{v}");
+}
+
+/// An upstream answering every GET with `len` bytes of `x`, written 16 KiB at a time.
+async fn big_upstream(len: usize) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let body = vec![b'x'; len];
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    };
+                    buf.drain(..end);
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for chunk in body.chunks(16 * 1024) {
+                        if s.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A module whose `on_response_body` counts its calls in the guest counter `body_calls`
+/// and then runs `on_body` (which leaves the action on the stack).
+fn body_module(on_body: &str) -> Vec<u8> {
+    raw_module(
+        r#"
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $defm (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $incm (param i32 i64) (result i32)))"#,
+        2,
+        &format!(
+            r#"
+  (data (i32.const 48) "body_calls")
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $defm (i32.const 0) (i32.const 48) (i32.const 10) (i32.const 1060)))
+    (global.set $mid (i32.load (i32.const 1060)))
+    (i32.const 1))
+  ;; sums `len` bytes at `p`: about 8 fuel per byte
+  (func $scan (param $p i32) (param $len i32) (result i32)
+    (local $end i32) (local $sum i32)
+    (local.set $end (i32.add (local.get $p) (local.get $len)))
+    (block $d (loop $l
+      (br_if $d (i32.ge_u (local.get $p) (local.get $end)))
+      (local.set $sum (i32.add (local.get $sum) (i32.load8_u (local.get $p))))
+      (local.set $p (i32.add (local.get $p) (i32.const 1)))
+      (br $l)))
+    (local.get $sum))
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (local $i i32)
+    (drop (call $incm (global.get $mid) (i64.const 1)))
+    {on_body})"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_callbacks_do_not_exhaust_the_request_budget_on_large_bodies() {
+    const LEN: usize = 8 << 20;
+    let (addr, _up) = big_upstream(LEN).await;
+    // ~1.2 ms of fixed work per chunk (the callback budget is 2 ms, the request's 16 ms)
+    let per_chunk = r#"
+      (local.set $i (i32.const 200000))
+      (loop $l (br_if $l (local.tee $i (i32.sub (local.get $i) (i32.const 1)))))
+      (i32.const 0)"#;
+    // the SDKs' http_body example: buffer to the end, then read and scan the whole body
+    let scan_at_end = r#"
+      (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+      (drop (call $buf (i32.const 1) (i32.const 0) (local.get $size) (i32.const 1024) (i32.const 1028)))
+      (drop (call $scan (i32.load (i32.const 1024)) (i32.load (i32.const 1028))))
+      (i32.const 0)"#;
+    // hostile: re-reads and scans everything buffered so far on every chunk (quadratic)
+    let rescan = r#"
+      (drop (call $buf (i32.const 1) (i32.const 0) (local.get $size) (i32.const 1024) (i32.const 1028)))
+      (drop (call $scan (i32.load (i32.const 1024)) (i32.load (i32.const 1028))))
+      (global.set $heap (i32.const 2097152))
+      (i32.eqz (local.get $eos))"#;
+    let spin = "(loop $l (br $l)) (i32.const 0)";
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("per_chunk", body_module(per_chunk), ""),
+        ("scan", body_module(scan_at_end), "memory_mb = 32"),
+        ("rescan", body_module(rescan), "memory_mb = 32"),
+        ("body_spin", body_module(spin), ""),
+    ];
+    let gw = hostile_gateway(&addr, &cases);
+    let c = client();
+    for name in ["per_chunk", "scan"] {
+        let r = c
+            .get(gw.url("http", &format!("/{name}/x")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.len(), LEN, "{name}");
+        assert!(body.iter().all(|b| *b == b'x'), "{name}");
+    }
+    for name in ["rescan", "body_spin"] {
+        let complete = match c.get(gw.url("http", &format!("/{name}/x"))).send().await {
+            Ok(r) => {
+                let ok = r.status() == 200;
+                matches!(r.bytes().await, Ok(b) if ok && b.len() == LEN)
+            }
+            Err(_) => false,
+        };
+        assert!(!complete, "{name} got its whole body through");
+    }
+    let done = |name: &str| format!("wasmgate_hook_cpu_seconds_count{{module=\"{name}\"");
+    let m = metrics_when(&gw, |m| {
+        ["per_chunk", "scan", "rescan", "body_spin"]
+            .iter()
+            .all(|n| metric(m, &done(n)) >= 1.0)
+    })
+    .await;
+    let failures = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_failures_total{{cause=\"budget_overrun\",module=\"{name}\""),
+        )
+    };
+    let fuel = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_hook_fuel_total{{module=\"{name}\",tenant=\"evil\"}}"),
+        )
+    };
+    let calls = |name: &str| {
+        metric(
+            &m,
+            &format!("wasmgate_guest_counter{{module=\"{name}\",name=\"body_calls\""),
+        )
+    };
+    assert_eq!(failures("per_chunk"), 0.0, "{m}");
+    assert_eq!(failures("scan"), 0.0, "{m}");
+    // both did more than the old limits allowed: per_chunk more than the 16 ms request
+    // budget in total, scan more than the 2 ms callback budget in its last callback
+    assert!(fuel("per_chunk") > 16_000_000.0, "{m}");
+    assert!(fuel("scan") > 16_000_000.0, "{m}");
+    eprintln!(
+        "body callbacks for {LEN} bytes: per_chunk {}, scan {}; fuel per_chunk {}, scan {}",
+        calls("per_chunk"),
+        calls("scan"),
+        fuel("per_chunk"),
+        fuel("scan")
+    );
+    assert_eq!(failures("rescan"), 1.0, "{m}");
+    assert_eq!(failures("body_spin"), 1.0, "{m}");
+    assert!(
+        gw.log().contains(
+            "tenant=evil module=rescan callback=\"on_response_body\" cause=\"budget_overrun\""
+        ),
+        "{}",
+        gw.log()
+    );
 }

@@ -7,8 +7,12 @@
 //! status code, never a host crash.
 
 use super::abi::{self, BufferType, HostResult, MapType, Status};
-use super::{Plugin, FUEL_PER_US, HOST_CALL_FUEL, MAX_LOCAL_RESPONSE_BYTES};
+use super::{
+    Plugin, TenantQuota, FUEL_PER_US, HOST_CALL_FUEL, LOG_LINE_FUEL, MAX_LOCAL_RESPONSE_BYTES,
+    MAX_QUEUE_NAME_BYTES, SHARED_ENTRY_OVERHEAD,
+};
 use crate::upstream::Upstream;
+use dashmap::mapref::entry::Entry;
 use http::header::HeaderMap;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -126,8 +130,13 @@ type C<'a> = Caller<'a, Host>;
 
 /// Charges the fixed fuel cost of a host call (bytes copied are charged by `read` and
 /// `give`); fails the call when the budget is gone.
-fn charge(c: &mut C) -> wasmtime::Result<()> {
-    let cost = HOST_CALL_FUEL;
+pub(crate) fn charge(c: &mut C) -> wasmtime::Result<()> {
+    charge_fuel(c, HOST_CALL_FUEL)
+}
+
+/// Charges `cost` fuel up front, before the work it pays for is done: a call the budget
+/// cannot pay for fails as an overrun without doing it.
+pub(crate) fn charge_fuel(c: &mut C, cost: u64) -> wasmtime::Result<()> {
     let left = c.get_fuel()?;
     if left < cost {
         c.data_mut().out_of_fuel = true;
@@ -566,7 +575,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: C, level: i32, p: i32, n: i32| {
-            charge(&mut c)?;
+            charge_fuel(&mut c, HOST_CALL_FUEL + LOG_LINE_FUEL)?;
             let msg = match read(&mut c, p, n) {
                 Ok(m) => m,
                 Err(s) => return Ok(s as i32),
@@ -834,18 +843,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 let k = read(&mut c, kp, kn)?;
                 let v = read(&mut c, vp, vn)?;
                 let p = c.data().plugin.clone();
-                let mut e = p
-                    .shared
-                    .data
-                    .entry((p.spec.tenant.clone(), k))
-                    .or_insert((Vec::new(), 0));
-                let cas = cas as u32;
-                if cas != 0 && cas != e.1 {
-                    return Err(Status::CasMismatch);
-                }
-                e.0 = v;
-                e.1 = e.1.wrapping_add(1).max(1);
-                Ok(())
+                set_shared(&p, k, v, cas as u32)
             })();
             Ok::<i32, wasmtime::Error>(abi::status(r))
         },
@@ -856,18 +854,32 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut c: C, np: i32, nn: i32, ret: i32| {
             charge(&mut c)?;
             let r = (|| {
-                let name = read(&mut c, np, nn)?;
                 let p = c.data().plugin.clone();
+                // Names are kept for the gateway's life: an unbounded one is a leak.
+                if nn as u32 as usize > MAX_QUEUE_NAME_BYTES {
+                    p.quota_exceeded("queue_name_too_long", || {
+                        format!("a queue name of {} bytes", nn as u32)
+                    });
+                    return Err(Status::BadArgument);
+                }
+                let name = read(&mut c, np, nn)?;
                 let tenant = p.spec.tenant.clone();
-                let id = *p
-                    .shared
-                    .queue_ids
-                    .entry((tenant.clone(), name))
-                    .or_insert_with(|| p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1);
+                let id = match p.shared.queue_ids.entry((tenant.clone(), name)) {
+                    Entry::Occupied(e) => *e.get(),
+                    Entry::Vacant(e) => {
+                        let max = p.quota.limits().queues;
+                        if !TenantQuota::reserve(&p.quota.queues, 1, max) {
+                            p.quota_exceeded("queue_full", || format!("{max} queues registered"));
+                            return Err(Status::InternalFailure);
+                        }
+                        *e.insert(p.shared.next_queue.fetch_add(1, Ordering::Relaxed) + 1)
+                    }
+                };
                 // (re-)registering makes this plugin the one notified, e.g. after a reload
                 let mut q = p.shared.queues.entry(id).or_insert_with(|| super::Queue {
                     tenant,
                     items: Default::default(),
+                    bytes: 0,
                     owner: std::sync::Weak::new(),
                 });
                 q.owner = Arc::downgrade(&p);
@@ -913,9 +925,29 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     if q.tenant != p.spec.tenant {
                         return Err(Status::NotFound);
                     }
-                    if q.items.len() >= 10_000 {
+                    let lim = p.quota.limits();
+                    let n = v.len() as u64;
+                    if n > lim.queue_bytes.min(lim.tenant_queue_bytes) {
+                        p.quota_exceeded("queue_full", || format!("an item of {n} bytes"));
+                        return Err(Status::BadArgument);
+                    }
+                    if q.items.len() as u64 >= lim.queue_items || q.bytes + n > lim.queue_bytes {
+                        p.quota_exceeded("queue_full", || {
+                            format!(
+                                "queue {id} holds {} items, {} bytes",
+                                q.items.len(),
+                                q.bytes
+                            )
+                        });
                         return Err(Status::InternalFailure);
                     }
+                    if !TenantQuota::reserve(&p.quota.queue_bytes, n, lim.tenant_queue_bytes) {
+                        p.quota_exceeded("queue_full", || {
+                            format!("{} bytes queued in all queues", lim.tenant_queue_bytes)
+                        });
+                        return Err(Status::InternalFailure);
+                    }
+                    q.bytes += n;
                     q.items.push_back(v);
                     q.owner.upgrade()
                 };
@@ -940,7 +972,14 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 if q.tenant != p.spec.tenant {
                     return Ok(Status::NotFound as i32);
                 }
-                q.items.pop_front()
+                let item = q.items.pop_front();
+                if let Some(v) = &item {
+                    q.bytes -= v.len() as u64;
+                    p.quota
+                        .queue_bytes
+                        .fetch_sub(v.len() as u64, Ordering::Relaxed);
+                }
+                item
             };
             match item {
                 None => Ok(Status::Empty as i32),
@@ -948,6 +987,56 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             }
         },
     )?;
+    Ok(())
+}
+
+/// `proxy_set_shared_data` within the tenant's byte quota. A write that can never fit
+/// is `BadArgument`; one that does not fit now is `InternalFailure`, the status this
+/// host gives for its other full tables (the ABI has no "resource exhausted"; Envoy sets
+/// no cap at all, Kong traps the guest).
+fn set_shared(p: &Plugin, k: Vec<u8>, v: Vec<u8>, cas: u32) -> HostResult {
+    let max = p.quota.limits().data_bytes;
+    let size = |k: &[u8], v: &[u8]| k.len() as u64 + v.len() as u64 + SHARED_ENTRY_OVERHEAD;
+    let new = size(&k, &v);
+    if new > max {
+        p.quota_exceeded("shared_data_full", || {
+            format!("a key and value of {new} bytes")
+        });
+        return Err(Status::BadArgument);
+    }
+    let full = || {
+        p.quota_exceeded("shared_data_full", || {
+            format!("{max} bytes of shared data stored")
+        });
+        Err(Status::InternalFailure)
+    };
+    match p.shared.data.entry((p.spec.tenant.clone(), k)) {
+        Entry::Occupied(mut e) => {
+            if cas != 0 && cas != e.get().1 {
+                return Err(Status::CasMismatch);
+            }
+            let old = size(&e.key().1, &e.get().0);
+            if new > old {
+                if !TenantQuota::reserve(&p.quota.data_bytes, new - old, max) {
+                    return full();
+                }
+            } else {
+                p.quota.data_bytes.fetch_sub(old - new, Ordering::Relaxed);
+            }
+            let slot = e.get_mut();
+            slot.0 = v;
+            slot.1 = slot.1.wrapping_add(1).max(1);
+        }
+        Entry::Vacant(e) => {
+            if cas != 0 {
+                return Err(Status::CasMismatch);
+            }
+            if !TenantQuota::reserve(&p.quota.data_bytes, new, max) {
+                return full();
+            }
+            e.insert((v, 1));
+        }
+    }
     Ok(())
 }
 

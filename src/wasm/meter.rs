@@ -29,6 +29,9 @@ pub struct Usage {
     /// (unix second, counters added during the interval that ended then)
     buckets: Mutex<VecDeque<(u64, [u64; 9])>>,
     folded: Mutex<[u64; 9]>,
+    /// All fuel billed; `wasm_cpu_us` follows it, so requests of less than a microsecond
+    /// each still add up instead of rounding to zero one by one.
+    fuel: AtomicU64,
 }
 
 /// How long usage buckets are kept.
@@ -37,6 +40,16 @@ const KEEP_SECS: u64 = 7 * 24 * 3600;
 impl Usage {
     pub fn add(&self, field: usize, n: u64) {
         self.counters[field].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bills `fuel` as wasm CPU time ([`super::FUEL_PER_US`] units per microsecond).
+    pub fn add_fuel(&self, fuel: u64) {
+        let before = self.fuel.fetch_add(fuel, Ordering::Relaxed);
+        let per = super::FUEL_PER_US;
+        let us = (before + fuel) / per - before / per;
+        if us > 0 {
+            self.add(CPU_US, us);
+        }
     }
 
     pub fn peak(&self, bytes: u64) {

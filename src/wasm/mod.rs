@@ -46,6 +46,17 @@ pub const MAX_LOCAL_RESPONSE_BYTES: usize = 1 << 20;
 const POOL_INSTANCES: u32 = 1000;
 /// How long a request waits for a busy module's instance before getting 503.
 pub const INSTANCE_WAIT: Duration = Duration::from_millis(100);
+/// Fuel a body callback may spend, beyond its per-callback budget, per body byte that
+/// arrived since the module's previous body callback. Lets a filter that reads and scans
+/// the whole buffered body at end of stream finish on bodies of any size (the Rust SDK's
+/// `http_body` example burned 6.97 fuel per byte at 150 KB, 1 MiB and 8 MiB, so it failed
+/// its 1 ms callback budget from ~143 KB on), while a filter whose work grows faster than
+/// the body still runs out.
+pub const BODY_FUEL_PER_BYTE: u64 = 16;
+/// Fuel one guest log line costs (`proxy_log`, a line written to WASI stdout/stderr) on
+/// top of the bytes: 10,000 lines took 32-50 ms through a gateway here (3-5 µs each, for
+/// the tenant's log and the gateway's), against 4 µs of budget.
+pub const LOG_LINE_FUEL: u64 = 4_000;
 
 /// What the guest's failure turns into for the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +170,11 @@ pub struct Plugin {
     generation: AtomicU64,
     /// Queues with items waiting for `on_queue_ready`.
     pending_queues: crossbeam_queue::SegQueue<u32>,
+    /// The tenant's shared data and queue accounting (shared by all its plugins).
+    pub(crate) quota: Arc<TenantQuota>,
+    /// Unix second of the last "quota exceeded" log line, so a guest hammering a full
+    /// quota costs one log line per second, not one per call.
+    quota_warned: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -178,6 +194,16 @@ pub struct SharedState {
     pub queue_ids: DashMap<(String, Vec<u8>), u32>,
     pub queues: DashMap<u32, Queue>,
     pub next_queue: AtomicU32,
+    quotas: DashMap<String, Arc<TenantQuota>>,
+}
+
+impl SharedState {
+    fn quota(&self, tenant: &str) -> Arc<TenantQuota> {
+        if let Some(q) = self.quotas.get(tenant) {
+            return q.clone();
+        }
+        self.quotas.entry(tenant.to_string()).or_default().clone()
+    }
 }
 
 /// A shared queue: its tenant, its items, and the plugin that registered it (which gets
@@ -185,7 +211,103 @@ pub struct SharedState {
 pub struct Queue {
     pub tenant: String,
     pub items: std::collections::VecDeque<Vec<u8>>,
+    /// Sum of the items' lengths.
+    pub bytes: u64,
     pub owner: std::sync::Weak<Plugin>,
+}
+
+/// What one tenant may keep in shared data and queues. Without caps one tenant's guest
+/// could grow the gateway's memory until the kernel kills it, taking every tenant down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedLimits {
+    /// Keys plus values plus [`SHARED_ENTRY_OVERHEAD`] per key, over all its keys.
+    pub data_bytes: u64,
+    /// Bytes queued in one queue.
+    pub queue_bytes: u64,
+    /// Items queued in one queue.
+    pub queue_items: u64,
+    /// Bytes queued over all its queues.
+    pub tenant_queue_bytes: u64,
+    /// Queues it may register.
+    pub queues: u64,
+}
+
+impl Default for SharedLimits {
+    fn default() -> Self {
+        SharedLimits {
+            data_bytes: 8 << 20,
+            queue_bytes: 4 << 20,
+            queue_items: 10_000,
+            tenant_queue_bytes: 8 << 20,
+            queues: 256,
+        }
+    }
+}
+
+/// Longest shared queue name (`proxy_register_shared_queue` answers `BadArgument` beyond).
+pub const MAX_QUEUE_NAME_BYTES: usize = 256;
+
+/// Bytes a shared-data key costs beyond its key and value (map slot, two vectors, CAS):
+/// without it, millions of empty keys would be free.
+pub const SHARED_ENTRY_OVERHEAD: u64 = 64;
+
+/// A tenant's usage of shared data and queues, checked on every write with atomics only
+/// (the map's shard lock is held anyway for the write itself).
+pub(crate) struct TenantQuota {
+    pub data_bytes: AtomicU64,
+    pub queue_bytes: AtomicU64,
+    pub queues: AtomicU64,
+    limits: [AtomicU64; 5],
+}
+
+impl Default for TenantQuota {
+    fn default() -> Self {
+        let q = TenantQuota {
+            data_bytes: AtomicU64::new(0),
+            queue_bytes: AtomicU64::new(0),
+            queues: AtomicU64::new(0),
+            limits: Default::default(),
+        };
+        q.set_limits(SharedLimits::default());
+        q
+    }
+}
+
+impl TenantQuota {
+    pub fn limits(&self) -> SharedLimits {
+        let l = |i: usize| self.limits[i].load(Ordering::Relaxed);
+        SharedLimits {
+            data_bytes: l(0),
+            queue_bytes: l(1),
+            queue_items: l(2),
+            tenant_queue_bytes: l(3),
+            queues: l(4),
+        }
+    }
+
+    fn set_limits(&self, s: SharedLimits) {
+        for (i, v) in [
+            s.data_bytes,
+            s.queue_bytes,
+            s.queue_items,
+            s.tenant_queue_bytes,
+            s.queues,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            self.limits[i].store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes `n` more of `counter` if that stays within `max`; all or nothing.
+    pub fn reserve(counter: &AtomicU64, n: u64, max: u64) -> bool {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                cur.checked_add(n).filter(|v| *v <= max)
+            })
+            .is_ok()
+    }
 }
 
 /// The engine, the host functions, and the compiled-module cache.
@@ -222,6 +344,12 @@ impl Runtime {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Sets what `tenant` may keep in shared data and queues (defaults: [`SharedLimits`]'s).
+    /// Takes effect on the next write; what is stored already stays.
+    pub fn set_shared_limits(&self, tenant: &str, limits: SharedLimits) {
+        self.shared.quota(tenant).set_limits(limits);
     }
 
     /// Compiles `bytes` (or finds it compiled, in memory or on disk) and checks that it
@@ -336,6 +464,8 @@ impl Runtime {
             next_metric: AtomicU32::new(1),
             generation: AtomicU64::new(0),
             pending_queues: crossbeam_queue::SegQueue::new(),
+            quota: self.shared.quota(&spec.tenant),
+            quota_warned: AtomicU64::new(0),
             spec,
         });
         let first = vm::Vm::start(&plugin).map_err(|f| match f.cause {
@@ -429,6 +559,46 @@ impl Plugin {
             cause = f.cause.label(),
             detail = %describe(&f.cause),
             "hook failed"
+        );
+    }
+
+    /// Counts fuel burned outside a request's lease accounting or at its end, and bills
+    /// it to the tenant.
+    pub(crate) fn bill_fuel(&self, fuel: u64) {
+        if fuel > 0 {
+            self.metrics.fuel.inc_by(fuel);
+            self.usage.add_fuel(fuel);
+        }
+    }
+
+    /// Counts a write refused because the tenant's shared data or queues are full (cause
+    /// `shared_data_full`, `queue_full`); logs it at most once a second per module.
+    /// `detail` is only formatted for the line that is logged: a guest looping on a full
+    /// quota makes no string per call.
+    pub(crate) fn quota_exceeded(&self, cause: &'static str, detail: impl FnOnce() -> String) {
+        self.metrics
+            .failures
+            .with_label_values(&[&self.spec.tenant, &self.spec.name, cause])
+            .inc();
+        let now = meter::now_secs();
+        let last = self.quota_warned.load(Ordering::Relaxed);
+        if last == now
+            || self
+                .quota_warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let detail = detail();
+        self.log
+            .push(&self.spec.name, "error", &format!("{cause}: {detail}"));
+        tracing::warn!(
+            tenant = %self.spec.tenant,
+            module = %self.spec.name,
+            cause,
+            detail,
+            "shared state write refused"
         );
     }
 

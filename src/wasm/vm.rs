@@ -78,12 +78,10 @@ fn failure(callback: &'static str, e: wasmtime::Error, host: &Host) -> Failure {
 }
 
 impl Vm {
-    /// Instantiates the module and configures its root context.
+    /// Instantiates the module and configures its root context. The fuel this burns is
+    /// billed to the tenant like any callback's (with `isolation = "request"` it is paid
+    /// on every request).
     pub(crate) fn start(plugin: &Arc<Plugin>) -> Result<Box<Vm>, Failure> {
-        let fail = |cb: &'static str, msg: String| Failure {
-            callback: cb,
-            cause: Cause::Trap(msg),
-        };
         let host = Host {
             limits: StoreLimitsBuilder::new()
                 .memory_size(plugin.spec.memory_bytes as usize)
@@ -102,26 +100,41 @@ impl Vm {
         let mut store = Store::new(&plugin.engine, host);
         store.limiter(|h| &mut h.limits);
         let start_fuel = fuel_for(plugin.spec.budget).saturating_mul(START_BUDGET_FACTOR);
-        store
-            .set_fuel(start_fuel)
-            .map_err(|e| fail("instantiate", e.to_string()))?;
+        store.set_fuel(start_fuel).map_err(|e| Failure {
+            callback: "instantiate",
+            cause: Cause::Trap(e.to_string()),
+        })?;
+        let booted = Self::boot(plugin, &mut store);
+        plugin.bill_fuel(start_fuel - store.get_fuel().unwrap_or(0).min(start_fuel));
+        Ok(Box::new(Vm {
+            store,
+            f: booted?,
+            next_ctx: ROOT + 1,
+        }))
+    }
+
+    fn boot(plugin: &Arc<Plugin>, store: &mut Store<Host>) -> Result<Exports, Failure> {
+        let fail = |cb: &'static str, msg: String| Failure {
+            callback: cb,
+            cause: Cause::Trap(msg),
+        };
         let inst = plugin
             .compiled
             .pre
-            .instantiate(&mut store)
+            .instantiate(&mut *store)
             .map_err(|e| failure("instantiate", e, store.data()))?;
-        let memory = inst.get_memory(&mut store, "memory");
+        let memory = inst.get_memory(&mut *store, "memory");
         let alloc = inst
-            .get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate")
-            .or_else(|_| inst.get_typed_func::<i32, i32>(&mut store, "malloc"))
+            .get_typed_func::<i32, i32>(&mut *store, "proxy_on_memory_allocate")
+            .or_else(|_| inst.get_typed_func::<i32, i32>(&mut *store, "malloc"))
             .map_err(|e| fail("instantiate", format!("allocator has the wrong type: {e}")))?;
         store.data_mut().memory = memory;
         store.data_mut().alloc = Some(alloc);
         macro_rules! opt {
             ($name:literal) => {
-                match inst.get_export(&mut store, $name) {
+                match inst.get_export(&mut *store, $name) {
                     None => None,
-                    Some(_) => Some(inst.get_typed_func(&mut store, $name).map_err(|e| {
+                    Some(_) => Some(inst.get_typed_func(&mut *store, $name).map_err(|e| {
                         fail(
                             "instantiate",
                             format!("export {} has the wrong type: {e}", $name),
@@ -132,7 +145,7 @@ impl Vm {
         }
         let f = Exports {
             on_context_create: inst
-                .get_typed_func(&mut store, "proxy_on_context_create")
+                .get_typed_func(&mut *store, "proxy_on_context_create")
                 .map_err(|e| fail("instantiate", format!("proxy_on_context_create: {e}")))?,
             on_vm_start: opt!("proxy_on_vm_start"),
             on_configure: opt!("proxy_on_configure"),
@@ -150,28 +163,23 @@ impl Vm {
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
         for init in ["_initialize", "_start"] {
-            if inst.get_export(&mut store, init).is_some() {
+            if inst.get_export(&mut *store, init).is_some() {
                 let func = inst
-                    .get_typed_func::<(), ()>(&mut store, init)
+                    .get_typed_func::<(), ()>(&mut *store, init)
                     .map_err(|e| fail("instantiate", format!("{init}: {e}")))?;
-                func.call(&mut store, ())
+                func.call(&mut *store, ())
                     .map_err(|e| failure("_initialize", e, store.data()))?;
                 break;
             }
         }
-        let mut vm = Box::new(Vm {
-            store,
-            f,
-            next_ctx: ROOT + 1,
-        });
-        let cc = vm.f.on_context_create.clone();
-        cc.call(&mut vm.store, (ROOT, 0))
-            .map_err(|e| failure("on_context_create", e, vm.store.data()))?;
+        f.on_context_create
+            .call(&mut *store, (ROOT, 0))
+            .map_err(|e| failure("on_context_create", e, store.data()))?;
         let p = &plugin.spec;
-        if let Some(f) = vm.f.on_vm_start.clone() {
-            let ok = f
-                .call(&mut vm.store, (ROOT, p.vm_config.len() as i32))
-                .map_err(|e| failure("on_vm_start", e, vm.store.data()))?;
+        if let Some(func) = &f.on_vm_start {
+            let ok = func
+                .call(&mut *store, (ROOT, p.vm_config.len() as i32))
+                .map_err(|e| failure("on_vm_start", e, store.data()))?;
             if ok == 0 {
                 return Err(Failure {
                     callback: "on_vm_start",
@@ -179,10 +187,10 @@ impl Vm {
                 });
             }
         }
-        if let Some(f) = vm.f.on_configure.clone() {
-            let ok = f
-                .call(&mut vm.store, (ROOT, p.config.len() as i32))
-                .map_err(|e| failure("on_configure", e, vm.store.data()))?;
+        if let Some(func) = &f.on_configure {
+            let ok = func
+                .call(&mut *store, (ROOT, p.config.len() as i32))
+                .map_err(|e| failure("on_configure", e, store.data()))?;
             if ok == 0 {
                 return Err(Failure {
                     callback: "on_configure",
@@ -190,7 +198,7 @@ impl Vm {
                 });
             }
         }
-        Ok(vm)
+        Ok(f)
     }
 
     pub(crate) fn queue_ready(&mut self, plugin: &Plugin, queue: u32) -> Result<(), Failure> {
@@ -216,8 +224,11 @@ impl Vm {
     ) -> Result<(), Failure> {
         let Vm { store, f, .. } = self;
         store.data_mut().out_of_fuel = false;
-        let _ = store.set_fuel(fuel_for(plugin.spec.budget));
-        call(store, f).map_err(|e| failure(name, e, store.data()))
+        let fuel = fuel_for(plugin.spec.budget);
+        let _ = store.set_fuel(fuel);
+        let r = call(store, f).map_err(|e| failure(name, e, store.data()));
+        plugin.bill_fuel(fuel - store.get_fuel().unwrap_or(0).min(fuel));
+        r
     }
 }
 
@@ -241,6 +252,14 @@ pub struct Lease {
     _permit: tokio::sync::OwnedSemaphorePermit,
     ctx: i32,
     fuel_left: u64,
+    /// Fuel body callbacks may spend beyond their per-callback budget: grows with every
+    /// body byte that arrives ([`super::BODY_FUEL_PER_BYTE`]), shrinks by what they spend.
+    body_fuel: u64,
+    /// Per direction (request, response): body length after the last body callback,
+    /// and whether it paused (then the next callback sees that body plus new bytes).
+    body_seen: [(usize, bool); 2],
+    /// Whether the callback being run is a body callback (see [`Lease::run`]).
+    in_body: bool,
     /// Fuel this request's callbacks burned: the deterministic measure of the wasm CPU
     /// it used (metered and billed; see [`super::FUEL_PER_US`]).
     pub fuel_used: u64,
@@ -268,6 +287,9 @@ impl Lease {
     ) -> Lease {
         Lease {
             fuel_left: fuel_for(plugin.spec.request_budget),
+            body_fuel: 0,
+            body_seen: [(0, false); 2],
+            in_body: false,
             plugin,
             vm: Some(vm),
             _permit: permit,
@@ -298,7 +320,15 @@ impl Lease {
                 cause: Cause::Misbehaved("instance_lost"),
             });
         };
-        let fuel = fuel_for(self.plugin.spec.budget).min(self.fuel_left);
+        // Body callbacks run on their own budget plus the body allowance, never on the
+        // request's: a filter doing fixed work per chunk must not fail because the body
+        // came in many chunks (the request budget would run out after budget/work chunks).
+        let budget = fuel_for(self.plugin.spec.budget);
+        let fuel = if self.in_body {
+            budget.saturating_add(self.body_fuel)
+        } else {
+            budget.min(self.fuel_left)
+        };
         let Vm { store, f, .. } = &mut **vm;
         {
             let h = store.data_mut();
@@ -324,7 +354,11 @@ impl Lease {
         let _ = store.set_fuel(fuel);
         let result = call(store, f);
         let used = fuel - store.get_fuel().unwrap_or(0).min(fuel);
-        self.fuel_left = self.fuel_left.saturating_sub(used);
+        if self.in_body {
+            self.body_fuel = self.body_fuel.saturating_sub(used.saturating_sub(budget));
+        } else {
+            self.fuel_left = self.fuel_left.saturating_sub(used);
+        }
         self.fuel_used += used;
         let h = store.data_mut();
         h.frame = Frame::default();
@@ -449,19 +483,38 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = body.len() as i32;
+        self.body_arrived(0, body.len());
         let view = View {
             req: Some(req),
             info: Some(info),
-            body: Some((BufferType::RequestBody, body)),
+            body: Some((BufferType::RequestBody, &mut *body)),
             ..View::default()
         };
-        self.stream(
+        self.in_body = true;
+        let out = self.stream(
             "on_request_body",
             |e| e.on_request_body.as_ref(),
             n,
             end_of_stream as i32,
             view,
-        )
+        );
+        self.in_body = false;
+        self.body_seen[0] = (body.len(), matches!(out, Outcome::Pause));
+        out
+    }
+
+    /// Adds the allowance for the body bytes that arrived since direction `dir`'s last
+    /// body callback: all of `len` unless that callback paused and kept the body buffered.
+    fn body_arrived(&mut self, dir: usize, len: usize) {
+        let (seen, paused) = self.body_seen[dir];
+        let new = if paused {
+            len.saturating_sub(seen)
+        } else {
+            len
+        };
+        self.body_fuel = self
+            .body_fuel
+            .saturating_add(new as u64 * super::BODY_FUEL_PER_BYTE);
     }
 
     pub fn on_response_headers(
@@ -495,19 +548,24 @@ impl Lease {
         end_of_stream: bool,
     ) -> Outcome {
         let n = body.len() as i32;
+        self.body_arrived(1, body.len());
         let view = View {
             req_ro: Some(req),
             info: Some(info),
-            body: Some((BufferType::ResponseBody, body)),
+            body: Some((BufferType::ResponseBody, &mut *body)),
             ..View::default()
         };
-        self.stream(
+        self.in_body = true;
+        let out = self.stream(
             "on_response_body",
             |e| e.on_response_body.as_ref(),
             n,
             end_of_stream as i32,
             view,
-        )
+        );
+        self.in_body = false;
+        self.body_seen[1] = (body.len(), matches!(out, Outcome::Pause));
+        out
     }
 
     pub fn on_response_trailers(
@@ -587,13 +645,33 @@ impl Lease {
         }
     }
 
-    /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context.
+    /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context; then bills what the
+    /// request's callbacks burned, failed ones included (an overrun burned its whole
+    /// budget and is the most expensive request there is).
     pub fn finish(&mut self, req: Option<&RequestHeader>, info: &mut RequestInfo) {
-        if self.finished || self.ctx == 0 || self.failed.is_some() {
-            self.finished = true;
+        if self.finished {
             return;
         }
         self.finished = true;
+        if self.ctx != 0 && self.failed.is_none() {
+            self.end_context(req, info);
+        }
+        if self.ctx == 0 && self.fuel_used == 0 {
+            return; // no callback ran: nothing to bill
+        }
+        self.plugin.bill_fuel(self.fuel_used);
+        if let Some(vm) = &self.vm {
+            if let Some(m) = vm.store.data().memory {
+                self.plugin.usage.peak(m.data_size(&vm.store) as u64);
+            }
+        }
+        self.plugin
+            .metrics
+            .cpu
+            .observe(self.fuel_used as f64 / (super::FUEL_PER_US as f64 * 1e6));
+    }
+
+    fn end_context(&mut self, req: Option<&RequestHeader>, info: &mut RequestInfo) {
         let ctx = self.ctx;
         let view = View {
             req_ro: req,
@@ -618,18 +696,6 @@ impl Lease {
             Some(func) => func.call(s, ctx),
             None => Ok(()),
         });
-        self.plugin.metrics.fuel.inc_by(self.fuel_used);
-        let usage = &self.plugin.usage;
-        usage.add(super::meter::CPU_US, self.fuel_used / super::FUEL_PER_US);
-        if let Some(vm) = &self.vm {
-            if let Some(m) = vm.store.data().memory {
-                usage.peak(m.data_size(&vm.store) as u64);
-            }
-        }
-        self.plugin
-            .metrics
-            .cpu
-            .observe(self.fuel_used as f64 / (super::FUEL_PER_US as f64 * 1e6));
     }
 }
 

@@ -2,16 +2,26 @@
 //! and error go to the tenant's log, the environment and arguments are empty, there is no
 //! filesystem and no socket. Any other WASI function a module imports answers ENOSYS.
 
-use super::host::{guest_log, Host};
+use super::host::{charge, charge_fuel, guest_log, Host};
+use super::LOG_LINE_FUEL;
 use wasmtime::{Caller, Extern, Linker, Module, Val, ValType};
 
 const WASI: &str = "wasi_snapshot_preview1";
 const ESUCCESS: i32 = 0;
 const EBADF: i32 = 8;
 const EFAULT: i32 = 21;
+const EINVAL: i32 = 28;
 const ENOSYS: i32 = 52;
 
 type C<'a> = Caller<'a, Host>;
+
+/// Iovecs one `fd_write` reads (Linux allows 1,024; the rest is a short write).
+const FD_WRITE_MAX_IOVS: i32 = 64;
+/// Bytes one `fd_write` takes (the rest is a short write).
+const FD_WRITE_MAX_BYTES: usize = 64 * 1024;
+/// Largest `random_get`; more is EINVAL (getrandom users ask for 16-256 bytes).
+const RANDOM_MAX_BYTES: usize = 1 << 20;
+const RANDOM_FUEL_PER_BYTE: u64 = 3;
 
 /// The WASI functions [`define`] provides.
 const DEFINED: &[&str] = &[
@@ -56,48 +66,69 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         WASI,
         "fd_write",
-        |mut c: C, fd: i32, iovs: i32, n: i32, ret: i32| {
+        |mut c: C, fd: i32, iovs: i32, n: i32, ret: i32| -> wasmtime::Result<i32> {
+            charge(&mut c)?;
             if fd != 1 && fd != 2 {
-                return EBADF;
+                return Ok(EBADF);
             }
-            let Some(m) = mem(&mut c) else { return EFAULT };
+            let Some(m) = mem(&mut c) else {
+                return Ok(EFAULT);
+            };
+            // A short write is legal and every libc loops on it, so the limits below cost a
+            // well-behaved guest nothing but another call.
             let mut text = Vec::new();
-            for i in 0..(n.clamp(0, 1024) as usize) {
+            let iovecs = n.clamp(0, FD_WRITE_MAX_IOVS) as usize;
+            for i in 0..iovecs {
                 let at = iovs as u32 as usize + i * 8;
                 let Some(iov) = m.get(at..at + 8) else {
-                    return EFAULT;
+                    return Ok(EFAULT);
                 };
                 let p = u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]) as usize;
                 let len = u32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]) as usize;
                 let Some(b) = m.get(p..p.saturating_add(len)) else {
-                    return EFAULT;
+                    return Ok(EFAULT);
                 };
-                text.extend_from_slice(&b[..len.min(64 * 1024 - text.len().min(64 * 1024))]);
-            }
-            let total = text.len() as u32;
-            if !put_u32(m, ret, total) {
-                return EFAULT;
+                text.extend_from_slice(&b[..len.min(FD_WRITE_MAX_BYTES - text.len())]);
+                if text.len() == FD_WRITE_MAX_BYTES {
+                    break;
+                }
             }
             let msg = String::from_utf8_lossy(&text);
+            let lines = msg.lines().filter(|l| !l.is_empty()).count() as u64;
+            charge_fuel(
+                &mut c,
+                iovecs as u64 * 8 + text.len() as u64 / 8 + lines * LOG_LINE_FUEL,
+            )?;
+            let Some(m) = mem(&mut c) else {
+                return Ok(EFAULT);
+            };
+            if !put_u32(m, ret, text.len() as u32) {
+                return Ok(EFAULT);
+            }
             let level = if fd == 2 { 3 } else { 2 };
             for line in msg.lines().filter(|l| !l.is_empty()) {
                 guest_log(&c.data().plugin, level, line);
             }
-            ESUCCESS
+            Ok(ESUCCESS)
         },
     )?;
     for name in ["environ_sizes_get", "args_sizes_get"] {
         l.func_wrap(WASI, name, |mut c: C, count: i32, size: i32| {
-            let Some(m) = mem(&mut c) else { return EFAULT };
-            if put_u32(m, count, 0) && put_u32(m, size, 0) {
+            charge(&mut c)?;
+            let Some(m) = mem(&mut c) else {
+                return Ok(EFAULT);
+            };
+            Ok(if put_u32(m, count, 0) && put_u32(m, size, 0) {
                 ESUCCESS
             } else {
                 EFAULT
-            }
+            })
         })?;
     }
     for name in ["environ_get", "args_get"] {
-        l.func_wrap(WASI, name, |_: C, _: i32, _: i32| ESUCCESS)?;
+        l.func_wrap(WASI, name, |mut c: C, _: i32, _: i32| {
+            charge(&mut c).map(|_| ESUCCESS)
+        })?;
     }
     l.func_wrap(
         WASI,
@@ -106,58 +137,82 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             wasmtime::bail!("guest called proc_exit({code})")
         },
     )?;
-    l.func_wrap(WASI, "sched_yield", |_: C| ESUCCESS)?;
+    l.func_wrap(WASI, "sched_yield", |mut c: C| {
+        charge(&mut c).map(|_| ESUCCESS)
+    })?;
     l.func_wrap(
         WASI,
         "clock_time_get",
         |mut c: C, id: i32, _prec: i64, ret: i32| {
+            charge(&mut c)?;
             let now = match id {
                 0 => std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0),
                 1 => monotonic_ns(),
-                _ => return 28, // EINVAL
+                _ => return Ok(EINVAL),
             };
-            let Some(m) = mem(&mut c) else { return EFAULT };
+            let Some(m) = mem(&mut c) else {
+                return Ok(EFAULT);
+            };
             let at = ret as u32 as usize;
-            match m.get_mut(at..at.saturating_add(8)) {
+            Ok(match m.get_mut(at..at.saturating_add(8)) {
                 Some(s) if s.len() == 8 => {
                     s.copy_from_slice(&now.to_le_bytes());
                     ESUCCESS
                 }
                 _ => EFAULT,
-            }
+            })
         },
     )?;
     l.func_wrap(WASI, "random_get", |mut c: C, p: i32, n: i32| {
         use ring::rand::SecureRandom;
-        let Some(m) = mem(&mut c) else { return EFAULT };
-        let at = p as u32 as usize;
-        let Some(s) = m.get_mut(at..at.saturating_add(n as u32 as usize)) else {
-            return EFAULT;
-        };
-        if ring::rand::SystemRandom::new().fill(s).is_err() {
-            return ENOSYS;
+        charge(&mut c)?;
+        let n = n as u32 as usize;
+        if n > RANDOM_MAX_BYTES {
+            return Ok(EINVAL);
         }
-        ESUCCESS
+        // 20 MiB took 40-60 ms here (2-3 ns a byte): three fuel units a byte, paid first.
+        charge_fuel(&mut c, n as u64 * RANDOM_FUEL_PER_BYTE)?;
+        let Some(m) = mem(&mut c) else {
+            return Ok(EFAULT);
+        };
+        let at = p as u32 as usize;
+        let Some(s) = m.get_mut(at..at.saturating_add(n)) else {
+            return Ok(EFAULT);
+        };
+        if s.len() != n {
+            return Ok(EFAULT);
+        }
+        if ring::rand::SystemRandom::new().fill(s).is_err() {
+            return Ok(ENOSYS);
+        }
+        Ok(ESUCCESS)
     })?;
     for name in ["fd_close", "fd_sync", "fd_datasync"] {
-        l.func_wrap(WASI, name, |_: C, _: i32| EBADF)?;
+        l.func_wrap(WASI, name, |mut c: C, _: i32| charge(&mut c).map(|_| EBADF))?;
     }
-    l.func_wrap(WASI, "fd_fdstat_get", |_: C, _: i32, _: i32| EBADF)?;
-    l.func_wrap(WASI, "fd_prestat_get", |_: C, _: i32, _: i32| EBADF)?;
+    for name in ["fd_fdstat_get", "fd_prestat_get"] {
+        l.func_wrap(WASI, name, |mut c: C, _: i32, _: i32| {
+            charge(&mut c).map(|_| EBADF)
+        })?;
+    }
     l.func_wrap(
         WASI,
         "fd_prestat_dir_name",
-        |_: C, _: i32, _: i32, _: i32| EBADF,
+        |mut c: C, _: i32, _: i32, _: i32| charge(&mut c).map(|_| EBADF),
     )?;
-    l.func_wrap(WASI, "fd_read", |_: C, _: i32, _: i32, _: i32, _: i32| {
-        EBADF
-    })?;
-    l.func_wrap(WASI, "fd_seek", |_: C, _: i32, _: i64, _: i32, _: i32| {
-        EBADF
-    })?;
+    l.func_wrap(
+        WASI,
+        "fd_read",
+        |mut c: C, _: i32, _: i32, _: i32, _: i32| charge(&mut c).map(|_| EBADF),
+    )?;
+    l.func_wrap(
+        WASI,
+        "fd_seek",
+        |mut c: C, _: i32, _: i64, _: i32, _: i32| charge(&mut c).map(|_| EBADF),
+    )?;
     Ok(())
 }
 
@@ -185,7 +240,8 @@ pub(crate) fn stub_unknown(l: &mut Linker<Host>, m: &Module) -> Result<(), Strin
         }
         let errno = ty.results().len() == 1 && matches!(ty.results().next(), Some(ValType::I32));
         let name = imp.name().to_string();
-        l.func_new(WASI, imp.name(), ty, move |_, _, results| {
+        l.func_new(WASI, imp.name(), ty, move |mut c, _, results| {
+            charge(&mut c)?;
             if errno {
                 results[0] = Val::I32(ENOSYS);
                 Ok(())
