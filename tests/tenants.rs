@@ -165,7 +165,7 @@ async fn lifecycle_deploy_call_redeploy_under_load_rollback_delete() {
         .await;
     assert_eq!(s, 200);
     let c = client();
-    let url = gw.url("http", "/acme/greet/hello/bob");
+    let url = gw.url("http", "/run/acme/greet/hello/bob");
     let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["hello"], "bob");
@@ -255,7 +255,9 @@ async fn lifecycle_deploy_call_redeploy_under_load_rollback_delete() {
         )
         .await;
     assert_eq!(s, 200);
-    assert_eq!(c.get(&url).send().await.unwrap().status(), 404);
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "no_function");
     let (s, _) = a.call("DELETE", "/v1/tenants/acme", Some(OP), vec![]).await;
     assert_eq!(s, 200);
     assert!(
@@ -542,7 +544,7 @@ async fn rate_and_concurrency_limits() {
     let started = std::time::Instant::now();
     for _ in 0..20 {
         let r = c
-            .get(gw.url("http", "/limited/f/hello/x"))
+            .get(gw.url("http", "/run/limited/f/hello/x"))
             .send()
             .await
             .unwrap();
@@ -570,7 +572,7 @@ async fn rate_and_concurrency_limits() {
     assert!(limited > 0);
     assert_eq!(ok + limited, 20);
 
-    let url = gw.url("http", "/narrow/f/x");
+    let url = gw.url("http", "/run/narrow/f/x");
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { c.get(url).send().await.unwrap().status().as_u16() }
@@ -618,7 +620,7 @@ async fn usage_matches_traffic_and_logs_stream_live() {
     let mut out_bytes = 0;
     for i in 0..7 {
         let r = c
-            .get(gw.url("http", &format!("/meter/hi/hello/u{i}")))
+            .get(gw.url("http", &format!("/run/meter/hi/hello/u{i}")))
             .send()
             .await
             .unwrap();
@@ -682,7 +684,7 @@ async fn usage_matches_traffic_and_logs_stream_live() {
         .unwrap();
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let r = c
-        .get(gw.url("http", "/meter/guard/x"))
+        .get(gw.url("http", "/run/meter/guard/x"))
         .send()
         .await
         .unwrap();
@@ -729,7 +731,7 @@ async fn deploys_survive_a_restart_without_recompiling() {
     let (dir, ports) = gw.stop();
     let gw = Gw::start_in(dir, &conf(&up.addr()), ports);
     let r = client()
-        .get(gw.url("http", "/confco/hi/hello/again"))
+        .get(gw.url("http", "/run/confco/hi/hello/again"))
         .send()
         .await
         .unwrap();
@@ -838,4 +840,228 @@ tenant = "confco"
         )
         .await;
     assert_eq!(s, 404);
+}
+
+/// Issue 9, points 2 and 3: function URLs live under `/run` (and the function hosts), a
+/// tenant named like a conf route cannot take it over, anything under the namespace that
+/// is not a function is 404 `no_function` (never another route), and deleting a bound
+/// module closes its URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_namespace_belongs_to_the_operator() {
+    let up = Upstream::start("echo").await;
+    let conf = conf(&up.addr())
+        + r#"
+[[routes]]
+name = "keyed"
+path_prefix = "/keyed"
+upstream = "echo"
+request_headers = { set = { "x-route" = "keyed" } }
+[[routes]]
+name = "catch-all"
+path_prefix = "/"
+upstream = "echo"
+request_headers = { set = { "x-route" = "catch-all" } }
+"#;
+    let gw = Gw::start(&conf);
+    let a = Admin::new(&gw);
+    // tenant names are DNS labels
+    for bad in [
+        "Keyed",
+        "-keyed",
+        "keyed-",
+        "kee_yed",
+        "a.b",
+        "",
+        &"x".repeat(64),
+    ] {
+        let (s, v) = a
+            .json(
+                "POST",
+                "/v1/tenants",
+                OP,
+                serde_json::json!({ "name": bad }),
+            )
+            .await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (400, Some("bad_name")),
+            "{bad:?}: {v}"
+        );
+    }
+    a.tenant("keyed", serde_json::json!({"allowed_upstreams": ["echo"]}))
+        .await;
+    let tok = a.token("keyed", &["deploy"]).await;
+    assert_eq!(
+        a.deploy("keyed", "m", &tok, guest("hello_api")).await.0,
+        201
+    );
+    let (s, v) = a
+        .json(
+            "PUT",
+            "/v1/tenants/keyed/functions/orders",
+            &tok,
+            serde_json::json!({"module": "m"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["bound"], "/run/keyed/orders");
+    let c = client();
+    let get = |path: &str, host: Option<&str>| {
+        let mut r = c.get(gw.url("http", path));
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // the operator's route is untouched by a tenant of the same name
+    let (s, v) = get("/keyed/orders/hello/x", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["headers"]["x-route"], "keyed", "{v}");
+    assert_eq!(v["path"], "/keyed/orders/hello/x", "{v}");
+    // the function answers in its namespace, by path and by host
+    let (s, v) = get("/run/keyed/orders/hello/ann", None).await;
+    assert_eq!((s, v["hello"].as_str()), (200, Some("ann")), "{v}");
+    let (s, v) = get("/hello/bo", Some("ORDERS.Keyed.fn.test")).await;
+    assert_eq!((s, v["hello"].as_str()), (200, Some("bo")), "{v}");
+    // inside the namespace without such a function: 404 no_function, never the catch-all
+    let seen = up.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    for (path, host) in [
+        ("/run", None),
+        ("/run/", None),
+        ("/run/keyed", None),
+        ("/run/keyed/", None),
+        ("/run/keyed/nope/x", None),
+        ("/run/nobody/orders/x", None),
+        ("/x", Some("nope.keyed.fn.test")),
+        ("/x", Some("orders.nobody.fn.test.")),
+    ] {
+        let (s, v) = get(path, host).await;
+        assert_eq!(
+            (s, v),
+            (404, serde_json::json!({"error": "no_function"})),
+            "{path} host {host:?}"
+        );
+    }
+    assert_eq!(
+        up.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        seen,
+        "a request under the function namespace reached the upstream"
+    );
+    // only whole segments: `/running` is not under `/run`; other hosts of the base domain
+    // are not function hosts
+    let (s, v) = get("/running", None).await;
+    assert_eq!(
+        (s, &v["headers"]["x-route"]),
+        (200, &Value::from("catch-all"))
+    );
+    let (s, v) = get("/x", Some("www.fn.test")).await;
+    assert_eq!(
+        (s, &v["headers"]["x-route"]),
+        (200, &Value::from("catch-all"))
+    );
+
+    // point 3: deleting the bound module closes its URL (it never falls through)
+    let (s, _) = a
+        .call("DELETE", "/v1/tenants/keyed/modules/m", Some(&tok), vec![])
+        .await;
+    assert_eq!(s, 200);
+    let (_, v) = a
+        .call("GET", "/v1/tenants/keyed/functions", Some(&tok), vec![])
+        .await;
+    assert_eq!(v, serde_json::json!({}), "the binding went with the module");
+    let seen = up.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    for (path, host) in [
+        ("/run/keyed/orders/admin/secret", None),
+        ("/admin/secret", Some("orders.keyed.fn.test")),
+    ] {
+        let (s, v) = get(path, host).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (404, Some("no_function")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        up.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        seen
+    );
+}
+
+/// A conf whose namespace changes on reload: the function follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_prefix_is_configurable_and_follows_a_reload() {
+    let up = Upstream::start("echo").await;
+    let with_prefix = |p: &str| {
+        conf(&up.addr()).replace(
+            "base_domain = \"fn.test\"",
+            &format!("function_prefix = \"{p}\""),
+        ) + "[[routes]]\npath_prefix = \"/\"\nupstream = \"echo\"\n"
+    };
+    let mut gw = Gw::start(&with_prefix("/fn/v1"));
+    let a = Admin::new(&gw);
+    let tok = a.token("confco", &["deploy"]).await;
+    assert_eq!(
+        a.deploy("confco", "m", &tok, guest("hello_api")).await.0,
+        201
+    );
+    let (_, v) = a
+        .json(
+            "PUT",
+            "/v1/tenants/confco/functions/f",
+            &tok,
+            serde_json::json!({"module": "m"}),
+        )
+        .await;
+    assert_eq!(v["bound"], "/fn/v1/confco/f");
+    let c = client();
+    let status = |path: &str| {
+        let r = c.get(gw.url("http", path)).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (s, b) = status("/fn/v1/confco/f/hello/x").await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"hello\":\"x\""), "{b}");
+    assert_eq!(status("/fn/v1/confco/g/hello/x").await.0, 404);
+    // /run is an ordinary path now: the catch-all echoes it
+    let (s, b) = status("/run/confco/f/hello/x").await;
+    assert_eq!(s, 200);
+    assert!(b.contains("\"path\":\"/run/confco/f/hello/x\""), "{b}");
+    gw.rewrite_conf(&with_prefix("/run"));
+    gw.signal(libc::SIGHUP);
+    // the swap happens after the reload is logged: poll, with a deadline
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c
+            .get(gw.url("http", "/run/confco/f/hello/y"))
+            .send()
+            .await
+            .unwrap();
+        let v = r.json::<Value>().await.unwrap_or(Value::Null);
+        if v["hello"] == "y" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never moved to /run: {v}\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c
+        .get(gw.url("http", "/fn/v1/confco/f/hello/y"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("\"path\":\"/fn/v1/confco/f/hello/y\""));
 }

@@ -501,7 +501,7 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
                 },
                 &by,
             )?;
-            ok(serde_json::json!({ "bound": format!("/{t}/{f}") }))
+            ok(serde_json::json!({ "bound": c.function_url(t, f) }))
         }
         ("DELETE", ["v1", "tenants", t, "functions", f]) => {
             allowed(who, t, Some("deploy"))?;

@@ -161,6 +161,27 @@ pub struct Function {
     pub tenant: Arc<TenantRt>,
 }
 
+/// What a request's host and path say about function URLs.
+pub enum FnLookup {
+    /// Outside the function namespace: the conf routes decide.
+    NotFunction,
+    /// Inside the namespace, but no such tenant or function: 404 `no_function`, never
+    /// another route (a tenant must not be able to expose what the operator routes).
+    Missing,
+    Found(Arc<Function>),
+}
+
+/// The function table with the namespace it was built for; swapped as one.
+#[derive(Default)]
+struct FnTable {
+    /// `[admin] function_prefix`: `""` or `/seg...` without a trailing slash.
+    prefix: String,
+    /// `[admin] base_domain`, lowercase, without a trailing dot.
+    base_domain: Option<String>,
+    /// tenant -> function -> route; nested so a lookup borrows the request's `&str`s.
+    map: HashMap<String, HashMap<String, Arc<Function>>>,
+}
+
 /// Why an admin action failed: a status and a reason for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -191,15 +212,24 @@ pub struct Control {
     metrics: Arc<Metrics>,
     pub(crate) operator_token: Option<String>,
     pub(crate) secret: Vec<u8>,
-    base_domain: Option<String>,
     stored: Mutex<Stored>,
     /// Active plugin per (tenant, module).
     plugins: Mutex<HashMap<(String, String), Arc<Plugin>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantRt>>>,
-    /// tenant -> function -> route; nested so a lookup borrows the request's `&str`s.
-    functions: ArcSwap<HashMap<String, HashMap<String, Arc<Function>>>>,
+    functions: ArcSwap<FnTable>,
     /// Route name -> the hook chain with the tenant's attached modules appended.
     route_hooks: ArcSwap<HashMap<String, Arc<HookChain>>>,
+}
+
+/// Tenant names appear in function hosts (`{function}.{tenant}.<base_domain>`), so they
+/// are DNS labels: 1-63 of a-z, 0-9 and `-`, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn valid_name(s: &str) -> bool {
@@ -230,13 +260,9 @@ impl Control {
             Ok(b) => serde_json::from_slice(&b)?,
             Err(_) => Stored::default(),
         };
+        drop(snap);
         let c = Control {
             data_dir: data_dir.to_path_buf(),
-            base_domain: snap
-                .admin
-                .base_domain
-                .clone()
-                .map(|d| d.to_ascii_lowercase()),
             live,
             metrics,
             operator_token,
@@ -244,7 +270,7 @@ impl Control {
             stored: Mutex::new(stored.clone()),
             plugins: Mutex::new(HashMap::new()),
             tenants: ArcSwap::from_pointee(HashMap::new()),
-            functions: ArcSwap::from_pointee(HashMap::new()),
+            functions: ArcSwap::from_pointee(FnTable::default()),
             route_hooks: ArcSwap::from_pointee(HashMap::new()),
         };
         let mut plugins = HashMap::new();
@@ -328,6 +354,7 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let snap = self.live.load();
+        let prefix = snap.admin.function_prefix.get_ref().clone();
         let mut functions: HashMap<String, HashMap<String, Arc<Function>>> = HashMap::new();
         for (t, fns) in &s.functions {
             let Some(tenant) = tenants.get(t) else {
@@ -347,7 +374,7 @@ impl Control {
                     name: name.into(),
                     upstream,
                     rewrite: Some(Rewrite::Prefix {
-                        from: format!("/{t}/{f}"),
+                        from: format!("{prefix}/{t}/{f}"),
                         to: String::new(),
                     }),
                     request_headers: HeaderOps::default(),
@@ -388,31 +415,79 @@ impl Control {
         }
         self.route_hooks.store(Arc::new(route_hooks));
         self.tenants.store(Arc::new(tenants));
-        self.functions.store(Arc::new(functions));
+        self.functions.store(Arc::new(FnTable {
+            prefix,
+            base_domain: snap
+                .admin
+                .base_domain
+                .as_ref()
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
+            map: functions,
+        }));
     }
 
-    /// The function a request addresses: `/{tenant}/{function}/...`, or
-    /// `{function}.{tenant}.<base_domain>` when a base domain is set. Two hash lookups.
-    pub fn function_for(&self, host: &str, path: &str) -> Option<Arc<Function>> {
-        let fns = self.functions.load();
-        if fns.is_empty() {
-            return None;
+    /// Rebuilds the request path's view after a conf reload: function routes point at the
+    /// new snapshot's upstreams, and the function namespace follows the conf.
+    pub fn refresh(&self) {
+        let s = self.lock();
+        self.publish(&s);
+    }
+
+    /// Where a function answers, for the caller of a bind.
+    pub fn function_url(&self, t: &str, f: &str) -> String {
+        let table = self.functions.load();
+        match (&table.base_domain, table.prefix.as_str()) {
+            (Some(base), "") => format!("{f}.{t}.{base}"),
+            (_, prefix) => format!("{prefix}/{t}/{f}"),
         }
-        if let Some(base) = &self.base_domain {
-            if let Some(prefix) = host
-                .strip_suffix(base.as_str())
-                .and_then(|p| p.strip_suffix('.'))
-            {
-                if let Some((f, t)) = prefix.split_once('.') {
-                    if let Some(found) = fns.get(t).and_then(|m| m.get(f)) {
-                        return Some(found.clone());
-                    }
+    }
+
+    /// The function a request addresses: `{prefix}/{tenant}/{function}/...`, or
+    /// `{function}.{tenant}.<base_domain>` when a base domain is set. `path` is already
+    /// normalized (no empty or dot segments), so one spelling means one namespace. At most
+    /// two hash lookups; outside the namespace only string comparisons.
+    pub fn function_for(&self, host: &str, path: &str) -> FnLookup {
+        let table = self.functions.load();
+        let found = |t: &str, f: &str| match table.map.get(t).and_then(|m| m.get(f)) {
+            Some(found) => FnLookup::Found(found.clone()),
+            None => FnLookup::Missing,
+        };
+        if let Some(base) = &table.base_domain {
+            let host = host.strip_suffix('.').unwrap_or(host);
+            let labels = host
+                .len()
+                .checked_sub(base.len() + 1)
+                .filter(|&i| {
+                    host.as_bytes()[i] == b'.'
+                        && host.is_char_boundary(i + 1)
+                        && host[i + 1..].eq_ignore_ascii_case(base)
+                })
+                .map(|i| &host[..i]);
+            if let Some((f, t)) = labels.and_then(|l| l.split_once('.')) {
+                if !f.is_empty() && !t.is_empty() && !t.contains('.') {
+                    // hosts are case-insensitive; tenant names are lowercase
+                    return if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                        found(&t.to_ascii_lowercase(), &f.to_ascii_lowercase())
+                    } else {
+                        found(t, f)
+                    };
                 }
             }
         }
-        let mut seg = path.trim_start_matches('/').splitn(3, '/');
-        let (t, f) = (seg.next()?, seg.next()?);
-        fns.get(t).and_then(|m| m.get(f)).cloned()
+        if table.prefix.is_empty() {
+            return FnLookup::NotFunction;
+        }
+        let Some(rest) = path.strip_prefix(table.prefix.as_str()) else {
+            return FnLookup::NotFunction;
+        };
+        if !rest.is_empty() && !rest.starts_with('/') {
+            return FnLookup::NotFunction; // `/running` is not under `/run`
+        }
+        let mut seg = rest.trim_start_matches('/').splitn(3, '/');
+        match (seg.next(), seg.next()) {
+            (Some(t), Some(f)) if !t.is_empty() && !f.is_empty() => found(t, f),
+            _ => FnLookup::Missing,
+        }
     }
 
     /// The hook chain of a conf route with its tenant's attached modules, if any.
@@ -491,11 +566,11 @@ impl Control {
     }
 
     pub fn create_tenant(&self, name: &str, limits: TenantFile) -> ApiResult<()> {
-        if !valid_name(name) {
+        if !is_dns_label(name) {
             return Err(ApiError::new(
                 400,
                 "bad_name",
-                "tenant names are 1-63 of a-z, 0-9, - and _",
+                "tenant names are DNS labels: 1-63 of a-z, 0-9 and -, not starting or ending with -",
             ));
         }
         let mut s = self.lock();
