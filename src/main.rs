@@ -101,9 +101,10 @@ enum Cmd {
     },
 }
 
-fn init_tracing() {
+/// Logs go to stderr, at `RUST_LOG` or `default`.
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -113,7 +114,12 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // `check` prints its result and nothing else (module loading logs at info); the
+    // client commands print answers. RUST_LOG still turns logs on for any command.
+    init_tracing(match cli.cmd {
+        Cmd::Serve { .. } | Cmd::DemoUpstream { .. } => "info",
+        _ => "off",
+    });
     match cli.cmd {
         Cmd::Serve { config, upgrade } => match wasmgate::server::run(&config, upgrade) {
             Ok(()) => ExitCode::SUCCESS,

@@ -101,7 +101,18 @@ pub fn load_str(path: &Path, text: &str, env: &LoadEnv) -> Result<Snapshot, Conf
     let src = Source { path, text };
     let file: ConfFile = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        ConfErrors(vec![src.error(span, e.message().trim_end().to_string())])
+        // The TOML parser cannot resynchronize after a syntax error (an unclosed string or
+        // bracket changes the meaning of everything after it), and serde stops at the first
+        // key of the wrong name or type; say so, so "one error" is not read as "the rest is
+        // fine". Everything past parsing is reported all at once.
+        let stop = if toml::from_str::<toml::Table>(text).is_err() {
+            "(syntax error: the rest of the file was not checked)"
+        } else {
+            "(the rest of the file is checked once this is fixed)"
+        };
+        ConfErrors(vec![
+            src.error(span, format!("{} {stop}", e.message().trim_end()))
+        ])
     })?;
     Lowering {
         src: &src,
@@ -196,7 +207,15 @@ impl Lowering<'_> {
             path: self.src.path.to_path_buf(),
             server: f.server,
             metrics_listen,
-            access_log: f.access_log,
+            // relative to the conf file, like every path in it
+            access_log: AccessLogSection {
+                path: f
+                    .access_log
+                    .path
+                    .as_deref()
+                    .map(|p| self.resolve(p).to_string_lossy().into_owned()),
+                ..f.access_log
+            },
             admin: f.admin,
             limits: f.limits,
             tenants: f
