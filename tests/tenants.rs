@@ -1065,3 +1065,492 @@ async fn function_prefix_is_configurable_and_follows_a_reload() {
         .unwrap()
         .contains("\"path\":\"/fn/v1/confco/f/hello/y\""));
 }
+
+/// Runs the real `wasmgate` CLI against `gw`'s admin API: (success, stdout, stderr).
+/// The token goes after the subcommand on purpose: that is where users put it.
+fn cli(gw: &Gw, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args)
+        .env("WASMGATE_ADMIN", format!("127.0.0.1:{}", gw.port("admin")))
+        .env_remove("WASMGATE_TOKEN")
+        .env_remove("RUST_LOG");
+    if let Some(t) = token {
+        cmd.args(["--token", t]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_json(gw: &Gw, token: &str, args: &[&str]) -> Value {
+    let (ok, out, err) = cli(gw, Some(token), args);
+    assert!(ok, "wasmgate {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// Issue 9, point 16: the CLI reaches every admin endpoint, versions count per tenant and
+/// module, PATCH changes a tenant's limits (operator only), and the CLI's errors help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_covers_every_admin_endpoint() {
+    let up = Upstream::start("echo").await;
+    let conf = conf(&up.addr())
+        + r#"
+[[routes]]
+name = "confco-api"
+path_prefix = "/api"
+upstream = "echo"
+tenant = "confco"
+"#;
+    let gw = Gw::start(&conf);
+    let hello = guests().join("hello_api.wasm");
+    let hello = hello.to_str().unwrap();
+    let rewrite = guests().join("rewrite.wasm");
+    let rewrite = rewrite.to_str().unwrap();
+
+    // no token: the error names WASMGATE_TOKEN
+    let (ok, _, err) = cli(&gw, None, &["tenants", "list"]);
+    assert!(!ok);
+    assert!(err.contains("WASMGATE_TOKEN"), "{err}");
+    let (ok, _, err) = cli(&gw, Some("wrong"), &["tenants", "list"]);
+    assert!(!ok);
+    assert!(
+        err.contains("401") && err.contains("WASMGATE_TOKEN"),
+        "{err}"
+    );
+
+    // tenants: create, list, show, update (PATCH), and a token with --token after the
+    // subcommand (it used to fail with a misleading tip)
+    let v = cli_json(
+        &gw,
+        OP,
+        &[
+            "tenants",
+            "create",
+            "--name",
+            "cli",
+            "--limits",
+            r#"{"rate_per_sec": 1000}"#,
+        ],
+    );
+    assert_eq!(v["limits"]["rate_per_sec"], 1000);
+    let v = cli_json(&gw, OP, &["tenants", "list"]);
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"cli") && names.contains(&"confco"), "{v}");
+    let v = cli_json(
+        &gw,
+        OP,
+        &[
+            "tenants",
+            "update",
+            "cli",
+            "--limits",
+            r#"{"rate_per_sec": null, "max_concurrency": 4, "allowed_upstreams": ["echo"]}"#,
+        ],
+    );
+    assert_eq!(v["limits"]["max_concurrency"], 4, "{v}");
+    assert!(
+        v["limits"].get("rate_per_sec").is_none_or(Value::is_null),
+        "{v}"
+    );
+    assert_eq!(
+        cli_json(&gw, OP, &["tenants", "show", "cli"])["limits"]["allowed_upstreams"],
+        serde_json::json!(["echo"])
+    );
+    let v = cli_json(
+        &gw,
+        OP,
+        &[
+            "token",
+            "create",
+            "--tenant",
+            "cli",
+            "--ops",
+            "deploy,logs,usage",
+        ],
+    );
+    let tok = v["token"].as_str().unwrap().to_string();
+
+    // modules: deploy twice, versions, activate, rollback; numbered per tenant and module
+    let v = cli_json(
+        &gw,
+        &tok,
+        &[
+            "deploy",
+            "--tenant",
+            "cli",
+            "--name",
+            "hello",
+            hello,
+            "--budget-us",
+            "900",
+        ],
+    );
+    assert_eq!(
+        (v["version"].as_u64(), v["budget_us"].as_u64()),
+        (Some(1), Some(900)),
+        "{v}"
+    );
+    let v = cli_json(
+        &gw,
+        &tok,
+        &["deploy", "--tenant", "cli", "--name", "hello", hello],
+    );
+    assert_eq!(v["version"], 2, "{v}");
+    let ctok = a_token(&gw, "confco").await;
+    let v = cli_json(
+        &gw,
+        &ctok,
+        &["deploy", "--tenant", "confco", "--name", "other", hello],
+    );
+    assert_eq!(v["version"], 1, "another tenant's versions start at 1: {v}");
+    let v = cli_json(
+        &gw,
+        &ctok,
+        &["deploy", "--tenant", "confco", "--name", "hello", hello],
+    );
+    assert_eq!(v["version"], 1, "another module's versions start at 1: {v}");
+    let v = cli_json(&gw, &tok, &["modules", "list", "--tenant", "cli"]);
+    assert_eq!(v["hello"]["active"], 2, "{v}");
+    let v = cli_json(
+        &gw,
+        &tok,
+        &["modules", "versions", "--tenant", "cli", "hello"],
+    );
+    assert_eq!(v["versions"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(
+        cli_json(
+            &gw,
+            &tok,
+            &[
+                "modules",
+                "activate",
+                "--tenant",
+                "cli",
+                "hello",
+                "--version",
+                "1"
+            ]
+        )["active"],
+        1
+    );
+    assert_eq!(
+        cli_json(
+            &gw,
+            &tok,
+            &[
+                "modules",
+                "activate",
+                "--tenant",
+                "cli",
+                "hello",
+                "--version",
+                "2"
+            ]
+        )["active"],
+        2
+    );
+    assert_eq!(
+        cli_json(
+            &gw,
+            &tok,
+            &["modules", "rollback", "--tenant", "cli", "hello"]
+        )["active"],
+        1
+    );
+
+    // functions: bind (answering, and guarding the echo upstream), list, call, unbind
+    let v = cli_json(
+        &gw,
+        &tok,
+        &[
+            "functions",
+            "bind",
+            "--tenant",
+            "cli",
+            "hi",
+            "--module",
+            "hello",
+        ],
+    );
+    assert_eq!(v["bound"], "/run/cli/hi");
+    let (ok, out, err) = cli(
+        &gw,
+        Some(&tok),
+        &[
+            "deploy",
+            "--tenant",
+            "cli",
+            "--name",
+            "pass",
+            rewrite,
+            "--config",
+            "{}",
+            "--bind",
+            "/cli/ignored",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"bound\":\"/run/cli/ignored\""), "{out}");
+    let v = cli_json(
+        &gw,
+        &tok,
+        &[
+            "functions",
+            "bind",
+            "--tenant",
+            "cli",
+            "guard",
+            "--module",
+            "pass",
+            "--upstream",
+            "echo",
+        ],
+    );
+    assert_eq!(v["bound"], "/run/cli/guard");
+    let (ok, _, err) = cli(
+        &gw,
+        Some(&tok),
+        &[
+            "functions",
+            "bind",
+            "--tenant",
+            "cli",
+            "bad",
+            "--module",
+            "pass",
+            "--upstream",
+            "secret",
+        ],
+    );
+    assert!(!ok && err.contains("upstream_not_allowed"), "{err}");
+    let v = cli_json(&gw, &tok, &["functions", "list", "--tenant", "cli"]);
+    assert_eq!(v["guard"]["upstream"], "echo", "{v}");
+    let c = client();
+    let r = c
+        .get(gw.url("http", "/run/cli/hi/hello/cli"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "cli");
+    let r = c
+        .get(gw.url("http", "/run/cli/guard/behind"))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["upstream"].as_str(), v["path"].as_str()),
+        (Some("echo"), Some("/behind")),
+        "{v}"
+    );
+    cli_json(
+        &gw,
+        &tok,
+        &["functions", "unbind", "--tenant", "cli", "guard"],
+    );
+    let r = c
+        .get(gw.url("http", "/run/cli/guard/behind"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // routes: attach a module to the tenant's conf route, list
+    let v = cli_json(
+        &gw,
+        &ctok,
+        &[
+            "routes",
+            "attach",
+            "--tenant",
+            "confco",
+            "confco-api",
+            "--modules",
+            "hello",
+        ],
+    );
+    assert_eq!(v["attached"], serde_json::json!(["hello"]), "{v}");
+    assert_eq!(
+        cli_json(&gw, &ctok, &["routes", "list", "--tenant", "confco"])["confco-api"],
+        serde_json::json!(["hello"])
+    );
+    let r = c
+        .get(gw.url("http", "/api/hello/route"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "route");
+
+    // logs without --follow: plain lines, one JSON object each, like --follow prints
+    let (ok, out, err) = cli(
+        &gw,
+        Some(&tok),
+        &["deploy", "--tenant", "cli", "--name", "junk", "/dev/null"],
+    );
+    assert!(!ok && err.contains("not_wasm"), "{err}");
+    let (ok, out2, err) = cli(&gw, Some(&tok), &["logs", "--tenant", "cli"]);
+    assert!(ok, "{err}");
+    assert!(!out2.trim_start().starts_with('['), "{out2}");
+    let lines: Vec<Value> = out2
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"].as_str().unwrap().contains("not_wasm")
+                || l["message"].as_str().unwrap().contains("wasm module")),
+        "{out2} {out}"
+    );
+
+    // usage, then deletes
+    let v = cli_json(&gw, &tok, &["usage", "--tenant", "cli"]);
+    assert!(
+        v["modules"]["hello"]["invocations"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    cli_json(
+        &gw,
+        &tok,
+        &["modules", "delete", "--tenant", "cli", "hello"],
+    );
+    assert_eq!(
+        cli_json(&gw, &tok, &["functions", "list", "--tenant", "cli"]).get("hi"),
+        None
+    );
+    let (ok, _, err) = cli(&gw, Some(&tok), &["tenants", "delete", "cli"]);
+    assert!(
+        !ok && err.contains("403"),
+        "a tenant token cannot delete its tenant: {err}"
+    );
+    cli_json(&gw, OP, &["tenants", "delete", "cli"]);
+    let (ok, _, err) = cli(&gw, Some(OP), &["tenants", "show", "cli"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    assert!(
+        !gw.log().contains(&tok) && !gw.log().contains(OP),
+        "a token leaked into the log"
+    );
+}
+
+async fn a_token(gw: &Gw, tenant: &str) -> String {
+    Admin::new(gw)
+        .token(tenant, &["deploy", "logs", "usage"])
+        .await
+}
+
+/// PATCH /v1/tenants/{t}: operator only, API tenants only, validated, effective at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_limits_can_be_changed() {
+    let up = Upstream::start("echo").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let a = Admin::new(&gw);
+    a.tenant("lim", serde_json::json!({"allowed_upstreams": ["echo"]}))
+        .await;
+    let tok = a.token("lim", &["deploy"]).await;
+    assert_eq!(a.deploy("lim", "h", &tok, guest("hello_api")).await.0, 201);
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/lim/functions/f",
+            &tok,
+            serde_json::json!({"module": "h"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        patch(&a, &tok, "lim", serde_json::json!({"rate_per_sec": 1}))
+            .await
+            .0,
+        403
+    );
+    let (s, v) = patch(&a, OP, "confco", serde_json::json!({"rate_per_sec": 1})).await;
+    assert_eq!((s, v["error"].as_str()), (409, Some("conf_tenant")), "{v}");
+    assert_eq!(patch(&a, OP, "nobody", serde_json::json!({})).await.0, 404);
+    let (s, v) = patch(&a, OP, "lim", serde_json::json!({"rate_per_sec": "fast"})).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_limits")), "{v}");
+    let (s, v) = patch(&a, OP, "lim", serde_json::json!({"max_qps": 1})).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_limits")), "{v}");
+    let (s, v) = patch(
+        &a,
+        OP,
+        "lim",
+        serde_json::json!({"allowed_upstreams": ["nope"]}),
+    )
+    .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_upstream")), "{v}");
+    // a function guarding an upstream keeps it allowed until unbound
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/lim/functions/g",
+            &tok,
+            serde_json::json!({"module": "h", "upstream": "echo"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = patch(&a, OP, "lim", serde_json::json!({"allowed_upstreams": []})).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (409, Some("upstream_in_use")),
+        "{v}"
+    );
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("g (upstream `echo`)"),
+        "{v}"
+    );
+    // the rate applies to the next request
+    let url = gw.url("http", "/run/lim/f/hello/x");
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    }
+    let (s, v) = patch(
+        &a,
+        OP,
+        "lim",
+        serde_json::json!({"rate_per_sec": 1, "burst": 1}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["limits"]["allowed_upstreams"],
+        serde_json::json!(["echo"]),
+        "untouched fields stay: {v}"
+    );
+    let statuses: Vec<u16> = futures_statuses(&c, &url, 5).await;
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (s, v) = patch(
+        &a,
+        OP,
+        "lim",
+        serde_json::json!({"rate_per_sec": null, "burst": null}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["limits"]["rate_per_sec"].is_null(), "{v}");
+    let statuses: Vec<u16> = futures_statuses(&c, &url, 5).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
+async fn futures_statuses(c: &reqwest::Client, url: &str, n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(c.get(url).send().await.unwrap().status().as_u16());
+    }
+    out
+}
+
+async fn patch(a: &Admin, who: &str, t: &str, v: Value) -> (u16, Value) {
+    a.json("PATCH", &format!("/v1/tenants/{t}"), who, v).await
+}

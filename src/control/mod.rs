@@ -75,7 +75,6 @@ pub struct Stored {
     pub modules: BTreeMap<String, BTreeMap<String, ModuleRec>>,
     pub functions: BTreeMap<String, BTreeMap<String, FunctionRec>>,
     pub revoked: BTreeSet<String>,
-    pub next_version: u32,
     /// Modules a tenant attached to conf routes it owns: tenant -> route -> modules.
     #[serde(default)]
     pub route_hooks: BTreeMap<String, BTreeMap<String, Vec<String>>>,
@@ -599,6 +598,97 @@ impl Control {
         Ok(())
     }
 
+    /// Changes an API tenant's limits: the fields given replace the current ones, `null`
+    /// clears one. Rate and concurrency apply to the next request; allowed upstreams
+    /// re-configure the tenant's active modules (from the precompiled cache); the module
+    /// limits (`max_budget_us`, `max_memory_mb`, `max_module_bytes`) apply to later deploys.
+    pub fn update_tenant(&self, name: &str, patch: serde_json::Value) -> ApiResult<TenantFile> {
+        let serde_json::Value::Object(patch) = patch else {
+            return Err(ApiError::new(
+                400,
+                "bad_json",
+                "the body must be a JSON object of limits",
+            ));
+        };
+        let mut s = self.lock();
+        if self.live.load().tenants.contains_key(name) {
+            return Err(ApiError::new(
+                409,
+                "conf_tenant",
+                format!("tenant `{name}` is declared in the conf file; change its limits there"),
+            ));
+        }
+        let current = s
+            .tenants
+            .get(name)
+            .ok_or_else(|| not_found(&format!("tenant `{name}`")))?
+            .clone();
+        let mut merged = match serde_json::to_value(&current) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        merged.extend(patch);
+        merged.retain(|_, v| !v.is_null());
+        let limits: TenantFile = serde_json::from_value(serde_json::Value::Object(merged))
+            .map_err(|e| ApiError::new(400, "bad_limits", e.to_string()))?;
+        let snap = self.live.load();
+        if let Some(bad) = limits
+            .allowed_upstreams
+            .iter()
+            .find(|u| !snap.upstreams.contains_key(*u))
+        {
+            return Err(ApiError::new(
+                400,
+                "bad_upstream",
+                format!("upstream `{bad}` is not defined"),
+            ));
+        }
+        let stranded: Vec<String> = s
+            .functions
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|(f, rec)| {
+                let u = rec.upstream.as_ref()?;
+                (!limits.allowed_upstreams.contains(u)).then(|| format!("{f} (upstream `{u}`)"))
+            })
+            .collect();
+        if !stranded.is_empty() {
+            return Err(ApiError::new(
+                409,
+                "upstream_in_use",
+                format!(
+                    "functions guard upstreams this change disallows; unbind them first: {}",
+                    stranded.join(", ")
+                ),
+            ));
+        }
+        // built before anything changes, so a failure leaves the tenant as it was
+        let mut rebuilt = Vec::new();
+        if limits.allowed_upstreams != current.allowed_upstreams {
+            for (m, rec) in s.modules.get(name).into_iter().flatten() {
+                let Some(v) = rec
+                    .active
+                    .and_then(|a| rec.versions.iter().find(|v| v.version == a))
+                else {
+                    continue;
+                };
+                rebuilt.push((m.clone(), self.build_plugin(name, m, v, &limits)?));
+            }
+        }
+        s.tenants.insert(name.into(), limits.clone());
+        self.persist(&s)?;
+        {
+            let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+            for (m, p) in rebuilt {
+                plugins.insert((name.into(), m), p);
+            }
+        }
+        self.publish(&s);
+        tracing::info!(tenant = %name, "tenant limits changed");
+        Ok(limits)
+    }
+
     pub fn delete_tenant(&self, name: &str) -> ApiResult<()> {
         let mut s = self.lock();
         if self.live.load().tenants.contains_key(name) {
@@ -781,14 +871,14 @@ impl Control {
             .and_then(|_| std::fs::write(&file, bytes))
             .map_err(|e| ApiError::new(500, "internal", format!("cannot store module: {e}")))?;
         let mut s = self.lock();
-        s.next_version += 1;
-        v.version = s.next_version;
         let rec = s
             .modules
             .entry(t.into())
             .or_default()
             .entry(m.into())
             .or_default();
+        // numbered per tenant and module: a tenant never sees others' deploy activity
+        v.version = rec.versions.iter().map(|x| x.version).max().unwrap_or(0) + 1;
         rec.versions.push(v.clone());
         rec.active = Some(v.version);
         self.persist(&s)?;
