@@ -1554,3 +1554,123 @@ async fn futures_statuses(c: &reqwest::Client, url: &str, n: usize) -> Vec<u16> 
 async fn patch(a: &Admin, who: &str, t: &str, v: Value) -> (u16, Value) {
     a.json("PATCH", &format!("/v1/tenants/{t}"), who, v).await
 }
+
+/// Sum of one field over a tenant's modules in `data_dir/control/usage.json`.
+fn saved_invocations(gw_dir: &std::path::Path, tenant: &str) -> u64 {
+    let Ok(text) = std::fs::read_to_string(gw_dir.join("data/control/usage.json")) else {
+        return 0;
+    };
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["tenant"] == tenant)
+        .flat_map(|u| u["buckets"].as_array().unwrap().iter())
+        .map(|b| b[1][0].as_u64().unwrap())
+        .sum()
+}
+
+/// Issue 9, point 15: usage (the billing record) survives a graceful restart (saved on
+/// SIGTERM) and a crash (saved every 10 s), and comes back with its time buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_survives_a_restart_and_a_crash() {
+    let up = Upstream::start("echo").await;
+    let conf = conf(&up.addr()).replace(
+        "watch_config = false",
+        "watch_config = false\ngrace_period_secs = 1",
+    );
+    let gw = Gw::start(&conf);
+    let a = Admin::new(&gw);
+    a.tenant("billed", serde_json::json!({})).await;
+    let tok = a.token("billed", &["deploy", "usage"]).await;
+    assert_eq!(
+        a.deploy("billed", "m", &tok, guest("hello_api")).await.0,
+        201
+    );
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/billed/functions/f",
+            &tok,
+            serde_json::json!({"module": "m"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let c = client();
+    let traffic = |n: usize, port: u16| {
+        let c = c.clone();
+        async move {
+            for i in 0..n {
+                let r = c
+                    .get(format!("http://127.0.0.1:{port}/run/billed/f/hello/{i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        }
+    };
+    traffic(5, gw.port("http")).await;
+    // requests are metered in their logging phase, after the client has its answer
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let before = loop {
+        let v = billed_usage(&a, &tok).await;
+        if v["modules"]["m"]["invocations"] == 5 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(before["modules"]["m"]["invocations"], 5, "{before}");
+
+    // graceful restart: saved on SIGTERM, identical afterwards
+    let (dir, ports) = gw.stop_gracefully();
+    assert_eq!(saved_invocations(dir.path(), "billed"), 5);
+    let gw = Gw::start_in(dir, &conf, ports);
+    let a = Admin::new(&gw);
+    let after = billed_usage(&a, &tok).await;
+    assert_eq!(
+        after["modules"], before["modules"],
+        "usage changed across a restart"
+    );
+    assert_eq!(after["totals"]["invocations"], 5);
+    // a window before the traffic still has none of it: the buckets kept their times
+    let (_, v) = a
+        .call(
+            "GET",
+            &format!(
+                "/v1/tenants/billed/usage?from=0&to={}",
+                wasmgate::wasm::meter::now_secs() - 3600
+            ),
+            Some(&tok),
+            vec![],
+        )
+        .await;
+    assert_eq!(v["totals"]["invocations"], 0, "{v}");
+
+    // a crash: what was saved periodically (every 10 s) survives
+    traffic(2, gw.port("http")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while saved_invocations(gw.dir(), "billed") < 7 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage never saved periodically:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (dir, ports) = gw.stop(); // SIGKILL: no shutdown path runs
+    let gw = Gw::start_in(dir, &conf, ports);
+    let a = Admin::new(&gw);
+    let v = billed_usage(&a, &tok).await;
+    assert_eq!(v["totals"]["invocations"], 7, "{v}");
+    assert!(!gw.dir().join("data/control/usage.json.tmp").exists());
+}
+
+async fn billed_usage(a: &Admin, tok: &str) -> Value {
+    let (s, v) = a
+        .call("GET", "/v1/tenants/billed/usage?from=0", Some(tok), vec![])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v
+}

@@ -58,12 +58,9 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
-        let folder = self.control.clone();
-        let mut fold = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = fold.tick() => folder.live.wasm.meter.fold_all(),
                 Ok((sock, _)) = l.accept() => {
                     let c = self.control.clone();
                     let stop = shutdown.clone();

@@ -80,6 +80,60 @@ pub struct Stored {
     pub route_hooks: BTreeMap<String, BTreeMap<String, Vec<String>>>,
 }
 
+/// `data_dir/control/usage.json`: the billing record, kept across restarts.
+#[derive(Serialize, Deserialize)]
+struct UsageFile {
+    version: u32,
+    usage: Vec<crate::wasm::meter::SavedUsage>,
+}
+
+/// How often usage is folded into time buckets, and how often new buckets are saved. A
+/// crash (not a graceful stop, which saves) loses at most the last `USAGE_SAVE_EVERY`.
+const USAGE_FOLD_EVERY: Duration = Duration::from_secs(1);
+pub const USAGE_SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// Background service: folds usage every second, saves it when it changed (every
+/// `USAGE_SAVE_EVERY`) and once more on shutdown.
+pub struct UsageKeeper {
+    pub control: Arc<Control>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for UsageKeeper {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let meter = &self.control.live.wasm.meter;
+        let mut fold = tokio::time::interval(USAGE_FOLD_EVERY);
+        let mut saved = meter.buckets_pushed();
+        let mut last_save = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    let c = self.control.clone();
+                    match tokio::task::spawn_blocking(move || c.save_usage()).await {
+                        Ok(Ok(())) => tracing::info!("usage saved"),
+                        Ok(Err(e)) => tracing::error!("cannot save usage: {e}"),
+                        Err(e) => tracing::error!("cannot save usage: {e}"),
+                    }
+                    return;
+                }
+                _ = fold.tick() => {
+                    meter.fold_all();
+                    let pushed = meter.buckets_pushed();
+                    if pushed != saved && last_save.elapsed() >= USAGE_SAVE_EVERY {
+                        let c = self.control.clone();
+                        match tokio::task::spawn_blocking(move || c.save_usage()).await {
+                            Ok(Ok(())) => saved = pushed,
+                            Ok(Err(e)) => tracing::error!("cannot save usage: {e}"),
+                            Err(e) => tracing::error!("cannot save usage: {e}"),
+                        }
+                        last_save = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A tenant as the request path sees it: its limits and their live state.
 pub struct TenantRt {
     pub name: String,
@@ -294,7 +348,54 @@ impl Control {
         }
         *c.plugins.lock().unwrap_or_else(|e| e.into_inner()) = plugins;
         c.publish(&stored);
+        c.restore_usage();
         Ok(c)
+    }
+
+    fn usage_path(&self) -> PathBuf {
+        self.data_dir.join("usage.json")
+    }
+
+    /// Reloads the usage saved before the last stop. An unreadable file is set aside (never
+    /// overwritten: it is the billing record) and the gateway starts with empty usage.
+    fn restore_usage(&self) {
+        let path = self.usage_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!(path = %path.display(), "cannot read saved usage: {e}");
+                return;
+            }
+        };
+        match serde_json::from_slice::<UsageFile>(&bytes) {
+            Ok(f) => self.live.wasm.meter.restore(f.usage),
+            Err(e) => {
+                let aside = path.with_extension(format!("json.bad-{}", now_secs()));
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(path = %path.display(), aside = %aside.display(), "saved usage is unreadable, set aside: {e}");
+            }
+        }
+    }
+
+    /// Writes every usage bucket to `data_dir/control/usage.json`: a temporary file,
+    /// synced, then renamed over the old one, so a crash leaves the old or the new record,
+    /// never half of one.
+    pub fn save_usage(&self) -> std::io::Result<()> {
+        let file = UsageFile {
+            version: 1,
+            usage: self.live.wasm.meter.save(),
+        };
+        let path = self.usage_path();
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)
     }
 
     /// Starts the timers of restored modules; called once the services run.

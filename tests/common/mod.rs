@@ -222,6 +222,32 @@ impl Gw {
         (dir, self.ports.clone())
     }
 
+    /// Stops the gateway with SIGTERM (a graceful shutdown, which saves state) and waits
+    /// for it to exit, keeping its folder and ports for a restart.
+    pub fn stop_gracefully(mut self) -> (tempfile::TempDir, HashMap<String, u16>) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // exited by itself: killed by a signal would mean no graceful path ran
+                assert!(
+                    st.code().is_some(),
+                    "gateway died from a signal: {st:?}\n{}",
+                    self.log()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.ports.clone())
+    }
+
     pub fn port(&self, name: &str) -> u16 {
         self.ports[name]
     }
