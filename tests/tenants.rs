@@ -999,7 +999,7 @@ async fn function_prefix_is_configurable_and_follows_a_reload() {
         conf(&up.addr()).replace(
             "base_domain = \"fn.test\"",
             &format!("function_prefix = \"{p}\""),
-        ) + "[[routes]]\npath_prefix = \"/\"\nupstream = \"echo\"\n"
+        ) + "[limits]\nmax_request_body_bytes = 1000\n[[routes]]\npath_prefix = \"/\"\nupstream = \"echo\"\n"
     };
     let mut gw = Gw::start(&with_prefix("/fn/v1"));
     let a = Admin::new(&gw);
@@ -1029,6 +1029,14 @@ async fn function_prefix_is_configurable_and_follows_a_reload() {
     assert_eq!(s, 200, "{b}");
     assert!(b.contains("\"hello\":\"x\""), "{b}");
     assert_eq!(status("/fn/v1/confco/g/hello/x").await.0, 404);
+    // functions take the conf's body limit ([limits] max_request_body_bytes)
+    let r = c
+        .post(gw.url("http", "/fn/v1/confco/f/hello/x"))
+        .body(vec![b'x'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
     // /run is an ordinary path now: the catch-all echoes it
     let (s, b) = status("/run/confco/f/hello/x").await;
     assert_eq!(s, 200);

@@ -480,7 +480,7 @@ impl Control {
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
                     hooks: HookChain::new(vec![p.clone()]),
-                    max_request_body: 8 << 20,
+                    max_request_body: snap.limits.max_request_body_bytes,
                     tenant: Some(t.clone()),
                 });
                 functions.entry(t.clone()).or_default().insert(
