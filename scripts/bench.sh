@@ -175,7 +175,7 @@ def first_ok(name, body):
     s, d = call("PUT", f"/v1/tenants/bench/functions/{name}", json.dumps({"module": name}).encode())
     assert s == 200, d
     while True:
-        s, _ = call("GET", f"/bench/{name}/hello/x", host=gw)
+        s, _ = call("GET", f"/run/bench/{name}/hello/x", host=gw)
         if s == 200:
             return (time.perf_counter() - t0) * 1000
 s, d = call("POST", "/v1/tenants", json.dumps({"name": "bench", "limits": {"max_module_bytes": 4 << 20}}).encode())
@@ -185,7 +185,7 @@ cold = [first_ok(f"cold{i}", unique(small, i)) for i in range(3)]
 warm = [first_ok(f"warm{i}", small) for i in range(3)]
 bigc = [first_ok(f"big{i}", unique(big, i)) for i in range(3)]
 def wrk():
-    o = subprocess.run(["wrk", "-t1", "-c32", f"-d{dur}s", f"http://{gw}/bench/warm0/hello/x"],
+    o = subprocess.run(["wrk", "-t1", "-c32", f"-d{dur}s", f"http://{gw}/run/bench/warm0/hello/x"],
                        capture_output=True, text=True).stdout
     rps = float([l for l in o.splitlines() if l.startswith("Requests/sec")][0].split()[1])
     bad = [l.strip() for l in o.splitlines() if "Non-2xx" in l or "Socket errors" in l]

@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 # The guests have their own target dir: they never share artifacts with the host build.
-cargo build --quiet --release --target wasm32-wasip1 \
+cargo build --release --target wasm32-wasip1 \
   --manifest-path "$root/guests/Cargo.toml" --target-dir "$root/guests/target"
 mkdir -p "$root/guests/out"
 for f in "$root"/guests/target/wasm32-wasip1/release/*.wasm; do

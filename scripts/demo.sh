@@ -14,7 +14,14 @@ build_release
 upstream=$!
 trap 'kill $upstream 2>/dev/null || true' EXIT
 # the demo's operator token for the admin API (127.0.0.1:9092); set your own in real use
-export WASMGATE_ADMIN_TOKEN="${WASMGATE_ADMIN_TOKEN:-demo-operator-token}"
+if [ -n "${WASMGATE_ADMIN_TOKEN:-}" ]; then
+  # yours: not echoed, a terminal scrollback is no place for a real secret
+  token_note="the value of your WASMGATE_ADMIN_TOKEN"
+else
+  export WASMGATE_ADMIN_TOKEN=demo-operator-token
+  token_note="$WASMGATE_ADMIN_TOKEN (export WASMGATE_TOKEN=$WASMGATE_ADMIN_TOKEN for the CLI)"
+fi
 echo "try: curl -s localhost:8080/hello/world ; see the curl lines at the end of conf/demo.toml"
-echo "admin API on 127.0.0.1:9092, operator token: \$WASMGATE_ADMIN_TOKEN (see README, Tenants)"
+echo "admin API on 127.0.0.1:9092, operator token: $token_note (see README, Tenants)"
+echo "access log (JSON lines): $root/data/access.log"
 "$bin" serve --config conf/demo.toml

@@ -4,7 +4,11 @@
 ensure_packages() {
   local missing=()
   for cmd in "$@"; do
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("$(pkg_for "$cmd")")
+    command -v "$cmd" >/dev/null 2>&1 && continue
+    # one command can need several packages: each must be its own apt-get argument
+    local pkgs
+    read -ra pkgs <<<"$(pkg_for "$cmd")"
+    missing+=("${pkgs[@]}")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
@@ -15,6 +19,7 @@ ensure_packages() {
   fi
 }
 
+# pkg_for CMD: the Debian packages (space-separated) that provide CMD.
 pkg_for() {
   case "$1" in
     nginx) echo "nginx libnginx-mod-http-js" ;;
@@ -26,9 +31,12 @@ pkg_for() {
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
 
 # build_release: the guests and the gateway in release; sets $bin to the gateway binary.
+# Cargo's progress stays visible: a first build takes minutes and must not look stuck.
 build_release() {
+  [ -x "$CARGO_TARGET_DIR/release/wasmgate" ] ||
+    echo "first build into $CARGO_TARGET_DIR: this takes several minutes" >&2
   scripts/build-guests.sh >/dev/null
-  cargo build --release --quiet
+  cargo build --release
   bin="$CARGO_TARGET_DIR/release/wasmgate"
 }
 

@@ -87,7 +87,7 @@ admin -X PUT --data-binary @"$root/guests/out/hello_api.wasm" "http://127.0.0.1:
 admin -X PUT -d '{"module":"fn"}' "http://127.0.0.1:$ad/v1/tenants/soak/functions/fn" >/dev/null
 
 cat >"$tmp/mix.lua" <<'LUA'
-local paths = {"/plain/x", "/auth/x", "/hello/soak", "/soak/fn/hello/x"}
+local paths = {"/plain/x", "/auth/x", "/hello/soak", "/run/soak/fn/hello/x"}
 local i = 0
 local threads = {}
 setup = function(thread) table.insert(threads, thread) end

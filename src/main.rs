@@ -34,18 +34,15 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Create a tenant (operator only).
-    Tenant {
+    /// Tenants (operator token): list, show, create, update their limits, delete.
+    Tenants {
         #[command(flatten)]
         admin: AdminArgs,
-        #[arg(long)]
-        name: String,
-        /// Limits as JSON, e.g. {"rate_per_sec": 100, "max_concurrency": 10}
-        #[arg(long, default_value = "{}")]
-        limits: String,
+        #[command(subcommand)]
+        cmd: TenantsCmd,
     },
     /// Deploy a module for a tenant (compiled, then swapped in), optionally bound as a
-    /// function URL (/TENANT/FUNCTION).
+    /// function.
     Deploy {
         #[command(flatten)]
         admin: AdminArgs,
@@ -57,9 +54,37 @@ enum Cmd {
         /// Plugin configuration passed to on_configure (JSON).
         #[arg(long)]
         config: Option<String>,
-        /// Bind it as a function URL: /TENANT/FUNCTION
+        /// Budget of one callback (µs), within the tenant's max_budget_us.
         #[arg(long)]
+        budget_us: Option<u64>,
+        /// Memory per instance (MiB), within the tenant's max_memory_mb.
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        /// Also bind it as function FUNCTION (a trailing path like /TENANT/FUNCTION is
+        /// accepted too); its URL is printed.
+        #[arg(long, value_name = "FUNCTION")]
         bind: Option<String>,
+    },
+    /// A tenant's modules: list, versions, activate, rollback, delete.
+    Modules {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: ModulesCmd,
+    },
+    /// A tenant's function URLs: list, bind (optionally guarding an upstream), unbind.
+    Functions {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: FunctionsCmd,
+    },
+    /// Modules a tenant attaches to conf routes it owns: list, attach.
+    Routes {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: RoutesCmd,
     },
     /// Print a tenant's hook logs; --follow streams them live.
     Logs {
@@ -101,11 +126,12 @@ enum Cmd {
     },
 }
 
-fn init_tracing() {
+/// Logs go to stderr, at `RUST_LOG` or `default`.
+fn init_tracing(default: &str) {
     let env = std::env::var("RUST_LOG").unwrap_or_default();
     let mut filter =
-        tracing_subscriber::EnvFilter::try_new(if env.is_empty() { "info" } else { &env })
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::EnvFilter::try_new(if env.is_empty() { default } else { &env })
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     if !env.contains("pingora_proxy") {
         // Pingora's proxy logs a client's broken or refused connection as an ERROR line;
         // the gateway logs each failed request itself, at a level that fits its cause.
@@ -121,7 +147,12 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // `check` prints its result and nothing else (module loading logs at info); the
+    // client commands print answers. RUST_LOG still turns logs on for any command.
+    init_tracing(match cli.cmd {
+        Cmd::Serve { .. } | Cmd::DemoUpstream { .. } => "info",
+        _ => "off",
+    });
     match cli.cmd {
         Cmd::Serve { config, upgrade } => match wasmgate::server::run(&config, upgrade) {
             Ok(()) => ExitCode::SUCCESS,
@@ -131,27 +162,15 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Check { config } => check(&config),
-        Cmd::Tenant {
-            admin,
-            name,
-            limits,
-        } => {
-            let limits: serde_json::Value = match serde_json::from_str(&limits) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("error: --limits is not JSON: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let body = serde_json::json!({ "name": name, "limits": limits }).to_string();
-            admin_call(&admin, "POST", "/v1/tenants", body.as_bytes())
-        }
+        Cmd::Tenants { admin, cmd } => tenants(&admin, cmd),
         Cmd::Deploy {
             admin,
             tenant,
             name,
             file,
             config,
+            budget_us,
+            memory_mb,
             bind,
         } => {
             let bytes = match std::fs::read(&file) {
@@ -161,10 +180,22 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut path = format!("/v1/tenants/{tenant}/modules/{name}");
+            let mut q = Vec::new();
             if let Some(c) = config {
-                path += &format!("?config={}", wasmgate::control::client::encode(&c));
+                q.push(format!("config={}", encode(&c)));
             }
+            if let Some(b) = budget_us {
+                q.push(format!("budget_us={b}"));
+            }
+            if let Some(m) = memory_mb {
+                q.push(format!("memory_mb={m}"));
+            }
+            let path = format!(
+                "/v1/tenants/{}/modules/{}?{}",
+                encode(&tenant),
+                encode(&name),
+                q.join("&")
+            );
             let code = admin_call(&admin, "PUT", &path, &bytes);
             if code != ExitCode::SUCCESS {
                 return code;
@@ -172,28 +203,22 @@ fn main() -> ExitCode {
             match bind {
                 None => ExitCode::SUCCESS,
                 Some(b) => {
-                    let f = b
-                        .trim_matches('/')
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let body = serde_json::json!({ "module": name }).to_string();
-                    admin_call(
-                        &admin,
-                        "PUT",
-                        &format!("/v1/tenants/{tenant}/functions/{f}"),
-                        body.as_bytes(),
-                    )
+                    let f = b.trim_matches('/').rsplit('/').next().unwrap_or_default();
+                    bind_function(&admin, &tenant, f, &name, None)
                 }
             }
         }
+        Cmd::Modules { admin, cmd } => modules(&admin, cmd),
+        Cmd::Functions { admin, cmd } => functions(&admin, cmd),
+        Cmd::Routes { admin, cmd } => routes(&admin, cmd),
         Cmd::Logs {
             admin,
             tenant,
             follow,
         } => {
-            let c = client(&admin);
+            let Some(c) = client(&admin) else {
+                return ExitCode::FAILURE;
+            };
             if follow {
                 match c.follow(&format!("/v1/tenants/{tenant}/logs?follow=true"), |l| {
                     println!("{l}")
@@ -206,7 +231,17 @@ fn main() -> ExitCode {
                     }
                 }
             } else {
-                admin_call(&admin, "GET", &format!("/v1/tenants/{tenant}/logs"), b"")
+                // the same plain lines as --follow, not a JSON array of them
+                match call(&admin, "GET", &format!("/v1/tenants/{tenant}/logs"), b"") {
+                    Some(body) => {
+                        let lines: Vec<String> = serde_json::from_str(&body).unwrap_or_default();
+                        for l in lines {
+                            println!("{l}");
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    None => ExitCode::FAILURE,
+                }
             }
         }
         Cmd::Usage {
@@ -278,27 +313,183 @@ fn main() -> ExitCode {
     }
 }
 
-fn client(a: &AdminArgs) -> wasmgate::control::client::Client {
-    wasmgate::control::client::Client {
-        addr: a.admin.clone(),
-        token: a.token.clone(),
+fn encode(s: &str) -> String {
+    wasmgate::control::client::encode(s)
+}
+
+/// The client for the admin API, or `None` (with the reason printed) without a token.
+fn client(a: &AdminArgs) -> Option<wasmgate::control::client::Client> {
+    match a.token.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => Some(wasmgate::control::client::Client {
+            addr: a.admin.clone(),
+            token: t.to_string(),
+        }),
+        None => {
+            eprintln!(
+                "error: no token: set WASMGATE_TOKEN or pass --token (the operator token, or a tenant token from `wasmgate token create`)"
+            );
+            None
+        }
+    }
+}
+
+/// One admin call: the answer's body on a 2xx status; otherwise prints why, `None`.
+fn call(a: &AdminArgs, method: &str, path: &str, body: &[u8]) -> Option<String> {
+    match client(a)?.call(method, path, body) {
+        Ok(r) if (200..300).contains(&r.status) => Some(r.body),
+        Ok(r) => {
+            eprintln!("error: {} {}", r.status, r.body);
+            if r.status == 401 {
+                eprintln!("the admin API refused the token in WASMGATE_TOKEN / --token");
+            }
+            None
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the admin API at {}: {e}", a.admin);
+            None
+        }
     }
 }
 
 /// One admin call: prints the JSON answer; fails on a non-2xx status.
 fn admin_call(a: &AdminArgs, method: &str, path: &str, body: &[u8]) -> ExitCode {
-    match client(a).call(method, path, body) {
-        Ok(r) if (200..300).contains(&r.status) => {
-            println!("{}", r.body);
+    match call(a, method, path, body) {
+        Some(b) => {
+            println!("{b}");
             ExitCode::SUCCESS
         }
-        Ok(r) => {
-            eprintln!("error: {} {}", r.status, r.body);
-            ExitCode::FAILURE
-        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+fn json_arg(flag: &str, text: &str) -> Option<serde_json::Value> {
+    match serde_json::from_str(text) {
+        Ok(v) => Some(v),
         Err(e) => {
-            eprintln!("error: cannot reach the admin API at {}: {e}", a.admin);
-            ExitCode::FAILURE
+            eprintln!("error: {flag} is not JSON: {e}");
+            None
+        }
+    }
+}
+
+fn tenants(a: &AdminArgs, cmd: TenantsCmd) -> ExitCode {
+    match cmd {
+        TenantsCmd::List => admin_call(a, "GET", "/v1/tenants", b""),
+        TenantsCmd::Show { name } => {
+            admin_call(a, "GET", &format!("/v1/tenants/{}", encode(&name)), b"")
+        }
+        TenantsCmd::Create { name, limits } => {
+            let Some(limits) = json_arg("--limits", &limits) else {
+                return ExitCode::FAILURE;
+            };
+            let body = serde_json::json!({ "name": name, "limits": limits }).to_string();
+            admin_call(a, "POST", "/v1/tenants", body.as_bytes())
+        }
+        TenantsCmd::Update { name, limits } => {
+            let Some(limits) = json_arg("--limits", &limits) else {
+                return ExitCode::FAILURE;
+            };
+            let path = format!("/v1/tenants/{}", encode(&name));
+            admin_call(a, "PATCH", &path, limits.to_string().as_bytes())
+        }
+        TenantsCmd::Delete { name } => {
+            admin_call(a, "DELETE", &format!("/v1/tenants/{}", encode(&name)), b"")
+        }
+    }
+}
+
+fn modules(a: &AdminArgs, cmd: ModulesCmd) -> ExitCode {
+    let path = |t: &str, m: Option<&str>, rest: &str| match m {
+        None => format!("/v1/tenants/{}/modules", encode(t)),
+        Some(m) => format!("/v1/tenants/{}/modules/{}{rest}", encode(t), encode(m)),
+    };
+    match cmd {
+        ModulesCmd::List { tenant } => admin_call(a, "GET", &path(&tenant, None, ""), b""),
+        ModulesCmd::Versions { tenant, name } => {
+            admin_call(a, "GET", &path(&tenant, Some(&name), ""), b"")
+        }
+        ModulesCmd::Activate {
+            tenant,
+            name,
+            version,
+        } => {
+            let body = serde_json::json!({ "version": version }).to_string();
+            let p = path(&tenant, Some(&name), "/activate");
+            admin_call(a, "POST", &p, body.as_bytes())
+        }
+        ModulesCmd::Rollback { tenant, name } => {
+            admin_call(a, "POST", &path(&tenant, Some(&name), "/rollback"), b"")
+        }
+        ModulesCmd::Delete { tenant, name } => {
+            admin_call(a, "DELETE", &path(&tenant, Some(&name), ""), b"")
+        }
+    }
+}
+
+fn bind_function(
+    a: &AdminArgs,
+    tenant: &str,
+    function: &str,
+    module: &str,
+    upstream: Option<&str>,
+) -> ExitCode {
+    let body = serde_json::json!({ "module": module, "upstream": upstream }).to_string();
+    let path = format!(
+        "/v1/tenants/{}/functions/{}",
+        encode(tenant),
+        encode(function)
+    );
+    admin_call(a, "PUT", &path, body.as_bytes())
+}
+
+fn functions(a: &AdminArgs, cmd: FunctionsCmd) -> ExitCode {
+    match cmd {
+        FunctionsCmd::List { tenant } => admin_call(
+            a,
+            "GET",
+            &format!("/v1/tenants/{}/functions", encode(&tenant)),
+            b"",
+        ),
+        FunctionsCmd::Bind {
+            tenant,
+            name,
+            module,
+            upstream,
+        } => bind_function(a, &tenant, &name, &module, upstream.as_deref()),
+        FunctionsCmd::Unbind { tenant, name } => admin_call(
+            a,
+            "DELETE",
+            &format!(
+                "/v1/tenants/{}/functions/{}",
+                encode(&tenant),
+                encode(&name)
+            ),
+            b"",
+        ),
+    }
+}
+
+fn routes(a: &AdminArgs, cmd: RoutesCmd) -> ExitCode {
+    match cmd {
+        RoutesCmd::List { tenant } => admin_call(
+            a,
+            "GET",
+            &format!("/v1/tenants/{}/routes", encode(&tenant)),
+            b"",
+        ),
+        RoutesCmd::Attach {
+            tenant,
+            route,
+            modules,
+        } => {
+            let modules: Vec<&str> = modules
+                .split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .collect();
+            let body = serde_json::json!({ "modules": modules }).to_string();
+            let path = format!("/v1/tenants/{}/routes/{}", encode(&tenant), encode(&route));
+            admin_call(a, "PUT", &path, body.as_bytes())
         }
     }
 }
@@ -334,15 +525,127 @@ fn check(config: &std::path::Path) -> ExitCode {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Where the admin API is and who is asking.
+/// Where the admin API is and who is asking. Global, so they may follow a subcommand
+/// (`wasmgate token create --token X`) as well as precede it.
 #[derive(clap::Args)]
 struct AdminArgs {
     /// Admin API address.
-    #[arg(long, env = "WASMGATE_ADMIN", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "WASMGATE_ADMIN",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
     admin: String,
-    /// Operator or tenant token.
-    #[arg(long, env = "WASMGATE_TOKEN", hide_env_values = true)]
-    token: String,
+    /// Operator or tenant token (better in WASMGATE_TOKEN: arguments show in `ps`).
+    #[arg(long, env = "WASMGATE_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TenantsCmd {
+    /// Every tenant, from the conf and the API, with its limits.
+    List,
+    /// One tenant: limits, modules, functions.
+    Show { name: String },
+    /// Create a tenant.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Limits as JSON, e.g. {"rate_per_sec": 100, "max_concurrency": 10}
+        #[arg(long, default_value = "{}")]
+        limits: String,
+    },
+    /// Change a tenant's limits: the fields given replace the current ones, null clears.
+    Update {
+        name: String,
+        /// e.g. {"rate_per_sec": 50, "burst": null}
+        #[arg(long)]
+        limits: String,
+    },
+    /// Delete a tenant with its modules and functions.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum ModulesCmd {
+    /// The tenant's modules with their versions.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// One module's versions (digest, size, upload time, exports) and the active one.
+    Versions {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+    },
+    /// Activate a version.
+    Activate {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+        #[arg(long)]
+        version: u32,
+    },
+    /// Activate the version before the active one.
+    Rollback {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+    },
+    /// Delete a module with its versions; functions bound to it are unbound.
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FunctionsCmd {
+    /// The tenant's functions and their modules.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Bind a function URL to a module; prints its URL.
+    Bind {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+        #[arg(long)]
+        module: String,
+        /// Guard this upstream (one of the tenant's allowed_upstreams) instead of
+        /// answering from the module.
+        #[arg(long)]
+        upstream: Option<String>,
+    },
+    /// Remove a function URL.
+    Unbind {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutesCmd {
+    /// Modules the tenant attached to its conf routes.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Attach modules (in order, after the conf's hooks) to a conf route with
+    /// `tenant = "TENANT"`; an empty list detaches them.
+    Attach {
+        #[arg(long)]
+        tenant: String,
+        route: String,
+        /// Comma-separated module names.
+        #[arg(long, default_value = "")]
+        modules: String,
+    },
 }
 
 #[derive(Subcommand)]

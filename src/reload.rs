@@ -116,6 +116,17 @@ pub struct Reloader {
     pub control: Option<Arc<crate::control::Control>>,
 }
 
+impl Reloader {
+    async fn reload(&self) {
+        if self.live.reload().await.is_ok() {
+            // deployed functions follow the new conf (namespace, upstreams)
+            if let Some(c) = &self.control {
+                c.refresh();
+            }
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -141,13 +152,13 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading conf");
-                    let _ = self.live.reload().await;
+                    self.reload().await;
                 }
                 Some(()) = rx.recv() => {
                     // debounce: editors write in several steps
                     while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
                     tracing::info!("conf file changed: reloading");
-                    let _ = self.live.reload().await;
+                    self.reload().await;
                 }
             }
         }

@@ -136,6 +136,13 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
             },
         ));
     }
+    // folds usage and keeps it in data_dir, whether or not the admin API runs
+    server.add_service(background_service(
+        "wasmgate usage",
+        crate::control::UsageKeeper {
+            control: control.clone(),
+        },
+    ));
     server.add_service(background_service(
         "wasmgate reload",
         Reloader {

@@ -31,7 +31,10 @@ fn every_shipped_conf_passes_check() {
             let rel = p.strip_prefix(common::repo()).unwrap();
             let (ok, out, err) = check(rel);
             assert!(ok, "{} failed check:\n{err}", rel.display());
+            // the result and nothing else: no log lines before it, nothing on stderr
+            assert_eq!(out.lines().count(), 1, "{out}");
             assert!(out.contains(": ok: "), "{out}");
+            assert_eq!(err, "", "check printed more than its result");
             n += 1;
         }
     }
@@ -55,12 +58,12 @@ fn invalid_confs_fail_with_their_expected_errors() {
         let rel = dir.join(p.file_name().unwrap());
         let (ok, _, err) = check(&rel);
         assert!(!ok, "{} passed check but must not", rel.display());
-        // guest log lines (timestamped) may come in between; the errors are the contract
-        let err: String = err
-            .lines()
-            .filter(|l| l.starts_with("error: "))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        // only the errors: no log lines (module loading, guest logs) around them
+        assert!(
+            err.lines().all(|l| l.starts_with("error: ")),
+            "{}: more than errors on stderr:\n{err}",
+            rel.display()
+        );
         let expected_path = p.with_extension("stderr");
         if bless {
             std::fs::write(&expected_path, &err).unwrap();

@@ -607,6 +607,39 @@ upstream = "echo"
     assert_eq!(v["path"], "/x");
 }
 
+/// `[access_log] path` is relative to the conf file like every other path (the demo puts
+/// its log under data_dir, not on stdout), whatever the working directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_path_is_relative_to_the_conf() {
+    let up = Upstream::start("echo").await;
+    let conf = format!(
+        "{HEAD}[access_log]\nenabled = true\npath = \"access.log\"\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nname = \"all\"\nupstream = \"echo\"\n",
+        up.addr()
+    );
+    let gw = Gw::start(&conf);
+    client()
+        .get(gw.url("http", "/logged"))
+        .send()
+        .await
+        .unwrap();
+    let file = gw.dir().join("access.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut text = String::new();
+    while !text.contains("\"path\":\"/logged\"") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = std::fs::read_to_string(&file).unwrap_or_default();
+    }
+    assert!(
+        text.contains("\"path\":\"/logged\""),
+        "{}: {text:?}",
+        file.display()
+    );
+    assert!(
+        !gw.log().contains("\"path\":\"/logged\""),
+        "the access log went to stdout"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_tls_with_sni_and_verification() {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};

@@ -165,7 +165,7 @@ async fn lifecycle_deploy_call_redeploy_under_load_rollback_delete() {
         .await;
     assert_eq!(s, 200);
     let c = client();
-    let url = gw.url("http", "/acme/greet/hello/bob");
+    let url = gw.url("http", "/run/acme/greet/hello/bob");
     let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["hello"], "bob");
@@ -255,7 +255,9 @@ async fn lifecycle_deploy_call_redeploy_under_load_rollback_delete() {
         )
         .await;
     assert_eq!(s, 200);
-    assert_eq!(c.get(&url).send().await.unwrap().status(), 404);
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "no_function");
     let (s, _) = a.call("DELETE", "/v1/tenants/acme", Some(OP), vec![]).await;
     assert_eq!(s, 200);
     assert!(
@@ -542,7 +544,7 @@ async fn rate_and_concurrency_limits() {
     let started = std::time::Instant::now();
     for _ in 0..20 {
         let r = c
-            .get(gw.url("http", "/limited/f/hello/x"))
+            .get(gw.url("http", "/run/limited/f/hello/x"))
             .send()
             .await
             .unwrap();
@@ -570,7 +572,7 @@ async fn rate_and_concurrency_limits() {
     assert!(limited > 0);
     assert_eq!(ok + limited, 20);
 
-    let url = gw.url("http", "/narrow/f/x");
+    let url = gw.url("http", "/run/narrow/f/x");
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { c.get(url).send().await.unwrap().status().as_u16() }
@@ -618,7 +620,7 @@ async fn usage_matches_traffic_and_logs_stream_live() {
     let mut out_bytes = 0;
     for i in 0..7 {
         let r = c
-            .get(gw.url("http", &format!("/meter/hi/hello/u{i}")))
+            .get(gw.url("http", &format!("/run/meter/hi/hello/u{i}")))
             .send()
             .await
             .unwrap();
@@ -682,7 +684,7 @@ async fn usage_matches_traffic_and_logs_stream_live() {
         .unwrap();
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let r = c
-        .get(gw.url("http", "/meter/guard/x"))
+        .get(gw.url("http", "/run/meter/guard/x"))
         .send()
         .await
         .unwrap();
@@ -729,7 +731,7 @@ async fn deploys_survive_a_restart_without_recompiling() {
     let (dir, ports) = gw.stop();
     let gw = Gw::start_in(dir, &conf(&up.addr()), ports);
     let r = client()
-        .get(gw.url("http", "/confco/hi/hello/again"))
+        .get(gw.url("http", "/run/confco/hi/hello/again"))
         .send()
         .await
         .unwrap();
@@ -838,4 +840,845 @@ tenant = "confco"
         )
         .await;
     assert_eq!(s, 404);
+}
+
+/// Issue 9, points 2 and 3: function URLs live under `/run` (and the function hosts), a
+/// tenant named like a conf route cannot take it over, anything under the namespace that
+/// is not a function is 404 `no_function` (never another route), and deleting a bound
+/// module closes its URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_namespace_belongs_to_the_operator() {
+    let up = Upstream::start("echo").await;
+    let conf = conf(&up.addr())
+        + r#"
+[[routes]]
+name = "keyed"
+path_prefix = "/keyed"
+upstream = "echo"
+request_headers = { set = { "x-route" = "keyed" } }
+[[routes]]
+name = "catch-all"
+path_prefix = "/"
+upstream = "echo"
+request_headers = { set = { "x-route" = "catch-all" } }
+"#;
+    let gw = Gw::start(&conf);
+    let a = Admin::new(&gw);
+    // tenant names are DNS labels
+    for bad in [
+        "Keyed",
+        "-keyed",
+        "keyed-",
+        "kee_yed",
+        "a.b",
+        "",
+        &"x".repeat(64),
+    ] {
+        let (s, v) = a
+            .json(
+                "POST",
+                "/v1/tenants",
+                OP,
+                serde_json::json!({ "name": bad }),
+            )
+            .await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (400, Some("bad_name")),
+            "{bad:?}: {v}"
+        );
+    }
+    a.tenant("keyed", serde_json::json!({"allowed_upstreams": ["echo"]}))
+        .await;
+    let tok = a.token("keyed", &["deploy"]).await;
+    assert_eq!(
+        a.deploy("keyed", "m", &tok, guest("hello_api")).await.0,
+        201
+    );
+    let (s, v) = a
+        .json(
+            "PUT",
+            "/v1/tenants/keyed/functions/orders",
+            &tok,
+            serde_json::json!({"module": "m"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["bound"], "/run/keyed/orders");
+    let c = client();
+    let get = |path: &str, host: Option<&str>| {
+        let mut r = c.get(gw.url("http", path));
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // the operator's route is untouched by a tenant of the same name
+    let (s, v) = get("/keyed/orders/hello/x", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["headers"]["x-route"], "keyed", "{v}");
+    assert_eq!(v["path"], "/keyed/orders/hello/x", "{v}");
+    // the function answers in its namespace, by path and by host
+    let (s, v) = get("/run/keyed/orders/hello/ann", None).await;
+    assert_eq!((s, v["hello"].as_str()), (200, Some("ann")), "{v}");
+    let (s, v) = get("/hello/bo", Some("ORDERS.Keyed.fn.test")).await;
+    assert_eq!((s, v["hello"].as_str()), (200, Some("bo")), "{v}");
+    // inside the namespace without such a function: 404 no_function, never the catch-all
+    let seen = up.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    for (path, host) in [
+        ("/run", None),
+        ("/run/", None),
+        ("/run/keyed", None),
+        ("/run/keyed/", None),
+        ("/run/keyed/nope/x", None),
+        ("/run/nobody/orders/x", None),
+        ("/x", Some("nope.keyed.fn.test")),
+        ("/x", Some("orders.nobody.fn.test.")),
+    ] {
+        let (s, v) = get(path, host).await;
+        assert_eq!(
+            (s, v),
+            (404, serde_json::json!({"error": "no_function"})),
+            "{path} host {host:?}"
+        );
+    }
+    assert_eq!(
+        up.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        seen,
+        "a request under the function namespace reached the upstream"
+    );
+    // only whole segments: `/running` is not under `/run`; other hosts of the base domain
+    // are not function hosts
+    let (s, v) = get("/running", None).await;
+    assert_eq!(
+        (s, &v["headers"]["x-route"]),
+        (200, &Value::from("catch-all"))
+    );
+    let (s, v) = get("/x", Some("www.fn.test")).await;
+    assert_eq!(
+        (s, &v["headers"]["x-route"]),
+        (200, &Value::from("catch-all"))
+    );
+
+    // point 3: deleting the bound module closes its URL (it never falls through)
+    let (s, _) = a
+        .call("DELETE", "/v1/tenants/keyed/modules/m", Some(&tok), vec![])
+        .await;
+    assert_eq!(s, 200);
+    let (_, v) = a
+        .call("GET", "/v1/tenants/keyed/functions", Some(&tok), vec![])
+        .await;
+    assert_eq!(v, serde_json::json!({}), "the binding went with the module");
+    let seen = up.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    for (path, host) in [
+        ("/run/keyed/orders/admin/secret", None),
+        ("/admin/secret", Some("orders.keyed.fn.test")),
+    ] {
+        let (s, v) = get(path, host).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (404, Some("no_function")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        up.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        seen
+    );
+}
+
+/// A conf whose namespace changes on reload: the function follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_prefix_is_configurable_and_follows_a_reload() {
+    let up = Upstream::start("echo").await;
+    let with_prefix = |p: &str| {
+        conf(&up.addr()).replace(
+            "base_domain = \"fn.test\"",
+            &format!("function_prefix = \"{p}\""),
+        ) + "[limits]\nmax_request_body_bytes = 1000\n[[routes]]\npath_prefix = \"/\"\nupstream = \"echo\"\n"
+    };
+    let mut gw = Gw::start(&with_prefix("/fn/v1"));
+    let a = Admin::new(&gw);
+    let tok = a.token("confco", &["deploy"]).await;
+    assert_eq!(
+        a.deploy("confco", "m", &tok, guest("hello_api")).await.0,
+        201
+    );
+    let (_, v) = a
+        .json(
+            "PUT",
+            "/v1/tenants/confco/functions/f",
+            &tok,
+            serde_json::json!({"module": "m"}),
+        )
+        .await;
+    assert_eq!(v["bound"], "/fn/v1/confco/f");
+    let c = client();
+    let status = |path: &str| {
+        let r = c.get(gw.url("http", path)).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (s, b) = status("/fn/v1/confco/f/hello/x").await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"hello\":\"x\""), "{b}");
+    assert_eq!(status("/fn/v1/confco/g/hello/x").await.0, 404);
+    // functions take the conf's body limit ([limits] max_request_body_bytes)
+    let r = c
+        .post(gw.url("http", "/fn/v1/confco/f/hello/x"))
+        .body(vec![b'x'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // /run is an ordinary path now: the catch-all echoes it
+    let (s, b) = status("/run/confco/f/hello/x").await;
+    assert_eq!(s, 200);
+    assert!(b.contains("\"path\":\"/run/confco/f/hello/x\""), "{b}");
+    gw.rewrite_conf(&with_prefix("/run"));
+    gw.signal(libc::SIGHUP);
+    // the swap happens after the reload is logged: poll, with a deadline
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c
+            .get(gw.url("http", "/run/confco/f/hello/y"))
+            .send()
+            .await
+            .unwrap();
+        let v = r.json::<Value>().await.unwrap_or(Value::Null);
+        if v["hello"] == "y" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never moved to /run: {v}\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c
+        .get(gw.url("http", "/fn/v1/confco/f/hello/y"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("\"path\":\"/fn/v1/confco/f/hello/y\""));
+}
+
+/// Runs the real `wasmgate` CLI against `gw`'s admin API: (success, stdout, stderr).
+/// The token goes after the subcommand on purpose: that is where users put it.
+fn cli(gw: &Gw, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args)
+        .env("WASMGATE_ADMIN", format!("127.0.0.1:{}", gw.port("admin")))
+        .env_remove("WASMGATE_TOKEN")
+        .env_remove("RUST_LOG");
+    if let Some(t) = token {
+        cmd.args(["--token", t]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_json(gw: &Gw, token: &str, args: &[&str]) -> Value {
+    let (ok, out, err) = cli(gw, Some(token), args);
+    assert!(ok, "wasmgate {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// Issue 9, point 16: the CLI reaches every admin endpoint, versions count per tenant and
+/// module, PATCH changes a tenant's limits (operator only), and the CLI's errors help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_covers_every_admin_endpoint() {
+    let up = Upstream::start("echo").await;
+    let conf = conf(&up.addr())
+        + r#"
+[[routes]]
+name = "confco-api"
+path_prefix = "/api"
+upstream = "echo"
+tenant = "confco"
+"#;
+    let gw = Gw::start(&conf);
+    let hello = guests().join("hello_api.wasm");
+    let hello = hello.to_str().unwrap();
+    let rewrite = guests().join("rewrite.wasm");
+    let rewrite = rewrite.to_str().unwrap();
+
+    // no token: the error names WASMGATE_TOKEN
+    let (ok, _, err) = cli(&gw, None, &["tenants", "list"]);
+    assert!(!ok);
+    assert!(err.contains("WASMGATE_TOKEN"), "{err}");
+    let (ok, _, err) = cli(&gw, Some("wrong"), &["tenants", "list"]);
+    assert!(!ok);
+    assert!(
+        err.contains("401") && err.contains("WASMGATE_TOKEN"),
+        "{err}"
+    );
+
+    // tenants: create, list, show, update (PATCH), and a token with --token after the
+    // subcommand (it used to fail with a misleading tip)
+    let v = cli_json(
+        &gw,
+        OP,
+        &[
+            "tenants",
+            "create",
+            "--name",
+            "cli",
+            "--limits",
+            r#"{"rate_per_sec": 1000}"#,
+        ],
+    );
+    assert_eq!(v["limits"]["rate_per_sec"], 1000);
+    let v = cli_json(&gw, OP, &["tenants", "list"]);
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"cli") && names.contains(&"confco"), "{v}");
+    let v = cli_json(
+        &gw,
+        OP,
+        &[
+            "tenants",
+            "update",
+            "cli",
+            "--limits",
+            r#"{"rate_per_sec": null, "max_concurrency": 4, "allowed_upstreams": ["echo"]}"#,
+        ],
+    );
+    assert_eq!(v["limits"]["max_concurrency"], 4, "{v}");
+    assert!(
+        v["limits"].get("rate_per_sec").is_none_or(Value::is_null),
+        "{v}"
+    );
+    assert_eq!(
+        cli_json(&gw, OP, &["tenants", "show", "cli"])["limits"]["allowed_upstreams"],
+        serde_json::json!(["echo"])
+    );
+    let v = cli_json(
+        &gw,
+        OP,
+        &[
+            "token",
+            "create",
+            "--tenant",
+            "cli",
+            "--ops",
+            "deploy,logs,usage",
+        ],
+    );
+    let tok = v["token"].as_str().unwrap().to_string();
+
+    // modules: deploy twice, versions, activate, rollback; numbered per tenant and module
+    let v = cli_json(
+        &gw,
+        &tok,
+        &[
+            "deploy",
+            "--tenant",
+            "cli",
+            "--name",
+            "hello",
+            hello,
+            "--budget-us",
+            "900",
+        ],
+    );
+    assert_eq!(
+        (v["version"].as_u64(), v["budget_us"].as_u64()),
+        (Some(1), Some(900)),
+        "{v}"
+    );
+    let v = cli_json(
+        &gw,
+        &tok,
+        &["deploy", "--tenant", "cli", "--name", "hello", hello],
+    );
+    assert_eq!(v["version"], 2, "{v}");
+    let ctok = a_token(&gw, "confco").await;
+    let v = cli_json(
+        &gw,
+        &ctok,
+        &["deploy", "--tenant", "confco", "--name", "other", hello],
+    );
+    assert_eq!(v["version"], 1, "another tenant's versions start at 1: {v}");
+    let v = cli_json(
+        &gw,
+        &ctok,
+        &["deploy", "--tenant", "confco", "--name", "hello", hello],
+    );
+    assert_eq!(v["version"], 1, "another module's versions start at 1: {v}");
+    let v = cli_json(&gw, &tok, &["modules", "list", "--tenant", "cli"]);
+    assert_eq!(v["hello"]["active"], 2, "{v}");
+    let v = cli_json(
+        &gw,
+        &tok,
+        &["modules", "versions", "--tenant", "cli", "hello"],
+    );
+    assert_eq!(v["versions"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(
+        cli_json(
+            &gw,
+            &tok,
+            &[
+                "modules",
+                "activate",
+                "--tenant",
+                "cli",
+                "hello",
+                "--version",
+                "1"
+            ]
+        )["active"],
+        1
+    );
+    assert_eq!(
+        cli_json(
+            &gw,
+            &tok,
+            &[
+                "modules",
+                "activate",
+                "--tenant",
+                "cli",
+                "hello",
+                "--version",
+                "2"
+            ]
+        )["active"],
+        2
+    );
+    assert_eq!(
+        cli_json(
+            &gw,
+            &tok,
+            &["modules", "rollback", "--tenant", "cli", "hello"]
+        )["active"],
+        1
+    );
+
+    // functions: bind (answering, and guarding the echo upstream), list, call, unbind
+    let v = cli_json(
+        &gw,
+        &tok,
+        &[
+            "functions",
+            "bind",
+            "--tenant",
+            "cli",
+            "hi",
+            "--module",
+            "hello",
+        ],
+    );
+    assert_eq!(v["bound"], "/run/cli/hi");
+    let (ok, out, err) = cli(
+        &gw,
+        Some(&tok),
+        &[
+            "deploy",
+            "--tenant",
+            "cli",
+            "--name",
+            "pass",
+            rewrite,
+            "--config",
+            "{}",
+            "--bind",
+            "/cli/ignored",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"bound\":\"/run/cli/ignored\""), "{out}");
+    let v = cli_json(
+        &gw,
+        &tok,
+        &[
+            "functions",
+            "bind",
+            "--tenant",
+            "cli",
+            "guard",
+            "--module",
+            "pass",
+            "--upstream",
+            "echo",
+        ],
+    );
+    assert_eq!(v["bound"], "/run/cli/guard");
+    let (ok, _, err) = cli(
+        &gw,
+        Some(&tok),
+        &[
+            "functions",
+            "bind",
+            "--tenant",
+            "cli",
+            "bad",
+            "--module",
+            "pass",
+            "--upstream",
+            "secret",
+        ],
+    );
+    assert!(!ok && err.contains("upstream_not_allowed"), "{err}");
+    let v = cli_json(&gw, &tok, &["functions", "list", "--tenant", "cli"]);
+    assert_eq!(v["guard"]["upstream"], "echo", "{v}");
+    let c = client();
+    let r = c
+        .get(gw.url("http", "/run/cli/hi/hello/cli"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "cli");
+    let r = c
+        .get(gw.url("http", "/run/cli/guard/behind"))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["upstream"].as_str(), v["path"].as_str()),
+        (Some("echo"), Some("/behind")),
+        "{v}"
+    );
+    cli_json(
+        &gw,
+        &tok,
+        &["functions", "unbind", "--tenant", "cli", "guard"],
+    );
+    let r = c
+        .get(gw.url("http", "/run/cli/guard/behind"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // routes: attach a module to the tenant's conf route, list
+    let v = cli_json(
+        &gw,
+        &ctok,
+        &[
+            "routes",
+            "attach",
+            "--tenant",
+            "confco",
+            "confco-api",
+            "--modules",
+            "hello",
+        ],
+    );
+    assert_eq!(v["attached"], serde_json::json!(["hello"]), "{v}");
+    assert_eq!(
+        cli_json(&gw, &ctok, &["routes", "list", "--tenant", "confco"])["confco-api"],
+        serde_json::json!(["hello"])
+    );
+    let r = c
+        .get(gw.url("http", "/api/hello/route"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["hello"], "route");
+
+    // logs without --follow: plain lines, one JSON object each, like --follow prints
+    let (ok, out, err) = cli(
+        &gw,
+        Some(&tok),
+        &["deploy", "--tenant", "cli", "--name", "junk", "/dev/null"],
+    );
+    assert!(!ok && err.contains("not_wasm"), "{err}");
+    let (ok, out2, err) = cli(&gw, Some(&tok), &["logs", "--tenant", "cli"]);
+    assert!(ok, "{err}");
+    assert!(!out2.trim_start().starts_with('['), "{out2}");
+    let lines: Vec<Value> = out2
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"].as_str().unwrap().contains("not_wasm")
+                || l["message"].as_str().unwrap().contains("wasm module")),
+        "{out2} {out}"
+    );
+
+    // usage, then deletes
+    let v = cli_json(&gw, &tok, &["usage", "--tenant", "cli"]);
+    assert!(
+        v["modules"]["hello"]["invocations"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    cli_json(
+        &gw,
+        &tok,
+        &["modules", "delete", "--tenant", "cli", "hello"],
+    );
+    assert_eq!(
+        cli_json(&gw, &tok, &["functions", "list", "--tenant", "cli"]).get("hi"),
+        None
+    );
+    let (ok, _, err) = cli(&gw, Some(&tok), &["tenants", "delete", "cli"]);
+    assert!(
+        !ok && err.contains("403"),
+        "a tenant token cannot delete its tenant: {err}"
+    );
+    cli_json(&gw, OP, &["tenants", "delete", "cli"]);
+    let (ok, _, err) = cli(&gw, Some(OP), &["tenants", "show", "cli"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    assert!(
+        !gw.log().contains(&tok) && !gw.log().contains(OP),
+        "a token leaked into the log"
+    );
+}
+
+async fn a_token(gw: &Gw, tenant: &str) -> String {
+    Admin::new(gw)
+        .token(tenant, &["deploy", "logs", "usage"])
+        .await
+}
+
+/// PATCH /v1/tenants/{t}: operator only, API tenants only, validated, effective at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_limits_can_be_changed() {
+    let up = Upstream::start("echo").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let a = Admin::new(&gw);
+    a.tenant("lim", serde_json::json!({"allowed_upstreams": ["echo"]}))
+        .await;
+    let tok = a.token("lim", &["deploy"]).await;
+    assert_eq!(a.deploy("lim", "h", &tok, guest("hello_api")).await.0, 201);
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/lim/functions/f",
+            &tok,
+            serde_json::json!({"module": "h"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        patch(&a, &tok, "lim", serde_json::json!({"rate_per_sec": 1}))
+            .await
+            .0,
+        403
+    );
+    let (s, v) = patch(&a, OP, "confco", serde_json::json!({"rate_per_sec": 1})).await;
+    assert_eq!((s, v["error"].as_str()), (409, Some("conf_tenant")), "{v}");
+    assert_eq!(patch(&a, OP, "nobody", serde_json::json!({})).await.0, 404);
+    let (s, v) = patch(&a, OP, "lim", serde_json::json!({"rate_per_sec": "fast"})).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_limits")), "{v}");
+    let (s, v) = patch(&a, OP, "lim", serde_json::json!({"max_qps": 1})).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_limits")), "{v}");
+    let (s, v) = patch(
+        &a,
+        OP,
+        "lim",
+        serde_json::json!({"allowed_upstreams": ["nope"]}),
+    )
+    .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_upstream")), "{v}");
+    // a function guarding an upstream keeps it allowed until unbound
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/lim/functions/g",
+            &tok,
+            serde_json::json!({"module": "h", "upstream": "echo"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = patch(&a, OP, "lim", serde_json::json!({"allowed_upstreams": []})).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (409, Some("upstream_in_use")),
+        "{v}"
+    );
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("g (upstream `echo`)"),
+        "{v}"
+    );
+    // the rate applies to the next request
+    let url = gw.url("http", "/run/lim/f/hello/x");
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    }
+    let (s, v) = patch(
+        &a,
+        OP,
+        "lim",
+        serde_json::json!({"rate_per_sec": 1, "burst": 1}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["limits"]["allowed_upstreams"],
+        serde_json::json!(["echo"]),
+        "untouched fields stay: {v}"
+    );
+    let statuses: Vec<u16> = futures_statuses(&c, &url, 5).await;
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (s, v) = patch(
+        &a,
+        OP,
+        "lim",
+        serde_json::json!({"rate_per_sec": null, "burst": null}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["limits"]["rate_per_sec"].is_null(), "{v}");
+    let statuses: Vec<u16> = futures_statuses(&c, &url, 5).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
+async fn futures_statuses(c: &reqwest::Client, url: &str, n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(c.get(url).send().await.unwrap().status().as_u16());
+    }
+    out
+}
+
+async fn patch(a: &Admin, who: &str, t: &str, v: Value) -> (u16, Value) {
+    a.json("PATCH", &format!("/v1/tenants/{t}"), who, v).await
+}
+
+/// Sum of one field over a tenant's modules in `data_dir/control/usage.json`.
+fn saved_invocations(gw_dir: &std::path::Path, tenant: &str) -> u64 {
+    let Ok(text) = std::fs::read_to_string(gw_dir.join("data/control/usage.json")) else {
+        return 0;
+    };
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["tenant"] == tenant)
+        .flat_map(|u| u["buckets"].as_array().unwrap().iter())
+        .map(|b| b[1][0].as_u64().unwrap())
+        .sum()
+}
+
+/// Issue 9, point 15: usage (the billing record) survives a graceful restart (saved on
+/// SIGTERM) and a crash (saved every 10 s), and comes back with its time buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_survives_a_restart_and_a_crash() {
+    let up = Upstream::start("echo").await;
+    let conf = conf(&up.addr()).replace(
+        "watch_config = false",
+        "watch_config = false\ngrace_period_secs = 1",
+    );
+    let gw = Gw::start(&conf);
+    let a = Admin::new(&gw);
+    a.tenant("billed", serde_json::json!({})).await;
+    let tok = a.token("billed", &["deploy", "usage"]).await;
+    assert_eq!(
+        a.deploy("billed", "m", &tok, guest("hello_api")).await.0,
+        201
+    );
+    let (s, _) = a
+        .json(
+            "PUT",
+            "/v1/tenants/billed/functions/f",
+            &tok,
+            serde_json::json!({"module": "m"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let c = client();
+    let traffic = |n: usize, port: u16| {
+        let c = c.clone();
+        async move {
+            for i in 0..n {
+                let r = c
+                    .get(format!("http://127.0.0.1:{port}/run/billed/f/hello/{i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        }
+    };
+    traffic(5, gw.port("http")).await;
+    // requests are metered in their logging phase, after the client has its answer
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let before = loop {
+        let v = billed_usage(&a, &tok).await;
+        if v["modules"]["m"]["invocations"] == 5 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(before["modules"]["m"]["invocations"], 5, "{before}");
+
+    // graceful restart: saved on SIGTERM, identical afterwards
+    let (dir, ports) = gw.stop_gracefully();
+    assert_eq!(saved_invocations(dir.path(), "billed"), 5);
+    let gw = Gw::start_in(dir, &conf, ports);
+    let a = Admin::new(&gw);
+    let after = billed_usage(&a, &tok).await;
+    assert_eq!(
+        after["modules"], before["modules"],
+        "usage changed across a restart"
+    );
+    assert_eq!(after["totals"]["invocations"], 5);
+    // a window before the traffic still has none of it: the buckets kept their times
+    let (_, v) = a
+        .call(
+            "GET",
+            &format!(
+                "/v1/tenants/billed/usage?from=0&to={}",
+                wasmgate::wasm::meter::now_secs() - 3600
+            ),
+            Some(&tok),
+            vec![],
+        )
+        .await;
+    assert_eq!(v["totals"]["invocations"], 0, "{v}");
+
+    // a crash: what was saved periodically (every 10 s) survives
+    traffic(2, gw.port("http")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while saved_invocations(gw.dir(), "billed") < 7 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage never saved periodically:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (dir, ports) = gw.stop(); // SIGKILL: no shutdown path runs
+    let gw = Gw::start_in(dir, &conf, ports);
+    let a = Admin::new(&gw);
+    let v = billed_usage(&a, &tok).await;
+    assert_eq!(v["totals"]["invocations"], 7, "{v}");
+    assert!(!gw.dir().join("data/control/usage.json.tmp").exists());
+}
+
+async fn billed_usage(a: &Admin, tok: &str) -> Value {
+    let (s, v) = a
+        .call("GET", "/v1/tenants/billed/usage?from=0", Some(tok), vec![])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v
 }

@@ -98,6 +98,11 @@ pub struct AdminSection {
     pub token: Option<String>,
     /// Function URLs by host: `{function}.{tenant}.<base_domain>`.
     pub base_domain: Option<String>,
+    /// Path namespace of function URLs: `{function_prefix}/{tenant}/{function}/...`.
+    /// Everything under it belongs to functions (unknown ones get 404 `no_function`), so
+    /// tenants can never take over a conf route; `""` leaves only the host form.
+    #[serde(default = "default_function_prefix")]
+    pub function_prefix: Spanned<String>,
 }
 
 impl Default for AdminSection {
@@ -107,12 +112,16 @@ impl Default for AdminSection {
             token_env: default_admin_token_env(),
             token: None,
             base_domain: None,
+            function_prefix: default_function_prefix(),
         }
     }
 }
 
 fn default_admin_listen() -> String {
     "127.0.0.1:9092".into()
+}
+fn default_function_prefix() -> Spanned<String> {
+    Spanned::new(0..0, "/run".into())
 }
 fn default_admin_token_env() -> String {
     "WASMGATE_ADMIN_TOKEN".into()

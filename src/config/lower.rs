@@ -133,7 +133,18 @@ pub fn load_str(path: &Path, text: &str, env: &LoadEnv) -> Result<Snapshot, Conf
     let src = Source { path, text };
     let file: ConfFile = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        ConfErrors(vec![src.error(span, e.message().trim_end().to_string())])
+        // The TOML parser cannot resynchronize after a syntax error (an unclosed string or
+        // bracket changes the meaning of everything after it), and serde stops at the first
+        // key of the wrong name or type; say so, so "one error" is not read as "the rest is
+        // fine". Everything past parsing is reported all at once.
+        let stop = if toml::from_str::<toml::Table>(text).is_err() {
+            "(syntax error: the rest of the file was not checked)"
+        } else {
+            "(the rest of the file is checked once this is fixed)"
+        };
+        ConfErrors(vec![
+            src.error(span, format!("{} {stop}", e.message().trim_end()))
+        ])
     })?;
     Lowering {
         src: &src,
@@ -200,6 +211,21 @@ impl Lowering<'_> {
                 self.err(ms, format!("[limits] {name} must be at least 1 ms"));
             }
         }
+        let fp = &f.admin.function_prefix;
+        if !valid_function_prefix(fp.get_ref()) {
+            self.err(
+                fp,
+                format!(
+                    "[admin] function_prefix `{}` must be \"\" or a path like \"/run\": segments of a-z, A-Z, 0-9, -, _, ~ and ., no trailing /",
+                    fp.get_ref()
+                ),
+            );
+        }
+        for (name, t) in &f.tenants {
+            if !crate::control::is_dns_label(name) {
+                self.err(t, format!("tenant `{name}`: tenant names are DNS labels (they appear in function hosts): 1-63 of a-z, 0-9 and -, not starting or ending with -"));
+            }
+        }
         let listeners = self.listeners(&f.listeners);
         let upstreams = self.upstreams(&f.upstreams);
         let plugins = self.plugins(&f, &upstreams);
@@ -213,7 +239,15 @@ impl Lowering<'_> {
             path: self.src.path.to_path_buf(),
             server: f.server,
             metrics_listen,
-            access_log: f.access_log,
+            // relative to the conf file, like every path in it
+            access_log: AccessLogSection {
+                path: f
+                    .access_log
+                    .path
+                    .as_deref()
+                    .map(|p| self.resolve(p).to_string_lossy().into_owned()),
+                ..f.access_log
+            },
             admin: f.admin,
             limits: f.limits,
             tenants: f
@@ -598,6 +632,33 @@ impl Lowering<'_> {
                 }
                 (None, None) => Some(PathPattern::Prefix("/".into())),
             };
+            let in_namespace = match (&path, &rf.path, &rf.path_prefix) {
+                (Some(pat), Some(at), _) | (Some(pat), None, Some(at)) => {
+                    overlaps_functions(pat, f.admin.function_prefix.get_ref()).then_some(at)
+                }
+                _ => None,
+            };
+            if let Some(at) = in_namespace {
+                self.err(
+                    at,
+                    format!(
+                        "route `{name}`: path `{}` lies in the function namespace `{}` ([admin] function_prefix), where only function URLs answer; move the route or change function_prefix",
+                        at.get_ref(),
+                        f.admin.function_prefix.get_ref()
+                    ),
+                );
+            }
+            if let (Some(h), Some(base)) = (&rf.host, &f.admin.base_domain) {
+                if is_function_host(h.get_ref(), base) {
+                    self.err(
+                        h,
+                        format!(
+                            "route `{name}`: host `{}` lies in the function namespace `{{function}}.{{tenant}}.{base}` ([admin] base_domain), where only function URLs answer",
+                            h.get_ref()
+                        ),
+                    );
+                }
+            }
             if let Some(h) = &rf.host {
                 let host = h.get_ref();
                 let bad = host.is_empty()
@@ -845,6 +906,50 @@ fn value_bytes(v: Option<&toml::Value>) -> Vec<u8> {
         Some(toml::Value::String(s)) => s.clone().into_bytes(),
         Some(other) => serde_json::to_vec(other).unwrap_or_default(),
     }
+}
+
+/// `""` (no path form) or `/seg[/seg...]` of URL-safe characters: compared against
+/// normalized request paths, so dot segments and empty segments could never match.
+fn valid_function_prefix(p: &str) -> bool {
+    p.is_empty()
+        || (p.starts_with('/')
+            && p[1..].split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_~.".contains(&b))
+            }))
+}
+
+/// Whether some path the route matches falls under the function prefix. Function URLs are
+/// looked up before the routes, so such a route would be (partly) unreachable. A route
+/// that merely covers the namespace (`path_prefix = "/"`) keeps everything else.
+fn overlaps_functions(pat: &PathPattern, prefix: &str) -> bool {
+    if prefix.is_empty() {
+        return false;
+    }
+    let fsegs: Vec<&str> = prefix[1..].split('/').collect();
+    let (p, params) = match pat {
+        PathPattern::Exact(p) => (p, true),
+        PathPattern::Prefix(p) => (p, false),
+    };
+    let rsegs: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+    rsegs.len() >= fsegs.len()
+        && fsegs
+            .iter()
+            .zip(&rsegs)
+            .all(|(f, r)| f == r || (params && r.starts_with('{')))
+}
+
+/// `a.b.<base>` and `*.b.<base>`: hosts of the form `{function}.{tenant}.<base>`.
+fn is_function_host(host: &str, base: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let base = base.trim_end_matches('.').to_ascii_lowercase();
+    host.strip_suffix(base.as_str())
+        .and_then(|p| p.strip_suffix('.'))
+        .is_some_and(|p| p.split('.').count() == 2 && p.split('.').all(|l| !l.is_empty()))
 }
 
 fn join_names<'a>(it: impl Iterator<Item = &'a String>) -> String {

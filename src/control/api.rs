@@ -10,6 +10,7 @@
 //! | GET | /v1/tenants | operator |
 //! | POST | /v1/tenants `{"name", "limits": {max_budget_us, max_memory_mb, max_module_bytes, rate_per_sec, burst, max_concurrency, allowed_upstreams}}` | operator |
 //! | GET | /v1/tenants/{t} | operator, tenant (any op) |
+//! | PATCH | /v1/tenants/{t} `{"rate_per_sec": 50, "burst": null, ...}` (given limits replace, null clears) | operator |
 //! | DELETE | /v1/tenants/{t} | operator |
 //! | POST | /v1/tenants/{t}/tokens `{"ops": ["deploy","logs","usage"], "ttl_secs": 3600}` | operator |
 //! | DELETE | /v1/tokens/{jti} (revoke) | operator |
@@ -57,12 +58,9 @@ impl BackgroundService for AdminService {
                 return;
             }
         };
-        let folder = self.control.clone();
-        let mut fold = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = fold.tick() => folder.live.wasm.meter.fold_all(),
                 Ok((sock, _)) = l.accept() => {
                     let c = self.control.clone();
                     let stop = shutdown.clone();
@@ -392,6 +390,12 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             allowed(who, t, None)?;
             ok(c.tenant_view(t)?)
         }
+        ("PATCH", ["v1", "tenants", t]) => {
+            operator(who)?;
+            let patch: serde_json::Value = json_body(&req.body)?;
+            c.update_tenant(t, patch)?;
+            ok(c.tenant_view(t)?)
+        }
         ("DELETE", ["v1", "tenants", t]) => {
             operator(who)?;
             c.delete_tenant(t)?;
@@ -501,7 +505,7 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
                 },
                 &by,
             )?;
-            ok(serde_json::json!({ "bound": format!("/{t}/{f}") }))
+            ok(serde_json::json!({ "bound": c.function_url(t, f) }))
         }
         ("DELETE", ["v1", "tenants", t, "functions", f]) => {
             allowed(who, t, Some("deploy"))?;

@@ -1,4 +1,5 @@
-//! The admin API from the command line: `wasmgate deploy`, `logs`, `usage`, `token`.
+//! The admin API from the command line: `wasmgate tenants`, `deploy`, `modules`,
+//! `functions`, `routes`, `logs`, `usage`, `token`.
 //! A small blocking HTTP/1.1 client; the admin API is plain HTTP on loopback.
 
 use std::io::{BufRead, BufReader, Read, Write};

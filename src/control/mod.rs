@@ -75,10 +75,63 @@ pub struct Stored {
     pub modules: BTreeMap<String, BTreeMap<String, ModuleRec>>,
     pub functions: BTreeMap<String, BTreeMap<String, FunctionRec>>,
     pub revoked: BTreeSet<String>,
-    pub next_version: u32,
     /// Modules a tenant attached to conf routes it owns: tenant -> route -> modules.
     #[serde(default)]
     pub route_hooks: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+}
+
+/// `data_dir/control/usage.json`: the billing record, kept across restarts.
+#[derive(Serialize, Deserialize)]
+struct UsageFile {
+    version: u32,
+    usage: Vec<crate::wasm::meter::SavedUsage>,
+}
+
+/// How often usage is folded into time buckets, and how often new buckets are saved. A
+/// crash (not a graceful stop, which saves) loses at most the last `USAGE_SAVE_EVERY`.
+const USAGE_FOLD_EVERY: Duration = Duration::from_secs(1);
+pub const USAGE_SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// Background service: folds usage every second, saves it when it changed (every
+/// `USAGE_SAVE_EVERY`) and once more on shutdown.
+pub struct UsageKeeper {
+    pub control: Arc<Control>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for UsageKeeper {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let meter = &self.control.live.wasm.meter;
+        let mut fold = tokio::time::interval(USAGE_FOLD_EVERY);
+        let mut saved = meter.buckets_pushed();
+        let mut last_save = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    let c = self.control.clone();
+                    match tokio::task::spawn_blocking(move || c.save_usage()).await {
+                        Ok(Ok(())) => tracing::info!("usage saved"),
+                        Ok(Err(e)) => tracing::error!("cannot save usage: {e}"),
+                        Err(e) => tracing::error!("cannot save usage: {e}"),
+                    }
+                    return;
+                }
+                _ = fold.tick() => {
+                    meter.fold_all();
+                    let pushed = meter.buckets_pushed();
+                    if pushed != saved && last_save.elapsed() >= USAGE_SAVE_EVERY {
+                        let c = self.control.clone();
+                        match tokio::task::spawn_blocking(move || c.save_usage()).await {
+                            Ok(Ok(())) => saved = pushed,
+                            Ok(Err(e)) => tracing::error!("cannot save usage: {e}"),
+                            Err(e) => tracing::error!("cannot save usage: {e}"),
+                        }
+                        last_save = Instant::now();
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A tenant as the request path sees it: its limits and their live state.
@@ -161,6 +214,27 @@ pub struct Function {
     pub tenant: Arc<TenantRt>,
 }
 
+/// What a request's host and path say about function URLs.
+pub enum FnLookup {
+    /// Outside the function namespace: the conf routes decide.
+    NotFunction,
+    /// Inside the namespace, but no such tenant or function: 404 `no_function`, never
+    /// another route (a tenant must not be able to expose what the operator routes).
+    Missing,
+    Found(Arc<Function>),
+}
+
+/// The function table with the namespace it was built for; swapped as one.
+#[derive(Default)]
+struct FnTable {
+    /// `[admin] function_prefix`: `""` or `/seg...` without a trailing slash.
+    prefix: String,
+    /// `[admin] base_domain`, lowercase, without a trailing dot.
+    base_domain: Option<String>,
+    /// tenant -> function -> route; nested so a lookup borrows the request's `&str`s.
+    map: HashMap<String, HashMap<String, Arc<Function>>>,
+}
+
 /// Why an admin action failed: a status and a reason for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -191,15 +265,24 @@ pub struct Control {
     metrics: Arc<Metrics>,
     pub(crate) operator_token: Option<String>,
     pub(crate) secret: Vec<u8>,
-    base_domain: Option<String>,
     stored: Mutex<Stored>,
     /// Active plugin per (tenant, module).
     plugins: Mutex<HashMap<(String, String), Arc<Plugin>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantRt>>>,
-    /// tenant -> function -> route; nested so a lookup borrows the request's `&str`s.
-    functions: ArcSwap<HashMap<String, HashMap<String, Arc<Function>>>>,
+    functions: ArcSwap<FnTable>,
     /// Route name -> the hook chain with the tenant's attached modules appended.
     route_hooks: ArcSwap<HashMap<String, Arc<HookChain>>>,
+}
+
+/// Tenant names appear in function hosts (`{function}.{tenant}.<base_domain>`), so they
+/// are DNS labels: 1-63 of a-z, 0-9 and `-`, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn valid_name(s: &str) -> bool {
@@ -230,13 +313,9 @@ impl Control {
             Ok(b) => serde_json::from_slice(&b)?,
             Err(_) => Stored::default(),
         };
+        drop(snap);
         let c = Control {
             data_dir: data_dir.to_path_buf(),
-            base_domain: snap
-                .admin
-                .base_domain
-                .clone()
-                .map(|d| d.to_ascii_lowercase()),
             live,
             metrics,
             operator_token,
@@ -244,7 +323,7 @@ impl Control {
             stored: Mutex::new(stored.clone()),
             plugins: Mutex::new(HashMap::new()),
             tenants: ArcSwap::from_pointee(HashMap::new()),
-            functions: ArcSwap::from_pointee(HashMap::new()),
+            functions: ArcSwap::from_pointee(FnTable::default()),
             route_hooks: ArcSwap::from_pointee(HashMap::new()),
         };
         let mut plugins = HashMap::new();
@@ -269,7 +348,54 @@ impl Control {
         }
         *c.plugins.lock().unwrap_or_else(|e| e.into_inner()) = plugins;
         c.publish(&stored);
+        c.restore_usage();
         Ok(c)
+    }
+
+    fn usage_path(&self) -> PathBuf {
+        self.data_dir.join("usage.json")
+    }
+
+    /// Reloads the usage saved before the last stop. An unreadable file is set aside (never
+    /// overwritten: it is the billing record) and the gateway starts with empty usage.
+    fn restore_usage(&self) {
+        let path = self.usage_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!(path = %path.display(), "cannot read saved usage: {e}");
+                return;
+            }
+        };
+        match serde_json::from_slice::<UsageFile>(&bytes) {
+            Ok(f) => self.live.wasm.meter.restore(f.usage),
+            Err(e) => {
+                let aside = path.with_extension(format!("json.bad-{}", now_secs()));
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(path = %path.display(), aside = %aside.display(), "saved usage is unreadable, set aside: {e}");
+            }
+        }
+    }
+
+    /// Writes every usage bucket to `data_dir/control/usage.json`: a temporary file,
+    /// synced, then renamed over the old one, so a crash leaves the old or the new record,
+    /// never half of one.
+    pub fn save_usage(&self) -> std::io::Result<()> {
+        let file = UsageFile {
+            version: 1,
+            usage: self.live.wasm.meter.save(),
+        };
+        let path = self.usage_path();
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)
     }
 
     /// Starts the timers of restored modules; called once the services run.
@@ -328,6 +454,7 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let snap = self.live.load();
+        let prefix = snap.admin.function_prefix.get_ref().clone();
         let mut functions: HashMap<String, HashMap<String, Arc<Function>>> = HashMap::new();
         for (t, fns) in &s.functions {
             let Some(tenant) = tenants.get(t) else {
@@ -347,13 +474,13 @@ impl Control {
                     name: name.into(),
                     upstream,
                     rewrite: Some(Rewrite::Prefix {
-                        from: format!("/{t}/{f}"),
+                        from: format!("{prefix}/{t}/{f}"),
                         to: String::new(),
                     }),
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
                     hooks: HookChain::new(vec![p.clone()]),
-                    max_request_body: 8 << 20,
+                    max_request_body: snap.limits.max_request_body_bytes,
                     tenant: Some(t.clone()),
                 });
                 functions.entry(t.clone()).or_default().insert(
@@ -388,31 +515,79 @@ impl Control {
         }
         self.route_hooks.store(Arc::new(route_hooks));
         self.tenants.store(Arc::new(tenants));
-        self.functions.store(Arc::new(functions));
+        self.functions.store(Arc::new(FnTable {
+            prefix,
+            base_domain: snap
+                .admin
+                .base_domain
+                .as_ref()
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
+            map: functions,
+        }));
     }
 
-    /// The function a request addresses: `/{tenant}/{function}/...`, or
-    /// `{function}.{tenant}.<base_domain>` when a base domain is set. Two hash lookups.
-    pub fn function_for(&self, host: &str, path: &str) -> Option<Arc<Function>> {
-        let fns = self.functions.load();
-        if fns.is_empty() {
-            return None;
+    /// Rebuilds the request path's view after a conf reload: function routes point at the
+    /// new snapshot's upstreams, and the function namespace follows the conf.
+    pub fn refresh(&self) {
+        let s = self.lock();
+        self.publish(&s);
+    }
+
+    /// Where a function answers, for the caller of a bind.
+    pub fn function_url(&self, t: &str, f: &str) -> String {
+        let table = self.functions.load();
+        match (&table.base_domain, table.prefix.as_str()) {
+            (Some(base), "") => format!("{f}.{t}.{base}"),
+            (_, prefix) => format!("{prefix}/{t}/{f}"),
         }
-        if let Some(base) = &self.base_domain {
-            if let Some(prefix) = host
-                .strip_suffix(base.as_str())
-                .and_then(|p| p.strip_suffix('.'))
-            {
-                if let Some((f, t)) = prefix.split_once('.') {
-                    if let Some(found) = fns.get(t).and_then(|m| m.get(f)) {
-                        return Some(found.clone());
-                    }
+    }
+
+    /// The function a request addresses: `{prefix}/{tenant}/{function}/...`, or
+    /// `{function}.{tenant}.<base_domain>` when a base domain is set. `path` is already
+    /// normalized (no empty or dot segments), so one spelling means one namespace. At most
+    /// two hash lookups; outside the namespace only string comparisons.
+    pub fn function_for(&self, host: &str, path: &str) -> FnLookup {
+        let table = self.functions.load();
+        let found = |t: &str, f: &str| match table.map.get(t).and_then(|m| m.get(f)) {
+            Some(found) => FnLookup::Found(found.clone()),
+            None => FnLookup::Missing,
+        };
+        if let Some(base) = &table.base_domain {
+            let host = host.strip_suffix('.').unwrap_or(host);
+            let labels = host
+                .len()
+                .checked_sub(base.len() + 1)
+                .filter(|&i| {
+                    host.as_bytes()[i] == b'.'
+                        && host.is_char_boundary(i + 1)
+                        && host[i + 1..].eq_ignore_ascii_case(base)
+                })
+                .map(|i| &host[..i]);
+            if let Some((f, t)) = labels.and_then(|l| l.split_once('.')) {
+                if !f.is_empty() && !t.is_empty() && !t.contains('.') {
+                    // hosts are case-insensitive; tenant names are lowercase
+                    return if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                        found(&t.to_ascii_lowercase(), &f.to_ascii_lowercase())
+                    } else {
+                        found(t, f)
+                    };
                 }
             }
         }
-        let mut seg = path.trim_start_matches('/').splitn(3, '/');
-        let (t, f) = (seg.next()?, seg.next()?);
-        fns.get(t).and_then(|m| m.get(f)).cloned()
+        if table.prefix.is_empty() {
+            return FnLookup::NotFunction;
+        }
+        let Some(rest) = path.strip_prefix(table.prefix.as_str()) else {
+            return FnLookup::NotFunction;
+        };
+        if !rest.is_empty() && !rest.starts_with('/') {
+            return FnLookup::NotFunction; // `/running` is not under `/run`
+        }
+        let mut seg = rest.trim_start_matches('/').splitn(3, '/');
+        match (seg.next(), seg.next()) {
+            (Some(t), Some(f)) if !t.is_empty() && !f.is_empty() => found(t, f),
+            _ => FnLookup::Missing,
+        }
     }
 
     /// The hook chain of a conf route with its tenant's attached modules, if any.
@@ -491,11 +666,11 @@ impl Control {
     }
 
     pub fn create_tenant(&self, name: &str, limits: TenantFile) -> ApiResult<()> {
-        if !valid_name(name) {
+        if !is_dns_label(name) {
             return Err(ApiError::new(
                 400,
                 "bad_name",
-                "tenant names are 1-63 of a-z, 0-9, - and _",
+                "tenant names are DNS labels: 1-63 of a-z, 0-9 and -, not starting or ending with -",
             ));
         }
         let mut s = self.lock();
@@ -522,6 +697,97 @@ impl Control {
         self.persist(&s)?;
         self.publish(&s);
         Ok(())
+    }
+
+    /// Changes an API tenant's limits: the fields given replace the current ones, `null`
+    /// clears one. Rate and concurrency apply to the next request; allowed upstreams
+    /// re-configure the tenant's active modules (from the precompiled cache); the module
+    /// limits (`max_budget_us`, `max_memory_mb`, `max_module_bytes`) apply to later deploys.
+    pub fn update_tenant(&self, name: &str, patch: serde_json::Value) -> ApiResult<TenantFile> {
+        let serde_json::Value::Object(patch) = patch else {
+            return Err(ApiError::new(
+                400,
+                "bad_json",
+                "the body must be a JSON object of limits",
+            ));
+        };
+        let mut s = self.lock();
+        if self.live.load().tenants.contains_key(name) {
+            return Err(ApiError::new(
+                409,
+                "conf_tenant",
+                format!("tenant `{name}` is declared in the conf file; change its limits there"),
+            ));
+        }
+        let current = s
+            .tenants
+            .get(name)
+            .ok_or_else(|| not_found(&format!("tenant `{name}`")))?
+            .clone();
+        let mut merged = match serde_json::to_value(&current) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        merged.extend(patch);
+        merged.retain(|_, v| !v.is_null());
+        let limits: TenantFile = serde_json::from_value(serde_json::Value::Object(merged))
+            .map_err(|e| ApiError::new(400, "bad_limits", e.to_string()))?;
+        let snap = self.live.load();
+        if let Some(bad) = limits
+            .allowed_upstreams
+            .iter()
+            .find(|u| !snap.upstreams.contains_key(*u))
+        {
+            return Err(ApiError::new(
+                400,
+                "bad_upstream",
+                format!("upstream `{bad}` is not defined"),
+            ));
+        }
+        let stranded: Vec<String> = s
+            .functions
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|(f, rec)| {
+                let u = rec.upstream.as_ref()?;
+                (!limits.allowed_upstreams.contains(u)).then(|| format!("{f} (upstream `{u}`)"))
+            })
+            .collect();
+        if !stranded.is_empty() {
+            return Err(ApiError::new(
+                409,
+                "upstream_in_use",
+                format!(
+                    "functions guard upstreams this change disallows; unbind them first: {}",
+                    stranded.join(", ")
+                ),
+            ));
+        }
+        // built before anything changes, so a failure leaves the tenant as it was
+        let mut rebuilt = Vec::new();
+        if limits.allowed_upstreams != current.allowed_upstreams {
+            for (m, rec) in s.modules.get(name).into_iter().flatten() {
+                let Some(v) = rec
+                    .active
+                    .and_then(|a| rec.versions.iter().find(|v| v.version == a))
+                else {
+                    continue;
+                };
+                rebuilt.push((m.clone(), self.build_plugin(name, m, v, &limits)?));
+            }
+        }
+        s.tenants.insert(name.into(), limits.clone());
+        self.persist(&s)?;
+        {
+            let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+            for (m, p) in rebuilt {
+                plugins.insert((name.into(), m), p);
+            }
+        }
+        self.publish(&s);
+        tracing::info!(tenant = %name, "tenant limits changed");
+        Ok(limits)
     }
 
     pub fn delete_tenant(&self, name: &str) -> ApiResult<()> {
@@ -706,14 +972,14 @@ impl Control {
             .and_then(|_| std::fs::write(&file, bytes))
             .map_err(|e| ApiError::new(500, "internal", format!("cannot store module: {e}")))?;
         let mut s = self.lock();
-        s.next_version += 1;
-        v.version = s.next_version;
         let rec = s
             .modules
             .entry(t.into())
             .or_default()
             .entry(m.into())
             .or_default();
+        // numbered per tenant and module: a tenant never sees others' deploy activity
+        v.version = rec.versions.iter().map(|x| x.version).max().unwrap_or(0) + 1;
         rec.versions.push(v.clone());
         rec.active = Some(v.version);
         self.persist(&s)?;

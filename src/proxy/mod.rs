@@ -314,14 +314,23 @@ impl Gateway {
         Ok(false)
     }
 
-    /// Function URLs (`/{tenant}/{function}/...` or by host): tenant rate and concurrency
+    /// Function URLs (`{function_prefix}/{tenant}/{function}/...` or by host): tenant rate and concurrency
     /// limits, then the function's route. `None` when the request is not for a function.
     async fn function_request(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Option<bool>> {
+        use crate::control::FnLookup;
         let Some(control) = &self.control else {
             return Ok(None);
         };
-        let Some(f) = control.function_for(host_of(session, ctx), route_path(session, ctx)) else {
-            return Ok(None);
+        let f = match control.function_for(host_of(session, ctx), route_path(session, ctx)) {
+            FnLookup::NotFunction => return Ok(None),
+            // the namespace is the functions' alone: never fall through to a conf route
+            FnLookup::Missing => {
+                return self
+                    .answer_error(session, ctx, GatewayError::NoFunction)
+                    .await
+                    .map(Some)
+            }
+            FnLookup::Found(f) => f,
         };
         ctx.route = Some(f.route.clone());
         if let Err(wait) = f.tenant.admit() {
@@ -359,7 +368,7 @@ impl Gateway {
                 }
             }
         }
-        // A function sees its own path: /{tenant}/{function}/rest becomes /rest, for its
+        // A function sees its own path: {prefix}/{tenant}/{function}/rest becomes /rest, for its
         // hooks and for the upstream it guards.
         let req = session.req_header();
         if let Some(p) = f

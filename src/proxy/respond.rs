@@ -12,6 +12,8 @@ use pingora::{Error, ErrorType};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GatewayError {
     NoRoute,
+    /// Under the function namespace, but no such tenant or function.
+    NoFunction,
     MethodNotAllowed,
     BodyTooLarge,
     HeadersTooLarge,
@@ -35,7 +37,7 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(self) -> u16 {
         match self {
-            GatewayError::NoRoute => 404,
+            GatewayError::NoRoute | GatewayError::NoFunction => 404,
             GatewayError::MethodNotAllowed => 405,
             GatewayError::BodyTooLarge => 413,
             GatewayError::HeadersTooLarge => 431,
@@ -58,6 +60,7 @@ impl GatewayError {
     pub fn code(self) -> &'static str {
         match self {
             GatewayError::NoRoute => "no_route",
+            GatewayError::NoFunction => "no_function",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::BodyTooLarge => "request_body_too_large",
             GatewayError::HeadersTooLarge => "request_headers_too_large",

@@ -32,6 +32,17 @@ pub struct Usage {
     /// All fuel billed; `wasm_cpu_us` follows it, so requests of less than a microsecond
     /// each still add up instead of rounding to zero one by one.
     fuel: AtomicU64,
+    /// Buckets ever added, so persistence can tell whether there is anything new to save.
+    pushed: AtomicU64,
+}
+
+/// One tenant's module's folded usage as persisted across restarts (`data_dir/control/usage.json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedUsage {
+    pub tenant: String,
+    pub module: String,
+    /// (unix second, counters added during the interval that ended then), oldest first.
+    pub buckets: Vec<(u64, [u64; 9])>,
 }
 
 /// How long usage buckets are kept.
@@ -69,6 +80,7 @@ impl Usage {
         if delta[..PEAK].iter().any(|d| *d > 0) {
             let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
             b.push_back((now, delta));
+            self.pushed.fetch_add(1, Ordering::Relaxed);
             while b.front().is_some_and(|(t, _)| *t + KEEP_SECS < now) {
                 b.pop_front();
             }
@@ -191,6 +203,55 @@ impl Meter {
         let now = now_secs();
         for e in self.usage.iter() {
             e.value().fold(now);
+        }
+    }
+
+    /// How many buckets were ever folded: unchanged means nothing new to persist.
+    pub fn buckets_pushed(&self) -> u64 {
+        self.usage
+            .iter()
+            .map(|e| e.value().pushed.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Every bucket of every tenant and module, folded up to now, for persistence.
+    pub fn save(&self) -> Vec<SavedUsage> {
+        self.fold_all();
+        let mut out: Vec<SavedUsage> = self
+            .usage
+            .iter()
+            .map(|e| SavedUsage {
+                tenant: e.key().0.clone(),
+                module: e.key().1.clone(),
+                buckets: e
+                    .value()
+                    .buckets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied()
+                    .collect(),
+            })
+            .filter(|u| !u.buckets.is_empty())
+            .collect();
+        out.sort_by(|a, b| (&a.tenant, &a.module).cmp(&(&b.tenant, &b.module)));
+        out
+    }
+
+    /// Puts back what [`Meter::save`] returned before a restart, ahead of anything
+    /// counted since; buckets past the retention are dropped.
+    pub fn restore(&self, saved: Vec<SavedUsage>) {
+        let oldest = now_secs().saturating_sub(KEEP_SECS);
+        for u in saved {
+            let usage = self.usage(&u.tenant, &u.module);
+            let mut b = usage.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            let mut old: VecDeque<(u64, [u64; 9])> = u
+                .buckets
+                .into_iter()
+                .filter(|(t, _)| *t >= oldest)
+                .collect();
+            old.extend(b.drain(..));
+            *b = old;
         }
     }
 }

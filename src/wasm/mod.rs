@@ -468,7 +468,7 @@ impl Runtime {
             quota_warned: AtomicU64::new(0),
             spec,
         });
-        let first = vm::Vm::start(&plugin).map_err(|f| match f.cause {
+        let first = vm::Vm::start(&plugin, false).map_err(|f| match f.cause {
             Cause::Misbehaved(m) => format!("{} failed: {m}", f.callback),
             c => format!("{} failed: {}", f.callback, describe(&c)),
         })?;
@@ -516,7 +516,7 @@ impl Plugin {
     ) -> Result<Lease, Failure> {
         let vm = match self.idle.pop() {
             Some(vm) => vm,
-            None => vm::Vm::start(self)?,
+            None => vm::Vm::start(self, true)?,
         };
         Ok(Lease::new(self.clone(), vm, permit))
     }

@@ -79,9 +79,11 @@ fn failure(callback: &'static str, e: wasmtime::Error, host: &Host) -> Failure {
 
 impl Vm {
     /// Instantiates the module and configures its root context. The fuel this burns is
-    /// billed to the tenant like any callback's (with `isolation = "request"` it is paid
-    /// on every request).
-    pub(crate) fn start(plugin: &Arc<Plugin>) -> Result<Box<Vm>, Failure> {
+    /// billed to the tenant like any callback's when `billed` (VMs started to serve
+    /// requests; with `isolation = "request"` it is paid on every request). The VM the
+    /// gateway starts itself when it loads a module (deploy, conf load, restart) checks
+    /// the module and is not billed: a gateway restart costs tenants nothing.
+    pub(crate) fn start(plugin: &Arc<Plugin>, billed: bool) -> Result<Box<Vm>, Failure> {
         let host = Host {
             limits: StoreLimitsBuilder::new()
                 .memory_size(plugin.spec.memory_bytes as usize)
@@ -105,7 +107,9 @@ impl Vm {
             cause: Cause::Trap(e.to_string()),
         })?;
         let booted = Self::boot(plugin, &mut store);
-        plugin.bill_fuel(start_fuel - store.get_fuel().unwrap_or(0).min(start_fuel));
+        if billed {
+            plugin.bill_fuel(start_fuel - store.get_fuel().unwrap_or(0).min(start_fuel));
+        }
         Ok(Box::new(Vm {
             store,
             f: booted?,

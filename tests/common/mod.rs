@@ -1,7 +1,8 @@
 //! Test harness: real gateway processes on free loopback ports, real upstreams, real wasm.
 //!
 //! `Gw::start(conf)` writes the conf (with `{port:NAME}` placeholders replaced by free
-//! ports and `{guests}` by the built guests' folder) into a temp dir, starts
+//! ports, `{guests}` by the built guests' folder, and the admin API on a free port
+//! `{port:admin}` unless the conf sets `[admin] listen`) into a temp dir, starts
 //! `wasmgate serve` on it and waits until every listener accepts. Dropping it kills the
 //! process it started.
 #![allow(dead_code)]
@@ -106,10 +107,26 @@ pub struct Gw {
     log: Arc<Mutex<String>>,
 }
 
-/// Replaces `{port:NAME}` (allocating a free port per new NAME) and `{guests}`.
+/// Every gateway a test starts has its admin API on a free port: the default
+/// (127.0.0.1:9092) would collide with another test's gateway or a running demo, and the
+/// loser would silently run without an admin API.
+fn admin_on_free_port(conf: &str) -> String {
+    if !conf.contains("[admin]") {
+        return format!("{conf}\n[admin]\nlisten = \"127.0.0.1:{{port:admin}}\"\n");
+    }
+    assert!(
+        conf.contains("{port:admin}") || conf.contains("listen = \"\""),
+        "a test conf with [admin] must listen on \"127.0.0.1:{{port:admin}}\" (or \"\")"
+    );
+    conf.to_string()
+}
+
+/// Replaces `{port:NAME}` (allocating a free port per new NAME) and `{guests}`, and puts
+/// the admin API on a free port unless the conf places it.
 pub fn render(conf: &str, ports: &mut HashMap<String, u16>) -> String {
+    let conf = admin_on_free_port(conf);
     let mut out = String::new();
-    let mut rest = conf;
+    let mut rest = conf.as_str();
     while let Some(i) = rest.find("{port:") {
         out.push_str(&rest[..i]);
         let end = rest[i..].find('}').unwrap() + i;
@@ -201,6 +218,32 @@ impl Gw {
     pub fn stop(mut self) -> (tempfile::TempDir, HashMap<String, u16>) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.ports.clone())
+    }
+
+    /// Stops the gateway with SIGTERM (a graceful shutdown, which saves state) and waits
+    /// for it to exit, keeping its folder and ports for a restart.
+    pub fn stop_gracefully(mut self) -> (tempfile::TempDir, HashMap<String, u16>) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // exited by itself: killed by a signal would mean no graceful path ran
+                assert!(
+                    st.code().is_some(),
+                    "gateway died from a signal: {st:?}\n{}",
+                    self.log()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         (dir, self.ports.clone())
     }
