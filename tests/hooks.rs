@@ -475,14 +475,6 @@ fn hostile_gateway_with(head: &str, cases: &[(&str, Vec<u8>, &str)]) -> Gw {
     Gw::start_in(dir, &conf, Default::default())
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_modules_are_contained() {
     let up = Upstream::start("echo").await;

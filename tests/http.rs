@@ -664,15 +664,6 @@ upstream = "echo"
     assert!(c.closed());
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_request_heads_are_refused_while_read() {
     let up = Upstream::start("echo").await;

@@ -324,3 +324,12 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
