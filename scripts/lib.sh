@@ -4,7 +4,7 @@
 ensure_packages() {
   local missing=()
   for cmd in "$@"; do
-    command -v "$cmd" >/dev/null 2>&1 && continue
+    present "$cmd" && continue
     # one command can need several packages: each must be its own apt-get argument
     local pkgs
     read -ra pkgs <<<"$(pkg_for "$cmd")"
@@ -17,6 +17,16 @@ ensure_packages() {
     $sudo apt-get update -qq >/dev/null 2>&1 || true
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+}
+
+# present CMD: the command is there, with what the scripts need of it (nginx: its njs
+# module, which a plain `apt-get install nginx` does not bring).
+present() {
+  command -v "$1" >/dev/null 2>&1 || return 1
+  case "$1" in
+    nginx) [ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] ;;
+    *) return 0 ;;
+  esac
 }
 
 # pkg_for CMD: the Debian packages (space-separated) that provide CMD.

@@ -241,7 +241,13 @@ fn tree_paths(p: &PathPattern) -> Vec<String> {
             if base.is_empty() {
                 vec!["/".into(), format!("/{{*{REST}}}")]
             } else {
-                vec![base.to_string(), format!("{base}/{{*{REST}}}")]
+                // a catch-all needs one byte at least: `{base}/` is its own entry, or
+                // `/hooked/` would skip a `/hooked` prefix route
+                vec![
+                    base.to_string(),
+                    format!("{base}/"),
+                    format!("{base}/{{*{REST}}}"),
+                ]
             }
         }
     }
@@ -288,6 +294,7 @@ mod tests {
         assert_eq!(r.find("x.org", "/", &get).unwrap().route, 0);
         assert_eq!(r.find("x.org", "/apix", &get).unwrap().route, 0);
         assert_eq!(r.find("x.org", "/api", &get).unwrap().route, 1);
+        assert_eq!(r.find("x.org", "/api/", &get).unwrap().route, 1);
         assert_eq!(r.find("x.org", "/api/other/deep", &get).unwrap().route, 1);
         let m = r.find("x.org", "/api/users/42", &get).unwrap();
         assert_eq!((m.route, m.params), (2, vec![("id", "42")]));

@@ -207,6 +207,15 @@ upstream = "echo"
     // every spelling of /hooked/x reaches the hook (401) or is refused (400)
     for (target, want) in [
         ("/hooked/x", 401),
+        ("/hooked", 401),
+        ("/hooked/", 401),
+        ("/hooked//", 401),
+        ("/hooked/.", 401),
+        ("/hooked/x/..", 401),
+        ("/hooked/x/%2e%2e/", 401),
+        ("/%68ooked/", 401),
+        ("/hooked/?a=1", 401),
+        ("/hooked;x/", 401),
         ("/%68ooked/x", 401),
         ("//hooked/x", 401),
         ("/hooked//x", 401),
@@ -772,6 +781,7 @@ async fn quirky_upstream() -> (String, tokio::task::JoinHandle<()>) {
                         "/hop" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nkeep-alive: timeout=5\r\nconnection: x-foo, keep-alive\r\nx-foo: secret\r\nupgrade: h2c\r\nproxy-connection: keep-alive\r\nx-ok: 1\r\n\r\nok",
                         "/204" => b"HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n",
                         "/304" => b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+                        "/ten" => b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
                         "/early" => b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
                         _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
                     };
@@ -789,6 +799,26 @@ async fn quirky_upstream() -> (String, tokio::task::JoinHandle<()>) {
 async fn framing_and_hop_by_hop_rules_of_rfc_9112() {
     let up = Upstream::start("echo").await;
     let (quirky, _q) = quirky_upstream().await;
+    // a filter answering 204 with a body: the client gets neither body nor length
+    let dir = tempfile::tempdir().unwrap();
+    let nothing = dir.path().join("nothing.wasm");
+    std::fs::write(
+        &nothing,
+        wat::parse_str(
+            r#"(module
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ignored")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $send (i32.const 204) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 7) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1)))"#,
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let conf = HEAD.to_string()
         + &format!(
             r#"
@@ -796,6 +826,11 @@ async fn framing_and_hop_by_hop_rules_of_rfc_9112() {
 targets = ["{}"]
 [upstreams.quirky]
 targets = ["{quirky}"]
+[modules.nothing]
+path = "{nothing}"
+[[routes]]
+path = "/nothing"
+hooks = ["nothing"]
 [[routes]]
 name = "get-only"
 path = "/get-only"
@@ -809,10 +844,29 @@ rewrite = {{ strip_prefix = true }}
 path_prefix = "/"
 upstream = "echo"
 "#,
-            up.addr()
+            up.addr(),
+            nothing = nothing.display()
         );
     let gw = Gw::start(&conf);
     let port = gw.port("http");
+    let mut c = Raw::connect(port);
+    let r = c
+        .send(b"GET /nothing HTTP/1.1\r\nhost: t\r\n\r\n")
+        .response()
+        .unwrap();
+    assert_eq!(r.status, 204);
+    assert!(r.header("content-length").is_none(), "{}", r.head);
+    c.send(b"GET /after-204 HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(
+        c.response().unwrap().json()["path"],
+        "/after-204",
+        "the 204 left bytes behind"
+    );
+
+    // the gateway answers in its own HTTP version, whatever the upstream's
+    let r = get(port, "/q/ten", "t", "");
+    assert!(r.head.starts_with("HTTP/1.1 200"), "{}", r.head);
+    assert_eq!(r.body, b"ok");
 
     // an HTTP/1.0 client never gets chunks: the body ends with the connection
     let mut c = Raw::connect(port);

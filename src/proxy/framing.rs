@@ -114,6 +114,10 @@ pub fn response_head(session: &mut Session, resp: &mut ResponseHeader) -> Result
             resp.remove_header(name);
         }
     }
+    // the gateway speaks its own HTTP version, whatever the upstream's (RFC 9110 §6.2)
+    if !session.is_http2() {
+        resp.set_version(http::Version::HTTP_11);
+    }
     let status = resp.status.as_u16();
     let bodiless = resp.status.is_informational() || status == 204 || status == 304;
     let old_client = session.req_header().version == http::Version::HTTP_10;

@@ -148,7 +148,12 @@ pub async fn send(
         }
         resp.append_header(lower, v.as_slice())?;
     }
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    // a 204 or 304 has no body, and a 204 must not carry a length (RFC 9110 §8.6)
+    let bodiless = status == 204 || status == 304;
+    let body = if bodiless { Bytes::new() } else { body };
+    if !bodiless {
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    }
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(resp), head_only || body.is_empty())
