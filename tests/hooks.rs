@@ -1325,3 +1325,72 @@ async fn body_callbacks_do_not_exhaust_the_request_budget_on_large_bodies() {
         gw.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_retire_the_modules_they_replace() {
+    // a module whose root context ticks every 20 ms and counts its ticks in a metric
+    let ticker = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $period (param i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $incr (param i32 i64) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ticks")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $define (i32.const 0) (i32.const 16) (i32.const 5) (i32.const 64)))
+    (drop (call $period (i32.const 20)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $incr (i32.load (i32.const 64)) (i64.const 1)))))"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ticker.wasm");
+    std::fs::write(&path, ticker).unwrap();
+    let up = Upstream::start("echo").await;
+    let conf = base(&up.addr())
+        + &format!(
+            "[modules.ticker]\npath = \"{}\"\n[[routes]]\npath_prefix = \"/t\"\nupstream = \"echo\"\nhooks = [\"ticker\"]\n",
+            path.display()
+        );
+    let gw = Gw::start(&conf);
+    let ticks = || async {
+        metric(
+            &gw.metrics().await,
+            "wasmgate_guest_counter{module=\"ticker\",name=\"ticks\"",
+        )
+    };
+    let rate = || async {
+        let a = ticks().await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        ticks().await - a
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rate().await;
+    assert!(before >= 10.0, "the module does not tick: {before}/s");
+    let rss_before = rss_kb(gw.child.id());
+    for generation in 2..=21 {
+        gw.signal(libc::SIGHUP);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metric(&gw.metrics().await, "wasmgate_config_generation") < generation as f64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reload {generation} never applied"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // twenty reloads later one module ticks, not twenty-one
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rate().await;
+    assert!(
+        after < before * 1.8,
+        "replaced modules still tick: {before}/s before, {after}/s after 20 reloads"
+    );
+    let grown_mb = rss_kb(gw.child.id()).saturating_sub(rss_before) / 1024;
+    assert!(grown_mb < 30, "20 reloads kept {grown_mb} MiB");
+}

@@ -116,6 +116,16 @@ impl Snapshot {
     }
 }
 
+/// A snapshot's plugins are its own (a reload builds new ones): when the last request
+/// on it ends, they retire, which ends their timers and frees their idle VMs.
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        for p in self.plugins.values() {
+            p.retire();
+        }
+    }
+}
+
 /// Reads, validates and lowers the conf file at `path`.
 pub fn load(path: &Path, env: &LoadEnv) -> Result<Snapshot, ConfErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {

@@ -782,7 +782,9 @@ impl Control {
         {
             let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
             for (m, p) in rebuilt {
-                plugins.insert((name.into(), m), p);
+                if let Some(old) = plugins.insert((name.into(), m), p) {
+                    old.retire();
+                }
             }
         }
         self.publish(&s);
@@ -807,7 +809,12 @@ impl Control {
         self.plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(t, _), _| t != name);
+            .retain(|(t, _), p| {
+                if t == name {
+                    p.retire();
+                }
+                t != name
+            });
         self.persist(&s)?;
         self.publish(&s);
         let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(name));
@@ -983,10 +990,14 @@ impl Control {
         rec.versions.push(v.clone());
         rec.active = Some(v.version);
         self.persist(&s)?;
-        self.plugins
+        let replaced = self
+            .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((t.into(), m.into()), plugin);
+        if let Some(old) = replaced {
+            old.retire();
+        }
         self.publish(&s);
         tracing::info!(tenant = %t, module = %m, version = v.version, digest = &digest[..12], by = %by, "module deployed");
         Ok(v)
@@ -1030,10 +1041,14 @@ impl Control {
             r.active = Some(target.version);
         }
         self.persist(&s)?;
-        self.plugins
+        let replaced = self
+            .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((t.into(), m.into()), plugin);
+        if let Some(old) = replaced {
+            old.retire();
+        }
         self.publish(&s);
         tracing::info!(tenant = %t, module = %m, version = target.version, by = %by, "module version activated");
         Ok(target.version)
@@ -1048,10 +1063,14 @@ impl Control {
         if let Some(fns) = s.functions.get_mut(t) {
             fns.retain(|_, f| f.module != m);
         }
-        self.plugins
+        let removed = self
+            .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(t.to_string(), m.to_string()));
+        if let Some(old) = removed {
+            old.retire();
+        }
         self.persist(&s)?;
         self.publish(&s);
         let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(t).join(m));

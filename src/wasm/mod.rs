@@ -175,6 +175,8 @@ pub struct Plugin {
     /// Unix second of the last "quota exceeded" log line, so a guest hammering a full
     /// quota costs one log line per second, not one per call.
     quota_warned: AtomicU64,
+    /// Replaced or removed (a reload, a redeploy): VMs are no longer pooled, timers stop.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -466,6 +468,7 @@ impl Runtime {
             pending_queues: crossbeam_queue::SegQueue::new(),
             quota: self.shared.quota(&spec.tenant),
             quota_warned: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
             spec,
         });
         let first = vm::Vm::start(&plugin, false).map_err(|f| match f.cause {
@@ -473,7 +476,7 @@ impl Runtime {
             c => format!("{} failed: {}", f.callback, describe(&c)),
         })?;
         if plugin.spec.isolation == Isolation::Shared {
-            let _ = plugin.idle.push(first);
+            plugin.park(first);
         }
         Ok(plugin)
     }
@@ -523,8 +526,34 @@ impl Plugin {
 
     pub(crate) fn give_back(&self, vm: Box<vm::Vm>) {
         if self.spec.isolation == Isolation::Shared {
-            let _ = self.idle.push(vm);
+            self.park(vm);
         }
+    }
+
+    /// Puts an idle VM in the pool, unless the plugin is retired.
+    fn park(&self, vm: Box<vm::Vm>) {
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = self.idle.push(vm);
+        if self.retired.load(Ordering::Acquire) {
+            self.drain_idle(); // retired meanwhile
+        }
+    }
+
+    fn drain_idle(&self) {
+        while self.idle.pop().is_some() {}
+    }
+
+    /// The plugin was replaced (a reload built a new one, a redeploy or delete removed
+    /// it): its idle VMs go and its timer loop ends. Idle VMs hold the plugin (their host
+    /// state points back at it), so without this a replaced plugin and its VMs would live,
+    /// and tick, forever. Requests still running on it keep working: they get fresh VMs,
+    /// dropped when they end.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.drain_idle();
     }
 
     pub(crate) fn next_metric_id(&self) -> u32 {
@@ -658,7 +687,7 @@ impl Plugin {
                 return; // the VM is dropped; a new one comes with the next request
             }
         }
-        let _ = self.idle.push(vm);
+        self.park(vm);
     }
 
     fn tick_idle(&self) {
@@ -672,7 +701,7 @@ impl Plugin {
             }
         }
         for vm in done {
-            let _ = self.idle.push(vm);
+            self.park(vm);
         }
     }
 }
