@@ -215,6 +215,58 @@ hooks = ["rw"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conf_rewrites_apply_to_the_path_a_hook_chose() {
+    let up = Upstream::start("echo").await;
+    let conf = base(&up.addr())
+        + r#"
+[modules.inside]
+path = "{guests}/rewrite.wasm"
+config = { request = { prefix_from = "/api/a", prefix_to = "/api/b" } }
+[modules.outside]
+path = "{guests}/rewrite.wasm"
+config = { request = { prefix_from = "/legacy", prefix_to = "/modern" } }
+[[routes]]
+path_prefix = "/api"
+upstream = "echo"
+rewrite = { replace_prefix = "/internal" }
+hooks = ["inside"]
+[[routes]]
+path_prefix = "/legacy"
+upstream = "echo"
+rewrite = { strip_prefix = true }
+hooks = ["outside"]
+[[routes]]
+path = "/u/{id}"
+upstream = "echo"
+rewrite = { path = "/users/{id}" }
+hooks = ["outside"]
+"#;
+    let gw = Gw::start(&conf);
+    let path = |p: &'static str| {
+        let url = gw.url("http", p);
+        async move {
+            let v: Value = client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["path"].as_str().unwrap().to_string()
+        }
+    };
+    // the hook's path is still under the route's prefix: the conf rewrite applies to it
+    assert_eq!(path("/api/a/x?q=1").await, "/internal/b/x?q=1");
+    // a path the hook did not touch is rewritten as before
+    assert_eq!(path("/api/z").await, "/internal/z");
+    // the hook moved the path out of the prefix: its path wins, never undone
+    assert_eq!(path("/legacy/x").await, "/modern/x");
+    // untouched by the hook there, so the template applies
+    assert_eq!(path("/u/7").await, "/users/7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wasm_api_backend_answers_without_upstream() {
     let up = Upstream::start("echo").await;
     let conf = base(&up.addr())

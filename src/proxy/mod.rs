@@ -250,6 +250,23 @@ fn over_header_limits(
     (size > l.max_request_header_bytes).then_some(GatewayError::HeadersTooLarge)
 }
 
+/// The conf rewrite of a path a hook changed. Like Envoy's router, which rewrites after
+/// the filters ran, a prefix rewrite applies to the hook's path while it is still under the
+/// route's prefix; a hook's path outside it, or a route with a template rewrite (built from
+/// the matched path's parameters), is forwarded as the hook left it. A hook's change is
+/// never silently undone.
+fn rewrite_hook_path(route: &Route, path: &str, query: Option<&str>) -> Option<String> {
+    match route.rewrite.as_ref()? {
+        rw @ crate::route::Rewrite::Prefix { from, .. } => {
+            let under = path.strip_prefix(from.as_str()).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('/') || from.ends_with('/')
+            });
+            under.then(|| rw.apply(path, query, &[]))
+        }
+        crate::route::Rewrite::Template(_) => None,
+    }
+}
+
 /// Bodies up to this size that hooks see are read before the request goes upstream, so
 /// the upstream gets their final length (Pingora's retry buffer holds this much).
 const PREREAD_LIMIT: u64 = 64 * 1024;
@@ -403,6 +420,11 @@ impl Gateway {
             }
         };
         let eos = session.is_body_empty();
+        // the conf rewrite was computed from the matched path; a hook may change it
+        let before = ctx
+            .rewritten
+            .is_some()
+            .then(|| session.req_header().uri.path().to_string());
         let flow = state
             .request_headers(session.req_header_mut(), eos, &self.callouts)
             .await;
@@ -410,6 +432,12 @@ impl Gateway {
             ctx.hooks = Some(Box::new(state));
             send_local(session, r).await?;
             return Ok(true);
+        }
+        if let Some(before) = before {
+            let req = session.req_header();
+            if req.uri.path() != before {
+                ctx.rewritten = rewrite_hook_path(&route, req.uri.path(), req.uri.query());
+            }
         }
         framing::continue_if_expected(session).await?;
         // Routes without an upstream read the whole body here: nothing else will. Small
