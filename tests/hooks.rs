@@ -303,9 +303,87 @@ hooks = ["hello"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_need_method_path_and_authority() {
+    // a raw-ABI filter that dispatches a callout with the headers in memory at 64 (a map
+    // of `len` bytes) and answers 200 + the status proxy_http_call returned
+    let filter = |headers: &str, len: usize| {
+        wat::parse_str(format!(
+            r#"(module
+  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "auth")
+  (data (i32.const 64) "{headers}")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $st i32)
+    (local.set $st (call $call (i32.const 16) (i32.const 4) (i32.const 64) (i32.const {len})
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1024)))
+    (drop (call $send (i32.add (i32.const 200) (local.get $st)) (i32.const 0) (i32.const 0)
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)))"#
+        ))
+        .unwrap()
+    };
+    // [":method": "GET", ":path": "/"]: no authority
+    let no_authority = "\\02\\00\\00\\00\\07\\00\\00\\00\\03\\00\\00\\00\\05\\00\\00\\00\\01\\00\\00\\00:method\\00GET\\00:path\\00/\\00";
+    // [":method": "GET", ":path": "/", ":authority": "a"]
+    let complete = "\\03\\00\\00\\00\\07\\00\\00\\00\\03\\00\\00\\00\\05\\00\\00\\00\\01\\00\\00\\00\\0a\\00\\00\\00\\01\\00\\00\\00:method\\00GET\\00:path\\00/\\00:authority\\00a\\00";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.wasm"), filter(no_authority, 40)).unwrap();
+    std::fs::write(dir.path().join("good.wasm"), filter(complete, 61)).unwrap();
+    let up = Upstream::start("echo").await;
+    let auth = Upstream::start("auth").await;
+    let d = dir.path().display();
+    let conf = base(&up.addr())
+        + &format!(
+            r#"
+[upstreams.auth]
+targets = ["{}"]
+[modules.bad]
+path = "{d}/bad.wasm"
+allowed_upstreams = ["auth"]
+[modules.good]
+path = "{d}/good.wasm"
+allowed_upstreams = ["auth"]
+[[routes]]
+path_prefix = "/bad"
+hooks = ["bad"]
+[[routes]]
+path_prefix = "/good"
+hooks = ["good"]
+"#,
+            auth.addr()
+        );
+    let gw = Gw::start(&conf);
+    let c = client();
+    let status = |p: &'static str| {
+        let (c, url) = (c.clone(), gw.url("http", p));
+        async move { c.get(url).send().await.unwrap().status().as_u16() }
+    };
+    // BadArgument (2), and nothing reached the auth upstream
+    assert_eq!(status("/bad").await, 202);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        auth.stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // with all three the call is dispatched (Ok) even with timeout 0 (the default)
+    assert_eq!(status("/good").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_auth_pauses_on_an_http_callout() {
     let up = Upstream::start("echo").await;
     let dead = free_port();
+    // accepts connections and never answers
+    let silent_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = silent_listener.local_addr().unwrap().to_string();
     let conf = base(&up.addr())
         + &format!(
             r#"
@@ -321,6 +399,16 @@ allowed_upstreams = ["auth"]
 path = "{{guests}}/ext_auth.wasm"
 config = {{ upstream = "down", path = "/auth/check", timeout_ms = 300 }}
 allowed_upstreams = ["down"]
+[upstreams.silent]
+targets = ["{silent}"]
+[modules.ext_slow]
+path = "{{guests}}/ext_auth.wasm"
+config = {{ upstream = "silent", path = "/auth/check", timeout_ms = 200 }}
+allowed_upstreams = ["silent"]
+[[routes]]
+path_prefix = "/slow"
+upstream = "echo"
+hooks = ["ext_slow"]
 [modules.ext_not_allowed]
 path = "{{guests}}/ext_auth.wasm"
 config = {{ upstream = "auth" }}
@@ -363,8 +451,24 @@ hooks = ["ext_not_allowed"]
         .send()
         .await
         .unwrap();
+    // the refused connection reaches the guest as Envoy's synthesized 503
     assert_eq!(r.status(), 503);
-    assert_eq!(r.text().await.unwrap(), r#"{"error":"auth_unavailable"}"#);
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"{"error":"auth_unavailable","status":503}"#
+    );
+    // an auth service that never answers: a synthesized 504 after the guest's timeout
+    let r = c
+        .get(gw.url("http", "/slow/x"))
+        .bearer_auth("demo-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"{"error":"auth_unavailable","status":504}"#
+    );
     // an upstream the module was not granted is refused at dispatch
     let r = c
         .get(gw.url("http", "/sneaky/x"))

@@ -265,6 +265,20 @@ impl HookState {
     }
 }
 
+/// The answer Envoy's async client makes up when a callout fails before a response.
+fn synthesized(token: u32, status: u16, body: &str) -> CallResponse {
+    CallResponse {
+        token,
+        status,
+        headers: vec![
+            ("content-length".into(), body.len().to_string().into_bytes()),
+            ("content-type".into(), b"text/plain".to_vec()),
+        ],
+        body: body.as_bytes().to_vec(),
+        trailers: Vec::new(),
+    }
+}
+
 /// Makes `proxy_http_call` requests to upstreams through Pingora's pooled connector.
 pub struct Callouts {
     connector: pingora::connectors::http::Connector,
@@ -306,7 +320,10 @@ impl Callouts {
         }
     }
 
-    /// One callout; a failure of any kind is an answer with status 0.
+    /// One callout. Failures answer as Envoy's async client does: a timeout is a
+    /// synthesized `504` ("upstream request timeout"), a connection that could not be
+    /// made a synthesized `503`; a connection lost mid-exchange is an answer with no
+    /// headers (Envoy's `onHttpCallFailure`).
     async fn call(&self, c: PendingCall) -> CallResponse {
         let token = c.token;
         match tokio::time::timeout(c.timeout, self.exchange(&c)).await {
@@ -316,15 +333,23 @@ impl Callouts {
             }
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %c.upstream.name, error = %e, "callout failed");
-                CallResponse {
-                    token,
-                    ..CallResponse::default()
+                use pingora::ErrorType::*;
+                match e.etype() {
+                    ConnectRefused | ConnectNoRoute | ConnectTimedout | ConnectError
+                    | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | SocketError => {
+                        synthesized(
+                            token,
+                            503,
+                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                        )
+                    }
+                    _ => CallResponse {
+                        token,
+                        ..CallResponse::default()
+                    },
                 }
             }
-            Err(_) => CallResponse {
-                token,
-                ..CallResponse::default()
-            },
+            Err(_) => synthesized(token, 504, "upstream request timeout"),
         }
     }
 

@@ -108,7 +108,11 @@ impl std::fmt::Debug for PendingCall {
     }
 }
 
-/// The answer to a `proxy_http_call`; `status == 0` means the call failed.
+/// A callout's timeout when the guest passes 0.
+pub const DEFAULT_CALLOUT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The answer to a `proxy_http_call`; `status == 0` means the connection was lost before a
+/// response (the guest sees no headers).
 #[derive(Debug, Default, Clone)]
 pub struct CallResponse {
     pub token: u32,
@@ -1147,6 +1151,13 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     .into_iter()
                     .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
                     .collect::<Vec<_>>();
+                // like Envoy: a callout needs its method, path and authority; none is sent
+                // without them
+                for required in [":method", ":path", ":authority"] {
+                    if !headers.iter().any(|(k, v)| k == required && !v.is_empty()) {
+                        return Err(Status::BadArgument);
+                    }
+                }
                 let p = c.data().plugin.clone();
                 let upstream = p
                     .spec
@@ -1166,7 +1177,12 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     upstream,
                     headers,
                     body,
-                    timeout: Duration::from_millis((timeout_ms as u32).clamp(1, 60_000) as u64),
+                    // 0 asks for the default (Envoy would wait without limit; here a
+                    // callout never waits longer than a minute)
+                    timeout: match timeout_ms as u32 {
+                        0 => DEFAULT_CALLOUT_TIMEOUT,
+                        ms => Duration::from_millis(ms.min(60_000) as u64),
+                    },
                 });
                 write_u32(&mut c, ret, token)
             })();

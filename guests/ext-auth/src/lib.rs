@@ -111,6 +111,17 @@ impl Context for ExtAuth {
         let status = self
             .get_http_call_response_header(":status")
             .unwrap_or_default();
+        if status.starts_with('5') {
+            // the auth service failed or could not be reached (the host synthesizes 503
+            // for a refused connection and 504 for a timeout, as Envoy does)
+            let body = format!("{{\"error\":\"auth_unavailable\",\"status\":{status}}}");
+            self.send_http_response(
+                503,
+                vec![("content-type", "application/json")],
+                Some(body.as_bytes()),
+            );
+            return;
+        }
         if status.starts_with('2') {
             if let Some(user) = self.get_http_call_response_header("x-user") {
                 self.set_http_request_header("x-user", Some(&user));
