@@ -1550,3 +1550,62 @@ async fn reloads_retire_the_modules_they_replace() {
     let grown_mb = rss_kb(gw.child.id()).saturating_sub(rss_before) / 1024;
     assert!(grown_mb < 30, "20 reloads kept {grown_mb} MiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_tick_comes_one_period_after_start_and_local_replies_are_typed() {
+    // ticks every 600 ms, counting; answers every request locally with an untyped body
+    let module = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $period (param i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $incr (param i32 i64) (result i32)))
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ticks")
+  (data (i32.const 32) "plain words")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $define (i32.const 0) (i32.const 16) (i32.const 5) (i32.const 64)))
+    (drop (call $period (i32.const 600)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $incr (i32.load (i32.const 64)) (i64.const 1))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 32) (i32.const 11)
+      (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1)))"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("timer.wasm");
+    std::fs::write(&path, module).unwrap();
+    let up = Upstream::start("echo").await;
+    let conf = base(&up.addr())
+        + &format!(
+            "[modules.timer]\npath = \"{}\"\n[[routes]]\npath_prefix = \"/t\"\nhooks = [\"timer\"]\n",
+            path.display()
+        );
+    let started = std::time::Instant::now();
+    let gw = Gw::start(&conf);
+    let ticks = || async {
+        metric(
+            &gw.metrics().await,
+            "wasmgate_guest_counter{module=\"timer\",name=\"ticks\"",
+        )
+    };
+    if started.elapsed() < Duration::from_millis(450) {
+        assert_eq!(
+            ticks().await,
+            0.0,
+            "a tick came at start, before one period"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed())).await;
+    assert!(ticks().await >= 1.0, "no tick after one period");
+    // Envoy types a local reply's body as text/plain when the filter did not
+    let r = client().get(gw.url("http", "/t")).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/plain");
+    assert_eq!(r.text().await.unwrap(), "plain words");
+}

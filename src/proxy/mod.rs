@@ -291,7 +291,20 @@ fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
 }
 
 async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
-    respond::send(session, r.status, &r.headers, None, Bytes::from(r.body)).await
+    // as Envoy's local replies: a body without a declared type is text/plain
+    let typed = r
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    let default_type = (!typed && !r.body.is_empty()).then_some("text/plain");
+    respond::send(
+        session,
+        r.status,
+        &r.headers,
+        default_type,
+        Bytes::from(r.body),
+    )
+    .await
 }
 
 impl Gateway {

@@ -301,7 +301,12 @@ fn map_pairs(c: &C, t: MapType) -> HostResult<Vec<(Vec<u8>, Vec<u8>)>> {
             out.push((b":path".to_vec(), path_and_query(r).as_bytes().to_vec()));
             out.push((b":authority".to_vec(), host_header(r).to_vec()));
             out.push((b":scheme".to_vec(), scheme.as_bytes().to_vec()));
-            push_map(&mut out, &r.headers);
+            // as in Envoy, HTTP/1's Host is `:authority` and only that
+            for (k, v) in &r.headers {
+                if k != http::header::HOST {
+                    out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+                }
+            }
         }
         MapType::ResponseHeaders => {
             let r = frame_resp(c)?;

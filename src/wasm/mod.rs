@@ -645,11 +645,13 @@ impl Plugin {
         let weak = Arc::downgrade(self);
         let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         rt.spawn(async move {
+            // as in Envoy, the first `on_tick` comes one period after the timer is set
+            let mut first = true;
             loop {
                 let period = match weak.upgrade() {
                     Some(p) if p.generation.load(Ordering::Relaxed) == gen => {
                         let ms = p.tick_ms.load(Ordering::Relaxed) as u64;
-                        if ms > 0 {
+                        if ms > 0 && !std::mem::take(&mut first) {
                             p.tick_idle();
                         }
                         p.deliver_queues();

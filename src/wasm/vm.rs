@@ -464,7 +464,9 @@ impl Lease {
         info: &mut RequestInfo,
         end_of_stream: bool,
     ) -> Outcome {
-        let n = req.headers.len() as i32 + 4;
+        // the pseudo-headers, and Host only as `:authority`
+        let n =
+            (req.headers.len() - req.headers.contains_key(http::header::HOST) as usize) as i32 + 4;
         let view = View {
             req: Some(req),
             info: Some(info),

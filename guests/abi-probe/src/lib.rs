@@ -140,6 +140,11 @@ impl Probe {
             "get_pairs",
             pairs.iter().any(|(k, v)| k == "x-probe" && v == "1"),
         );
+        // as in Envoy, HTTP/1's Host is only `:authority` in the map
+        self.check(
+            "host_is_authority",
+            pairs.iter().any(|(k, _)| k == ":authority") && !pairs.iter().any(|(k, _)| k == "host"),
+        );
         self.add_http_request_header("x-added", "a");
         self.check("add_header", h(self, "x-added").as_deref() == Some("a"));
         self.set_http_request_header("x-probe", Some("2"));
