@@ -1048,3 +1048,79 @@ upstream = "echo"
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert!(h.get("x-forwarded-host").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_can_hold_the_request_head_until_the_body_is_in() {
+    // on_request_headers pauses while a body is coming; at the body's end the filter adds
+    // a header and continues (a body-inspecting auth or WAF filter)
+    let hold = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "x-held")
+  (data (i32.const 32) "yes")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32) (param i32) (param $eos i32) (result i32)
+    (i32.eqz (local.get $eos)))
+  (func (export "proxy_on_request_body") (param i32) (param i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (drop (call $add (i32.const 0) (i32.const 16) (i32.const 6) (i32.const 32) (i32.const 3)))
+    (i32.const 0)))"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hold.wasm"), hold).unwrap();
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[limits]
+max_request_body_bytes = 5000000
+[modules.hold]
+path = "{}/hold.wasm"
+[modules.second]
+path = "{{guests}}/rewrite.wasm"
+config = {{ request = {{ set_headers = {{ "x-second" = "1" }} }} }}
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+path_prefix = "/"
+upstream = "echo"
+hooks = ["hold", "second"]
+"#,
+            dir.path().display(),
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    // a small body: the head waits for it, so the filter's late header goes upstream
+    let small = body(20_000);
+    let r = post(port, "/small", &small, false);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["headers"]["x-held"], "yes", "{v}");
+    assert_eq!(
+        v["headers"]["x-second"], "1",
+        "the next filter never saw the request"
+    );
+    assert_eq!(v["body"].as_str().unwrap().as_bytes(), small.as_slice());
+    // a bodiless request is not held
+    let r = get(port, "/nobody", "t", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-second"], "1");
+    // larger or chunked bodies: the head goes upstream first (Pingora sends it before the
+    // body), the body still arrives whole and the next filter still sees the request
+    for chunked in [false, true] {
+        let big = body(2_000_000);
+        let r = post(port, "/big", &big, chunked);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        assert_eq!(v["headers"]["x-second"], "1");
+        assert!(
+            v["body"].as_str().unwrap().as_bytes() == big.as_slice(),
+            "body changed"
+        );
+    }
+}

@@ -21,6 +21,11 @@ pub struct HookState {
     /// Body that replaces the upstream's (a local response sent in a response phase).
     pub replace_body: Option<Bytes>,
     pub body_hooks: bool,
+    /// The module whose `on_request_headers` paused to wait for the body: as in Envoy,
+    /// the modules after it see the request only once it continues.
+    pub held: Option<usize>,
+    /// Set when the held module continued: the chain resumes at this module.
+    resume_at: Option<usize>,
 }
 
 /// What the proxy does after a phase's hooks ran.
@@ -93,6 +98,8 @@ impl HookState {
             resp_body: Vec::new(),
             replace_body: None,
             body_hooks: true,
+            held: None,
+            resume_at: None,
         })
     }
 
@@ -110,14 +117,28 @@ impl HookState {
         }
     }
 
-    /// `on_request_headers` through the chain, with callouts awaited in between.
+    /// `on_request_headers` through the chain, with callouts awaited in between. A module
+    /// that pauses with a body still to come holds the request (`Flow::Buffer`) until its
+    /// body callback continues.
     pub async fn request_headers(
         &mut self,
         req: &mut RequestHeader,
         end_of_stream: bool,
         caller: &Callouts,
     ) -> Flow {
-        for i in 0..self.leases.len() {
+        self.request_headers_from(0, req, end_of_stream, caller)
+            .await
+    }
+
+    /// `on_request_headers` from module `start` on.
+    pub async fn request_headers_from(
+        &mut self,
+        start: usize,
+        req: &mut RequestHeader,
+        end_of_stream: bool,
+        caller: &Callouts,
+    ) -> Flow {
+        for i in start..self.leases.len() {
             let Some(lease) = self.leases[i].as_mut() else {
                 continue;
             };
@@ -130,6 +151,11 @@ impl HookState {
                         Flow::Continue => break,
                         other => return other,
                     },
+                    Outcome::Pause if !end_of_stream => {
+                        // waits for the body (a buffering auth or WAF filter)
+                        self.held = Some(i);
+                        return Flow::Buffer;
+                    }
                     Outcome::Pause => {
                         let lease = self.leases[i].as_mut().expect("lease present");
                         lease.misbehaved("on_request_headers", "paused_without_resume");
@@ -150,10 +176,32 @@ impl HookState {
         Flow::Continue
     }
 
-    /// `on_request_body` through the chain. `chunk` is appended to the buffered body;
-    /// on `Flow::Continue` the whole buffered body is ready in `self.req_body`.
-    pub fn request_body(
+    /// One chunk of the request body through the chain (see [`Self::request_body_from`]);
+    /// when a module that held the request continues, the modules after it get
+    /// `on_request_headers`, then the body buffered so far.
+    pub async fn request_body(
         &mut self,
+        req: &mut RequestHeader,
+        chunk: Option<&[u8]>,
+        end_of_stream: bool,
+        caller: &Callouts,
+    ) -> Flow {
+        let mut flow = self.request_body_from(0, req, chunk, end_of_stream);
+        while let (Flow::Continue, Some(k)) = (&flow, self.resume_at.take()) {
+            match self.request_headers_from(k, req, false, caller).await {
+                Flow::Continue => flow = self.request_body_from(k, req, None, end_of_stream),
+                other => return other, // held again further on, or answered
+            }
+        }
+        flow
+    }
+
+    /// `on_request_body` from module `start` on, up to a module holding the request.
+    /// `chunk` is appended to the buffered body; on `Flow::Continue` the whole buffered
+    /// body is ready in `self.req_body`.
+    pub fn request_body_from(
+        &mut self,
+        start: usize,
         req: &mut RequestHeader,
         chunk: Option<&[u8]>,
         end_of_stream: bool,
@@ -161,11 +209,17 @@ impl HookState {
         if let Some(c) = chunk {
             self.req_body.extend_from_slice(c);
         }
-        for i in 0..self.leases.len() {
+        let end = self.held.map_or(self.leases.len(), |h| h + 1);
+        for i in start..end {
             let Some(lease) = self.leases[i].as_mut() else {
                 continue;
             };
             match lease.on_request_body(req, &mut self.info, &mut self.req_body, end_of_stream) {
+                Outcome::Continue if self.held == Some(i) => {
+                    self.held = None;
+                    self.resume_at = Some(i + 1);
+                    return Flow::Continue;
+                }
                 Outcome::Continue => {}
                 Outcome::Pause if !end_of_stream => return Flow::Buffer,
                 Outcome::Respond(r) => return Flow::Respond(r),
@@ -174,15 +228,31 @@ impl HookState {
                     if let Flow::Respond(r) = self.on_failure(i) {
                         return Flow::Respond(r);
                     }
+                    if self.release(i) {
+                        return Flow::Continue;
+                    }
                 }
                 Outcome::Failed(_) => {
                     if let Flow::Respond(r) = self.on_failure(i) {
                         return Flow::Respond(r);
                     }
+                    if self.release(i) {
+                        return Flow::Continue;
+                    }
                 }
             }
         }
         Flow::Continue
+    }
+
+    /// A holding module that failed open lets the request go on past it.
+    fn release(&mut self, i: usize) -> bool {
+        if self.held != Some(i) {
+            return false;
+        }
+        self.held = None;
+        self.resume_at = Some(i + 1);
+        true
     }
 
     /// `on_response_headers`, last module first. A local response replaces the upstream's.

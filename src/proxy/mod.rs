@@ -446,19 +446,35 @@ impl Gateway {
             send_local(session, r).await?;
             return Ok(true);
         }
-        if let Some(before) = before {
-            let req = session.req_header();
-            if req.uri.path() != before {
-                ctx.rewritten = rewrite_hook_path(&route, req.uri.path(), req.uri.query());
-            }
-        }
-        framing::continue_if_expected(session).await?;
         // Routes without an upstream read the whole body here: nothing else will. Small
         // bodies of proxied requests are read here too, so that the upstream gets the
         // hooks' body with its exact Content-Length (Pingora sends the request head
         // before it reads the body; it replays what was read here from its retry buffer).
         let declared = content_length(session);
         let preread = route.upstream.is_some() && declared.is_some_and(|n| n <= PREREAD_LIMIT);
+        if !(route.upstream.is_none() || preread) {
+            // A module holds the request for its body, but the head must go upstream before
+            // the body is read here: the modules after it see the request now, and the
+            // holding module still keeps the body back until it continues.
+            while let Some(h) = state.held.take() {
+                let flow = state
+                    .request_headers_from(h + 1, session.req_header_mut(), false, &self.callouts)
+                    .await;
+                if let Flow::Respond(r) = flow {
+                    ctx.hooks = Some(Box::new(state));
+                    send_local(session, r).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        let rewrite_after_body = before.is_some() && state.held.is_some();
+        if let Some(before) = before.as_deref().filter(|_| !rewrite_after_body) {
+            let req = session.req_header();
+            if req.uri.path() != before {
+                ctx.rewritten = rewrite_hook_path(&route, req.uri.path(), req.uri.query());
+            }
+        }
+        framing::continue_if_expected(session).await?;
         if !eos && (route.upstream.is_none() || preread) {
             if preread {
                 session.as_mut().enable_retry_buffering();
@@ -476,7 +492,15 @@ impl Gateway {
                             .await;
                     }
                 }
-                match state.request_body(session.req_header_mut(), chunk.as_deref(), end) {
+                let flow = state
+                    .request_body(
+                        session.req_header_mut(),
+                        chunk.as_deref(),
+                        end,
+                        &self.callouts,
+                    )
+                    .await;
+                match flow {
                     Flow::Respond(r) => {
                         ctx.hooks = Some(Box::new(state));
                         send_local(session, r).await?;
@@ -491,6 +515,13 @@ impl Gateway {
             }
             if preread {
                 ctx.prebuffered = Some(Bytes::from(out));
+            }
+            if let Some(before) = before.as_deref().filter(|_| rewrite_after_body) {
+                // the held modules changed the path once they saw the body
+                let req = session.req_header();
+                if req.uri.path() != before {
+                    ctx.rewritten = rewrite_hook_path(&route, req.uri.path(), req.uri.query());
+                }
             }
         }
         ctx.hooks = Some(Box::new(state));
@@ -645,7 +676,15 @@ impl ProxyHttp for Gateway {
         if ctx.body_seen == 0 && end_of_stream {
             return Ok(()); // no body at all: like Envoy, no body callback
         }
-        match state.request_body(session.req_header_mut(), body.as_deref(), end_of_stream) {
+        let flow = state
+            .request_body(
+                session.req_header_mut(),
+                body.as_deref(),
+                end_of_stream,
+                &self.callouts,
+            )
+            .await;
+        match flow {
             // To Pingora, `None` ends the request body and an empty chunk is "nothing yet":
             // mid-body, an empty result (a held chunk, or an empty read of a chunked body)
             // must be the latter, or the upstream gets a truncated body.
