@@ -1124,3 +1124,89 @@ hooks = ["hold", "second"]
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_from_the_request_body_and_the_response_headers_are_awaited() {
+    // at the request body's end the filter asks `auth` and waits; the answer continues the
+    // request. On the response headers it asks again and waits; the answer adds a header
+    // and continues the response.
+    let map = "\\03\\00\\00\\00\\07\\00\\00\\00\\03\\00\\00\\00\\05\\00\\00\\00\\01\\00\\00\\00\\0a\\00\\00\\00\\01\\00\\00\\00:method\\00GET\\00:path\\00/\\00:authority\\00a\\00";
+    let filter = wat::parse_str(format!(
+        r#"(module
+  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $phase (mut i32) (i32.const 0))
+  (data (i32.const 16) "auth")
+  (data (i32.const 32) "x-enriched")
+  (data (i32.const 48) "yes")
+  (data (i32.const 64) "{map}")
+  (func $ask
+    (drop (call $call (i32.const 16) (i32.const 4) (i32.const 64) (i32.const 61)
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 1024))))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (global.set $phase (i32.const 0))
+    (i32.const 0))
+  (func (export "proxy_on_request_body") (param i32) (param i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (call $ask)
+    (i32.const 1))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (global.set $phase (i32.const 1))
+    (call $ask)
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (if (global.get $phase)
+      (then
+        (drop (call $add (i32.const 2) (i32.const 32) (i32.const 10) (i32.const 48) (i32.const 3)))
+        (drop (call $continue (i32.const 1))))
+      (else (drop (call $continue (i32.const 0)))))))"#
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("asks.wasm"), filter).unwrap();
+    let up = Upstream::start("echo").await;
+    let auth = Upstream::start("auth").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[modules.asks]
+path = "{}/asks.wasm"
+allowed_upstreams = ["auth"]
+[upstreams.echo]
+targets = ["{}"]
+[upstreams.auth]
+targets = ["{}"]
+[[routes]]
+path_prefix = "/"
+upstream = "echo"
+hooks = ["asks"]
+"#,
+            dir.path().display(),
+            up.addr(),
+            auth.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    for (n, chunked) in [(1_000, false), (200_000, false), (50_000, true)] {
+        let data = body(n);
+        let before = auth
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let r = post(port, "/p", &data, chunked);
+        assert_eq!(r.status, 200, "{n}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("x-enriched").as_deref(), Some("yes"), "{}", r.head);
+        assert!(r.json()["body"].as_str().unwrap().as_bytes() == data.as_slice());
+        let calls = auth
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - before;
+        assert_eq!(calls, 2, "one callout per phase");
+    }
+}

@@ -26,6 +26,8 @@ pub struct HookState {
     pub held: Option<usize>,
     /// Set when the held module continued: the chain resumes at this module.
     resume_at: Option<usize>,
+    /// A body callback of this module made callouts: the chain waits for them.
+    waiting: Option<(usize, Vec<PendingCall>)>,
 }
 
 /// What the proxy does after a phase's hooks ran.
@@ -100,6 +102,7 @@ impl HookState {
             body_hooks: true,
             held: None,
             resume_at: None,
+            waiting: None,
         })
     }
 
@@ -166,9 +169,11 @@ impl HookState {
                     }
                     Outcome::Wait(calls) => {
                         let lease = self.leases[i].as_mut().expect("lease present");
-                        out = caller
-                            .resolve(lease, Some(&mut *req), &mut self.info, calls)
-                            .await;
+                        let at = CallSite {
+                            req: Some(&mut *req),
+                            ..CallSite::default()
+                        };
+                        out = caller.resolve(lease, at, &mut self.info, calls).await;
                     }
                 }
             }
@@ -186,14 +191,50 @@ impl HookState {
         end_of_stream: bool,
         caller: &Callouts,
     ) -> Flow {
-        let mut flow = self.request_body_from(0, req, chunk, end_of_stream);
-        while let (Flow::Continue, Some(k)) = (&flow, self.resume_at.take()) {
-            match self.request_headers_from(k, req, false, caller).await {
-                Flow::Continue => flow = self.request_body_from(k, req, None, end_of_stream),
-                other => return other, // held again further on, or answered
+        let eos = end_of_stream;
+        let mut flow = self.request_body_from(0, req, chunk, eos);
+        loop {
+            if let Some((i, calls)) = self.waiting.take() {
+                // a body callback made callouts: wait for them, then go on past it
+                let lease = self.leases[i].as_mut().expect("lease present");
+                let at = CallSite {
+                    req: Some(&mut *req),
+                    ..CallSite::default()
+                };
+                match caller.resolve(lease, at, &mut self.info, calls).await {
+                    Outcome::Continue => {}
+                    Outcome::Respond(r) => return Flow::Respond(r),
+                    Outcome::Pause if !eos => return Flow::Buffer,
+                    Outcome::Pause | Outcome::Wait(_) => {
+                        if let Some(l) = self.leases[i].as_mut() {
+                            l.misbehaved("on_request_body", "paused_without_resume");
+                        }
+                        if let Flow::Respond(r) = self.on_failure(i) {
+                            return Flow::Respond(r);
+                        }
+                    }
+                    Outcome::Failed(_) => {
+                        if let Flow::Respond(r) = self.on_failure(i) {
+                            return Flow::Respond(r);
+                        }
+                    }
+                }
+                flow = if self.release(i) {
+                    Flow::Continue
+                } else {
+                    self.request_body_from(i + 1, req, None, eos)
+                };
+                continue;
             }
+            if let (Flow::Continue, Some(k)) = (&flow, self.resume_at.take()) {
+                match self.request_headers_from(k, req, false, caller).await {
+                    Flow::Continue => flow = self.request_body_from(k, req, None, eos),
+                    other => return other, // held again further on, or answered
+                }
+                continue;
+            }
+            return flow;
         }
-        flow
     }
 
     /// `on_request_body` from module `start` on, up to a module holding the request.
@@ -223,7 +264,11 @@ impl HookState {
                 Outcome::Continue => {}
                 Outcome::Pause if !end_of_stream => return Flow::Buffer,
                 Outcome::Respond(r) => return Flow::Respond(r),
-                Outcome::Pause | Outcome::Wait(_) => {
+                Outcome::Wait(calls) => {
+                    self.waiting = Some((i, calls));
+                    return Flow::Buffer;
+                }
+                Outcome::Pause => {
                     lease.misbehaved("on_request_body", "paused_without_resume");
                     if let Flow::Respond(r) = self.on_failure(i) {
                         return Flow::Respond(r);
@@ -256,13 +301,29 @@ impl HookState {
     }
 
     /// `on_response_headers`, last module first. A local response replaces the upstream's.
-    pub fn response_headers(&mut self, req: &RequestHeader, resp: &mut ResponseHeader) -> Flow {
+    pub async fn response_headers(
+        &mut self,
+        req: &RequestHeader,
+        resp: &mut ResponseHeader,
+        caller: &Callouts,
+    ) -> Flow {
         self.info.response_code = resp.status.as_u16();
         for i in (0..self.leases.len()).rev() {
             let Some(lease) = self.leases[i].as_mut() else {
                 continue;
             };
-            match lease.on_response_headers(req, resp, &mut self.info, false) {
+            let mut out = lease.on_response_headers(req, resp, &mut self.info, false);
+            if let Outcome::Wait(calls) = out {
+                // callouts from the response headers (enrichment, signing): the response
+                // waits for them, as in Envoy
+                let at = CallSite {
+                    req_ro: Some(req),
+                    resp: Some(&mut *resp),
+                    ..CallSite::default()
+                };
+                out = caller.resolve(lease, at, &mut self.info, calls).await;
+            }
+            match out {
                 Outcome::Continue => {}
                 Outcome::Respond(r) => return Flow::Respond(r),
                 Outcome::Pause | Outcome::Wait(_) => {
@@ -335,6 +396,17 @@ impl HookState {
     }
 }
 
+/// Where a callout was made: what its answer's callback may read and change.
+#[derive(Default)]
+pub struct CallSite<'a> {
+    /// The request, while it has not gone upstream.
+    pub req: Option<&'a mut RequestHeader>,
+    /// The request, read-only, in the response phase.
+    pub req_ro: Option<&'a RequestHeader>,
+    /// The response head, in the response phase.
+    pub resp: Option<&'a mut ResponseHeader>,
+}
+
 /// The answer Envoy's async client makes up when a callout fails before a response.
 fn synthesized(token: u32, status: u16, body: &str) -> CallResponse {
     CallResponse {
@@ -365,29 +437,38 @@ impl Default for Callouts {
 impl Callouts {
     /// Makes the calls, then hands each answer to the guest, until it continues,
     /// responds, fails, or pauses with nothing left to wait for.
+    ///
+    /// Parallel calls are answered as each completes, not in dispatch order; once the
+    /// guest continues or answers, the calls still out are dropped and their callbacks
+    /// never run (the stream has moved on).
     pub async fn resolve(
         &self,
         lease: &mut Lease,
-        mut req: Option<&mut RequestHeader>,
+        mut at: CallSite<'_>,
         info: &mut RequestInfo,
-        mut calls: Vec<PendingCall>,
+        calls: Vec<PendingCall>,
     ) -> Outcome {
-        loop {
-            let answers: Vec<CallResponse> =
-                futures::future::join_all(calls.drain(..).map(|c| self.call(c))).await;
-            let mut last = Outcome::Pause;
-            for a in answers {
-                last = lease.on_http_call_response(req.as_deref_mut(), info, &a);
-                match last {
-                    Outcome::Pause => continue,
-                    Outcome::Wait(ref mut more) => calls.append(more),
-                    _ => return last,
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let mut out: FuturesUnordered<_> = calls.into_iter().map(|c| self.call(c)).collect();
+        let mut last = Outcome::Pause;
+        while let Some(a) = out.next().await {
+            last = lease.on_http_call_response(
+                at.req.as_deref_mut(),
+                at.req_ro,
+                at.resp.as_deref_mut(),
+                info,
+                &a,
+            );
+            match last {
+                Outcome::Pause => continue,
+                Outcome::Wait(more) => {
+                    out.extend(more.into_iter().map(|c| self.call(c)));
+                    last = Outcome::Pause;
                 }
-            }
-            if calls.is_empty() {
-                return last;
+                _ => return last,
             }
         }
+        last
     }
 
     /// One callout. Failures answer as Envoy's async client does: a timeout is a

@@ -822,7 +822,10 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         let had_length = resp.headers.contains_key(http::header::CONTENT_LENGTH);
-        match state.response_headers(session.req_header(), resp) {
+        let flow = state
+            .response_headers(session.req_header(), resp, &self.callouts)
+            .await;
+        match flow {
             Flow::Respond(r) => {
                 let mut new = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
                 for (k, v) in &r.headers {

@@ -605,9 +605,13 @@ impl Lease {
     }
 
     /// Delivers a callout's answer. `Continue` means the guest resumed the request.
+    /// `req` is the request while it can still change (request phase), `req_ro` and
+    /// `headers` the request and response head in the response phase.
     pub fn on_http_call_response(
         &mut self,
         req: Option<&mut RequestHeader>,
+        req_ro: Option<&RequestHeader>,
+        headers: Option<&mut ResponseHeader>,
         info: &mut RequestInfo,
         resp: &CallResponse,
     ) -> Outcome {
@@ -626,6 +630,8 @@ impl Lease {
         };
         let view = View {
             req,
+            req_ro,
+            resp: headers,
             info: Some(info),
             call: Some(resp),
             ..View::default()
