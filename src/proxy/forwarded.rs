@@ -49,11 +49,8 @@ pub fn apply(session: &mut Session, listener: Option<&Listener>) {
         }
         (!out.is_empty()).then_some(out)
     };
-    let host = req
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
+    // a cheap clone: header values share their bytes
+    let host = req.headers.get(http::header::HOST).cloned();
     let mut xff = if trusted { joined(XFF) } else { None }.unwrap_or_default();
     if !xff.is_empty() {
         xff.push_str(", ");
@@ -72,9 +69,10 @@ pub fn apply(session: &mut Session, listener: Option<&Listener>) {
         }
     }
     let _ = write!(fwd, ";proto={proto}");
-    if let Some(h) = &host {
-        // a quoted string: a host with a port is not a token
-        let _ = write!(fwd, ";host=\"{}\"", h.replace(['"', '\\'], ""));
+    if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        // a quoted string: a host with a port is not a token (Host was validated: no
+        // quote or backslash can be in it)
+        let _ = write!(fwd, ";host=\"{h}\"");
     }
     let keep_proto = trusted && req.headers.contains_key(XF_PROTO);
     let keep_host = trusted && req.headers.contains_key(XF_HOST);

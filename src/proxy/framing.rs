@@ -94,14 +94,20 @@ const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "te", "trailer"
 /// stays on a 101), a 1xx/204/304 carries no Transfer-Encoding, and an HTTP/1.0 client
 /// gets a body delimited by the connection's close instead of chunks.
 pub fn response_head(session: &mut Session, resp: &mut ResponseHeader) -> Result<()> {
+    // most upstreams say only `keep-alive` or `close`: nothing to collect, no allocation
     let named: Vec<String> = resp
         .headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("close")
+                && !t.eq_ignore_ascii_case("keep-alive")
+        })
+        .map(str::to_ascii_lowercase)
         .collect();
     for name in named {
         resp.remove_header(&name);
