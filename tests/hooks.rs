@@ -501,6 +501,7 @@ hooks = ["probe"]
         .get(gw.url("http", "/probe?x=1"))
         .header("x-probe", "1")
         .header("x-remove-me", "1")
+        .header("referer", "https://from.example/")
         .send()
         .await
         .unwrap();

@@ -227,6 +227,7 @@ fn request_info(session: &Session, route: &Route) -> RequestInfo {
         upstream: route.upstream.as_ref().map(|u| u.name.clone()),
         response_code: 0,
         props: Vec::new(),
+        start: Some(std::time::SystemTime::now()),
     }
 }
 

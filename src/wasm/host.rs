@@ -81,6 +81,8 @@ pub struct RequestInfo {
     pub response_code: u16,
     /// Properties set by guests (`proxy_set_property`), visible to later hooks.
     pub props: Vec<(Vec<u8>, Vec<u8>)>,
+    /// When the request arrived (`request.time`, `request.duration`).
+    pub start: Option<std::time::SystemTime>,
 }
 
 /// An answer a guest produced instead of (or in place of) the upstream's.
@@ -514,9 +516,36 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
         [b"plugin_name"] => s(&plugin.spec.name),
         [b"plugin_root_id"] => s(&plugin.spec.root_id),
         [b"plugin_vm_id"] | [b"tenant"] => s(&plugin.spec.tenant),
+        [b"request", b"headers", name] => {
+            // one header's value (Envoy's `request.headers['name']`)
+            let pairs = map_pairs(c, MapType::RequestHeaders)?;
+            pairs
+                .into_iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+                .ok_or(Status::NotFound)
+        }
+        [b"request", b"time"] => {
+            // nanoseconds since the Unix epoch, as Envoy's timestamps reach guests
+            let t = info.and_then(|i| i.start).ok_or(Status::NotFound)?;
+            let ns = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| Status::NotFound)?
+                .as_nanos();
+            int(ns as i64)
+        }
+        [b"request", b"duration"] => {
+            let t = info.and_then(|i| i.start).ok_or(Status::NotFound)?;
+            int(t.elapsed().unwrap_or_default().as_nanos() as i64)
+        }
         [b"request", field] => {
             let r = frame_req(c)?;
             match *field {
+                b"referer" => r
+                    .headers
+                    .get(http::header::REFERER)
+                    .map(|v| v.as_bytes().to_vec())
+                    .ok_or(Status::NotFound),
                 b"path" => s(path_and_query(r)),
                 b"url_path" => s(r.uri.path()),
                 b"query" => s(r.uri.query().unwrap_or("")),

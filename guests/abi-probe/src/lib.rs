@@ -220,6 +220,29 @@ impl Probe {
         );
         self.set_property(vec!["my", "prop"], Some(b"v"));
         self.check("set_property", self.prop("my.prop").as_deref() == Some("v"));
+        self.check(
+            "request.headers.<name>",
+            self.get_property(vec!["request", "headers", "x-added"]).as_deref() == Some(&b"a"[..]),
+        );
+        self.check(
+            "request.referer",
+            self.get_property(vec!["request", "referer"]).as_deref()
+                == Some(&b"https://from.example/"[..]),
+        );
+        let eight = |v: Option<Vec<u8>>| {
+            v.and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(i64::from_le_bytes)
+                .unwrap_or(-1)
+        };
+        // after 2026-01-01, in nanoseconds
+        self.check(
+            "request.time",
+            eight(self.get_property(vec!["request", "time"])) > 1_767_225_600_000_000_000,
+        );
+        self.check(
+            "request.duration",
+            eight(self.get_property(vec!["request", "duration"])) >= 0,
+        );
     }
 
     fn shared_queues_metrics_misc(&mut self) {
