@@ -437,6 +437,36 @@ impl Control {
         all
     }
 
+    /// 400 `bad_upstream` when a tenant's `allowed_upstreams` names one the conf lacks.
+    fn upstreams_defined(&self, limits: &TenantFile) -> ApiResult<()> {
+        let snap = self.live.load();
+        match limits
+            .allowed_upstreams
+            .iter()
+            .find(|u| !snap.upstreams.contains_key(*u))
+        {
+            Some(bad) => Err(ApiError::new(
+                400,
+                "bad_upstream",
+                format!("upstream `{bad}` is not defined"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Installs a tenant module's plugin; the one it replaces retires (its timer ends,
+    /// its idle VMs go).
+    fn install_plugin(&self, t: &str, m: &str, plugin: Arc<Plugin>) {
+        let replaced = self
+            .plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((t.into(), m.into()), plugin);
+        if let Some(old) = replaced {
+            old.retire();
+        }
+    }
+
     pub fn tenant_exists(&self, t: &str) -> bool {
         self.tenants.load().contains_key(t)
     }
@@ -681,18 +711,7 @@ impl Control {
                 format!("tenant `{name}` already exists"),
             ));
         }
-        let snap = self.live.load();
-        if let Some(bad) = limits
-            .allowed_upstreams
-            .iter()
-            .find(|u| !snap.upstreams.contains_key(*u))
-        {
-            return Err(ApiError::new(
-                400,
-                "bad_upstream",
-                format!("upstream `{bad}` is not defined"),
-            ));
-        }
+        self.upstreams_defined(&limits)?;
         s.tenants.insert(name.into(), limits);
         self.persist(&s)?;
         self.publish(&s);
@@ -732,18 +751,7 @@ impl Control {
         merged.retain(|_, v| !v.is_null());
         let limits: TenantFile = serde_json::from_value(serde_json::Value::Object(merged))
             .map_err(|e| ApiError::new(400, "bad_limits", e.to_string()))?;
-        let snap = self.live.load();
-        if let Some(bad) = limits
-            .allowed_upstreams
-            .iter()
-            .find(|u| !snap.upstreams.contains_key(*u))
-        {
-            return Err(ApiError::new(
-                400,
-                "bad_upstream",
-                format!("upstream `{bad}` is not defined"),
-            ));
-        }
+        self.upstreams_defined(&limits)?;
         let stranded: Vec<String> = s
             .functions
             .get(name)
@@ -990,14 +998,7 @@ impl Control {
         rec.versions.push(v.clone());
         rec.active = Some(v.version);
         self.persist(&s)?;
-        let replaced = self
-            .plugins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((t.into(), m.into()), plugin);
-        if let Some(old) = replaced {
-            old.retire();
-        }
+        self.install_plugin(t, m, plugin);
         self.publish(&s);
         tracing::info!(tenant = %t, module = %m, version = v.version, digest = &digest[..12], by = %by, "module deployed");
         Ok(v)
@@ -1041,14 +1042,7 @@ impl Control {
             r.active = Some(target.version);
         }
         self.persist(&s)?;
-        let replaced = self
-            .plugins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((t.into(), m.into()), plugin);
-        if let Some(old) = replaced {
-            old.retire();
-        }
+        self.install_plugin(t, m, plugin);
         self.publish(&s);
         tracing::info!(tenant = %t, module = %m, version = target.version, by = %by, "module version activated");
         Ok(target.version)

@@ -80,6 +80,9 @@ pub struct Ctx {
     _tenant_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The normalized host, when it differs from a slice of the request's own (case).
     host: Option<String>,
+    /// Otherwise its length: the normalized host is that prefix of [`raw_host`] (port and
+    /// trailing dot dropped), found once by `check_target`.
+    host_len: usize,
     /// The path routes match, when it differs from the request's path (`;` parameters).
     route_key: Option<String>,
 }
@@ -93,12 +96,11 @@ impl Ctx {
 /// The request's host as routes match it: normalized by [`check_target`] (lower case, no
 /// port, no trailing dot). Empty for an HTTP/1.0 request without one.
 fn host_of<'a>(session: &'a Session, ctx: &'a Ctx) -> &'a str {
-    if let Some(h) = &ctx.host {
-        return h;
-    }
-    match target::normalize_host(raw_host(session).unwrap_or("")) {
-        Ok(std::borrow::Cow::Borrowed(h)) => h,
-        _ => "", // owned results were kept in ctx.host; invalid ones answered 400
+    match &ctx.host {
+        Some(h) => h,
+        None => raw_host(session)
+            .and_then(|h| h.get(..ctx.host_len))
+            .unwrap_or(""),
     }
 }
 
@@ -169,11 +171,10 @@ fn check_target(session: &mut Session, ctx: &mut Ctx) -> Result<(), target::Targ
         (None, None) => None,
     };
     match host {
-        Some(h) => {
-            if let std::borrow::Cow::Owned(o) = target::normalize_host(h)? {
-                ctx.host = Some(o);
-            }
-        }
+        Some(h) => match target::normalize_host(h)? {
+            std::borrow::Cow::Owned(o) => ctx.host = Some(o),
+            std::borrow::Cow::Borrowed(b) => ctx.host_len = b.len(),
+        },
         None if req.version == http::Version::HTTP_10 => {}
         None => return Err(TargetError::Host),
     }
@@ -339,7 +340,7 @@ impl Gateway {
             .and_then(|c| c.route_chain(&route.name));
         if !route.hooks.is_empty() || attached.is_some() {
             let chain = attached.as_deref().unwrap_or(&route.hooks);
-            return self.run_request_hooks(session, ctx, chain).await;
+            return self.run_request_hooks(session, ctx, chain, declared).await;
         }
         framing::continue_if_expected(session).await?;
         Ok(false)
@@ -423,6 +424,7 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut Ctx,
         chain: &crate::wasm::HookChain,
+        declared: Option<u64>,
     ) -> Result<bool> {
         let route = ctx.route.clone().expect("route set");
         let info = request_info(session, &route);
@@ -451,7 +453,6 @@ impl Gateway {
         // bodies of proxied requests are read here too, so that the upstream gets the
         // hooks' body with its exact Content-Length (Pingora sends the request head
         // before it reads the body; it replays what was read here from its retry buffer).
-        let declared = content_length(session);
         let preread = route.upstream.is_some() && declared.is_some_and(|n| n <= PREREAD_LIMIT);
         if !(route.upstream.is_none() || preread) {
             // A module holds the request for its body, but the head must go upstream before
@@ -556,6 +557,7 @@ impl ProxyHttp for Gateway {
             peer_selected: false,
             _tenant_slot: None,
             host: None,
+            host_len: 0,
             route_key: None,
             prebuffered: None,
             upstream_length: None,
