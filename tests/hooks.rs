@@ -1610,3 +1610,82 @@ async fn first_tick_comes_one_period_after_start_and_local_replies_are_typed() {
     assert_eq!(r.headers()["content-type"], "text/plain");
     assert_eq!(r.text().await.unwrap(), "plain words");
 }
+
+/// Local replies go down the response callbacks like Envoy's: a CORS-style module that
+/// sets a response header applies to another module's denial, to a module's own answer
+/// on a route without upstream, and to the gateway's own errors; a module that never saw
+/// the request (an earlier one answered first) is not called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_replies_go_through_the_response_callbacks() {
+    let up = Upstream::start("echo").await;
+    let dead = free_port();
+    let conf = base(&up.addr())
+        + &format!(
+            r#"
+[upstreams.dead]
+targets = ["127.0.0.1:{dead}"]
+retries = 0
+[modules.cors]
+path = "{{guests}}/rewrite.wasm"
+config = {{ response = {{ set_headers = {{ "access-control-allow-origin" = "*" }}, remove_headers = ["x-served-by"] }} }}
+[modules.auth]
+path = "{{guests}}/api_key_auth.wasm"
+config = {{ keys = ["k1"] }}
+[modules.hello]
+path = "{{guests}}/hello_api.wasm"
+[[routes]]
+path_prefix = "/api"
+upstream = "echo"
+hooks = ["cors", "auth"]
+[[routes]]
+path_prefix = "/late"
+upstream = "echo"
+hooks = ["auth", "cors"]
+[[routes]]
+path_prefix = "/down"
+upstream = "dead"
+hooks = ["cors"]
+[[routes]]
+path_prefix = "/hello"
+hooks = ["cors", "hello"]
+"#
+        );
+    let gw = Gw::start(&conf);
+    let c = client();
+    // a later module's denial passes through the earlier module's response callbacks
+    let r = c.get(gw.url("http", "/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(r.text().await.unwrap(), r#"{"error":"missing_api_key"}"#);
+    let r = c
+        .get(gw.url("http", "/api/x"))
+        .header("x-api-key", "k1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    // the module that answered first is the only one that saw the request
+    let r = c.get(gw.url("http", "/late/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    // the gateway's own error on a hooked route is a local reply too
+    let r = c.get(gw.url("http", "/down/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "upstream_unreachable");
+    // a backend module's own answer: the earlier module changes its headers
+    let r = c.get(gw.url("http", "/hello/ann")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert!(r.headers().get("x-served-by").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["hello"], "ann");
+    // HEAD of a denied request: headers only, the length of the body it would have had
+    let r = c.head(gw.url("http", "/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(r.headers()["content-length"], "27");
+}

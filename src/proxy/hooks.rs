@@ -28,6 +28,9 @@ pub struct HookState {
     resume_at: Option<usize>,
     /// A body callback of this module made callouts: the chain waits for them.
     waiting: Option<(usize, Vec<PendingCall>)>,
+    /// The response (the upstream's, or a local reply) has gone through the response
+    /// callbacks: a reply made from now on is sent as it is.
+    response_started: bool,
 }
 
 /// What the proxy does after a phase's hooks ran.
@@ -80,6 +83,28 @@ pub fn busy_response(route: &str) -> LocalResponse {
     }
 }
 
+/// The head a local reply shows the response callbacks: its headers, a `content-type`
+/// (text/plain when it has a body and none was given, as Envoy's) and its length.
+fn reply_head(r: &LocalResponse) -> Option<ResponseHeader> {
+    let mut head = ResponseHeader::build(r.status, Some(r.headers.len() + 2)).ok()?;
+    for (k, v) in &r.headers {
+        let k = k.to_ascii_lowercase();
+        if k == "content-length" || k == "transfer-encoding" || k.starts_with(':') {
+            continue;
+        }
+        head.append_header(k, v.as_slice()).ok()?;
+    }
+    if !r.body.is_empty() && !head.headers.contains_key(http::header::CONTENT_TYPE) {
+        head.insert_header(http::header::CONTENT_TYPE, "text/plain")
+            .ok()?;
+    }
+    if r.status != 204 && r.status != 304 {
+        head.insert_header(http::header::CONTENT_LENGTH, r.body.len())
+            .ok()?;
+    }
+    Some(head)
+}
+
 impl HookState {
     /// Leases one VM per module of the chain.
     pub async fn start(chain: &HookChain, info: RequestInfo) -> Result<HookState, Failure> {
@@ -103,6 +128,7 @@ impl HookState {
             held: None,
             resume_at: None,
             waiting: None,
+            response_started: false,
         })
     }
 
@@ -308,6 +334,7 @@ impl HookState {
         caller: &Callouts,
     ) -> Flow {
         self.info.response_code = resp.status.as_u16();
+        self.response_started = true;
         for i in (0..self.leases.len()).rev() {
             let Some(lease) = self.leases[i].as_mut() else {
                 continue;
@@ -340,6 +367,91 @@ impl HookState {
             }
         }
         Flow::Continue
+    }
+
+    /// A local reply through the response callbacks, last module first, as Envoy sends
+    /// its local replies down the encoder filters: every module that saw the request (its
+    /// context exists and has not failed), the answering one included, gets
+    /// `on_response_headers` and, when there is a body, `on_response_body` with the whole
+    /// body at end of stream; so CORS or security-header filters apply to denials and to
+    /// the gateway's own errors. A module that pauses its headers gets the body at once
+    /// (it is all there). A reply made while this one goes through the chain, or once the
+    /// upstream's response did, is sent as it is (Envoy's direct local reply).
+    pub async fn local_reply(
+        &mut self,
+        req: &RequestHeader,
+        r: LocalResponse,
+        caller: &Callouts,
+    ) -> LocalResponse {
+        if self.response_started {
+            return r;
+        }
+        self.response_started = true;
+        let Some(mut head) = reply_head(&r) else {
+            return r;
+        };
+        let grpc_status = r.grpc_status;
+        let mut body = r.body;
+        self.info.response_code = r.status;
+        for i in (0..self.leases.len()).rev() {
+            if !self.leases[i].as_ref().is_some_and(Lease::is_live) {
+                continue;
+            }
+            let eos = body.is_empty();
+            let lease = self.leases[i].as_mut().expect("checked above");
+            let mut out = lease.on_response_headers(req, &mut head, &mut self.info, eos);
+            if let Outcome::Wait(calls) = out {
+                let at = CallSite {
+                    req_ro: Some(req),
+                    resp: Some(&mut head),
+                    ..CallSite::default()
+                };
+                out = caller.resolve(lease, at, &mut self.info, calls).await;
+            }
+            let ok = match out {
+                Outcome::Continue => true,
+                Outcome::Pause if !eos => true, // waits for the body: it is all here
+                Outcome::Respond(r) => return r,
+                Outcome::Pause | Outcome::Wait(_) => {
+                    lease.misbehaved("on_response_headers", "paused_in_response");
+                    false
+                }
+                Outcome::Failed(_) => false,
+            };
+            if ok && !eos {
+                let mut out = lease.on_response_body(req, &mut self.info, &mut body, true);
+                if let Outcome::Wait(calls) = out {
+                    let at = CallSite {
+                        req_ro: Some(req),
+                        ..CallSite::default()
+                    };
+                    out = caller.resolve(lease, at, &mut self.info, calls).await;
+                }
+                match out {
+                    Outcome::Continue => continue,
+                    Outcome::Respond(r) => return r,
+                    Outcome::Pause | Outcome::Wait(_) => {
+                        lease.misbehaved("on_response_body", "paused_in_response");
+                    }
+                    Outcome::Failed(_) => {}
+                }
+            } else if ok {
+                continue;
+            }
+            if let Flow::Respond(r) = self.on_failure(i) {
+                return r;
+            }
+        }
+        LocalResponse {
+            status: head.status.as_u16(),
+            headers: head
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            body,
+            grpc_status,
+        }
     }
 
     /// `on_response_body`, last module first, buffering while a module pauses.

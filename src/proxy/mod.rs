@@ -317,8 +317,43 @@ impl Gateway {
         e: GatewayError,
     ) -> Result<bool> {
         ctx.error = Some(e);
-        respond::send_error(session, e, ctx.route_name()).await?;
+        self.send_error(session, ctx, e).await?;
         Ok(true)
+    }
+
+    /// A gateway error as JSON; on a hooked route it is a local reply like a hook's and
+    /// goes through the response callbacks (see [`Gateway::reply`]).
+    async fn send_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        e: GatewayError,
+    ) -> Result<()> {
+        if ctx.hooks.is_none() {
+            return respond::send_error(session, e, ctx.route_name()).await;
+        }
+        let r = LocalResponse {
+            status: e.status(),
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            body: respond::error_body(e.code(), ctx.route_name()).to_vec(),
+            grpc_status: -1,
+        };
+        self.reply(session, ctx, r).await
+    }
+
+    /// Sends a local reply: a hook's answer, or the gateway's own on a hooked route. Like
+    /// Envoy's local replies it first goes through the response callbacks of the modules
+    /// that saw the request, so their response headers and body changes apply to it.
+    async fn reply(&self, session: &mut Session, ctx: &mut Ctx, r: LocalResponse) -> Result<()> {
+        let r = match ctx.hooks.as_mut() {
+            Some(state) => {
+                state
+                    .local_reply(session.req_header(), r, &self.callouts)
+                    .await
+            }
+            None => r,
+        };
+        send_local(session, r).await
     }
 
     /// The rest of `request_filter` once a route is chosen: body limit, then hooks.
@@ -446,7 +481,7 @@ impl Gateway {
             .await;
         if let Flow::Respond(r) = flow {
             ctx.hooks = Some(Box::new(state));
-            send_local(session, r).await?;
+            self.reply(session, ctx, r).await?;
             return Ok(true);
         }
         // Routes without an upstream read the whole body here: nothing else will. Small
@@ -464,7 +499,7 @@ impl Gateway {
                     .await;
                 if let Flow::Respond(r) = flow {
                     ctx.hooks = Some(Box::new(state));
-                    send_local(session, r).await?;
+                    self.reply(session, ctx, r).await?;
                     return Ok(true);
                 }
             }
@@ -505,7 +540,7 @@ impl Gateway {
                 match flow {
                     Flow::Respond(r) => {
                         ctx.hooks = Some(Box::new(state));
-                        send_local(session, r).await?;
+                        self.reply(session, ctx, r).await?;
                         return Ok(true);
                     }
                     Flow::Continue => out.append(&mut state.req_body),
@@ -957,8 +992,8 @@ impl ProxyHttp for Gateway {
             };
         }
         if let Some(r) = ctx.pending.take() {
-            let status = r.status;
-            let ok = send_local(session, r).await.is_ok();
+            let ok = self.reply(session, ctx, r).await.is_ok();
+            let status = session.response_written().map_or(0, |h| h.status.as_u16());
             return FailToProxy {
                 error_code: status,
                 can_reuse_downstream: ok && !ctx.peer_selected,
@@ -994,11 +1029,11 @@ impl ProxyHttp for Gateway {
                 "request failed"
             );
         }
-        let ok = respond::send_error(session, kind, ctx.route_name())
-            .await
-            .is_ok();
+        let ok = self.send_error(session, ctx, kind).await.is_ok();
         FailToProxy {
-            error_code: kind.status(),
+            error_code: session
+                .response_written()
+                .map_or(kind.status(), |h| h.status.as_u16()),
             can_reuse_downstream: ok && !ctx.peer_selected && kind != GatewayError::ClientTimeout,
         }
     }

@@ -308,6 +308,12 @@ impl Lease {
         &self.plugin
     }
 
+    /// Whether this request's HTTP context exists and has not failed: Envoy calls a
+    /// filter's response callbacks for a local reply only then.
+    pub fn is_live(&self) -> bool {
+        self.ctx != 0 && self.failed.is_none() && self.vm.is_some()
+    }
+
     /// Runs one callback with the frame pointing at `view`; classifies what came of it.
     fn run<R>(
         &mut self,
