@@ -372,3 +372,70 @@ async fn local_replies_to_grpc_requests_are_grpc_answers() {
     assert!(head.contains("content-type: text/plain"), "{head}");
     assert_eq!(body, "denied: café 100%");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_calls_are_never_sent_and_streams_are_refused() {
+    // a raw-ABI filter: makes a call, then tries proxy_grpc_send on it (BadArgument, 2),
+    // opens a stream (InternalFailure, 10), cancels the call twice (Ok, then NotFound 1)
+    // and answers 200 + 10 * second cancel + send (212), or 500 if anything else differs
+    let filter = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_grpc_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_stream" (func $stream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $gsend (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_cancel" (func $cancel (param i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "authz")
+  (data (i32.const 32) "s")
+  (data (i32.const 40) "m")
+  (data (i32.const 48) "good")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $ok i32) (local $send i32) (local $second i32)
+    (local.set $ok (i32.eqz (call $call (i32.const 16) (i32.const 5) (i32.const 32) (i32.const 1)
+      (i32.const 40) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 48) (i32.const 4)
+      (i32.const 1000) (i32.const 0))))
+    (local.set $send (call $gsend (i32.load (i32.const 0)) (i32.const 48) (i32.const 4) (i32.const 1)))
+    (local.set $ok (i32.and (local.get $ok) (i32.eq (i32.const 10)
+      (call $stream (i32.const 16) (i32.const 5) (i32.const 32) (i32.const 1) (i32.const 40)
+        (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 4)))))
+    (local.set $ok (i32.and (local.get $ok) (i32.eqz (call $cancel (i32.load (i32.const 0))))))
+    (local.set $second (call $cancel (i32.load (i32.const 0))))
+    (drop (call $send
+      (select (i32.add (i32.const 200) (i32.add (i32.mul (local.get $second) (i32.const 10)) (local.get $send)))
+        (i32.const 500) (local.get $ok))
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1))
+  (func (export "proxy_on_grpc_receive") (param i32 i32 i32)))"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cancel.wasm"), filter).unwrap();
+    let echo = Upstream::start("echo").await;
+    let svc = GrpcService::start().await;
+    let conf = conf(&echo.addr(), &svc.addr(), free_port())
+        + &format!(
+            r#"
+[modules.cancel]
+path = "{}/cancel.wasm"
+allowed_upstreams = ["authz"]
+[[routes]]
+path_prefix = "/cancel"
+upstream = "echo"
+hooks = ["cancel"]
+"#,
+            dir.path().display()
+        );
+    let gw = Gw::start(&conf);
+    let r = client()
+        .get(gw.url("http", "/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 212);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(svc.requests.load(Ordering::Relaxed), 0);
+}
