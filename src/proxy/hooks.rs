@@ -530,18 +530,22 @@ fn synthesized(token: u32, status: u16, body: &str) -> CallResponse {
         ],
         body: body.as_bytes().to_vec(),
         trailers: Vec::new(),
+        grpc: None,
     }
 }
 
-/// Makes `proxy_http_call` requests to upstreams through Pingora's pooled connector.
+/// Makes `proxy_http_call` requests to upstreams through Pingora's pooled connector (and
+/// `proxy_grpc_call`s through [`super::grpc`]).
 pub struct Callouts {
     connector: pingora::connectors::http::Connector,
+    grpc: super::grpc::GrpcClient,
 }
 
 impl Default for Callouts {
     fn default() -> Self {
         Callouts {
             connector: pingora::connectors::http::Connector::new(None),
+            grpc: super::grpc::GrpcClient::default(),
         }
     }
 }
@@ -588,6 +592,9 @@ impl Callouts {
     /// made a synthesized `503`; a connection lost mid-exchange is an answer with no
     /// headers (Envoy's `onHttpCallFailure`).
     async fn call(&self, c: PendingCall) -> CallResponse {
+        if c.grpc.is_some() {
+            return self.grpc.call(c).await;
+        }
         let token = c.token;
         match tokio::time::timeout(c.timeout, self.exchange(&c)).await {
             Ok(Ok(mut r)) => {
@@ -678,6 +685,7 @@ impl Callouts {
             headers,
             body,
             trailers: Vec::new(),
+            grpc: None,
         })
     }
 }

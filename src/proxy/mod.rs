@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod conn;
 pub mod forwarded;
 pub mod framing;
+pub mod grpc;
 pub mod hooks;
 pub mod respond;
 pub mod target;
@@ -299,12 +300,13 @@ async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
     let default_type = (!typed && !r.body.is_empty()).then_some("text/plain");
-    respond::send(
+    respond::send_reply(
         session,
         r.status,
         &r.headers,
         default_type,
         Bytes::from(r.body),
+        u32::try_from(r.grpc_status).ok(),
     )
     .await
 }
@@ -864,6 +866,12 @@ impl ProxyHttp for Gateway {
             .response_headers(session.req_header(), resp, &self.callouts)
             .await;
         match flow {
+            Flow::Respond(r) if grpc::is_grpc_request(session.req_header()) => {
+                // a gRPC answer: the status in the head, no body
+                let grpc = u32::try_from(r.grpc_status).ok();
+                *resp = grpc::reply_head(r.status, &r.headers, &r.body, grpc, false)?;
+                state.replace_body = Some(Bytes::new());
+            }
             Flow::Respond(r) => {
                 let mut new = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
                 for (k, v) in &r.headers {

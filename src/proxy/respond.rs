@@ -137,6 +137,26 @@ pub async fn send(
     content_type: Option<&str>,
     body: Bytes,
 ) -> Result<()> {
+    send_reply(session, status, headers, content_type, body, None).await
+}
+
+/// [`send`], with the gRPC status a guest chose (`proxy_send_local_response`). To a gRPC
+/// request every local reply (a guest's, a failure policy's, a gateway error) is a gRPC
+/// answer, as Envoy's `sendLocalReply` makes it: 200 with `grpc-status` (`grpc_status`, or
+/// the HTTP status mapped) and the body as `grpc-message`, headers only.
+pub async fn send_reply(
+    session: &mut Session,
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    content_type: Option<&str>,
+    body: Bytes,
+    grpc_status: Option<u32>,
+) -> Result<()> {
+    if super::grpc::is_grpc_request(session.req_header()) {
+        let h1 = !session.is_http2();
+        let resp = super::grpc::reply_head(status, headers, &body, grpc_status, h1)?;
+        return session.write_response_header(Box::new(resp), true).await;
+    }
     let mut resp = ResponseHeader::build(status, Some(headers.len() + 2))?;
     if let Some(ct) = content_type {
         resp.insert_header(http::header::CONTENT_TYPE, ct)?;

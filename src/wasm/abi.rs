@@ -36,6 +36,8 @@ pub enum MapType {
     ResponseTrailers,
     HttpCallResponseHeaders,
     HttpCallResponseTrailers,
+    GrpcReceiveInitialMetadata,
+    GrpcReceiveTrailingMetadata,
 }
 
 impl MapType {
@@ -47,7 +49,8 @@ impl MapType {
             3 => MapType::ResponseTrailers,
             6 => MapType::HttpCallResponseHeaders,
             7 => MapType::HttpCallResponseTrailers,
-            4 | 5 => return Err(Status::Unimplemented), // gRPC metadata
+            4 => MapType::GrpcReceiveInitialMetadata,
+            5 => MapType::GrpcReceiveTrailingMetadata,
             _ => return Err(Status::BadArgument),
         })
     }
@@ -58,6 +61,7 @@ pub enum BufferType {
     RequestBody,
     ResponseBody,
     HttpCallResponseBody,
+    GrpcReceiveBuffer,
     VmConfiguration,
     PluginConfiguration,
 }
@@ -68,9 +72,10 @@ impl BufferType {
             0 => BufferType::RequestBody,
             1 => BufferType::ResponseBody,
             4 => BufferType::HttpCallResponseBody,
+            5 => BufferType::GrpcReceiveBuffer,
             6 => BufferType::VmConfiguration,
             7 => BufferType::PluginConfiguration,
-            2 | 3 | 5 | 8 => return Err(Status::Unimplemented), // L4 data, gRPC, call data
+            2 | 3 | 8 => return Err(Status::Unimplemented), // L4 data, call data
             _ => return Err(Status::BadArgument),
         })
     }
@@ -168,6 +173,90 @@ pub fn guest_range(mem_len: usize, ptr: i32, len: i32) -> HostResult<std::ops::R
     Ok(start..end)
 }
 
+/// The upstream a serialized `envoy.config.core.v3.GrpcService` names, as Envoy's
+/// `proxy_grpc_call` takes it: `envoy_grpc` (field 1) with its `cluster_name` (1) and
+/// optional `authority` (2). Anything else (a `google_grpc` service, bytes that are not
+/// such a message) is `ParseFailure`, Envoy's answer when it cannot use the argument.
+pub fn grpc_service_cluster(bytes: &[u8]) -> HostResult<(&[u8], Option<&[u8]>)> {
+    let mut envoy_grpc = None;
+    for_each_field(bytes, |field, value| {
+        if field == 1 {
+            envoy_grpc = Some(value.ok_or(Status::ParseFailure)?);
+        }
+        Ok(())
+    })?;
+    let inner = envoy_grpc.ok_or(Status::ParseFailure)?;
+    let (mut cluster, mut authority) = (None, None);
+    for_each_field(inner, |field, value| {
+        match field {
+            1 => cluster = Some(value.ok_or(Status::ParseFailure)?),
+            2 => authority = Some(value.ok_or(Status::ParseFailure)?),
+            _ => {}
+        }
+        Ok(())
+    })?;
+    match cluster {
+        Some(c) if !c.is_empty() => Ok((c, authority.filter(|a| !a.is_empty()))),
+        _ => Err(Status::ParseFailure),
+    }
+}
+
+/// Walks a protobuf message's fields: `f(field number, Some(bytes))` for length-delimited
+/// ones, `None` for the others (skipped). Every length is checked against the buffer.
+fn for_each_field<'a>(
+    mut b: &'a [u8],
+    mut f: impl FnMut(u64, Option<&'a [u8]>) -> HostResult,
+) -> HostResult {
+    fn varint(b: &mut &[u8]) -> HostResult<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&byte, rest) = b.split_first().ok_or(Status::ParseFailure)?;
+            *b = rest;
+            v |= ((byte & 0x7f) as u64) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Status::ParseFailure)
+    }
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let (field, wire) = (key >> 3, key & 7);
+        if field == 0 {
+            return Err(Status::ParseFailure);
+        }
+        let skip = |b: &mut &'a [u8], n: usize| -> HostResult<&'a [u8]> {
+            if b.len() < n {
+                return Err(Status::ParseFailure);
+            }
+            let (v, rest) = b.split_at(n);
+            *b = rest;
+            Ok(v)
+        };
+        match wire {
+            0 => {
+                varint(&mut b)?;
+                f(field, None)?;
+            }
+            1 => {
+                skip(&mut b, 8)?;
+                f(field, None)?;
+            }
+            2 => {
+                let n = usize::try_from(varint(&mut b)?).map_err(|_| Status::ParseFailure)?;
+                let v = skip(&mut b, n)?;
+                f(field, Some(v))?;
+            }
+            5 => {
+                skip(&mut b, 4)?;
+                f(field, None)?;
+            }
+            _ => return Err(Status::ParseFailure),
+        }
+    }
+    Ok(())
+}
+
 /// Splits a property path (`request\0path`) into its segments.
 pub fn property_path(bytes: &[u8]) -> Vec<&[u8]> {
     bytes.split(|b| *b == 0).collect()
@@ -223,6 +312,30 @@ mod tests {
             deserialize_map(&[0, 0, 0, 0, 4]),
             Err(Status::SerializationFailure)
         );
+    }
+
+    #[test]
+    fn grpc_service_protos() {
+        // GrpcService { envoy_grpc { cluster_name: "auth", authority: "a.b" }, timeout {seconds: 1} }
+        let msg = [
+            0x0a, 0x0b, 0x0a, 0x04, b'a', b'u', b't', b'h', 0x12, 0x03, b'a', b'.', b'b', 0x1a,
+            0x02, 0x08, 0x01,
+        ];
+        assert_eq!(
+            grpc_service_cluster(&msg),
+            Ok((&b"auth"[..], Some(&b"a.b"[..])))
+        );
+        // only a cluster name
+        assert_eq!(
+            grpc_service_cluster(&[0x0a, 0x03, 0x0a, 0x01, b'x']),
+            Ok((&b"x"[..], None))
+        );
+        // google_grpc, plain text, truncated and hostile lengths
+        assert!(grpc_service_cluster(&[0x12, 0x00]).is_err());
+        assert!(grpc_service_cluster(b"auth").is_err());
+        assert!(grpc_service_cluster(&[0x0a, 0x05, 0x0a]).is_err());
+        assert!(grpc_service_cluster(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        assert!(grpc_service_cluster(&[]).is_err());
     }
 
     #[test]

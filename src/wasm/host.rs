@@ -33,6 +33,9 @@ pub struct Host {
     pub(crate) alloc: Option<TypedFunc<i32, i32>>,
     /// Set when a host call ran out of fuel, so the trap is reported as an overrun.
     pub(crate) out_of_fuel: bool,
+    /// gRPC calls of the current request not yet answered or cancelled: an answer whose
+    /// token is no longer here was cancelled and is dropped (`proxy_grpc_cancel`).
+    pub(crate) grpc_tokens: Vec<u32>,
 }
 
 /// Pointers into the proxy's request state, valid for exactly one callback.
@@ -102,6 +105,34 @@ pub struct PendingCall {
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
     pub timeout: Duration,
+    /// Set for a `proxy_grpc_call`: `headers` are then its initial metadata and `body` its
+    /// message.
+    pub grpc: Option<GrpcTarget>,
+}
+
+/// Where a `proxy_grpc_call` goes, besides its upstream.
+#[derive(Debug, Clone)]
+pub struct GrpcTarget {
+    pub service: String,
+    pub method: String,
+    /// `:authority` of the call: the upstream's name, as Envoy sends the cluster's.
+    pub authority: String,
+}
+
+/// How a gRPC callout ended (`proxy_get_status` in its callback).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrpcStatus {
+    pub code: u32,
+    pub message: Vec<u8>,
+}
+
+impl GrpcStatus {
+    pub fn new(code: u32, message: &str) -> GrpcStatus {
+        GrpcStatus {
+            code,
+            message: message.as_bytes().to_vec(),
+        }
+    }
 }
 
 impl std::fmt::Debug for PendingCall {
@@ -122,6 +153,9 @@ pub struct CallResponse {
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
     pub trailers: Vec<(String, Vec<u8>)>,
+    /// Set for the answer to a `proxy_grpc_call`: its status; `body` is then the message,
+    /// `headers` and `trailers` the initial and trailing metadata.
+    pub grpc: Option<GrpcStatus>,
 }
 
 /// A metric a guest defined with `proxy_define_metric`.
@@ -279,6 +313,22 @@ fn frame_call<'a>(c: &C) -> HostResult<&'a CallResponse> {
         .ok_or(Status::NotFound)
 }
 
+/// The answer being delivered, if it is an HTTP callout's.
+fn frame_http_call<'a>(c: &C) -> HostResult<&'a CallResponse> {
+    frame_call(c).and_then(|r| match r.grpc {
+        None => Ok(r),
+        Some(_) => Err(Status::NotFound),
+    })
+}
+
+/// The answer being delivered, if it is a gRPC callout's.
+fn frame_grpc_call<'a>(c: &C) -> HostResult<(&'a CallResponse, &'a GrpcStatus)> {
+    frame_call(c).and_then(|r| match &r.grpc {
+        Some(g) => Ok((r, g)),
+        None => Err(Status::NotFound),
+    })
+}
+
 fn host_header(req: &RequestHeader) -> &[u8] {
     req.headers
         .get(http::header::HOST)
@@ -325,8 +375,19 @@ fn map_pairs(c: &C, t: MapType) -> HostResult<Vec<(Vec<u8>, Vec<u8>)>> {
             push_map(&mut out, t.ok_or(Status::NotFound)?);
         }
         MapType::RequestTrailers => return Err(Status::NotFound),
+        MapType::GrpcReceiveInitialMetadata | MapType::GrpcReceiveTrailingMetadata => {
+            let (call, _) = frame_grpc_call(c)?;
+            let src = if t == MapType::GrpcReceiveInitialMetadata {
+                &call.headers
+            } else {
+                &call.trailers
+            };
+            for (k, v) in src {
+                out.push((k.as_bytes().to_vec(), v.clone()));
+            }
+        }
         MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers => {
-            let call = frame_call(c)?;
+            let call = frame_http_call(c)?;
             if t == MapType::HttpCallResponseHeaders {
                 out.push((b":status".to_vec(), call.status.to_string().into_bytes()));
             }
@@ -828,6 +889,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     define_shared(l)?;
     define_streams(l)?;
     define_metrics(l)?;
+    define_grpc(l)?;
     define_unsupported(l)?;
     Ok(())
 }
@@ -838,7 +900,8 @@ fn buffer(c: &C, t: i32) -> HostResult<Vec<u8>> {
     match t {
         BufferType::PluginConfiguration => Ok(p.spec.config.clone()),
         BufferType::VmConfiguration => Ok(p.spec.vm_config.clone()),
-        BufferType::HttpCallResponseBody => Ok(frame_call(c)?.body.clone()),
+        BufferType::HttpCallResponseBody => Ok(frame_http_call(c)?.body.clone()),
+        BufferType::GrpcReceiveBuffer => Ok(frame_grpc_call(c)?.0.body.clone()),
         BufferType::RequestBody | BufferType::ResponseBody => match c.data().frame.body {
             // SAFETY: see `Frame`.
             Some((bt, ptr)) if bt == t => Ok(unsafe { &*ptr.as_ptr() }.clone()),
@@ -1217,6 +1280,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                         0 => DEFAULT_CALLOUT_TIMEOUT,
                         ms => Duration::from_millis(ms.min(60_000) as u64),
                     },
+                    grpc: None,
                 });
                 write_u32(&mut c, ret, token)
             })();
@@ -1339,41 +1403,9 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// Host calls this gateway does not offer answer an error status, never trap. gRPC calls
-/// answer `InternalFailure` rather than `Unimplemented`, which the Rust SDK would turn
-/// into a guest panic; a foreign function is simply `NotFound`.
+/// Host calls this gateway does not offer answer an error status, never trap; a foreign
+/// function is simply `NotFound`.
 fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    const U: i32 = Status::InternalFailure as i32;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_call",
-        |_: C,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32| U,
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_stream",
-        |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| U,
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_send",
-        |_: C, _: i32, _: i32, _: i32, _: i32| U,
-    )?;
-    l.func_wrap("env", "proxy_grpc_cancel", |_: C, _: i32| U)?;
-    l.func_wrap("env", "proxy_grpc_close", |_: C, _: i32| U)?;
-    l.func_wrap("env", "proxy_get_status", |_: C, _: i32, _: i32, _: i32| U)?;
     l.func_wrap("env", "proxy_set_effective_context", |_: C, _: i32| 0)?;
     l.func_wrap(
         "env",
@@ -1381,6 +1413,169 @@ fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
     )?;
     l.func_wrap("env", "proxy_done", |_: C| 0)?;
+    Ok(())
+}
+
+/// The upstream a `proxy_grpc_call` names and the `:authority` it is called with: a name
+/// in the module's `allowed_upstreams`, or (as Envoy takes it) a serialized `GrpcService`
+/// whose `envoy_grpc.cluster_name` is one. Anything else is `ParseFailure`, Envoy's answer
+/// for a cluster it does not know; nothing is sent.
+fn grpc_upstream(p: &Plugin, arg: &[u8]) -> HostResult<(Arc<Upstream>, String)> {
+    let find = |name: &[u8]| {
+        p.spec
+            .allowed_upstreams
+            .iter()
+            .find(|u| u.name.as_bytes() == name)
+            .cloned()
+    };
+    if let Some(u) = find(arg) {
+        let a = u.name.to_string();
+        return Ok((u, a));
+    }
+    let (cluster, authority) = abi::grpc_service_cluster(arg)?;
+    let u = find(cluster).ok_or(Status::ParseFailure)?;
+    let authority = match authority {
+        Some(a) => {
+            header_value(a).map_err(|_| Status::ParseFailure)?;
+            String::from_utf8(a.to_vec()).map_err(|_| Status::ParseFailure)?
+        }
+        None => u.name.to_string(),
+    };
+    Ok((u, authority))
+}
+
+/// A gRPC service or method name: what can stand in a path segment.
+fn grpc_name(b: Vec<u8>) -> HostResult<String> {
+    let ok = !b.is_empty()
+        && b.iter()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, b'/' | b'?' | b'#' | b'%'));
+    if !ok {
+        return Err(Status::ParseFailure);
+    }
+    String::from_utf8(b).map_err(|_| Status::ParseFailure)
+}
+
+/// gRPC callouts. Unary calls (`proxy_grpc_call`) go to upstreams in the module's
+/// `allowed_upstreams` and are answered through `proxy_on_grpc_receive` or
+/// `proxy_on_grpc_close`; streams are not offered (`InternalFailure`, which the SDKs report
+/// as an error rather than a panic). Errors a guest can cause answer statuses the Rust SDK
+/// returns as `Err` (`ParseFailure`, `InternalFailure`, `NotFound`, `BadArgument` where it
+/// expects them), never trap.
+fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |mut c: C,
+         up: i32,
+         un: i32,
+         sp: i32,
+         sn: i32,
+         mp: i32,
+         mn: i32,
+         hp: i32,
+         hn: i32,
+         bp: i32,
+         bn: i32,
+         timeout_ms: i32,
+         ret: i32| {
+            charge(&mut c)?;
+            let r = (|| {
+                let upstream = read(&mut c, up, un)?;
+                let service = grpc_name(read(&mut c, sp, sn)?)?;
+                let method = grpc_name(read(&mut c, mp, mn)?)?;
+                let hbytes = read(&mut c, hp, hn)?;
+                let body = read(&mut c, bp, bn)?;
+                let headers = abi::deserialize_map(&hbytes)
+                    .map_err(|_| Status::ParseFailure)?
+                    .into_iter()
+                    .filter(|(k, _)| k.first() != Some(&b':'))
+                    .map(|(k, v)| {
+                        let n = header_name(k).map_err(|_| Status::ParseFailure)?;
+                        header_value(v).map_err(|_| Status::ParseFailure)?;
+                        Ok((n.as_str().to_string(), v.to_vec()))
+                    })
+                    .collect::<HostResult<Vec<_>>>()?;
+                let p = c.data().plugin.clone();
+                let (upstream, authority) = grpc_upstream(&p, &upstream)?;
+                if c.data().effects.calls.len() >= 8 {
+                    return Err(Status::InternalFailure);
+                }
+                let h = c.data_mut();
+                h.effects.next_token = h.effects.next_token.wrapping_add(1).max(1);
+                let token = h.effects.next_token;
+                h.grpc_tokens.push(token);
+                h.effects.calls.push(PendingCall {
+                    token,
+                    upstream,
+                    headers,
+                    body,
+                    timeout: match timeout_ms as u32 {
+                        0 => DEFAULT_CALLOUT_TIMEOUT,
+                        ms => Duration::from_millis(ms.min(60_000) as u64),
+                    },
+                    grpc: Some(GrpcTarget {
+                        service,
+                        method,
+                        authority,
+                    }),
+                });
+                write_u32(&mut c, ret, token)
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |mut c: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| {
+            charge(&mut c)?;
+            Ok::<i32, wasmtime::Error>(Status::InternalFailure as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |mut c: C, token: i32, _: i32, _: i32, _: i32| {
+            charge(&mut c)?;
+            // no stream is ever open: a call's token is the wrong kind (as Envoy answers)
+            let is_call = c.data().grpc_tokens.contains(&(token as u32));
+            Ok::<i32, wasmtime::Error>(if is_call {
+                Status::BadArgument as i32
+            } else {
+                Status::NotFound as i32
+            })
+        },
+    )?;
+    // on a call, close is cancel (as in Envoy): the answer is dropped unseen
+    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
+        l.func_wrap("env", name, |mut c: C, token: i32| {
+            charge(&mut c)?;
+            let h = c.data_mut();
+            let token = token as u32;
+            let Some(i) = h.grpc_tokens.iter().position(|t| *t == token) else {
+                return Ok::<i32, wasmtime::Error>(Status::NotFound as i32);
+            };
+            h.grpc_tokens.swap_remove(i);
+            h.effects.calls.retain(|p| p.token != token);
+            Ok(0)
+        })?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: C, code_ptr: i32, msg_p: i32, msg_n: i32| {
+            charge(&mut c)?;
+            // the status of the gRPC callout being answered
+            let (code, message) = match frame_grpc_call(&c) {
+                Ok((_, g)) => (g.code, g.message.clone()),
+                Err(_) => return Ok(Status::InternalFailure as i32),
+            };
+            if let Err(s) = write_u32(&mut c, code_ptr, code) {
+                return Ok(s as i32);
+            }
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &message, msg_p, msg_n)?))
+        },
+    )?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ pub mod meter;
 mod vm;
 mod wasi;
 
-pub use host::{CallResponse, LocalResponse, PendingCall, RequestInfo};
+pub use host::{CallResponse, GrpcStatus, GrpcTarget, LocalResponse, PendingCall, RequestInfo};
 pub use vm::{Lease, Outcome};
 
 use crate::config::file::Isolation;

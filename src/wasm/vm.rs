@@ -18,6 +18,7 @@ const START_BUDGET_FACTOR: u64 = 50;
 type F1 = TypedFunc<i32, ()>;
 type F2 = TypedFunc<(i32, i32), ()>;
 type F2R = TypedFunc<(i32, i32), i32>;
+type F3 = TypedFunc<(i32, i32, i32), ()>;
 type F3R = TypedFunc<(i32, i32, i32), i32>;
 type F5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
@@ -34,6 +35,8 @@ struct Exports {
     on_done: Option<TypedFunc<i32, i32>>,
     on_delete: Option<F1>,
     on_http_call_response: Option<F5>,
+    on_grpc_receive: Option<F3>,
+    on_grpc_close: Option<F3>,
     on_tick: Option<F1>,
     on_queue_ready: Option<F2>,
 }
@@ -98,6 +101,7 @@ impl Vm {
             memory: None,
             alloc: None,
             out_of_fuel: false,
+            grpc_tokens: Vec::new(),
         };
         let mut store = Store::new(&plugin.engine, host);
         store.limiter(|h| &mut h.limits);
@@ -162,6 +166,8 @@ impl Vm {
             on_done: opt!("proxy_on_done"),
             on_delete: opt!("proxy_on_delete"),
             on_http_call_response: opt!("proxy_on_http_call_response"),
+            on_grpc_receive: opt!("proxy_on_grpc_receive"),
+            on_grpc_close: opt!("proxy_on_grpc_close"),
             on_tick: opt!("proxy_on_tick"),
             on_queue_ready: opt!("proxy_on_queue_ready"),
         };
@@ -621,6 +627,17 @@ impl Lease {
         info: &mut RequestInfo,
         resp: &CallResponse,
     ) -> Outcome {
+        if let Some(g) = &resp.grpc {
+            let view = View {
+                req,
+                req_ro,
+                resp: headers,
+                info: Some(info),
+                call: Some(resp),
+                ..View::default()
+            };
+            return self.on_grpc_answer(view, resp.token, g.code, resp.body.len());
+        }
         if !self.exports(|e| e.on_http_call_response.as_ref()) {
             return Outcome::Continue;
         }
@@ -663,6 +680,60 @@ impl Lease {
         }
     }
 
+    /// Delivers a gRPC call's answer, as Envoy does on the root context (the SDKs find the
+    /// calling context by the token): `proxy_on_grpc_receive` with the message for status
+    /// 0, else `proxy_on_grpc_close` with the status (its message from `proxy_get_status`).
+    /// The answer to a call the guest cancelled is dropped unseen.
+    fn on_grpc_answer(&mut self, view: View<'_>, token: u32, code: u32, size: usize) -> Outcome {
+        let Some(vm) = self.vm.as_mut() else {
+            return Outcome::Continue;
+        };
+        let tokens = &mut vm.store.data_mut().grpc_tokens;
+        let Some(i) = tokens.iter().position(|t| *t == token) else {
+            return Outcome::Pause; // cancelled: nothing to deliver
+        };
+        tokens.swap_remove(i);
+        let (name, exported): (&'static str, bool) = if code == 0 {
+            (
+                "on_grpc_receive",
+                self.exports(|e| e.on_grpc_receive.as_ref()),
+            )
+        } else {
+            ("on_grpc_close", self.exports(|e| e.on_grpc_close.as_ref()))
+        };
+        if !exported {
+            return Outcome::Continue;
+        }
+        let (token, arg) = (
+            token as i32,
+            if code == 0 { size as i32 } else { code as i32 },
+        );
+        match self.run(name, view, |s, f| {
+            let func = if code == 0 {
+                &f.on_grpc_receive
+            } else {
+                &f.on_grpc_close
+            };
+            match func {
+                Some(func) => func.call(s, (ROOT, token, arg)),
+                None => Ok(()),
+            }
+        }) {
+            Err(e) => Outcome::Failed(e),
+            Ok(((), fx)) => {
+                if let Some(l) = fx.local {
+                    Outcome::Respond(l)
+                } else if !fx.calls.is_empty() {
+                    Outcome::Wait(fx.calls)
+                } else if fx.continue_request || fx.continue_response {
+                    Outcome::Continue
+                } else {
+                    Outcome::Pause
+                }
+            }
+        }
+    }
+
     /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context; then bills what the
     /// request's callbacks burned, failed ones included (an overrun burned its whole
     /// budget and is the most expensive request there is).
@@ -671,6 +742,9 @@ impl Lease {
             return;
         }
         self.finished = true;
+        if let Some(vm) = self.vm.as_mut() {
+            vm.store.data_mut().grpc_tokens.clear(); // calls still out die with the request
+        }
         if self.ctx != 0 && self.failed.is_none() {
             self.end_context(req, info);
         }

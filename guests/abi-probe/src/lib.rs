@@ -349,8 +349,8 @@ impl Probe {
                 == Some(&b"probe-vm"[..]),
         );
         self.check(
-            "grpc unimplemented",
-            self.dispatch_grpc_call("echo", "s", "m", vec![], None, Duration::from_secs(1))
+            "grpc call to an upstream not granted",
+            self.dispatch_grpc_call("nope", "s", "m", vec![], None, Duration::from_secs(1))
                 .is_err(),
         );
         self.check(

@@ -1,0 +1,367 @@
+//! gRPC for the hooks: local replies in gRPC form for gRPC requests (as Envoy's
+//! `sendLocalReply`), and the unary client behind `proxy_grpc_call`, over HTTP/2 (h2c with
+//! prior knowledge to plain upstreams, h2 through ALPN to TLS ones).
+//!
+//! A gRPC callout travels through the same path as an HTTP callout ([`PendingCall`] with
+//! its `grpc` part set); its answer is a [`CallResponse`] whose `grpc` part carries the
+//! status, delivered to the guest as `proxy_on_grpc_receive` (status 0) or
+//! `proxy_on_grpc_close` (any other status).
+
+use crate::wasm::{CallResponse, GrpcStatus, PendingCall};
+use bytes::{BufMut, Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use std::time::Duration;
+
+/// gRPC status codes the gateway produces itself.
+pub mod code {
+    pub const OK: u32 = 0;
+    pub const UNKNOWN: u32 = 2;
+    pub const DEADLINE_EXCEEDED: u32 = 4;
+    pub const PERMISSION_DENIED: u32 = 7;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const UNIMPLEMENTED: u32 = 12;
+    pub const INTERNAL: u32 = 13;
+    pub const UNAVAILABLE: u32 = 14;
+    pub const UNAUTHENTICATED: u32 = 16;
+}
+
+/// Largest message a unary call may answer with (as HTTP callouts' bodies).
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// Whether a request is gRPC, as Envoy decides it: `content-type` is `application/grpc` or
+/// `application/grpc+<codec>` (gRPC-Web is not).
+pub fn is_grpc_request(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| {
+            let v = v.as_bytes();
+            let base = b"application/grpc";
+            v.len() >= base.len()
+                && v[..base.len()].eq_ignore_ascii_case(base)
+                && (v.len() == base.len() || v[base.len()] == b'+' || v[base.len()] == b';')
+        })
+        .unwrap_or(false)
+}
+
+/// The gRPC status for an HTTP status, as Envoy's `Grpc::Utility::httpToGrpcStatus` (from
+/// gRPC's http-grpc-status-mapping.md).
+pub fn http_to_grpc_status(status: u16) -> u32 {
+    match status {
+        400 => code::INTERNAL,
+        401 => code::UNAUTHENTICATED,
+        403 => code::PERMISSION_DENIED,
+        404 => code::UNIMPLEMENTED,
+        429 | 502 | 503 | 504 => code::UNAVAILABLE,
+        _ => code::UNKNOWN,
+    }
+}
+
+/// `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+pub fn percent_encode(msg: &[u8]) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for &b in msg {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes a `grpc-message`; a malformed escape is kept as it is (as gRPC clients do).
+pub fn percent_decode(v: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] == b'%' && i + 2 < v.len() {
+            if let (Some(h), Some(l)) = (hex(v[i + 1]), hex(v[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(v[i]);
+        i += 1;
+    }
+    out
+}
+
+/// A local reply to a gRPC request, as Envoy builds it: HTTP 200, `content-type:
+/// application/grpc`, the guest's headers, `grpc-status` (the guest's, or the HTTP status
+/// mapped, unless the headers carry one already) and the body as a percent-encoded
+/// `grpc-message`; headers only (trailers-only). `h1` adds the `content-length: 0` an
+/// HTTP/1 answer needs to end.
+pub fn reply_head(
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    body: &[u8],
+    grpc_status: Option<u32>,
+    h1: bool,
+) -> pingora::Result<pingora::http::ResponseHeader> {
+    let mut resp = pingora::http::ResponseHeader::build(200, Some(headers.len() + 4))?;
+    for (k, v) in headers {
+        let lower = k.to_ascii_lowercase();
+        if lower == "content-length" || lower == "transfer-encoding" || lower.starts_with(':') {
+            continue;
+        }
+        resp.append_header(lower, v.as_slice())?;
+    }
+    resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+    if !resp.headers.contains_key("grpc-status") {
+        let s = grpc_status.unwrap_or_else(|| http_to_grpc_status(status));
+        resp.insert_header("grpc-status", s.to_string())?;
+    }
+    if !body.is_empty() {
+        let text = body.strip_suffix(b"\n").unwrap_or(body);
+        resp.insert_header("grpc-message", percent_encode(text))?;
+    }
+    if h1 {
+        resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+    }
+    Ok(resp)
+}
+
+/// One length-prefixed gRPC message (uncompressed).
+pub fn frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(msg.len() + 5);
+    b.put_u8(0);
+    b.put_u32(msg.len() as u32);
+    b.put_slice(msg);
+    b.freeze()
+}
+
+/// Splits a response body into its messages; `Err` for a compressed or truncated frame.
+pub fn unframe(mut body: &[u8]) -> Result<Vec<&[u8]>, &'static str> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        if body.len() < 5 {
+            return Err("truncated gRPC frame");
+        }
+        if body[0] != 0 {
+            return Err("compressed gRPC message (no encoding was offered)");
+        }
+        let n = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        let rest = &body[5..];
+        if rest.len() < n {
+            return Err("truncated gRPC frame");
+        }
+        out.push(&rest[..n]);
+        body = &rest[n..];
+    }
+    Ok(out)
+}
+
+/// Makes `proxy_grpc_call`s, with its own pool of HTTP/2 connections.
+pub struct GrpcClient {
+    connector: Connector,
+}
+
+impl Default for GrpcClient {
+    fn default() -> Self {
+        GrpcClient {
+            connector: Connector::new(None),
+        }
+    }
+}
+
+fn answer(token: u32, code: u32, message: &str) -> CallResponse {
+    CallResponse {
+        token,
+        grpc: Some(GrpcStatus {
+            code,
+            message: message.as_bytes().to_vec(),
+        }),
+        ..CallResponse::default()
+    }
+}
+
+impl GrpcClient {
+    /// One unary call. Failures close it with a status, as Envoy's async gRPC client does:
+    /// no connection is `UNAVAILABLE` (14), a timeout `DEADLINE_EXCEEDED` (4), a reset
+    /// stream `INTERNAL` (13), a non-200 answer its HTTP status mapped.
+    pub async fn call(&self, c: PendingCall) -> CallResponse {
+        let token = c.token;
+        match tokio::time::timeout(c.timeout, self.exchange(&c)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %c.upstream.name, error = %e, "gRPC callout failed");
+                use pingora::ErrorType::*;
+                match e.etype() {
+                    ConnectRefused | ConnectNoRoute | ConnectTimedout | ConnectError
+                    | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | SocketError => {
+                        answer(
+                            token,
+                            code::UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                        )
+                    }
+                    _ => answer(token, code::INTERNAL, ""),
+                }
+            }
+            Err(_) => answer(token, code::DEADLINE_EXCEEDED, "upstream request timeout"),
+        }
+    }
+
+    async fn exchange(&self, c: &PendingCall) -> pingora::Result<CallResponse> {
+        let Some(target) = &c.grpc else {
+            return pingora::Error::e_explain(pingora::ErrorType::InternalError, "not gRPC");
+        };
+        let mut peer = c.upstream.peer(b"").ok_or_else(|| {
+            pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, "no healthy upstream")
+        })?;
+        // h2 only: prior knowledge on plain TCP, ALPN h2 on TLS
+        peer.options.set_http_version(2, 2);
+        peer.options.max_h2_streams = 100;
+        peer.options.read_timeout = Some(c.timeout);
+        let path = format!("/{}/{}", target.service, target.method);
+        let mut req = RequestHeader::build("POST", path.as_bytes(), Some(c.headers.len() + 4))?;
+        req.insert_header(http::header::HOST, target.authority.as_str())?;
+        req.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+        req.insert_header(http::header::TE, "trailers")?;
+        req.insert_header("grpc-timeout", format!("{}m", c.timeout.as_millis()))?;
+        for (k, v) in &c.headers {
+            req.append_header(k.clone(), v.as_slice())?;
+        }
+        let (session, _reused) = self.connector.get_http_session(&*peer).await?;
+        let mut s = match session {
+            HttpSession::H2(s) => s,
+            _ => {
+                return pingora::Error::e_explain(
+                    pingora::ErrorType::ConnectError,
+                    "the upstream does not speak HTTP/2",
+                )
+            }
+        };
+        s.write_request_header(Box::new(req), false)?;
+        s.write_request_body(frame(&c.body), true).await?;
+        s.read_response_header().await?;
+        let (status, headers) = {
+            let h = s.response_header().ok_or_else(|| {
+                pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
+            })?;
+            (h.status.as_u16(), pairs(&h.headers))
+        };
+        let mut body = Vec::new();
+        while let Some(chunk) = s.read_response_body().await? {
+            if body.len() + chunk.len() > MAX_MESSAGE + 5 {
+                return Ok(answer(
+                    c.token,
+                    code::RESOURCE_EXHAUSTED,
+                    "gRPC callout response over 1 MiB",
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let trailers = s.read_trailers().await?.map(|t| pairs(&t));
+        self.connector
+            .release_http_session(HttpSession::H2(s), &*peer, Some(Duration::from_secs(60)))
+            .await;
+        // trailers-only answers carry the status in the headers
+        let meta = trailers.as_ref().unwrap_or(&headers);
+        let get = |n: &str| meta.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_slice());
+        let grpc_status = get("grpc-status")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        let message = get("grpc-message").map(percent_decode).unwrap_or_default();
+        let (code, message) = match (grpc_status, status) {
+            (Some(s), 200) => (s, message),
+            (Some(s), _) if trailers.is_none() => (s, message),
+            (_, st) if st != 200 => (http_to_grpc_status(st), Vec::new()),
+            _ => (code::UNKNOWN, message),
+        };
+        let mut r = CallResponse {
+            token: c.token,
+            status,
+            headers: if trailers.is_some() {
+                headers.clone()
+            } else {
+                Vec::new()
+            },
+            trailers: trailers.clone().unwrap_or(headers),
+            body: Vec::new(),
+            grpc: Some(GrpcStatus { code, message }),
+        };
+        if code == code::OK {
+            match unframe(&body) {
+                // as Envoy's async client, the last message is the answer
+                Ok(msgs) => match msgs.last() {
+                    Some(m) => r.body = m.to_vec(),
+                    None => r.grpc = Some(GrpcStatus::new(code::INTERNAL, "")),
+                },
+                Err(e) => r.grpc = Some(GrpcStatus::new(code::INTERNAL, e)),
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn pairs(h: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    h.iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_requests_are_recognized_like_envoy() {
+        let req = |ct: &str| {
+            let mut r = RequestHeader::build("POST", b"/s/m", None).unwrap();
+            r.insert_header("content-type", ct).unwrap();
+            r
+        };
+        assert!(is_grpc_request(&req("application/grpc")));
+        assert!(is_grpc_request(&req("application/grpc+proto")));
+        assert!(is_grpc_request(&req("Application/GRPC")));
+        assert!(!is_grpc_request(&req("application/grpc-web")));
+        assert!(!is_grpc_request(&req("application/json")));
+        assert!(!is_grpc_request(
+            &RequestHeader::build("GET", b"/", None).unwrap()
+        ));
+    }
+
+    #[test]
+    fn statuses_and_messages() {
+        assert_eq!(http_to_grpc_status(401), 16);
+        assert_eq!(http_to_grpc_status(403), 7);
+        assert_eq!(http_to_grpc_status(404), 12);
+        assert_eq!(http_to_grpc_status(503), 14);
+        assert_eq!(http_to_grpc_status(504), 14);
+        assert_eq!(http_to_grpc_status(500), 2);
+        assert_eq!(percent_encode("a b%é\n".as_bytes()), "a b%25%C3%A9%0A");
+        assert_eq!(percent_decode(b"a b%25%C3%A9%0A"), "a b%é\n".as_bytes());
+        assert_eq!(percent_decode(b"100%"), b"100%");
+        assert_eq!(percent_decode(b"%zz%4"), b"%zz%4");
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut b = frame(b"hello").to_vec();
+        b.extend_from_slice(&frame(b""));
+        assert_eq!(unframe(&b).unwrap(), vec![&b"hello"[..], &b""[..]]);
+        assert!(unframe(&b[..4]).is_err());
+        assert!(unframe(&[1, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn local_reply_head() {
+        let h = vec![("x-extra".to_string(), b"1".to_vec())];
+        let r = reply_head(403, &h, b"no entry: %", None, true).unwrap();
+        assert_eq!(r.status.as_u16(), 200);
+        assert_eq!(r.headers["content-type"], "application/grpc");
+        assert_eq!(r.headers["grpc-status"], "7");
+        assert_eq!(r.headers["grpc-message"], "no entry: %25");
+        assert_eq!(r.headers["content-length"], "0");
+        assert_eq!(r.headers["x-extra"], "1");
+        let r = reply_head(200, &[], b"", Some(16), false).unwrap();
+        assert_eq!(r.headers["grpc-status"], "16");
+        assert!(!r.headers.contains_key("grpc-message"));
+        assert!(!r.headers.contains_key("content-length"));
+    }
+}

@@ -1,0 +1,441 @@
+//! gRPC through the real gateway: local replies in gRPC form for gRPC requests, and unary
+//! `proxy_grpc_call`s from the `grpc-auth` guest (built from the Rust SDK) to a real
+//! HTTP/2 gRPC service started here (a hand-rolled unary service on the `h2` crate: it is
+//! the upstream, not the thing under test).
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A unary gRPC service over h2c. The request message picks the answer:
+/// `good` → `allow:alice`, `deny` → `nope`, `bad` → trailers-only PERMISSION_DENIED with
+/// a message, `slow` → `allow:late` after 3 s, `http500` → HTTP 500 without gRPC status.
+/// Every request's path, authority and headers of interest are noted in `seen`.
+struct GrpcService {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    conns: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn frame(msg: &[u8]) -> Bytes {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    b.extend_from_slice(msg);
+    Bytes::from(b)
+}
+
+impl GrpcService {
+    async fn start() -> GrpcService {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (r, s, n) = (requests.clone(), seen.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = l.accept().await else {
+                    return;
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+                let (r, s) = (r.clone(), s.clone());
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(sock).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        r.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(Self::answer(req, respond, s.clone()));
+                    }
+                });
+            }
+        });
+        GrpcService {
+            port,
+            requests,
+            conns,
+            seen,
+            task,
+        }
+    }
+
+    async fn answer(
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) {
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        seen.lock().unwrap().push(format!(
+            "{} {} {} client={} te={} ct={} timeout={}",
+            req.method(),
+            req.uri().path(),
+            req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
+            h("x-client"),
+            h("te"),
+            h("content-type"),
+            h("grpc-timeout"),
+        ));
+        let mut body = req.into_body();
+        let mut data = Vec::new();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let msg = data.get(5..).unwrap_or_default().to_vec();
+        let ok_head = || {
+            http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap()
+        };
+        let unary = |mut respond: h2::server::SendResponse<Bytes>, reply: &[u8]| {
+            let mut s = respond.send_response(ok_head(), false).unwrap();
+            s.send_data(frame(reply), false).unwrap();
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", "0".parse().unwrap());
+            s.send_trailers(t).unwrap();
+        };
+        match msg.as_slice() {
+            b"good" => unary(respond, b"allow:alice"),
+            b"deny" => unary(respond, b"nope"),
+            b"slow" => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                unary(respond, b"allow:late")
+            }
+            b"http500" => {
+                let r = http::Response::builder().status(500).body(()).unwrap();
+                let _ = respond.send_response(r, true);
+            }
+            _ => {
+                let r = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "7")
+                    .header("grpc-message", "no%20entry%3A%20caf%C3%A9")
+                    .body(())
+                    .unwrap();
+                let _ = respond.send_response(r, true);
+            }
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn conf(echo: &str, grpc: &str, dead: u16) -> String {
+    HEAD.to_string()
+        + &format!(
+            r#"
+[upstreams.echo]
+targets = ["{echo}"]
+[upstreams.authz]
+targets = ["{grpc}"]
+[upstreams.other]
+targets = ["{grpc}"]
+[upstreams.down]
+targets = ["127.0.0.1:{dead}"]
+[modules.ga]
+path = "{{guests}}/grpc_auth.wasm"
+config = {{ upstream = "authz", timeout_ms = 500 }}
+allowed_upstreams = ["authz"]
+[modules.ga_proto]
+path = "{{guests}}/grpc_auth.wasm"
+config = {{ upstream = "authz", as_grpc_service = true }}
+allowed_upstreams = ["authz"]
+[modules.ga_down]
+path = "{{guests}}/grpc_auth.wasm"
+config = {{ upstream = "down" }}
+allowed_upstreams = ["down"]
+[modules.ga_sneaky]
+path = "{{guests}}/grpc_auth.wasm"
+config = {{ upstream = "other", as_grpc_service = true }}
+allowed_upstreams = ["authz"]
+[[routes]]
+path_prefix = "/api"
+upstream = "echo"
+hooks = ["ga"]
+[[routes]]
+path_prefix = "/proto"
+upstream = "echo"
+hooks = ["ga_proto"]
+[[routes]]
+path_prefix = "/down"
+upstream = "echo"
+hooks = ["ga_down"]
+[[routes]]
+path_prefix = "/sneaky"
+upstream = "echo"
+hooks = ["ga_sneaky"]
+[[routes]]
+path_prefix = "/dead"
+upstream = "down"
+"#
+        )
+}
+
+async fn get(c: &reqwest::Client, url: String, token: &str) -> (u16, Value) {
+    let r = c.get(url).header("x-token", token).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_grpc_calls_reach_the_guest() {
+    let echo = Upstream::start("echo").await;
+    let svc = GrpcService::start().await;
+    let gw = Gw::start(&conf(&echo.addr(), &svc.addr(), free_port()));
+    let c = client();
+
+    // success: the message reaches the guest, which resumes the request with its user
+    let (s, v) = get(&c, gw.url("http", "/api/x"), "good").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["headers"]["x-user"], "alice");
+    let seen = svc.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            "POST /test.Auth/Check authz client=wasm te=trailers ct=application/grpc timeout=500m"
+        ]
+    );
+    // the upstream named by a serialized GrpcService, as Envoy filters do
+    let (s, v) = get(&c, gw.url("http", "/proto/x"), "good").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["headers"]["x-user"], "alice");
+    // an OK answer the guest does not like
+    let (s, v) = get(&c, gw.url("http", "/api/x"), "deny").await;
+    assert_eq!(
+        (s, v),
+        (403, serde_json::json!({"error": "denied", "reply": "nope"}))
+    );
+
+    // a gRPC error status: on_grpc_close with it, the decoded message from get_status
+    let (s, v) = get(&c, gw.url("http", "/api/x"), "bad").await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(
+        v,
+        serde_json::json!({"error": "auth_failed", "callback_status": 7, "grpc_status": 7,
+            "message": "no entry: café"})
+    );
+    // HTTP 500 without a gRPC status: UNKNOWN (2), as the HTTP status maps
+    let (s, v) = get(&c, gw.url("http", "/api/x"), "http500").await;
+    assert_eq!((s, v["grpc_status"].clone()), (503, 2.into()), "{v}");
+
+    // the guest's timeout (500 ms) passes: DEADLINE_EXCEEDED (4)
+    let t = std::time::Instant::now();
+    let (s, v) = get(&c, gw.url("http", "/api/x"), "slow").await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["grpc_status"], 4, "{v}");
+    assert_eq!(v["message"], "upstream request timeout");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // nothing listens: UNAVAILABLE (14), as Envoy closes a call it cannot connect
+    let (s, v) = get(&c, gw.url("http", "/down/x"), "good").await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["grpc_status"], 14, "{v}");
+    assert_eq!(v["callback_status"], 14, "{v}");
+
+    // an upstream the module was not granted: ParseFailure at dispatch, nothing sent
+    let before = svc.requests.load(Ordering::Relaxed);
+    let (s, v) = get(&c, gw.url("http", "/sneaky/x"), "good").await;
+    assert_eq!(
+        (s, v),
+        (
+            503,
+            serde_json::json!({"error": "grpc_call_failed", "status": "ParseFailure"})
+        )
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(svc.requests.load(Ordering::Relaxed), before);
+
+    // the calls shared pooled HTTP/2 connections
+    assert!(svc.conns.load(Ordering::Relaxed) <= 2);
+}
+
+/// Reads one HTTP/1.1 response head and its content-length body.
+fn raw(port: u16, req: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        buf.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse::<usize>().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_replies_to_grpc_requests_are_grpc_answers() {
+    let echo = Upstream::start("echo").await;
+    let svc = GrpcService::start().await;
+    let gw = Gw::start(&conf(&echo.addr(), &svc.addr(), free_port()));
+    let port = gw.port("http");
+    let grpc = "content-type: application/grpc\r\nte: trailers\r\n";
+
+    // send_grpc_response: trailers-only, the message percent-encoded, the guest's metadata
+    let (head, body) = raw(
+        port,
+        &format!(
+            "POST /api/x HTTP/1.1\r\nhost: t\r\n{grpc}x-grpc-reply: 1\r\ncontent-length: 0\r\n\r\n"
+        ),
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("content-type: application/grpc\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("grpc-status: 7\r\n"), "{head}");
+    assert!(
+        head.contains("grpc-message: denied: caf%c3%a9 100%25\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("x-extra: 1\r\n"), "{head}");
+    assert!(head.contains("content-length: 0\r\n"), "{head}");
+    assert_eq!(body, "");
+
+    // a guest's plain HTTP answer to a gRPC request: the HTTP status mapped (403 → 7)
+    let (head, _) = raw(
+        port,
+        &format!(
+            "POST /api/x HTTP/1.1\r\nhost: t\r\n{grpc}x-token: deny\r\ncontent-length: 0\r\n\r\n"
+        ),
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("grpc-status: 7\r\n"), "{head}");
+    assert!(
+        head.contains("grpc-message: {\"error\":\"denied\",\"reply\":\"nope\"}\r\n"),
+        "{head}"
+    );
+
+    // gateway errors too: no route → UNIMPLEMENTED (12), an unreachable upstream →
+    // UNAVAILABLE (14)
+    let (head, _) = raw(
+        port,
+        &format!("POST /nowhere HTTP/1.1\r\nhost: t\r\n{grpc}content-length: 0\r\n\r\n"),
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("grpc-status: 12\r\n"), "{head}");
+    assert!(
+        head.contains("grpc-message: {\"error\":\"no_route\"}\r\n"),
+        "{head}"
+    );
+    let (head, _) = raw(
+        port,
+        &format!("POST /dead/x HTTP/1.1\r\nhost: t\r\n{grpc}content-length: 0\r\n\r\n"),
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("grpc-status: 14\r\n"), "{head}");
+
+    // not a gRPC request: send_grpc_response is a plain answer, as in Envoy
+    let (head, body) = raw(
+        port,
+        "GET /api/x HTTP/1.1\r\nhost: t\r\nx-grpc-reply: 1\r\n\r\n",
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("grpc-status"), "{head}");
+    assert!(head.contains("content-type: text/plain"), "{head}");
+    assert_eq!(body, "denied: café 100%");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_calls_are_never_sent_and_streams_are_refused() {
+    // a raw-ABI filter: makes a call, then tries proxy_grpc_send on it (BadArgument, 2),
+    // opens a stream (InternalFailure, 10), cancels the call twice (Ok, then NotFound 1)
+    // and answers 200 + 10 * second cancel + send (212), or 500 if anything else differs
+    let filter = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_grpc_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_stream" (func $stream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $gsend (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_cancel" (func $cancel (param i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "authz")
+  (data (i32.const 32) "s")
+  (data (i32.const 40) "m")
+  (data (i32.const 48) "good")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $ok i32) (local $send i32) (local $second i32)
+    (local.set $ok (i32.eqz (call $call (i32.const 16) (i32.const 5) (i32.const 32) (i32.const 1)
+      (i32.const 40) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 48) (i32.const 4)
+      (i32.const 1000) (i32.const 0))))
+    (local.set $send (call $gsend (i32.load (i32.const 0)) (i32.const 48) (i32.const 4) (i32.const 1)))
+    (local.set $ok (i32.and (local.get $ok) (i32.eq (i32.const 10)
+      (call $stream (i32.const 16) (i32.const 5) (i32.const 32) (i32.const 1) (i32.const 40)
+        (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 4)))))
+    (local.set $ok (i32.and (local.get $ok) (i32.eqz (call $cancel (i32.load (i32.const 0))))))
+    (local.set $second (call $cancel (i32.load (i32.const 0))))
+    (drop (call $send
+      (select (i32.add (i32.const 200) (i32.add (i32.mul (local.get $second) (i32.const 10)) (local.get $send)))
+        (i32.const 500) (local.get $ok))
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1))
+  (func (export "proxy_on_grpc_receive") (param i32 i32 i32)))"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cancel.wasm"), filter).unwrap();
+    let echo = Upstream::start("echo").await;
+    let svc = GrpcService::start().await;
+    let conf = conf(&echo.addr(), &svc.addr(), free_port())
+        + &format!(
+            r#"
+[modules.cancel]
+path = "{}/cancel.wasm"
+allowed_upstreams = ["authz"]
+[[routes]]
+path_prefix = "/cancel"
+upstream = "echo"
+hooks = ["cancel"]
+"#,
+            dir.path().display()
+        );
+    let gw = Gw::start(&conf);
+    let r = client()
+        .get(gw.url("http", "/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 212);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(svc.requests.load(Ordering::Relaxed), 0);
+}
