@@ -39,7 +39,7 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let data_dir = data_dir_of(conf);
     let runtime = Arc::new(wasm::Runtime::new(Some(&data_dir.join("modules")))?);
-    let live = match Live::open(conf, metrics.clone(), runtime) {
+    let live = match Live::open(conf, metrics.clone(), runtime.clone()) {
         Ok(l) => Arc::new(l),
         Err(e) => {
             eprintln!("{e}");
@@ -82,6 +82,7 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     )?);
     let mut gateway = Gateway::new(live.clone(), metrics.clone(), access_log);
     gateway.control = Some(control.clone());
+    runtime.set_dispatch(gateway.callouts());
     // every accepted stream is wrapped: exact connection count, request-head deadline
     let app = ClientApp::new(
         pingora::proxy::http_proxy(&server.configuration, gateway),

@@ -284,6 +284,7 @@ impl GrpcClient {
             trailers: trailers.clone().unwrap_or(headers),
             body: Vec::new(),
             grpc: Some(GrpcStatus { code, message }),
+            root: false,
         };
         if code == code::OK {
             match unframe(&body) {

@@ -4,12 +4,16 @@
 
 use crate::wasm::{
     CallResponse, Failure, FailurePolicy, HookChain, Lease, LocalResponse, Outcome, PendingCall,
-    RequestInfo,
+    RequestInfo, RootEvent, View,
 };
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Longest a request waits on its VM's root context to resume it (see
+/// [`Callouts::wait_on_root`]); then the module fails with `paused_too_long`.
+pub const MAX_ROOT_WAIT: Duration = Duration::from_secs(10);
 
 /// Per-request hook state, kept in the proxy's CTX.
 pub struct HookState {
@@ -172,6 +176,7 @@ impl HookState {
                 continue;
             };
             let mut out = lease.on_request_headers(req, &mut self.info, end_of_stream);
+            let mut waited = false;
             loop {
                 match out {
                     Outcome::Continue => break,
@@ -184,6 +189,17 @@ impl HookState {
                         // waits for the body (a buffering auth or WAF filter)
                         self.held = Some(i);
                         return Flow::Buffer;
+                    }
+                    Outcome::Pause if !std::mem::replace(&mut waited, true) => {
+                        // no body to come: only its root context can resume the request
+                        let lease = self.leases[i].as_mut().expect("lease present");
+                        let at = CallSite {
+                            req: Some(&mut *req),
+                            ..CallSite::default()
+                        };
+                        out = caller
+                            .wait_on_root(lease, at, &mut self.info, Vec::new())
+                            .await;
                     }
                     Outcome::Pause => {
                         let lease = self.leases[i].as_mut().expect("lease present");
@@ -227,7 +243,12 @@ impl HookState {
                     req: Some(&mut *req),
                     ..CallSite::default()
                 };
-                match caller.resolve(lease, at, &mut self.info, calls).await {
+                let out = if eos {
+                    caller.wait_on_root(lease, at, &mut self.info, calls).await
+                } else {
+                    caller.resolve(lease, at, &mut self.info, calls).await
+                };
+                match out {
                     Outcome::Continue => {}
                     Outcome::Respond(r) => return Flow::Respond(r),
                     Outcome::Pause if !eos => return Flow::Buffer,
@@ -292,6 +313,11 @@ impl HookState {
                 Outcome::Respond(r) => return Flow::Respond(r),
                 Outcome::Wait(calls) => {
                     self.waiting = Some((i, calls));
+                    return Flow::Buffer;
+                }
+                Outcome::Pause if end_of_stream && lease.root_can_wake() => {
+                    // the whole body is in: only its root context can resume the request
+                    self.waiting = Some((i, Vec::new()));
                     return Flow::Buffer;
                 }
                 Outcome::Pause => {
@@ -531,6 +557,7 @@ fn synthesized(token: u32, status: u16, body: &str) -> CallResponse {
         body: body.as_bytes().to_vec(),
         trailers: Vec::new(),
         grpc: None,
+        root: false,
     }
 }
 
@@ -560,21 +587,89 @@ impl Callouts {
     pub async fn resolve(
         &self,
         lease: &mut Lease,
-        mut at: CallSite<'_>,
+        at: CallSite<'_>,
         info: &mut RequestInfo,
         calls: Vec<PendingCall>,
     ) -> Outcome {
+        self.settle(lease, at, info, calls, false).await
+    }
+
+    /// Like [`Callouts::resolve`], for a request that nothing but the VM's root context
+    /// can resume (it paused with no body to come): the request also waits for the root's
+    /// own callouts, its `on_tick` and its `on_queue_ready`, any of which may switch to the
+    /// request's context and continue or answer it (Envoy's "resume from the root"). Waits
+    /// at most [`MAX_ROOT_WAIT`]; `Pause` when nothing can wake the root at all.
+    pub async fn wait_on_root(
+        &self,
+        lease: &mut Lease,
+        at: CallSite<'_>,
+        info: &mut RequestInfo,
+        calls: Vec<PendingCall>,
+    ) -> Outcome {
+        self.settle(lease, at, info, calls, true).await
+    }
+
+    async fn settle(
+        &self,
+        lease: &mut Lease,
+        mut at: CallSite<'_>,
+        info: &mut RequestInfo,
+        mut calls: Vec<PendingCall>,
+        root: bool,
+    ) -> Outcome {
         use futures::stream::{FuturesUnordered, StreamExt};
+        use tokio::time::{sleep_until, Instant};
+        if root {
+            calls.extend(lease.take_root_calls());
+        }
         let mut out: FuturesUnordered<_> = calls.into_iter().map(|c| self.call(c)).collect();
+        let plugin = lease.plugin().clone();
+        let _waiting = root.then(|| plugin.root_waiter());
+        let deadline = Instant::now() + MAX_ROOT_WAIT;
+        let tick = || {
+            let ms = plugin.tick_ms.load(Ordering::Relaxed) as u64;
+            (ms > 0).then(|| Instant::now() + Duration::from_millis(ms))
+        };
+        let mut next_tick = if root { tick() } else { None };
         let mut last = Outcome::Pause;
-        while let Some(a) = out.next().await {
-            last = lease.on_http_call_response(
-                at.req.as_deref_mut(),
-                at.req_ro,
-                at.resp.as_deref_mut(),
-                info,
-                &a,
-            );
+        loop {
+            let woken = root && lease.root_can_wake();
+            if out.is_empty() && !woken {
+                return last;
+            }
+            let signal = plugin.queue_signal().notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            let queued = if root { plugin.pending_queue() } else { None };
+            macro_rules! view {
+                () => {
+                    View {
+                        req: at.req.as_deref_mut(),
+                        req_ro: at.req_ro,
+                        resp: at.resp.as_deref_mut(),
+                        info: Some(&mut *info),
+                        ..View::default()
+                    }
+                };
+            }
+            last = if let Some(id) = queued {
+                lease.on_root_event(RootEvent::Queue(id), view!())
+            } else {
+                tokio::select! {
+                    Some(a) = out.next(), if !out.is_empty() => {
+                        let (req, resp) = (at.req.as_deref_mut(), at.resp.as_deref_mut());
+                        lease.on_http_call_response(req, at.req_ro, resp, info, &a)
+                    }
+                    _ = sleep_until(next_tick.unwrap_or(deadline)), if next_tick.is_some() => {
+                        next_tick = tick();
+                        lease.on_root_event(RootEvent::Tick, view!())
+                    }
+                    _ = &mut signal, if woken => continue,
+                    _ = sleep_until(deadline), if root => {
+                        return Outcome::Failed(lease.misbehaved("wait_on_root", "paused_too_long"));
+                    }
+                }
+            };
             match last {
                 Outcome::Pause => continue,
                 Outcome::Wait(more) => {
@@ -584,7 +679,6 @@ impl Callouts {
                 _ => return last,
             }
         }
-        last
     }
 
     /// One callout. Failures answer as Envoy's async client does: a timeout is a
@@ -592,6 +686,13 @@ impl Callouts {
     /// made a synthesized `503`; a connection lost mid-exchange is an answer with no
     /// headers (Envoy's `onHttpCallFailure`).
     async fn call(&self, c: PendingCall) -> CallResponse {
+        let root = c.root;
+        let mut r = self.call_once(c).await;
+        r.root = root;
+        r
+    }
+
+    async fn call_once(&self, c: PendingCall) -> CallResponse {
         if c.grpc.is_some() {
             return self.grpc.call(c).await;
         }
@@ -686,6 +787,16 @@ impl Callouts {
             body,
             trailers: Vec::new(),
             grpc: None,
+            root: false,
         })
+    }
+}
+
+impl crate::wasm::Dispatch for Callouts {
+    fn dispatch(
+        self: std::sync::Arc<Self>,
+        call: PendingCall,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CallResponse> + Send>> {
+        Box::pin(async move { self.call(call).await })
     }
 }

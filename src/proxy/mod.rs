@@ -36,17 +36,23 @@ pub struct Gateway {
     pub control: Option<Arc<crate::control::Control>>,
     pub metrics: Arc<Metrics>,
     pub access_log: Option<AccessLog>,
-    callouts: Callouts,
+    callouts: Arc<Callouts>,
 }
 
 impl Gateway {
+    /// The callout client, which also sends the root contexts' callouts
+    /// ([`crate::wasm::Runtime::set_dispatch`]).
+    pub fn callouts(&self) -> Arc<Callouts> {
+        self.callouts.clone()
+    }
+
     pub fn new(live: Arc<Live>, metrics: Arc<Metrics>, access_log: Option<AccessLog>) -> Gateway {
         Gateway {
             live,
             control: None,
             metrics,
             access_log,
-            callouts: Callouts::default(),
+            callouts: Arc::default(),
         }
     }
 }

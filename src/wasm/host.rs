@@ -36,7 +36,18 @@ pub struct Host {
     /// gRPC calls of the current request not yet answered or cancelled: an answer whose
     /// token is no longer here was cancelled and is dropped (`proxy_grpc_cancel`).
     pub(crate) grpc_tokens: Vec<u32>,
+    /// The HTTP context of the request holding this VM (0 when it is idle).
+    pub(crate) http_ctx: i32,
+    /// The context the guest acts for (`proxy_set_effective_context`): the root context
+    /// in root callbacks, the HTTP context in stream callbacks.
+    pub(crate) effective: i32,
+    /// The request's frame while the root context is effective: a root callback reaches
+    /// the paused request's headers only after switching to its context, as in Envoy.
+    pub(crate) parked: Frame,
 }
+
+/// The root context's id: the first context every VM creates.
+pub(crate) const ROOT_CONTEXT: i32 = 1;
 
 /// Pointers into the proxy's request state, valid for exactly one callback.
 ///
@@ -105,6 +116,8 @@ pub struct PendingCall {
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
     pub timeout: Duration,
+    /// Made by the root context: its answer goes to the root's callback, not the stream's.
+    pub root: bool,
     /// Set for a `proxy_grpc_call`: `headers` are then its initial metadata and `body` its
     /// message.
     pub grpc: Option<GrpcTarget>,
@@ -156,6 +169,8 @@ pub struct CallResponse {
     /// Set for the answer to a `proxy_grpc_call`: its status; `body` is then the message,
     /// `headers` and `trailers` the initial and trailing metadata.
     pub grpc: Option<GrpcStatus>,
+    /// The call was the root context's (see [`PendingCall::root`]).
+    pub root: bool,
 }
 
 /// A metric a guest defined with `proxy_define_metric`.
@@ -985,6 +1000,7 @@ fn define_shared(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 });
                 q.owner = Arc::downgrade(&p);
                 drop(q);
+                p.has_queues.store(true, Ordering::Relaxed);
                 write_u32(&mut c, ret, id)
             })();
             Ok::<i32, wasmtime::Error>(abi::status(r))
@@ -1141,9 +1157,36 @@ fn set_shared(p: &Plugin, k: Vec<u8>, v: Vec<u8>, cas: u32) -> HostResult {
     Ok(())
 }
 
+/// What Envoy's root context answers for stream calls (`continue`, local replies) made
+/// without switching to an HTTP context first.
+const UNIMPLEMENTED_AT_ROOT: i32 = Status::Unimplemented as i32;
+
 fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    // Switches the context the following calls act for: the root context, or the HTTP
+    // context of the request that holds this VM (so a root callback can resume or answer
+    // a paused request, with its headers in reach). Any other id is BadArgument.
+    l.func_wrap("env", "proxy_set_effective_context", |mut c: C, id: i32| {
+        charge(&mut c)?;
+        let h = c.data_mut();
+        Ok::<i32, wasmtime::Error>(if id == h.effective {
+            Status::Ok as i32
+        } else if id == ROOT_CONTEXT {
+            h.parked = std::mem::take(&mut h.frame);
+            h.effective = ROOT_CONTEXT;
+            Status::Ok as i32
+        } else if id > ROOT_CONTEXT && id == h.http_ctx {
+            h.frame = std::mem::take(&mut h.parked);
+            h.effective = id;
+            Status::Ok as i32
+        } else {
+            Status::BadArgument as i32
+        })
+    })?;
     l.func_wrap("env", "proxy_continue_stream", |mut c: C, t: i32| {
         charge(&mut c)?;
+        if c.data().effective == ROOT_CONTEXT {
+            return Ok(UNIMPLEMENTED_AT_ROOT);
+        }
         let e = &mut c.data_mut().effects;
         Ok::<i32, wasmtime::Error>(match t {
             0 => {
@@ -1160,16 +1203,25 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     // v0.1.0 names, still imported by some SDKs.
     l.func_wrap("env", "proxy_continue_request", |mut c: C| {
         charge(&mut c)?;
+        if c.data().effective == ROOT_CONTEXT {
+            return Ok(UNIMPLEMENTED_AT_ROOT);
+        }
         c.data_mut().effects.continue_request = true;
         Ok::<i32, wasmtime::Error>(0)
     })?;
     l.func_wrap("env", "proxy_continue_response", |mut c: C| {
         charge(&mut c)?;
+        if c.data().effective == ROOT_CONTEXT {
+            return Ok(UNIMPLEMENTED_AT_ROOT);
+        }
         c.data_mut().effects.continue_response = true;
         Ok::<i32, wasmtime::Error>(0)
     })?;
     l.func_wrap("env", "proxy_close_stream", |mut c: C, _t: i32| {
         charge(&mut c)?;
+        if c.data().effective == ROOT_CONTEXT {
+            return Ok(UNIMPLEMENTED_AT_ROOT);
+        }
         // Closing is answered like Envoy's reset: the request ends with a local 502 unless
         // the guest already chose an answer.
         let e = &mut c.data_mut().effects;
@@ -1196,6 +1248,9 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          hn: i32,
          grpc: i32| {
             charge(&mut c)?;
+            if c.data().effective == ROOT_CONTEXT {
+                return Ok(UNIMPLEMENTED_AT_ROOT);
+            }
             let r = (|| {
                 if !(200..=599).contains(&status) {
                     return Err(Status::BadArgument);
@@ -1280,8 +1335,13 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                         0 => DEFAULT_CALLOUT_TIMEOUT,
                         ms => Duration::from_millis(ms.min(60_000) as u64),
                     },
+                    root: false,
                     grpc: None,
                 });
+                let root = c.data().effective == ROOT_CONTEXT;
+                if let Some(call) = c.data_mut().effects.calls.last_mut() {
+                    call.root = root;
+                }
                 write_u32(&mut c, ret, token)
             })();
             Ok::<i32, wasmtime::Error>(abi::status(r))
@@ -1406,7 +1466,6 @@ fn define_metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 /// Host calls this gateway does not offer answer an error status, never trap; a foreign
 /// function is simply `NotFound`.
 fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    l.func_wrap("env", "proxy_set_effective_context", |_: C, _: i32| 0)?;
     l.func_wrap(
         "env",
         "proxy_call_foreign_function",
@@ -1504,6 +1563,7 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 h.effects.next_token = h.effects.next_token.wrapping_add(1).max(1);
                 let token = h.effects.next_token;
                 h.grpc_tokens.push(token);
+                let root = h.effective == ROOT_CONTEXT;
                 h.effects.calls.push(PendingCall {
                     token,
                     upstream,
@@ -1513,6 +1573,7 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                         0 => DEFAULT_CALLOUT_TIMEOUT,
                         ms => Duration::from_millis(ms.min(60_000) as u64),
                     },
+                    root,
                     grpc: Some(GrpcTarget {
                         service,
                         method,

@@ -17,7 +17,7 @@ mod vm;
 mod wasi;
 
 pub use host::{CallResponse, GrpcStatus, GrpcTarget, LocalResponse, PendingCall, RequestInfo};
-pub use vm::{Lease, Outcome};
+pub use vm::{Lease, Outcome, RootEvent, View};
 
 use crate::config::file::Isolation;
 use crate::metrics::Metrics;
@@ -57,6 +57,19 @@ pub const BODY_FUEL_PER_BYTE: u64 = 16;
 /// top of the bytes: 10,000 lines took 32-50 ms through a gateway here (3-5 µs each, for
 /// the tenant's log and the gateway's), against 4 µs of budget.
 pub const LOG_LINE_FUEL: u64 = 4_000;
+
+/// Sends the callouts guests make (`proxy_http_call`, `proxy_grpc_call`). The proxy
+/// provides it; the runtime uses it for the root context's callouts, made outside any
+/// request (a token or key-set fetched from `on_configure` or `on_tick`).
+pub trait Dispatch: Send + Sync {
+    fn dispatch(
+        self: Arc<Self>,
+        call: PendingCall,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CallResponse> + Send>>;
+}
+
+/// Where plugins find the dispatcher, once the proxy has set it.
+type DispatchSlot = Arc<std::sync::OnceLock<Arc<dyn Dispatch>>>;
 
 /// What the guest's failure turns into for the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +190,13 @@ pub struct Plugin {
     quota_warned: AtomicU64,
     /// Replaced or removed (a reload, a redeploy): VMs are no longer pooled, timers stop.
     retired: std::sync::atomic::AtomicBool,
+    /// The guest registered a shared queue: its `on_queue_ready` may resume a request.
+    pub(crate) has_queues: std::sync::atomic::AtomicBool,
+    /// Requests waiting on their VM's root context, and the signal that a queue of this
+    /// plugin has items for them.
+    queue_waiters: std::sync::atomic::AtomicUsize,
+    queue_signal: tokio::sync::Notify,
+    dispatch: DispatchSlot,
 }
 
 #[derive(Clone)]
@@ -320,6 +340,7 @@ pub struct Runtime {
     cache_dir: Option<PathBuf>,
     shared: Arc<SharedState>,
     pub meter: Arc<meter::Meter>,
+    dispatch: DispatchSlot,
 }
 
 impl Runtime {
@@ -341,7 +362,14 @@ impl Runtime {
             cache_dir: cache_dir.map(Path::to_path_buf),
             shared: Arc::new(SharedState::default()),
             meter: Arc::default(),
+            dispatch: Arc::default(),
         })
+    }
+
+    /// Sets who sends root-context callouts (the proxy's callout client); until then they
+    /// wait, unsent.
+    pub fn set_dispatch(&self, d: Arc<dyn Dispatch>) {
+        let _ = self.dispatch.set(d);
     }
 
     pub fn engine(&self) -> &Engine {
@@ -469,6 +497,10 @@ impl Runtime {
             quota: self.shared.quota(&spec.tenant),
             quota_warned: AtomicU64::new(0),
             retired: std::sync::atomic::AtomicBool::new(false),
+            has_queues: std::sync::atomic::AtomicBool::new(false),
+            queue_waiters: std::sync::atomic::AtomicUsize::new(0),
+            queue_signal: tokio::sync::Notify::new(),
+            dispatch: self.dispatch.clone(),
             spec,
         });
         let first = vm::Vm::start(&plugin, false).map_err(|f| match f.cause {
@@ -524,21 +556,78 @@ impl Plugin {
         Ok(Lease::new(self.clone(), vm, permit))
     }
 
-    pub(crate) fn give_back(&self, vm: Box<vm::Vm>) {
+    pub(crate) fn give_back(self: &Arc<Self>, vm: Box<vm::Vm>) {
         if self.spec.isolation == Isolation::Shared {
             self.park(vm);
         }
     }
 
-    /// Puts an idle VM in the pool, unless the plugin is retired.
-    fn park(&self, vm: Box<vm::Vm>) {
+    /// Puts an idle VM in the pool, unless the plugin is retired. A VM whose root context
+    /// has callouts to make stays out of the pool until they are answered.
+    fn park(self: &Arc<Self>, mut vm: Box<vm::Vm>) {
         if self.retired.load(Ordering::Acquire) {
             return;
+        }
+        if vm.has_root_calls() {
+            match (self.dispatch.get(), tokio::runtime::Handle::try_current()) {
+                (Some(d), Ok(rt)) => {
+                    let calls = vm.take_root_calls();
+                    rt.spawn(Self::answer_root(self.clone(), vm, d.clone(), calls));
+                    return;
+                }
+                // no proxy yet (the conf is loading): sent once the timers start
+                _ => {}
+            }
         }
         let _ = self.idle.push(vm);
         if self.retired.load(Ordering::Acquire) {
             self.drain_idle(); // retired meanwhile
         }
+    }
+
+    /// Sends a root context's callouts and hands it each answer (`on_http_call_response`
+    /// on the root context) as it comes, then returns the VM to the pool. Calls time out
+    /// like any callout, so the VM always comes back, or is dropped if a callback fails.
+    async fn answer_root(
+        p: Arc<Plugin>,
+        mut vm: Box<vm::Vm>,
+        d: Arc<dyn Dispatch>,
+        calls: Vec<PendingCall>,
+    ) {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let mut out: FuturesUnordered<_> =
+            calls.into_iter().map(|c| d.clone().dispatch(c)).collect();
+        while let Some(a) = out.next().await {
+            if p.retired.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(f) = vm.root_answer(&p, &a) {
+                p.report(&f);
+                return;
+            }
+            out.extend(
+                vm.take_root_calls()
+                    .into_iter()
+                    .map(|c| d.clone().dispatch(c)),
+            );
+        }
+        p.park(vm);
+    }
+
+    /// Counts a request waiting on its VM's root context while the guard lives.
+    pub fn root_waiter(&self) -> RootWaiter<'_> {
+        self.queue_waiters.fetch_add(1, Ordering::AcqRel);
+        RootWaiter(self)
+    }
+
+    /// A queue id with items for `on_queue_ready`, if any is pending.
+    pub fn pending_queue(&self) -> Option<u32> {
+        self.pending_queues.pop()
+    }
+
+    /// Resolves when a queue of this plugin gets items (see [`Plugin::queue_ready`]).
+    pub fn queue_signal(&self) -> &tokio::sync::Notify {
+        &self.queue_signal
     }
 
     fn drain_idle(&self) {
@@ -644,6 +733,11 @@ impl Plugin {
         };
         let weak = Arc::downgrade(self);
         let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        // VMs started before the proxy ran (the conf load) send their root callouts now
+        let n = self.idle.len();
+        for vm in (0..n).filter_map(|_| self.idle.pop()).collect::<Vec<_>>() {
+            self.park(vm);
+        }
         rt.spawn(async move {
             // as in Envoy, the first `on_tick` comes one period after the timer is set
             let mut first = true;
@@ -668,6 +762,12 @@ impl Plugin {
     /// hand, else at the next tick of the plugin's timer loop.
     pub(crate) fn queue_ready(self: &Arc<Self>, id: u32) {
         self.pending_queues.push(id);
+        if self.queue_waiters.load(Ordering::Acquire) > 0 {
+            // a request waits on its root context: it takes the notice (if it left
+            // meanwhile, the timer loop delivers it to an idle VM)
+            self.queue_signal.notify_waiters();
+            return;
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let p = self.clone();
             rt.spawn(async move { p.deliver_queues() });
@@ -676,7 +776,7 @@ impl Plugin {
 
     /// `on_queue_ready` on one idle VM for every pending queue. With every VM busy the
     /// notices wait for the next attempt; nothing is lost, the items stay queued.
-    fn deliver_queues(&self) {
+    fn deliver_queues(self: &Arc<Self>) {
         if self.pending_queues.is_empty() {
             return;
         }
@@ -692,7 +792,7 @@ impl Plugin {
         self.park(vm);
     }
 
-    fn tick_idle(&self) {
+    fn tick_idle(self: &Arc<Self>) {
         let n = self.idle.len();
         let mut done = Vec::with_capacity(n);
         for _ in 0..n {
@@ -752,6 +852,15 @@ pub fn describe(c: &Cause) -> String {
 /// An error with its causes, on one line.
 pub(crate) fn root_cause(e: &wasmtime::Error) -> String {
     format!("{e:#}").replace('\n', " ")
+}
+
+/// Keeps a request counted as waiting on its VM's root context.
+pub struct RootWaiter<'a>(&'a Plugin);
+
+impl Drop for RootWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.queue_waiters.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The ordered hooks of one route.

@@ -11,7 +11,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use wasmtime::{Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
 
-const ROOT: i32 = 1;
+const ROOT: i32 = super::host::ROOT_CONTEXT;
 /// Budget multiplier for VM start (`_initialize`, `on_vm_start`, `on_configure`).
 const START_BUDGET_FACTOR: u64 = 50;
 
@@ -45,6 +45,10 @@ pub struct Vm {
     store: Store<Host>,
     f: Exports,
     next_ctx: i32,
+    /// Callouts the root context made outside any request (`on_configure`, `on_tick`,
+    /// `on_queue_ready`, its own callout answers), not yet sent: the plugin sends them and
+    /// keeps this VM out of its pool until they are answered (see `Plugin::park`).
+    root_calls: Vec<PendingCall>,
 }
 
 /// Rejects modules that are not Proxy-Wasm filters, with the reason.
@@ -102,6 +106,9 @@ impl Vm {
             alloc: None,
             out_of_fuel: false,
             grpc_tokens: Vec::new(),
+            http_ctx: 0,
+            effective: ROOT,
+            parked: Frame::default(),
         };
         let mut store = Store::new(&plugin.engine, host);
         store.limiter(|h| &mut h.limits);
@@ -114,10 +121,12 @@ impl Vm {
         if billed {
             plugin.bill_fuel(start_fuel - store.get_fuel().unwrap_or(0).min(start_fuel));
         }
+        let root_calls = std::mem::take(&mut store.data_mut().effects.calls);
         Ok(Box::new(Vm {
             store,
             f: booted?,
             next_ctx: ROOT + 1,
+            root_calls,
         }))
     }
 
@@ -225,21 +234,100 @@ impl Vm {
         })
     }
 
+    /// The answer to one of the root context's own callouts, outside any request.
+    pub(crate) fn root_answer(&mut self, plugin: &Plugin, a: &CallResponse) -> Result<(), Failure> {
+        let (token, size) = (a.token as i32, a.body.len() as i32);
+        if let Some(g) = &a.grpc {
+            let tokens = &mut self.store.data_mut().grpc_tokens;
+            let Some(i) = tokens.iter().position(|t| *t == a.token) else {
+                return Ok(()); // cancelled
+            };
+            tokens.swap_remove(i);
+            let code = g.code as i32;
+            self.store.data_mut().frame.call = Some(NonNull::from(a));
+            let r = self.root_call(plugin, "on_grpc_receive", |s, f| {
+                match (code, &f.on_grpc_receive, &f.on_grpc_close) {
+                    (0, Some(func), _) => func.call(s, (ROOT, token, size)),
+                    (c, _, Some(func)) if c != 0 => func.call(s, (ROOT, token, c)),
+                    _ => Ok(()),
+                }
+            });
+            self.store.data_mut().frame = Frame::default();
+            return r;
+        }
+        let (nh, nb, nt) = if a.status == 0 {
+            (0, 0, 0)
+        } else {
+            (a.headers.len() as i32 + 1, size, a.trailers.len() as i32)
+        };
+        // SAFETY (for the frame): `a` outlives the call; the frame is cleared after it.
+        self.store.data_mut().frame.call = Some(NonNull::from(a));
+        let r = self.root_call(plugin, "on_http_call_response", |s, f| {
+            match &f.on_http_call_response {
+                Some(func) => func.call(s, (ROOT, token, nh, nb, nt)),
+                None => Ok(()),
+            }
+        });
+        self.store.data_mut().frame = Frame::default();
+        r
+    }
+
+    /// The root context's callouts not yet sent.
+    pub(crate) fn take_root_calls(&mut self) -> Vec<PendingCall> {
+        std::mem::take(&mut self.root_calls)
+    }
+
+    pub(crate) fn has_root_calls(&self) -> bool {
+        !self.root_calls.is_empty()
+    }
+
     /// A root-context callback outside any request, under the module's callback budget.
+    /// Callouts it makes are kept in [`Vm::root_calls`].
     fn root_call(
         &mut self,
         plugin: &Plugin,
         name: &'static str,
         call: impl FnOnce(&mut Store<Host>, &Exports) -> wasmtime::Result<()>,
     ) -> Result<(), Failure> {
-        let Vm { store, f, .. } = self;
-        store.data_mut().out_of_fuel = false;
+        let Vm {
+            store,
+            f,
+            root_calls,
+            ..
+        } = self;
+        {
+            let h = store.data_mut();
+            h.out_of_fuel = false;
+            h.effective = ROOT;
+            h.http_ctx = 0;
+            h.effects = Effects {
+                next_token: h.effects.next_token,
+                ..Effects::default()
+            };
+        }
         let fuel = fuel_for(plugin.spec.budget);
         let _ = store.set_fuel(fuel);
         let r = call(store, f).map_err(|e| failure(name, e, store.data()));
         plugin.bill_fuel(fuel - store.get_fuel().unwrap_or(0).min(fuel));
+        let h = store.data_mut();
+        let fx = std::mem::take(&mut h.effects);
+        h.effects.next_token = fx.next_token;
+        if !fx.calls.is_empty() {
+            plugin
+                .usage
+                .add(super::meter::CALLOUTS, fx.calls.len() as u64);
+        }
+        root_calls.extend(fx.calls);
         r
     }
+}
+
+/// What wakes a request's root context while the request waits on it.
+#[derive(Clone, Copy)]
+pub enum RootEvent<'a> {
+    Tick,
+    Queue(u32),
+    Answer(&'a CallResponse),
 }
 
 /// What a stream callback asks the proxy to do next.
@@ -287,6 +375,9 @@ pub struct View<'a> {
     pub body: Option<(BufferType, &'a mut Vec<u8>)>,
     pub info: Option<&'a mut RequestInfo>,
     pub call: Option<&'a CallResponse>,
+    /// A root-context callback run while the request waits: the guest reaches the
+    /// request only after `proxy_set_effective_context` to its HTTP context.
+    pub root: bool,
 }
 
 impl Lease {
@@ -353,7 +444,9 @@ impl Lease {
                 next_token: h.effects.next_token,
                 ..Effects::default()
             };
-            h.frame = Frame {
+            h.http_ctx = self.ctx;
+            h.effective = if view.root { ROOT } else { self.ctx };
+            let frame = Frame {
                 req_writable: view.req.is_some(),
                 req: view
                     .req
@@ -366,6 +459,11 @@ impl Lease {
                 info: view.info.map(NonNull::from),
                 call: view.call.map(NonNull::from),
             };
+            if view.root {
+                h.parked = frame;
+            } else {
+                h.frame = frame;
+            }
         }
         let _ = store.set_fuel(fuel);
         let result = call(store, f);
@@ -378,6 +476,7 @@ impl Lease {
         self.fuel_used += used;
         let h = store.data_mut();
         h.frame = Frame::default();
+        h.parked = Frame::default();
         let effects = std::mem::take(&mut h.effects);
         h.effects.next_token = effects.next_token;
         if effects.local.is_some() {
@@ -627,6 +726,16 @@ impl Lease {
         info: &mut RequestInfo,
         resp: &CallResponse,
     ) -> Outcome {
+        if resp.root {
+            let view = View {
+                req,
+                req_ro,
+                resp: headers,
+                info: Some(info),
+                ..View::default()
+            };
+            return self.on_root_event(RootEvent::Answer(resp), view);
+        }
         if let Some(g) = &resp.grpc {
             let view = View {
                 req,
@@ -719,6 +828,92 @@ impl Lease {
                 None => Ok(()),
             }
         }) {
+            Err(e) => Outcome::Failed(e),
+            Ok(((), fx)) => {
+                if let Some(l) = fx.local {
+                    Outcome::Respond(l)
+                } else if !fx.calls.is_empty() {
+                    Outcome::Wait(fx.calls)
+                } else if fx.continue_request || fx.continue_response {
+                    Outcome::Continue
+                } else {
+                    Outcome::Pause
+                }
+            }
+        }
+    }
+
+    /// The root context's callouts made before this request (its `on_configure`), to be
+    /// sent while the request waits on the root context.
+    pub fn take_root_calls(&mut self) -> Vec<PendingCall> {
+        self.vm
+            .as_mut()
+            .map(|v| v.take_root_calls())
+            .unwrap_or_default()
+    }
+
+    /// Whether the leased VM's root context can still act while the request waits: it
+    /// has callouts to make, it ticks, or it registered a queue.
+    pub fn root_can_wake(&self) -> bool {
+        self.vm.as_ref().is_some_and(|v| v.has_root_calls())
+            || self
+                .plugin
+                .tick_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+            || self
+                .plugin
+                .has_queues
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A root-context event while this request waits on it (`on_tick`, `on_queue_ready`,
+    /// the answer to a root callout). The root reaches the request, resumes it or answers
+    /// it only after `proxy_set_effective_context` to its HTTP context.
+    pub fn on_root_event<'a>(&mut self, ev: RootEvent<'a>, mut view: View<'a>) -> Outcome {
+        view.root = true;
+        if let RootEvent::Answer(a) = ev {
+            view.call = Some(a);
+            if let Some(g) = &a.grpc {
+                return self.on_grpc_answer(view, a.token, g.code, a.body.len());
+            }
+        }
+        let (name, has) = match ev {
+            RootEvent::Tick => ("on_tick", self.exports(|e| e.on_tick.as_ref())),
+            RootEvent::Queue(_) => (
+                "on_queue_ready",
+                self.exports(|e| e.on_queue_ready.as_ref()),
+            ),
+            RootEvent::Answer(_) => (
+                "on_http_call_response",
+                self.exports(|e| e.on_http_call_response.as_ref()),
+            ),
+        };
+        if !has {
+            return Outcome::Pause;
+        }
+        let r = self.run(name, view, |s, f| match ev {
+            RootEvent::Tick => f.on_tick.as_ref().map_or(Ok(()), |g| g.call(s, ROOT)),
+            RootEvent::Queue(id) => f
+                .on_queue_ready
+                .as_ref()
+                .map_or(Ok(()), |g| g.call(s, (ROOT, id as i32))),
+            RootEvent::Answer(a) => {
+                let (nh, nb, nt) = if a.status == 0 {
+                    (0, 0, 0)
+                } else {
+                    (
+                        a.headers.len() as i32 + 1,
+                        a.body.len() as i32,
+                        a.trailers.len() as i32,
+                    )
+                };
+                f.on_http_call_response
+                    .as_ref()
+                    .map_or(Ok(()), |g| g.call(s, (ROOT, a.token as i32, nh, nb, nt)))
+            }
+        });
+        match r {
             Err(e) => Outcome::Failed(e),
             Ok(((), fx)) => {
                 if let Some(l) = fx.local {
