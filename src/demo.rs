@@ -123,6 +123,21 @@ async fn conn(mut sock: TcpStream, opts: &UpstreamOpts, stats: &Stats) -> std::i
             }
             continue;
         }
+        if let Some((_, code @ ("204" | "304"))) = path.split_once("/status/") {
+            // a bodiless status (tests of end-of-stream flags)
+            sock.write_all(
+                format!(
+                    "HTTP/1.1 {code} No Body\r\nx-upstream: {}\r\n\r\n",
+                    opts.name
+                )
+                .as_bytes(),
+            )
+            .await?;
+            if close {
+                return Ok(());
+            }
+            continue;
+        }
         let payload = if opts.fixed {
             b"{\"ok\":true}".to_vec()
         } else {
@@ -140,7 +155,9 @@ async fn conn(mut sock: TcpStream, opts: &UpstreamOpts, stats: &Stats) -> std::i
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-upstream: ");
         out.extend_from_slice(opts.name.as_bytes());
         out.extend_from_slice(format!("\r\ncontent-length: {}\r\n\r\n", payload.len()).as_bytes());
-        out.extend_from_slice(&payload);
+        if method != "HEAD" {
+            out.extend_from_slice(&payload);
+        }
         sock.write_all(&out).await?;
         if close {
             return Ok(());

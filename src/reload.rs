@@ -99,6 +99,8 @@ impl Live {
                 Ok(snap)
             }
             Err(e) => {
+                // the rejected conf's node must not stay: guests keep the serving one's
+                self.wasm.set_node(self.load().node.clone());
                 self.metrics.reloads.with_label_values(&["failed"]).inc();
                 tracing::error!("conf rejected, still serving generation {}:\n{e}", gen - 1);
                 Err(e)

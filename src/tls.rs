@@ -120,12 +120,42 @@ fn read_pem(path: &Path) -> Result<Vec<rustls_pemfile::Item>, String> {
 /// Listener TLS settings: SNI-selected certificates, ALPN h2 when asked.
 pub fn listener_settings(tls: &ListenerTls) -> Result<TlsSettings, String> {
     let resolver = SniResolver::new(tls)?;
-    // The resolver supplies the certificates; the paths given here are never read.
-    let mut settings =
-        TlsSettings::intermediate("", "").map_err(|e| format!("TLS settings: {e}"))?;
+    // The resolver supplies the certificates.
+    let mut settings = TlsSettings::with_callbacks(Box::new(KeepFacts))
+        .map_err(|e| format!("TLS settings: {e}"))?;
     settings.set_cert_resolver(Arc::new(resolver));
     if tls.http2 {
         settings.enable_h2();
     }
     Ok(settings)
+}
+
+/// What the gateway keeps of a client connection's TLS handshake, attached to the
+/// session's TLS digest: its id and the facts guests read as `connection.*`.
+#[derive(Debug)]
+pub struct TlsFacts {
+    pub id: u64,
+    pub tls: Arc<crate::wasm::ConnTls>,
+}
+
+/// Records [`TlsFacts`] when a handshake completes. Listeners request no client
+/// certificates, so none is ever presented (`connection.mtls` is false).
+struct KeepFacts;
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for KeepFacts {
+    async fn handshake_complete_callback(
+        &self,
+        ssl: &pingora::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        Some(Arc::new(TlsFacts {
+            id: crate::proxy::conn::next_connection_id(),
+            tls: Arc::new(crate::wasm::ConnTls {
+                version: ssl.version().unwrap_or_default().to_string(),
+                sni: ssl.server_name().map(str::to_string),
+                peer_cert: ssl.peer_certificate_der().is_some(),
+                uri_san: None,
+            }),
+        }))
+    }
 }

@@ -484,6 +484,10 @@ async fn probe_guest_checks_every_host_call_from_inside() {
     let up = Upstream::start("echo").await;
     let conf = base(&up.addr())
         + r#"
+[node]
+id = "probe-node"
+cluster = "edge"
+metadata = { zone = "z1" }
 [modules.probe]
 path = "{guests}/abi_probe.wasm"
 root_id = "probe-root"
@@ -561,6 +565,15 @@ hooks = ["probe"]
         m = gw.metrics().await;
     }
     assert!(metric(&m, logged) >= 3.0, "{m}");
+    // on_log read the sizes sent, and why the answer is what it is
+    assert_eq!(
+        metric(
+            &m,
+            "wasmgate_guest_counter{module=\"probe\",name=\"probe_log_wrong\""
+        ),
+        0.0,
+        "{m}"
+    );
     assert!(gw.log().contains("probe log line"));
 }
 

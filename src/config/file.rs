@@ -33,6 +33,23 @@ pub struct ConfFile {
     /// Tenants that own modules. A module without a tenant belongs to `default`.
     #[serde(default)]
     pub tenants: BTreeMap<String, Spanned<TenantFile>>,
+    /// This gateway as guests see it in Envoy's `node` property.
+    #[serde(default)]
+    pub node: NodeSection,
+}
+
+/// `[node]`: the proxy's identity for guests (`node.id`, `node.cluster`,
+/// `node.metadata.<key>`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node id; the machine's host name when absent.
+    pub id: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cluster: String,
+    /// String values only, like the `Struct` an Envoy bootstrap usually carries.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

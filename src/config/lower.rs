@@ -31,6 +31,20 @@ pub struct Snapshot {
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
     pub plugins: BTreeMap<String, Arc<Plugin>>,
+    /// The `[node]` guests see.
+    pub node: Arc<wasm::NodeInfo>,
+}
+
+/// The machine's host name (the default node id), or `wasmgate` when it has none.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer and its length are valid; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+        _ => "wasmgate".to_string(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +252,9 @@ impl Lowering<'_> {
         }
         let listeners = self.listeners(&f.listeners);
         let upstreams = self.upstreams(&f.upstreams);
+        let node = Arc::new(self.node(&f.node));
+        // guests see the conf's node from on_configure on
+        self.env.wasm.set_node(node.clone());
         let plugins = self.plugins(&f, &upstreams);
         let (routes, router) = self.routes(&f, &upstreams, &plugins);
         if !self.errors.is_empty() {
@@ -270,7 +287,36 @@ impl Lowering<'_> {
             routes,
             router: router.unwrap_or_default(),
             plugins,
+            node,
         })
+    }
+
+    fn node(&mut self, n: &NodeSection) -> wasm::NodeInfo {
+        let id = match &n.id {
+            Some(id) => {
+                let v = id.get_ref();
+                if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_control()) {
+                    self.err(
+                        id,
+                        "[node] id must be 1-256 characters with no control characters",
+                    );
+                }
+                v.clone()
+            }
+            None => host_name(),
+        };
+        let mut metadata = BTreeMap::new();
+        for (k, v) in &n.metadata {
+            if v.get_ref().len() > 4096 {
+                self.err(v, format!("[node] metadata `{k}` is over 4096 bytes"));
+            }
+            metadata.insert(k.clone(), v.get_ref().clone());
+        }
+        wasm::NodeInfo {
+            id,
+            cluster: n.cluster.clone(),
+            metadata,
+        }
     }
 
     fn listeners(&mut self, list: &[Spanned<ListenerFile>]) -> Vec<Listener> {

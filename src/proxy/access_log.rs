@@ -52,6 +52,7 @@ impl AccessLog {
         status: u16,
         took: Duration,
         error: Option<&str>,
+        details: Option<&str>,
     ) {
         let req = session.req_header();
         let mut line = serde_json::json!({
@@ -69,6 +70,10 @@ impl AccessLog {
         });
         if let Some(e) = error {
             line["error"] = e.into();
+        }
+        // why the answer is what it is, e.g. the details a guest gave its local reply
+        if let Some(d) = details {
+            line["details"] = d.into();
         }
         let mut s = line.to_string();
         s.push('\n');

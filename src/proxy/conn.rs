@@ -29,7 +29,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -59,9 +59,23 @@ tokio::task_local! {
     static CONN: Arc<HeadPhase>;
 }
 
-/// The phase shared by a connection's stream and the proxy running its requests.
+/// The phase shared by a connection's stream and the proxy running its requests, and
+/// the connection's id.
 #[derive(Debug)]
-struct HeadPhase(AtomicU8);
+struct HeadPhase(AtomicU8, u64);
+
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A new client connection id, unique in this process (never 0).
+pub fn next_connection_id() -> u64 {
+    CONNECTION_IDS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The id of this task's client connection (HTTP/1; HTTP/2 streams run in tasks of
+/// their own, and TLS connections carry their id in the handshake's facts instead).
+pub fn connection_id() -> Option<u64> {
+    CONN.try_with(|p| p.1).ok()
+}
 
 /// The request head has been parsed: stop the head clock of this task's connection.
 pub fn head_received() {
@@ -109,11 +123,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
             )
         };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
-        let phase = Arc::new(HeadPhase(AtomicU8::new(if h2 {
-            HEAD_READ
-        } else {
-            IN_HEAD
-        })));
+        let phase = Arc::new(HeadPhase(
+            AtomicU8::new(if h2 { HEAD_READ } else { IN_HEAD }),
+            next_connection_id(),
+        ));
         let wrapped = ClientStream::new(
             stream,
             phase.clone(),

@@ -136,3 +136,15 @@ pub fn response_head(session: &mut Session, resp: &mut ResponseHeader) -> Result
     }
     Ok(())
 }
+
+/// Whether a response can carry no body, so its head ends the stream: the answer to a
+/// HEAD request, 204, 304, or a declared length of 0 (the end-of-stream flag Envoy gives
+/// `on_http_response_headers`).
+pub fn bodiless_response(req: &pingora::http::RequestHeader, resp: &ResponseHeader) -> bool {
+    req.method == http::Method::HEAD
+        || matches!(resp.status.as_u16(), 204 | 304)
+        || resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
+}

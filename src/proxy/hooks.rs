@@ -357,6 +357,7 @@ impl HookState {
         &mut self,
         req: &RequestHeader,
         resp: &mut ResponseHeader,
+        end_of_stream: bool,
         caller: &Callouts,
     ) -> Flow {
         self.info.response_code = resp.status.as_u16();
@@ -365,7 +366,7 @@ impl HookState {
             let Some(lease) = self.leases[i].as_mut() else {
                 continue;
             };
-            let mut out = lease.on_response_headers(req, resp, &mut self.info, false);
+            let mut out = lease.on_response_headers(req, resp, &mut self.info, end_of_stream);
             if let Outcome::Wait(calls) = out {
                 // callouts from the response headers (enrichment, signing): the response
                 // waits for them, as in Envoy

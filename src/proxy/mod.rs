@@ -92,6 +92,8 @@ pub struct Ctx {
     host_len: usize,
     /// The path routes match, when it differs from the request's path (`;` parameters).
     route_key: Option<String>,
+    /// The hooks got the response head with end of stream (HEAD, 204, 304, no body).
+    response_ended_at_head: bool,
 }
 
 impl Ctx {
@@ -217,11 +219,28 @@ fn check_target(session: &mut Session, ctx: &mut Ctx) -> Result<(), target::Targ
 }
 
 fn request_info(session: &Session, route: &Route) -> RequestInfo {
-    let tls = session
-        .digest()
-        .map(|d| d.ssl_digest.is_some())
-        .unwrap_or(false);
+    let ssl = session.digest().and_then(|d| d.ssl_digest.as_ref());
+    let tls = ssl.is_some();
+    let facts = ssl.and_then(|s| s.extension.get::<crate::tls::TlsFacts>());
     RequestInfo {
+        connection_id: facts
+            .map(|f| f.id)
+            .or_else(conn::connection_id)
+            .unwrap_or(0),
+        tls: facts.map(|f| f.tls.clone()).or_else(|| {
+            ssl.map(|s| {
+                Arc::new(crate::wasm::ConnTls {
+                    version: s.version.to_string(),
+                    ..Default::default()
+                })
+            })
+        }),
+        request_body_bytes: 0,
+        upstream_address: None,
+        code_details: None,
+        response_flags: 0,
+        response_body_bytes: 0,
+        response_header_bytes: None,
         id: hooks::request_id(),
         scheme: if tls { "https" } else { "http" },
         protocol: if session.is_http2() {
@@ -530,6 +549,7 @@ impl Gateway {
                 let end = chunk.is_none() || session.is_body_done();
                 if let Some(c) = &chunk {
                     ctx.body_seen += c.len() as u64;
+                    state.info.request_body_bytes = ctx.body_seen;
                     if ctx.body_seen > route.max_request_body {
                         ctx.hooks = Some(Box::new(state));
                         return self
@@ -605,6 +625,7 @@ impl ProxyHttp for Gateway {
             prebuffered: None,
             upstream_length: None,
             body_out: 0,
+            response_ended_at_head: false,
         }
     }
 
@@ -719,6 +740,7 @@ impl ProxyHttp for Gateway {
         let Some(state) = ctx.hooks.as_mut() else {
             return Ok(());
         };
+        state.info.request_body_bytes = ctx.body_seen;
         if ctx.body_seen == 0 && end_of_stream {
             return Ok(()); // no body at all: like Envoy, no body callback
         }
@@ -793,7 +815,15 @@ impl ProxyHttp for Gateway {
             }
         };
         match peer {
-            Some(p) => Ok(p),
+            Some(p) => {
+                if let Some(h) = ctx.hooks.as_mut() {
+                    // `upstream.address` for the response phase (the last target tried)
+                    h.info.upstream_address = pingora::upstreams::peer::Peer::address(&*p)
+                        .as_inet()
+                        .copied();
+                }
+                Ok(p)
+            }
             None => {
                 ctx.error = Some(GatewayError::NoHealthyUpstream);
                 Error::e_explain(
@@ -868,8 +898,16 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         let had_length = resp.headers.contains_key(http::header::CONTENT_LENGTH);
+        state
+            .info
+            .code_details
+            .get_or_insert_with(|| "via_upstream".into());
+        // as Envoy reports it: a response that can have no body ends with its head, and
+        // then no body callback follows
+        let eos = framing::bodiless_response(session.req_header(), resp);
+        ctx.response_ended_at_head = eos;
         let flow = state
-            .response_headers(session.req_header(), resp, &self.callouts)
+            .response_headers(session.req_header(), resp, eos, &self.callouts)
             .await;
         match flow {
             Flow::Respond(r) if grpc::is_grpc_request(session.req_header()) => {
@@ -915,6 +953,9 @@ impl ProxyHttp for Gateway {
         let Some(state) = ctx.hooks.as_mut() else {
             return Ok(None);
         };
+        if ctx.response_ended_at_head && state.replace_body.is_none() {
+            return Ok(None); // the guests were told the response ended with its head
+        }
         if let Some(r) = &state.replace_body {
             *body = if end_of_stream { Some(r.clone()) } else { None };
             return Ok(None);
@@ -1065,9 +1106,24 @@ impl ProxyHttp for Gateway {
             .map(|r| r.status.as_u16())
             .or(ctx.error.map(|e| e.status()))
             .unwrap_or(0);
+        let mut details = None;
         if let Some(state) = ctx.hooks.as_mut() {
             let sent = session.body_bytes_sent() as u64;
+            let info = &mut state.info;
+            info.response_body_bytes = sent;
+            info.response_header_bytes = session.response_written().map(|r| {
+                (":status".len() + 3) as u64
+                    + r.headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+                        .sum::<u64>()
+            });
+            if let Some(e) = ctx.error {
+                info.response_flags |= e.envoy_flags();
+                info.code_details = Some(e.code().to_string());
+            }
             state.finish(session.req_header(), status, ctx.body_seen, sent);
+            details = state.info.code_details.take();
         }
         if let Some(r) = &ctx.route {
             r.metrics.record(status);
@@ -1084,6 +1140,7 @@ impl ProxyHttp for Gateway {
                 status,
                 ctx.start.elapsed(),
                 ctx.error.map(|e| e.code()),
+                details.as_deref().filter(|d| *d != "via_upstream"),
             );
         }
     }

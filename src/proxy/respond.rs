@@ -80,6 +80,24 @@ impl GatewayError {
         }
     }
 
+    /// Envoy's response flag bits for this error (`response.flags`): UH 0x2, UT 0x4,
+    /// UF 0x20, UC 0x40, NR 0x100, RL 0x800, SI 0x10000 (stream idle timeout), IH 0x20000
+    /// (invalid request headers), DPE 0x40000; 0 for errors Envoy has no flag for.
+    pub fn envoy_flags(self) -> u64 {
+        match self {
+            GatewayError::NoHealthyUpstream => 0x2,
+            GatewayError::UpstreamTimeout => 0x4,
+            GatewayError::UpstreamUnreachable => 0x20,
+            GatewayError::UpstreamError => 0x40,
+            GatewayError::NoRoute | GatewayError::NoFunction => 0x100,
+            GatewayError::RateLimited => 0x800,
+            GatewayError::ClientTimeout => 0x10000,
+            GatewayError::HeadersTooLarge => 0x20000,
+            GatewayError::BadRequest | GatewayError::UnsupportedTransferEncoding => 0x40000,
+            _ => 0,
+        }
+    }
+
     /// Errors a client causes at will (bad requests, slow or oversized ones).
     pub fn clients_fault(self) -> bool {
         matches!(

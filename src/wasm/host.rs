@@ -44,6 +44,10 @@ pub struct Host {
     /// The request's frame while the root context is effective: a root callback reaches
     /// the paused request's headers only after switching to its context, as in Envoy.
     pub(crate) parked: Frame,
+    /// The module is a Proxy-Wasm v0.1.0 one (a missing header reads as empty, Ok).
+    pub(crate) abi01: bool,
+    /// The root context answered `on_done` with false and waits for `proxy_done`.
+    pub(crate) awaiting_done: bool,
 }
 
 /// The root context's id: the first context every VM creates.
@@ -97,6 +101,85 @@ pub struct RequestInfo {
     pub props: Vec<(Vec<u8>, Vec<u8>)>,
     /// When the request arrived (`request.time`, `request.duration`).
     pub start: Option<std::time::SystemTime>,
+    /// The client connection's id, unique in this process (`connection.id`); 0: unknown.
+    pub connection_id: u64,
+    /// The client connection's TLS session, when it is TLS.
+    pub tls: Option<Arc<ConnTls>>,
+    /// Request body bytes received so far (`request.size` without a Content-Length).
+    pub request_body_bytes: u64,
+    /// The upstream target the request went to, once chosen (`upstream.address`).
+    pub upstream_address: Option<SocketAddr>,
+    /// Why the response is what it is (`response.code_details`): `via_upstream`, a
+    /// guest's local reply details, or the gateway's error code.
+    pub code_details: Option<String>,
+    /// Envoy's response flags bit vector (`response.flags`).
+    pub response_flags: u64,
+    /// Response body bytes sent to the client (`response.size`), known in `on_log`.
+    pub response_body_bytes: u64,
+    /// Bytes of the response head sent, known in `on_log` (`response.total_size`).
+    pub response_header_bytes: Option<u64>,
+}
+
+/// What the TLS handshake of a client connection settled.
+#[derive(Debug, Clone, Default)]
+pub struct ConnTls {
+    /// `TLSv1.2`, `TLSv1.3`.
+    pub version: String,
+    /// The server name the client asked for (SNI), if any.
+    pub sni: Option<String>,
+    /// Whether the client presented a certificate.
+    pub peer_cert: bool,
+    /// The first URI SAN of the client's certificate.
+    pub uri_san: Option<String>,
+}
+
+/// This gateway as Envoy's `node` property describes a proxy: an id, a cluster and
+/// string metadata, from the conf's `[node]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub cluster: String,
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl NodeInfo {
+    /// The `envoy.config.core.v3.Node` message with its `id` (1), `cluster` (2) and
+    /// `metadata` (3, a `google.protobuf.Struct` of string values), protobuf-encoded as
+    /// Envoy hands it to a guest that reads `node` whole.
+    pub fn to_protobuf(&self) -> Vec<u8> {
+        fn varint(out: &mut Vec<u8>, mut v: u64) {
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+        fn field(out: &mut Vec<u8>, n: u64, bytes: &[u8]) {
+            varint(out, n << 3 | 2);
+            varint(out, bytes.len() as u64);
+            out.extend_from_slice(bytes);
+        }
+        let mut out = Vec::new();
+        if !self.id.is_empty() {
+            field(&mut out, 1, self.id.as_bytes());
+        }
+        if !self.cluster.is_empty() {
+            field(&mut out, 2, self.cluster.as_bytes());
+        }
+        if !self.metadata.is_empty() {
+            let mut fields = Vec::new();
+            for (k, v) in &self.metadata {
+                let mut value = Vec::new();
+                field(&mut value, 3, v.as_bytes()); // Value.string_value
+                let mut entry = Vec::new();
+                field(&mut entry, 1, k.as_bytes());
+                field(&mut entry, 2, &value);
+                field(&mut fields, 1, &entry); // Struct.fields
+            }
+            field(&mut out, 3, &fields);
+        }
+        out
+    }
 }
 
 /// An answer a guest produced instead of (or in place of) the upstream's.
@@ -585,6 +668,7 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
             return Ok(v.clone());
         }
     }
+    let ri: Option<&RequestInfo> = frame_info(c).map(|i| &*i);
     let parts = abi::property_path(path);
     let s = |v: &str| Ok(v.as_bytes().to_vec());
     let int = |v: i64| Ok(v.to_le_bytes().to_vec());
@@ -613,6 +697,97 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
         [b"request", b"duration"] => {
             let t = info.and_then(|i| i.start).ok_or(Status::NotFound)?;
             int(t.elapsed().unwrap_or_default().as_nanos() as i64)
+        }
+        [b"request", b"size"] => {
+            // as Envoy: the declared length when there is one, else the bytes received
+            let declared = frame_req(c)
+                .ok()
+                .and_then(|r| r.headers.get(http::header::CONTENT_LENGTH));
+            match declared {
+                Some(v) => int(std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .and_then(|v| v.trim().parse::<i64>().ok())
+                    .ok_or(Status::NotFound)?),
+                None => int(ri.map_or(0, |i| i.request_body_bytes) as i64),
+            }
+        }
+        [b"request", b"total_size"] => {
+            // body bytes received plus the head's names and values (Envoy's byteSize)
+            let head: usize = map_pairs(c, MapType::RequestHeaders)
+                .map(|p| p.iter().map(|(k, v)| k.len() + v.len()).sum())
+                .unwrap_or(0);
+            int((ri.map_or(0, |i| i.request_body_bytes) + head as u64) as i64)
+        }
+        [b"connection", b"id"] | [b"connection_id"] => {
+            let id = ri.map_or(0, |i| i.connection_id);
+            if id == 0 {
+                return Err(Status::NotFound);
+            }
+            Ok(id.to_le_bytes().to_vec())
+        }
+        [b"connection", b"mtls"] => Ok(vec![ri
+            .and_then(|i| i.tls.as_ref())
+            .is_some_and(|t| t.peer_cert) as u8]),
+        [b"connection", b"requested_server_name"] => Ok(ri
+            .and_then(|i| i.tls.as_ref())
+            .and_then(|t| t.sni.as_deref())
+            .unwrap_or("")
+            .as_bytes()
+            .to_vec()),
+        [b"connection", b"tls_version"] => s(&ri
+            .and_then(|i| i.tls.as_ref())
+            .ok_or(Status::NotFound)?
+            .version),
+        [b"connection", b"uri_san_peer_certificate"] => s(ri
+            .and_then(|i| i.tls.as_ref())
+            .and_then(|t| t.uri_san.as_deref())
+            .ok_or(Status::NotFound)?),
+        [b"upstream", b"address"] => s(&ri
+            .and_then(|i| i.upstream_address)
+            .ok_or(Status::NotFound)?
+            .to_string()),
+        [b"upstream", b"port"] => int(ri
+            .and_then(|i| i.upstream_address)
+            .ok_or(Status::NotFound)?
+            .port() as i64),
+        [b"response", b"code_details"] => s(ri
+            .and_then(|i| i.code_details.as_deref())
+            .ok_or(Status::NotFound)?),
+        [b"response", b"flags"] => int(ri.map_or(0, |i| i.response_flags) as i64),
+        [b"response", b"size"] => int(ri.map_or(0, |i| i.response_body_bytes) as i64),
+        [b"response", b"total_size"] => {
+            let head = match frame_resp(c) {
+                Ok(r) => {
+                    (":status".len() + 3) as u64
+                        + r.headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+                            .sum::<u64>()
+                }
+                Err(_) => ri.and_then(|i| i.response_header_bytes).unwrap_or(0),
+            };
+            int((ri.map_or(0, |i| i.response_body_bytes) + head) as i64)
+        }
+        [b"node"] => Ok(plugin.shared.node().to_protobuf()),
+        [b"node", b"id"] => s(&plugin.shared.node().id),
+        [b"node", b"cluster"] => s(&plugin.shared.node().cluster),
+        [b"node", b"metadata"] => {
+            let node = plugin.shared.node();
+            Ok(abi::serialize_map(
+                node.metadata
+                    .iter()
+                    .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+            ))
+        }
+        [b"node", b"metadata", key] => {
+            let node = plugin.shared.node();
+            let key = std::str::from_utf8(key).map_err(|_| Status::NotFound)?;
+            Ok(node
+                .metadata
+                .get(key)
+                .ok_or(Status::NotFound)?
+                .as_bytes()
+                .to_vec())
         }
         [b"request", field] => {
             let r = frame_req(c)?;
@@ -833,6 +1008,8 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 .and_then(|k| MapType::from_i32(t).and_then(|t| map_get(&c, t, &k)))
             {
                 Ok(v) => v,
+                // as Envoy answers v0.1.0 modules: a missing header is an empty value
+                Err(Status::NotFound) if c.data().abi01 => Vec::new(),
                 Err(s) => return Ok(s as i32),
             };
             Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &v, ret_p, ret_n)?))
@@ -903,6 +1080,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     )?;
     define_shared(l)?;
     define_streams(l)?;
+    define_status_and_done(l)?;
     define_metrics(l)?;
     define_grpc(l)?;
     define_unsupported(l)?;
@@ -1224,6 +1402,10 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         }
         // Closing is answered like Envoy's reset: the request ends with a local 502 unless
         // the guest already chose an answer.
+        if let Some(info) = frame_info(&c) {
+            info.code_details
+                .get_or_insert_with(|| "wasm_close_stream".into());
+        }
         let e = &mut c.data_mut().effects;
         if e.local.is_none() {
             e.local = Some(LocalResponse {
@@ -1238,15 +1420,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_send_local_response",
-        |mut c: C,
-         status: i32,
-         _dp: i32,
-         _dn: i32,
-         bp: i32,
-         bn: i32,
-         hp: i32,
-         hn: i32,
-         grpc: i32| {
+        |mut c: C, status: i32, dp: i32, dn: i32, bp: i32, bn: i32, hp: i32, hn: i32, grpc: i32| {
             charge(&mut c)?;
             if c.data().effective == ROOT_CONTEXT {
                 return Ok(UNIMPLEMENTED_AT_ROOT);
@@ -1261,6 +1435,12 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 }
                 let body = read(&mut c, bp, bn)?;
                 let hbytes = read(&mut c, hp, hn)?;
+                // as Envoy, the details are the response's `response.code_details` (and
+                // the access log's `details`), whitespace replaced by `_`
+                let details: String = String::from_utf8_lossy(&read(&mut c, dp, dn.min(256))?)
+                    .chars()
+                    .map(|ch| if ch.is_whitespace() { '_' } else { ch })
+                    .collect();
                 let headers = abi::deserialize_map(&hbytes)?
                     .into_iter()
                     .map(|(k, v)| {
@@ -1269,6 +1449,9 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                         Ok((String::from_utf8_lossy(k).into_owned(), v.to_vec()))
                     })
                     .collect::<HostResult<Vec<_>>>()?;
+                if let Some(info) = frame_info(&c) {
+                    info.code_details = Some(details);
+                }
                 c.data_mut().effects.local = Some(LocalResponse {
                     status: status as u16,
                     headers,
@@ -1347,6 +1530,63 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             Ok::<i32, wasmtime::Error>(abi::status(r))
         },
     )?;
+    Ok(())
+}
+
+/// `proxy_get_status`, `proxy_done`, and the v0.1.0 calls `proxy_get_configuration` and
+/// `proxy_clear_route_cache`.
+fn define_status_and_done(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: C, code_ptr: i32, ret_p: i32, ret_n: i32| {
+            charge(&mut c)?;
+            // Envoy: the status of the callout being answered. A gRPC call's is its gRPC
+            // status and message; an HTTP callout whose connection was lost before a
+            // response is BrokenConnection "reset"; anything else (an answer, or no
+            // callout at hand) is 0 and no message.
+            let (code, msg): (u32, Vec<u8>) = match frame_call(&c) {
+                Ok(call) => match &call.grpc {
+                    Some(g) => (g.code, g.message.clone()),
+                    None if call.status == 0 => {
+                        (Status::BrokenConnection as u32, b"reset".to_vec())
+                    }
+                    None => (0, Vec::new()),
+                },
+                Err(_) => (0, Vec::new()),
+            };
+            if let Err(s) = write_u32(&mut c, code_ptr, code) {
+                return Ok(s as i32);
+            }
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &msg, ret_p, ret_n)?))
+        },
+    )?;
+    l.func_wrap("env", "proxy_done", |mut c: C| {
+        charge(&mut c)?;
+        // Only a root context that answered `on_done` with false is waiting for this
+        // (see `Vm::shutdown`); from anywhere else it is NotFound, as in Envoy.
+        let h = c.data_mut();
+        Ok::<i32, wasmtime::Error>(if h.awaiting_done {
+            h.awaiting_done = false;
+            0
+        } else {
+            Status::NotFound as i32
+        })
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_configuration",
+        |mut c: C, ret_p: i32, ret_n: i32| {
+            charge(&mut c)?;
+            let cfg = c.data().plugin.spec.config.clone();
+            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &cfg, ret_p, ret_n)?))
+        },
+    )?;
+    // The route is chosen before the hooks run and is not chosen again (see the README).
+    l.func_wrap("env", "proxy_clear_route_cache", |mut c: C| {
+        charge(&mut c)?;
+        Ok::<i32, wasmtime::Error>(0)
+    })?;
     Ok(())
 }
 
@@ -1471,7 +1711,6 @@ fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "proxy_call_foreign_function",
         |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
     )?;
-    l.func_wrap("env", "proxy_done", |_: C| 0)?;
     Ok(())
 }
 
@@ -1621,22 +1860,6 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             Ok(0)
         })?;
     }
-    l.func_wrap(
-        "env",
-        "proxy_get_status",
-        |mut c: C, code_ptr: i32, msg_p: i32, msg_n: i32| {
-            charge(&mut c)?;
-            // the status of the gRPC callout being answered
-            let (code, message) = match frame_grpc_call(&c) {
-                Ok((_, g)) => (g.code, g.message.clone()),
-                Err(_) => return Ok(Status::InternalFailure as i32),
-            };
-            if let Err(s) = write_u32(&mut c, code_ptr, code) {
-                return Ok(s as i32);
-            }
-            Ok::<i32, wasmtime::Error>(abi::status(give(&mut c, &message, msg_p, msg_n)?))
-        },
-    )?;
     Ok(())
 }
 

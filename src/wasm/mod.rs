@@ -16,7 +16,10 @@ pub mod meter;
 mod vm;
 mod wasi;
 
-pub use host::{CallResponse, GrpcStatus, GrpcTarget, LocalResponse, PendingCall, RequestInfo};
+pub use host::{
+    CallResponse, ConnTls, GrpcStatus, GrpcTarget, LocalResponse, NodeInfo, PendingCall,
+    RequestInfo,
+};
 pub use vm::{Lease, Outcome, RootEvent, View};
 
 use crate::config::file::Isolation;
@@ -53,6 +56,9 @@ pub const INSTANCE_WAIT: Duration = Duration::from_millis(100);
 /// its 1 ms callback budget from ~143 KB on), while a filter whose work grows faster than
 /// the body still runs out.
 pub const BODY_FUEL_PER_BYTE: u64 = 16;
+/// How long a root context that answered `on_done` with false may take to call
+/// `proxy_done` (getting `on_tick` meanwhile) before it gets `on_delete` anyway.
+pub const DONE_WAIT: Duration = Duration::from_secs(3);
 /// Fuel one guest log line costs (`proxy_log`, a line written to WASI stdout/stderr) on
 /// top of the bytes: 10,000 lines took 32-50 ms through a gateway here (3-5 µs each, for
 /// the tenant's log and the gateway's), against 4 µs of budget.
@@ -217,9 +223,15 @@ pub struct SharedState {
     pub queues: DashMap<u32, Queue>,
     pub next_queue: AtomicU32,
     quotas: DashMap<String, Arc<TenantQuota>>,
+    /// The gateway's `node` (the conf's `[node]`), as every guest sees it.
+    node: arc_swap::ArcSwap<host::NodeInfo>,
 }
 
 impl SharedState {
+    pub fn node(&self) -> Arc<host::NodeInfo> {
+        self.node.load_full()
+    }
+
     fn quota(&self, tenant: &str) -> Arc<TenantQuota> {
         if let Some(q) = self.quotas.get(tenant) {
             return q.clone();
@@ -344,6 +356,16 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Sets the `node` guests see (from the conf being loaded).
+    pub fn set_node(&self, node: Arc<NodeInfo>) {
+        self.shared.node.store(node);
+    }
+
+    /// The `node` guests see now.
+    pub fn node(&self) -> Arc<NodeInfo> {
+        self.shared.node()
+    }
+
     /// `cache_dir`: where precompiled artifacts persist across restarts (`None`: memory only).
     pub fn new(cache_dir: Option<&Path>) -> anyhow::Result<Runtime> {
         let werr = |e: wasmtime::Error| anyhow::anyhow!("{e:#}");
@@ -507,9 +529,7 @@ impl Runtime {
             Cause::Misbehaved(m) => format!("{} failed: {m}", f.callback),
             c => format!("{} failed: {}", f.callback, describe(&c)),
         })?;
-        if plugin.spec.isolation == Isolation::Shared {
-            plugin.park(first);
-        }
+        plugin.give_back(first);
         Ok(plugin)
     }
 }
@@ -559,6 +579,8 @@ impl Plugin {
     pub(crate) fn give_back(self: &Arc<Self>, vm: Box<vm::Vm>) {
         if self.spec.isolation == Isolation::Shared {
             self.park(vm);
+        } else {
+            self.dispose(vm);
         }
     }
 
@@ -566,20 +588,20 @@ impl Plugin {
     /// has callouts to make stays out of the pool until they are answered.
     fn park(self: &Arc<Self>, mut vm: Box<vm::Vm>) {
         if self.retired.load(Ordering::Acquire) {
-            return;
+            return self.dispose(vm);
         }
         if vm.has_root_calls() {
-            match (self.dispatch.get(), tokio::runtime::Handle::try_current()) {
-                (Some(d), Ok(rt)) => {
-                    let calls = vm.take_root_calls();
-                    rt.spawn(Self::answer_root(self.clone(), vm, d.clone(), calls));
-                    return;
-                }
-                // no proxy yet (the conf is loading): sent once the timers start
-                _ => {}
+            if let (Some(d), Ok(rt)) = (self.dispatch.get(), tokio::runtime::Handle::try_current())
+            {
+                let calls = vm.take_root_calls();
+                rt.spawn(Self::answer_root(self.clone(), vm, d.clone(), calls));
+                return;
             }
+            // no proxy yet (the conf is loading): sent once the timers start
         }
-        let _ = self.idle.push(vm);
+        if let Err(vm) = self.idle.push(vm) {
+            return self.dispose(vm);
+        }
         if self.retired.load(Ordering::Acquire) {
             self.drain_idle(); // retired meanwhile
         }
@@ -631,7 +653,25 @@ impl Plugin {
     }
 
     fn drain_idle(&self) {
-        while self.idle.pop().is_some() {}
+        while let Some(vm) = self.idle.pop() {
+            self.dispose(vm);
+        }
+    }
+
+    /// Ends a healthy VM's root context (`on_done`, `on_delete`; see
+    /// [`vm::Vm::shutdown`]) and drops it. A root context waiting for its `proxy_done`
+    /// keeps the VM on a task of its own, for at most [`DONE_WAIT`].
+    fn dispose(&self, mut vm: Box<vm::Vm>) {
+        if !vm.shutdown(self) {
+            return;
+        }
+        match (tokio::runtime::Handle::try_current(), vm.plugin()) {
+            (Ok(rt), p) => {
+                rt.spawn(vm.await_done(p));
+            }
+            // no runtime to wait on (a conf check): end it now
+            (Err(_), p) => vm.give_up_done(&p),
+        }
     }
 
     /// The plugin was replaced (a reload built a new one, a redeploy or delete removed

@@ -29,6 +29,9 @@ struct Exports {
     on_request_headers: Option<F3R>,
     on_request_body: Option<F3R>,
     on_response_headers: Option<F3R>,
+    /// v0.1.0 modules' header callbacks, which have no end-of-stream argument.
+    on_request_headers_01: Option<F2R>,
+    on_response_headers_01: Option<F2R>,
     on_response_body: Option<F3R>,
     on_response_trailers: Option<F2R>,
     on_log: Option<F1>,
@@ -57,9 +60,13 @@ pub(crate) fn check_exports(m: &Module) -> Result<(), String> {
     if !has("memory") {
         return Err("does not export its memory".into());
     }
-    if !has("proxy_abi_version_0_2_1") && !has("proxy_abi_version_0_2_0") {
+    if !has("proxy_abi_version_0_2_1")
+        && !has("proxy_abi_version_0_2_0")
+        && !has("proxy_abi_version_0_1_0")
+    {
         return Err(
-            "does not export proxy_abi_version_0_2_1: not a Proxy-Wasm v0.2.x module".into(),
+            "does not export proxy_abi_version_0_2_1: not a Proxy-Wasm module (v0.2.x or v0.1.0)"
+                .into(),
         );
     }
     if !has("proxy_on_context_create") {
@@ -109,6 +116,12 @@ impl Vm {
             http_ctx: 0,
             effective: ROOT,
             parked: Frame::default(),
+            abi01: plugin
+                .compiled
+                .exports
+                .iter()
+                .any(|e| e == "proxy_abi_version_0_1_0"),
+            awaiting_done: false,
         };
         let mut store = Store::new(&plugin.engine, host);
         store.limiter(|h| &mut h.limits);
@@ -160,15 +173,34 @@ impl Vm {
                 }
             };
         }
+        let abi01 = store.data().abi01;
         let f = Exports {
             on_context_create: inst
                 .get_typed_func(&mut *store, "proxy_on_context_create")
                 .map_err(|e| fail("instantiate", format!("proxy_on_context_create: {e}")))?,
             on_vm_start: opt!("proxy_on_vm_start"),
             on_configure: opt!("proxy_on_configure"),
-            on_request_headers: opt!("proxy_on_request_headers"),
+            on_request_headers: if abi01 {
+                None
+            } else {
+                opt!("proxy_on_request_headers")
+            },
             on_request_body: opt!("proxy_on_request_body"),
-            on_response_headers: opt!("proxy_on_response_headers"),
+            on_response_headers: if abi01 {
+                None
+            } else {
+                opt!("proxy_on_response_headers")
+            },
+            on_request_headers_01: if abi01 {
+                opt!("proxy_on_request_headers")
+            } else {
+                None
+            },
+            on_response_headers_01: if abi01 {
+                opt!("proxy_on_response_headers")
+            } else {
+                None
+            },
             on_response_body: opt!("proxy_on_response_body"),
             on_response_trailers: opt!("proxy_on_response_trailers"),
             on_log: opt!("proxy_on_log"),
@@ -279,6 +311,68 @@ impl Vm {
 
     pub(crate) fn has_root_calls(&self) -> bool {
         !self.root_calls.is_empty()
+    }
+
+    /// The end of the VM's root context, when the VM is let go: `on_done`, then
+    /// `on_delete` unless `on_done` answered false. Then the root context waits for the
+    /// guest's `proxy_done` (see [`Vm::await_done`]); returns whether it does.
+    pub(crate) fn shutdown(&mut self, plugin: &Plugin) -> bool {
+        let mut done = true;
+        let r = self.root_call(plugin, "on_done", |s, f| match &f.on_done {
+            Some(func) => func.call(&mut *s, ROOT).map(|v| done = v != 0),
+            None => Ok(()),
+        });
+        if let Err(f) = r {
+            plugin.report(&f);
+            return false; // failed: dropped without on_delete, like any failed VM
+        }
+        if !done {
+            self.store.data_mut().awaiting_done = true;
+            return true;
+        }
+        self.delete_root(plugin);
+        false
+    }
+
+    /// A root context that answered `on_done` with false keeps getting `on_tick` at its
+    /// period until it calls `proxy_done` or [`super::DONE_WAIT`] passes, then gets
+    /// `on_delete` and the VM is dropped.
+    pub(crate) async fn await_done(mut self: Box<Self>, plugin: Arc<Plugin>) {
+        let deadline = tokio::time::Instant::now() + super::DONE_WAIT;
+        while self.store.data().awaiting_done && tokio::time::Instant::now() < deadline {
+            let ms = plugin.tick_ms.load(std::sync::atomic::Ordering::Relaxed) as u64;
+            let period = std::time::Duration::from_millis(if ms == 0 { 50 } else { ms });
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + period)).await;
+            if ms > 0 && self.store.data().awaiting_done {
+                if let Err(f) = self.tick(&plugin) {
+                    plugin.report(&f);
+                    return;
+                }
+            }
+        }
+        self.store.data_mut().awaiting_done = false;
+        self.delete_root(&plugin);
+    }
+
+    /// Ends a root context waiting for `proxy_done` at once.
+    pub(crate) fn give_up_done(&mut self, plugin: &Plugin) {
+        self.store.data_mut().awaiting_done = false;
+        self.delete_root(plugin);
+    }
+
+    /// The plugin this VM runs.
+    pub(crate) fn plugin(&self) -> Arc<Plugin> {
+        self.store.data().plugin.clone()
+    }
+
+    fn delete_root(&mut self, plugin: &Plugin) {
+        let r = self.root_call(plugin, "on_delete", |s, f| match &f.on_delete {
+            Some(func) => func.call(s, ROOT),
+            None => Ok(()),
+        });
+        if let Err(f) = r {
+            plugin.report(&f);
+        }
     }
 
     /// A root-context callback outside any request, under the module's callback budget.
@@ -548,16 +642,30 @@ impl Lease {
         b: i32,
         view: View<'_>,
     ) -> Outcome {
+        self.stream_either(name, pick, |_| None, a, b, view)
+    }
+
+    /// A stream callback that v0.1.0 modules (`pick01`) take without its last argument.
+    fn stream_either(
+        &mut self,
+        name: &'static str,
+        pick: fn(&Exports) -> Option<&F3R>,
+        pick01: fn(&Exports) -> Option<&F2R>,
+        a: i32,
+        b: i32,
+        view: View<'_>,
+    ) -> Outcome {
         if let Err(e) = self.ensure_context() {
             return Outcome::Failed(e);
         }
-        if !self.exports(pick) {
+        if !self.exports(pick) && !self.exports(pick01) {
             return Outcome::Continue;
         }
         let ctx = self.ctx;
-        match self.run(name, view, |s, f| match pick(f) {
-            Some(func) => func.call(s, (ctx, a, b)),
-            None => Ok(ACTION_CONTINUE),
+        match self.run(name, view, |s, f| match (pick(f), pick01(f)) {
+            (Some(func), _) => func.call(s, (ctx, a, b)),
+            (None, Some(func)) => func.call(s, (ctx, a)),
+            (None, None) => Ok(ACTION_CONTINUE),
         }) {
             Err(e) => Outcome::Failed(e),
             Ok((action, fx)) => outcome(action, fx),
@@ -583,9 +691,10 @@ impl Lease {
             info: Some(info),
             ..View::default()
         };
-        self.stream(
+        self.stream_either(
             "on_request_headers",
             |e| e.on_request_headers.as_ref(),
+            |e| e.on_request_headers_01.as_ref(),
             n,
             end_of_stream as i32,
             view,
@@ -648,9 +757,10 @@ impl Lease {
             info: Some(info),
             ..View::default()
         };
-        self.stream(
+        self.stream_either(
             "on_response_headers",
             |e| e.on_response_headers.as_ref(),
+            |e| e.on_response_headers_01.as_ref(),
             n,
             end_of_stream as i32,
             view,

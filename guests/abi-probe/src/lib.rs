@@ -243,6 +243,71 @@ impl Probe {
             "request.duration",
             eight(self.get_property(vec!["request", "duration"])) >= 0,
         );
+        // no body on a GET: no declared length, nothing received
+        self.check(
+            "request.size",
+            eight(self.get_property(vec!["request", "size"])) == 0,
+        );
+        self.check(
+            "request.total_size",
+            eight(self.get_property(vec!["request", "total_size"])) > 20,
+        );
+        self.check(
+            "connection.id",
+            eight(self.get_property(vec!["connection", "id"])) > 0,
+        );
+        self.check(
+            "connection.mtls",
+            self.get_property(vec!["connection", "mtls"]) == Some(vec![0]),
+        );
+        self.check(
+            "connection.requested_server_name",
+            // empty without TLS (the SDK reads an empty value as None)
+            self.get_property(vec!["connection", "requested_server_name"])
+                .unwrap_or_default()
+                .is_empty(),
+        );
+        // plain HTTP here: no TLS facts
+        self.check(
+            "connection.tls_version",
+            self.get_property(vec!["connection", "tls_version"]).is_none(),
+        );
+        self.check(
+            "connection.uri_san_peer_certificate",
+            self.get_property(vec!["connection", "uri_san_peer_certificate"]).is_none(),
+        );
+        // not chosen before the request goes upstream
+        self.check(
+            "upstream.address before",
+            self.get_property(vec!["upstream", "address"]).is_none(),
+        );
+        self.check(
+            "response.code_details before",
+            self.get_property(vec!["response", "code_details"]).is_none(),
+        );
+        self.check(
+            "response.flags",
+            eight(self.get_property(vec!["response", "flags"])) == 0,
+        );
+        self.check("node.id", self.prop("node.id").as_deref() == Some("probe-node"));
+        self.check(
+            "node.cluster",
+            self.prop("node.cluster").as_deref() == Some("edge"),
+        );
+        self.check(
+            "node.metadata.<key>",
+            self.get_property(vec!["node", "metadata", "zone"]).as_deref() == Some(&b"z1"[..]),
+        );
+        // the whole node is the protobuf message: id (field 1) first
+        self.check(
+            "node",
+            self.get_property(vec!["node"])
+                .is_some_and(|b| b.starts_with(b"\x0a\x0aprobe-node")),
+        );
+        self.check(
+            "get_status outside a callout",
+            hostcalls::get_grpc_status().is_ok_and(|(code, _)| code == 0),
+        );
     }
 
     fn shared_queues_metrics_misc(&mut self) {
@@ -376,6 +441,10 @@ impl Context for Probe {
         _t: usize,
     ) {
         self.check("callout answered", n_headers > 0);
+        self.check(
+            "get_status of an answered callout",
+            hostcalls::get_grpc_status().is_ok_and(|(code, _)| code == 0),
+        );
         let status = self.get_http_call_response_header(":status");
         self.check("callout status", status.as_deref() == Some("200"));
         let hs = self.get_http_call_response_headers();
@@ -405,6 +474,8 @@ impl HttpContext for Probe {
         if path.starts_with("/probe/body") {
             self.body_mode = true;
             self.check("headers not end of stream", !eos);
+            let size = self.get_property(vec!["request", "size"]);
+            self.check("request.size declared", size == Some(10i64.to_le_bytes().to_vec()));
             return Action::Continue;
         }
         self.headers_and_properties();
@@ -457,6 +528,36 @@ impl HttpContext for Probe {
                 "prop response.code",
                 self.get_property(vec!["response", "code"]) == Some(200i64.to_le_bytes().to_vec()),
             );
+            self.check(
+                "upstream.address",
+                self.prop("upstream.address")
+                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            );
+            let port = self
+                .get_property(vec!["upstream", "port"])
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(i64::from_le_bytes);
+            self.check(
+                "upstream.port",
+                port.is_some_and(|p| {
+                    self.prop("upstream.address")
+                        .is_some_and(|a| a.ends_with(&format!(":{p}")))
+                }),
+            );
+            self.check(
+                "response.code_details",
+                self.prop("response.code_details").as_deref() == Some("via_upstream"),
+            );
+            self.check(
+                "response.total_size",
+                self.get_property(vec!["response", "total_size"])
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .is_some_and(|b| i64::from_le_bytes(b) > 20),
+            );
+            self.check(
+                "request.size received",
+                self.get_property(vec!["request", "size"]) == Some(10i64.to_le_bytes().to_vec()),
+            );
         }
         Action::Continue
     }
@@ -480,6 +581,21 @@ impl HttpContext for Probe {
     fn on_log(&mut self) {
         if let Ok(id) = hostcalls::define_metric(MetricType::Counter, "probe_logged") {
             let _ = hostcalls::increment_metric(id, 1);
+        }
+        // the sizes of what was sent are known once it is sent: counted when wrong
+        let eight = |v: Option<Vec<u8>>| {
+            v.and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(i64::from_le_bytes)
+                .unwrap_or(-1)
+        };
+        let size = eight(self.get_property(vec!["response", "size"]));
+        let total = eight(self.get_property(vec!["response", "total_size"]));
+        let details = self.prop("response.code_details");
+        let ok = size > 0
+            && total > size
+            && (!self.body_mode || details.as_deref() == Some("via_upstream"));
+        if let Ok(id) = hostcalls::define_metric(MetricType::Counter, "probe_log_wrong") {
+            let _ = hostcalls::increment_metric(id, if ok { 0 } else { 1 });
         }
     }
 }
