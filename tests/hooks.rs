@@ -1702,3 +1702,97 @@ hooks = ["cors", "hello"]
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
     assert_eq!(r.headers()["content-length"], "27");
 }
+
+/// The root context at work (the token-gate guest, built with the Rust SDK): its callouts
+/// from `on_configure` and `on_tick` are answered on the root; a request paused with no
+/// body to come is resumed from the root's callout answer (after switching to its context
+/// and setting a header), answered from there when the token cannot be had, or resumed
+/// from `on_queue_ready` when another request enqueues; switching to an unknown context
+/// is BadArgument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_context_calls_out_and_resumes_requests() {
+    let up = Upstream::start("echo").await;
+    let dead = free_port();
+    let conf = base(&up.addr())
+        + &format!(
+            r#"
+[upstreams.dead]
+targets = ["127.0.0.1:{dead}"]
+[modules.fresh]
+path = "{{guests}}/token_gate.wasm"
+isolation = "request"
+allowed_upstreams = ["echo"]
+config = {{ upstream = "echo", path = "/token" }}
+[modules.nowhere]
+path = "{{guests}}/token_gate.wasm"
+isolation = "request"
+allowed_upstreams = ["dead"]
+config = {{ upstream = "dead", path = "/token" }}
+[modules.ticking]
+path = "{{guests}}/token_gate.wasm"
+max_instances = 4
+allowed_upstreams = ["echo"]
+config = {{ upstream = "echo", path = "/token", tick_ms = 100, queue = "gate" }}
+[[routes]]
+path_prefix = "/fresh"
+upstream = "echo"
+hooks = ["fresh"]
+[[routes]]
+path_prefix = "/nowhere"
+upstream = "echo"
+hooks = ["nowhere"]
+[[routes]]
+path_prefix = "/tick"
+upstream = "echo"
+hooks = ["ticking"]
+"#
+        );
+    let gw = Gw::start(&conf);
+    let c = client();
+    // A fresh VM per request: its on_configure fetches a token, the request waits for the
+    // answer, and the root resumes it with the token in a header.
+    for _ in 0..3 {
+        let r = c.get(gw.url("http", "/fresh/a")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["path"], "/fresh/a");
+        let token = v["headers"]["x-token"].as_str().unwrap_or_default();
+        assert!(token.starts_with('t'), "{v}");
+    }
+    // the token fetches were made to the upstream: one per VM (the conf load's and three)
+    let fetches = up.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(fetches >= 6, "{fetches} upstream requests");
+
+    // The token cannot be had: the root answers the paused request itself.
+    let r = c.get(gw.url("http", "/nowhere/a")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-gate"], "no-token");
+    assert_eq!(r.text().await.unwrap(), "no token\n");
+
+    // A ticking root refreshes the token; a request waiting on the gate's queue is resumed
+    // from on_queue_ready when another request enqueues.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = c.get(gw.url("http", "/tick/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let n: u64 = r.headers()["x-fetches"].to_str().unwrap().parse().unwrap();
+    assert!(n >= 3, "only {n} token answers after 600 ms of 100 ms ticks");
+    assert_eq!(r.headers()["x-bad-context"], "2");
+    let waiter = {
+        let (c, url) = (c.clone(), gw.url("http", "/tick/queue"));
+        tokio::spawn(async move { c.get(url).send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the queue waiter must wait");
+    let r = c.get(gw.url("http", "/tick/kick")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("resumed from on_queue_ready")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["x-token"], "queued");
+    // the gateway still serves, and nothing was logged as a hook failure
+    let m = gw.metrics().await;
+    assert!(!m.contains("paused_too_long"), "{m}");
+}

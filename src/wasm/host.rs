@@ -1350,6 +1350,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             Status::Ok as i32
         } else if id == ROOT_CONTEXT {
             h.parked = std::mem::take(&mut h.frame);
+            h.frame.call = h.parked.call; // an answer being delivered stays readable
             h.effective = ROOT_CONTEXT;
             Status::Ok as i32
         } else if id > ROOT_CONTEXT && id == h.http_ctx {

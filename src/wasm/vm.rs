@@ -554,6 +554,8 @@ impl Lease {
                 call: view.call.map(NonNull::from),
             };
             if view.root {
+                // the callout answer being delivered is the root's own; the request waits
+                h.frame.call = frame.call;
                 h.parked = frame;
             } else {
                 h.frame = frame;
