@@ -1775,7 +1775,10 @@ hooks = ["ticking"]
     let r = c.get(gw.url("http", "/tick/a")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let n: u64 = r.headers()["x-fetches"].to_str().unwrap().parse().unwrap();
-    assert!(n >= 3, "only {n} token answers after 600 ms of 100 ms ticks");
+    assert!(
+        n >= 3,
+        "only {n} token answers after 600 ms of 100 ms ticks"
+    );
     assert_eq!(r.headers()["x-bad-context"], "2");
     let waiter = {
         let (c, url) = (c.clone(), gw.url("http", "/tick/queue"));

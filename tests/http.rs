@@ -1210,3 +1210,111 @@ hooks = ["asks"]
         assert_eq!(calls, 2, "one callout per phase");
     }
 }
+
+/// A module that holds the response head until it has seen the body (a response-
+/// inspecting WAF): `on_response_headers` pauses, the body callback at its end either adds
+/// a header (the head goes out only then, with it) or answers 403 instead of the whole
+/// response. The client's connection stays usable after either.
+fn inspector() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $rep (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 100) "x-inspected")
+  (data (i32.const 120) "yes")
+  (data (i32.const 130) "blocked")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32) (global.set $heap (i32.const 4096)))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (if (result i32) (local.get 2) (then (i32.const 0)) (else (i32.const 1))))
+  (func (export "proxy_on_response_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (i32.store (i32.const 200) (i32.const 0))
+    (drop (call $buf (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 200) (i32.const 204)))
+    (if (i32.and (i32.ne (i32.load (i32.const 200)) (i32.const 0))
+          (i32.eq (i32.load8_u (i32.load (i32.const 200))) (i32.const 66)))
+      (then
+        (drop (call $send (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 130) (i32.const 7)
+          (i32.const 0) (i32.const 0) (i32.const -1)))
+        (return (i32.const 1))))
+    (drop (call $rep (i32.const 2) (i32.const 100) (i32.const 11) (i32.const 120) (i32.const 3)))
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32))
+)"#,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_can_hold_the_response_head_until_it_saw_the_body() {
+    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nx-up: 1\r\n\r\n".to_vec();
+    let (good, _g) = scripted_upstream(vec![
+        (head.clone(), 50),
+        (b"good ".to_vec(), 50),
+        (b"body!".to_vec(), 0),
+    ])
+    .await;
+    let (bad, _b) = scripted_upstream(vec![(head, 50), (b"Bad body!!".to_vec(), 0)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inspect.wasm"), inspector()).unwrap();
+    let d = dir.path().display();
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[modules.inspect]
+path = "{d}/inspect.wasm"
+[upstreams.good]
+targets = ["{good}"]
+[upstreams.bad]
+targets = ["{bad}"]
+[[routes]]
+path_prefix = "/good"
+upstream = "good"
+hooks = ["inspect"]
+[[routes]]
+path_prefix = "/bad"
+upstream = "bad"
+hooks = ["inspect"]
+"#
+        );
+    let gw = Gw::start(&conf);
+    let mut c = Raw::connect(gw.port("http"));
+    for path in ["/good", "/bad", "/good"] {
+        c.send(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes());
+        let r = c.response().expect("an answer");
+        assert!(r.complete, "{path}: {}", r.head);
+        if path == "/good" {
+            // the header the module added after seeing the body is in the head
+            assert_eq!(r.status, 200, "{}", r.head);
+            assert_eq!(
+                r.header("x-inspected").as_deref(),
+                Some("yes"),
+                "{}",
+                r.head
+            );
+            assert_eq!(r.header("x-up").as_deref(), Some("1"));
+            assert_eq!(r.body, b"good body!");
+        } else {
+            // its answer replaced the whole response: nothing of the upstream's got out
+            assert_eq!(r.status, 403, "{}", r.head);
+            assert_eq!(r.body, b"blocked");
+            assert!(r.header("x-up").is_none(), "{}", r.head);
+        }
+    }
+    // HTTP/1.0 cannot have its head held: the module's failure policy answers
+    let mut c = Raw::connect(gw.port("http"));
+    c.send(b"GET /good HTTP/1.0\r\nhost: t\r\n\r\n");
+    let r = c.response().expect("an answer");
+    assert_eq!(r.status, 503, "{}", r.head);
+}

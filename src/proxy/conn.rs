@@ -62,7 +62,50 @@ tokio::task_local! {
 /// The phase shared by a connection's stream and the proxy running its requests, and
 /// the connection's id.
 #[derive(Debug)]
-struct HeadPhase(AtomicU8, u64);
+struct HeadPhase(AtomicU8, u64, HeldHead);
+
+/// A response head kept back while a hook holds it (Proxy-Wasm's "pause the response
+/// headers until the body is in"): Pingora writes the head as soon as the headers phase
+/// ends, so the stream takes its bytes and writes nothing until the proxy hands it the
+/// head the hooks settled on (see [`hold_response_head`]).
+#[derive(Debug, Default)]
+struct HeldHead {
+    /// Fast check on the write path: a hold is in place.
+    on: std::sync::atomic::AtomicBool,
+    state: std::sync::Mutex<Hold>,
+}
+
+#[derive(Debug, Default)]
+enum Hold {
+    #[default]
+    Off,
+    /// Pingora's head bytes are discarded as they are written.
+    Holding,
+    /// Write these bytes (the final head) first, then Pingora's as they come.
+    Release(Vec<u8>, usize),
+    /// Write these bytes (a whole local reply) and discard the rest of this response.
+    Replace(Vec<u8>, usize),
+}
+
+/// Holds back the response head of this task's connection (HTTP/1.1 only).
+pub fn hold_response_head() -> bool {
+    CONN.try_with(|p| {
+        *p.2.state.lock().expect("hold lock") = Hold::Holding;
+        p.2.on.store(true, Ordering::Release);
+    })
+    .is_ok()
+}
+
+/// Ends a hold: `head` goes out in place of the head Pingora wrote, then the body.
+pub fn release_response_head(head: Vec<u8>) {
+    let _ = CONN.try_with(|p| *p.2.state.lock().expect("hold lock") = Hold::Release(head, 0));
+}
+
+/// Ends a hold with a whole other response (`bytes`: head and body); what Pingora writes
+/// of this response from now on is discarded.
+pub fn replace_response(bytes: Vec<u8>) {
+    let _ = CONN.try_with(|p| *p.2.state.lock().expect("hold lock") = Hold::Replace(bytes, 0));
+}
 
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -84,7 +127,12 @@ pub fn head_received() {
 
 /// The response is done: the next byte on this task's connection starts a new head.
 pub fn request_done() {
-    let _ = CONN.try_with(|p| p.0.store(AWAIT_HEAD, Ordering::Relaxed));
+    let _ = CONN.try_with(|p| {
+        p.0.store(AWAIT_HEAD, Ordering::Relaxed);
+        if p.2.on.swap(false, Ordering::AcqRel) {
+            *p.2.state.lock().expect("hold lock") = Hold::Off;
+        }
+    });
 }
 
 /// Wraps the proxy application so each accepted stream becomes a [`ClientStream`].
@@ -126,6 +174,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
         let phase = Arc::new(HeadPhase(
             AtomicU8::new(if h2 { HEAD_READ } else { IN_HEAD }),
             next_connection_id(),
+            HeldHead::default(),
         ));
         let wrapped = ClientStream::new(
             stream,
@@ -140,6 +189,37 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await
+    }
+}
+
+impl ClientStream {
+    /// A write while a response head is held (see [`HeldHead`]).
+    fn poll_write_held(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let phase = self.phase.clone();
+        let mut hold = phase.2.state.lock().expect("hold lock");
+        let (bytes, written, pass) = match &mut *hold {
+            Hold::Off => {
+                drop(hold);
+                return Pin::new(&mut self.inner).poll_write(cx, buf);
+            }
+            Hold::Holding => return Poll::Ready(Ok(buf.len())),
+            Hold::Release(b, w) => (b, w, true),
+            Hold::Replace(b, w) => (b, w, false),
+        };
+        while *written < bytes.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => *written += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if !pass {
+            return Poll::Ready(Ok(buf.len())); // the rest of the replaced response
+        }
+        *hold = Hold::Off;
+        phase.2.on.store(false, Ordering::Release);
+        drop(hold);
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 }
 
@@ -378,6 +458,9 @@ impl AsyncWrite for ClientStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.phase.2.on.load(Ordering::Acquire) {
+            return this.poll_write_held(cx, buf);
+        }
         if this.replacing.is_none() && this.phase.0.load(Ordering::Relaxed) != HEAD_READ {
             // no request reached the gateway: only Pingora's own error page is written now
             this.replacing = replacement(buf).map(|a| (a, 0));
@@ -404,7 +487,10 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.replacing.is_some() || this.phase.0.load(Ordering::Relaxed) != HEAD_READ {
+        if this.replacing.is_some()
+            || this.phase.0.load(Ordering::Relaxed) != HEAD_READ
+            || this.phase.2.on.load(Ordering::Acquire)
+        {
             // rare (an error page): one slice at a time through poll_write
             let first = bufs
                 .iter()
@@ -420,7 +506,12 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if this.phase.2.on.load(Ordering::Acquire) {
+            // a released head (or replacing response) goes out with the flush
+            ready!(this.poll_write_held(cx, &[]))?;
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

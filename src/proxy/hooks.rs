@@ -35,6 +35,12 @@ pub struct HookState {
     /// The response (the upstream's, or a local reply) has gone through the response
     /// callbacks: a reply made from now on is sent as it is.
     response_started: bool,
+    /// The module whose `on_response_headers` paused to wait for the body: the modules
+    /// after it see the response once it continues.
+    resp_held: Option<usize>,
+    /// The response head while a module holds it (the client has not got it yet); the
+    /// proxy sends it once the holding module continues (see [`HookState::head_ready`]).
+    pub held_head: Option<Box<ResponseHeader>>,
 }
 
 /// What the proxy does after a phase's hooks ran.
@@ -133,6 +139,8 @@ impl HookState {
             resume_at: None,
             waiting: None,
             response_started: false,
+            resp_held: None,
+            held_head: None,
         })
     }
 
@@ -380,6 +388,11 @@ impl HookState {
             match out {
                 Outcome::Continue => {}
                 Outcome::Respond(r) => return Flow::Respond(r),
+                Outcome::Pause if !end_of_stream => {
+                    // waits for the body (response inspection): the head is held
+                    self.resp_held = Some(i);
+                    return Flow::Buffer;
+                }
                 Outcome::Pause | Outcome::Wait(_) => {
                     lease.misbehaved("on_response_headers", "paused_in_response");
                     if let Flow::Respond(r) = self.on_failure(i) {
@@ -446,7 +459,8 @@ impl HookState {
                 Outcome::Failed(_) => false,
             };
             if ok && !eos {
-                let mut out = lease.on_response_body(req, &mut self.info, &mut body, true);
+                let mut out =
+                    lease.on_response_body(req, Some(&mut head), &mut self.info, &mut body, true);
                 if let Outcome::Wait(calls) = out {
                     let at = CallSite {
                         req_ro: Some(req),
@@ -481,33 +495,94 @@ impl HookState {
         }
     }
 
-    /// `on_response_body`, last module first, buffering while a module pauses.
+    /// A module held the response head but the client's protocol cannot wait for it
+    /// (HTTP/2, HTTP/1.0): the module fails with `paused_in_response`.
+    pub fn cannot_hold(&mut self) -> Flow {
+        let Some(i) = self.resp_held.take() else {
+            return Flow::Continue;
+        };
+        if let Some(l) = self.leases[i].as_mut() {
+            l.misbehaved("on_response_headers", "paused_in_response");
+        }
+        self.on_failure(i)
+    }
+
+    /// The held head, once no module holds it any more: the proxy sends it now.
+    pub fn head_ready(&mut self) -> Option<Box<ResponseHeader>> {
+        if self.resp_held.is_some() {
+            return None;
+        }
+        self.held_head.take()
+    }
+
+    /// `on_response_body`, last module first, buffering while a module pauses. While a
+    /// module holds the head, only the modules before it (in response order) see the
+    /// body; when it continues, the modules after it get `on_response_headers` on the
+    /// held head, then the body (callouts cannot be awaited there: Pingora's response
+    /// body phase is synchronous).
     pub fn response_body(&mut self, req: &RequestHeader, chunk: Option<&[u8]>, eos: bool) -> Flow {
         if let Some(c) = chunk {
             self.resp_body.extend_from_slice(c);
         }
-        for i in (0..self.leases.len()).rev() {
-            let Some(lease) = self.leases[i].as_mut() else {
-                continue;
-            };
-            match lease.on_response_body(req, &mut self.info, &mut self.resp_body, eos) {
-                Outcome::Continue => {}
-                Outcome::Pause if !eos => return Flow::Buffer,
-                Outcome::Respond(r) => return Flow::Respond(r),
-                Outcome::Pause | Outcome::Wait(_) => {
-                    lease.misbehaved("on_response_body", "paused_in_response");
-                    if let Flow::Respond(r) = self.on_failure(i) {
-                        return Flow::Respond(r);
+        let mut upper = self.leases.len();
+        loop {
+            let lower = self.resp_held.unwrap_or(0);
+            for i in (lower..upper).rev() {
+                let Some(lease) = self.leases[i].as_mut() else {
+                    continue;
+                };
+                let head = self.held_head.as_deref_mut();
+                match lease.on_response_body(req, head, &mut self.info, &mut self.resp_body, eos) {
+                    Outcome::Continue => {}
+                    Outcome::Pause if !eos => return Flow::Buffer,
+                    Outcome::Respond(r) => return Flow::Respond(r),
+                    Outcome::Pause | Outcome::Wait(_) => {
+                        lease.misbehaved("on_response_body", "paused_in_response");
+                        if let Flow::Respond(r) = self.on_failure(i) {
+                            return Flow::Respond(r);
+                        }
                     }
-                }
-                Outcome::Failed(_) => {
-                    if let Flow::Respond(r) = self.on_failure(i) {
-                        return Flow::Respond(r);
+                    Outcome::Failed(_) => {
+                        if let Flow::Respond(r) = self.on_failure(i) {
+                            return Flow::Respond(r);
+                        }
                     }
                 }
             }
+            // the holding module (if any) let the response go on
+            let Some(h) = self.resp_held.take() else {
+                return Flow::Continue;
+            };
+            let Some(mut head) = self.held_head.take() else {
+                return Flow::Continue;
+            };
+            for i in (0..h).rev() {
+                let Some(lease) = self.leases[i].as_mut() else {
+                    continue;
+                };
+                match lease.on_response_headers(req, &mut head, &mut self.info, false) {
+                    Outcome::Continue => {}
+                    Outcome::Pause => {
+                        self.resp_held = Some(i);
+                        break;
+                    }
+                    Outcome::Respond(r) => return Flow::Respond(r),
+                    Outcome::Wait(_) => {
+                        lease.misbehaved("on_response_headers", "callout_on_held_response");
+                        if let Flow::Respond(r) = self.on_failure(i) {
+                            return Flow::Respond(r);
+                        }
+                    }
+                    Outcome::Failed(_) => {
+                        if let Flow::Respond(r) = self.on_failure(i) {
+                            return Flow::Respond(r);
+                        }
+                    }
+                }
+            }
+            self.held_head = Some(head);
+            upper = h;
         }
-        Flow::Continue
     }
 
     pub fn response_trailers(&mut self, req: &RequestHeader, trailers: &mut http::HeaderMap) {

@@ -318,6 +318,68 @@ fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
     }
 }
 
+/// A held response head as HTTP/1.1 bytes, framed as chunks like the body Pingora writes
+/// after it.
+fn held_head_bytes(head: &ResponseHeader) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    head_line(&mut out, head.status);
+    for (k, v) in &head.headers {
+        if k == http::header::CONTENT_LENGTH || k == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        header_line(&mut out, k.as_str().as_bytes(), v.as_bytes());
+    }
+    out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+    out
+}
+
+/// A whole local reply as HTTP/1.1 bytes (head and body, with its length).
+fn local_reply_bytes(req: &RequestHeader, r: &LocalResponse) -> Vec<u8> {
+    let status = http::StatusCode::from_u16(r.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    let bodiless = r.status == 204 || r.status == 304;
+    let mut out = Vec::with_capacity(256 + r.body.len());
+    head_line(&mut out, status);
+    let mut typed = false;
+    for (k, v) in &r.headers {
+        let k = k.to_ascii_lowercase();
+        if k == "content-length" || k == "transfer-encoding" || k.starts_with(':') {
+            continue;
+        }
+        typed |= k == "content-type";
+        header_line(&mut out, k.as_bytes(), v);
+    }
+    if !typed && !r.body.is_empty() && !bodiless {
+        header_line(&mut out, b"content-type", b"text/plain");
+    }
+    if !bodiless {
+        header_line(
+            &mut out,
+            b"content-length",
+            r.body.len().to_string().as_bytes(),
+        );
+    }
+    out.extend_from_slice(b"\r\n");
+    if !bodiless && req.method != http::Method::HEAD {
+        out.extend_from_slice(&r.body);
+    }
+    out
+}
+
+fn head_line(out: &mut Vec<u8>, status: http::StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
+    out.extend_from_slice(k);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(v);
+    out.extend_from_slice(b"\r\n");
+}
+
 async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
     // as Envoy's local replies: a body without a declared type is text/plain
     let typed = r
@@ -924,7 +986,29 @@ impl ProxyHttp for Gateway {
                 *resp = new;
                 state.replace_body = Some(Bytes::from(r.body));
             }
-            Flow::Continue | Flow::Buffer => {}
+            Flow::Buffer => {
+                // A module holds the head until it has seen the body. Pingora writes the
+                // head when this phase ends, so the connection keeps its bytes back and
+                // the head the modules settle on goes out in their place, framed as chunks
+                // (the body's length is not known yet). HTTP/1.1 only.
+                let h11 =
+                    !session.is_http2() && session.req_header().version == http::Version::HTTP_11;
+                if h11 && conn::hold_response_head() {
+                    state.held_head = Some(Box::new(resp.clone()));
+                    resp.remove_header(&http::header::CONTENT_LENGTH);
+                    resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                    return Ok(());
+                }
+                if let Flow::Respond(r) = state.cannot_hold() {
+                    let mut new = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
+                    for (k, v) in &r.headers {
+                        new.append_header(k.to_ascii_lowercase(), v.as_slice())?;
+                    }
+                    *resp = new;
+                    state.replace_body = Some(Bytes::from(r.body));
+                }
+            }
+            Flow::Continue => {}
         }
         // Like Envoy, a hook that changes the body's length removes Content-Length in its
         // headers callback; the body is then framed as chunks (HTTP/1.1).
@@ -960,7 +1044,28 @@ impl ProxyHttp for Gateway {
             *body = if end_of_stream { Some(r.clone()) } else { None };
             return Ok(None);
         }
-        match state.response_body(session.req_header(), body.as_deref(), end_of_stream) {
+        let flow = state.response_body(session.req_header(), body.as_deref(), end_of_stream);
+        if state.held_head.is_some() {
+            // the head is still held: nothing has reached the client yet
+            match flow {
+                Flow::Buffer => *body = None,
+                Flow::Continue => {
+                    if let Some(head) = state.head_ready() {
+                        conn::release_response_head(held_head_bytes(&head));
+                    }
+                    *body = take_nonempty(&mut state.resp_body);
+                }
+                Flow::Respond(r) => {
+                    // a module answers after seeing the body (a response-inspecting WAF):
+                    // its answer replaces the whole response, Pingora's bytes are dropped
+                    conn::replace_response(local_reply_bytes(session.req_header(), &r));
+                    state.replace_body = Some(Bytes::new());
+                    *body = None;
+                }
+            }
+            return Ok(None);
+        }
+        match flow {
             Flow::Continue => *body = take_nonempty(&mut state.resp_body),
             Flow::Buffer => *body = None,
             Flow::Respond(r) => {

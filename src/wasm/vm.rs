@@ -769,9 +769,12 @@ impl Lease {
         )
     }
 
+    /// `head`: the response head while the client has not got it (a module holds it, or
+    /// a local reply goes through the chain): the body callback may still change it.
     pub fn on_response_body(
         &mut self,
         req: &RequestHeader,
+        head: Option<&mut ResponseHeader>,
         info: &mut RequestInfo,
         body: &mut Vec<u8>,
         end_of_stream: bool,
@@ -780,6 +783,7 @@ impl Lease {
         self.body_arrived(1, body.len());
         let view = View {
             req_ro: Some(req),
+            resp: head,
             info: Some(info),
             body: Some((BufferType::ResponseBody, &mut *body)),
             ..View::default()
