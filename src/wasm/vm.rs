@@ -884,25 +884,13 @@ impl Lease {
             call: Some(resp),
             ..View::default()
         };
-        match self.run("on_http_call_response", view, |s, f| {
+        let r = self.run("on_http_call_response", view, |s, f| {
             match &f.on_http_call_response {
                 Some(func) => func.call(s, (ctx, resp.token as i32, nh, nb, nt)),
                 None => Ok(()),
             }
-        }) {
-            Err(e) => Outcome::Failed(e),
-            Ok(((), fx)) => {
-                if let Some(l) = fx.local {
-                    Outcome::Respond(l)
-                } else if !fx.calls.is_empty() {
-                    Outcome::Wait(fx.calls)
-                } else if fx.continue_request || fx.continue_response {
-                    Outcome::Continue
-                } else {
-                    Outcome::Pause
-                }
-            }
-        }
+        });
+        resumed(r)
     }
 
     /// Delivers a gRPC call's answer, as Envoy does on the root context (the SDKs find the
@@ -933,7 +921,7 @@ impl Lease {
             token as i32,
             if code == 0 { size as i32 } else { code as i32 },
         );
-        match self.run(name, view, |s, f| {
+        let r = self.run(name, view, |s, f| {
             let func = if code == 0 {
                 &f.on_grpc_receive
             } else {
@@ -943,20 +931,8 @@ impl Lease {
                 Some(func) => func.call(s, (ROOT, token, arg)),
                 None => Ok(()),
             }
-        }) {
-            Err(e) => Outcome::Failed(e),
-            Ok(((), fx)) => {
-                if let Some(l) = fx.local {
-                    Outcome::Respond(l)
-                } else if !fx.calls.is_empty() {
-                    Outcome::Wait(fx.calls)
-                } else if fx.continue_request || fx.continue_response {
-                    Outcome::Continue
-                } else {
-                    Outcome::Pause
-                }
-            }
-        }
+        });
+        resumed(r)
     }
 
     /// The root context's callouts made before this request (its `on_configure`), to be
@@ -1029,20 +1005,7 @@ impl Lease {
                     .map_or(Ok(()), |g| g.call(s, (ROOT, a.token as i32, nh, nb, nt)))
             }
         });
-        match r {
-            Err(e) => Outcome::Failed(e),
-            Ok(((), fx)) => {
-                if let Some(l) = fx.local {
-                    Outcome::Respond(l)
-                } else if !fx.calls.is_empty() {
-                    Outcome::Wait(fx.calls)
-                } else if fx.continue_request || fx.continue_response {
-                    Outcome::Continue
-                } else {
-                    Outcome::Pause
-                }
-            }
-        }
+        resumed(r)
     }
 
     /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context; then bills what the
@@ -1099,6 +1062,18 @@ impl Lease {
             Some(func) => func.call(s, ctx),
             None => Ok(()),
         });
+    }
+}
+
+/// What a callback that is not a stream callback (a callout's answer, a root event) asks
+/// for: the guest resumes the stream with `proxy_continue_stream`, not a return value.
+fn resumed(r: Result<((), Effects), Failure>) -> Outcome {
+    match r {
+        Err(e) => Outcome::Failed(e),
+        Ok(((), fx)) => {
+            let cont = fx.continue_request || fx.continue_response;
+            outcome(if cont { ACTION_CONTINUE } else { 1 }, fx)
+        }
     }
 }
 
