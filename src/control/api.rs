@@ -218,13 +218,8 @@ async fn read_request(sock: &mut TcpStream) -> std::io::Result<Result<Req, ApiEr
                 }
                 body.truncate(len);
                 let (path, q) = target.split_once('?').unwrap_or((&target, ""));
-                let query = q
-                    .split('&')
-                    .filter(|kv| !kv.is_empty())
-                    .map(|kv| {
-                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                        (percent_decode(k), percent_decode(v))
-                    })
+                let query = form_urlencoded::parse(q.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
                     .collect();
                 return Ok(Ok(Req {
                     method,
@@ -244,26 +239,6 @@ async fn read_request(sock: &mut TcpStream) -> std::io::Result<Result<Req, ApiEr
             }
         }
     }
-}
-
-/// Decodes `application/x-www-form-urlencoded` text (`+` and `%XX`).
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |j: usize| (b[j] as char).to_digit(16);
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() && hex(i + 1).is_some() && hex(i + 2).is_some() => {
-                out.push((hex(i + 1).unwrap_or(0) * 16 + hex(i + 2).unwrap_or(0)) as u8);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 enum Who {

@@ -58,36 +58,18 @@ pub fn http_to_grpc_status(status: u16) -> u32 {
     }
 }
 
-/// `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+/// What gRPC percent-encodes in a `grpc-message`: bytes outside printable ASCII
+/// (non-ASCII always is), and `%`.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// `grpc-message` encoding.
 pub fn percent_encode(msg: &[u8]) -> String {
-    let mut out = String::with_capacity(msg.len());
-    for &b in msg {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::percent_encode(msg, GRPC_MESSAGE).to_string()
 }
 
 /// Decodes a `grpc-message`; a malformed escape is kept as it is (as gRPC clients do).
 pub fn percent_decode(v: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(v.len());
-    let mut i = 0;
-    while i < v.len() {
-        if v[i] == b'%' && i + 2 < v.len() {
-            if let (Some(h), Some(l)) = (hex(v[i + 1]), hex(v[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(v[i]);
-        i += 1;
-    }
-    out
+    percent_encoding::percent_decode(v).collect()
 }
 
 /// A local reply to a gRPC request, as Envoy builds it: HTTP 200, `content-type:
@@ -102,14 +84,7 @@ pub fn reply_head(
     grpc_status: Option<u32>,
     h1: bool,
 ) -> pingora::Result<pingora::http::ResponseHeader> {
-    let mut resp = pingora::http::ResponseHeader::build(200, Some(headers.len() + 4))?;
-    for (k, v) in headers {
-        let lower = k.to_ascii_lowercase();
-        if lower == "content-length" || lower == "transfer-encoding" || lower.starts_with(':') {
-            continue;
-        }
-        resp.append_header(lower, v.as_slice())?;
-    }
+    let mut resp = super::respond::local_head(200, headers, None, h1.then_some(0))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
     if !resp.headers.contains_key("grpc-status") {
         let s = grpc_status.unwrap_or_else(|| http_to_grpc_status(status));
@@ -118,9 +93,6 @@ pub fn reply_head(
     if !body.is_empty() {
         let text = body.strip_suffix(b"\n").unwrap_or(body);
         resp.insert_header("grpc-message", percent_encode(text))?;
-    }
-    if h1 {
-        resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
     }
     Ok(resp)
 }

@@ -95,24 +95,9 @@ pub fn busy_response(route: &str) -> LocalResponse {
 
 /// The head a local reply shows the response callbacks: its headers, a `content-type`
 /// (text/plain when it has a body and none was given, as Envoy's) and its length.
-fn reply_head(r: &LocalResponse) -> Option<ResponseHeader> {
-    let mut head = ResponseHeader::build(r.status, Some(r.headers.len() + 2)).ok()?;
-    for (k, v) in &r.headers {
-        let k = k.to_ascii_lowercase();
-        if k == "content-length" || k == "transfer-encoding" || k.starts_with(':') {
-            continue;
-        }
-        head.append_header(k, v.as_slice()).ok()?;
-    }
-    if !r.body.is_empty() && !head.headers.contains_key(http::header::CONTENT_TYPE) {
-        head.insert_header(http::header::CONTENT_TYPE, "text/plain")
-            .ok()?;
-    }
-    if r.status != 204 && r.status != 304 {
-        head.insert_header(http::header::CONTENT_LENGTH, r.body.len())
-            .ok()?;
-    }
-    Some(head)
+pub fn reply_head(r: &LocalResponse) -> pingora::Result<ResponseHeader> {
+    let default_type = (!r.body.is_empty()).then_some("text/plain");
+    super::respond::local_head(r.status, &r.headers, default_type, Some(r.body.len()))
 }
 
 impl HookState {
@@ -427,7 +412,7 @@ impl HookState {
             return r;
         }
         self.response_started = true;
-        let Some(mut head) = reply_head(&r) else {
+        let Ok(mut head) = reply_head(&r) else {
             return r;
         };
         let grpc_status = r.grpc_status;

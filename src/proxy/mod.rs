@@ -318,75 +318,70 @@ fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
     }
 }
 
+/// A local reply decided in the response headers phase replaces the upstream's head and
+/// body, as it is (Envoy's direct local reply); to a gRPC request, in gRPC form.
+fn replace_response(
+    req: &RequestHeader,
+    resp: &mut ResponseHeader,
+    state: &mut HookState,
+    r: LocalResponse,
+) -> Result<()> {
+    if grpc::is_grpc_request(req) {
+        // a gRPC answer: the status in the head, no body
+        let grpc = u32::try_from(r.grpc_status).ok();
+        *resp = grpc::reply_head(r.status, &r.headers, &r.body, grpc, false)?;
+        state.replace_body = Some(Bytes::new());
+    } else {
+        *resp = respond::local_head(r.status, &r.headers, None, None)?;
+        state.replace_body = Some(Bytes::from(r.body));
+    }
+    Ok(())
+}
+
 /// A held response head as HTTP/1.1 bytes, framed as chunks like the body Pingora writes
 /// after it.
-fn held_head_bytes(head: &ResponseHeader) -> Vec<u8> {
+fn held_head_bytes(mut head: Box<ResponseHeader>) -> Vec<u8> {
+    head.remove_header(&http::header::CONTENT_LENGTH);
+    let _ = head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
     let mut out = Vec::with_capacity(256);
-    head_line(&mut out, head.status);
-    for (k, v) in &head.headers {
-        if k == http::header::CONTENT_LENGTH || k == http::header::TRANSFER_ENCODING {
-            continue;
-        }
-        header_line(&mut out, k.as_str().as_bytes(), v.as_bytes());
-    }
-    out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+    h1_head(&head, &mut out);
     out
 }
 
 /// A whole local reply as HTTP/1.1 bytes (head and body, with its length).
 fn local_reply_bytes(req: &RequestHeader, r: &LocalResponse) -> Vec<u8> {
-    let status = http::StatusCode::from_u16(r.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
-    let bodiless = r.status == 204 || r.status == 304;
+    let Ok(head) = hooks::reply_head(r) else {
+        // not reached: the host checked the reply's headers when the guest sent it
+        return b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n".to_vec();
+    };
     let mut out = Vec::with_capacity(256 + r.body.len());
-    head_line(&mut out, status);
-    let mut typed = false;
-    for (k, v) in &r.headers {
-        let k = k.to_ascii_lowercase();
-        if k == "content-length" || k == "transfer-encoding" || k.starts_with(':') {
-            continue;
-        }
-        typed |= k == "content-type";
-        header_line(&mut out, k.as_bytes(), v);
-    }
-    if !typed && !r.body.is_empty() && !bodiless {
-        header_line(&mut out, b"content-type", b"text/plain");
-    }
+    h1_head(&head, &mut out);
+    let bodiless = r.status == 204 || r.status == 304 || req.method == http::Method::HEAD;
     if !bodiless {
-        header_line(
-            &mut out,
-            b"content-length",
-            r.body.len().to_string().as_bytes(),
-        );
-    }
-    out.extend_from_slice(b"\r\n");
-    if !bodiless && req.method != http::Method::HEAD {
         out.extend_from_slice(&r.body);
     }
     out
 }
 
-fn head_line(out: &mut Vec<u8>, status: http::StatusCode) {
+/// A response head as HTTP/1.1 writes it.
+fn h1_head(head: &ResponseHeader, out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(head.status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(head.status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-}
-
-fn header_line(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
-    out.extend_from_slice(k);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(v);
+    for (k, v) in &head.headers {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"\r\n");
 }
 
 async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
     // as Envoy's local replies: a body without a declared type is text/plain
-    let typed = r
-        .headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
-    let default_type = (!typed && !r.body.is_empty()).then_some("text/plain");
+    let default_type = (!r.body.is_empty()).then_some("text/plain");
     respond::send_reply(
         session,
         r.status,
@@ -963,7 +958,7 @@ impl ProxyHttp for Gateway {
         state
             .info
             .code_details
-            .get_or_insert_with(|| "via_upstream".into());
+            .get_or_insert(std::borrow::Cow::Borrowed("via_upstream"));
         // as Envoy reports it: a response that can have no body ends with its head, and
         // then no body callback follows
         let eos = framing::bodiless_response(session.req_header(), resp);
@@ -972,20 +967,7 @@ impl ProxyHttp for Gateway {
             .response_headers(session.req_header(), resp, eos, &self.callouts)
             .await;
         match flow {
-            Flow::Respond(r) if grpc::is_grpc_request(session.req_header()) => {
-                // a gRPC answer: the status in the head, no body
-                let grpc = u32::try_from(r.grpc_status).ok();
-                *resp = grpc::reply_head(r.status, &r.headers, &r.body, grpc, false)?;
-                state.replace_body = Some(Bytes::new());
-            }
-            Flow::Respond(r) => {
-                let mut new = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
-                for (k, v) in &r.headers {
-                    new.append_header(k.to_ascii_lowercase(), v.as_slice())?;
-                }
-                *resp = new;
-                state.replace_body = Some(Bytes::from(r.body));
-            }
+            Flow::Respond(r) => replace_response(session.req_header(), resp, state, r)?,
             Flow::Buffer => {
                 // A module holds the head until it has seen the body. Pingora writes the
                 // head when this phase ends, so the connection keeps its bytes back and
@@ -1000,12 +982,7 @@ impl ProxyHttp for Gateway {
                     return Ok(());
                 }
                 if let Flow::Respond(r) = state.cannot_hold() {
-                    let mut new = ResponseHeader::build(r.status, Some(r.headers.len() + 1))?;
-                    for (k, v) in &r.headers {
-                        new.append_header(k.to_ascii_lowercase(), v.as_slice())?;
-                    }
-                    *resp = new;
-                    state.replace_body = Some(Bytes::from(r.body));
+                    replace_response(session.req_header(), resp, state, r)?;
                 }
             }
             Flow::Continue => {}
@@ -1051,7 +1028,7 @@ impl ProxyHttp for Gateway {
                 Flow::Buffer => *body = None,
                 Flow::Continue => {
                     if let Some(head) = state.head_ready() {
-                        conn::release_response_head(held_head_bytes(&head));
+                        conn::release_response_head(held_head_bytes(head));
                     }
                     *body = take_nonempty(&mut state.resp_body);
                 }
@@ -1216,16 +1193,12 @@ impl ProxyHttp for Gateway {
             let sent = session.body_bytes_sent() as u64;
             let info = &mut state.info;
             info.response_body_bytes = sent;
-            info.response_header_bytes = session.response_written().map(|r| {
-                (":status".len() + 3) as u64
-                    + r.headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
-                        .sum::<u64>()
-            });
+            info.response_header_bytes = session
+                .response_written()
+                .map(crate::wasm::host::response_head_bytes);
             if let Some(e) = ctx.error {
                 info.response_flags |= e.envoy_flags();
-                info.code_details = Some(e.code().to_string());
+                info.code_details = Some(std::borrow::Cow::Borrowed(e.code()));
             }
             state.finish(session.req_header(), status, ctx.body_seen, sent);
             details = state.info.code_details.take();

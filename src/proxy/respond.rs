@@ -175,23 +175,10 @@ pub async fn send_reply(
         let resp = super::grpc::reply_head(status, headers, &body, grpc_status, h1)?;
         return session.write_response_header(Box::new(resp), true).await;
     }
-    let mut resp = ResponseHeader::build(status, Some(headers.len() + 2))?;
-    if let Some(ct) = content_type {
-        resp.insert_header(http::header::CONTENT_TYPE, ct)?;
-    }
-    for (k, v) in headers {
-        let lower = k.to_ascii_lowercase();
-        if lower == "content-length" || lower == "transfer-encoding" || lower.starts_with(':') {
-            continue;
-        }
-        resp.append_header(lower, v.as_slice())?;
-    }
     // a 204 or 304 has no body, and a 204 must not carry a length (RFC 9110 §8.6)
     let bodiless = status == 204 || status == 304;
     let body = if bodiless { Bytes::new() } else { body };
-    if !bodiless {
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    }
+    let resp = local_head(status, headers, content_type, Some(body.len()))?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(resp), head_only || body.is_empty())
@@ -200,6 +187,35 @@ pub async fn send_reply(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// The head of a local reply: `status`, the given headers lower-cased but for the framing
+/// headers (`content-length`, `transfer-encoding`) and pseudo-headers, which the gateway
+/// sets itself; `content_type` unless the headers name one; and `length` as the
+/// `content-length`, except on a 204 or 304, which carry none.
+pub fn local_head(
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    content_type: Option<&str>,
+    length: Option<usize>,
+) -> Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(status, Some(headers.len() + 2))?;
+    for (k, v) in headers {
+        let lower = k.to_ascii_lowercase();
+        if lower == "content-length" || lower == "transfer-encoding" || lower.starts_with(':') {
+            continue;
+        }
+        resp.append_header(lower, v.as_slice())?;
+    }
+    if let Some(ct) = content_type {
+        if !resp.headers.contains_key(http::header::CONTENT_TYPE) {
+            resp.insert_header(http::header::CONTENT_TYPE, ct)?;
+        }
+    }
+    if let Some(n) = length.filter(|_| status != 204 && status != 304) {
+        resp.insert_header(http::header::CONTENT_LENGTH, n)?;
+    }
+    Ok(resp)
 }
 
 /// Sends a gateway error as JSON.

@@ -111,7 +111,7 @@ pub struct RequestInfo {
     pub upstream_address: Option<SocketAddr>,
     /// Why the response is what it is (`response.code_details`): `via_upstream`, a
     /// guest's local reply details, or the gateway's error code.
-    pub code_details: Option<String>,
+    pub code_details: Option<std::borrow::Cow<'static, str>>,
     /// Envoy's response flags bit vector (`response.flags`).
     pub response_flags: u64,
     /// Response body bytes sent to the client (`response.size`), known in `on_log`.
@@ -757,13 +757,7 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
         [b"response", b"size"] => int(ri.map_or(0, |i| i.response_body_bytes) as i64),
         [b"response", b"total_size"] => {
             let head = match frame_resp(c) {
-                Ok(r) => {
-                    (":status".len() + 3) as u64
-                        + r.headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
-                            .sum::<u64>()
-                }
+                Ok(r) => response_head_bytes(r),
                 Err(_) => ri.and_then(|i| i.response_header_bytes).unwrap_or(0),
             };
             int((ri.map_or(0, |i| i.response_body_bytes) + head) as i64)
@@ -856,6 +850,16 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
             .ok_or(Status::NotFound)?),
         _ => Err(Status::NotFound),
     }
+}
+
+/// A response head's size as Envoy counts it for `response.total_size`: `:status` and
+/// its value, plus every header's name and value.
+pub fn response_head_bytes(r: &ResponseHeader) -> u64 {
+    (":status".len() + 3) as u64
+        + r.headers
+            .iter()
+            .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+            .sum::<u64>()
 }
 
 /// Registers every `env.proxy_*` host function.
@@ -1405,7 +1409,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         // the guest already chose an answer.
         if let Some(info) = frame_info(&c) {
             info.code_details
-                .get_or_insert_with(|| "wasm_close_stream".into());
+                .get_or_insert(std::borrow::Cow::Borrowed("wasm_close_stream"));
         }
         let e = &mut c.data_mut().effects;
         if e.local.is_none() {
@@ -1451,7 +1455,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     })
                     .collect::<HostResult<Vec<_>>>()?;
                 if let Some(info) = frame_info(&c) {
-                    info.code_details = Some(details);
+                    info.code_details = Some(details.into());
                 }
                 c.data_mut().effects.local = Some(LocalResponse {
                     status: status as u16,

@@ -163,6 +163,8 @@ pub struct PluginSpec {
 /// A compiled module, ready to instantiate. Shared by every plugin using the same bytes.
 pub struct Compiled {
     pub digest: String,
+    /// A Proxy-Wasm v0.1.0 module (known once, not per instance).
+    pub abi01: bool,
     pub exports: Vec<String>,
     pub size: usize,
     pub pre: InstancePre<host::Host>,
@@ -423,6 +425,7 @@ impl Runtime {
             )
         })?;
         let compiled = Arc::new(Compiled {
+            abi01: module.get_export("proxy_abi_version_0_1_0").is_some(),
             exports: module.exports().map(|e| e.name().to_string()).collect(),
             digest: hex::encode(digest),
             size: bytes.len(),
@@ -621,7 +624,7 @@ impl Plugin {
             calls.into_iter().map(|c| d.clone().dispatch(c)).collect();
         while let Some(a) = out.next().await {
             if p.retired.load(Ordering::Acquire) {
-                return;
+                break; // `park` ends its root context
             }
             if let Err(f) = vm.root_answer(&p, &a) {
                 p.report(&f);

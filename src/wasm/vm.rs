@@ -116,11 +116,7 @@ impl Vm {
             http_ctx: 0,
             effective: ROOT,
             parked: Frame::default(),
-            abi01: plugin
-                .compiled
-                .exports
-                .iter()
-                .any(|e| e == "proxy_abi_version_0_1_0"),
+            abi01: plugin.compiled.abi01,
             awaiting_done: false,
         };
         let mut store = Store::new(&plugin.engine, host);
@@ -268,37 +264,10 @@ impl Vm {
 
     /// The answer to one of the root context's own callouts, outside any request.
     pub(crate) fn root_answer(&mut self, plugin: &Plugin, a: &CallResponse) -> Result<(), Failure> {
-        let (token, size) = (a.token as i32, a.body.len() as i32);
-        if let Some(g) = &a.grpc {
-            let tokens = &mut self.store.data_mut().grpc_tokens;
-            let Some(i) = tokens.iter().position(|t| *t == a.token) else {
-                return Ok(()); // cancelled
-            };
-            tokens.swap_remove(i);
-            let code = g.code as i32;
-            self.store.data_mut().frame.call = Some(NonNull::from(a));
-            let r = self.root_call(plugin, "on_grpc_receive", |s, f| {
-                match (code, &f.on_grpc_receive, &f.on_grpc_close) {
-                    (0, Some(func), _) => func.call(s, (ROOT, token, size)),
-                    (c, _, Some(func)) if c != 0 => func.call(s, (ROOT, token, c)),
-                    _ => Ok(()),
-                }
-            });
-            self.store.data_mut().frame = Frame::default();
-            return r;
-        }
-        let (nh, nb, nt) = if a.status == 0 {
-            (0, 0, 0)
-        } else {
-            (a.headers.len() as i32 + 1, size, a.trailers.len() as i32)
-        };
         // SAFETY (for the frame): `a` outlives the call; the frame is cleared after it.
         self.store.data_mut().frame.call = Some(NonNull::from(a));
-        let r = self.root_call(plugin, "on_http_call_response", |s, f| {
-            match &f.on_http_call_response {
-                Some(func) => func.call(s, (ROOT, token, nh, nb, nt)),
-                None => Ok(()),
-            }
+        let r = self.root_call(plugin, answer_callback(a), |s, f| {
+            deliver_answer(s, f, ROOT, a)
         });
         self.store.data_mut().frame = Frame::default();
         r
@@ -674,6 +643,13 @@ impl Lease {
         }
     }
 
+    /// Whether the leased VM's module exports the callback for callout answer `a`.
+    fn answer_exported(&self, a: &CallResponse) -> bool {
+        self.vm
+            .as_ref()
+            .is_some_and(|v| answer_callback_exported(&v.f, a))
+    }
+
     /// Whether the leased VM's module exports the callback `pick` selects.
     fn exports<T>(&self, pick: fn(&Exports) -> Option<&T>) -> bool {
         self.vm.as_ref().is_some_and(|v| pick(&v.f).is_some())
@@ -842,95 +818,26 @@ impl Lease {
         info: &mut RequestInfo,
         resp: &CallResponse,
     ) -> Outcome {
-        if resp.root {
-            let view = View {
-                req,
-                req_ro,
-                resp: headers,
-                info: Some(info),
-                ..View::default()
-            };
-            return self.on_root_event(RootEvent::Answer(resp), view);
-        }
-        if let Some(g) = &resp.grpc {
-            let view = View {
-                req,
-                req_ro,
-                resp: headers,
-                info: Some(info),
-                call: Some(resp),
-                ..View::default()
-            };
-            return self.on_grpc_answer(view, resp.token, g.code, resp.body.len());
-        }
-        if !self.exports(|e| e.on_http_call_response.as_ref()) {
-            return Outcome::Continue;
-        }
-        let ctx = self.ctx;
-        let (nh, nb, nt) = if resp.status == 0 {
-            (0, 0, 0)
-        } else {
-            (
-                resp.headers.len() as i32 + 1,
-                resp.body.len() as i32,
-                resp.trailers.len() as i32,
-            )
-        };
         let view = View {
             req,
             req_ro,
             resp: headers,
             info: Some(info),
-            call: Some(resp),
             ..View::default()
         };
-        let r = self.run("on_http_call_response", view, |s, f| {
-            match &f.on_http_call_response {
-                Some(func) => func.call(s, (ctx, resp.token as i32, nh, nb, nt)),
-                None => Ok(()),
-            }
-        });
-        resumed(r)
-    }
-
-    /// Delivers a gRPC call's answer, as Envoy does on the root context (the SDKs find the
-    /// calling context by the token): `proxy_on_grpc_receive` with the message for status
-    /// 0, else `proxy_on_grpc_close` with the status (its message from `proxy_get_status`).
-    /// The answer to a call the guest cancelled is dropped unseen.
-    fn on_grpc_answer(&mut self, view: View<'_>, token: u32, code: u32, size: usize) -> Outcome {
-        let Some(vm) = self.vm.as_mut() else {
-            return Outcome::Continue;
-        };
-        let tokens = &mut vm.store.data_mut().grpc_tokens;
-        let Some(i) = tokens.iter().position(|t| *t == token) else {
-            return Outcome::Pause; // cancelled: nothing to deliver
-        };
-        tokens.swap_remove(i);
-        let (name, exported): (&'static str, bool) = if code == 0 {
-            (
-                "on_grpc_receive",
-                self.exports(|e| e.on_grpc_receive.as_ref()),
-            )
-        } else {
-            ("on_grpc_close", self.exports(|e| e.on_grpc_close.as_ref()))
-        };
-        if !exported {
+        if resp.root {
+            return self.on_root_event(RootEvent::Answer(resp), view);
+        }
+        if !self.answer_exported(resp) {
             return Outcome::Continue;
         }
-        let (token, arg) = (
-            token as i32,
-            if code == 0 { size as i32 } else { code as i32 },
-        );
-        let r = self.run(name, view, |s, f| {
-            let func = if code == 0 {
-                &f.on_grpc_receive
-            } else {
-                &f.on_grpc_close
-            };
-            match func {
-                Some(func) => func.call(s, (ROOT, token, arg)),
-                None => Ok(()),
-            }
+        let ctx = self.ctx;
+        let view = View {
+            call: Some(resp),
+            ..view
+        };
+        let r = self.run(answer_callback(resp), view, |s, f| {
+            deliver_answer(s, f, ctx, resp)
         });
         resumed(r)
     }
@@ -964,22 +871,16 @@ impl Lease {
     /// it only after `proxy_set_effective_context` to its HTTP context.
     pub fn on_root_event<'a>(&mut self, ev: RootEvent<'a>, mut view: View<'a>) -> Outcome {
         view.root = true;
-        if let RootEvent::Answer(a) = ev {
-            view.call = Some(a);
-            if let Some(g) = &a.grpc {
-                return self.on_grpc_answer(view, a.token, g.code, a.body.len());
-            }
-        }
         let (name, has) = match ev {
             RootEvent::Tick => ("on_tick", self.exports(|e| e.on_tick.as_ref())),
             RootEvent::Queue(_) => (
                 "on_queue_ready",
                 self.exports(|e| e.on_queue_ready.as_ref()),
             ),
-            RootEvent::Answer(_) => (
-                "on_http_call_response",
-                self.exports(|e| e.on_http_call_response.as_ref()),
-            ),
+            RootEvent::Answer(a) => {
+                view.call = Some(a);
+                (answer_callback(a), self.answer_exported(a))
+            }
         };
         if !has {
             return Outcome::Pause;
@@ -990,20 +891,7 @@ impl Lease {
                 .on_queue_ready
                 .as_ref()
                 .map_or(Ok(()), |g| g.call(s, (ROOT, id as i32))),
-            RootEvent::Answer(a) => {
-                let (nh, nb, nt) = if a.status == 0 {
-                    (0, 0, 0)
-                } else {
-                    (
-                        a.headers.len() as i32 + 1,
-                        a.body.len() as i32,
-                        a.trailers.len() as i32,
-                    )
-                };
-                f.on_http_call_response
-                    .as_ref()
-                    .map_or(Ok(()), |g| g.call(s, (ROOT, a.token as i32, nh, nb, nt)))
-            }
+            RootEvent::Answer(a) => deliver_answer(s, f, ROOT, a),
         });
         resumed(r)
     }
@@ -1063,6 +951,64 @@ impl Lease {
             None => Ok(()),
         });
     }
+}
+
+/// The callback that receives a callout's answer.
+fn answer_callback(a: &CallResponse) -> &'static str {
+    match &a.grpc {
+        None => "on_http_call_response",
+        Some(g) if g.code == 0 => "on_grpc_receive",
+        Some(_) => "on_grpc_close",
+    }
+}
+
+fn answer_callback_exported(e: &Exports, a: &CallResponse) -> bool {
+    match &a.grpc {
+        None => e.on_http_call_response.is_some(),
+        Some(g) if g.code == 0 => e.on_grpc_receive.is_some(),
+        Some(_) => e.on_grpc_close.is_some(),
+    }
+}
+
+/// Hands a callout's answer to the guest: `on_http_call_response` on context `ctx` (the
+/// stream's or the root's), or for a gRPC call, as Envoy does, `on_grpc_receive` with the
+/// message (status 0) or `on_grpc_close` with the status, on the root context (the SDKs
+/// find the calling context by the token). The answer to a gRPC call the guest cancelled
+/// is dropped unseen.
+fn deliver_answer(
+    s: &mut Store<Host>,
+    f: &Exports,
+    ctx: i32,
+    a: &CallResponse,
+) -> wasmtime::Result<()> {
+    let token = a.token as i32;
+    let Some(g) = &a.grpc else {
+        let (nh, nb, nt) = if a.status == 0 {
+            (0, 0, 0) // the connection was lost before an answer
+        } else {
+            (
+                a.headers.len() as i32 + 1,
+                a.body.len() as i32,
+                a.trailers.len() as i32,
+            )
+        };
+        return f
+            .on_http_call_response
+            .as_ref()
+            .map_or(Ok(()), |g| g.call(s, (ctx, token, nh, nb, nt)));
+    };
+    let tokens = &mut s.data_mut().grpc_tokens;
+    let Some(i) = tokens.iter().position(|t| *t == a.token) else {
+        return Ok(()); // cancelled
+    };
+    tokens.swap_remove(i);
+    let (func, arg) = if g.code == 0 {
+        (&f.on_grpc_receive, a.body.len() as i32)
+    } else {
+        (&f.on_grpc_close, g.code as i32)
+    };
+    func.as_ref()
+        .map_or(Ok(()), |g| g.call(s, (ROOT, token, arg)))
 }
 
 /// What a callback that is not a stream callback (a callout's answer, a root event) asks
