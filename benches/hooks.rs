@@ -81,7 +81,12 @@ const PROBE_WAT: &str = r#"(module
 )"#;
 
 fn bench(c: &mut Criterion) {
-    let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/out");
+    // the runtime path: a bench binary built by another checkout sharing the target dir
+    // keeps that checkout's compile-time path
+    let repo = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let guests = repo.join("guests/out");
     let rewrite = std::fs::read(guests.join("rewrite.wasm"))
         .expect("guests/out/rewrite.wasm missing: run scripts/build-guests.sh");
     let metrics = Metrics::new();

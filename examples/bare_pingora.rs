@@ -40,6 +40,9 @@ fn main() {
     let conf = ServerConf {
         threads,
         work_stealing: false,
+        // a benchmark's floor: on SIGTERM, exit now (Pingora's default waits 5 minutes)
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -75,6 +75,15 @@ with_scratch() {
 }
 cleanup_scratch() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # a graceful shutdown gets 5 s; whatever still runs then is killed (Pingora's default
+  # grace period is 5 minutes, and a failing script must not leave servers behind)
+  for _ in $(seq 50); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$tmp"
 }

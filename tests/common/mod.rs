@@ -31,8 +31,12 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_wasmgate")
 }
 
+/// The checkout the tests run in: Cargo's runtime `CARGO_MANIFEST_DIR` (the compile-time
+/// one may name another checkout that shares the target dir).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// Folder of the built guests; builds them once per test binary if missing.
