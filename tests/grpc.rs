@@ -40,6 +40,26 @@ fn frame(msg: &[u8]) -> Bytes {
 
 impl GrpcService {
     async fn start() -> GrpcService {
+        Self::start_with(None).await
+    }
+
+    /// The same service over TLS (ALPN h2), with a certificate for `grpc.test`.
+    async fn start_tls() -> GrpcService {
+        let ck = rcgen::generate_simple_self_signed(vec!["grpc.test".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> GrpcService {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -52,14 +72,15 @@ impl GrpcService {
                     return;
                 };
                 n.fetch_add(1, Ordering::Relaxed);
-                let (r, s) = (r.clone(), s.clone());
+                let (r, s, tls) = (r.clone(), s.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(sock).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        r.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(Self::answer(req, respond, s.clone()));
+                    match tls {
+                        None => Self::serve(sock, r, s).await,
+                        Some(tls) => {
+                            if let Ok(sock) = tls.accept(sock).await {
+                                Self::serve(sock, r, s).await
+                            }
+                        }
                     }
                 });
             }
@@ -70,6 +91,20 @@ impl GrpcService {
             conns,
             seen,
             task,
+        }
+    }
+
+    async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        sock: S,
+        requests: Arc<AtomicUsize>,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) {
+        let Ok(mut conn) = h2::server::handshake(sock).await else {
+            return;
+        };
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            requests.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(Self::answer(req, respond, seen.clone()));
         }
     }
 
@@ -438,4 +473,125 @@ hooks = ["cancel"]
     assert_eq!(r.status().as_u16(), 212);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(svc.requests.load(Ordering::Relaxed), 0);
+}
+
+/// An HTTP/2 client over TLS to the gateway's `https` listener (which presents `der`).
+async fn h2_client(port: u16, der: Vec<u8>) -> h2::client::SendRequest<Bytes> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.into()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("gw.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Over HTTP/2 a local reply to a gRPC request is one HEADERS frame that ends the stream
+/// (trailers-only), whether a guest or the gateway made it: not headers and then an empty
+/// DATA frame or a reset, which gRPC clients take for a broken call. And an HTTP/1.1 gRPC
+/// request forwarded to an HTTP/2 upstream keeps its `te: trailers`, which gRPC servers
+/// require.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_http2_ends_answers_cleanly_and_keeps_te_trailers() {
+    let echo = Upstream::start("echo").await;
+    let svc = GrpcService::start().await;
+    let tls_svc = GrpcService::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["gw.test".into()]).unwrap();
+    let (cert, key) = (dir.path().join("gw.crt"), dir.path().join("gw.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let conf = conf(&echo.addr(), &svc.addr(), free_port())
+        + &format!(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:{{port:https}}"
+tls = {{ certs = [{{ cert = "{}", key = "{}" }}] }}
+[upstreams.grpc_tls]
+targets = ["{}"]
+tls = {{ sni = "grpc.test", verify = false, http2 = true }}
+[[routes]]
+path_prefix = "/test.Auth"
+upstream = "grpc_tls"
+"#,
+            cert.display(),
+            key.display(),
+            tls_svc.addr()
+        );
+    let gw = Gw::start_in(dir, &conf, Default::default());
+    let mut client = h2_client(gw.port("https"), ck.cert.der().to_vec()).await;
+    let call = |path: &str, extra: Option<(&str, &str)>| {
+        let mut b = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://gw.test{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some((k, v)) = extra {
+            b = b.header(k, v);
+        }
+        b.body(()).unwrap()
+    };
+    // a guest's send_grpc_response, and the gateway's own error (an unreachable upstream)
+    for (path, extra, status) in [
+        ("/api/x", Some(("x-grpc-reply", "1")), "7"),
+        ("/dead/x", None, "14"),
+    ] {
+        client = client.ready().await.unwrap();
+        let (resp, _) = client.send_request(call(path, extra), true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["grpc-status"], status, "{path}");
+        let mut body = resp.into_body();
+        assert!(
+            body.is_end_stream(),
+            "{path}: the HEADERS frame ends the stream"
+        );
+        assert!(body.data().await.is_none(), "{path}: no data, no reset");
+    }
+
+    // HTTP/1.1 gRPC client → HTTP/2 upstream: te: trailers reaches the service
+    let msg = frame(b"good");
+    let mut req = format!(
+        "POST /test.Auth/Check HTTP/1.1\r\nhost: t\r\ncontent-type: application/grpc\r\nte: trailers\r\ncontent-length: {}\r\n\r\n",
+        msg.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&msg);
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&req).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("allow:alice") {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&b[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("allow:alice"), "{text}");
+    }
+    let seen = tls_svc.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("POST /test.Auth/Check") && l.contains("te=trailers")),
+        "{seen:?}"
+    );
 }

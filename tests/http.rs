@@ -1318,3 +1318,53 @@ hooks = ["inspect"]
     let r = c.response().expect("an answer");
     assert_eq!(r.status, 503, "{}", r.head);
 }
+
+/// A request denied from its headers, before its body was read: a small body is read and
+/// dropped, so pipelined requests behind it are still answered on the same connection; a
+/// client waiting for `100 Continue` is answered without being asked for its body, and its
+/// connection closes (its body may or may not follow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_request_with_a_small_body_keeps_the_connection() {
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + AUTH
+        + &format!(
+            r#"
+[upstreams.echo]
+targets = ["{}"]
+[[routes]]
+path_prefix = "/api"
+upstream = "echo"
+hooks = ["auth"]
+"#,
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let post = |key: &str| {
+        format!("POST /api/p HTTP/1.1\r\nhost: t\r\n{key}content-length: 5\r\n\r\nabcde")
+    };
+    let mut c = Raw::connect(gw.port("http"));
+    let three = post("") + &post("x-api-key: k\r\n") + &post("");
+    c.send(three.as_bytes());
+    for want in [401, 200, 401] {
+        let r = c
+            .response_to("POST")
+            .expect("an answer on the same connection");
+        assert_eq!(r.status, want, "{}", r.head);
+        assert!(
+            r.header("connection").is_none_or(|v| v != "close"),
+            "{}",
+            r.head
+        );
+    }
+    // the upstream got the allowed request with its body
+    assert_eq!(
+        up.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let mut c = Raw::connect(gw.port("http"));
+    c.send(b"POST /api/p HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n");
+    let r = c.response_to("POST").expect("an answer");
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(c.closed());
+}

@@ -148,3 +148,23 @@ pub fn bodiless_response(req: &pingora::http::RequestHeader, resp: &ResponseHead
             .get(http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
 }
+
+/// `TE: trailers` on a request going upstream over HTTP/2. Pingora drops `TE` with the
+/// other hop-by-hop headers, but HTTP/2 allows it with the value `trailers` (RFC 9113
+/// §8.2.2) and gRPC servers require it: without it a gRPC call from an HTTP/1.1 client
+/// fails. As Envoy, the client's `te` is kept when it names `trailers`.
+pub fn keep_te_trailers(
+    client: &pingora::http::RequestHeader,
+    upstream: &mut pingora::http::RequestHeader,
+) -> Result<()> {
+    let trailers = client
+        .headers
+        .get_all(http::header::TE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    if trailers {
+        upstream.insert_header(http::header::TE, "trailers")?;
+    }
+    Ok(())
+}

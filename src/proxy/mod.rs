@@ -429,6 +429,18 @@ impl Gateway {
     /// Envoy's local replies it first goes through the response callbacks of the modules
     /// that saw the request, so their response headers and body changes apply to it.
     async fn reply(&self, session: &mut Session, ctx: &mut Ctx, r: LocalResponse) -> Result<()> {
+        // An answer before the request's body was read (a denial from the headers): a
+        // small declared body is read and dropped first, so the connection stays usable
+        // for the next request (as nginx discards a body it will not use). A client
+        // still waiting for `100 Continue` is not asked for its body.
+        let small = content_length(session).is_some_and(|n| n <= PREREAD_LIMIT);
+        let waits = session
+            .req_header()
+            .headers
+            .contains_key(http::header::EXPECT);
+        if small && !waits && !session.is_body_done() {
+            let _ = session.drain_request_body().await;
+        }
         let r = match ctx.hooks.as_mut() {
             Some(state) => {
                 state
@@ -911,6 +923,9 @@ impl ProxyHttp for Gateway {
                 .or_err(InternalError, "rewritten path is not a valid URI")?;
             upstream_request.set_uri(uri);
         }
+        if upstream_request.version == http::Version::HTTP_2 {
+            framing::keep_te_trailers(session.req_header(), upstream_request)?;
+        }
         if !route.request_headers.is_empty() {
             route.request_headers.apply(upstream_request);
         }
@@ -1112,17 +1127,21 @@ impl ProxyHttp for Gateway {
             // truncated answer look complete). Drop the connection instead, mid-body.
             self.metrics.responses_aborted.inc();
             ctx.pending = None;
-            let kind = ctx
-                .error
-                .or_else(|| GatewayError::from_pingora(e))
-                .unwrap_or(GatewayError::Internal);
-            ctx.error = Some(kind);
-            tracing::warn!(
-                route = ctx.route_name().unwrap_or("-"),
-                error = kind.code(),
-                cause = %e,
-                "response aborted after its head was sent"
-            );
+            ctx.error = ctx.error.or_else(|| GatewayError::from_pingora(e));
+            match ctx.error {
+                Some(kind) => tracing::warn!(
+                    route = ctx.route_name().unwrap_or("-"),
+                    error = kind.code(),
+                    cause = %e,
+                    "response aborted after its head was sent"
+                ),
+                // the client went away mid-response: nothing failed on this side
+                None => tracing::debug!(
+                    route = ctx.route_name().unwrap_or("-"),
+                    cause = %e,
+                    "client left during the response"
+                ),
+            }
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,

@@ -173,20 +173,27 @@ pub async fn send_reply(
     if super::grpc::is_grpc_request(session.req_header()) {
         let h1 = !session.is_http2();
         let resp = super::grpc::reply_head(status, headers, &body, grpc_status, h1)?;
-        return session.write_response_header(Box::new(resp), true).await;
+        return write_head_only(session, resp).await;
     }
     // a 204 or 304 has no body, and a 204 must not carry a length (RFC 9110 §8.6)
     let bodiless = status == 204 || status == 304;
     let body = if bodiless { Bytes::new() } else { body };
     let resp = local_head(status, headers, content_type, Some(body.len()))?;
     let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(resp), head_only || body.is_empty())
-        .await?;
-    if !head_only && !body.is_empty() {
-        session.write_response_body(Some(body), true).await?;
+    if head_only || body.is_empty() {
+        return write_head_only(session, resp).await;
     }
-    Ok(())
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Writes a response that ends with its head. Pingora's `write_response_header` does not
+/// end an HTTP/2 stream, which then closes with an empty DATA frame or a reset (a gRPC
+/// client takes either as a broken trailers-only answer); a header task marked as the end
+/// goes out as one HEADERS frame with END_STREAM.
+async fn write_head_only(session: &mut Session, resp: ResponseHeader) -> Result<()> {
+    let task = pingora::protocols::http::HttpTask::Header(Box::new(resp), true);
+    session.write_response_tasks(vec![task]).await.map(drop)
 }
 
 /// The head of a local reply: `status`, the given headers lower-cased but for the framing
