@@ -151,11 +151,16 @@ impl pingora::listeners::TlsAccept for KeepFacts {
         Some(Arc::new(TlsFacts {
             id: crate::proxy::conn::next_connection_id(),
             tls: Arc::new(crate::wasm::ConnTls {
-                version: ssl.version().unwrap_or_default().to_string(),
+                version: tls_version_name(ssl.version().unwrap_or_default()),
                 sni: ssl.server_name().map(str::to_string),
                 peer_cert: ssl.peer_certificate_der().is_some(),
                 uri_san: None,
             }),
         }))
     }
+}
+
+/// A TLS version as Envoy (and OpenSSL) names it, `TLSv1.3`: rustls says `TLSv1_3`.
+pub fn tls_version_name(v: &str) -> String {
+    v.replace('_', ".")
 }

@@ -348,3 +348,79 @@ async fn v010_modules_load_and_local_reply_details_reach_the_access_log() {
     assert_eq!(v["details"], "denied_by_rule", "{line}");
     assert_eq!(v["status"], 403);
 }
+
+/// A module that answers every request with the value of one property (or `not found`).
+fn property_echo(path: &[&str]) -> String {
+    let joined = path.join("\\00");
+    let len: usize = path.iter().map(|p| p.len()).sum::<usize>() + path.len() - 1;
+    format!(
+        r#"(module
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  {PLUMBING}
+  (data (i32.const 100) "{joined}")
+  (data (i32.const 400) "not found")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.ne (call $prop (i32.const 100) (i32.const {len}) (i32.const 300) (i32.const 304)) (i32.const 0))
+      (then (i32.store (i32.const 300) (i32.const 400)) (i32.store (i32.const 304) (i32.const 9))))
+    (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0)
+      (i32.load (i32.const 300)) (i32.load (i32.const 304)) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1))
+)"#
+    )
+}
+
+/// The TLS facts of the client's connection, read by a guest over a real TLS listener
+/// (and their absence on a plain one): `connection.tls_version`,
+/// `connection.requested_server_name`, `connection.mtls`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connection_properties_are_read_from_inside_a_guest() {
+    let up = Upstream::start("echo").await;
+    let certs = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+    let (cert, key) = (certs.path().join("a.crt"), certs.path().join("a.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let head = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:{{port:https}}\"\ntls = {{ certs = [{{ cert = \"{}\", key = \"{}\" }}] }}\n",
+        cert.display(),
+        key.display()
+    );
+    let gw = gateway(
+        &head,
+        &up.addr(),
+        &[
+            ("tlsv", property_echo(&["connection", "tls_version"]), ""),
+            (
+                "sni",
+                property_echo(&["connection", "requested_server_name"]),
+                "",
+            ),
+            ("mtls", property_echo(&["connection", "mtls"]), ""),
+        ],
+    );
+    let port = gw.port("https");
+    let tls = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_der(ck.cert.der()).unwrap())
+        .resolve("a.test", format!("127.0.0.1:{port}").parse().unwrap())
+        .build()
+        .unwrap();
+    let body = |c: reqwest::Client, url: String| async move {
+        let r = c.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap().to_vec()
+    };
+    let https = |p: &str| format!("https://a.test:{port}/{p}");
+    assert_eq!(body(tls.clone(), https("tlsv")).await, b"TLSv1.3");
+    assert_eq!(body(tls.clone(), https("sni")).await, b"a.test");
+    assert_eq!(body(tls.clone(), https("mtls")).await, [0u8]);
+    // a plain connection has no TLS version and no server name
+    let plain = client();
+    assert_eq!(
+        body(plain.clone(), gw.url("http", "/tlsv")).await,
+        b"not found"
+    );
+    assert_eq!(body(plain.clone(), gw.url("http", "/sni")).await, b"");
+}

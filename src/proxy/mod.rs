@@ -230,7 +230,7 @@ fn request_info(session: &Session, route: &Route) -> RequestInfo {
         tls: facts.map(|f| f.tls.clone()).or_else(|| {
             ssl.map(|s| {
                 Arc::new(crate::wasm::ConnTls {
-                    version: s.version.to_string(),
+                    version: crate::tls::tls_version_name(&s.version),
                     ..Default::default()
                 })
             })
