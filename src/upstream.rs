@@ -82,19 +82,6 @@ impl Balancer {
             Balancer::Hash(lb) => lb.backends().run_health_check(true).await,
         }
     }
-
-    /// Whether a target is currently considered healthy (for tests and the admin view).
-    pub fn healthy(&self, addr: &str) -> Option<bool> {
-        let check = |b: &pingora::lb::Backends| {
-            let set = b.get_backend();
-            let be = set.iter().find(|be| be.addr.to_string() == addr)?;
-            Some(b.ready(be))
-        };
-        match self {
-            Balancer::RoundRobin(lb) => check(lb.backends()),
-            Balancer::Hash(lb) => check(lb.backends()),
-        }
-    }
 }
 
 /// Builds the health check an upstream's conf asks for.

@@ -878,29 +878,9 @@ fn raw_client(port: u16) -> std::net::TcpStream {
     s
 }
 
-/// Reads one HTTP/1.1 response with a content-length body; `None` once the peer closed.
-fn read_response(s: &mut std::net::TcpStream) -> Option<(u16, String)> {
-    use std::io::Read;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + len {
-                let status = head[9..12].parse().unwrap();
-                let body = String::from_utf8_lossy(&got[end + 4..end + 4 + len]).to_string();
-                return Some((status, body));
-            }
-        }
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+/// A response's status and body, `None` once the peer closed.
+fn status_and_body(s: &mut std::net::TcpStream) -> Option<(u16, String)> {
+    read_response(s).map(|(status, _, body)| (status, String::from_utf8_lossy(&body).into()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -925,7 +905,7 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
             std::thread::sleep(Duration::from_millis(40));
         }
     });
-    let (status, body) = read_response(&mut s).expect("an answer before the close");
+    let (status, body) = status_and_body(&mut s).expect("an answer before the close");
     assert_eq!(status, 408, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["error"],
@@ -936,20 +916,23 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
         waited >= Duration::from_millis(350) && waited < Duration::from_secs(3),
         "answered after {waited:?}"
     );
-    assert!(read_response(&mut s).is_none(), "the connection is closed");
+    assert!(
+        status_and_body(&mut s).is_none(),
+        "the connection is closed"
+    );
     trickler.join().unwrap();
 
     // a connection that never sends anything is closed without an answer
     let mut silent = connect();
     let t = std::time::Instant::now();
-    assert!(read_response(&mut silent).is_none());
+    assert!(status_and_body(&mut silent).is_none());
     assert!(t.elapsed() < Duration::from_secs(3));
 
     // idle time between kept-alive requests is not a slow head
     let mut ka = connect();
     for round in 0..3 {
         write!(ka, "GET /ka HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
-        let (status, body) = read_response(&mut ka).expect("kept alive");
+        let (status, body) = status_and_body(&mut ka).expect("kept alive");
         assert_eq!(status, 200, "round {round}: {body}");
         std::thread::sleep(Duration::from_millis(700));
     }
@@ -957,7 +940,7 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
     write!(ka, "GET /ka HTTP/1.1\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(150));
     write!(ka, "host: t\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut ka).unwrap().0, 200);
+    assert_eq!(status_and_body(&mut ka).unwrap().0, 200);
 
     let m = gw.metrics().await;
     assert_eq!(
@@ -981,9 +964,9 @@ async fn idle_keepalive_timeout_is_the_operators() {
     // idle past one second: closed by the gateway
     let mut s = raw_client(gw.port("http"));
     write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut s).unwrap().0, 200);
+    assert_eq!(status_and_body(&mut s).unwrap().0, 200);
     let t = std::time::Instant::now();
-    assert!(read_response(&mut s).is_none(), "closed while idle");
+    assert!(status_and_body(&mut s).is_none(), "closed while idle");
     let idle = t.elapsed();
     assert!(
         idle >= Duration::from_millis(900) && idle < Duration::from_secs(3),
@@ -993,7 +976,7 @@ async fn idle_keepalive_timeout_is_the_operators() {
     let mut s = raw_client(gw.port("http"));
     for _ in 0..2 {
         write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
-        assert_eq!(read_response(&mut s).unwrap().0, 200);
+        assert_eq!(status_and_body(&mut s).unwrap().0, 200);
         std::thread::sleep(Duration::from_millis(300));
     }
     // 0 turns keep-alive off: one request per connection
@@ -1010,9 +993,9 @@ async fn idle_keepalive_timeout_is_the_operators() {
     assert!(reloaded, "{}", gw.log());
     let mut s = raw_client(gw.port("http"));
     write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut s).unwrap().0, 200);
+    assert_eq!(status_and_body(&mut s).unwrap().0, 200);
     let t = std::time::Instant::now();
-    assert!(read_response(&mut s).is_none());
+    assert!(status_and_body(&mut s).is_none());
     assert!(t.elapsed() < Duration::from_millis(500), "closed at once");
 }
 

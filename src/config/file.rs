@@ -53,63 +53,55 @@ pub struct NodeSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
     /// Worker threads for the proxy service.
-    #[serde(default = "default_threads")]
     pub threads: usize,
     /// Let idle workers steal tasks from busy ones (tokio multi-thread). Off by default:
     /// on small machines the per-thread runtimes are cheaper.
-    #[serde(default)]
     pub work_stealing: bool,
     /// Seconds to keep serving in-flight requests after SIGTERM / graceful upgrade.
-    #[serde(default = "default_grace")]
     pub grace_period_secs: u64,
     /// Directory for precompiled modules and deployed state.
-    #[serde(default = "default_data_dir")]
     pub data_dir: String,
     /// Re-read the conf file when it changes on disk (debounced), besides SIGHUP.
-    #[serde(default = "default_true")]
     pub watch_config: bool,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
-            threads: default_threads(),
+            threads: 1,
             work_stealing: false,
-            grace_period_secs: default_grace(),
-            data_dir: default_data_dir(),
+            grace_period_secs: 5,
+            data_dir: "data".into(),
             watch_config: true,
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MetricsSection {
     /// Address of the Prometheus `/metrics` listener; empty string disables it.
-    #[serde(default = "default_metrics_listen")]
     pub listen: String,
 }
 
 impl Default for MetricsSection {
     fn default() -> Self {
         MetricsSection {
-            listen: default_metrics_listen(),
+            listen: "127.0.0.1:9091".into(),
         }
     }
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminSection {
     /// Address of the admin API; empty disables it. Loopback by default.
-    #[serde(default = "default_admin_listen")]
     pub listen: String,
     /// Environment variable holding the operator token (never put secrets in the conf
     /// file unless it is protected like one).
-    #[serde(default = "default_admin_token_env")]
     pub token_env: String,
     /// The operator token itself, when not taken from the environment.
     pub token: Option<String>,
@@ -118,30 +110,19 @@ pub struct AdminSection {
     /// Path namespace of function URLs: `{function_prefix}/{tenant}/{function}/...`.
     /// Everything under it belongs to functions (unknown ones get 404 `no_function`), so
     /// tenants can never take over a conf route; `""` leaves only the host form.
-    #[serde(default = "default_function_prefix")]
     pub function_prefix: Spanned<String>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
-            listen: default_admin_listen(),
-            token_env: default_admin_token_env(),
+            listen: "127.0.0.1:9092".into(),
+            token_env: "WASMGATE_ADMIN_TOKEN".into(),
             token: None,
             base_domain: None,
-            function_prefix: default_function_prefix(),
+            function_prefix: Spanned::new(0..0, "/run".into()),
         }
     }
-}
-
-fn default_admin_listen() -> String {
-    "127.0.0.1:9092".into()
-}
-fn default_function_prefix() -> Spanned<String> {
-    Spanned::new(0..0, "/run".into())
-}
-fn default_admin_token_env() -> String {
-    "WASMGATE_ADMIN_TOKEN".into()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,68 +135,43 @@ pub struct AccessLogSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
     /// Largest request body accepted on routes that do not set their own (bytes).
-    #[serde(default = "default_max_body")]
     pub max_request_body_bytes: u64,
     /// Largest request head (request line and headers), in bytes: 431 beyond.
-    #[serde(default = "default_max_header_bytes")]
     pub max_request_header_bytes: usize,
     /// Most request headers: 431 beyond.
-    #[serde(default = "default_max_headers")]
     pub max_request_headers: usize,
     /// How long the client may take to send a whole request head (from accept, or from
     /// the first byte of a later request on a kept-alive connection): 408 beyond.
-    #[serde(default = "default_header_timeout")]
     pub client_header_timeout_ms: Spanned<u64>,
     /// How long a kept-alive client connection may sit idle between requests before it is
     /// closed (whole seconds); 0 turns keep-alive off.
-    #[serde(default = "default_keepalive")]
     pub client_keepalive_timeout_secs: u64,
     /// How long the client may take to send each piece of its body: 408 beyond.
-    #[serde(default = "default_body_timeout")]
     pub client_body_timeout_ms: Spanned<u64>,
     /// Open client connections beyond which new requests get 503 and their connection
     /// closed (counted every 100 ms); 0 disables the check.
-    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
-            max_request_body_bytes: default_max_body(),
-            max_request_header_bytes: default_max_header_bytes(),
-            max_request_headers: default_max_headers(),
-            client_header_timeout_ms: default_header_timeout(),
-            client_keepalive_timeout_secs: default_keepalive(),
-            client_body_timeout_ms: default_body_timeout(),
-            max_connections: default_max_connections(),
+            max_request_body_bytes: 8 * 1024 * 1024,
+            max_request_header_bytes: 32 * 1024,
+            max_request_headers: 100,
+            client_header_timeout_ms: Spanned::new(0..0, 10_000),
+            client_keepalive_timeout_secs: DEFAULT_KEEPALIVE_SECS,
+            client_body_timeout_ms: Spanned::new(0..0, 10_000),
+            max_connections: 10_000,
         }
     }
 }
 
-fn default_max_header_bytes() -> usize {
-    32 * 1024
-}
-fn default_max_headers() -> usize {
-    100
-}
-fn default_max_connections() -> usize {
-    10_000
-}
 /// Pingora's own idle keep-alive timeout; the gateway only overrides a different value.
 pub const DEFAULT_KEEPALIVE_SECS: u64 = 60;
-fn default_keepalive() -> u64 {
-    DEFAULT_KEEPALIVE_SECS
-}
-fn default_header_timeout() -> Spanned<u64> {
-    Spanned::new(0..0, 10_000)
-}
-fn default_body_timeout() -> Spanned<u64> {
-    Spanned::new(0..0, 10_000)
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,7 +194,7 @@ pub struct ListenerTlsFile {
     /// Certificates; the first is the default when no SNI name matches.
     pub certs: Vec<Spanned<CertFile>>,
     /// Offer HTTP/2 through ALPN (h2, then http/1.1).
-    #[serde(default = "default_true")]
+    #[serde(default = "yes")]
     pub http2: bool,
 }
 
@@ -269,17 +225,17 @@ pub struct UpstreamFile {
     pub balance: Balance,
     /// With `balance = "hash"`: what to hash: `client_ip`, `path`, or `header:<name>`.
     pub hash_key: Option<Spanned<String>>,
-    #[serde(default = "default_connect_ms")]
+    #[serde(default = "num::<1000>")]
     pub connect_timeout_ms: u64,
-    #[serde(default = "default_rw_ms")]
+    #[serde(default = "num::<30_000>")]
     pub read_timeout_ms: u64,
-    #[serde(default = "default_rw_ms")]
+    #[serde(default = "num::<30_000>")]
     pub write_timeout_ms: u64,
     /// How long an idle pooled connection to this upstream is kept.
-    #[serde(default = "default_idle_secs")]
+    #[serde(default = "num::<60>")]
     pub idle_timeout_secs: u64,
     /// Retries of idempotent requests on another connection after a connect failure.
-    #[serde(default = "default_retries")]
+    #[serde(default = "count::<1>")]
     pub retries: usize,
     pub tls: Option<UpstreamTlsFile>,
     pub health_check: Option<HealthCheckFile>,
@@ -290,7 +246,7 @@ pub struct UpstreamFile {
 pub struct UpstreamTlsFile {
     /// SNI and the name the certificate is verified against.
     pub sni: String,
-    #[serde(default = "default_true")]
+    #[serde(default = "yes")]
     pub verify: bool,
     /// Extra CA bundle (PEM) to trust for this upstream.
     pub ca: Option<String>,
@@ -308,24 +264,31 @@ pub enum HealthKind {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HealthCheckFile {
-    #[serde(default)]
     pub kind: HealthKind,
     /// Path requested by `kind = "http"`; any 200 is healthy.
-    #[serde(default = "default_health_path")]
     pub path: String,
     /// Host header of `kind = "http"` checks.
-    #[serde(default = "default_health_host")]
     pub host: String,
-    #[serde(default = "default_health_interval")]
     pub interval_ms: u64,
-    #[serde(default = "default_health_timeout")]
     pub timeout_ms: u64,
-    #[serde(default = "default_one")]
     pub healthy_threshold: usize,
-    #[serde(default = "default_one")]
     pub unhealthy_threshold: usize,
+}
+
+impl Default for HealthCheckFile {
+    fn default() -> Self {
+        HealthCheckFile {
+            kind: HealthKind::Tcp,
+            path: "/".into(),
+            host: "localhost".into(),
+            interval_ms: 1000,
+            timeout_ms: 500,
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,17 +370,17 @@ pub struct ModuleFile {
     #[serde(default)]
     pub root_id: String,
     /// Time budget of one callback, in microseconds.
-    #[serde(default = "default_budget_us")]
+    #[serde(default = "num::<DEFAULT_BUDGET_US>")]
     pub budget_us: u64,
     /// Time budget of all callbacks of one request together, in microseconds.
     pub request_budget_us: Option<u64>,
     /// Linear memory limit per instance, in MiB.
-    #[serde(default = "default_memory_mb")]
+    #[serde(default = "num::<DEFAULT_MEMORY_MB>")]
     pub memory_mb: u64,
     #[serde(default)]
     pub isolation: Isolation,
     /// Most instances of this module alive at once (requests beyond wait briefly, then 503).
-    #[serde(default = "default_max_instances")]
+    #[serde(default = "count::<64>")]
     pub max_instances: usize,
     #[serde(default)]
     pub on_failure: FailurePolicyFile,
@@ -425,15 +388,14 @@ pub struct ModuleFile {
     #[serde(default)]
     pub allowed_upstreams: Vec<Spanned<String>>,
     /// Timer period floor for `proxy_set_tick_period`, in milliseconds.
-    #[serde(default = "default_min_tick")]
+    #[serde(default = "num::<10>")]
     pub min_tick_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct FailurePolicyFile {
     /// `deny`, `allow` or `respond`.
-    #[serde(default = "default_policy_spanned")]
     pub action: Spanned<String>,
     /// Status for `deny` and `respond`.
     pub status: Option<u16>,
@@ -444,7 +406,7 @@ pub struct FailurePolicyFile {
 impl Default for FailurePolicyFile {
     fn default() -> Self {
         FailurePolicyFile {
-            action: Spanned::new(0..0, default_policy()),
+            action: Spanned::new(0..0, "deny".into()),
             status: None,
             body: None,
         }
@@ -470,66 +432,19 @@ pub struct TenantFile {
     pub allowed_upstreams: Vec<String>,
 }
 
-fn default_threads() -> usize {
-    1
-}
-fn default_grace() -> u64 {
-    5
-}
-fn default_data_dir() -> String {
-    "data".into()
-}
-fn default_true() -> bool {
+/// A module's callback budget when neither the conf nor a deploy sets one (µs).
+pub const DEFAULT_BUDGET_US: u64 = 1000;
+/// A module's memory limit when neither the conf nor a deploy sets one (MiB).
+pub const DEFAULT_MEMORY_MB: u64 = 16;
+
+// Field defaults for sections with required keys (the others have one `Default` each):
+// serde takes a function, these take the value as a const parameter.
+fn yes() -> bool {
     true
 }
-fn default_metrics_listen() -> String {
-    "127.0.0.1:9091".into()
+fn num<const N: u64>() -> u64 {
+    N
 }
-fn default_max_body() -> u64 {
-    8 * 1024 * 1024
-}
-fn default_connect_ms() -> u64 {
-    1000
-}
-fn default_rw_ms() -> u64 {
-    30_000
-}
-fn default_idle_secs() -> u64 {
-    60
-}
-fn default_retries() -> usize {
-    1
-}
-fn default_health_path() -> String {
-    "/".into()
-}
-fn default_health_host() -> String {
-    "localhost".into()
-}
-fn default_health_interval() -> u64 {
-    1000
-}
-fn default_health_timeout() -> u64 {
-    500
-}
-fn default_one() -> usize {
-    1
-}
-fn default_budget_us() -> u64 {
-    1000
-}
-fn default_memory_mb() -> u64 {
-    16
-}
-fn default_max_instances() -> usize {
-    64
-}
-fn default_policy() -> String {
-    "deny".into()
-}
-fn default_policy_spanned() -> Spanned<String> {
-    Spanned::new(0..0, default_policy())
-}
-fn default_min_tick() -> u64 {
-    10
+fn count<const N: usize>() -> usize {
+    N
 }

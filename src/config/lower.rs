@@ -37,14 +37,11 @@ pub struct Snapshot {
 
 /// The machine's host name (the default node id), or `wasmgate` when it has none.
 fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer and its length are valid; gethostname writes at most that much.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
-        _ => "wasmgate".to_string(),
-    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wasmgate".to_string())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

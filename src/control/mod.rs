@@ -11,7 +11,7 @@ pub mod api;
 pub mod client;
 pub mod token;
 
-use crate::config::file::{Isolation, TenantFile};
+use crate::config::file::{Isolation, TenantFile, DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 use crate::config::is_dns_label;
 use crate::metrics::Metrics;
 use crate::reload::Live;
@@ -28,8 +28,6 @@ use std::time::{Duration, Instant};
 
 /// Limits applied when neither the conf nor the API set one.
 pub const DEFAULT_MAX_MODULE_BYTES: u64 = 8 << 20;
-const DEFAULT_BUDGET_US: u64 = 1000;
-const DEFAULT_MEMORY_MB: u64 = 16;
 /// How long a request waits for a slot under its tenant's `max_concurrency`.
 pub const CONCURRENCY_WAIT: Duration = Duration::from_millis(50);
 

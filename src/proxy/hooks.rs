@@ -25,7 +25,6 @@ pub struct HookState {
     pub resp_body: Vec<u8>,
     /// Body that replaces the upstream's (a local response sent in a response phase).
     pub replace_body: Option<Bytes>,
-    pub body_hooks: bool,
     /// The module whose `on_request_headers` paused to wait for the body: as in Envoy,
     /// the modules after it see the request only once it continues.
     pub held: Option<usize>,
@@ -139,7 +138,6 @@ impl HookState {
             req_body: Vec::new(),
             resp_body: Vec::new(),
             replace_body: None,
-            body_hooks: true,
             held: None,
             resume_at: None,
             waiting: None,

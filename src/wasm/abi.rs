@@ -84,7 +84,6 @@ impl BufferType {
 
 /// `proxy_action_t` returned by stream callbacks.
 pub const ACTION_CONTINUE: i32 = 0;
-pub const ACTION_PAUSE: i32 = 1;
 
 /// Serializes header pairs the way SDKs read them: count, (name len, value len) per
 /// pair, then each name and value followed by a NUL byte. All integers little-endian u32.

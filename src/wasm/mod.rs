@@ -401,10 +401,6 @@ impl Runtime {
         let _ = self.dispatch.set(d);
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// Sets what `tenant` may keep in shared data and queues (defaults: [`SharedLimits`]'s).
     /// Takes effect on the next write; what is stored already stays.
     pub fn set_shared_limits(&self, tenant: &str, limits: SharedLimits) {
@@ -782,11 +778,6 @@ impl Plugin {
             detail,
             "shared state write refused"
         );
-    }
-
-    /// Idle VMs right now (for tests and the admin view).
-    pub fn idle_vms(&self) -> usize {
-        self.idle.len()
     }
 
     /// Runs `on_tick` on idle VMs every period the guest asked for, while the plugin lives.

@@ -337,3 +337,27 @@ pub fn rss_kb(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// One HTTP/1.1 response read off a raw socket: status, head (lowercase) and its
+/// Content-Length body. Reads the head byte by byte, so a pipelined response after it
+/// stays in the socket. `None` once the peer closed (or the read timed out) first.
+pub fn read_response(s: &mut std::net::TcpStream) -> Option<(u16, String, Vec<u8>)> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = head.get(9..12)?.parse().ok()?;
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((status, head, body))
+}
