@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 fn base(upstream: &str) -> String {
