@@ -90,6 +90,13 @@ pub async fn continue_if_expected(session: &mut Session) -> Result<()> {
 /// client's (RFC 9110 §7.6.1), besides those the `Connection` header names.
 const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
 
+/// A header that belongs to one connection, not to the message (RFC 9110 §7.6.1).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case("connection")
+        || name.eq_ignore_ascii_case("transfer-encoding")
+        || HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
 /// Cleans a response head before the client gets it: hop-by-hop headers go (`Upgrade`
 /// stays on a 101), a 1xx/204/304 carries no Transfer-Encoding, and an HTTP/1.0 client
 /// gets a body delimited by the connection's close instead of chunks.
@@ -167,4 +174,43 @@ pub fn keep_te_trailers(
         upstream.insert_header(http::header::TE, "trailers")?;
     }
     Ok(())
+}
+
+/// After the hooks changed a response head: the gateway, not a guest, decides how the
+/// body is framed (RFC 9112 §6). A `Transfer-Encoding` the hooks added or changed is put
+/// back as the upstream sent it; `Content-Length` values that disagree are all dropped
+/// (the body then goes out chunked), equal ones are folded into one; a length next to a
+/// transfer coding is dropped. Without this a guest could make the client read the body
+/// as something else, and the next response on the connection with it.
+pub fn keep_framing(resp: &mut ResponseHeader, te_before: Option<http::HeaderValue>) {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    let te_now: Vec<_> = resp
+        .headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .cloned()
+        .collect();
+    if te_now.len() != usize::from(te_before.is_some()) || te_now.first() != te_before.as_ref() {
+        resp.remove_header(&TRANSFER_ENCODING);
+        if let Some(te) = te_before {
+            let _ = resp.insert_header(TRANSFER_ENCODING, te);
+        }
+    }
+    let lengths: Vec<_> = resp
+        .headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .cloned()
+        .collect();
+    if lengths.is_empty() {
+        return;
+    }
+    let one = lengths
+        .first()
+        .filter(|v| lengths.iter().all(|w| w == *v))
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    resp.remove_header(&CONTENT_LENGTH);
+    if let (Some(n), false) = (one, resp.headers.contains_key(TRANSFER_ENCODING)) {
+        let _ = resp.insert_header(CONTENT_LENGTH, n);
+    }
 }

@@ -977,8 +977,13 @@ impl Callouts {
         if let Some(a) = get(":authority") {
             req.insert_header(http::header::HOST, a)?;
         }
+        // the gateway frames the call: a guest's Host, Content-Length, Transfer-Encoding
+        // or other hop-by-hop header would let it smuggle a second request upstream
         for (k, v) in &c.headers {
-            if !k.starts_with(':') {
+            let framing = k.eq_ignore_ascii_case("host")
+                || k.eq_ignore_ascii_case("content-length")
+                || super::framing::is_hop_by_hop(k);
+            if !k.starts_with(':') && !framing {
                 req.append_header(k.clone(), v.as_slice())?;
             }
         }

@@ -94,7 +94,8 @@ pub struct Ctx {
     route_key: Option<String>,
     /// The hooks got the response head with end of stream (HEAD, 204, 304, no body).
     response_ended_at_head: bool,
-    /// How Pingora frames the response body it writes to the client.
+    /// How Pingora frames the response body it writes to the client (for a length: what
+    /// is left of it).
     resp_framing: Framing,
     /// The hooks, while they finish the response in a task of their own (see
     /// [`Gateway::finish_response_off_phase`]); back for `logging`.
@@ -1050,6 +1051,7 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         let had_length = resp.headers.contains_key(http::header::CONTENT_LENGTH);
+        let te_before = resp.headers.get(http::header::TRANSFER_ENCODING).cloned();
         state
             .info
             .code_details
@@ -1061,6 +1063,7 @@ impl ProxyHttp for Gateway {
         let flow = state
             .response_headers(session.req_header(), resp, eos, &self.callouts)
             .await;
+        framing::keep_framing(resp, te_before);
         match flow {
             Flow::Respond(r) => replace_response(session.req_header(), resp, state, r)?,
             Flow::Buffer => {
@@ -1147,8 +1150,7 @@ impl ProxyHttp for Gateway {
                     }
                     // what is left of the length: Pingora writes a placeholder that long,
                     // the connection writes the body in its place
-                    Framing::Length(n) => {
-                        let left = n.saturating_sub(session.body_bytes_sent() as u64);
+                    Framing::Length(left) => {
                         *body = Some(Bytes::from(vec![0; left as usize]));
                         Framing::Length(left)
                     }
@@ -1196,6 +1198,20 @@ impl ProxyHttp for Gateway {
                     HTTPStatus(status),
                     "a hook answered or failed during the response body",
                 );
+            }
+        }
+        if let Framing::Length(n) = &mut ctx.resp_framing {
+            // the hooks' body must fit the length the head announced: Pingora would cut a
+            // longer one short and send it as if whole
+            let len = body.as_ref().map_or(0, |b| b.len() as u64);
+            match n.checked_sub(len) {
+                Some(left) => *n = left,
+                None => {
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "the hooks' response body is longer than its Content-Length",
+                    )
+                }
             }
         }
         Ok(None)
