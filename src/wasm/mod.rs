@@ -18,7 +18,7 @@ mod wasi;
 
 pub use host::{
     CallResponse, ConnTls, GrpcStatus, GrpcTarget, LocalResponse, NodeInfo, PendingCall,
-    RequestInfo,
+    RequestInfo, StreamCmd, StreamEvent, StreamEvents,
 };
 pub use vm::{Lease, Outcome, RootEvent, View};
 
@@ -72,6 +72,16 @@ pub trait Dispatch: Send + Sync {
         self: Arc<Self>,
         call: PendingCall,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CallResponse> + Send>>;
+
+    /// Starts a gRPC stream (`proxy_grpc_stream`) on its own task: it takes the guest's
+    /// messages from `cmds` (the stream is reset when `cmds` closes) and hands its events
+    /// to `events` in order, ending with a [`StreamEvent::Close`] unless it was reset.
+    fn open_stream(
+        self: Arc<Self>,
+        call: PendingCall,
+        cmds: tokio::sync::mpsc::UnboundedReceiver<StreamCmd>,
+        events: futures::channel::mpsc::Sender<CallResponse>,
+    );
 }
 
 /// Where plugins find the dispatcher, once the proxy has set it.

@@ -4,6 +4,7 @@
 use super::abi::{BufferType, ACTION_CONTINUE};
 use super::host::{
     fuel_for, CallResponse, Effects, Frame, Host, LocalResponse, PendingCall, RequestInfo,
+    StreamEvent, StreamEvents,
 };
 use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -40,6 +41,8 @@ struct Exports {
     on_http_call_response: Option<F5>,
     on_grpc_receive: Option<F3>,
     on_grpc_close: Option<F3>,
+    on_grpc_receive_initial_metadata: Option<F3>,
+    on_grpc_receive_trailing_metadata: Option<F3>,
     on_tick: Option<F1>,
     on_queue_ready: Option<F2>,
 }
@@ -113,6 +116,8 @@ impl Vm {
             alloc: None,
             out_of_fuel: false,
             grpc_tokens: Vec::new(),
+            grpc_streams: Vec::new(),
+            stream_events: Vec::new(),
             http_ctx: 0,
             effective: ROOT,
             parked: Frame::default(),
@@ -205,6 +210,8 @@ impl Vm {
             on_http_call_response: opt!("proxy_on_http_call_response"),
             on_grpc_receive: opt!("proxy_on_grpc_receive"),
             on_grpc_close: opt!("proxy_on_grpc_close"),
+            on_grpc_receive_initial_metadata: opt!("proxy_on_grpc_receive_initial_metadata"),
+            on_grpc_receive_trailing_metadata: opt!("proxy_on_grpc_receive_trailing_metadata"),
             on_tick: opt!("proxy_on_tick"),
             on_queue_ready: opt!("proxy_on_queue_ready"),
         };
@@ -829,7 +836,11 @@ impl Lease {
             return self.on_root_event(RootEvent::Answer(resp), view);
         }
         if !self.answer_exported(resp) {
-            return Outcome::Continue;
+            // a stream event nobody takes changes nothing; a callout's answer resumes
+            return match resp.stream {
+                Some(_) => Outcome::Pause,
+                None => Outcome::Continue,
+            };
         }
         let ctx = self.ctx;
         let view = View {
@@ -840,6 +851,34 @@ impl Lease {
             deliver_answer(s, f, ctx, resp)
         });
         resumed(r)
+    }
+
+    /// Events of the gRPC streams this request's context opened since they were last
+    /// taken; the proxy hands them back with [`Lease::park_stream_events`] when it stops
+    /// waiting, so events that come meanwhile are delivered at the next wait.
+    pub fn take_stream_events(&mut self) -> Vec<StreamEvents> {
+        self.vm
+            .as_mut()
+            .map(|v| std::mem::take(&mut v.store.data_mut().stream_events))
+            .unwrap_or_default()
+    }
+
+    /// Keeps the events of streams still open for the next wait; dropped (and the
+    /// streams reset) once the context has ended or failed.
+    pub fn park_stream_events(&mut self, events: impl IntoIterator<Item = StreamEvents>) {
+        if self.finished || self.failed.is_some() {
+            return;
+        }
+        if let Some(v) = self.vm.as_mut() {
+            v.store.data_mut().stream_events.extend(events);
+        }
+    }
+
+    /// Whether this request's context has gRPC streams open (not closed remotely).
+    pub fn has_open_streams(&self) -> bool {
+        self.vm
+            .as_ref()
+            .is_some_and(|v| v.store.data().grpc_streams.iter().any(|s| !s.remote_closed))
     }
 
     /// The root context's callouts made before this request (its `on_configure`), to be
@@ -854,7 +893,8 @@ impl Lease {
     /// Whether the leased VM's root context can still act while the request waits: it
     /// has callouts to make, it ticks, or it registered a queue.
     pub fn root_can_wake(&self) -> bool {
-        self.vm.as_ref().is_some_and(|v| v.has_root_calls())
+        self.has_open_streams()
+            || self.vm.as_ref().is_some_and(|v| v.has_root_calls())
             || self
                 .plugin
                 .tick_ms
@@ -905,7 +945,10 @@ impl Lease {
         }
         self.finished = true;
         if let Some(vm) = self.vm.as_mut() {
-            vm.store.data_mut().grpc_tokens.clear(); // calls still out die with the request
+            let h = vm.store.data_mut();
+            h.grpc_tokens.clear(); // calls still out die with the request
+            h.grpc_streams.clear(); // streams are reset and never call back
+            h.stream_events.clear();
         }
         if self.ctx != 0 && self.failed.is_none() {
             self.end_context(req, info);
@@ -955,6 +998,14 @@ impl Lease {
 
 /// The callback that receives a callout's answer.
 fn answer_callback(a: &CallResponse) -> &'static str {
+    if let Some(ev) = a.stream {
+        return match ev {
+            StreamEvent::InitialMetadata => "on_grpc_receive_initial_metadata",
+            StreamEvent::Message => "on_grpc_receive",
+            StreamEvent::TrailingMetadata => "on_grpc_receive_trailing_metadata",
+            StreamEvent::Close => "on_grpc_close",
+        };
+    }
     match &a.grpc {
         None => "on_http_call_response",
         Some(g) if g.code == 0 => "on_grpc_receive",
@@ -963,11 +1014,55 @@ fn answer_callback(a: &CallResponse) -> &'static str {
 }
 
 fn answer_callback_exported(e: &Exports, a: &CallResponse) -> bool {
+    if let Some(ev) = a.stream {
+        return stream_callback(e, ev).is_some();
+    }
     match &a.grpc {
         None => e.on_http_call_response.is_some(),
         Some(g) if g.code == 0 => e.on_grpc_receive.is_some(),
         Some(_) => e.on_grpc_close.is_some(),
     }
+}
+
+fn stream_callback(e: &Exports, ev: StreamEvent) -> Option<&F3> {
+    match ev {
+        StreamEvent::InitialMetadata => e.on_grpc_receive_initial_metadata.as_ref(),
+        StreamEvent::Message => e.on_grpc_receive.as_ref(),
+        StreamEvent::TrailingMetadata => e.on_grpc_receive_trailing_metadata.as_ref(),
+        StreamEvent::Close => e.on_grpc_close.as_ref(),
+    }
+}
+
+/// Hands a gRPC stream's event to the guest, on the root context as Envoy does (the SDKs
+/// find the stream's context by the token), unless the stream was cancelled. After its
+/// close the stream is forgotten once the guest closed it too (as in Envoy).
+fn deliver_stream_event(
+    s: &mut Store<Host>,
+    f: &Exports,
+    a: &CallResponse,
+    ev: StreamEvent,
+) -> wasmtime::Result<()> {
+    let streams = &mut s.data_mut().grpc_streams;
+    let Some(i) = streams.iter().position(|t| t.token == a.token) else {
+        return Ok(()); // cancelled, or the context moved on
+    };
+    if streams[i].remote_closed {
+        return Ok(());
+    }
+    let arg = match ev {
+        StreamEvent::InitialMetadata => a.headers.len() as i32,
+        StreamEvent::Message => a.body.len() as i32,
+        StreamEvent::TrailingMetadata => a.trailers.len() as i32,
+        StreamEvent::Close => {
+            if streams[i].local_closed {
+                streams.remove(i);
+            } else {
+                streams[i].remote_closed = true;
+            }
+            a.grpc.as_ref().map_or(0, |g| g.code as i32)
+        }
+    };
+    stream_callback(f, ev).map_or(Ok(()), |g| g.call(s, (ROOT, a.token as i32, arg)))
 }
 
 /// Hands a callout's answer to the guest: `on_http_call_response` on context `ctx` (the
@@ -982,6 +1077,9 @@ fn deliver_answer(
     a: &CallResponse,
 ) -> wasmtime::Result<()> {
     let token = a.token as i32;
+    if let Some(ev) = a.stream {
+        return deliver_stream_event(s, f, a, ev);
+    }
     let Some(g) = &a.grpc else {
         let (nh, nb, nt) = if a.status == 0 {
             (0, 0, 0) // the connection was lost before an answer

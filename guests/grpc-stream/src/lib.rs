@@ -1,0 +1,152 @@
+//! A gRPC stream client in the rate-limit / ext-authz style: `on_http_request_headers`
+//! opens a bidirectional stream to the `streamer` upstream (`test.Streamer/Chat`), sends
+//! two messages and pauses; the stream's events are noted as they come (initial and
+//! trailing metadata, each message), a reply `echo:ping:2` is answered with `bye` and
+//! the end of the guest's side, and the stream's close decides the request: status 0
+//! resumes it with the events in `x-stream-log`, any other status denies it (403, the
+//! same log, the status and message from `proxy_get_status`).
+//!
+//! `x-mode` picks other behaviours, for tests: `refused` opens a stream to an upstream the
+//! module was not granted; `send-errors` tries `proxy_grpc_send` on a call's token and on
+//! unknown stream tokens; `cancel` cancels the stream at its initial metadata and answers
+//! after a unary call, so any later event of the stream would show in the log; `hold`
+//! opens a stream the upstream never ends.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::*;
+use proxy_wasm::types::*;
+use std::time::Duration;
+
+const UPSTREAM: &str = "streamer";
+const SERVICE: &str = "test.Streamer";
+
+proxy_wasm::main! {{
+    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
+        Box::new(Filter { log: Vec::new(), mode: String::new(), stream: 0 })
+    });
+}}
+
+struct Filter {
+    log: Vec<String>,
+    mode: String,
+    stream: u32,
+}
+
+impl Filter {
+    fn log_header(&self) -> String {
+        self.log.join(",")
+    }
+}
+
+impl Context for Filter {
+    fn on_grpc_stream_initial_metadata(&mut self, token: u32, _n: u32) {
+        let v = self
+            .get_grpc_stream_initial_metadata_value("x-initial")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.log.push(format!("init:{v}"));
+        if self.mode == "cancel" && token == self.stream {
+            self.cancel_grpc_stream(token);
+            // a unary call answers the request later: by then any event of the
+            // cancelled stream would have been noted
+            let _ = self.dispatch_grpc_call(
+                UPSTREAM,
+                SERVICE,
+                "Delay",
+                vec![],
+                Some(b"later"),
+                Duration::from_secs(2),
+            );
+        }
+    }
+
+    fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
+        let msg = self.get_grpc_stream_message(0, size).unwrap_or_default();
+        let msg = String::from_utf8_lossy(&msg).into_owned();
+        self.log.push(format!("msg:{msg}"));
+        if msg == "echo:ping:2" {
+            self.send_grpc_stream_message(token, Some(b"bye"), true);
+        }
+    }
+
+    fn on_grpc_stream_trailing_metadata(&mut self, _token: u32, _n: u32) {
+        let v = self
+            .get_grpc_stream_trailing_metadata_value("x-trailer")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.log.push(format!("trailers:{v}"));
+    }
+
+    fn on_grpc_stream_close(&mut self, _token: u32, status: u32) {
+        let (code, msg) = self.get_grpc_status();
+        let msg = msg.unwrap_or_default();
+        self.log.push(format!("close:{status}:{code}:{msg}"));
+        let log = self.log_header();
+        if status == 0 {
+            self.set_http_request_header("x-stream-log", Some(&log));
+            self.resume_http_request();
+        } else {
+            self.send_http_response(403, vec![("x-stream-log", &log)], Some(b"denied\n"));
+        }
+    }
+
+    fn on_grpc_call_response(&mut self, _token: u32, status: u32, _size: usize) {
+        self.log.push(format!("call:{status}"));
+        let log = self.log_header();
+        self.send_http_response(200, vec![("x-stream-log", &log)], None);
+    }
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        self.mode = self.get_http_request_header("x-mode").unwrap_or_default();
+        let want = self
+            .get_http_request_header("x-want-status")
+            .unwrap_or_else(|| "0".into());
+        let meta = vec![("x-from", &b"guest"[..]), ("x-want-status", want.as_bytes())];
+        match self.mode.as_str() {
+            "refused" => {
+                let r = self.open_grpc_stream("other", SERVICE, "Chat", meta);
+                self.send_http_response(200, vec![("x-result", &format!("{r:?}"))], None);
+                Action::Pause
+            }
+            "send-errors" => {
+                let call = self
+                    .dispatch_grpc_call(
+                        UPSTREAM,
+                        SERVICE,
+                        "Unary",
+                        vec![],
+                        Some(b"x"),
+                        Duration::from_secs(1),
+                    )
+                    .unwrap_or(0);
+                let on_call = hostcalls::send_grpc_stream_message(call, Some(b"x"), false);
+                let unknown = hostcalls::send_grpc_stream_message(1000, Some(b"x"), false);
+                let close = hostcalls::close_grpc_stream(1002);
+                let cancel = hostcalls::cancel_grpc_stream(1004);
+                let _ = hostcalls::cancel_grpc_call(call);
+                let r = format!("{on_call:?},{unknown:?},{close:?},{cancel:?}");
+                self.send_http_response(200, vec![("x-result", &r)], None);
+                Action::Pause
+            }
+            mode => {
+                let method = if mode == "hold" { "Hold" } else { "Chat" };
+                match self.open_grpc_stream(UPSTREAM, SERVICE, method, meta) {
+                    Ok(t) => {
+                        self.stream = t;
+                        self.log.push(format!("open:{}", t % 2));
+                        self.send_grpc_stream_message(t, Some(b"ping:1"), false);
+                        self.send_grpc_stream_message(t, Some(b"ping:2"), false);
+                        Action::Pause
+                    }
+                    Err(e) => {
+                        let r = format!("{e:?}");
+                        self.send_http_response(500, vec![("x-result", &r)], None);
+                        Action::Pause
+                    }
+                }
+            }
+        }
+    }
+}
