@@ -790,6 +790,26 @@ async fn grpc_streams_carry_messages_both_ways_and_decide_the_request() {
         ]
     );
 
+    // proxy_grpc_close half-closes: the upstream sees the end of the guest's side, and the
+    // events still come until the stream closes
+    svc.seen.lock().unwrap().clear();
+    let r = client()
+        .get(gw.url("http", "/s/x"))
+        .header("x-half-close", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["headers"]["x-stream-log"],
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:0:0:stream done"
+    );
+    assert_eq!(
+        svc.seen()[1..],
+        ["Chat got ping:1", "Chat got ping:2", "Chat ended"]
+    );
+
     // another status: the guest denies the request from on_grpc_stream_close
     let (s, h, body) = stream_get(&gw, "chat", "7").await;
     assert_eq!((s, body.as_str()), (403, "denied\n"));

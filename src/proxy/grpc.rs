@@ -208,33 +208,43 @@ impl GrpcClient {
         cmds: &mut tokio::sync::mpsc::UnboundedReceiver<StreamCmd>,
         events: &mut futures::channel::mpsc::Sender<CallResponse>,
     ) -> pingora::Result<Option<GrpcStatus>> {
-        let (mut s, _peer) = self.open(c, false).await?;
+        let (mut s, peer) = self.open(c, false).await?;
         let mut writer = s.take_request_body_writer().ok_or_else(|| {
             pingora::Error::explain(pingora::ErrorType::InternalError, "no request body writer")
         })?;
-        let read = read_stream(&mut s, c.token, events);
-        tokio::pin!(read);
         let mut ended = false;
-        loop {
-            tokio::select! {
-                r = &mut read => return r,
-                cmd = cmds.recv() => match cmd {
-                    // h2 buffers what flow control holds back; the guest's messages are
-                    // bounded by its budget and the 1 MiB cap per message
-                    Some(StreamCmd::Send(msg, end)) if !ended => {
-                        ended = end;
-                        let _ = writer.send_data(frame(&msg), end);
-                    }
-                    Some(StreamCmd::Close) if !ended => {
-                        ended = true;
-                        let _ = writer.send_data(Bytes::new(), true);
-                    }
-                    Some(_) => {}
-                    // dropping the stream's handles resets it (RST_STREAM CANCEL)
-                    None => return Ok(None),
-                },
+        let r = {
+            let read = read_stream(&mut s, c.token, events);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    r = &mut read => break r,
+                    cmd = cmds.recv() => match cmd {
+                        // h2 buffers what flow control holds back; the guest's messages are
+                        // bounded by its budget and the 1 MiB cap per message
+                        Some(StreamCmd::Send(msg, end)) if !ended => {
+                            ended = end;
+                            let _ = writer.send_data(frame(&msg), end);
+                        }
+                        Some(StreamCmd::Close) if !ended => {
+                            ended = true;
+                            let _ = writer.send_data(Bytes::new(), true);
+                        }
+                        Some(_) => {}
+                        // dropping the stream's handles resets it (RST_STREAM CANCEL)
+                        None => return Ok(None),
+                    },
+                }
             }
+        };
+        drop(writer);
+        // over on both sides: the connection goes back to the pool, as a call's does
+        if ended && matches!(r, Ok(Some(_))) && s.response_finished() {
+            self.connector
+                .release_http_session(HttpSession::H2(s), &*peer, Some(Duration::from_secs(60)))
+                .await;
         }
+        r
     }
 
     /// Opens the HTTP/2 stream of a call (`unary`: with its deadline in `grpc-timeout`

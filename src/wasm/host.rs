@@ -221,7 +221,8 @@ pub struct GrpcTarget {
     pub authority: String,
 }
 
-/// Most gRPC streams one HTTP context may have open at once (as callouts per callback).
+/// Most gRPC streams one HTTP context may have open (not closed remotely) at once, as
+/// callouts per callback.
 pub const MAX_GRPC_STREAMS: usize = 8;
 /// Longest a gRPC stream lives: then it is reset and closes with DEADLINE_EXCEEDED.
 pub const GRPC_STREAM_LIFETIME: Duration = Duration::from_secs(60);
@@ -1937,7 +1938,8 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 // check the return slot first: nothing starts for a call that fails
                 write_u32(&mut c, ret, 0)?;
                 let h = c.data_mut();
-                if h.effective == ROOT_CONTEXT || h.grpc_streams.len() >= MAX_GRPC_STREAMS {
+                let open = h.grpc_streams.iter().filter(|s| !s.remote_closed).count();
+                if h.effective == ROOT_CONTEXT || open >= MAX_GRPC_STREAMS {
                     return Err(Status::InternalFailure);
                 }
                 let Some(d) = h.plugin.dispatch.get().cloned() else {

@@ -1035,7 +1035,8 @@ fn stream_callback(e: &Exports, ev: StreamEvent) -> Option<&F3> {
 
 /// Hands a gRPC stream's event to the guest, on the root context as Envoy does (the SDKs
 /// find the stream's context by the token), unless the stream was cancelled. After its
-/// close the stream is forgotten once the guest closed it too (as in Envoy).
+/// close callback the stream is forgotten if the guest closed it too, or when it does
+/// (as in Envoy).
 fn deliver_stream_event(
     s: &mut Store<Host>,
     f: &Exports,
@@ -1054,15 +1055,17 @@ fn deliver_stream_event(
         StreamEvent::Message => a.body.len() as i32,
         StreamEvent::TrailingMetadata => a.trailers.len() as i32,
         StreamEvent::Close => {
-            if streams[i].local_closed {
-                streams.remove(i);
-            } else {
-                streams[i].remote_closed = true;
-            }
+            streams[i].remote_closed = true;
             a.grpc.as_ref().map_or(0, |g| g.code as i32)
         }
     };
-    stream_callback(f, ev).map_or(Ok(()), |g| g.call(s, (ROOT, a.token as i32, arg)))
+    let r = stream_callback(f, ev).map_or(Ok(()), |g| g.call(&mut *s, (ROOT, a.token as i32, arg)));
+    if ev == StreamEvent::Close {
+        s.data_mut()
+            .grpc_streams
+            .retain(|t| t.token != a.token || !t.local_closed);
+    }
+    r
 }
 
 /// Hands a callout's answer to the guest: `on_http_call_response` on context `ctx` (the

@@ -4,7 +4,8 @@
 //! trailing metadata, each message), a reply `echo:ping:2` is answered with `bye` and
 //! the end of the guest's side, and the stream's close decides the request: status 0
 //! resumes it with the events in `x-stream-log`, any other status denies it (403, the
-//! same log, the status and message from `proxy_get_status`).
+//! same log, the status and message from `proxy_get_status`). With `x-half-close` the
+//! guest ends its side with `close_grpc_stream` instead of `bye`.
 //!
 //! `x-mode` picks other behaviours, for tests: `refused` opens a stream to an upstream the
 //! module was not granted; `send-errors` tries `proxy_grpc_send` on a call's token and on
@@ -65,7 +66,11 @@ impl Context for Filter {
         let msg = String::from_utf8_lossy(&msg).into_owned();
         self.log.push(format!("msg:{msg}"));
         if msg == "echo:ping:2" {
-            self.send_grpc_stream_message(token, Some(b"bye"), true);
+            if self.get_http_request_header("x-half-close").is_some() {
+                self.close_grpc_stream(token);
+            } else {
+                self.send_grpc_stream_message(token, Some(b"bye"), true);
+            }
         }
     }
 
