@@ -603,7 +603,8 @@ upstream = "grpc_tls"
 /// echoes `echo:ping:1` and `echo:ping:2` once it got `ping:2`, and when the client's
 /// side ends, closes with trailers `x-trailer: t1`, the status the request metadata
 /// `x-want-status` names and the message `stream done`. `Hold` answers headers and never
-/// ends. `Unary` and `Delay` (after 300 ms) answer one message. What each stream got
+/// ends. `Deny` answers trailers-only UNAUTHENTICATED "go away". `Unary` and `Delay`
+/// (after 300 ms) answer one message. What each stream got
 /// (path, metadata, messages, and whether it ended or was reset) is noted in `seen`.
 struct StreamService {
     port: u16,
@@ -676,6 +677,17 @@ impl StreamService {
             .body(())
             .unwrap();
         let mut body = req.into_body();
+        if method == "Deny" {
+            let r = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "16")
+                .header("grpc-message", "go%20away")
+                .body(())
+                .unwrap();
+            let _ = respond.send_response(r, true);
+            return;
+        }
         if method == "Unary" || method == "Delay" {
             while let Some(Ok(c)) = body.data().await {
                 let _ = body.flow_control().release_capacity(c.len());
@@ -809,6 +821,11 @@ async fn grpc_streams_carry_messages_both_ways_and_decide_the_request() {
         svc.seen()[1..],
         ["Chat got ping:1", "Chat got ping:2", "Chat ended"]
     );
+
+    // a trailers-only refusal: trailing metadata only, then the close with its status
+    let (s, h, _) = stream_get(&gw, "deny", "0").await;
+    assert_eq!(s, 403);
+    assert_eq!(h["x-stream-log"], "open:0,trailers:,close:16:16:go away");
 
     // another status: the guest denies the request from on_grpc_stream_close
     let (s, h, body) = stream_get(&gw, "chat", "7").await;

@@ -835,12 +835,10 @@ impl Lease {
         if resp.root {
             return self.on_root_event(RootEvent::Answer(resp), view);
         }
-        if !self.answer_exported(resp) {
-            // a stream event nobody takes changes nothing; a callout's answer resumes
-            return match resp.stream {
-                Some(_) => Outcome::Pause,
-                None => Outcome::Continue,
-            };
+        // a stream's event goes through even when its callback is not exported: the
+        // stream's close must be noted
+        if resp.stream.is_none() && !self.answer_exported(resp) {
+            return Outcome::Continue;
         }
         let ctx = self.ctx;
         let view = View {
@@ -1059,7 +1057,8 @@ fn deliver_stream_event(
             a.grpc.as_ref().map_or(0, |g| g.code as i32)
         }
     };
-    let r = stream_callback(f, ev).map_or(Ok(()), |g| g.call(&mut *s, (ROOT, a.token as i32, arg)));
+    let token = a.token as i32;
+    let r = stream_callback(f, ev).map_or(Ok(()), |g| g.call(&mut *s, (ROOT, token, arg)));
     if ev == StreamEvent::Close {
         s.data_mut()
             .grpc_streams

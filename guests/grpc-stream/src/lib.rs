@@ -11,7 +11,7 @@
 //! module was not granted; `send-errors` tries `proxy_grpc_send` on a call's token and on
 //! unknown stream tokens; `cancel` cancels the stream at its initial metadata and answers
 //! after a unary call, so any later event of the stream would show in the log; `hold`
-//! opens a stream the upstream never ends.
+//! opens a stream the upstream never ends; `deny` one the upstream refuses at once.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
@@ -136,7 +136,11 @@ impl HttpContext for Filter {
                 Action::Pause
             }
             mode => {
-                let method = if mode == "hold" { "Hold" } else { "Chat" };
+                let method = match mode {
+                    "hold" => "Hold",
+                    "deny" => "Deny",
+                    _ => "Chat",
+                };
                 match self.open_grpc_stream(UPSTREAM, SERVICE, method, meta) {
                     Ok(t) => {
                         self.stream = t;
