@@ -900,3 +900,58 @@ async fn grpc_stream_errors_cancel_and_clients_leaving() {
     let (s, _, _) = stream_get(&gw, "chat", "0").await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_context_grpc_streams_run_while_the_vm_is_idle() {
+    let echo = Upstream::start("echo").await;
+    let svc = StreamService::start().await;
+    let conf = stream_conf(&echo.addr(), &svc.addr())
+        + r#"
+[modules.gs_root]
+path = "{guests}/grpc_stream.wasm"
+config = "root"
+allowed_upstreams = ["streamer"]
+[[routes]]
+path_prefix = "/r"
+upstream = "echo"
+hooks = ["gs_root"]
+"#;
+    let gw = Gw::start(&conf);
+
+    // the root context of `gs_root` opens its stream from its first on_tick, with no
+    // request around; every event reaches the root context, which ends its side on the
+    // second echo
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !svc.seen().iter().any(|l| l == "Chat ended") {
+        assert!(std::time::Instant::now() < deadline, "{:?}", svc.seen());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        svc.seen(),
+        vec![
+            "/test.Streamer/Chat streamer from=root te=trailers timeout=",
+            "Chat got ping:1",
+            "Chat got ping:2",
+            "Chat got bye",
+            "Chat ended",
+        ]
+    );
+    let want =
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:0:0:stream done";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client()
+            .get(gw.url("http", "/r/x"))
+            .header("x-mode", "root-log")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let log = r.headers()["x-root-log"].to_str().unwrap().to_string();
+        if log == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

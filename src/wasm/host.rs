@@ -42,6 +42,9 @@ pub struct Host {
     /// Events of streams opened since the proxy last took them (see
     /// [`super::Lease::take_stream_events`]).
     pub(crate) stream_events: Vec<StreamEvents>,
+    /// Events of the root context's streams, delivered while the VM is idle (see
+    /// `Plugin::answer_root`).
+    pub(crate) root_stream_events: Vec<StreamEvents>,
     /// The HTTP context of the request holding this VM (0 when it is idle).
     pub(crate) http_ctx: i32,
     /// The context the guest acts for (`proxy_set_effective_context`): the root context
@@ -221,8 +224,8 @@ pub struct GrpcTarget {
     pub authority: String,
 }
 
-/// Most gRPC streams one HTTP context may have open (not closed remotely) at once, as
-/// callouts per callback.
+/// Most gRPC streams one context (an HTTP context, or the root context) may have open
+/// (not closed remotely) at once, as callouts per callback.
 pub const MAX_GRPC_STREAMS: usize = 8;
 /// Longest a gRPC stream lives: then it is reset and closes with DEADLINE_EXCEEDED.
 pub const GRPC_STREAM_LIFETIME: Duration = Duration::from_secs(60);
@@ -260,6 +263,8 @@ pub type StreamEvents = futures::channel::mpsc::Receiver<CallResponse>;
 /// One open gRPC stream, as the guest's context sees it.
 pub(crate) struct StreamSlot {
     pub token: u32,
+    /// Opened by the root context: it outlives the requests.
+    pub root: bool,
     pub cmds: tokio::sync::mpsc::UnboundedSender<StreamCmd>,
     /// `proxy_grpc_close` was called: the slot goes once the remote side closes too.
     pub local_closed: bool,
@@ -1869,7 +1874,8 @@ fn next_grpc_token(e: &mut Effects, stream: bool) -> u32 {
 /// start at once; their events (`proxy_on_grpc_receive_initial_metadata`,
 /// `proxy_on_grpc_receive` per message, `proxy_on_grpc_receive_trailing_metadata`,
 /// `proxy_on_grpc_close`) are delivered while the request waits on the module (see
-/// `Callouts::settle`). The root context cannot open streams (`InternalFailure`). Errors
+/// `Callouts::settle`); those of the root context's streams while the VM is idle (see
+/// `Plugin::answer_root`). Errors
 /// a guest can cause answer statuses the Rust SDK returns as `Err` (`ParseFailure`,
 /// `InternalFailure`, `NotFound`, `BadArgument` where it expects them), never trap.
 fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
@@ -1938,8 +1944,9 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 // check the return slot first: nothing starts for a call that fails
                 write_u32(&mut c, ret, 0)?;
                 let h = c.data_mut();
-                let open = h.grpc_streams.iter().filter(|s| !s.remote_closed).count();
-                if h.effective == ROOT_CONTEXT || open >= MAX_GRPC_STREAMS {
+                let root = h.effective == ROOT_CONTEXT;
+                let open = h.grpc_streams.iter();
+                if open.filter(|s| s.root == root && !s.remote_closed).count() >= MAX_GRPC_STREAMS {
                     return Err(Status::InternalFailure);
                 }
                 let Some(d) = h.plugin.dispatch.get().cloned() else {
@@ -1957,17 +1964,22 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     headers,
                     body: Vec::new(),
                     timeout: GRPC_STREAM_LIFETIME,
-                    root: false,
+                    root,
                     grpc: Some(target),
                 };
                 d.open_stream(call, cmd_rx, ev_tx);
                 h.grpc_streams.push(StreamSlot {
                     token,
+                    root,
                     cmds: cmd_tx,
                     local_closed: false,
                     remote_closed: false,
                 });
-                h.stream_events.push(ev_rx);
+                if root {
+                    h.root_stream_events.push(ev_rx);
+                } else {
+                    h.stream_events.push(ev_rx);
+                }
                 h.plugin.usage.add(super::meter::CALLOUTS, 1);
                 write_u32(&mut c, ret, token)
             })();

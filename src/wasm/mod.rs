@@ -598,12 +598,13 @@ impl Plugin {
     }
 
     /// Puts an idle VM in the pool, unless the plugin is retired. A VM whose root context
-    /// has callouts to make stays out of the pool until they are answered.
+    /// has callouts to make, or gRPC streams open, stays out of the pool until they are
+    /// answered or closed.
     fn park(self: &Arc<Self>, mut vm: Box<vm::Vm>) {
         if self.retired.load(Ordering::Acquire) {
             return self.dispose(vm);
         }
-        if vm.has_root_calls() {
+        if vm.has_root_calls() || vm.has_root_streams() {
             if let (Some(d), Ok(rt)) = (self.dispatch.get(), tokio::runtime::Handle::try_current())
             {
                 let calls = vm.take_root_calls();
@@ -621,8 +622,10 @@ impl Plugin {
     }
 
     /// Sends a root context's callouts and hands it each answer (`on_http_call_response`
-    /// on the root context) as it comes, then returns the VM to the pool. Calls time out
-    /// like any callout, so the VM always comes back, or is dropped if a callback fails.
+    /// on the root context) and each event of its gRPC streams as it comes, then returns
+    /// the VM to the pool. Calls time out like any callout and streams live at most
+    /// [`host::GRPC_STREAM_LIFETIME`], so the VM always comes back, or is dropped if a
+    /// callback fails.
     async fn answer_root(
         p: Arc<Plugin>,
         mut vm: Box<vm::Vm>,
@@ -632,9 +635,19 @@ impl Plugin {
         use futures::stream::{FuturesUnordered, StreamExt};
         let mut out: FuturesUnordered<_> =
             calls.into_iter().map(|c| d.clone().dispatch(c)).collect();
-        while let Some(a) = out.next().await {
+        let mut streams = futures::stream::SelectAll::new();
+        streams.extend(vm.take_root_streams());
+        loop {
+            let a = tokio::select! {
+                Some(a) = out.next(), if !out.is_empty() => a,
+                ev = streams.next(), if !streams.is_empty() => match ev {
+                    Some(a) => a,
+                    None => continue, // the last stream ended
+                },
+                else => break,
+            };
             if p.retired.load(Ordering::Acquire) {
-                break; // `park` ends its root context
+                break; // `park` ends its root context (and resets its streams)
             }
             if let Err(f) = vm.root_answer(&p, &a) {
                 p.report(&f);
@@ -645,6 +658,7 @@ impl Plugin {
                     .into_iter()
                     .map(|c| d.clone().dispatch(c)),
             );
+            streams.extend(vm.take_root_streams());
         }
         p.park(vm);
     }

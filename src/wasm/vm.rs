@@ -118,6 +118,7 @@ impl Vm {
             grpc_tokens: Vec::new(),
             grpc_streams: Vec::new(),
             stream_events: Vec::new(),
+            root_stream_events: Vec::new(),
             http_ctx: 0,
             effective: ROOT,
             parked: Frame::default(),
@@ -287,6 +288,15 @@ impl Vm {
 
     pub(crate) fn has_root_calls(&self) -> bool {
         !self.root_calls.is_empty()
+    }
+
+    /// Events of the root context's gRPC streams opened since they were last taken.
+    pub(crate) fn take_root_streams(&mut self) -> Vec<StreamEvents> {
+        std::mem::take(&mut self.store.data_mut().root_stream_events)
+    }
+
+    pub(crate) fn has_root_streams(&self) -> bool {
+        !self.store.data().root_stream_events.is_empty()
     }
 
     /// The end of the VM's root context, when the VM is let go: `on_done`, then
@@ -874,9 +884,10 @@ impl Lease {
 
     /// Whether this request's context has gRPC streams open (not closed remotely).
     pub fn has_open_streams(&self) -> bool {
-        self.vm
-            .as_ref()
-            .is_some_and(|v| v.store.data().grpc_streams.iter().any(|s| !s.remote_closed))
+        self.vm.as_ref().is_some_and(|v| {
+            let streams = &v.store.data().grpc_streams;
+            streams.iter().any(|s| !s.root && !s.remote_closed)
+        })
     }
 
     /// The root context's callouts made before this request (its `on_configure`), to be
@@ -945,7 +956,8 @@ impl Lease {
         if let Some(vm) = self.vm.as_mut() {
             let h = vm.store.data_mut();
             h.grpc_tokens.clear(); // calls still out die with the request
-            h.grpc_streams.clear(); // streams are reset and never call back
+                                   // its streams are reset and never call back; the root context's live on
+            h.grpc_streams.retain(|s| s.root);
             h.stream_events.clear();
         }
         if self.ctx != 0 && self.failed.is_none() {

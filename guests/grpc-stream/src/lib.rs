@@ -12,6 +12,8 @@
 //! unknown stream tokens; `cancel` cancels the stream at its initial metadata and answers
 //! after a unary call, so any later event of the stream would show in the log; `hold`
 //! opens a stream the upstream never ends; `deny` one the upstream refuses at once.
+//! With the plugin configuration `root`, the root context has a stream of its own (see
+//! [`Root`]); `x-mode: root-log` answers with what it saw.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
@@ -21,11 +23,102 @@ use std::time::Duration;
 const UPSTREAM: &str = "streamer";
 const SERVICE: &str = "test.Streamer";
 
+const ROOT_LOG: &str = "grpc-stream-root-log";
+
 proxy_wasm::main! {{
-    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
-        Box::new(Filter { log: Vec::new(), mode: String::new(), stream: 0 })
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { opened: false })
     });
 }}
+
+/// With the plugin configuration `root`, the root context opens a stream of its own on
+/// its first `on_tick`, talks on it as the HTTP contexts do, and keeps its log in shared
+/// data (`x-mode: root-log` answers with it).
+struct Root {
+    opened: bool,
+}
+
+impl Root {
+    fn note(&self, line: String) {
+        let (old, _) = self.get_shared_data(ROOT_LOG);
+        let mut log = old.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        if !log.is_empty() {
+            log.push(',');
+        }
+        log.push_str(&line);
+        let _ = self.set_shared_data(ROOT_LOG, Some(log.as_bytes()), None);
+    }
+}
+
+impl Context for Root {
+    fn on_grpc_stream_initial_metadata(&mut self, _token: u32, _n: u32) {
+        let v = self
+            .get_grpc_stream_initial_metadata_value("x-initial")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.note(format!("init:{v}"));
+    }
+
+    fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
+        let msg = self.get_grpc_stream_message(0, size).unwrap_or_default();
+        let msg = String::from_utf8_lossy(&msg).into_owned();
+        self.note(format!("msg:{msg}"));
+        if msg == "echo:ping:2" {
+            self.send_grpc_stream_message(token, Some(b"bye"), true);
+        }
+    }
+
+    fn on_grpc_stream_trailing_metadata(&mut self, _token: u32, _n: u32) {
+        let v = self
+            .get_grpc_stream_trailing_metadata_value("x-trailer")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.note(format!("trailers:{v}"));
+    }
+
+    fn on_grpc_stream_close(&mut self, _token: u32, status: u32) {
+        let (code, msg) = self.get_grpc_status();
+        self.note(format!("close:{status}:{code}:{}", msg.unwrap_or_default()));
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        if self.get_plugin_configuration().unwrap_or_default() == b"root" {
+            self.set_tick_period(Duration::from_millis(100));
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if self.opened {
+            return;
+        }
+        self.opened = true;
+        self.set_tick_period(Duration::from_secs(0));
+        let meta = vec![("x-from", &b"root"[..]), ("x-want-status", &b"0"[..])];
+        match self.open_grpc_stream(UPSTREAM, SERVICE, "Chat", meta) {
+            Ok(t) => {
+                self.note(format!("open:{}", t % 2));
+                self.send_grpc_stream_message(t, Some(b"ping:1"), false);
+                self.send_grpc_stream_message(t, Some(b"ping:2"), false);
+            }
+            Err(e) => self.note(format!("open:{e:?}")),
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter {
+            log: Vec::new(),
+            mode: String::new(),
+            stream: 0,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
 
 struct Filter {
     log: Vec<String>,
@@ -110,6 +203,13 @@ impl HttpContext for Filter {
             .unwrap_or_else(|| "0".into());
         let meta = vec![("x-from", &b"guest"[..]), ("x-want-status", want.as_bytes())];
         match self.mode.as_str() {
+            "root-log" => {
+                let (log, _) = self.get_shared_data(ROOT_LOG);
+                let log = log.map(|b| String::from_utf8_lossy(&b).into_owned());
+                let log = log.unwrap_or_default();
+                self.send_http_response(200, vec![("x-root-log", &log)], None);
+                Action::Pause
+            }
             "refused" => {
                 let r = self.open_grpc_stream("other", SERVICE, "Chat", meta);
                 self.send_http_response(200, vec![("x-result", &format!("{r:?}"))], None);
