@@ -620,24 +620,58 @@ impl Drop for StreamService {
 
 impl StreamService {
     async fn start() -> StreamService {
+        Self::start_with(None).await
+    }
+
+    /// The same service over TLS (ALPN h2), with a certificate for `grpc.test`.
+    async fn start_tls() -> StreamService {
+        let ck = rcgen::generate_simple_self_signed(vec!["grpc.test".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> StreamService {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = l.accept().await {
-                let s = s.clone();
+                let (s, tls) = (s.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(sock).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        tokio::spawn(Self::answer(req, respond, s.clone()));
+                    match tls {
+                        None => Self::serve(sock, s).await,
+                        Some(tls) => {
+                            if let Ok(sock) = tls.accept(sock).await {
+                                Self::serve(sock, s).await
+                            }
+                        }
                     }
                 });
             }
         });
         StreamService { port, seen, task }
+    }
+
+    async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        sock: S,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) {
+        let Ok(mut conn) = h2::server::handshake(sock).await else {
+            return;
+        };
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            tokio::spawn(Self::answer(req, respond, seen.clone()));
+        }
     }
 
     fn addr(&self) -> String {
@@ -834,6 +868,22 @@ async fn grpc_streams_carry_messages_both_ways_and_decide_the_request() {
         h["x-stream-log"],
         "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:7:7:stream done"
     );
+
+    // the same stream to an upstream over TLS (ALPN h2)
+    let tls = StreamService::start_tls().await;
+    let conf = stream_conf(&echo.addr(), &tls.addr()).replace(
+        "[upstreams.other]",
+        "tls = { sni = \"grpc.test\", verify = false }\n[upstreams.other]",
+    );
+    let gw = Gw::start(&conf);
+    let (s, _, body) = stream_get(&gw, "chat", "0").await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["headers"]["x-stream-log"],
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:0:0:stream done"
+    );
+    assert_eq!(tls.seen().len(), 5, "{:?}", tls.seen());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,6 +227,9 @@ pub struct GrpcTarget {
 /// Most gRPC streams one context (an HTTP context, or the root context) may have open
 /// (not closed remotely) at once, as callouts per callback.
 pub const MAX_GRPC_STREAMS: usize = 8;
+/// Streams closed remotely but not by the guest a context remembers (`proxy_grpc_close`
+/// on them is `Ok`, as in Envoy); beyond this the oldest are forgotten (`NotFound`).
+pub const MAX_CLOSED_GRPC_STREAMS: usize = 32;
 /// Longest a gRPC stream lives: then it is reset and closes with DEADLINE_EXCEEDED.
 pub const GRPC_STREAM_LIFETIME: Duration = Duration::from_secs(60);
 /// Largest message a guest may send on a gRPC stream, and that a stream may receive.

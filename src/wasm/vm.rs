@@ -899,8 +899,9 @@ impl Lease {
             .unwrap_or_default()
     }
 
-    /// Whether the leased VM's root context can still act while the request waits: it
-    /// has callouts to make, it ticks, or it registered a queue.
+    /// Whether the request can still be woken while it waits: its context has gRPC
+    /// streams open, or the leased VM's root context can still act (it has callouts to
+    /// make, it ticks, or it registered a queue).
     pub fn root_can_wake(&self) -> bool {
         self.has_open_streams()
             || self.vm.as_ref().is_some_and(|v| v.has_root_calls())
@@ -1072,9 +1073,18 @@ fn deliver_stream_event(
     let token = a.token as i32;
     let r = stream_callback(f, ev).map_or(Ok(()), |g| g.call(&mut *s, (ROOT, token, arg)));
     if ev == StreamEvent::Close {
-        s.data_mut()
-            .grpc_streams
-            .retain(|t| t.token != a.token || !t.local_closed);
+        let streams = &mut s.data_mut().grpc_streams;
+        streams.retain(|t| t.token != a.token || !t.local_closed);
+        // closed remotely and never by the guest (the SDKs do not close them): the
+        // oldest are forgotten beyond a bound, or a long-lived root context would pile
+        // them up
+        let root = streams.iter().find(|t| t.token == a.token).map(|t| t.root);
+        let kept = |t: &&super::host::StreamSlot| t.remote_closed && Some(t.root) == root;
+        if streams.iter().filter(kept).count() > super::host::MAX_CLOSED_GRPC_STREAMS {
+            if let Some(i) = streams.iter().position(|t| kept(&t)) {
+                streams.remove(i);
+            }
+        }
     }
     r
 }
