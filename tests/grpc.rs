@@ -736,7 +736,10 @@ impl StreamService {
             s.send_trailers(t).unwrap();
             return;
         }
-        let mut s = respond.send_response(head, false).unwrap();
+        let Ok(mut s) = respond.send_response(head, false) else {
+            note(format!("{method} reset before its answer"));
+            return;
+        };
         let mut buf = Vec::new();
         loop {
             match body.data().await {
@@ -752,8 +755,8 @@ impl StreamService {
                         buf.drain(..5 + n);
                         note(format!("{method} got {m}"));
                         if method == "Chat" && m == "ping:2" {
-                            s.send_data(frame(b"echo:ping:1"), false).unwrap();
-                            s.send_data(frame(b"echo:ping:2"), false).unwrap();
+                            let _ = s.send_data(frame(b"echo:ping:1"), false);
+                            let _ = s.send_data(frame(b"echo:ping:2"), false);
                         }
                     }
                 }
@@ -789,6 +792,9 @@ targets = ["{streamer}"]
 [modules.gs]
 path = "{{guests}}/grpc_stream.wasm"
 allowed_upstreams = ["streamer"]
+# room for the guest to build a message over 1 MiB
+budget_us = 20000
+request_budget_us = 200000
 [[routes]]
 path_prefix = "/s"
 upstream = "echo"
@@ -907,6 +913,13 @@ async fn grpc_stream_errors_cancel_and_clients_leaving() {
             200,
             "Err(BadArgument),Err(NotFound),Err(NotFound),Err(NotFound)"
         )
+    );
+    // at most 8 open streams per context, then InternalFailure; a message over 1 MiB is
+    // BadArgument
+    let (s, h, _) = stream_get(&gw, "limits", "0").await;
+    assert_eq!(
+        (s, h["x-result"].to_str().unwrap()),
+        (200, "8,InternalFailure,Err(BadArgument)")
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(

@@ -11,7 +11,8 @@
 //! module was not granted; `send-errors` tries `proxy_grpc_send` on a call's token and on
 //! unknown stream tokens; `cancel` cancels the stream at its initial metadata and answers
 //! after a unary call, so any later event of the stream would show in the log; `hold`
-//! opens a stream the upstream never ends; `deny` one the upstream refuses at once.
+//! opens a stream the upstream never ends; `deny` one the upstream refuses at once;
+//! `limits` opens streams until one is refused, then sends a message over 1 MiB.
 //! With the plugin configuration `root`, the root context has a stream of its own (see
 //! [`Root`]); `x-mode: root-log` answers with what it saw.
 
@@ -208,6 +209,24 @@ impl HttpContext for Filter {
                 let log = log.map(|b| String::from_utf8_lossy(&b).into_owned());
                 let log = log.unwrap_or_default();
                 self.send_http_response(200, vec![("x-root-log", &log)], None);
+                Action::Pause
+            }
+            "limits" => {
+                // streams until the host refuses one, then a message over 1 MiB
+                let mut open = Vec::new();
+                let refused = loop {
+                    match self.open_grpc_stream(UPSTREAM, SERVICE, "Hold", meta.clone()) {
+                        Ok(t) => open.push(t),
+                        Err(e) => break e,
+                    }
+                    if open.len() > 100 {
+                        break Status::Ok;
+                    }
+                };
+                let big = vec![0u8; (1 << 20) + 1];
+                let sent = hostcalls::send_grpc_stream_message(open[0], Some(&big), false);
+                let r = format!("{},{refused:?},{sent:?}", open.len());
+                self.send_http_response(200, vec![("x-result", &r)], None);
                 Action::Pause
             }
             "refused" => {
