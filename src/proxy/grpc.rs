@@ -1,11 +1,13 @@
 //! gRPC for the hooks: local replies in gRPC form for gRPC requests (as Envoy's
-//! `sendLocalReply`), and the unary client behind `proxy_grpc_call`, over HTTP/2 (h2c with
-//! prior knowledge to plain upstreams, h2 through ALPN to TLS ones).
+//! `sendLocalReply`), and the client behind `proxy_grpc_call` and `proxy_grpc_stream`,
+//! over HTTP/2 (h2c with prior knowledge to plain upstreams, h2 through ALPN to TLS ones).
 //!
 //! A gRPC callout travels through the same path as an HTTP callout ([`PendingCall`] with
 //! its `grpc` part set); its answer is a [`CallResponse`] whose `grpc` part carries the
 //! status, delivered to the guest as `proxy_on_grpc_receive` (status 0) or
-//! `proxy_on_grpc_close` (any other status).
+//! `proxy_on_grpc_close` (any other status). A stream runs on a task of its own
+//! ([`GrpcClient::stream`]); each of its events is a [`CallResponse`] with its `stream`
+//! part set, handed to the guest the same way.
 
 use crate::wasm::{CallResponse, GrpcStatus, PendingCall, StreamCmd, StreamEvent};
 use bytes::{BufMut, Bytes, BytesMut};
