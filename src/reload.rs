@@ -24,6 +24,8 @@ pub struct Live {
     pub wasm: Arc<wasm::Runtime>,
     generation: AtomicU64,
     reloading: tokio::sync::Mutex<()>,
+    /// The generation serving now, for those who follow reloads (see [`Live::subscribe`]).
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 impl Live {
@@ -49,7 +51,16 @@ impl Live {
             wasm,
             generation: AtomicU64::new(1),
             reloading: tokio::sync::Mutex::new(()),
+            published: tokio::sync::watch::Sender::new(1),
         })
+    }
+
+    /// Follows reloads: the receiver sees the generation change each time a new
+    /// snapshot is published (then [`Live::load`] returns it). Views built from a
+    /// snapshot (the control plane's) rebuild themselves from it; the conf side never
+    /// needs to know them.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// The snapshot serving now. One atomic load and a reference count.
@@ -93,6 +104,7 @@ impl Live {
                     );
                 }
                 snap.start();
+                self.published.send_replace(gen);
                 self.metrics.reloads.with_label_values(&["ok"]).inc();
                 self.metrics.generation.set(gen as i64);
                 tracing::info!(generation = gen, "{}", snap.summary());
@@ -114,18 +126,12 @@ impl Live {
 pub struct Reloader {
     pub live: Arc<Live>,
     pub watch: bool,
-    /// Deployed modules restored at startup, whose timers start with this service.
-    pub control: Option<Arc<crate::control::Control>>,
 }
 
 impl Reloader {
     async fn reload(&self) {
-        if self.live.reload().await.is_ok() {
-            // deployed functions follow the new conf (namespace, upstreams)
-            if let Some(c) = &self.control {
-                c.refresh();
-            }
-        }
+        // a rejected conf is logged by `Live::reload`; the old one keeps serving
+        let _ = self.live.reload().await;
     }
 }
 
@@ -133,9 +139,6 @@ impl Reloader {
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         self.live.load().start();
-        if let Some(c) = &self.control {
-            c.start();
-        }
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),

@@ -149,8 +149,11 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
         Reloader {
             live: live.clone(),
             watch: snap.server.watch_config,
-            control: Some(control.clone()),
         },
+    ));
+    server.add_service(background_service(
+        "wasmgate control",
+        crate::control::ControlService::new(control.clone()),
     ));
     drop(snap);
     server.run_forever()

@@ -1368,3 +1368,165 @@ hooks = ["auth"]
     assert_eq!(r.status, 401, "{}", r.head);
     assert!(c.closed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_from_the_response_body_are_awaited() {
+    // The SDK guest `body-scan` sends the whole response body to a scanner from
+    // `on_http_response_body` and waits: the scanner's answer (here the echo of what it
+    // was sent) replaces the body. With the head held, the scanner's status is added as a
+    // header and a scanner that cannot be reached makes the guest answer 451 in place of
+    // the whole response; the connection stays usable after each.
+    let up = Upstream::start("echo").await;
+    let scanner = Upstream::start("scanner").await;
+    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+        name: "slow-scanner".into(),
+        delay: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await;
+    let dead = free_port();
+    // one worker thread: a response that blocked it would stall every other request
+    let conf = HEAD.replace("watch_config = false", "watch_config = false\nthreads = 1")
+        + &format!(
+            r#"
+[modules.held]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["scanner"]
+config = {{ upstream = "scanner", hold_head = true }}
+[modules.streamed]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["scanner"]
+config = {{ upstream = "scanner" }}
+[modules.length]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["scanner"]
+config = {{ upstream = "scanner", keep_length = true }}
+[modules.refused]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["dead"]
+config = {{ upstream = "dead", hold_head = true }}
+[modules.slow]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["slow"]
+config = {{ upstream = "slow", hold_head = true }}
+[upstreams.echo]
+targets = ["{}"]
+[upstreams.scanner]
+targets = ["{}"]
+[upstreams.slow]
+targets = ["{}"]
+[upstreams.dead]
+targets = ["127.0.0.1:{dead}"]
+[[routes]]
+path_prefix = "/held"
+upstream = "echo"
+hooks = ["held"]
+[[routes]]
+path_prefix = "/streamed"
+upstream = "echo"
+hooks = ["streamed"]
+[[routes]]
+path_prefix = "/length"
+upstream = "echo"
+hooks = ["length"]
+[[routes]]
+path_prefix = "/refused"
+upstream = "echo"
+hooks = ["refused"]
+[[routes]]
+path_prefix = "/slow"
+upstream = "echo"
+hooks = ["slow"]
+[[routes]]
+path_prefix = "/"
+upstream = "echo"
+"#,
+            up.addr(),
+            scanner.addr(),
+            slow.addr(),
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+
+    let mut c = Raw::connect(port);
+    for path in ["/held/a", "/streamed/b", "/held/c"] {
+        c.send(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes());
+        let r = c.response().expect("an answer");
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.complete, "{path}: the body ends by its framing");
+        // the body is the scanner's echo of the upstream's body
+        let scan = r.json();
+        assert_eq!(scan["upstream"], "scanner", "{path}");
+        assert_eq!(scan["path"], "/scan");
+        let original: Value = serde_json::from_str(scan["body"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            original["path"], path,
+            "the scanner saw the upstream's body"
+        );
+        let held = path.starts_with("/held");
+        assert_eq!(
+            r.header("x-scanned").as_deref(),
+            held.then_some("200"),
+            "{path}: {}",
+            r.head
+        );
+    }
+    let scans = scanner
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(scans, 3, "one scan per response");
+
+    // HTTP/1.0: the body ends with the connection
+    let r = Raw::connect(port)
+        .send(b"GET /streamed/old HTTP/1.0\r\n\r\n")
+        .response()
+        .expect("an answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["upstream"], "scanner", "{}", r.head);
+
+    // the head went out with the upstream's Content-Length and the scanner changed the
+    // body's length: the response is cut off, never sent as if whole
+    let mut cut = Raw::connect(port);
+    let r = cut
+        .send(b"GET /length/x HTTP/1.1\r\nhost: t\r\n\r\n")
+        .response()
+        .expect("a head");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-length").is_some(), "{}", r.head);
+    assert!(
+        !r.complete,
+        "a changed body under the old length is cut off"
+    );
+    assert!(cut.closed());
+
+    c.send(b"GET /refused/x HTTP/1.1\r\nhost: t\r\n\r\n");
+    let r = c.response().expect("an answer");
+    assert_eq!(r.status, 451, "{}", r.head);
+    assert_eq!(r.body, b"refused by the scanner");
+    assert_eq!(r.header("x-scanned").as_deref(), Some("refused"));
+    c.send(b"GET /plain HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(c.response().expect("the connection is kept").status, 200);
+
+    // A response waiting on its scanner does not stall the gateway's only worker thread:
+    // a request sent after it is answered before it.
+    let waiting = std::thread::spawn(move || {
+        let r = get(port, "/slow/x", "t", "");
+        (r.status, std::time::Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = get(port, "/plain", "t", "");
+    let plain_done = std::time::Instant::now();
+    assert_eq!(r.status, 200);
+    let (status, slow_done) = waiting.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        plain_done < slow_done,
+        "the plain request was answered while the slow scan waited"
+    );
+}

@@ -626,15 +626,24 @@ async fn usage_matches_traffic_and_logs_stream_live() {
             .unwrap();
         out_bytes += r.bytes().await.unwrap().len() as u64;
     }
-    let (s, v) = a
-        .call(
-            "GET",
-            &format!("/v1/tenants/meter/usage?from={t0}"),
-            Some(&tok),
-            vec![],
-        )
-        .await;
-    assert_eq!(s, 200);
+    // a request is metered when it is logged, just after its last byte went out: poll
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let v = loop {
+        let (s, v) = a
+            .call(
+                "GET",
+                &format!("/v1/tenants/meter/usage?from={t0}"),
+                Some(&tok),
+                vec![],
+            )
+            .await;
+        assert_eq!(s, 200);
+        let m = &v["modules"]["hello"];
+        if m["bytes_out"] == out_bytes || std::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let m = &v["modules"]["hello"];
     assert_eq!(m["invocations"], 7, "{v}");
     assert_eq!(m["local_responses"], 7, "{v}");

@@ -451,7 +451,7 @@ impl Default for FailurePolicyFile {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantFile {
     /// Largest per-callback budget a module of this tenant may ask for (µs).

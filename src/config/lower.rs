@@ -246,7 +246,7 @@ impl Lowering<'_> {
             );
         }
         for (name, t) in &f.tenants {
-            if !crate::control::is_dns_label(name) {
+            if !super::is_dns_label(name) {
                 self.err(t, format!("tenant `{name}`: tenant names are DNS labels (they appear in function hosts): 1-63 of a-z, 0-9 and -, not starting or ending with -"));
             }
         }

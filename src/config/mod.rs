@@ -13,6 +13,17 @@ pub use lower::*;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// Tenant names appear in function hosts (`{function}.{tenant}.<base_domain>`), so they
+/// are DNS labels: 1-63 of a-z, 0-9 and `-`, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// One problem in a conf file, pointing at where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfError {

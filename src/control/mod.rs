@@ -12,6 +12,7 @@ pub mod client;
 pub mod token;
 
 use crate::config::file::{Isolation, TenantFile};
+use crate::config::is_dns_label;
 use crate::metrics::Metrics;
 use crate::reload::Live;
 use crate::route::{HeaderOps, Rewrite, Route};
@@ -274,15 +275,39 @@ pub struct Control {
     route_hooks: ArcSwap<HashMap<String, Arc<HookChain>>>,
 }
 
-/// Tenant names appear in function hosts (`{function}.{tenant}.<base_domain>`), so they
-/// are DNS labels: 1-63 of a-z, 0-9 and `-`, not starting or ending with `-`.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+/// Background service of the control plane: starts the timers of the modules restored
+/// at startup, then rebuilds the request path's view each time a reload publishes a
+/// new snapshot (the conf side knows nothing of the control plane).
+pub struct ControlService {
+    control: Arc<Control>,
+    reloads: tokio::sync::watch::Receiver<u64>,
+}
+
+impl ControlService {
+    /// Subscribes now, so no reload between this and the service's start is missed.
+    pub fn new(control: Arc<Control>) -> ControlService {
+        let reloads = control.live.subscribe();
+        ControlService { control, reloads }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for ControlService {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        self.control.start();
+        let mut reloads = self.reloads.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.control.refresh();
+                }
+            }
+        }
+    }
 }
 
 fn valid_name(s: &str) -> bool {
@@ -399,7 +424,7 @@ impl Control {
     }
 
     /// Starts the timers of restored modules; called once the services run.
-    pub fn start(&self) {
+    fn start(&self) {
         for p in self
             .plugins
             .lock()
@@ -461,22 +486,33 @@ impl Control {
             .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((t.into(), m.into()), plugin);
+            .insert((t.into(), m.into()), plugin.clone());
         if let Some(old) = replaced {
             old.retire();
         }
+        // only the new module's timer starts: the others keep their rhythm
+        plugin.spawn_ticks();
     }
 
     pub fn tenant_exists(&self, t: &str) -> bool {
         self.tenants.load().contains_key(t)
     }
 
-    /// Rebuilds what the request path reads and publishes it.
+    /// Rebuilds what the request path reads from the stored records and the serving
+    /// snapshot, and publishes it. A tenant whose limits did not change keeps its live
+    /// state (rate and concurrency in use); nothing else starts or stops here.
     fn publish(&self, s: &Stored) {
+        let before = self.tenants.load();
         let tenants: HashMap<String, Arc<TenantRt>> = self
             .all_tenants(s)
             .into_iter()
-            .map(|(k, v)| (k.clone(), Arc::new(TenantRt::new(&k, v))))
+            .map(|(k, v)| {
+                let rt = match before.get(&k) {
+                    Some(old) if old.limits == v => old.clone(),
+                    _ => Arc::new(TenantRt::new(&k, v)),
+                };
+                (k, rt)
+            })
             .collect();
         let plugins = self
             .plugins
@@ -484,6 +520,17 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let snap = self.live.load();
+        for ((t, _), p) in &plugins {
+            let allowed = tenants
+                .get(t)
+                .map_or(&[][..], |rt| &rt.limits.allowed_upstreams);
+            p.set_upstreams(
+                allowed
+                    .iter()
+                    .filter_map(|u| snap.upstreams.get(u).cloned())
+                    .collect(),
+            );
+        }
         let prefix = snap.admin.function_prefix.get_ref().clone();
         let mut functions: HashMap<String, HashMap<String, Arc<Function>>> = HashMap::new();
         for (t, fns) in &s.functions {
@@ -540,9 +587,6 @@ impl Control {
                 route_hooks.insert(r.clone(), Arc::new(HookChain::new(chain)));
             }
         }
-        for p in plugins.values() {
-            p.spawn_ticks();
-        }
         self.route_hooks.store(Arc::new(route_hooks));
         self.tenants.store(Arc::new(tenants));
         self.functions.store(Arc::new(FnTable {
@@ -557,8 +601,10 @@ impl Control {
     }
 
     /// Rebuilds the request path's view after a conf reload: function routes point at the
-    /// new snapshot's upstreams, and the function namespace follows the conf.
-    pub fn refresh(&self) {
+    /// new snapshot's upstreams (the old ones, and their health checks, end with the old
+    /// snapshot), attached chains start from the new conf hooks, tenant limits and the
+    /// function namespace follow the conf.
+    fn refresh(&self) {
         let s = self.lock();
         self.publish(&s);
     }
@@ -772,29 +818,10 @@ impl Control {
                 ),
             ));
         }
-        // built before anything changes, so a failure leaves the tenant as it was
-        let mut rebuilt = Vec::new();
-        if limits.allowed_upstreams != current.allowed_upstreams {
-            for (m, rec) in s.modules.get(name).into_iter().flatten() {
-                let Some(v) = rec
-                    .active
-                    .and_then(|a| rec.versions.iter().find(|v| v.version == a))
-                else {
-                    continue;
-                };
-                rebuilt.push((m.clone(), self.build_plugin(name, m, v, &limits)?));
-            }
-        }
+        // the tenant's modules keep running: `publish` points their callouts at the
+        // upstreams now allowed
         s.tenants.insert(name.into(), limits.clone());
         self.persist(&s)?;
-        {
-            let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
-            for (m, p) in rebuilt {
-                if let Some(old) = plugins.insert((name.into(), m), p) {
-                    old.retire();
-                }
-            }
-        }
         self.publish(&s);
         tracing::info!(tenant = %name, "tenant limits changed");
         Ok(limits)

@@ -64,47 +64,128 @@ tokio::task_local! {
 #[derive(Debug)]
 struct HeadPhase(AtomicU8, u64, HeldHead);
 
-/// A response head kept back while a hook holds it (Proxy-Wasm's "pause the response
-/// headers until the body is in"): Pingora writes the head as soon as the headers phase
-/// ends, so the stream takes its bytes and writes nothing until the proxy hands it the
-/// head the hooks settled on (see [`hold_response_head`]).
+/// A response kept back while hooks finish it (Proxy-Wasm's "pause the response headers
+/// until the body is in", and callouts from the response body). Pingora runs a batch of
+/// response phases (head, then body) before it writes any of them, so the proxy changes
+/// how the stream writes before or after Pingora's own head went out, and the stream
+/// tells Pingora's head from its body by the blank line that ends it.
 #[derive(Debug, Default)]
 struct HeldHead {
     /// Fast check on the write path: a hold is in place.
     on: std::sync::atomic::AtomicBool,
-    state: std::sync::Mutex<Hold>,
+    state: std::sync::Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Pingora's head for this response is still to be written: `Some(pass)` passes it
+    /// to the client or (`false`) drops it, and then the hold applies to what follows.
+    pingora_head: Option<HeadScan>,
+    hold: Hold,
+}
+
+/// Finds the end of Pingora's head (`\r\n\r\n`) across writes.
+#[derive(Debug, Default, Clone, Copy)]
+struct HeadScan {
+    pass: bool,
+    /// Bytes of the blank line matched so far.
+    matched: u8,
+}
+
+impl HeadScan {
+    /// The length of the head's part in `buf`, and whether the head ends there.
+    fn scan(&mut self, buf: &[u8]) -> (usize, bool) {
+        const END: &[u8; 4] = b"\r\n\r\n";
+        for (i, b) in buf.iter().enumerate() {
+            self.matched = if *b == END[self.matched as usize] {
+                self.matched + 1
+            } else if *b == b'\r' {
+                1
+            } else {
+                0
+            };
+            if self.matched == 4 {
+                return (i + 1, true);
+            }
+        }
+        (buf.len(), false)
+    }
 }
 
 #[derive(Debug, Default)]
 enum Hold {
     #[default]
     Off,
-    /// Pingora's head bytes are discarded as they are written.
+    /// Pingora's bytes are discarded as they are written.
     Holding,
     /// Write these bytes (the final head) first, then Pingora's as they come.
     Release(Vec<u8>, usize),
     /// Write these bytes (a whole local reply) and discard the rest of this response.
     Replace(Vec<u8>, usize),
+    /// Write nothing until the hooks' callouts are answered (see [`gate_response`]).
+    Gate(tokio::sync::oneshot::Receiver<Resume>),
+    /// Fail every write: the response is cut off.
+    Abort,
 }
 
-/// Holds back the response head of this task's connection (HTTP/1.1 only).
-pub fn hold_response_head() -> bool {
+/// How a gated response goes on (see [`gate_response`]).
+#[derive(Debug)]
+pub enum Resume {
+    /// Write these bytes first (the rest of the head and body as the hooks left them),
+    /// then Pingora's as they come.
+    Write(Vec<u8>),
+    /// Write these bytes (a whole local reply) in place of the response.
+    Replace(Vec<u8>),
+    /// Cut the response off: a hook answered once its head had gone out.
+    Abort,
+}
+
+fn set_hold(f: impl FnOnce(&mut Held)) -> bool {
     CONN.try_with(|p| {
-        *p.2.state.lock().expect("hold lock") = Hold::Holding;
+        f(&mut p.2.state.lock().expect("hold lock"));
         p.2.on.store(true, Ordering::Release);
     })
     .is_ok()
 }
 
+/// Holds back the response head of this task's connection (HTTP/1.1 only), from the
+/// headers phase: Pingora's head is dropped when it is written.
+pub fn hold_response_head() -> bool {
+    set_hold(|h| {
+        h.pingora_head = Some(HeadScan::default());
+        h.hold = Hold::Holding;
+    })
+}
+
 /// Ends a hold: `head` goes out in place of the head Pingora wrote, then the body.
 pub fn release_response_head(head: Vec<u8>) {
-    let _ = CONN.try_with(|p| *p.2.state.lock().expect("hold lock") = Hold::Release(head, 0));
+    set_hold(|h| h.hold = Hold::Release(head, 0));
 }
 
 /// Ends a hold with a whole other response (`bytes`: head and body); what Pingora writes
 /// of this response from now on is discarded.
 pub fn replace_response(bytes: Vec<u8>) {
-    let _ = CONN.try_with(|p| *p.2.state.lock().expect("hold lock") = Hold::Replace(bytes, 0));
+    set_hold(|h| h.hold = Hold::Replace(bytes, 0));
+}
+
+/// Holds every write of this task's connection (HTTP/1) after Pingora's head until
+/// `Resume` comes through the returned sender: Pingora's response body phase cannot wait
+/// for a hook's callouts, so the connection does, while the hooks finish in a task of
+/// their own. `head_to_come`: Pingora has not written this response's head yet (it goes
+/// out first, unless a hold already drops it). `None` outside a client connection's task
+/// (HTTP/2 streams).
+pub fn gate_response(head_to_come: bool) -> Option<tokio::sync::oneshot::Sender<Resume>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    set_hold(|h| {
+        if head_to_come && h.pingora_head.is_none() {
+            h.pingora_head = Some(HeadScan {
+                pass: true,
+                matched: 0,
+            });
+        }
+        h.hold = Hold::Gate(rx);
+    })
+    .then_some(tx)
 }
 
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -130,7 +211,7 @@ pub fn request_done() {
     let _ = CONN.try_with(|p| {
         p.0.store(AWAIT_HEAD, Ordering::Relaxed);
         if p.2.on.swap(false, Ordering::AcqRel) {
-            *p.2.state.lock().expect("hold lock") = Hold::Off;
+            *p.2.state.lock().expect("hold lock") = Held::default();
         }
     });
 }
@@ -193,18 +274,44 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
 }
 
 impl ClientStream {
-    /// A write while a response head is held (see [`HeldHead`]).
+    /// A write while a response is held or gated (see [`HeldHead`]).
     fn poll_write_held(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let phase = self.phase.clone();
-        let mut hold = phase.2.state.lock().expect("hold lock");
-        let (bytes, written, pass) = match &mut *hold {
-            Hold::Off => {
-                drop(hold);
-                return Pin::new(&mut self.inner).poll_write(cx, buf);
+        let mut held = phase.2.state.lock().expect("hold lock");
+        if let Some(scan) = held.pingora_head.as_mut() {
+            if buf.is_empty() {
+                return Poll::Ready(Ok(0));
             }
-            Hold::Holding => return Poll::Ready(Ok(buf.len())),
-            Hold::Release(b, w) => (b, w, true),
-            Hold::Replace(b, w) => (b, w, false),
+            let mut probe = *scan;
+            let (head, _) = probe.scan(buf);
+            let n = if scan.pass {
+                ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[..head]))?
+            } else {
+                head
+            };
+            if scan.scan(&buf[..n]).1 {
+                held.pingora_head = None;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        let (bytes, written, pass) = loop {
+            match &mut held.hold {
+                Hold::Off => {
+                    drop(held);
+                    return Pin::new(&mut self.inner).poll_write(cx, buf);
+                }
+                Hold::Holding => return Poll::Ready(Ok(buf.len())),
+                Hold::Gate(rx) => {
+                    held.hold = match ready!(Pin::new(rx).poll(cx)) {
+                        Ok(Resume::Write(b)) => Hold::Release(b, 0),
+                        Ok(Resume::Replace(b)) => Hold::Replace(b, 0),
+                        Ok(Resume::Abort) | Err(_) => Hold::Abort,
+                    };
+                }
+                Hold::Abort => return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into())),
+                Hold::Release(b, w) => break (b, w, true),
+                Hold::Replace(b, w) => break (b, w, false),
+            }
         };
         while *written < bytes.len() {
             match ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..])) {
@@ -216,9 +323,9 @@ impl ClientStream {
         if !pass {
             return Poll::Ready(Ok(buf.len())); // the rest of the replaced response
         }
-        *hold = Hold::Off;
+        held.hold = Hold::Off;
         phase.2.on.store(false, Ordering::Release);
-        drop(hold);
+        drop(held);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 }

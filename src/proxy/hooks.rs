@@ -2,6 +2,7 @@
 //! callbacks in order (response phases in reverse, like Envoy's encoder filters), makes
 //! the HTTP callouts guests ask for, and applies each module's failure policy.
 
+use crate::wasm::abi::BufferType;
 use crate::wasm::{
     CallResponse, Failure, FailurePolicy, HookChain, Lease, LocalResponse, Outcome, PendingCall,
     RequestInfo, RootEvent, View,
@@ -41,6 +42,25 @@ pub struct HookState {
     /// The response head while a module holds it (the client has not got it yet); the
     /// proxy sends it once the holding module continues (see [`HookState::head_ready`]).
     pub held_head: Option<Box<ResponseHeader>>,
+    /// The status of a reply that replaced the response after Pingora took its head.
+    pub replaced_status: Option<u16>,
+    /// Where the walk through the response body callbacks stands.
+    walk: Walk,
+    /// A response callback made callouts at the body's end: the response waits for them
+    /// (see [`HookState::response_body_wait`]).
+    resp_waiting: Option<(usize, Vec<PendingCall>)>,
+    /// Callouts made from a response body chunk before the body's end, per module: sent
+    /// and awaited when the body ends, unless the module let the body go on meanwhile.
+    resp_early_calls: Vec<(usize, PendingCall)>,
+}
+
+/// The walk through the response callbacks once the body is in: `on_response_body` for
+/// the modules below `Body(n)` (last first), or, after a module that held the head let
+/// go (`Headers(h, n)`), `on_response_headers` on the held head for the modules below `n`.
+#[derive(Debug, Clone, Copy)]
+enum Walk {
+    Body(usize),
+    Headers(usize, usize),
 }
 
 /// What the proxy does after a phase's hooks ran.
@@ -126,6 +146,10 @@ impl HookState {
             response_started: false,
             resp_held: None,
             held_head: None,
+            replaced_status: None,
+            walk: Walk::Body(0),
+            resp_waiting: None,
+            resp_early_calls: Vec::new(),
         })
     }
 
@@ -234,6 +258,7 @@ impl HookState {
                 let lease = self.leases[i].as_mut().expect("lease present");
                 let at = CallSite {
                     req: Some(&mut *req),
+                    body: Some((BufferType::RequestBody, &mut self.req_body)),
                     ..CallSite::default()
                 };
                 let out = if eos {
@@ -449,6 +474,8 @@ impl HookState {
                 if let Outcome::Wait(calls) = out {
                     let at = CallSite {
                         req_ro: Some(req),
+                        resp: Some(&mut head),
+                        body: Some((BufferType::ResponseBody, &mut body)),
                         ..CallSite::default()
                     };
                     out = caller.resolve(lease, at, &mut self.info, calls).await;
@@ -503,70 +530,181 @@ impl HookState {
     /// `on_response_body`, last module first, buffering while a module pauses. While a
     /// module holds the head, only the modules before it (in response order) see the
     /// body; when it continues, the modules after it get `on_response_headers` on the
-    /// held head, then the body (callouts cannot be awaited there: Pingora's response
-    /// body phase is synchronous).
+    /// held head, then the body.
+    ///
+    /// Callouts made at the body's end set [`HookState::waiting_on_callouts`] and return
+    /// `Flow::Buffer`: Pingora's response body phase is synchronous, so the proxy awaits
+    /// them with [`HookState::response_body_wait`] elsewhere. Callouts made from an
+    /// earlier chunk are sent when the body ends (the module is paused until then).
     pub fn response_body(&mut self, req: &RequestHeader, chunk: Option<&[u8]>, eos: bool) -> Flow {
         if let Some(c) = chunk {
             self.resp_body.extend_from_slice(c);
         }
-        let mut upper = self.leases.len();
-        loop {
-            let lower = self.resp_held.unwrap_or(0);
-            for i in (lower..upper).rev() {
-                let Some(lease) = self.leases[i].as_mut() else {
-                    continue;
-                };
-                let head = self.held_head.as_deref_mut();
-                match lease.on_response_body(req, head, &mut self.info, &mut self.resp_body, eos) {
-                    Outcome::Continue => {}
-                    Outcome::Pause if !eos => return Flow::Buffer,
-                    Outcome::Respond(r) => return Flow::Respond(r),
-                    Outcome::Pause | Outcome::Wait(_) => {
-                        lease.misbehaved("on_response_body", "paused_in_response");
-                        if let Flow::Respond(r) = self.on_failure(i) {
-                            return Flow::Respond(r);
-                        }
-                    }
-                    Outcome::Failed(_) => {
-                        if let Flow::Respond(r) = self.on_failure(i) {
-                            return Flow::Respond(r);
-                        }
-                    }
-                }
-            }
-            // the holding module (if any) let the response go on
-            let Some(h) = self.resp_held.take() else {
-                return Flow::Continue;
+        self.walk = Walk::Body(self.leases.len());
+        self.response_walk(req, eos)
+    }
+
+    /// A response callback is waiting on callouts (see [`HookState::response_body`]).
+    pub fn waiting_on_callouts(&self) -> bool {
+        self.resp_waiting.is_some()
+    }
+
+    /// Sends and awaits the callouts a response callback made at the body's end, then
+    /// walks on through the chain (which may wait again).
+    pub async fn response_body_wait(&mut self, req: &RequestHeader, caller: &Callouts) -> Flow {
+        let mut flow = Flow::Continue;
+        while let Some((i, calls)) = self.resp_waiting.take() {
+            let headers = matches!(self.walk, Walk::Headers(..));
+            let Some(lease) = self.leases[i].as_mut() else {
+                continue;
             };
-            let Some(mut head) = self.held_head.take() else {
-                return Flow::Continue;
+            let at = CallSite {
+                req_ro: Some(req),
+                resp: self.held_head.as_deref_mut(),
+                body: (!headers).then_some((BufferType::ResponseBody, &mut self.resp_body)),
+                ..CallSite::default()
             };
-            for i in (0..h).rev() {
-                let Some(lease) = self.leases[i].as_mut() else {
-                    continue;
-                };
-                match lease.on_response_headers(req, &mut head, &mut self.info, false) {
-                    Outcome::Continue => {}
-                    Outcome::Pause => {
+            let callback = if headers {
+                "on_response_headers"
+            } else {
+                "on_response_body"
+            };
+            match caller.resolve(lease, at, &mut self.info, calls).await {
+                Outcome::Continue => {}
+                Outcome::Respond(r) => return Flow::Respond(r),
+                Outcome::Pause if headers => {
+                    // holds the head again: the modules it holds from see the body first
+                    if let Walk::Headers(h, _) = self.walk {
                         self.resp_held = Some(i);
-                        break;
+                        self.walk = Walk::Body(h);
                     }
-                    Outcome::Respond(r) => return Flow::Respond(r),
-                    Outcome::Wait(_) => {
-                        lease.misbehaved("on_response_headers", "callout_on_held_response");
-                        if let Flow::Respond(r) = self.on_failure(i) {
-                            return Flow::Respond(r);
-                        }
+                }
+                Outcome::Pause | Outcome::Wait(_) => {
+                    lease.misbehaved(callback, "paused_in_response");
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
                     }
-                    Outcome::Failed(_) => {
-                        if let Flow::Respond(r) = self.on_failure(i) {
-                            return Flow::Respond(r);
-                        }
+                }
+                Outcome::Failed(_) => {
+                    if let Flow::Respond(r) = self.on_failure(i) {
+                        return Flow::Respond(r);
                     }
                 }
             }
-            self.held_head = Some(head);
-            upper = h;
+            flow = self.response_walk(req, true);
+        }
+        flow
+    }
+
+    /// [`HookState::response_body_wait`] where no client connection can hold the
+    /// response (HTTP/2): on a work-stealing runtime the worker thread waits, handing its
+    /// other tasks to another thread (see [`wait_in_sync_phase`]); elsewhere a waiting
+    /// module fails with `callout_in_http2_response_body` and its failure policy applies.
+    pub fn response_body_wait_here(&mut self, req: &RequestHeader, caller: &Callouts) -> Flow {
+        if let Some(flow) = wait_in_sync_phase(self.response_body_wait(req, caller)) {
+            return flow;
+        }
+        let mut flow = Flow::Continue;
+        while let Some((i, _)) = self.resp_waiting.take() {
+            if let Some(l) = self.leases[i].as_mut() {
+                l.misbehaved("on_response_body", "callout_in_http2_response_body");
+            }
+            if let Flow::Respond(r) = self.on_failure(i) {
+                return Flow::Respond(r);
+            }
+            flow = self.response_walk(req, true);
+        }
+        flow
+    }
+
+    /// Walks the response callbacks from where [`Walk`] stands (see
+    /// [`HookState::response_body`]).
+    fn response_walk(&mut self, req: &RequestHeader, eos: bool) -> Flow {
+        loop {
+            match self.walk {
+                Walk::Body(upper) => {
+                    let lower = self.resp_held.unwrap_or(0);
+                    for i in (lower..upper).rev() {
+                        let Some(lease) = self.leases[i].as_mut() else {
+                            continue;
+                        };
+                        let head = self.held_head.as_deref_mut();
+                        let mut out = lease.on_response_body(
+                            req,
+                            head,
+                            &mut self.info,
+                            &mut self.resp_body,
+                            eos,
+                        );
+                        if eos {
+                            out = with_early_calls(out, &mut self.resp_early_calls, i);
+                        }
+                        match out {
+                            Outcome::Continue => {}
+                            Outcome::Wait(calls) if !eos => {
+                                self.resp_early_calls
+                                    .extend(calls.into_iter().map(|c| (i, c)));
+                                return Flow::Buffer;
+                            }
+                            Outcome::Wait(calls) => {
+                                self.walk = Walk::Body(i);
+                                self.resp_waiting = Some((i, calls));
+                                return Flow::Buffer;
+                            }
+                            Outcome::Pause if !eos => return Flow::Buffer,
+                            Outcome::Respond(r) => return Flow::Respond(r),
+                            Outcome::Pause => {
+                                lease.misbehaved("on_response_body", "paused_in_response");
+                                if let Flow::Respond(r) = self.on_failure(i) {
+                                    return Flow::Respond(r);
+                                }
+                            }
+                            Outcome::Failed(_) => {
+                                if let Flow::Respond(r) = self.on_failure(i) {
+                                    return Flow::Respond(r);
+                                }
+                            }
+                        }
+                    }
+                    // the holding module (if any) let the response go on: the modules
+                    // after it get the held head
+                    let Some(h) = self.resp_held.take() else {
+                        return Flow::Continue;
+                    };
+                    self.walk = Walk::Headers(h, h);
+                }
+                Walk::Headers(h, upper) => {
+                    let Some(mut head) = self.held_head.take() else {
+                        return Flow::Continue;
+                    };
+                    for i in (0..upper).rev() {
+                        let Some(lease) = self.leases[i].as_mut() else {
+                            continue;
+                        };
+                        match lease.on_response_headers(req, &mut head, &mut self.info, false) {
+                            Outcome::Continue => {}
+                            Outcome::Pause => {
+                                self.resp_held = Some(i);
+                                break;
+                            }
+                            Outcome::Respond(r) => return Flow::Respond(r),
+                            Outcome::Wait(calls) => {
+                                self.held_head = Some(head);
+                                self.walk = Walk::Headers(h, i);
+                                self.resp_waiting = Some((i, calls));
+                                return Flow::Buffer;
+                            }
+                            Outcome::Failed(_) => {
+                                if let Flow::Respond(r) = self.on_failure(i) {
+                                    return Flow::Respond(r);
+                                }
+                            }
+                        }
+                    }
+                    self.held_head = Some(head);
+                    self.walk = Walk::Body(h);
+                }
+            }
         }
     }
 
@@ -595,6 +733,43 @@ impl HookState {
     }
 }
 
+/// At the body's end, module `i`'s callouts made from earlier chunks join what it asks
+/// for now: sent if it still waits (paused or with callouts of its own), dropped if it
+/// let the body go on or answered.
+fn with_early_calls(out: Outcome, early: &mut Vec<(usize, PendingCall)>, i: usize) -> Outcome {
+    if !early.iter().any(|(m, _)| *m == i) {
+        return out;
+    }
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(early)
+        .into_iter()
+        .partition(|(m, _)| *m == i);
+    *early = rest;
+    let mut mine: Vec<PendingCall> = mine.into_iter().map(|(_, c)| c).collect();
+    match out {
+        Outcome::Pause => Outcome::Wait(mine),
+        Outcome::Wait(more) => {
+            mine.extend(more);
+            Outcome::Wait(mine)
+        }
+        other => other,
+    }
+}
+
+/// Runs `wait` to its end from a synchronous proxy phase (Pingora's response body
+/// filter). On a work-stealing runtime the worker thread hands its queue to another
+/// thread first ([`tokio::task::block_in_place`]), so other requests go on while this
+/// one waits. `None` on a runtime that cannot do that (`work_stealing = false`: one
+/// single-threaded runtime per thread), where waiting would stall every request of the
+/// thread.
+fn wait_in_sync_phase<F: std::future::Future>(wait: F) -> Option<F::Output> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let handle = Handle::try_current().ok()?;
+    if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+        return None;
+    }
+    Some(tokio::task::block_in_place(|| handle.block_on(wait)))
+}
+
 /// Where a callout was made: what its answer's callback may read and change.
 #[derive(Default)]
 pub struct CallSite<'a> {
@@ -604,6 +779,9 @@ pub struct CallSite<'a> {
     pub req_ro: Option<&'a RequestHeader>,
     /// The response head, in the response phase.
     pub resp: Option<&'a mut ResponseHeader>,
+    /// The body buffered so far, when a body callback made the call: the answer's
+    /// callback may read and replace it, as in Envoy.
+    pub body: Option<(BufferType, &'a mut Vec<u8>)>,
 }
 
 /// The answer Envoy's async client makes up when a callout fails before a response.
@@ -729,6 +907,7 @@ impl Callouts {
                         req: at.req.as_deref_mut(),
                         req_ro: at.req_ro,
                         resp: at.resp.as_deref_mut(),
+                        body: at.body.as_mut().map(|(t, b)| (*t, &mut **b)),
                         info: Some(&mut *info),
                         ..View::default()
                     }
@@ -739,14 +918,12 @@ impl Callouts {
             } else {
                 tokio::select! {
                     Some(a) = out.next(), if !out.is_empty() => {
-                        let (req, resp) = (at.req.as_deref_mut(), at.resp.as_deref_mut());
-                        lease.on_http_call_response(req, at.req_ro, resp, info, &a)
+                        lease.on_http_call_response(view!(), &a)
                     }
                     ev = events.next(), if !events.is_empty() => {
                         // None: the last stream ended; look again at what is left
                         let Some(ev) = ev else { continue };
-                        let (req, resp) = (at.req.as_deref_mut(), at.resp.as_deref_mut());
-                        lease.on_http_call_response(req, at.req_ro, resp, info, &ev)
+                        lease.on_http_call_response(view!(), &ev)
                     }
                     _ = sleep_until(next_tick.unwrap_or(deadline)), if next_tick.is_some() => {
                         next_tick = tick();

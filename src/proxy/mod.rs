@@ -94,6 +94,11 @@ pub struct Ctx {
     route_key: Option<String>,
     /// The hooks got the response head with end of stream (HEAD, 204, 304, no body).
     response_ended_at_head: bool,
+    /// How Pingora frames the response body it writes to the client.
+    resp_framing: Framing,
+    /// The hooks, while they finish the response in a task of their own (see
+    /// [`Gateway::finish_response_off_phase`]); back for `logging`.
+    hooks_away: Option<tokio::sync::oneshot::Receiver<HookState>>,
 }
 
 impl Ctx {
@@ -299,15 +304,6 @@ fn rewrite_hook_path(route: &Route, path: &str, query: Option<&str>) -> Option<S
 /// the upstream gets their final length (Pingora's retry buffer holds this much).
 const PREREAD_LIMIT: u64 = 64 * 1024;
 
-fn content_length(session: &Session) -> Option<u64> {
-    session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-}
-
 /// The buffered body as the next chunk; `None` when empty, so Pingora never writes an
 /// empty chunk after the end of a body.
 fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
@@ -340,6 +336,37 @@ fn replace_response(
 
 /// A held response head as HTTP/1.1 bytes, framed as chunks like the body Pingora writes
 /// after it.
+/// How the response body reaches the client (HTTP/1).
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// A hook holds the head: the connection writes head and body, in chunks.
+    Held,
+    /// Pingora frames the body in chunks.
+    Chunked,
+    /// Pingora writes this many body bytes (Content-Length).
+    Length(u64),
+    /// The body ends with the connection (HTTP/1.0).
+    Close,
+}
+
+/// The Content-Length of a head, when it has a valid one.
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// `body` framed as one chunk (nothing for an empty body: the last chunk ends it).
+fn push_chunk(out: &mut Vec<u8>, body: &[u8]) {
+    if !body.is_empty() {
+        out.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+        out.extend_from_slice(body);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 fn held_head_bytes(mut head: Box<ResponseHeader>) -> Vec<u8> {
     head.remove_header(&http::header::CONTENT_LENGTH);
     let _ = head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
@@ -394,6 +421,56 @@ async fn send_local(session: &mut Session, r: LocalResponse) -> Result<()> {
 }
 
 impl Gateway {
+    /// Finishes the response body phase in a task of its own: the hooks' callouts are
+    /// sent and awaited there while the client connection holds every write (see
+    /// [`conn::gate_response`]); then the connection writes what the hooks left, the
+    /// held head and the body framed as Pingora frames the rest, or their reply in place
+    /// of the response, or cuts the response off when a hook answers after its head went
+    /// out. The hooks come back through the returned receiver for `logging`.
+    fn finish_response_off_phase(
+        &self,
+        req: &RequestHeader,
+        mut state: HookState,
+        framing: Framing,
+        gate: tokio::sync::oneshot::Sender<conn::Resume>,
+    ) -> tokio::sync::oneshot::Receiver<HookState> {
+        let (back, away) = tokio::sync::oneshot::channel();
+        let req = Box::new(req.clone());
+        let callouts = self.callouts.clone();
+        tokio::spawn(async move {
+            let flow = state.response_body_wait(&req, &callouts).await;
+            let body = std::mem::take(&mut state.resp_body);
+            let resume = match (flow, framing) {
+                (Flow::Respond(r), Framing::Held) => {
+                    state.replaced_status = Some(r.status);
+                    conn::Resume::Replace(local_reply_bytes(&req, &r))
+                }
+                // the head went out: like Envoy, the stream is reset
+                (Flow::Respond(_), _) => conn::Resume::Abort,
+                (_, Framing::Held) => {
+                    let mut out = state.head_ready().map(held_head_bytes).unwrap_or_default();
+                    push_chunk(&mut out, &body);
+                    conn::Resume::Write(out)
+                }
+                (_, Framing::Chunked) => {
+                    let mut out = Vec::new();
+                    push_chunk(&mut out, &body);
+                    conn::Resume::Write(out)
+                }
+                (_, Framing::Length(left)) if body.len() as u64 == left => {
+                    conn::Resume::Replace(body)
+                }
+                // a body whose length no longer matches the Content-Length sent is cut
+                // off rather than sent as if whole
+                (_, Framing::Length(_)) => conn::Resume::Abort,
+                (_, Framing::Close) => conn::Resume::Write(body),
+            };
+            let _ = gate.send(resume);
+            let _ = back.send(state);
+        });
+        away
+    }
+
     async fn answer_error(
         &self,
         session: &mut Session,
@@ -433,7 +510,8 @@ impl Gateway {
         // small declared body is read and dropped first, so the connection stays usable
         // for the next request (as nginx discards a body it will not use). A client
         // still waiting for `100 Continue` is not asked for its body.
-        let small = content_length(session).is_some_and(|n| n <= PREREAD_LIMIT);
+        let small =
+            content_length(&session.req_header().headers).is_some_and(|n| n <= PREREAD_LIMIT);
         let waits = session
             .req_header()
             .headers
@@ -459,7 +537,7 @@ impl Gateway {
         ctx: &mut Ctx,
         route: Arc<Route>,
     ) -> Result<bool> {
-        let declared = content_length(session);
+        let declared = content_length(&session.req_header().headers);
         if declared.is_some_and(|n| n > route.max_request_body) {
             return self
                 .answer_error(session, ctx, GatewayError::BodyTooLarge)
@@ -695,6 +773,8 @@ impl ProxyHttp for Gateway {
             upstream_length: None,
             body_out: 0,
             response_ended_at_head: false,
+            resp_framing: Framing::Close,
+            hooks_away: None,
         }
     }
 
@@ -994,6 +1074,7 @@ impl ProxyHttp for Gateway {
                     state.held_head = Some(Box::new(resp.clone()));
                     resp.remove_header(&http::header::CONTENT_LENGTH);
                     resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                    ctx.resp_framing = Framing::Chunked; // once the head is released
                     return Ok(());
                 }
                 if let Flow::Respond(r) = state.cannot_hold() {
@@ -1016,6 +1097,17 @@ impl ProxyHttp for Gateway {
                 resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
             }
         }
+        ctx.resp_framing = if let Some(n) = content_length(&resp.headers) {
+            Framing::Length(n)
+        } else if resp
+            .headers
+            .get(http::header::TRANSFER_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+        {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        };
         Ok(())
     }
 
@@ -1036,7 +1128,40 @@ impl ProxyHttp for Gateway {
             *body = if end_of_stream { Some(r.clone()) } else { None };
             return Ok(None);
         }
-        let flow = state.response_body(session.req_header(), body.as_deref(), end_of_stream);
+        let req = session.req_header();
+        let mut flow = state.response_body(req, body.as_deref(), end_of_stream);
+        if state.waiting_on_callouts() {
+            // Callouts at the body's end: this phase cannot wait, the client connection
+            // can. It writes nothing more of this response until the hooks are done.
+            let gate = if session.is_http2() {
+                None
+            } else {
+                conn::gate_response(session.response_written().is_none())
+            };
+            if let Some(gate) = gate {
+                let state = ctx.hooks.take().expect("checked above");
+                let framing = match ctx.resp_framing {
+                    _ if state.held_head.is_some() => {
+                        *body = None;
+                        Framing::Held
+                    }
+                    // what is left of the length: Pingora writes a placeholder that long,
+                    // the connection writes the body in its place
+                    Framing::Length(n) => {
+                        let left = n.saturating_sub(session.body_bytes_sent() as u64);
+                        *body = Some(Bytes::from(vec![0; left as usize]));
+                        Framing::Length(left)
+                    }
+                    other => {
+                        *body = None;
+                        other
+                    }
+                };
+                ctx.hooks_away = Some(self.finish_response_off_phase(req, *state, framing, gate));
+                return Ok(None);
+            }
+            flow = state.response_body_wait_here(req, &self.callouts);
+        }
         if state.held_head.is_some() {
             // the head is still held: nothing has reached the client yet
             match flow {
@@ -1051,6 +1176,7 @@ impl ProxyHttp for Gateway {
                     // a module answers after seeing the body (a response-inspecting WAF):
                     // its answer replaces the whole response, Pingora's bytes are dropped
                     conn::replace_response(local_reply_bytes(session.req_header(), &r));
+                    state.replaced_status = Some(r.status);
                     state.replace_body = Some(Bytes::new());
                     *body = None;
                 }
@@ -1202,9 +1328,14 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         conn::request_done();
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
+        if let Some(away) = ctx.hooks_away.take() {
+            ctx.hooks = away.await.ok().map(Box::new);
+        }
+        let status = ctx
+            .hooks
+            .as_ref()
+            .and_then(|h| h.replaced_status)
+            .or(session.response_written().map(|r| r.status.as_u16()))
             .or(ctx.error.map(|e| e.status()))
             .unwrap_or(0);
         let mut details = None;

@@ -1562,13 +1562,7 @@ fn define_streams(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     }
                 }
                 let p = c.data().plugin.clone();
-                let upstream = p
-                    .spec
-                    .allowed_upstreams
-                    .iter()
-                    .find(|u| u.name.as_bytes() == name.as_slice())
-                    .cloned()
-                    .ok_or(Status::BadArgument)?;
+                let upstream = p.allowed_upstream(&name).ok_or(Status::BadArgument)?;
                 if c.data().effects.calls.len() >= 8 {
                     return Err(Status::InternalFailure);
                 }
@@ -1787,13 +1781,7 @@ fn define_unsupported(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 /// whose `envoy_grpc.cluster_name` is one. Anything else is `ParseFailure`, Envoy's answer
 /// for a cluster it does not know; nothing is sent.
 fn grpc_upstream(p: &Plugin, arg: &[u8]) -> HostResult<(Arc<Upstream>, String)> {
-    let find = |name: &[u8]| {
-        p.spec
-            .allowed_upstreams
-            .iter()
-            .find(|u| u.name.as_bytes() == name)
-            .cloned()
-    };
+    let find = |name: &[u8]| p.allowed_upstream(name);
     if let Some(u) = find(arg) {
         let a = u.name.to_string();
         return Ok((u, a));

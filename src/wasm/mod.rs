@@ -166,6 +166,7 @@ pub struct PluginSpec {
     pub isolation: Isolation,
     pub max_instances: usize,
     pub policy: FailurePolicy,
+    /// Where its callouts may go; the plugin takes them over (see [`Plugin::set_upstreams`]).
     pub allowed_upstreams: Vec<Arc<Upstream>>,
     pub min_tick: Duration,
 }
@@ -215,6 +216,10 @@ pub struct Plugin {
     queue_waiters: std::sync::atomic::AtomicUsize,
     queue_signal: tokio::sync::Notify,
     dispatch: DispatchSlot,
+    /// The upstreams its callouts may reach, by name: first `spec.allowed_upstreams`,
+    /// then whatever the embedder hands over when the upstreams are rebuilt (a deployed
+    /// module outlives the conf snapshot it was built against).
+    upstreams: arc_swap::ArcSwap<Vec<Arc<Upstream>>>,
 }
 
 #[derive(Clone)]
@@ -484,7 +489,7 @@ impl Runtime {
     /// so a configuration the guest rejects is a conf error, not a runtime surprise.
     pub fn plugin(
         &self,
-        spec: PluginSpec,
+        mut spec: PluginSpec,
         bytes: &[u8],
         metrics: &Metrics,
     ) -> Result<Arc<Plugin>, String> {
@@ -536,6 +541,7 @@ impl Runtime {
             queue_waiters: std::sync::atomic::AtomicUsize::new(0),
             queue_signal: tokio::sync::Notify::new(),
             dispatch: self.dispatch.clone(),
+            upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
             spec,
         });
         let first = vm::Vm::start(&plugin, false).map_err(|f| match f.cause {
@@ -548,6 +554,21 @@ impl Runtime {
 }
 
 impl Plugin {
+    /// The allowed upstream a callout names, as it is now.
+    pub(crate) fn allowed_upstream(&self, name: &[u8]) -> Option<Arc<Upstream>> {
+        self.upstreams
+            .load()
+            .iter()
+            .find(|u| u.name.as_bytes() == name)
+            .cloned()
+    }
+
+    /// Points the module's callouts at these upstreams (the same names, rebuilt by a
+    /// reload); the old ones, and their health checks, end when nothing else holds them.
+    pub fn set_upstreams(&self, upstreams: Vec<Arc<Upstream>>) {
+        self.upstreams.store(Arc::new(upstreams));
+    }
+
     /// Takes a VM for one request: an idle one, or a new one if under `max_instances`;
     /// waits up to [`INSTANCE_WAIT`] for one to free up.
     pub async fn lease(self: &Arc<Self>) -> Result<Lease, Failure> {

@@ -825,23 +825,10 @@ impl Lease {
     }
 
     /// Delivers a callout's answer. `Continue` means the guest resumed the request.
-    /// `req` is the request while it can still change (request phase), `req_ro` and
-    /// `headers` the request and response head in the response phase.
-    pub fn on_http_call_response(
-        &mut self,
-        req: Option<&mut RequestHeader>,
-        req_ro: Option<&RequestHeader>,
-        headers: Option<&mut ResponseHeader>,
-        info: &mut RequestInfo,
-        resp: &CallResponse,
-    ) -> Outcome {
-        let view = View {
-            req,
-            req_ro,
-            resp: headers,
-            info: Some(info),
-            ..View::default()
-        };
+    /// `view` is what the callback that made the call could reach: the request while it
+    /// can still change, the request and response head in the response phase, and the
+    /// body buffered so far when a body callback made the call.
+    pub fn on_http_call_response<'a>(&mut self, view: View<'a>, resp: &'a CallResponse) -> Outcome {
         if resp.root {
             return self.on_root_event(RootEvent::Answer(resp), view);
         }
