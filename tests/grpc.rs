@@ -409,10 +409,11 @@ async fn local_replies_to_grpc_requests_are_grpc_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelled_calls_are_never_sent_and_streams_are_refused() {
+async fn cancelled_calls_are_never_sent_and_streams_obey_allowed_upstreams() {
     // a raw-ABI filter: makes a call, then tries proxy_grpc_send on it (BadArgument, 2),
-    // opens a stream (InternalFailure, 10), cancels the call twice (Ok, then NotFound 1)
-    // and answers 200 + 10 * second cancel + send (212), or 500 if anything else differs
+    // opens a stream to an upstream it was not granted (ParseFailure, 4), cancels the call
+    // twice (Ok, then NotFound 1) and answers 200 + 10 * second cancel + send (212), or
+    // 500 if anything else differs
     let filter = wat::parse_str(
         r#"(module
   (import "env" "proxy_grpc_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
@@ -425,6 +426,7 @@ async fn cancelled_calls_are_never_sent_and_streams_are_refused() {
   (data (i32.const 32) "s")
   (data (i32.const 40) "m")
   (data (i32.const 48) "good")
+  (data (i32.const 64) "other")
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
   (func (export "proxy_on_context_create") (param i32 i32))
@@ -434,8 +436,8 @@ async fn cancelled_calls_are_never_sent_and_streams_are_refused() {
       (i32.const 40) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 48) (i32.const 4)
       (i32.const 1000) (i32.const 0))))
     (local.set $send (call $gsend (i32.load (i32.const 0)) (i32.const 48) (i32.const 4) (i32.const 1)))
-    (local.set $ok (i32.and (local.get $ok) (i32.eq (i32.const 10)
-      (call $stream (i32.const 16) (i32.const 5) (i32.const 32) (i32.const 1) (i32.const 40)
+    (local.set $ok (i32.and (local.get $ok) (i32.eq (i32.const 4)
+      (call $stream (i32.const 64) (i32.const 5) (i32.const 32) (i32.const 1) (i32.const 40)
         (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 4)))))
     (local.set $ok (i32.and (local.get $ok) (i32.eqz (call $cancel (i32.load (i32.const 0))))))
     (local.set $second (call $cancel (i32.load (i32.const 0))))
@@ -594,4 +596,425 @@ upstream = "grpc_tls"
             .any(|l| l.starts_with("POST /test.Auth/Check") && l.contains("te=trailers")),
         "{seen:?}"
     );
+}
+
+/// A streaming gRPC service over h2c (`test.Streamer`), the upstream of the
+/// `grpc-stream` guest. `Chat` answers with initial metadata `x-initial: hello-meta`,
+/// echoes `echo:ping:1` and `echo:ping:2` once it got `ping:2`, and when the client's
+/// side ends, closes with trailers `x-trailer: t1`, the status the request metadata
+/// `x-want-status` names and the message `stream done`. `Hold` answers headers and never
+/// ends. `Deny` answers trailers-only UNAUTHENTICATED "go away". `Unary` and `Delay`
+/// (after 300 ms) answer one message. What each stream got
+/// (path, metadata, messages, and whether it ended or was reset) is noted in `seen`.
+struct StreamService {
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StreamService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StreamService {
+    async fn start() -> StreamService {
+        Self::start_with(None).await
+    }
+
+    /// The same service over TLS (ALPN h2), with a certificate for `grpc.test`.
+    async fn start_tls() -> StreamService {
+        let ck = rcgen::generate_simple_self_signed(vec!["grpc.test".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> StreamService {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = l.accept().await {
+                let (s, tls) = (s.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => Self::serve(sock, s).await,
+                        Some(tls) => {
+                            if let Ok(sock) = tls.accept(sock).await {
+                                Self::serve(sock, s).await
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        StreamService { port, seen, task }
+    }
+
+    async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        sock: S,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) {
+        let Ok(mut conn) = h2::server::handshake(sock).await else {
+            return;
+        };
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            tokio::spawn(Self::answer(req, respond, seen.clone()));
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    async fn answer(
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) {
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        let path = req.uri().path().to_string();
+        let method = path.rsplit('/').next().unwrap_or_default().to_string();
+        let want = h("x-want-status");
+        let note = |s: String| seen.lock().unwrap().push(s);
+        note(format!(
+            "{path} {} from={} te={} timeout={}",
+            req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
+            h("x-from"),
+            h("te"),
+            h("grpc-timeout")
+        ));
+        let head = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("x-initial", "hello-meta")
+            .body(())
+            .unwrap();
+        let mut body = req.into_body();
+        if method == "Deny" {
+            let r = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "16")
+                .header("grpc-message", "go%20away")
+                .body(())
+                .unwrap();
+            let _ = respond.send_response(r, true);
+            return;
+        }
+        if method == "Unary" || method == "Delay" {
+            while let Some(Ok(c)) = body.data().await {
+                let _ = body.flow_control().release_capacity(c.len());
+            }
+            if method == "Delay" {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let mut s = respond.send_response(head, false).unwrap();
+            s.send_data(frame(b"late"), false).unwrap();
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", "0".parse().unwrap());
+            s.send_trailers(t).unwrap();
+            return;
+        }
+        let Ok(mut s) = respond.send_response(head, false) else {
+            note(format!("{method} reset before its answer"));
+            return;
+        };
+        let mut buf = Vec::new();
+        loop {
+            match body.data().await {
+                Some(Ok(c)) => {
+                    let _ = body.flow_control().release_capacity(c.len());
+                    buf.extend_from_slice(&c);
+                    while buf.len() >= 5 {
+                        let n = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                        if buf.len() < 5 + n {
+                            break;
+                        }
+                        let m = String::from_utf8_lossy(&buf[5..5 + n]).into_owned();
+                        buf.drain(..5 + n);
+                        note(format!("{method} got {m}"));
+                        if method == "Chat" && m == "ping:2" {
+                            let _ = s.send_data(frame(b"echo:ping:1"), false);
+                            let _ = s.send_data(frame(b"echo:ping:2"), false);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    note(format!("{method} reset {:?}", e.reason()));
+                    return;
+                }
+                None => break,
+            }
+        }
+        note(format!("{method} ended"));
+        if method == "Hold" {
+            return;
+        }
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", want.parse().unwrap());
+        t.insert("grpc-message", "stream%20done".parse().unwrap());
+        t.insert("x-trailer", "t1".parse().unwrap());
+        let _ = s.send_trailers(t);
+    }
+}
+
+fn stream_conf(echo: &str, streamer: &str) -> String {
+    HEAD.to_string()
+        + &format!(
+            r#"
+[upstreams.echo]
+targets = ["{echo}"]
+[upstreams.streamer]
+targets = ["{streamer}"]
+[upstreams.other]
+targets = ["{streamer}"]
+[modules.gs]
+path = "{{guests}}/grpc_stream.wasm"
+allowed_upstreams = ["streamer"]
+# room for the guest to build a message over 1 MiB
+budget_us = 20000
+request_budget_us = 200000
+[[routes]]
+path_prefix = "/s"
+upstream = "echo"
+hooks = ["gs"]
+"#
+        )
+}
+
+async fn stream_get(gw: &Gw, mode: &str, want: &str) -> (u16, reqwest::header::HeaderMap, String) {
+    let r = client()
+        .get(gw.url("http", "/s/x"))
+        .header("x-mode", mode)
+        .header("x-want-status", want)
+        .send()
+        .await
+        .unwrap();
+    let (s, h) = (r.status().as_u16(), r.headers().clone());
+    (s, h, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_carry_messages_both_ways_and_decide_the_request() {
+    let echo = Upstream::start("echo").await;
+    let svc = StreamService::start().await;
+    let gw = Gw::start(&stream_conf(&echo.addr(), &svc.addr()));
+
+    // status 0: every event reached the guest in order (initial metadata, both echoes,
+    // trailing metadata, close with its status and message), and the request went on
+    let (s, _, body) = stream_get(&gw, "chat", "0").await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["headers"]["x-stream-log"],
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:0:0:stream done"
+    );
+    // the guest's metadata and messages reached the upstream, then its end of stream
+    assert_eq!(
+        svc.seen(),
+        vec![
+            "/test.Streamer/Chat streamer from=guest te=trailers timeout=",
+            "Chat got ping:1",
+            "Chat got ping:2",
+            "Chat got bye",
+            "Chat ended",
+        ]
+    );
+
+    // proxy_grpc_close half-closes: the upstream sees the end of the guest's side, and the
+    // events still come until the stream closes
+    svc.seen.lock().unwrap().clear();
+    let r = client()
+        .get(gw.url("http", "/s/x"))
+        .header("x-half-close", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["headers"]["x-stream-log"],
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:0:0:stream done"
+    );
+    assert_eq!(
+        svc.seen()[1..],
+        ["Chat got ping:1", "Chat got ping:2", "Chat ended"]
+    );
+
+    // a trailers-only refusal: trailing metadata only, then the close with its status
+    let (s, h, _) = stream_get(&gw, "deny", "0").await;
+    assert_eq!(s, 403);
+    assert_eq!(h["x-stream-log"], "open:0,trailers:,close:16:16:go away");
+
+    // another status: the guest denies the request from on_grpc_stream_close
+    let (s, h, body) = stream_get(&gw, "chat", "7").await;
+    assert_eq!((s, body.as_str()), (403, "denied\n"));
+    assert_eq!(
+        h["x-stream-log"],
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:7:7:stream done"
+    );
+
+    // the same stream to an upstream over TLS (ALPN h2)
+    let tls = StreamService::start_tls().await;
+    let conf = stream_conf(&echo.addr(), &tls.addr()).replace(
+        "[upstreams.other]",
+        "tls = { sni = \"grpc.test\", verify = false }\n[upstreams.other]",
+    );
+    let gw = Gw::start(&conf);
+    let (s, _, body) = stream_get(&gw, "chat", "0").await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["headers"]["x-stream-log"],
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:0:0:stream done"
+    );
+    assert_eq!(tls.seen().len(), 5, "{:?}", tls.seen());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_stream_errors_cancel_and_clients_leaving() {
+    let echo = Upstream::start("echo").await;
+    let svc = StreamService::start().await;
+    let gw = Gw::start(&stream_conf(&echo.addr(), &svc.addr()));
+
+    // an upstream the module was not granted: ParseFailure, nothing sent
+    let (s, h, _) = stream_get(&gw, "refused", "0").await;
+    assert_eq!(
+        (s, h["x-result"].to_str().unwrap()),
+        (200, "Err(ParseFailure)")
+    );
+    // proxy_grpc_send on a call's token: BadArgument; on, close and cancel of an unknown
+    // stream: NotFound
+    let (s, h, _) = stream_get(&gw, "send-errors", "0").await;
+    assert_eq!(
+        (s, h["x-result"].to_str().unwrap()),
+        (
+            200,
+            "Err(BadArgument),Err(NotFound),Err(NotFound),Err(NotFound)"
+        )
+    );
+    // at most 8 open streams per context, then InternalFailure; a message over 1 MiB is
+    // BadArgument
+    let (s, h, _) = stream_get(&gw, "limits", "0").await;
+    assert_eq!(
+        (s, h["x-result"].to_str().unwrap()),
+        (200, "8,InternalFailure,Err(BadArgument)")
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        svc.seen().iter().all(|l| !l.contains("Chat")),
+        "{:?}",
+        svc.seen()
+    );
+
+    // cancelled at its initial metadata: the echoes and the close that follow never reach
+    // the guest (the unary call answers the request), and the upstream sees a reset
+    svc.seen.lock().unwrap().clear();
+    let (s, h, _) = stream_get(&gw, "cancel", "0").await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-stream-log"], "open:0,init:hello-meta,call:0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !svc.seen().iter().any(|l| l.starts_with("Chat reset")) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", svc.seen());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // a client that leaves while its request waits on a stream: the stream is reset
+    // (at the latest when the wait's bound passes), nothing is left running
+    svc.seen.lock().unwrap().clear();
+    {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+        c.write_all(b"GET /s/x HTTP/1.1\r\nhost: t\r\nx-mode: hold\r\n\r\n")
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !svc.seen().iter().any(|l| l == "Hold got ping:2") {
+            assert!(std::time::Instant::now() < deadline, "{:?}", svc.seen());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !svc.seen().iter().any(|l| l.starts_with("Hold reset")) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", svc.seen());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the gateway serves on
+    let (s, _, _) = stream_get(&gw, "chat", "0").await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_context_grpc_streams_run_while_the_vm_is_idle() {
+    let echo = Upstream::start("echo").await;
+    let svc = StreamService::start().await;
+    let conf = stream_conf(&echo.addr(), &svc.addr())
+        + r#"
+[modules.gs_root]
+path = "{guests}/grpc_stream.wasm"
+config = "root"
+allowed_upstreams = ["streamer"]
+[[routes]]
+path_prefix = "/r"
+upstream = "echo"
+hooks = ["gs_root"]
+"#;
+    let gw = Gw::start(&conf);
+
+    // the root context of `gs_root` opens its stream from its first on_tick, with no
+    // request around; every event reaches the root context, which ends its side on the
+    // second echo
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !svc.seen().iter().any(|l| l == "Chat ended") {
+        assert!(std::time::Instant::now() < deadline, "{:?}", svc.seen());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        svc.seen(),
+        vec![
+            "/test.Streamer/Chat streamer from=root te=trailers timeout=",
+            "Chat got ping:1",
+            "Chat got ping:2",
+            "Chat got bye",
+            "Chat ended",
+        ]
+    );
+    let want =
+        "open:0,init:hello-meta,msg:echo:ping:1,msg:echo:ping:2,trailers:t1,close:0:0:stream done";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client()
+            .get(gw.url("http", "/r/x"))
+            .header("x-mode", "root-log")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let log = r.headers()["x-root-log"].to_str().unwrap().to_string();
+        if log == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,17 +1,21 @@
 //! gRPC for the hooks: local replies in gRPC form for gRPC requests (as Envoy's
-//! `sendLocalReply`), and the unary client behind `proxy_grpc_call`, over HTTP/2 (h2c with
-//! prior knowledge to plain upstreams, h2 through ALPN to TLS ones).
+//! `sendLocalReply`), and the client behind `proxy_grpc_call` and `proxy_grpc_stream`,
+//! over HTTP/2 (h2c with prior knowledge to plain upstreams, h2 through ALPN to TLS ones).
 //!
 //! A gRPC callout travels through the same path as an HTTP callout ([`PendingCall`] with
 //! its `grpc` part set); its answer is a [`CallResponse`] whose `grpc` part carries the
 //! status, delivered to the guest as `proxy_on_grpc_receive` (status 0) or
-//! `proxy_on_grpc_close` (any other status).
+//! `proxy_on_grpc_close` (any other status). A stream runs on a task of its own
+//! ([`GrpcClient::stream`]); each of its events is a [`CallResponse`] with its `stream`
+//! part set, handed to the guest the same way.
 
-use crate::wasm::{CallResponse, GrpcStatus, PendingCall};
+use crate::wasm::{CallResponse, GrpcStatus, PendingCall, StreamCmd, StreamEvent};
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::SinkExt;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v2::client::Http2Session;
 use std::time::Duration;
 
 /// gRPC status codes the gateway produces itself.
@@ -27,8 +31,9 @@ pub mod code {
     pub const UNAUTHENTICATED: u32 = 16;
 }
 
-/// Largest message a unary call may answer with (as HTTP callouts' bodies).
-const MAX_MESSAGE: usize = 1 << 20;
+/// Largest message a unary call may answer with (as HTTP callouts' bodies), and a
+/// stream may carry either way.
+const MAX_MESSAGE: usize = crate::wasm::host::MAX_GRPC_MESSAGE;
 
 /// Whether a request is gRPC, as Envoy decides it: `content-type` is `application/grpc` or
 /// `application/grpc+<codec>` (gRPC-Web is not).
@@ -161,24 +166,96 @@ impl GrpcClient {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %c.upstream.name, error = %e, "gRPC callout failed");
-                use pingora::ErrorType::*;
-                match e.etype() {
-                    ConnectRefused | ConnectNoRoute | ConnectTimedout | ConnectError
-                    | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | SocketError => {
-                        answer(
-                            token,
-                            code::UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                        )
-                    }
-                    _ => answer(token, code::INTERNAL, ""),
-                }
+                let g = failed(&e);
+                answer(token, g.code, std::str::from_utf8(&g.message).unwrap_or(""))
             }
             Err(_) => answer(token, code::DEADLINE_EXCEEDED, "upstream request timeout"),
         }
     }
 
-    async fn exchange(&self, c: &PendingCall) -> pingora::Result<CallResponse> {
+    /// One gRPC stream, until it closes or the guest's context resets it (see
+    /// [`crate::wasm::Dispatch::open_stream`]). Events go out as Envoy's async stream
+    /// client reports them: initial metadata, each message, trailing metadata (a
+    /// trailers-only answer has only these), then the close status. Failures close it as
+    /// they close a call; a message over 1 MiB closes it RESOURCE_EXHAUSTED; after
+    /// [`crate::wasm::host::GRPC_STREAM_LIFETIME`] it closes DEADLINE_EXCEEDED.
+    pub async fn stream(
+        &self,
+        c: PendingCall,
+        mut cmds: tokio::sync::mpsc::UnboundedReceiver<StreamCmd>,
+        mut events: futures::channel::mpsc::Sender<CallResponse>,
+    ) {
+        let token = c.token;
+        let run = self.run_stream(&c, &mut cmds, &mut events);
+        let status = match tokio::time::timeout(c.timeout, run).await {
+            Ok(Ok(Some(g))) => g,
+            Ok(Ok(None)) => return, // reset by the guest or its context's end
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %c.upstream.name, error = %e, "gRPC stream failed");
+                failed(&e)
+            }
+            Err(_) => GrpcStatus::new(code::DEADLINE_EXCEEDED, "upstream request timeout"),
+        };
+        // the stream (dropped above) was reset unless it had ended
+        let _ = events
+            .send(stream_event(token, StreamEvent::Close, status))
+            .await;
+    }
+
+    /// Runs the stream: `Ok(Some(status))` when it closed, `Ok(None)` when the guest reset
+    /// it (or its context is gone).
+    async fn run_stream(
+        &self,
+        c: &PendingCall,
+        cmds: &mut tokio::sync::mpsc::UnboundedReceiver<StreamCmd>,
+        events: &mut futures::channel::mpsc::Sender<CallResponse>,
+    ) -> pingora::Result<Option<GrpcStatus>> {
+        let (mut s, peer) = self.open(c, false).await?;
+        let mut writer = s.take_request_body_writer().ok_or_else(|| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "no request body writer")
+        })?;
+        let mut ended = false;
+        let r = {
+            let read = read_stream(&mut s, c.token, events);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    r = &mut read => break r,
+                    cmd = cmds.recv() => match cmd {
+                        // h2 buffers what flow control holds back; the guest's messages are
+                        // bounded by its budget and the 1 MiB cap per message
+                        Some(StreamCmd::Send(msg, end)) if !ended => {
+                            ended = end;
+                            let _ = writer.send_data(frame(&msg), end);
+                        }
+                        Some(StreamCmd::Close) if !ended => {
+                            ended = true;
+                            let _ = writer.send_data(Bytes::new(), true);
+                        }
+                        Some(_) => {}
+                        // dropping the stream's handles resets it (RST_STREAM CANCEL)
+                        None => return Ok(None),
+                    },
+                }
+            }
+        };
+        drop(writer);
+        // over on both sides: the connection goes back to the pool, as a call's does
+        if ended && matches!(r, Ok(Some(_))) && s.response_finished() {
+            self.connector
+                .release_http_session(HttpSession::H2(s), &*peer, Some(Duration::from_secs(60)))
+                .await;
+        }
+        r
+    }
+
+    /// Opens the HTTP/2 stream of a call (`unary`: with its deadline in `grpc-timeout`
+    /// and as the read timeout) and sends its headers.
+    async fn open(
+        &self,
+        c: &PendingCall,
+        unary: bool,
+    ) -> pingora::Result<(Http2Session, Box<pingora::upstreams::peer::HttpPeer>)> {
         let Some(target) = &c.grpc else {
             return pingora::Error::e_explain(pingora::ErrorType::InternalError, "not gRPC");
         };
@@ -188,13 +265,17 @@ impl GrpcClient {
         // h2 only: prior knowledge on plain TCP, ALPN h2 on TLS
         peer.options.set_http_version(2, 2);
         peer.options.max_h2_streams = 100;
-        peer.options.read_timeout = Some(c.timeout);
+        if unary {
+            peer.options.read_timeout = Some(c.timeout);
+        }
         let path = format!("/{}/{}", target.service, target.method);
         let mut req = RequestHeader::build("POST", path.as_bytes(), Some(c.headers.len() + 4))?;
         req.insert_header(http::header::HOST, target.authority.as_str())?;
         req.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
         req.insert_header(http::header::TE, "trailers")?;
-        req.insert_header("grpc-timeout", format!("{}m", c.timeout.as_millis()))?;
+        if unary {
+            req.insert_header("grpc-timeout", format!("{}m", c.timeout.as_millis()))?;
+        }
         for (k, v) in &c.headers {
             req.append_header(k.clone(), v.as_slice())?;
         }
@@ -209,6 +290,11 @@ impl GrpcClient {
             }
         };
         s.write_request_header(Box::new(req), false)?;
+        Ok((s, peer))
+    }
+
+    async fn exchange(&self, c: &PendingCall) -> pingora::Result<CallResponse> {
+        let (mut s, peer) = self.open(c, true).await?;
         s.write_request_body(frame(&c.body), true).await?;
         s.read_response_header().await?;
         let (status, headers) = {
@@ -257,6 +343,7 @@ impl GrpcClient {
             body: Vec::new(),
             grpc: Some(GrpcStatus { code, message }),
             root: false,
+            stream: None,
         };
         if code == code::OK {
             match unframe(&body) {
@@ -270,6 +357,120 @@ impl GrpcClient {
         }
         Ok(r)
     }
+}
+
+/// The status a call or stream that failed closes with, as Envoy's async client: no
+/// connection is `UNAVAILABLE` (14), a reset or broken stream `INTERNAL` (13).
+fn failed(e: &pingora::Error) -> GrpcStatus {
+    use pingora::ErrorType::*;
+    match e.etype() {
+        ConnectRefused | ConnectNoRoute | ConnectTimedout | ConnectError | TLSHandshakeFailure
+        | TLSHandshakeTimedout | InvalidCert | SocketError => GrpcStatus::new(
+            code::UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+        ),
+        _ => GrpcStatus::new(code::INTERNAL, ""),
+    }
+}
+
+fn stream_event(token: u32, ev: StreamEvent, status: GrpcStatus) -> CallResponse {
+    CallResponse {
+        token,
+        grpc: Some(status),
+        stream: Some(ev),
+        ..CallResponse::default()
+    }
+}
+
+/// The status in trailing metadata (or a trailers-only answer's headers); `None` when
+/// it has none.
+fn grpc_status_of(meta: &[(String, Vec<u8>)]) -> Option<GrpcStatus> {
+    let get = |n: &str| meta.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_slice());
+    let code = get("grpc-status")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())?;
+    let message = get("grpc-message").map(percent_decode).unwrap_or_default();
+    Some(GrpcStatus { code, message })
+}
+
+/// Reads a stream's answer, handing each event to `events`; the close status, or `None`
+/// when the events' receiver is gone (the guest's context ended).
+async fn read_stream(
+    s: &mut Http2Session,
+    token: u32,
+    events: &mut futures::channel::mpsc::Sender<CallResponse>,
+) -> pingora::Result<Option<GrpcStatus>> {
+    s.read_response_header().await?;
+    let (status, headers) = {
+        let h = s.response_header().ok_or_else(|| {
+            pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
+        })?;
+        (h.status.as_u16(), pairs(&h.headers))
+    };
+    let ok = GrpcStatus::default;
+    if s.response_finished() {
+        // trailers-only: the headers are the trailing metadata and carry the status
+        let st = grpc_status_of(&headers)
+            .unwrap_or_else(|| GrpcStatus::new(http_to_grpc_status(status), ""));
+        let mut ev = stream_event(token, StreamEvent::TrailingMetadata, ok());
+        ev.trailers = headers;
+        if events.send(ev).await.is_err() {
+            return Ok(None);
+        }
+        return Ok(Some(st));
+    }
+    if status != 200 {
+        return Ok(Some(GrpcStatus::new(http_to_grpc_status(status), "")));
+    }
+    let mut ev = stream_event(token, StreamEvent::InitialMetadata, ok());
+    ev.headers = headers;
+    if events.send(ev).await.is_err() {
+        return Ok(None);
+    }
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = s.read_response_body().await? {
+        buf.extend_from_slice(&chunk);
+        while buf.len() >= 5 {
+            if buf[0] != 0 {
+                let e = "compressed gRPC message (no encoding was offered)";
+                return Ok(Some(GrpcStatus::new(code::INTERNAL, e)));
+            }
+            let n = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if n > MAX_MESSAGE {
+                let e = "gRPC stream message over 1 MiB";
+                return Ok(Some(GrpcStatus::new(code::RESOURCE_EXHAUSTED, e)));
+            }
+            if buf.len() < 5 + n {
+                break;
+            }
+            let msg = buf.split_to(5 + n);
+            let mut ev = stream_event(token, StreamEvent::Message, ok());
+            ev.body = msg[5..].to_vec();
+            if events.send(ev).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+    if !buf.is_empty() {
+        return Ok(Some(GrpcStatus::new(
+            code::INTERNAL,
+            "truncated gRPC frame",
+        )));
+    }
+    let Some(trailers) = s.read_trailers().await?.map(|t| pairs(&t)) else {
+        return Ok(Some(GrpcStatus::new(
+            code::UNKNOWN,
+            "no grpc-status trailer",
+        )));
+    };
+    let st = grpc_status_of(&trailers)
+        .unwrap_or_else(|| GrpcStatus::new(code::UNKNOWN, "bad grpc-status trailer"));
+    let mut ev = stream_event(token, StreamEvent::TrailingMetadata, ok());
+    ev.trailers = trailers;
+    if events.send(ev).await.is_err() {
+        return Ok(None);
+    }
+    Ok(Some(st))
 }
 
 fn pairs(h: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {

@@ -795,6 +795,7 @@ fn synthesized(token: u32, status: u16, body: &str) -> CallResponse {
         trailers: Vec::new(),
         grpc: None,
         root: false,
+        stream: None,
     }
 }
 
@@ -846,13 +847,33 @@ impl Callouts {
         self.settle(lease, at, info, calls, true).await
     }
 
+    /// Waits on the calls and on the events of the context's open gRPC streams (those not
+    /// delivered when the wait ends are kept for the next one).
     async fn settle(
+        &self,
+        lease: &mut Lease,
+        at: CallSite<'_>,
+        info: &mut RequestInfo,
+        calls: Vec<PendingCall>,
+        root: bool,
+    ) -> Outcome {
+        let mut events = futures::stream::SelectAll::new();
+        events.extend(lease.take_stream_events());
+        let out = self
+            .settle_with(lease, at, info, calls, root, &mut events)
+            .await;
+        lease.park_stream_events(events);
+        out
+    }
+
+    async fn settle_with(
         &self,
         lease: &mut Lease,
         mut at: CallSite<'_>,
         info: &mut RequestInfo,
         mut calls: Vec<PendingCall>,
         root: bool,
+        events: &mut futures::stream::SelectAll<crate::wasm::StreamEvents>,
     ) -> Outcome {
         use futures::stream::{FuturesUnordered, StreamExt};
         use tokio::time::{sleep_until, Instant};
@@ -871,7 +892,7 @@ impl Callouts {
         let mut last = Outcome::Pause;
         loop {
             let woken = root && lease.root_can_wake();
-            if out.is_empty() && !woken {
+            if out.is_empty() && !woken && events.is_empty() {
                 return last;
             }
             let signal = plugin.queue_signal().notified();
@@ -897,16 +918,23 @@ impl Callouts {
                     Some(a) = out.next(), if !out.is_empty() => {
                         lease.on_http_call_response(view!(), &a)
                     }
+                    ev = events.next(), if !events.is_empty() => {
+                        // None: the last stream ended; look again at what is left
+                        let Some(ev) = ev else { continue };
+                        lease.on_http_call_response(view!(), &ev)
+                    }
                     _ = sleep_until(next_tick.unwrap_or(deadline)), if next_tick.is_some() => {
                         next_tick = tick();
                         lease.on_root_event(RootEvent::Tick, view!())
                     }
                     _ = &mut signal, if woken => continue,
-                    _ = sleep_until(deadline), if root => {
+                    // waiting on streams alone is bounded as waiting on the root is
+                    _ = sleep_until(deadline), if root || out.is_empty() => {
                         return Outcome::Failed(lease.misbehaved("wait_on_root", "paused_too_long"));
                     }
                 }
             };
+            events.extend(lease.take_stream_events());
             match last {
                 Outcome::Pause => continue,
                 Outcome::Wait(more) => {
@@ -1030,6 +1058,7 @@ impl Callouts {
             trailers: Vec::new(),
             grpc: None,
             root: false,
+            stream: None,
         })
     }
 }
@@ -1040,5 +1069,14 @@ impl crate::wasm::Dispatch for Callouts {
         call: PendingCall,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CallResponse> + Send>> {
         Box::pin(async move { self.call(call).await })
+    }
+
+    fn open_stream(
+        self: std::sync::Arc<Self>,
+        call: PendingCall,
+        cmds: tokio::sync::mpsc::UnboundedReceiver<crate::wasm::StreamCmd>,
+        events: futures::channel::mpsc::Sender<CallResponse>,
+    ) {
+        tokio::spawn(async move { self.grpc.stream(call, cmds, events).await });
     }
 }

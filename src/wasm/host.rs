@@ -36,6 +36,15 @@ pub struct Host {
     /// gRPC calls of the current request not yet answered or cancelled: an answer whose
     /// token is no longer here was cancelled and is dropped (`proxy_grpc_cancel`).
     pub(crate) grpc_tokens: Vec<u32>,
+    /// gRPC streams of the current HTTP context (`proxy_grpc_stream`) not yet closed on
+    /// both sides nor cancelled: an event whose token is no longer here is dropped unseen.
+    pub(crate) grpc_streams: Vec<StreamSlot>,
+    /// Events of streams opened since the proxy last took them (see
+    /// [`super::Lease::take_stream_events`]).
+    pub(crate) stream_events: Vec<StreamEvents>,
+    /// Events of the root context's streams, delivered while the VM is idle (see
+    /// `Plugin::answer_root`).
+    pub(crate) root_stream_events: Vec<StreamEvents>,
     /// The HTTP context of the request holding this VM (0 when it is idle).
     pub(crate) http_ctx: i32,
     /// The context the guest acts for (`proxy_set_effective_context`): the root context
@@ -215,6 +224,58 @@ pub struct GrpcTarget {
     pub authority: String,
 }
 
+/// Most gRPC streams one context (an HTTP context, or the root context) may have open
+/// (not closed remotely) at once, as callouts per callback.
+pub const MAX_GRPC_STREAMS: usize = 8;
+/// Streams closed remotely but not by the guest a context remembers (`proxy_grpc_close`
+/// on them is `Ok`, as in Envoy); beyond this the oldest are forgotten (`NotFound`).
+pub const MAX_CLOSED_GRPC_STREAMS: usize = 32;
+/// Longest a gRPC stream lives: then it is reset and closes with DEADLINE_EXCEEDED.
+pub const GRPC_STREAM_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest message a guest may send on a gRPC stream, and that a stream may receive.
+pub const MAX_GRPC_MESSAGE: usize = 1 << 20;
+/// Stream events queued before the stream stops reading (HTTP/2 flow control then holds
+/// the upstream back) until the guest takes them.
+pub const GRPC_STREAM_QUEUE: usize = 16;
+
+/// What the guest asks of an open gRPC stream; dropping the sender resets the stream.
+#[derive(Debug)]
+pub enum StreamCmd {
+    /// One message (the stream frames it); `true` half-closes after it.
+    Send(bytes::Bytes, bool),
+    /// Half-closes (`proxy_grpc_close`).
+    Close,
+}
+
+/// What a gRPC stream's event is (delivered as a [`CallResponse`] with this set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// `headers` are the initial metadata.
+    InitialMetadata,
+    /// `body` is one message.
+    Message,
+    /// `trailers` are the trailing metadata.
+    TrailingMetadata,
+    /// The stream ended with the status in `grpc`; nothing follows.
+    Close,
+}
+
+/// The events of one open stream, in order.
+pub type StreamEvents = futures::channel::mpsc::Receiver<CallResponse>;
+
+/// One open gRPC stream, as the guest's context sees it.
+pub(crate) struct StreamSlot {
+    pub token: u32,
+    /// Opened by the root context: it outlives the requests.
+    pub root: bool,
+    pub cmds: tokio::sync::mpsc::UnboundedSender<StreamCmd>,
+    /// `proxy_grpc_close` was called: the slot goes once the remote side closes too.
+    pub local_closed: bool,
+    /// The stream closed remotely (`proxy_on_grpc_close` was delivered): the slot goes once
+    /// the guest closes it too, as in Envoy; sends until then are dropped.
+    pub remote_closed: bool,
+}
+
 /// How a gRPC callout ended (`proxy_get_status` in its callback).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GrpcStatus {
@@ -254,6 +315,8 @@ pub struct CallResponse {
     pub grpc: Option<GrpcStatus>,
     /// The call was the root context's (see [`PendingCall::root`]).
     pub root: bool,
+    /// Set for an event of a gRPC stream (`proxy_grpc_stream`): which one it is.
+    pub stream: Option<StreamEvent>,
 }
 
 /// A metric a guest defined with `proxy_define_metric`.
@@ -1746,12 +1809,66 @@ fn grpc_name(b: Vec<u8>) -> HostResult<String> {
     String::from_utf8(b).map_err(|_| Status::ParseFailure)
 }
 
-/// gRPC callouts. Unary calls (`proxy_grpc_call`) go to upstreams in the module's
-/// `allowed_upstreams` and are answered through `proxy_on_grpc_receive` or
-/// `proxy_on_grpc_close`; streams are not offered (`InternalFailure`, which the SDKs report
-/// as an error rather than a panic). Errors a guest can cause answer statuses the Rust SDK
-/// returns as `Err` (`ParseFailure`, `InternalFailure`, `NotFound`, `BadArgument` where it
-/// expects them), never trap.
+type GrpcRequest = (Arc<Upstream>, GrpcTarget, Vec<(String, Vec<u8>)>);
+
+/// The parts of a `proxy_grpc_call` or `proxy_grpc_stream` the guest names: upstream and
+/// `:authority`, service, method and initial metadata (pseudo-headers dropped).
+#[allow(clippy::too_many_arguments)]
+fn grpc_request(
+    c: &mut C,
+    up: i32,
+    un: i32,
+    sp: i32,
+    sn: i32,
+    mp: i32,
+    mn: i32,
+    hp: i32,
+    hn: i32,
+) -> HostResult<GrpcRequest> {
+    let upstream = read(c, up, un)?;
+    let service = grpc_name(read(c, sp, sn)?)?;
+    let method = grpc_name(read(c, mp, mn)?)?;
+    let hbytes = read(c, hp, hn)?;
+    let headers = abi::deserialize_map(&hbytes)
+        .map_err(|_| Status::ParseFailure)?
+        .into_iter()
+        .filter(|(k, _)| k.first() != Some(&b':'))
+        .map(|(k, v)| {
+            let n = header_name(k).map_err(|_| Status::ParseFailure)?;
+            header_value(v).map_err(|_| Status::ParseFailure)?;
+            Ok((n.as_str().to_string(), v.to_vec()))
+        })
+        .collect::<HostResult<Vec<_>>>()?;
+    let p = c.data().plugin.clone();
+    let (upstream, authority) = grpc_upstream(&p, &upstream)?;
+    let target = GrpcTarget {
+        service,
+        method,
+        authority,
+    };
+    Ok((upstream, target, headers))
+}
+
+/// The next gRPC token: odd for calls, even for streams, as Envoy tells them apart.
+fn next_grpc_token(e: &mut Effects, stream: bool) -> u32 {
+    loop {
+        e.next_token = e.next_token.wrapping_add(1);
+        if e.next_token != 0 && e.next_token.is_multiple_of(2) == stream {
+            return e.next_token;
+        }
+    }
+}
+
+/// gRPC callouts, to upstreams in the module's `allowed_upstreams`. Unary calls
+/// (`proxy_grpc_call`, odd tokens) are answered through `proxy_on_grpc_receive` or
+/// `proxy_on_grpc_close`. Streams (`proxy_grpc_stream`, even tokens) of an HTTP context
+/// start at once; their events (`proxy_on_grpc_receive_initial_metadata`,
+/// `proxy_on_grpc_receive` per message, `proxy_on_grpc_receive_trailing_metadata`,
+/// `proxy_on_grpc_close`) are delivered while the request waits on the module (see
+/// `Callouts::settle`); those of the root context's streams while the VM is idle (see
+/// `Plugin::answer_root`). Errors
+/// a guest can cause answer statuses the Rust SDK returns as `Err` (`ParseFailure`,
+/// `InternalFailure`, `NotFound`, `BadArgument` where it expects them), never trap.
 fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -1771,29 +1888,14 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          ret: i32| {
             charge(&mut c)?;
             let r = (|| {
-                let upstream = read(&mut c, up, un)?;
-                let service = grpc_name(read(&mut c, sp, sn)?)?;
-                let method = grpc_name(read(&mut c, mp, mn)?)?;
-                let hbytes = read(&mut c, hp, hn)?;
+                let (upstream, target, headers) =
+                    grpc_request(&mut c, up, un, sp, sn, mp, mn, hp, hn)?;
                 let body = read(&mut c, bp, bn)?;
-                let headers = abi::deserialize_map(&hbytes)
-                    .map_err(|_| Status::ParseFailure)?
-                    .into_iter()
-                    .filter(|(k, _)| k.first() != Some(&b':'))
-                    .map(|(k, v)| {
-                        let n = header_name(k).map_err(|_| Status::ParseFailure)?;
-                        header_value(v).map_err(|_| Status::ParseFailure)?;
-                        Ok((n.as_str().to_string(), v.to_vec()))
-                    })
-                    .collect::<HostResult<Vec<_>>>()?;
-                let p = c.data().plugin.clone();
-                let (upstream, authority) = grpc_upstream(&p, &upstream)?;
                 if c.data().effects.calls.len() >= 8 {
                     return Err(Status::InternalFailure);
                 }
                 let h = c.data_mut();
-                h.effects.next_token = h.effects.next_token.wrapping_add(1).max(1);
-                let token = h.effects.next_token;
+                let token = next_grpc_token(&mut h.effects, false);
                 h.grpc_tokens.push(token);
                 let root = h.effective == ROOT_CONTEXT;
                 h.effects.calls.push(PendingCall {
@@ -1806,11 +1908,7 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                         ms => Duration::from_millis(ms.min(60_000) as u64),
                     },
                     root,
-                    grpc: Some(GrpcTarget {
-                        service,
-                        method,
-                        authority,
-                    }),
+                    grpc: Some(target),
                 });
                 write_u32(&mut c, ret, token)
             })();
@@ -1820,36 +1918,116 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_grpc_stream",
-        |mut c: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| {
+        |mut c: C,
+         up: i32,
+         un: i32,
+         sp: i32,
+         sn: i32,
+         mp: i32,
+         mn: i32,
+         hp: i32,
+         hn: i32,
+         ret: i32| {
             charge(&mut c)?;
-            Ok::<i32, wasmtime::Error>(Status::InternalFailure as i32)
+            let r = (|| {
+                let (upstream, target, headers) =
+                    grpc_request(&mut c, up, un, sp, sn, mp, mn, hp, hn)?;
+                // check the return slot first: nothing starts for a call that fails
+                write_u32(&mut c, ret, 0)?;
+                let h = c.data_mut();
+                let root = h.effective == ROOT_CONTEXT;
+                let open = h.grpc_streams.iter();
+                if open.filter(|s| s.root == root && !s.remote_closed).count() >= MAX_GRPC_STREAMS {
+                    return Err(Status::InternalFailure);
+                }
+                let Some(d) = h.plugin.dispatch.get().cloned() else {
+                    return Err(Status::InternalFailure);
+                };
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(Status::InternalFailure);
+                }
+                let token = next_grpc_token(&mut h.effects, true);
+                let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+                let (ev_tx, ev_rx) = futures::channel::mpsc::channel(GRPC_STREAM_QUEUE);
+                let call = PendingCall {
+                    token,
+                    upstream,
+                    headers,
+                    body: Vec::new(),
+                    timeout: GRPC_STREAM_LIFETIME,
+                    root,
+                    grpc: Some(target),
+                };
+                d.open_stream(call, cmd_rx, ev_tx);
+                h.grpc_streams.push(StreamSlot {
+                    token,
+                    root,
+                    cmds: cmd_tx,
+                    local_closed: false,
+                    remote_closed: false,
+                });
+                if root {
+                    h.root_stream_events.push(ev_rx);
+                } else {
+                    h.stream_events.push(ev_rx);
+                }
+                h.plugin.usage.add(super::meter::CALLOUTS, 1);
+                write_u32(&mut c, ret, token)
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_grpc_send",
-        |mut c: C, token: i32, _: i32, _: i32, _: i32| {
+        |mut c: C, token: i32, mp: i32, mn: i32, end: i32| {
             charge(&mut c)?;
-            // no stream is ever open: a call's token is the wrong kind (as Envoy answers)
-            let is_call = c.data().grpc_tokens.contains(&(token as u32));
-            Ok::<i32, wasmtime::Error>(if is_call {
-                Status::BadArgument as i32
-            } else {
-                Status::NotFound as i32
-            })
+            let token = token as u32;
+            let r = (|| {
+                // a call's token is the wrong kind (as Envoy answers)
+                if !token.is_multiple_of(2) {
+                    return Err(Status::BadArgument);
+                }
+                let Some(i) = c.data().grpc_streams.iter().position(|s| s.token == token) else {
+                    return Err(Status::NotFound);
+                };
+                if mn as u32 as usize > MAX_GRPC_MESSAGE {
+                    return Err(Status::BadArgument);
+                }
+                let msg = read(&mut c, mp, mn)?;
+                let slot = &c.data().grpc_streams[i];
+                // once closed (either side) a send goes nowhere, Ok as in Envoy
+                if !slot.remote_closed {
+                    let _ = slot.cmds.send(StreamCmd::Send(msg.into(), end != 0));
+                }
+                Ok(())
+            })();
+            Ok::<i32, wasmtime::Error>(abi::status(r))
         },
     )?;
-    // on a call, close is cancel (as in Envoy): the answer is dropped unseen
-    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
-        l.func_wrap("env", name, |mut c: C, token: i32| {
+    // On a call, close is cancel (as in Envoy): the answer is dropped unseen. On a stream,
+    // close half-closes it (events still come until it closes remotely) and cancel resets
+    // it (no further events).
+    for (name, cancel) in [("proxy_grpc_cancel", true), ("proxy_grpc_close", false)] {
+        l.func_wrap("env", name, move |mut c: C, token: i32| {
             charge(&mut c)?;
             let h = c.data_mut();
             let token = token as u32;
-            let Some(i) = h.grpc_tokens.iter().position(|t| *t == token) else {
-                return Ok::<i32, wasmtime::Error>(Status::NotFound as i32);
+            if let Some(i) = h.grpc_tokens.iter().position(|t| *t == token) {
+                h.grpc_tokens.swap_remove(i);
+                h.effects.calls.retain(|p| p.token != token);
+                return Ok::<i32, wasmtime::Error>(0);
+            }
+            let Some(i) = h.grpc_streams.iter().position(|s| s.token == token) else {
+                return Ok(Status::NotFound as i32);
             };
-            h.grpc_tokens.swap_remove(i);
-            h.effects.calls.retain(|p| p.token != token);
+            let slot = &mut h.grpc_streams[i];
+            if cancel || slot.remote_closed {
+                h.grpc_streams.remove(i); // dropping its sender resets an open stream
+            } else if !slot.local_closed {
+                slot.local_closed = true;
+                let _ = slot.cmds.send(StreamCmd::Close);
+            }
             Ok(0)
         })?;
     }

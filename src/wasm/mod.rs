@@ -18,7 +18,7 @@ mod wasi;
 
 pub use host::{
     CallResponse, ConnTls, GrpcStatus, GrpcTarget, LocalResponse, NodeInfo, PendingCall,
-    RequestInfo,
+    RequestInfo, StreamCmd, StreamEvent, StreamEvents,
 };
 pub use vm::{Lease, Outcome, RootEvent, View};
 
@@ -72,6 +72,16 @@ pub trait Dispatch: Send + Sync {
         self: Arc<Self>,
         call: PendingCall,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CallResponse> + Send>>;
+
+    /// Starts a gRPC stream (`proxy_grpc_stream`) on its own task: it takes the guest's
+    /// messages from `cmds` (the stream is reset when `cmds` closes) and hands its events
+    /// to `events` in order, ending with a [`StreamEvent::Close`] unless it was reset.
+    fn open_stream(
+        self: Arc<Self>,
+        call: PendingCall,
+        cmds: tokio::sync::mpsc::UnboundedReceiver<StreamCmd>,
+        events: futures::channel::mpsc::Sender<CallResponse>,
+    );
 }
 
 /// Where plugins find the dispatcher, once the proxy has set it.
@@ -605,12 +615,13 @@ impl Plugin {
     }
 
     /// Puts an idle VM in the pool, unless the plugin is retired. A VM whose root context
-    /// has callouts to make stays out of the pool until they are answered.
+    /// has callouts to make, or gRPC streams open, stays out of the pool until they are
+    /// answered or closed.
     fn park(self: &Arc<Self>, mut vm: Box<vm::Vm>) {
         if self.retired.load(Ordering::Acquire) {
             return self.dispose(vm);
         }
-        if vm.has_root_calls() {
+        if vm.has_root_calls() || vm.has_root_streams() {
             if let (Some(d), Ok(rt)) = (self.dispatch.get(), tokio::runtime::Handle::try_current())
             {
                 let calls = vm.take_root_calls();
@@ -628,8 +639,10 @@ impl Plugin {
     }
 
     /// Sends a root context's callouts and hands it each answer (`on_http_call_response`
-    /// on the root context) as it comes, then returns the VM to the pool. Calls time out
-    /// like any callout, so the VM always comes back, or is dropped if a callback fails.
+    /// on the root context) and each event of its gRPC streams as it comes, then returns
+    /// the VM to the pool. Calls time out like any callout and streams live at most
+    /// [`host::GRPC_STREAM_LIFETIME`], so the VM always comes back, or is dropped if a
+    /// callback fails.
     async fn answer_root(
         p: Arc<Plugin>,
         mut vm: Box<vm::Vm>,
@@ -639,9 +652,19 @@ impl Plugin {
         use futures::stream::{FuturesUnordered, StreamExt};
         let mut out: FuturesUnordered<_> =
             calls.into_iter().map(|c| d.clone().dispatch(c)).collect();
-        while let Some(a) = out.next().await {
+        let mut streams = futures::stream::SelectAll::new();
+        streams.extend(vm.take_root_streams());
+        loop {
+            let a = tokio::select! {
+                Some(a) = out.next(), if !out.is_empty() => a,
+                ev = streams.next(), if !streams.is_empty() => match ev {
+                    Some(a) => a,
+                    None => continue, // the last stream ended
+                },
+                else => break,
+            };
             if p.retired.load(Ordering::Acquire) {
-                break; // `park` ends its root context
+                break; // `park` ends its root context (and resets its streams)
             }
             if let Err(f) = vm.root_answer(&p, &a) {
                 p.report(&f);
@@ -652,6 +675,7 @@ impl Plugin {
                     .into_iter()
                     .map(|c| d.clone().dispatch(c)),
             );
+            streams.extend(vm.take_root_streams());
         }
         p.park(vm);
     }

@@ -4,6 +4,7 @@
 use super::abi::{BufferType, ACTION_CONTINUE};
 use super::host::{
     fuel_for, CallResponse, Effects, Frame, Host, LocalResponse, PendingCall, RequestInfo,
+    StreamEvent, StreamEvents,
 };
 use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -40,6 +41,8 @@ struct Exports {
     on_http_call_response: Option<F5>,
     on_grpc_receive: Option<F3>,
     on_grpc_close: Option<F3>,
+    on_grpc_receive_initial_metadata: Option<F3>,
+    on_grpc_receive_trailing_metadata: Option<F3>,
     on_tick: Option<F1>,
     on_queue_ready: Option<F2>,
 }
@@ -113,6 +116,9 @@ impl Vm {
             alloc: None,
             out_of_fuel: false,
             grpc_tokens: Vec::new(),
+            grpc_streams: Vec::new(),
+            stream_events: Vec::new(),
+            root_stream_events: Vec::new(),
             http_ctx: 0,
             effective: ROOT,
             parked: Frame::default(),
@@ -205,6 +211,8 @@ impl Vm {
             on_http_call_response: opt!("proxy_on_http_call_response"),
             on_grpc_receive: opt!("proxy_on_grpc_receive"),
             on_grpc_close: opt!("proxy_on_grpc_close"),
+            on_grpc_receive_initial_metadata: opt!("proxy_on_grpc_receive_initial_metadata"),
+            on_grpc_receive_trailing_metadata: opt!("proxy_on_grpc_receive_trailing_metadata"),
             on_tick: opt!("proxy_on_tick"),
             on_queue_ready: opt!("proxy_on_queue_ready"),
         };
@@ -280,6 +288,15 @@ impl Vm {
 
     pub(crate) fn has_root_calls(&self) -> bool {
         !self.root_calls.is_empty()
+    }
+
+    /// Events of the root context's gRPC streams opened since they were last taken.
+    pub(crate) fn take_root_streams(&mut self) -> Vec<StreamEvents> {
+        std::mem::take(&mut self.store.data_mut().root_stream_events)
+    }
+
+    pub(crate) fn has_root_streams(&self) -> bool {
+        !self.store.data().root_stream_events.is_empty()
     }
 
     /// The end of the VM's root context, when the VM is let go: `on_done`, then
@@ -815,7 +832,9 @@ impl Lease {
         if resp.root {
             return self.on_root_event(RootEvent::Answer(resp), view);
         }
-        if !self.answer_exported(resp) {
+        // a stream's event goes through even when its callback is not exported: the
+        // stream's close must be noted
+        if resp.stream.is_none() && !self.answer_exported(resp) {
             return Outcome::Continue;
         }
         let ctx = self.ctx;
@@ -829,6 +848,35 @@ impl Lease {
         resumed(r)
     }
 
+    /// Events of the gRPC streams this request's context opened since they were last
+    /// taken; the proxy hands them back with [`Lease::park_stream_events`] when it stops
+    /// waiting, so events that come meanwhile are delivered at the next wait.
+    pub fn take_stream_events(&mut self) -> Vec<StreamEvents> {
+        self.vm
+            .as_mut()
+            .map(|v| std::mem::take(&mut v.store.data_mut().stream_events))
+            .unwrap_or_default()
+    }
+
+    /// Keeps the events of streams still open for the next wait; dropped (and the
+    /// streams reset) once the context has ended or failed.
+    pub fn park_stream_events(&mut self, events: impl IntoIterator<Item = StreamEvents>) {
+        if self.finished || self.failed.is_some() {
+            return;
+        }
+        if let Some(v) = self.vm.as_mut() {
+            v.store.data_mut().stream_events.extend(events);
+        }
+    }
+
+    /// Whether this request's context has gRPC streams open (not closed remotely).
+    pub fn has_open_streams(&self) -> bool {
+        self.vm.as_ref().is_some_and(|v| {
+            let streams = &v.store.data().grpc_streams;
+            streams.iter().any(|s| !s.root && !s.remote_closed)
+        })
+    }
+
     /// The root context's callouts made before this request (its `on_configure`), to be
     /// sent while the request waits on the root context.
     pub fn take_root_calls(&mut self) -> Vec<PendingCall> {
@@ -838,10 +886,12 @@ impl Lease {
             .unwrap_or_default()
     }
 
-    /// Whether the leased VM's root context can still act while the request waits: it
-    /// has callouts to make, it ticks, or it registered a queue.
+    /// Whether the request can still be woken while it waits: its context has gRPC
+    /// streams open, or the leased VM's root context can still act (it has callouts to
+    /// make, it ticks, or it registered a queue).
     pub fn root_can_wake(&self) -> bool {
-        self.vm.as_ref().is_some_and(|v| v.has_root_calls())
+        self.has_open_streams()
+            || self.vm.as_ref().is_some_and(|v| v.has_root_calls())
             || self
                 .plugin
                 .tick_ms
@@ -892,7 +942,11 @@ impl Lease {
         }
         self.finished = true;
         if let Some(vm) = self.vm.as_mut() {
-            vm.store.data_mut().grpc_tokens.clear(); // calls still out die with the request
+            let h = vm.store.data_mut();
+            h.grpc_tokens.clear(); // calls still out die with the request
+                                   // its streams are reset and never call back; the root context's live on
+            h.grpc_streams.retain(|s| s.root);
+            h.stream_events.clear();
         }
         if self.ctx != 0 && self.failed.is_none() {
             self.end_context(req, info);
@@ -942,6 +996,14 @@ impl Lease {
 
 /// The callback that receives a callout's answer.
 fn answer_callback(a: &CallResponse) -> &'static str {
+    if let Some(ev) = a.stream {
+        return match ev {
+            StreamEvent::InitialMetadata => "on_grpc_receive_initial_metadata",
+            StreamEvent::Message => "on_grpc_receive",
+            StreamEvent::TrailingMetadata => "on_grpc_receive_trailing_metadata",
+            StreamEvent::Close => "on_grpc_close",
+        };
+    }
     match &a.grpc {
         None => "on_http_call_response",
         Some(g) if g.code == 0 => "on_grpc_receive",
@@ -950,11 +1012,68 @@ fn answer_callback(a: &CallResponse) -> &'static str {
 }
 
 fn answer_callback_exported(e: &Exports, a: &CallResponse) -> bool {
+    if let Some(ev) = a.stream {
+        return stream_callback(e, ev).is_some();
+    }
     match &a.grpc {
         None => e.on_http_call_response.is_some(),
         Some(g) if g.code == 0 => e.on_grpc_receive.is_some(),
         Some(_) => e.on_grpc_close.is_some(),
     }
+}
+
+fn stream_callback(e: &Exports, ev: StreamEvent) -> Option<&F3> {
+    match ev {
+        StreamEvent::InitialMetadata => e.on_grpc_receive_initial_metadata.as_ref(),
+        StreamEvent::Message => e.on_grpc_receive.as_ref(),
+        StreamEvent::TrailingMetadata => e.on_grpc_receive_trailing_metadata.as_ref(),
+        StreamEvent::Close => e.on_grpc_close.as_ref(),
+    }
+}
+
+/// Hands a gRPC stream's event to the guest, on the root context as Envoy does (the SDKs
+/// find the stream's context by the token), unless the stream was cancelled. After its
+/// close callback the stream is forgotten if the guest closed it too, or when it does
+/// (as in Envoy).
+fn deliver_stream_event(
+    s: &mut Store<Host>,
+    f: &Exports,
+    a: &CallResponse,
+    ev: StreamEvent,
+) -> wasmtime::Result<()> {
+    let streams = &mut s.data_mut().grpc_streams;
+    let Some(i) = streams.iter().position(|t| t.token == a.token) else {
+        return Ok(()); // cancelled, or the context moved on
+    };
+    if streams[i].remote_closed {
+        return Ok(());
+    }
+    let arg = match ev {
+        StreamEvent::InitialMetadata => a.headers.len() as i32,
+        StreamEvent::Message => a.body.len() as i32,
+        StreamEvent::TrailingMetadata => a.trailers.len() as i32,
+        StreamEvent::Close => {
+            streams[i].remote_closed = true;
+            a.grpc.as_ref().map_or(0, |g| g.code as i32)
+        }
+    };
+    let token = a.token as i32;
+    let r = stream_callback(f, ev).map_or(Ok(()), |g| g.call(&mut *s, (ROOT, token, arg)));
+    if ev == StreamEvent::Close {
+        let streams = &mut s.data_mut().grpc_streams;
+        streams.retain(|t| t.token != a.token || !t.local_closed);
+        // closed remotely and never by the guest (the SDKs do not close them): the
+        // oldest are forgotten beyond a bound, or a long-lived root context would pile
+        // them up
+        let root = streams.iter().find(|t| t.token == a.token).map(|t| t.root);
+        let kept = |t: &&super::host::StreamSlot| t.remote_closed && Some(t.root) == root;
+        if streams.iter().filter(kept).count() > super::host::MAX_CLOSED_GRPC_STREAMS {
+            if let Some(i) = streams.iter().position(|t| kept(&t)) {
+                streams.remove(i);
+            }
+        }
+    }
+    r
 }
 
 /// Hands a callout's answer to the guest: `on_http_call_response` on context `ctx` (the
@@ -969,6 +1088,9 @@ fn deliver_answer(
     a: &CallResponse,
 ) -> wasmtime::Result<()> {
     let token = a.token as i32;
+    if let Some(ev) = a.stream {
+        return deliver_stream_event(s, f, a, ev);
+    }
     let Some(g) = &a.grpc else {
         let (nh, nb, nt) = if a.status == 0 {
             (0, 0, 0) // the connection was lost before an answer
