@@ -1769,3 +1769,53 @@ hooks = ["ticking"]
     let m = gw.metrics().await;
     assert!(!m.contains("paused_too_long"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_log_comes_after_on_done_and_reads_the_response() {
+    // Envoy's order at a stream's end is on_done, on_log, on_delete, and its access-log
+    // phase reads the response head as sent (but cannot change it)
+    let module = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $done (mut i32) (i32.const 0))
+  (data (i32.const 16) "x-upstream")
+  (data (i32.const 32) "echo")
+  (data (i32.const 64) "on_log after on_done saw x-upstream and could not change it")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32) (global.set $done (i32.const 0)))
+  (func (export "proxy_on_done") (param i32) (result i32) (global.set $done (i32.const 1)) (i32.const 1))
+  (func (export "proxy_on_log") (param i32)
+    (if (i32.eqz (global.get $done)) (then (return)))
+    (if (call $get (i32.const 2) (i32.const 16) (i32.const 10) (i32.const 200) (i32.const 204)) (then (return)))
+    (if (i32.ne (i32.load (i32.const 204)) (i32.const 4)) (then (return)))
+    (if (i32.ne (i32.load (i32.load (i32.const 200))) (i32.load (i32.const 32))) (then (return)))
+    ;; BadArgument (2): the head is read-only here
+    (if (i32.ne (call $add (i32.const 2) (i32.const 16) (i32.const 10) (i32.const 32) (i32.const 4)) (i32.const 2)) (then (return)))
+    (drop (call $log (i32.const 2) (i32.const 64) (i32.const 59)))))"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("logger.wasm"), module).unwrap();
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            "[modules.logger]\npath = \"{}/logger.wasm\"\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\nhooks = [\"logger\"]\n",
+            dir.path().display(),
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let r = client().get(gw.url("http", "/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !gw
+        .log()
+        .contains("on_log after on_done saw x-upstream and could not change it")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1530,3 +1530,229 @@ upstream = "echo"
         "the plain request was answered while the slow scan waited"
     );
 }
+
+/// Bytes as a WAT data string.
+fn wat_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("\\{x:02x}")).collect()
+}
+
+/// A header map as `proxy_http_call` takes it.
+fn header_map(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend((k.len() as u32).to_le_bytes());
+        out.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend(k.as_bytes());
+        out.push(0);
+        out.extend(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_cannot_reframe_responses_or_callouts() {
+    // a module that, in the response headers, sets header `$1` to `$2` (by add or
+    // replace), and one that makes its response body longer than the upstream's length
+    let reframe = |op: &str, name: &str, value: &str| {
+        wat::parse_str(format!(
+            r#"(module
+  (import "env" "{op}" (func $h (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "{name}")
+  (data (i32.const 64) "{value}")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $h (i32.const 2) (i32.const 16) (i32.const {}) (i32.const 64) (i32.const {})))
+    (i32.const 0)))"#,
+            name.len(),
+            value.len()
+        ))
+        .unwrap()
+    };
+    let grow = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "and some more")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_response_body") (param i32 i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (drop (call $set (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 13)))
+    (i32.const 0)))"#,
+    )
+    .unwrap();
+    // a callout whose guest headers try to frame it: chunked, a Host of its own, a length
+    let map = header_map(&[
+        (":method", "POST"),
+        (":path", "/c"),
+        (":authority", "auth"),
+        ("transfer-encoding", "chunked"),
+        ("host", "evil"),
+        ("content-length", "3"),
+        ("connection", "x-private"),
+        ("x-private", "1"),
+    ]);
+    let smuggle = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
+    let caller = wat::parse_str(format!(
+        r#"(module
+  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "auth")
+  (data (i32.const 64) "{}")
+  (data (i32.const 512) "{}")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $call (i32.const 16) (i32.const 4) (i32.const 64) (i32.const {})
+      (i32.const 512) (i32.const {}) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 1024)))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (drop (call $continue (i32.const 0)))))"#,
+        wat_bytes(&map),
+        wat_bytes(smuggle),
+        map.len(),
+        smuggle.len()
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("add-length.wasm"),
+        reframe("proxy_add_header_map_value", "content-length", "7"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("set-chunked.wasm"),
+        reframe(
+            "proxy_replace_header_map_value",
+            "transfer-encoding",
+            "chunked",
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("grow.wasm"), grow).unwrap();
+    std::fs::write(d.join("caller.wasm"), caller).unwrap();
+    let up = Upstream::start("echo").await;
+    let auth = Upstream::start("auth").await;
+    let mut conf = HEAD.to_string()
+        + &format!(
+            "[upstreams.echo]\ntargets = [\"{}\"]\n[upstreams.auth]\ntargets = [\"{}\"]\n",
+            up.addr(),
+            auth.addr()
+        );
+    for m in ["add-length", "set-chunked", "grow", "caller"] {
+        conf += &format!(
+            "[modules.{m}]\npath = \"{}/{m}.wasm\"\nallowed_upstreams = [\"auth\"]\n[[routes]]\npath_prefix = \"/{m}\"\nupstream = \"echo\"\nhooks = [\"{m}\"]\n",
+            d.display()
+        );
+    }
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+
+    // one framing: the response reads whole, and the pipelined request after it is
+    // answered
+    for path in ["/add-length/a", "/set-chunked/b"] {
+        let mut c = Raw::connect(port);
+        c.send(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\nGET /set-chunked/next HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes());
+        let r = c.response().expect("an answer");
+        assert_eq!(r.status, 200, "{path}");
+        let lengths = r
+            .head
+            .to_ascii_lowercase()
+            .matches("content-length:")
+            .count();
+        let chunked = r.head.to_ascii_lowercase().contains("transfer-encoding");
+        // one framing: a single length, or chunks (the lengths disagreed)
+        assert!(
+            lengths <= 1 && (lengths == 1) != chunked,
+            "{path}: {}",
+            r.head
+        );
+        assert!(r.complete);
+        assert_eq!(r.json()["path"], path);
+        let next = c.response().expect("the pipelined request is answered");
+        assert_eq!(next.json()["path"], "/set-chunked/next");
+    }
+
+    // a body grown past the upstream's Content-Length is cut off, not cut short
+    let mut c = Raw::connect(port);
+    let r = c
+        .send(b"GET /grow/x HTTP/1.1\r\nhost: t\r\n\r\n")
+        .response()
+        .expect("a head");
+    assert!(
+        r.status != 200 || !r.complete,
+        "a grown body sent as if whole: {}{:?}",
+        r.head,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(c.closed(), "the connection ends with the cut-off response");
+
+    // the callout goes out framed by the gateway: one request, the guest's body whole
+    let r = get(port, "/caller/x", "t", "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        auth.stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the guest's framing smuggled a request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_change_from_the_body_only_before_the_head_went_upstream() {
+    // at the body's end the module adds `x-late: 1` to the request; what that call
+    // answered comes back to the client as the response header `x-late-status`
+    let module = wat::parse_str(
+        r#"(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $st (mut i32) (i32.const -1))
+  (data (i32.const 16) "x-late")
+  (data (i32.const 32) "1")
+  (data (i32.const 48) "x-late-status")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32) (global.set $st (i32.const -1)))
+  (func (export "proxy_on_request_body") (param i32 i32) (param $eos i32) (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 0))))
+    (global.set $st (call $add (i32.const 0) (i32.const 16) (i32.const 6) (i32.const 32) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 64) (i32.add (i32.const 48) (global.get $st)))
+    (drop (call $add (i32.const 2) (i32.const 48) (i32.const 13) (i32.const 64) (i32.const 1)))
+    (i32.const 0)))"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("late.wasm"), module).unwrap();
+    let up = Upstream::start("echo").await;
+    let conf = HEAD.to_string()
+        + &format!(
+            "[limits]\nmax_request_body_bytes = 1000000\n[modules.late]\npath = \"{}/late.wasm\"\n[upstreams.echo]\ntargets = [\"{}\"]\n[[routes]]\nupstream = \"echo\"\nhooks = [\"late\"]\n",
+            dir.path().display(),
+            up.addr()
+        );
+    let gw = Gw::start(&conf);
+    let port = gw.port("http");
+    // a small body is read before the head goes upstream: the change arrives (Ok = 0)
+    let r = post(port, "/small", &body(1000), false);
+    assert_eq!(r.json()["headers"]["x-late"], "1", "{}", r.head);
+    assert_eq!(r.header("x-late-status").as_deref(), Some("0"));
+    // a large one streams after the head: the change is refused (BadArgument = 2), as
+    // Envoy refuses it once the headers continued, never silently lost
+    let r = post(port, "/large", &body(200_000), false);
+    assert!(r.json()["headers"].get("x-late").is_none(), "{}", r.head);
+    assert_eq!(r.header("x-late-status").as_deref(), Some("2"));
+}

@@ -25,6 +25,9 @@ pub struct HookState {
     pub resp_body: Vec<u8>,
     /// Body that replaces the upstream's (a local response sent in a response phase).
     pub replace_body: Option<Bytes>,
+    /// The request head went upstream before its body (Pingora streams bodies over 64 KiB
+    /// or of unknown length): body callbacks can no longer change its headers.
+    pub head_sent: bool,
     /// The module whose `on_request_headers` paused to wait for the body: as in Envoy,
     /// the modules after it see the request only once it continues.
     pub held: Option<usize>,
@@ -144,6 +147,7 @@ impl HookState {
             response_started: false,
             resp_held: None,
             held_head: None,
+            head_sent: false,
             replaced_status: None,
             walk: Walk::Body(0),
             resp_waiting: None,
@@ -254,10 +258,19 @@ impl HookState {
             if let Some((i, calls)) = self.waiting.take() {
                 // a body callback made callouts: wait for them, then go on past it
                 let lease = self.leases[i].as_mut().expect("lease present");
-                let at = CallSite {
-                    req: Some(&mut *req),
-                    body: Some((BufferType::RequestBody, &mut self.req_body)),
-                    ..CallSite::default()
+                let body = Some((BufferType::RequestBody, &mut self.req_body));
+                let at = if self.head_sent {
+                    CallSite {
+                        req_ro: Some(&*req),
+                        body,
+                        ..CallSite::default()
+                    }
+                } else {
+                    CallSite {
+                        req: Some(&mut *req),
+                        body,
+                        ..CallSite::default()
+                    }
                 };
                 let out = if eos {
                     caller.wait_on_root(lease, at, &mut self.info, calls).await
@@ -318,7 +331,14 @@ impl HookState {
             let Some(lease) = self.leases[i].as_mut() else {
                 continue;
             };
-            match lease.on_request_body(req, &mut self.info, &mut self.req_body, end_of_stream) {
+            let sent = self.head_sent;
+            match lease.on_request_body(
+                req,
+                sent,
+                &mut self.info,
+                &mut self.req_body,
+                end_of_stream,
+            ) {
                 Outcome::Continue if self.held == Some(i) => {
                     self.held = None;
                     self.resume_at = Some(i + 1);
@@ -718,11 +738,19 @@ impl HookState {
         }
     }
 
-    /// `on_log`, `on_done`, `on_delete` for every module; returns the VMs to their pools.
-    pub fn finish(&mut self, req: &RequestHeader, status: u16, bytes_in: u64, bytes_out: u64) {
+    /// `on_done`, `on_log`, `on_delete` for every module; returns the VMs to their pools.
+    /// `resp` is the head the client got, for `on_log` to read.
+    pub fn finish(
+        &mut self,
+        req: &RequestHeader,
+        resp: Option<&ResponseHeader>,
+        status: u16,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
         self.info.response_code = status;
         for l in self.leases.iter_mut().flatten() {
-            l.finish(Some(req), &mut self.info);
+            l.finish(Some(req), resp, &mut self.info);
             let u = &l.plugin().usage;
             u.add(crate::wasm::meter::BYTES_IN, bytes_in);
             u.add(crate::wasm::meter::BYTES_OUT, bytes_out);

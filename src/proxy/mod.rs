@@ -894,6 +894,8 @@ impl ProxyHttp for Gateway {
         if ctx.body_seen == 0 && end_of_stream {
             return Ok(()); // no body at all: like Envoy, no body callback
         }
+        // Pingora sent the head upstream before this phase
+        state.head_sent = true;
         let flow = state
             .request_body(
                 session.req_header_mut(),
@@ -1366,7 +1368,8 @@ impl ProxyHttp for Gateway {
                 info.response_flags |= e.envoy_flags();
                 info.code_details = Some(std::borrow::Cow::Borrowed(e.code()));
             }
-            state.finish(session.req_header(), status, ctx.body_seen, sent);
+            let resp = session.response_written();
+            state.finish(session.req_header(), resp, status, ctx.body_seen, sent);
             details = state.info.code_details.take();
         }
         if let Some(r) = &ctx.route {

@@ -451,13 +451,23 @@ fn frame_req_mut<'a>(c: &C) -> HostResult<&'a mut RequestHeader> {
     }
 }
 
-fn frame_resp<'a>(c: &C) -> HostResult<&'a mut ResponseHeader> {
+fn frame_resp<'a>(c: &C) -> HostResult<&'a ResponseHeader> {
     // SAFETY: see `Frame`.
     c.data()
         .frame
         .resp
-        .map(|p| unsafe { &mut *p.as_ptr() })
+        .map(|p| unsafe { &*p.as_ptr() })
         .ok_or(Status::NotFound)
+}
+
+fn frame_resp_mut<'a>(c: &C) -> HostResult<&'a mut ResponseHeader> {
+    let f = &c.data().frame;
+    match f.resp {
+        // SAFETY: see `Frame`; writable only when the proxy lent it mutably.
+        Some(p) if f.resp_writable => Ok(unsafe { &mut *p.as_ptr() }),
+        Some(_) => Err(Status::BadArgument),
+        None => Err(Status::NotFound),
+    }
 }
 
 fn frame_info<'a>(c: &C) -> Option<&'a mut RequestInfo> {
@@ -644,10 +654,7 @@ fn map_change(c: &C, t: MapType, key: &[u8], value: &[u8], op: Op) -> HostResult
             Ok(())
         }
         MapType::ResponseHeaders => {
-            if !c.data().frame.resp_writable {
-                return Err(Status::BadArgument);
-            }
-            let r = frame_resp(c)?;
+            let r = frame_resp_mut(c)?;
             if key == b":status" {
                 let s = std::str::from_utf8(value)
                     .ok()
@@ -885,6 +892,15 @@ fn property(c: &C, path: &[u8]) -> HostResult<Vec<u8>> {
                     .ok_or(Status::NotFound)?,
             };
             int(code as i64)
+        }
+        [b"response", b"headers", name] => {
+            // one header's value (Envoy's `response.headers['name']`)
+            let pairs = map_pairs(c, MapType::ResponseHeaders)?;
+            pairs
+                .into_iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+                .ok_or(Status::NotFound)
         }
         [b"response", b"headers"] => {
             let pairs = map_pairs(c, MapType::ResponseHeaders)?;

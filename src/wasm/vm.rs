@@ -451,6 +451,8 @@ pub struct View<'a> {
     pub req: Option<&'a mut RequestHeader>,
     pub req_ro: Option<&'a RequestHeader>,
     pub resp: Option<&'a mut ResponseHeader>,
+    /// The response head, read-only (`on_log`).
+    pub resp_ro: Option<&'a ResponseHeader>,
     pub resp_trailers: Option<&'a mut http::HeaderMap>,
     pub body: Option<(BufferType, &'a mut Vec<u8>)>,
     pub info: Option<&'a mut RequestInfo>,
@@ -533,7 +535,10 @@ impl Lease {
                     .map(NonNull::from)
                     .or(view.req_ro.map(NonNull::from)),
                 resp_writable: view.resp.is_some(),
-                resp: view.resp.map(NonNull::from),
+                resp: view
+                    .resp
+                    .map(NonNull::from)
+                    .or(view.resp_ro.map(NonNull::from)),
                 resp_trailers: view.resp_trailers.map(NonNull::from),
                 body: view.body.map(|(t, b)| (t, NonNull::from(b))),
                 info: view.info.map(NonNull::from),
@@ -696,17 +701,26 @@ impl Lease {
         )
     }
 
+    /// `head_sent`: the request head already went upstream, so its headers are
+    /// read-only (changes answer `BadArgument`, as Envoy once the headers continued).
     pub fn on_request_body(
         &mut self,
         req: &mut RequestHeader,
+        head_sent: bool,
         info: &mut RequestInfo,
         body: &mut Vec<u8>,
         end_of_stream: bool,
     ) -> Outcome {
         let n = body.len() as i32;
         self.body_arrived(0, body.len());
+        let (req, req_ro) = if head_sent {
+            (None, Some(&*req))
+        } else {
+            (Some(req), None)
+        };
         let view = View {
-            req: Some(req),
+            req,
+            req_ro,
             info: Some(info),
             body: Some((BufferType::RequestBody, &mut *body)),
             ..View::default()
@@ -936,7 +950,12 @@ impl Lease {
     /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context; then bills what the
     /// request's callbacks burned, failed ones included (an overrun burned its whole
     /// budget and is the most expensive request there is).
-    pub fn finish(&mut self, req: Option<&RequestHeader>, info: &mut RequestInfo) {
+    pub fn finish(
+        &mut self,
+        req: Option<&RequestHeader>,
+        resp: Option<&ResponseHeader>,
+        info: &mut RequestInfo,
+    ) {
         if self.finished {
             return;
         }
@@ -949,7 +968,7 @@ impl Lease {
             h.stream_events.clear();
         }
         if self.ctx != 0 && self.failed.is_none() {
-            self.end_context(req, info);
+            self.end_context(req, resp, info);
         }
         if self.ctx == 0 && self.fuel_used == 0 {
             return; // no callback ran: nothing to bill
@@ -966,25 +985,33 @@ impl Lease {
             .observe(self.fuel_used as f64 / (super::FUEL_PER_US as f64 * 1e6));
     }
 
-    fn end_context(&mut self, req: Option<&RequestHeader>, info: &mut RequestInfo) {
+    /// `on_done`, `on_log`, `on_delete`, in Envoy's order. `on_log` reads the request and
+    /// the response as they were sent, as Envoy's access-log phase does.
+    fn end_context(
+        &mut self,
+        req: Option<&RequestHeader>,
+        resp: Option<&ResponseHeader>,
+        info: &mut RequestInfo,
+    ) {
         let ctx = self.ctx;
-        let view = View {
-            req_ro: req,
-            info: Some(&mut *info),
-            ..View::default()
-        };
-        let ended = self.run("on_log", view, |s, f| match &f.on_log {
-            Some(func) => func.call(s, ctx),
-            None => Ok(()),
-        });
-        if ended.is_err() {
-            return;
-        }
         let done = self.run("on_done", View::default(), |s, f| match &f.on_done {
             Some(func) => func.call(s, ctx).map(drop),
             None => Ok(()),
         });
         if done.is_err() {
+            return;
+        }
+        let view = View {
+            req_ro: req,
+            resp_ro: resp,
+            info: Some(&mut *info),
+            ..View::default()
+        };
+        let logged = self.run("on_log", view, |s, f| match &f.on_log {
+            Some(func) => func.call(s, ctx),
+            None => Ok(()),
+        });
+        if logged.is_err() {
             return;
         }
         let _ = self.run("on_delete", View::default(), |s, f| match &f.on_delete {
@@ -1148,7 +1175,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if !self.finished {
             let mut info = RequestInfo::default();
-            self.finish(None, &mut info);
+            self.finish(None, None, &mut info);
         }
         if let Some(vm) = self.vm.take() {
             self.plugin.give_back(vm);
