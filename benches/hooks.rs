@@ -50,7 +50,7 @@ fn one_request(p: &Arc<Plugin>, req: &mut RequestHeader) {
         Outcome::Continue => {}
         other => panic!("unexpected outcome {other:?}"),
     }
-    lease.finish(Some(req), &mut info);
+    lease.finish(Some(req), None, &mut info);
     black_box(&req);
 }
 
