@@ -1756,3 +1756,36 @@ async fn request_headers_change_from_the_body_only_before_the_head_went_upstream
     assert!(r.json()["headers"].get("x-late").is_none(), "{}", r.head);
     assert_eq!(r.header("x-late-status").as_deref(), Some("2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_cannot_hold_more_response_body_than_the_limit() {
+    // the inspector holds the head and the body until the body's end; the upstream sends
+    // 3 000 bytes in three pieces, and the gateway lets a module hold 1 500
+    let piece = vec![b'g'; 1000];
+    let (up, _u) = scripted_upstream(vec![
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n".to_vec(),
+            50,
+        ),
+        (piece.clone(), 50),
+        (piece.clone(), 50),
+        (piece, 0),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inspect.wasm"), inspector()).unwrap();
+    let conf = HEAD.to_string()
+        + &format!(
+            "[limits]\nmax_buffered_response_bytes = 1500\n[modules.inspect]\npath = \"{}/inspect.wasm\"\n[upstreams.up]\ntargets = [\"{up}\"]\n[[routes]]\nupstream = \"up\"\nhooks = [\"inspect\"]\n",
+            dir.path().display()
+        );
+    let gw = Gw::start(&conf);
+    let r = get(gw.port("http"), "/x", "t", "");
+    assert_eq!(r.status, 503, "{}", r.head);
+    assert!(String::from_utf8_lossy(&r.body).contains("hook_failed"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("response_body_too_large") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -154,6 +154,9 @@ pub struct LimitsSection {
     /// Open client connections beyond which new requests get 503 and their connection
     /// closed (counted every 100 ms); 0 disables the check.
     pub max_connections: usize,
+    /// Most response body a hook may hold back (buffering it to read it whole); beyond
+    /// it the buffering module fails with `response_body_too_large`.
+    pub max_buffered_response_bytes: usize,
 }
 
 impl Default for LimitsSection {
@@ -166,6 +169,7 @@ impl Default for LimitsSection {
             client_keepalive_timeout_secs: DEFAULT_KEEPALIVE_SECS,
             client_body_timeout_ms: Spanned::new(0..0, 10_000),
             max_connections: 10_000,
+            max_buffered_response_bytes: 16 * 1024 * 1024,
         }
     }
 }

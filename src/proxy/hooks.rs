@@ -25,6 +25,9 @@ pub struct HookState {
     pub resp_body: Vec<u8>,
     /// Body that replaces the upstream's (a local response sent in a response phase).
     pub replace_body: Option<Bytes>,
+    /// Most response body the modules may hold back (`[limits]
+    /// max_buffered_response_bytes`).
+    pub max_buffered_response: usize,
     /// The request head went upstream before its body (Pingora streams bodies over 64 KiB
     /// or of unknown length): body callbacks can no longer change its headers.
     pub head_sent: bool,
@@ -148,6 +151,7 @@ impl HookState {
             resp_held: None,
             held_head: None,
             head_sent: false,
+            max_buffered_response: usize::MAX,
             replaced_status: None,
             walk: Walk::Body(0),
             resp_waiting: None,
@@ -669,8 +673,19 @@ impl HookState {
                                 self.resp_waiting = Some((i, calls));
                                 return Flow::Buffer;
                             }
-                            Outcome::Pause if !eos => return Flow::Buffer,
+                            Outcome::Pause
+                                if !eos && self.resp_body.len() <= self.max_buffered_response =>
+                            {
+                                return Flow::Buffer
+                            }
                             Outcome::Respond(r) => return Flow::Respond(r),
+                            Outcome::Pause if !eos => {
+                                // holding more than the gateway lets a module hold
+                                lease.misbehaved("on_response_body", "response_body_too_large");
+                                if let Flow::Respond(r) = self.on_failure(i) {
+                                    return Flow::Respond(r);
+                                }
+                            }
                             Outcome::Pause => {
                                 lease.misbehaved("on_response_body", "paused_in_response");
                                 if let Flow::Respond(r) = self.on_failure(i) {

@@ -645,6 +645,9 @@ impl Gateway {
                 return Ok(true);
             }
         };
+        if let Some(snap) = &ctx.snapshot {
+            state.max_buffered_response = snap.limits.max_buffered_response_bytes;
+        }
         let eos = session.is_body_empty();
         // the conf rewrite was computed from the matched path; a hook may change it
         let before = ctx
