@@ -21,7 +21,7 @@ build_release # the guests and the demo upstream
 with_scratch
 
 up_port=$(free_port)
-"$bin" demo-upstream --fixed --listen "127.0.0.1:$up_port" --name ab 2>/dev/null &
+"$upstream_bin" --fixed --listen "127.0.0.1:$up_port" --name ab 2>/dev/null &
 pids+=($!)
 wait_port "$up_port"
 

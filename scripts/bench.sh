@@ -30,7 +30,7 @@ up_port=$(free_port); gw_port=$(free_port); ng_port=$(free_port); metrics_port=$
 admin_port=$(free_port)
 
 # --- upstream: a tiny fixed JSON answer
-"$bin" demo-upstream --fixed --listen "127.0.0.1:$up_port" --name bench 2>/dev/null &
+"$upstream_bin" --fixed --listen "127.0.0.1:$up_port" --name bench 2>/dev/null &
 pids+=($!)
 wait_port "$up_port"
 

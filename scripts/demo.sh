@@ -10,7 +10,7 @@ source scripts/lib.sh
 ensure_packages cmake
 ensure_rust_targets
 build_release
-"$bin" demo-upstream --listen 127.0.0.1:9000 &
+"$upstream_bin" --listen 127.0.0.1:9000 &
 upstream=$!
 trap 'kill $upstream 2>/dev/null || true' EXIT
 # the demo's operator token for the admin API (127.0.0.1:9092); set your own in real use

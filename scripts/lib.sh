@@ -40,14 +40,18 @@ pkg_for() {
 # One target dir for the demo, tests and benchmarks, outside the clone.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmgate-target}"
 
-# build_release: the guests and the gateway in release; sets $bin to the gateway binary.
+# build_release: the guests, the gateway and the demo upstream in release; sets $bin to
+# the gateway binary and $upstream_bin to the demo upstream (examples/demo_upstream).
 # Cargo's progress stays visible: a first build takes minutes and must not look stuck.
 build_release() {
   [ -x "$CARGO_TARGET_DIR/release/wasmgate" ] ||
     echo "first build into $CARGO_TARGET_DIR: this takes several minutes" >&2
   scripts/build-guests.sh >/dev/null
   cargo build --release
+  # on its own: built together, the example's dev-dependencies would change the gateway's
+  cargo build --release --example demo_upstream
   bin="$CARGO_TARGET_DIR/release/wasmgate"
+  upstream_bin="$CARGO_TARGET_DIR/release/examples/demo_upstream"
 }
 
 ensure_rust_targets() {

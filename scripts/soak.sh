@@ -22,8 +22,8 @@ with_scratch
 cargo run --release --quiet --example hostile -- "$tmp/hostile"
 pa=$(free_port); pb=$(free_port); gw=$(free_port); mt=$(free_port); ad=$(free_port)
 
-"$bin" demo-upstream --fixed --listen "127.0.0.1:$pa" --name a 2>/dev/null & pids+=($!)
-"$bin" demo-upstream --fixed --listen "127.0.0.1:$pb" --name b 2>/dev/null & up_b=$!
+"$upstream_bin" --fixed --listen "127.0.0.1:$pa" --name a 2>/dev/null & pids+=($!)
+"$upstream_bin" --fixed --listen "127.0.0.1:$pb" --name b 2>/dev/null & up_b=$!
 pids+=("$up_b")
 wait_port "$pa"; wait_port "$pb"
 
@@ -141,7 +141,7 @@ chaos+=($!)
 chaos+=($!)
 ( while [ "$(date +%s)" -lt "$end" ]; do
     sleep 3; kill "$up_b" 2>/dev/null || true; wait "$up_b" 2>/dev/null || true; sleep 2
-    "$bin" demo-upstream --fixed --listen "127.0.0.1:$pb" --name b 2>/dev/null & up_b=$!
+    "$upstream_bin" --fixed --listen "127.0.0.1:$pb" --name b 2>/dev/null & up_b=$!
   done; kill "$up_b" 2>/dev/null || true ) >/dev/null 2>&1 &
 chaos+=($!)
 python3 - "$gw" "$end" >"$tmp/abuse" <<'PY' &

@@ -7,7 +7,6 @@
 
 pub mod config;
 pub mod control;
-pub mod demo;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

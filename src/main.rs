@@ -3,7 +3,6 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -113,17 +112,6 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
-    /// Run a small JSON upstream (the demo's backend and the benchmark's target).
-    DemoUpstream {
-        #[arg(long, default_value = "127.0.0.1:9000")]
-        listen: String,
-        /// Name reported in answers and the x-upstream header.
-        #[arg(long, default_value = "demo")]
-        name: String,
-        /// Answer a fixed {"ok":true} instead of echoing the request.
-        #[arg(long)]
-        fixed: bool,
-    },
 }
 
 /// Logs go to stderr, at `RUST_LOG` or `default`.
@@ -150,7 +138,7 @@ fn main() -> ExitCode {
     // `check` prints its result and nothing else (module loading logs at info); the
     // client commands print answers. RUST_LOG still turns logs on for any command.
     init_tracing(match cli.cmd {
-        Cmd::Serve { .. } | Cmd::DemoUpstream { .. } => "info",
+        Cmd::Serve { .. } => "info",
         _ => "off",
     });
     match cli.cmd {
@@ -283,33 +271,6 @@ fn main() -> ExitCode {
                 admin_call(&admin, "DELETE", &format!("/v1/tokens/{jti}"), b"")
             }
         },
-        Cmd::DemoUpstream {
-            listen,
-            name,
-            fixed,
-        } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async {
-                let l = match tokio::net::TcpListener::bind(&listen).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("error: cannot listen on {listen}: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                eprintln!("demo upstream `{name}` listening on {listen}");
-                let opts = wasmgate::demo::UpstreamOpts {
-                    name,
-                    fixed,
-                    ..Default::default()
-                };
-                wasmgate::demo::serve(l, opts, Arc::default()).await;
-                ExitCode::SUCCESS
-            })
-        }
     }
 }
 

@@ -190,9 +190,9 @@ upstream = "pool"
     let l = tokio::net::TcpListener::bind(("127.0.0.1", b_port))
         .await
         .unwrap();
-    let back = tokio::spawn(wasmgate::demo::serve(
+    let back = tokio::spawn(upstream::serve(
         l,
-        wasmgate::demo::UpstreamOpts {
+        UpstreamOpts {
             name: "b".into(),
             ..Default::default()
         },
@@ -352,7 +352,7 @@ async fn https_picks_certificates_by_sni_and_speaks_http2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_precise_json_and_keep_the_connection() {
-    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+    let slow = Upstream::with(UpstreamOpts {
         name: "slow".into(),
         delay: Duration::from_secs(3),
         ..Default::default()
@@ -525,7 +525,7 @@ async fn reload_applies_good_confs_and_rejects_bad_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_requests_finish_on_their_snapshot() {
-    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+    let slow = Upstream::with(UpstreamOpts {
         name: "slow".into(),
         delay: Duration::from_millis(600),
         ..Default::default()
@@ -1002,7 +1002,7 @@ async fn idle_keepalive_timeout_is_the_operators() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_faults_reset_and_retry_on_another_target() {
     let good = Upstream::start("good").await;
-    let resetting = Upstream::with(wasmgate::demo::UpstreamOpts {
+    let resetting = Upstream::with(UpstreamOpts {
         name: "reset".into(),
         reset: true,
         ..Default::default()

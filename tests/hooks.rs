@@ -793,7 +793,7 @@ async fn a_failed_vm_is_replaced_and_isolation_modes_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_modules_answer_503_after_a_short_wait() {
-    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+    let slow = Upstream::with(UpstreamOpts {
         name: "slow-auth".into(),
         delay: Duration::from_millis(800),
         ..Default::default()

@@ -1378,7 +1378,7 @@ async fn callouts_from_the_response_body_are_awaited() {
     // the whole response; the connection stays usable after each.
     let up = Upstream::start("echo").await;
     let scanner = Upstream::start("scanner").await;
-    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+    let slow = Upstream::with(UpstreamOpts {
         name: "slow-scanner".into(),
         delay: Duration::from_millis(1500),
         ..Default::default()

@@ -483,7 +483,7 @@ async fn bad_uploads_are_refused_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_and_concurrency_limits() {
     let up = Upstream::start("echo").await;
-    let slow = Upstream::with(wasmgate::demo::UpstreamOpts {
+    let slow = Upstream::with(UpstreamOpts {
         name: "slow".into(),
         delay: Duration::from_millis(600),
         ..Default::default()

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use wasmgate::demo::{Stats, UpstreamOpts};
+#[path = "../../examples/demo_upstream/upstream.rs"]
+pub mod upstream;
+
+pub use upstream::{Stats, UpstreamOpts};
 
 /// The start most test confs share: no file watch, metrics and one HTTP listener on free
 /// ports (`{port:metrics}`, `{port:http}`).
@@ -84,7 +87,7 @@ impl Upstream {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let stats = Arc::new(Stats::default());
-        let task = tokio::spawn(wasmgate::demo::serve(l, opts, stats.clone()));
+        let task = tokio::spawn(upstream::serve(l, opts, stats.clone()));
         Upstream { port, stats, task }
     }
 

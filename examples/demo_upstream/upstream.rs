@@ -1,5 +1,5 @@
 //! A tiny HTTP/1.1 upstream: the demo's backend, the benchmark's target, and the tests'
-//! real server. It answers every request with JSON describing what it received (or a
+//! real server (they include this file). It answers every request with JSON describing what it received (or a
 //! fixed body), keeps connections alive, and can be told to misbehave for fault tests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
