@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
     let rewrite = std::fs::read(guests.join("rewrite.wasm"))
         .expect("guests/out/rewrite.wasm missing: run scripts/build-guests.sh");
     let metrics = Metrics::new();
-    let rt = Runtime::new(None).unwrap();
+    let rt = Runtime::new(false).unwrap();
     let cfg = r#"{"request":{"set_headers":{"x-added":"1"}}}"#;
     let pooled = rt
         .plugin(spec("pooled", cfg, Isolation::Shared), &rewrite, &metrics)

@@ -458,7 +458,7 @@ fn routes(a: &AdminArgs, cmd: RoutesCmd) -> ExitCode {
 fn check(config: &std::path::Path) -> ExitCode {
     let metrics = wasmgate::metrics::Metrics::new();
     // `check` must not touch the data directory: compile in memory only.
-    let runtime = match wasmgate::wasm::Runtime::new(None) {
+    let runtime = match wasmgate::wasm::Runtime::new(false) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -17,43 +17,24 @@ use pingora::services::background::background_service;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Reads `data_dir` from the conf before the full load, so compiled modules can be
-/// cached there by the first load already.
-pub fn data_dir_of(conf: &Path) -> std::path::PathBuf {
-    let base = conf.parent().unwrap_or(Path::new("."));
-    let dir = std::fs::read_to_string(conf)
-        .ok()
-        .and_then(|t| t.parse::<toml::Table>().ok())
-        .and_then(|t| {
-            t.get("server")?
-                .get("data_dir")?
-                .as_str()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "data".into());
-    base.join(dir)
-}
-
-/// Loads the conf (exiting with its errors if it is invalid) and serves it until shutdown.
+/// Loads the conf (returning its errors if it is invalid) and serves it until shutdown.
 pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let data_dir = data_dir_of(conf);
-    let runtime = Arc::new(wasm::Runtime::new(Some(&data_dir.join("modules")))?);
-    let live = match Live::open(conf, metrics.clone(), runtime.clone()) {
-        Ok(l) => Arc::new(l),
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-    };
+    let runtime = Arc::new(wasm::Runtime::new(true)?);
+    // a bad conf stops here, before any port is bound; `main` prints its errors
+    let live = Arc::new(
+        Live::open(conf, metrics.clone(), runtime.clone())
+            .map_err(|e| anyhow::anyhow!("the conf is invalid:\n{e}"))?,
+    );
     let snap = live.load();
     tracing::info!("{}", snap.summary());
+    let data_dir = snap.server.data_dir.clone();
 
     let sc = ServerConf {
         threads: snap.server.threads,
         work_stealing: snap.server.work_stealing,
-        grace_period_seconds: Some(snap.server.grace_period_secs),
-        graceful_shutdown_timeout_seconds: Some(snap.server.grace_period_secs),
+        grace_period_seconds: Some(snap.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(snap.server.grace_period.as_secs()),
         upgrade_sock: data_dir.join("upgrade.sock").to_string_lossy().into_owned(),
         pid_file: data_dir.join("wasmgate.pid").to_string_lossy().into_owned(),
         ..ServerConf::default()

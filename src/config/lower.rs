@@ -19,11 +19,11 @@ use toml::Spanned;
 pub struct Snapshot {
     pub generation: u64,
     pub path: PathBuf,
-    pub server: ServerSection,
+    pub server: Server,
     pub metrics_listen: Option<SocketAddr>,
-    pub access_log: AccessLogSection,
-    pub admin: AdminSection,
-    pub limits: LimitsSection,
+    pub access_log: AccessLog,
+    pub admin: Admin,
+    pub limits: Limits,
     /// Tenants declared in the conf, with their limits.
     pub tenants: BTreeMap<String, TenantFile>,
     pub listeners: Vec<Listener>,
@@ -33,6 +33,52 @@ pub struct Snapshot {
     pub plugins: BTreeMap<String, Arc<Plugin>>,
     /// The `[node]` guests see.
     pub node: Arc<wasm::NodeInfo>,
+}
+
+/// `[server]` as the process runs with it.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub threads: usize,
+    pub work_stealing: bool,
+    pub grace_period: Duration,
+    /// Resolved against the conf file's folder.
+    pub data_dir: PathBuf,
+    pub watch_config: bool,
+}
+
+/// `[admin]`: the admin API and the function namespace.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Empty: no admin API.
+    pub listen: String,
+    pub token_env: String,
+    pub token: Option<String>,
+    /// Function hosts are `{function}.{tenant}.<base_domain>` (lowercase, no final dot).
+    pub base_domain: Option<String>,
+    /// Function paths are `{function_prefix}/{tenant}/{function}/...`; `""`: hosts only.
+    pub function_prefix: String,
+}
+
+/// `[limits]` on client connections and requests.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_body_bytes: u64,
+    pub max_request_header_bytes: usize,
+    pub max_request_headers: usize,
+    pub client_header_timeout: Duration,
+    /// Whole seconds, as Pingora takes it; zero turns keep-alive off.
+    pub client_keepalive_timeout_secs: u64,
+    pub client_body_timeout: Duration,
+    pub max_connections: usize,
+    pub max_buffered_response_bytes: usize,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// Resolved against the conf file's folder; standard output when absent.
+    pub path: Option<PathBuf>,
 }
 
 /// The machine's host name (the default node id), or `wasmgate` when it has none.
@@ -247,6 +293,15 @@ impl Lowering<'_> {
                 self.err(t, format!("tenant `{name}`: tenant names are DNS labels (they appear in function hosts): 1-63 of a-z, 0-9 and -, not starting or ending with -"));
             }
         }
+        // compiled modules are cached under the data dir from the first load on
+        if let Err(e) = self
+            .env
+            .wasm
+            .set_cache_dir(&self.resolve(&f.server.data_dir).join("modules"))
+        {
+            self.errors
+                .push(self.src.error(0..0, format!("[server] data_dir: {e:#}")));
+        }
         let listeners = self.listeners(&f.listeners);
         let upstreams = self.upstreams(&f.upstreams);
         let node = Arc::new(self.node(&f.node));
@@ -258,22 +313,46 @@ impl Lowering<'_> {
             self.errors.sort_by_key(|e| (e.line, e.column));
             return Err(ConfErrors(self.errors));
         }
+        let (server, admin, limits) = (f.server, f.admin, f.limits);
         Ok(Snapshot {
             generation: self.env.generation,
             path: self.src.path.to_path_buf(),
-            server: f.server,
+            server: Server {
+                threads: server.threads,
+                work_stealing: server.work_stealing,
+                grace_period: Duration::from_secs(server.grace_period_secs),
+                data_dir: self.resolve(&server.data_dir),
+                watch_config: server.watch_config,
+            },
             metrics_listen,
             // relative to the conf file, like every path in it
-            access_log: AccessLogSection {
-                path: f
-                    .access_log
-                    .path
-                    .as_deref()
-                    .map(|p| self.resolve(p).to_string_lossy().into_owned()),
-                ..f.access_log
+            access_log: AccessLog {
+                enabled: f.access_log.enabled,
+                path: f.access_log.path.as_deref().map(|p| self.resolve(p)),
             },
-            admin: f.admin,
-            limits: f.limits,
+            admin: Admin {
+                listen: admin.listen,
+                token_env: admin.token_env,
+                token: admin.token,
+                base_domain: admin
+                    .base_domain
+                    .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
+                function_prefix: admin.function_prefix.into_inner(),
+            },
+            limits: Limits {
+                max_request_body_bytes: limits.max_request_body_bytes,
+                max_request_header_bytes: limits.max_request_header_bytes,
+                max_request_headers: limits.max_request_headers,
+                client_header_timeout: Duration::from_millis(
+                    limits.client_header_timeout_ms.into_inner(),
+                ),
+                client_keepalive_timeout_secs: limits.client_keepalive_timeout_secs,
+                client_body_timeout: Duration::from_millis(
+                    limits.client_body_timeout_ms.into_inner(),
+                ),
+                max_connections: limits.max_connections,
+                max_buffered_response_bytes: limits.max_buffered_response_bytes,
+            },
             tenants: f
                 .tenants
                 .into_iter()

@@ -529,7 +529,7 @@ impl Control {
                     .collect(),
             );
         }
-        let prefix = snap.admin.function_prefix.get_ref().clone();
+        let prefix = snap.admin.function_prefix.clone();
         let mut functions: HashMap<String, HashMap<String, Arc<Function>>> = HashMap::new();
         for (t, fns) in &s.functions {
             let Some(tenant) = tenants.get(t) else {
@@ -589,11 +589,7 @@ impl Control {
         self.tenants.store(Arc::new(tenants));
         self.functions.store(Arc::new(FnTable {
             prefix,
-            base_domain: snap
-                .admin
-                .base_domain
-                .as_ref()
-                .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
+            base_domain: snap.admin.base_domain.clone(),
             map: functions,
         }));
     }

@@ -15,7 +15,7 @@ pub struct AccessLog {
 impl AccessLog {
     /// Starts the writer: appends to `path`, or standard output.
     pub fn start(
-        path: Option<&str>,
+        path: Option<&std::path::Path>,
         dropped: prometheus::IntCounter,
     ) -> std::io::Result<AccessLog> {
         let mut out: Box<dyn Write + Send> = match path {

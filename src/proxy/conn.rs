@@ -247,7 +247,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
         let (limit, head_limit) = {
             let snap = self.live.load();
             (
-                Duration::from_millis(*snap.limits.client_header_timeout_ms.get_ref()),
+                snap.limits.client_header_timeout,
                 snap.limits.max_request_header_bytes,
             )
         };

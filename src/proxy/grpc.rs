@@ -296,13 +296,7 @@ impl GrpcClient {
     async fn exchange(&self, c: &PendingCall) -> pingora::Result<CallResponse> {
         let (mut s, peer) = self.open(c, true).await?;
         s.write_request_body(frame(&c.body), true).await?;
-        s.read_response_header().await?;
-        let (status, headers) = {
-            let h = s.response_header().ok_or_else(|| {
-                pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
-            })?;
-            (h.status.as_u16(), pairs(&h.headers))
-        };
+        let (status, headers) = response_head(&mut s).await?;
         let mut body = Vec::new();
         while let Some(chunk) = s.read_response_body().await? {
             if body.len() + chunk.len() > MAX_MESSAGE + 5 {
@@ -400,13 +394,7 @@ async fn read_stream(
     token: u32,
     events: &mut futures::channel::mpsc::Sender<CallResponse>,
 ) -> pingora::Result<Option<GrpcStatus>> {
-    s.read_response_header().await?;
-    let (status, headers) = {
-        let h = s.response_header().ok_or_else(|| {
-            pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
-        })?;
-        (h.status.as_u16(), pairs(&h.headers))
-    };
+    let (status, headers) = response_head(s).await?;
     let ok = GrpcStatus::default;
     if s.response_finished() {
         // trailers-only: the headers are the trailing metadata and carry the status
@@ -538,4 +526,13 @@ mod tests {
         assert!(!r.headers.contains_key("grpc-message"));
         assert!(!r.headers.contains_key("content-length"));
     }
+}
+
+/// Reads the answer's head: its status and headers.
+async fn response_head(s: &mut Http2Session) -> pingora::Result<(u16, Vec<(String, Vec<u8>)>)> {
+    s.read_response_header().await?;
+    let h = s.response_header().ok_or_else(|| {
+        pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
+    })?;
+    Ok((h.status.as_u16(), pairs(&h.headers)))
 }

@@ -265,10 +265,7 @@ fn request_info(session: &Session, route: &Route) -> RequestInfo {
 }
 
 /// 431 when the request head is over the conf's size or count limits.
-fn over_header_limits(
-    session: &Session,
-    l: &crate::config::file::LimitsSection,
-) -> Option<GatewayError> {
+fn over_header_limits(session: &Session, l: &crate::config::Limits) -> Option<GatewayError> {
     let req = session.req_header();
     if req.headers.len() > l.max_request_headers {
         return Some(GatewayError::HeadersTooLarge);
@@ -824,9 +821,7 @@ impl ProxyHttp for Gateway {
             session.set_keepalive((keepalive > 0).then_some(keepalive));
         }
         // a slow client must not hold the request: each body read has a deadline (408)
-        session.set_read_timeout(Some(Duration::from_millis(
-            *snap.limits.client_body_timeout_ms.get_ref(),
-        )));
+        session.set_read_timeout(Some(snap.limits.client_body_timeout));
         if let Some(done) = self.function_request(session, ctx).await? {
             return Ok(done);
         }

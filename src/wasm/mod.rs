@@ -366,7 +366,10 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<host::Host>,
     cache: DashMap<[u8; 32], Arc<Compiled>>,
-    cache_dir: Option<PathBuf>,
+    /// Where precompiled artifacts persist across restarts, once the conf named it.
+    cache_dir: std::sync::OnceLock<PathBuf>,
+    /// Artifacts go to disk at all (`serve`, not `check`).
+    persist: bool,
     shared: Arc<SharedState>,
     pub meter: Arc<meter::Meter>,
     dispatch: DispatchSlot,
@@ -383,26 +386,37 @@ impl Runtime {
         self.shared.node()
     }
 
-    /// `cache_dir`: where precompiled artifacts persist across restarts (`None`: memory only).
-    pub fn new(cache_dir: Option<&Path>) -> anyhow::Result<Runtime> {
+    /// `persist`: precompiled artifacts are kept on disk, in the folder the first conf
+    /// names ([`Runtime::set_cache_dir`]); otherwise in memory only.
+    pub fn new(persist: bool) -> anyhow::Result<Runtime> {
         let werr = |e: wasmtime::Error| anyhow::anyhow!("{e:#}");
         let engine = Engine::new(&engine_config()).map_err(werr)?;
         let mut linker = Linker::new(&engine);
         host::define(&mut linker).map_err(werr)?;
         wasi::define(&mut linker).map_err(werr)?;
-        if let Some(d) = cache_dir {
-            std::fs::create_dir_all(d)
-                .with_context(|| format!("creating module cache {}", d.display()))?;
-        }
         Ok(Runtime {
             engine,
             linker,
             cache: DashMap::new(),
-            cache_dir: cache_dir.map(Path::to_path_buf),
+            cache_dir: std::sync::OnceLock::new(),
+            persist,
             shared: Arc::new(SharedState::default()),
             meter: Arc::default(),
             dispatch: Arc::default(),
         })
+    }
+
+    /// Where precompiled artifacts go: the first conf's `data_dir/modules` (a reload that
+    /// names another folder changes nothing until a restart). No-op for a memory-only
+    /// runtime.
+    pub fn set_cache_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        if !self.persist || self.cache_dir.get().is_some() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating module cache {}", dir.display()))?;
+        let _ = self.cache_dir.set(dir.to_path_buf());
+        Ok(())
     }
 
     /// Sets who sends root-context callouts (the proxy's callout client); until then they
@@ -452,7 +466,7 @@ impl Runtime {
         if !bytes.starts_with(b"\0asm") {
             return Err("not a wasm module (missing the \\0asm header)".into());
         }
-        let artifact = self.cache_dir.as_ref().map(|d| {
+        let artifact = self.cache_dir.get().map(|d| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             use std::hash::{Hash, Hasher};
             self.engine.precompile_compatibility_hash().hash(&mut h);
