@@ -461,6 +461,15 @@ async fn read_stream(
     Ok(Some(st))
 }
 
+/// Reads the answer's head: its status and headers.
+async fn response_head(s: &mut Http2Session) -> pingora::Result<(u16, Vec<(String, Vec<u8>)>)> {
+    s.read_response_header().await?;
+    let h = s.response_header().ok_or_else(|| {
+        pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
+    })?;
+    Ok((h.status.as_u16(), pairs(&h.headers)))
+}
+
 fn pairs(h: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
     h.iter()
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
@@ -526,13 +535,4 @@ mod tests {
         assert!(!r.headers.contains_key("grpc-message"));
         assert!(!r.headers.contains_key("content-length"));
     }
-}
-
-/// Reads the answer's head: its status and headers.
-async fn response_head(s: &mut Http2Session) -> pingora::Result<(u16, Vec<(String, Vec<u8>)>)> {
-    s.read_response_header().await?;
-    let h = s.response_header().ok_or_else(|| {
-        pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "no response")
-    })?;
-    Ok((h.status.as_u16(), pairs(&h.headers)))
 }
