@@ -10,11 +10,13 @@
 //! `benches/limiter.rs`): it is cheaper. Criterion medians of one admit, 2-core VM,
 //! `cargo bench --bench limiter -- --warm-up-time 1 --measurement-time 3`:
 //!
-//! | admit | hand-written GCRA (`Instant`) | governor 0.10 (quanta) |
+//! | admit | hand-written GCRA (`Instant`) | governor 0.10 (quanta), this `Limiter` |
 //! | --- | --- | --- |
-//! | allowed, 1 thread | 29.7 ns | 9.9 ns |
-//! | refused (with the retry-after), 1 thread | 32.9 ns | 23.3 ns |
-//! | allowed, 2 threads on one limiter | 93.2 ns | 36.1 ns |
+//! | allowed, 1 thread | 29.0 ns | 9.3 ns |
+//! | refused (with the retry-after), 1 thread | 29.6 ns | 18.3 ns |
+//! | allowed, 2 threads on one limiter | 48.1 ns | 36.0 ns |
+//!
+//! (An earlier run, beside other builds: 29.7/9.9, 32.9/23.3 and 93.2/36.1 ns.)
 //!
 //! The same algorithm; the difference is mostly the clock (`Instant::now` against a TSC
 //! read).
