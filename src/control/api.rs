@@ -1,5 +1,6 @@
-//! The admin API: JSON over HTTP/1.1 on its own listener (loopback by default), one
-//! request per connection. Every call needs `Authorization: Bearer <token>`: the operator
+//! The admin API: JSON over HTTP/1.1 (hyper) on its own listener (loopback by default), one
+//! request per connection. A client has 10 s to send its request head and 60 s for its
+//! body; heads are limited to 16 KiB (431 beyond), bodies to 64 MiB (413). Every call needs `Authorization: Bearer <token>`: the operator
 //! token (conf `[admin] token` or the env var named by `token_env`) can do everything; a
 //! tenant token (a JWT this gateway issued) only what its `ops` allow, on its own tenant.
 //! Missing, invalid, expired or revoked tokens get 401; a token without the right get 403.
@@ -32,16 +33,29 @@ use super::token::{self, Claims};
 use super::{ApiError, ApiResult, Control, DeployOpts, FunctionRec};
 use crate::config::file::TenantFile;
 use crate::wasm::meter::now_secs;
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
+/// Largest request head (request line and headers).
 const MAX_HEAD: usize = 16 << 10;
+/// Largest request body (a module upload); a tenant's `max_module_bytes` is checked after.
 const MAX_BODY: usize = 64 << 20;
+/// A client has this long to send its request head, then the connection is closed.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// And this long for the whole body, then it gets 408.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct AdminService {
     pub control: Arc<Control>,
@@ -65,13 +79,53 @@ impl BackgroundService for AdminService {
                     let c = self.control.clone();
                     let stop = shutdown.clone();
                     tokio::spawn(async move {
-                        let _ = serve(c, sock, stop).await;
+                        let ended = shutdown_signal(stop.clone());
+                        let svc = hyper::service::service_fn(move |req| {
+                            let (c, stop) = (c.clone(), stop.clone());
+                            async move { Ok::<_, Infallible>(serve(c, req, stop).await) }
+                        });
+                        connection(sock, HEAD_TIMEOUT, svc, ended).await;
                     });
                 }
             }
         }
     }
 }
+
+async fn shutdown_signal(mut stop: ShutdownWatch) {
+    let _ = stop.changed().await;
+}
+
+/// One client connection: HTTP/1.1, one request (no keep-alive), the head within
+/// `head_timeout`. On shutdown, a request in progress finishes (a log stream ends).
+async fn connection<S>(
+    sock: TcpStream,
+    head_timeout: Duration,
+    svc: S,
+    stop: impl std::future::Future<Output = ()>,
+) where
+    S: hyper::service::Service<
+        hyper::Request<Incoming>,
+        Response = hyper::Response<Body>,
+        Error = Infallible,
+    >,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(sock), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 struct Req {
     method: String,
@@ -95,12 +149,12 @@ fn err_json(e: &ApiError) -> Resp {
 
 async fn serve(
     c: Arc<Control>,
-    mut sock: TcpStream,
+    req: hyper::Request<Incoming>,
     shutdown: ShutdownWatch,
-) -> std::io::Result<()> {
-    let req = match read_request(&mut sock).await? {
+) -> hyper::Response<Body> {
+    let req = match read_request(req, MAX_BODY, BODY_TIMEOUT).await {
         Ok(r) => r,
-        Err(e) => return write_json(&mut sock, &err_json(&e)).await,
+        Err(e) => return json_response(&err_json(&e)),
     };
     let (method, path) = (req.method.clone(), req.path.clone());
     let who_label;
@@ -123,122 +177,117 @@ async fn serve(
     };
     tracing::info!(target: "wasmgate::admin", who = %who_label, method = %method, path = %path, status, "admin request");
     match resp {
-        Resp::Json(..) => write_json(&mut sock, &resp).await,
-        Resp::Follow(log) => follow(&mut sock, log, shutdown).await,
+        Resp::Json(..) => json_response(&resp),
+        Resp::Follow(log) => follow(log, shutdown),
     }
 }
 
-async fn write_json(sock: &mut TcpStream, r: &Resp) -> std::io::Result<()> {
-    let Resp::Json(status, v) = r else {
-        return Ok(());
+fn json_response(r: &Resp) -> hyper::Response<Body> {
+    let (status, body) = match r {
+        Resp::Json(status, v) => (*status, v.to_string()),
+        Resp::Follow(_) => (500, String::new()),
     };
-    let body = v.to_string();
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        http::StatusCode::from_u16(*status).ok().and_then(|s| s.canonical_reason()).unwrap_or(""),
-        body.len()
-    );
-    sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
-    sock.shutdown().await
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+    *resp.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Server-sent events: the recent lines, then new ones as they come, like `tail -f`.
 /// A follower that falls behind loses lines (reported as a comment), never the gateway.
-async fn follow(
-    sock: &mut TcpStream,
+/// The stream ends when the gateway shuts down.
+fn follow(
     log: Arc<crate::wasm::meter::TenantLog>,
-    mut shutdown: ShutdownWatch,
-) -> std::io::Result<()> {
-    let mut rx = log.follow();
-    sock.write_all(
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n",
-    )
-    .await?;
-    for line in log.recent() {
-        sock.write_all(format!("data: {line}\n\n").as_bytes())
-            .await?;
-    }
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            m = rx.recv() => match m {
-                Ok(line) => sock.write_all(format!("data: {line}\n\n").as_bytes()).await?,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    log.dropped.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                    sock.write_all(format!(": dropped {n} lines\n\n").as_bytes()).await?
+    shutdown: ShutdownWatch,
+) -> hyper::Response<Body> {
+    use futures::StreamExt;
+    let rx = log.follow();
+    let recent: String = log
+        .recent()
+        .iter()
+        .map(|line| format!("data: {line}\n\n"))
+        .collect();
+    let first = futures::stream::iter((!recent.is_empty()).then_some(recent));
+    let next = futures::stream::unfold(
+        (rx, log, shutdown),
+        |(mut rx, log, mut shutdown)| async move {
+            let chunk = tokio::select! {
+                _ = shutdown.changed() => return None,
+                m = rx.recv() => match m {
+                    Ok(line) => format!("data: {line}\n\n"),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        log.dropped.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        format!(": dropped {n} lines\n\n")
+                    }
+                    Err(_) => return None,
                 }
-                Err(_) => return Ok(()),
-            }
-        }
-    }
+            };
+            Some((chunk, (rx, log, shutdown)))
+        },
+    );
+    let frames = first
+        .chain(next)
+        .map(|chunk| Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))));
+    let mut resp = hyper::Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
-async fn read_request(sock: &mut TcpStream) -> std::io::Result<Result<Req, ApiError>> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut tmp = [0u8; 8192];
-    loop {
-        let n = sock.read(&mut tmp).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut r = httparse::Request::new(&mut headers);
-        match r.parse(&buf) {
-            Ok(httparse::Status::Complete(head)) => {
-                let mut len = 0usize;
-                let mut auth = None;
-                for h in r.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("content-length") {
-                        len = std::str::from_utf8(h.value)
-                            .ok()
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                    } else if h.name.eq_ignore_ascii_case("authorization") {
-                        auth = std::str::from_utf8(h.value).ok().map(str::to_string);
-                    }
-                }
-                if len > MAX_BODY {
-                    return Ok(Err(ApiError::new(
-                        413,
-                        "body_too_large",
-                        format!("bodies are limited to {MAX_BODY} bytes"),
-                    )));
-                }
-                let target = r.path.unwrap_or("/").to_string();
-                let method = r.method.unwrap_or("GET").to_string();
-                let mut body = buf[head..].to_vec();
-                while body.len() < len {
-                    let n = sock.read(&mut tmp).await?;
-                    if n == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                    body.extend_from_slice(&tmp[..n]);
-                }
-                body.truncate(len);
-                let (path, q) = target.split_once('?').unwrap_or((&target, ""));
-                let query = form_urlencoded::parse(q.as_bytes())
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
-                return Ok(Ok(Req {
-                    method,
-                    path: path.to_string(),
-                    query,
-                    auth,
-                    body,
-                }));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            _ => {
-                return Ok(Err(ApiError::new(
-                    400,
-                    "bad_request",
-                    "malformed or oversized request head",
-                )))
-            }
-        }
+/// The request with its whole body: at most `max_body` bytes (413), within `timeout` (408).
+async fn read_request(
+    req: hyper::Request<Incoming>,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<Req, ApiError> {
+    let (parts, body) = req.into_parts();
+    let too_large = || {
+        ApiError::new(
+            413,
+            "body_too_large",
+            format!("bodies are limited to {max_body} bytes"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if declared > max_body as u64 {
+        return Err(too_large());
     }
+    let body = match tokio::time::timeout(timeout, Limited::new(body, max_body).collect()).await {
+        Ok(Ok(b)) => b.to_bytes().to_vec(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(e)) => return Err(ApiError::new(400, "bad_request", e.to_string())),
+        Err(_) => {
+            return Err(ApiError::new(
+                408,
+                "request_timeout",
+                format!("the body must arrive within {} s", timeout.as_secs()),
+            ))
+        }
+    };
+    let query = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    Ok(Req {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query,
+        auth: parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        body,
+    })
 }
 
 enum Who {
@@ -347,7 +396,17 @@ struct Activate {
 }
 
 async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
-    let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let segs: Vec<String> = req
+        .path
+        .trim_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let ok = |v: serde_json::Value| Ok(Resp::Json(200, v));
     let by = who.label();
     match (req.method.as_str(), segs.as_slice()) {
@@ -537,4 +596,140 @@ fn new_jti() -> String {
     let mut b = [0u8; 12];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     hex::encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that reads every request as the admin API does and answers its body size.
+    async fn server(head: Duration, body: Duration, max_body: usize) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| async move {
+                        Ok::<_, Infallible>(match read_request(req, max_body, body).await {
+                            Ok(r) => json_response(&Resp::Json(
+                                200,
+                                serde_json::json!({ "len": r.body.len(), "path": r.path }),
+                            )),
+                            Err(e) => json_response(&err_json(&e)),
+                        })
+                    });
+                    connection(sock, head, svc, std::future::pending()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// What the server sends until it closes the connection (`None`: reset).
+    async fn answer(s: &mut TcpStream) -> Option<String> {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .expect("the server must close the connection");
+        r.ok().map(|_| String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    async fn exchange(addr: std::net::SocketAddr, req: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req).await.unwrap();
+        answer(&mut s).await.expect("an answer, not a reset")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_client_is_cut_off_while_others_are_served() {
+        let addr = server(Duration::from_millis(600), Duration::from_secs(5), 1000).await;
+        let t = Instant::now();
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /v1/tenants HTTP/1.1\r\nhost: x\r\nauthor")
+            .await
+            .unwrap();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..3 {
+            let a = exchange(addr, b"GET /v1/x%20y?a=1 HTTP/1.1\r\nhost: x\r\n\r\n").await;
+            assert!(a.starts_with("HTTP/1.1 200 OK\r\n"), "{a}");
+            assert!(a.contains("connection: close\r\n"), "{a}");
+            assert!(a.contains("content-type: application/json\r\n"), "{a}");
+            assert!(a.ends_with(r#"{"len":0,"path":"/v1/x%20y"}"#), "{a}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "served while others stall"
+        );
+        for s in [&mut half, &mut silent] {
+            let a = answer(s).await.unwrap_or_default();
+            assert!(!a.contains("200"), "{a}");
+            let waited = t.elapsed();
+            assert!(
+                waited >= Duration::from_millis(550) && waited < Duration::from_secs(3),
+                "{waited:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bodies_are_limited_in_size_and_time() {
+        let addr = server(Duration::from_secs(5), Duration::from_millis(500), 1000).await;
+        let a = exchange(
+            addr,
+            b"PUT /m HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello",
+        )
+        .await;
+        assert!(a.ends_with(r#"{"len":5,"path":"/m"}"#), "{a}");
+        // declared too large: refused before reading
+        let a = exchange(
+            addr,
+            b"PUT /m HTTP/1.1\r\nhost: x\r\ncontent-length: 1001\r\n\r\n",
+        )
+        .await;
+        assert!(a.starts_with("HTTP/1.1 413 Payload Too Large\r\n"), "{a}");
+        assert!(
+            a.ends_with(
+                r#"{"error":"body_too_large","reason":"bodies are limited to 1000 bytes"}"#
+            ),
+            "{a}"
+        );
+        // chunked and too large: refused once over
+        let mut req = b"PUT /m HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..3 {
+            req.extend_from_slice(b"190\r\n");
+            req.extend_from_slice(&[b'a'; 400]);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        let a = exchange(addr, &req).await;
+        assert!(a.starts_with("HTTP/1.1 413 "), "{a}");
+        assert!(a.contains(r#""error":"body_too_large""#), "{a}");
+        // a body that stops coming: 408 after the body timeout
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PUT /m HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        let a = answer(&mut s).await.unwrap_or_default();
+        assert!(a.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{a}");
+        assert!(a.contains(r#""error":"request_timeout""#), "{a}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            t.elapsed()
+        );
+        // an oversized head
+        let mut req = b"GET /m HTTP/1.1\r\nhost: x\r\n".to_vec();
+        for i in 0..400 {
+            req.extend_from_slice(format!("x-h{i}: {}\r\n", "v".repeat(40)).as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(&req).await;
+        let a = answer(&mut s).await.unwrap_or_default();
+        assert!(a.starts_with("HTTP/1.1 431 "), "{a}");
+    }
 }

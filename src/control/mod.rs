@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod client;
+pub mod limit;
 pub mod token;
 
 use crate::config::file::{Isolation, TenantFile, DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
@@ -22,7 +23,6 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,60 +137,15 @@ impl pingora::services::background::BackgroundService for UsageKeeper {
 pub struct TenantRt {
     pub name: String,
     pub limits: TenantFile,
-    rate: Option<Gcra>,
+    rate: Option<limit::Limiter>,
     pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-/// Rate limiting by generic cell rate: one atomic "theoretical arrival time", no lock.
-struct Gcra {
-    interval_ns: u64,
-    tolerance_ns: u64,
-    tat: AtomicU64,
-    epoch: Instant,
-}
-
-impl Gcra {
-    fn new(per_sec: u32, burst: u32) -> Gcra {
-        let interval_ns = 1_000_000_000 / per_sec.max(1) as u64;
-        Gcra {
-            interval_ns,
-            tolerance_ns: interval_ns * burst.max(1) as u64,
-            tat: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
-    }
-
-    /// `Ok` if allowed, else how long until a request would be.
-    fn check(&self) -> Result<(), Duration> {
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let mut tat = self.tat.load(Ordering::Relaxed);
-        loop {
-            let base = tat.max(now);
-            if base - now >= self.tolerance_ns {
-                return Err(Duration::from_nanos(
-                    base - now - self.tolerance_ns + self.interval_ns,
-                ));
-            }
-            match self.tat.compare_exchange_weak(
-                tat,
-                base + self.interval_ns,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(t) => tat = t,
-            }
-        }
-    }
 }
 
 impl TenantRt {
     fn new(name: &str, limits: TenantFile) -> TenantRt {
         TenantRt {
             name: name.into(),
-            rate: limits
-                .rate_per_sec
-                .map(|r| Gcra::new(r, limits.burst.unwrap_or(r.max(1)))),
+            rate: limit::Limiter::for_limits(limits.rate_per_sec, limits.burst),
             concurrency: limits
                 .max_concurrency
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
