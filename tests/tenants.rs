@@ -1631,12 +1631,17 @@ async fn usage_survives_a_restart_and_a_crash() {
     traffic(5, gw.port("http")).await;
     // requests are metered in their logging phase, after the client has its answer
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // (invocations count as callbacks run, bytes when the request is logged): wait until
+    // all 5 are in and the record holds still
+    let mut last = Value::Null;
     let before = loop {
         let v = billed_usage(&a, &tok).await;
-        if v["modules"]["m"]["invocations"] == 5 || std::time::Instant::now() > deadline {
+        let settled = v["modules"]["m"]["invocations"] == 5 && v == last;
+        if settled || std::time::Instant::now() > deadline {
             break v;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        last = v;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(before["modules"]["m"]["invocations"], 5, "{before}");
 
