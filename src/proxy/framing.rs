@@ -184,13 +184,15 @@ pub fn keep_te_trailers(
 /// as something else, and the next response on the connection with it.
 pub fn keep_framing(resp: &mut ResponseHeader, te_before: Option<http::HeaderValue>) {
     use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-    let te_now: Vec<_> = resp
-        .headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .cloned()
-        .collect();
-    if te_now.len() != usize::from(te_before.is_some()) || te_now.first() != te_before.as_ref() {
+    // the common case, checked without allocating: framing as the upstream sent it
+    let mut te = resp.headers.get_all(TRANSFER_ENCODING).iter();
+    let te_kept = te.next() == te_before.as_ref() && te.next().is_none();
+    let mut cl = resp.headers.get_all(CONTENT_LENGTH).iter();
+    let (first, second) = (cl.next().is_some(), cl.next().is_some());
+    if te_kept && (!first || (!second && te_before.is_none())) {
+        return;
+    }
+    if !te_kept {
         resp.remove_header(&TRANSFER_ENCODING);
         if let Some(te) = te_before {
             let _ = resp.insert_header(TRANSFER_ENCODING, te);
