@@ -358,7 +358,7 @@ async fn errors_are_precise_json_and_keep_the_connection() {
         ..Default::default()
     })
     .await;
-    let dead_port = free_port();
+    let (dead_port, _dead) = refusing_port();
     let conf = HEAD.to_string()
         + &format!(
             r#"
@@ -1008,7 +1008,7 @@ async fn upstream_faults_reset_and_retry_on_another_target() {
         ..Default::default()
     })
     .await;
-    let dead = free_port();
+    let (dead, _dead) = refusing_port();
     let conf = HEAD.to_string()
         + &format!(
             r#"

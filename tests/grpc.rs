@@ -244,7 +244,8 @@ async fn get(c: &reqwest::Client, url: String, token: &str) -> (u16, Value) {
 async fn unary_grpc_calls_reach_the_guest() {
     let echo = Upstream::start("echo").await;
     let svc = GrpcService::start().await;
-    let gw = Gw::start(&conf(&echo.addr(), &svc.addr(), free_port()));
+    let (dead, _dead) = refusing_port();
+    let gw = Gw::start(&conf(&echo.addr(), &svc.addr(), dead));
     let c = client();
 
     // success: the message reaches the guest, which resumes the request with its user
@@ -339,7 +340,8 @@ fn raw(port: u16, req: &str) -> (String, String) {
 async fn local_replies_to_grpc_requests_are_grpc_answers() {
     let echo = Upstream::start("echo").await;
     let svc = GrpcService::start().await;
-    let gw = Gw::start(&conf(&echo.addr(), &svc.addr(), free_port()));
+    let (dead, _dead) = refusing_port();
+    let gw = Gw::start(&conf(&echo.addr(), &svc.addr(), dead));
     let port = gw.port("http");
     let grpc = "content-type: application/grpc\r\nte: trailers\r\n";
 
@@ -453,7 +455,8 @@ async fn cancelled_calls_are_never_sent_and_streams_obey_allowed_upstreams() {
     std::fs::write(dir.path().join("cancel.wasm"), filter).unwrap();
     let echo = Upstream::start("echo").await;
     let svc = GrpcService::start().await;
-    let conf = conf(&echo.addr(), &svc.addr(), free_port())
+    let (dead, _dead) = refusing_port();
+    let conf = conf(&echo.addr(), &svc.addr(), dead)
         + &format!(
             r#"
 [modules.cancel]
@@ -517,7 +520,8 @@ async fn grpc_over_http2_ends_answers_cleanly_and_keeps_te_trailers() {
     let (cert, key) = (dir.path().join("gw.crt"), dir.path().join("gw.key"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-    let conf = conf(&echo.addr(), &svc.addr(), free_port())
+    let (dead, _dead) = refusing_port();
+    let conf = conf(&echo.addr(), &svc.addr(), dead)
         + &format!(
             r#"
 [[listeners]]

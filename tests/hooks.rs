@@ -350,7 +350,7 @@ hooks = ["good"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_auth_pauses_on_an_http_callout() {
     let up = Upstream::start("echo").await;
-    let dead = free_port();
+    let (dead, _dead) = refusing_port();
     // accepts connections and never answers
     let silent_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent = silent_listener.local_addr().unwrap().to_string();
@@ -1601,7 +1601,7 @@ async fn first_tick_comes_one_period_after_start_and_local_replies_are_typed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_replies_go_through_the_response_callbacks() {
     let up = Upstream::start("echo").await;
-    let dead = free_port();
+    let (dead, _dead) = refusing_port();
     let conf = base(&up.addr())
         + &format!(
             r#"
@@ -1682,7 +1682,7 @@ hooks = ["cors", "hello"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_root_context_calls_out_and_resumes_requests() {
     let up = Upstream::start("echo").await;
-    let dead = free_port();
+    let (dead, _dead) = refusing_port();
     let conf = base(&up.addr())
         + &format!(
             r#"

@@ -1384,7 +1384,7 @@ async fn callouts_from_the_response_body_are_awaited() {
         ..Default::default()
     })
     .await;
-    let dead = free_port();
+    let (dead, _dead) = refusing_port();
     // one worker thread: a response that blocked it would stall every other request
     let conf = HEAD.replace("watch_config = false", "watch_config = false\nthreads = 1")
         + &format!(

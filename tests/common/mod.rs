@@ -67,6 +67,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A port where nothing listens, kept that way: a socket bound to it but never listening
+/// refuses every connection, and holds the port so no other test's server takes it.
+/// Keep the socket alive for as long as the port must stay dead.
+pub fn refusing_port() -> (u16, tokio::net::TcpSocket) {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (s.local_addr().unwrap().port(), s)
+}
+
 /// A real upstream on a free port, served from the test's runtime.
 pub struct Upstream {
     pub port: u16,
