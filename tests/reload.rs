@@ -5,12 +5,11 @@
 
 mod common;
 
+use common::admin::OP;
 use common::*;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-const OP: &str = "operator-secret-for-tests";
 
 fn head() -> String {
     format!(
@@ -30,20 +29,9 @@ listen = "127.0.0.1:{{port:http}}"
 
 /// Calls the admin API as the operator.
 async fn admin(gw: &Gw, method: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let r = client()
-        .request(m, gw.url("admin", path))
-        .bearer_auth(OP)
-        .body(body)
-        .send()
+    admin::Admin::new(gw)
+        .call(method, path, Some(OP), body)
         .await
-        .unwrap();
-    let s = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        s,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 async fn deploy(gw: &Gw, tenant: &str, module: &str, query: &str, guest: &str) {

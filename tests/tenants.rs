@@ -4,11 +4,10 @@
 
 mod common;
 
+use common::admin::{Admin, OP};
 use common::*;
 use serde_json::Value;
 use std::time::Duration;
-
-const OP: &str = "operator-secret-for-tests";
 
 fn conf(upstream: &str) -> String {
     format!(
@@ -35,87 +34,6 @@ max_module_bytes = 300000
 allowed_upstreams = ["echo"]
 "#
     )
-}
-
-struct Admin {
-    base: String,
-    c: reqwest::Client,
-}
-
-impl Admin {
-    fn new(gw: &Gw) -> Admin {
-        Admin {
-            base: gw.url("admin", ""),
-            c: client(),
-        }
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Vec<u8>,
-    ) -> (u16, Value) {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut r = self.c.request(m, format!("{}{path}", self.base)).body(body);
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        let r = r.send().await.unwrap();
-        let s = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (
-            s,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn json(&self, method: &str, path: &str, token: &str, v: Value) -> (u16, Value) {
-        self.call(method, path, Some(token), v.to_string().into_bytes())
-            .await
-    }
-
-    async fn token(&self, tenant: &str, ops: &[&str]) -> String {
-        let (s, v) = self
-            .json(
-                "POST",
-                &format!("/v1/tenants/{tenant}/tokens"),
-                OP,
-                serde_json::json!({ "ops": ops }),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        v["token"].as_str().unwrap().to_string()
-    }
-
-    async fn tenant(&self, name: &str, limits: Value) {
-        let (s, v) = self
-            .json(
-                "POST",
-                "/v1/tenants",
-                OP,
-                serde_json::json!({ "name": name, "limits": limits }),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-    }
-
-    async fn deploy(
-        &self,
-        tenant: &str,
-        module: &str,
-        token: &str,
-        bytes: Vec<u8>,
-    ) -> (u16, Value) {
-        self.call(
-            "PUT",
-            &format!("/v1/tenants/{tenant}/modules/{module}"),
-            Some(token),
-            bytes,
-        )
-        .await
-    }
 }
 
 fn guest(name: &str) -> Vec<u8> {

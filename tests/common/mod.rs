@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+pub mod admin;
 #[path = "../../examples/demo_upstream/upstream.rs"]
 pub mod upstream;
 
