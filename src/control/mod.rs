@@ -1119,24 +1119,11 @@ impl Control {
     pub fn usage(&self, t: &str, from: u64, to: u64) -> serde_json::Value {
         let rows = self.live.wasm.meter.tenant_usage(t, from, to);
         let mut modules = serde_json::Map::new();
-        let mut total = [0u64; 9];
+        let mut totals = crate::wasm::meter::Tally::default();
         for (m, c) in &rows {
-            let mut o = serde_json::Map::new();
-            for (i, f) in crate::wasm::meter::FIELDS.iter().enumerate() {
-                o.insert((*f).into(), c[i].into());
-                total[i] = if i == 8 {
-                    total[i].max(c[i])
-                } else {
-                    total[i] + c[i]
-                };
-            }
-            modules.insert(m.clone(), o.into());
+            totals.merge(c);
+            modules.insert(m.clone(), serde_json::json!(c));
         }
-        let totals: serde_json::Map<String, serde_json::Value> = crate::wasm::meter::FIELDS
-            .iter()
-            .enumerate()
-            .map(|(i, f)| ((*f).to_string(), total[i].into()))
-            .collect();
         serde_json::json!({ "tenant": t, "from": from, "to": to, "modules": modules, "totals": totals })
     }
 

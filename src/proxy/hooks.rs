@@ -767,8 +767,8 @@ impl HookState {
         for l in self.leases.iter_mut().flatten() {
             l.finish(Some(req), resp, &mut self.info);
             let u = &l.plugin().usage;
-            u.add(crate::wasm::meter::BYTES_IN, bytes_in);
-            u.add(crate::wasm::meter::BYTES_OUT, bytes_out);
+            u.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+            u.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
         }
         self.leases.clear();
     }

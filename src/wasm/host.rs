@@ -1987,7 +1987,7 @@ fn define_grpc(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 } else {
                     h.stream_events.push(ev_rx);
                 }
-                h.plugin.usage.add(super::meter::CALLOUTS, 1);
+                h.plugin.usage.http_callouts.fetch_add(1, Ordering::Relaxed);
                 write_u32(&mut c, ret, token)
             })();
             Ok::<i32, wasmtime::Error>(abi::status(r))

@@ -9,26 +9,118 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Counters kept per tenant and module.
-pub const FIELDS: [&str; 9] = [
-    "invocations",
-    "wasm_cpu_us",
-    "bytes_in",
-    "bytes_out",
-    "budget_overruns",
-    "traps",
-    "local_responses",
-    "http_callouts",
-    "peak_memory_bytes",
-];
-const PEAK: usize = 8;
+/// What a module's usage counts, as the usage API and records name it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub invocations: u64,
+    pub wasm_cpu_us: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub budget_overruns: u64,
+    pub traps: u64,
+    pub local_responses: u64,
+    pub http_callouts: u64,
+    /// Not additive: the largest linear memory seen.
+    pub peak_memory_bytes: u64,
+}
 
+impl Tally {
+    /// `self` then `other`, as one window: counts add up, the peak is the larger.
+    pub fn merge(&mut self, other: &Tally) {
+        let Tally {
+            invocations,
+            wasm_cpu_us,
+            bytes_in,
+            bytes_out,
+            budget_overruns,
+            traps,
+            local_responses,
+            http_callouts,
+            peak_memory_bytes,
+        } = other;
+        self.invocations += invocations;
+        self.wasm_cpu_us += wasm_cpu_us;
+        self.bytes_in += bytes_in;
+        self.bytes_out += bytes_out;
+        self.budget_overruns += budget_overruns;
+        self.traps += traps;
+        self.local_responses += local_responses;
+        self.http_callouts += http_callouts;
+        self.peak_memory_bytes = self.peak_memory_bytes.max(*peak_memory_bytes);
+    }
+
+    /// What was counted since `before` (the peak as it is now).
+    fn since(&self, before: &Tally) -> Tally {
+        Tally {
+            invocations: self.invocations.saturating_sub(before.invocations),
+            wasm_cpu_us: self.wasm_cpu_us.saturating_sub(before.wasm_cpu_us),
+            bytes_in: self.bytes_in.saturating_sub(before.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(before.bytes_out),
+            budget_overruns: self.budget_overruns.saturating_sub(before.budget_overruns),
+            traps: self.traps.saturating_sub(before.traps),
+            local_responses: self.local_responses.saturating_sub(before.local_responses),
+            http_callouts: self.http_callouts.saturating_sub(before.http_callouts),
+            peak_memory_bytes: self.peak_memory_bytes,
+        }
+    }
+
+    /// Anything but the peak was counted.
+    fn counted(&self) -> bool {
+        Tally {
+            peak_memory_bytes: 0,
+            ..*self
+        } != Tally::default()
+    }
+
+    /// The persisted form: the fields in declaration order (the format of
+    /// `usage.json` since it was introduced).
+    fn to_array(self) -> [u64; 9] {
+        [
+            self.invocations,
+            self.wasm_cpu_us,
+            self.bytes_in,
+            self.bytes_out,
+            self.budget_overruns,
+            self.traps,
+            self.local_responses,
+            self.http_callouts,
+            self.peak_memory_bytes,
+        ]
+    }
+
+    fn from_array(a: [u64; 9]) -> Tally {
+        let [invocations, wasm_cpu_us, bytes_in, bytes_out, budget_overruns, traps, local_responses, http_callouts, peak_memory_bytes] =
+            a;
+        Tally {
+            invocations,
+            wasm_cpu_us,
+            bytes_in,
+            bytes_out,
+            budget_overruns,
+            traps,
+            local_responses,
+            http_callouts,
+            peak_memory_bytes,
+        }
+    }
+}
+
+/// One module's live counters, bumped on the hook path (relaxed atomics, no lock), and
+/// the time buckets a background pass folds them into.
 #[derive(Default)]
 pub struct Usage {
-    pub counters: [AtomicU64; 9],
-    /// (unix second, counters added during the interval that ended then)
-    buckets: Mutex<VecDeque<(u64, [u64; 9])>>,
-    folded: Mutex<[u64; 9]>,
+    pub invocations: AtomicU64,
+    wasm_cpu_us: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub budget_overruns: AtomicU64,
+    pub traps: AtomicU64,
+    pub local_responses: AtomicU64,
+    pub http_callouts: AtomicU64,
+    peak_memory_bytes: AtomicU64,
+    /// (unix second, what was counted during the interval that ended then)
+    buckets: Mutex<VecDeque<(u64, Tally)>>,
+    folded: Mutex<Tally>,
     /// All fuel billed; `wasm_cpu_us` follows it, so requests of less than a microsecond
     /// each still add up instead of rounding to zero one by one.
     fuel: AtomicU64,
@@ -41,7 +133,8 @@ pub struct Usage {
 pub struct SavedUsage {
     pub tenant: String,
     pub module: String,
-    /// (unix second, counters added during the interval that ended then), oldest first.
+    /// (unix second, counters added during the interval that ended then), oldest first;
+    /// the counters in [`Tally`]'s field order.
     pub buckets: Vec<(u64, [u64; 9])>,
 }
 
@@ -49,35 +142,42 @@ pub struct SavedUsage {
 const KEEP_SECS: u64 = 7 * 24 * 3600;
 
 impl Usage {
-    pub fn add(&self, field: usize, n: u64) {
-        self.counters[field].fetch_add(n, Ordering::Relaxed);
-    }
-
     /// Bills `fuel` as wasm CPU time ([`super::FUEL_PER_US`] units per microsecond).
     pub fn add_fuel(&self, fuel: u64) {
         let before = self.fuel.fetch_add(fuel, Ordering::Relaxed);
         let per = super::FUEL_PER_US;
         let us = (before + fuel) / per - before / per;
         if us > 0 {
-            self.add(CPU_US, us);
+            self.wasm_cpu_us.fetch_add(us, Ordering::Relaxed);
         }
     }
 
     pub fn peak(&self, bytes: u64) {
-        self.counters[PEAK].fetch_max(bytes, Ordering::Relaxed);
+        self.peak_memory_bytes.fetch_max(bytes, Ordering::Relaxed);
     }
 
-    pub fn totals(&self) -> [u64; 9] {
-        std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
+    /// Everything counted so far.
+    pub fn totals(&self) -> Tally {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Tally {
+            invocations: load(&self.invocations),
+            wasm_cpu_us: load(&self.wasm_cpu_us),
+            bytes_in: load(&self.bytes_in),
+            bytes_out: load(&self.bytes_out),
+            budget_overruns: load(&self.budget_overruns),
+            traps: load(&self.traps),
+            local_responses: load(&self.local_responses),
+            http_callouts: load(&self.http_callouts),
+            peak_memory_bytes: load(&self.peak_memory_bytes),
+        }
     }
 
     /// Folds what was counted since the last fold into a bucket stamped `now`.
     fn fold(&self, now: u64) {
         let totals = self.totals();
         let mut last = self.folded.lock().unwrap_or_else(|e| e.into_inner());
-        let mut delta: [u64; 9] = std::array::from_fn(|i| totals[i].saturating_sub(last[i]));
-        delta[PEAK] = totals[PEAK]; // a peak is not additive
-        if delta[..PEAK].iter().any(|d| *d > 0) {
+        let delta = totals.since(&last);
+        if delta.counted() {
             let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
             b.push_back((now, delta));
             self.pushed.fetch_add(1, Ordering::Relaxed);
@@ -89,19 +189,12 @@ impl Usage {
     }
 
     /// Usage in `(from, to]` (unix seconds), folded up to now first.
-    pub fn between(&self, from: u64, to: u64) -> [u64; 9] {
+    pub fn between(&self, from: u64, to: u64) -> Tally {
         self.fold(now_secs());
         let b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = [0u64; 9];
-        for (t, d) in b.iter().filter(|(t, _)| *t > from && *t <= to) {
-            let _ = t;
-            for i in 0..9 {
-                if i == PEAK {
-                    out[i] = out[i].max(d[i]);
-                } else {
-                    out[i] += d[i];
-                }
-            }
+        let mut out = Tally::default();
+        for (_, d) in b.iter().filter(|(t, _)| *t > from && *t <= to) {
+            out.merge(d);
         }
         out
     }
@@ -187,8 +280,8 @@ impl Meter {
     }
 
     /// Usage of every module of `tenant`, between `from` and `to`.
-    pub fn tenant_usage(&self, tenant: &str, from: u64, to: u64) -> Vec<(String, [u64; 9])> {
-        let mut out: Vec<(String, [u64; 9])> = self
+    pub fn tenant_usage(&self, tenant: &str, from: u64, to: u64) -> Vec<(String, Tally)> {
+        let mut out: Vec<(String, Tally)> = self
             .usage
             .iter()
             .filter(|e| e.key().0 == tenant)
@@ -229,7 +322,7 @@ impl Meter {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
-                    .copied()
+                    .map(|(t, d)| (*t, d.to_array()))
                     .collect(),
             })
             .filter(|u| !u.buckets.is_empty())
@@ -245,10 +338,11 @@ impl Meter {
         for u in saved {
             let usage = self.usage(&u.tenant, &u.module);
             let mut b = usage.buckets.lock().unwrap_or_else(|e| e.into_inner());
-            let mut old: VecDeque<(u64, [u64; 9])> = u
+            let mut old: VecDeque<(u64, Tally)> = u
                 .buckets
                 .into_iter()
                 .filter(|(t, _)| *t >= oldest)
+                .map(|(t, d)| (t, Tally::from_array(d)))
                 .collect();
             old.extend(b.drain(..));
             *b = old;
@@ -256,11 +350,35 @@ impl Meter {
     }
 }
 
-pub const INVOCATIONS: usize = 0;
-pub const CPU_US: usize = 1;
-pub const BYTES_IN: usize = 2;
-pub const BYTES_OUT: usize = 3;
-pub const OVERRUNS: usize = 4;
-pub const TRAPS: usize = 5;
-pub const LOCAL_RESPONSES: usize = 6;
-pub const CALLOUTS: usize = 7;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_adds_counts_and_keeps_the_largest_peak() {
+        let u = Usage::default();
+        u.invocations.fetch_add(2, Ordering::Relaxed);
+        u.peak(100);
+        u.fold(10);
+        u.invocations.fetch_add(3, Ordering::Relaxed);
+        u.http_callouts.fetch_add(1, Ordering::Relaxed);
+        u.peak(50);
+        u.fold(20);
+        let w = u.between(0, 30);
+        assert_eq!(
+            (w.invocations, w.http_callouts, w.peak_memory_bytes),
+            (5, 1, 100)
+        );
+        assert_eq!(u.between(15, 30).invocations, 3);
+        assert_eq!(u.between(30, 40), Tally::default(), "nothing counted then");
+    }
+
+    #[test]
+    fn the_saved_form_keeps_its_field_order() {
+        // usage.json written before the counters had names must read the same
+        let t = Tally::from_array([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!((t.invocations, t.wasm_cpu_us, t.bytes_out), (1, 2, 4));
+        assert_eq!((t.http_callouts, t.peak_memory_bytes), (8, 9));
+        assert_eq!(t.to_array(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    }
+}

@@ -754,8 +754,12 @@ impl Plugin {
             .with_label_values(&[&self.spec.tenant, &self.spec.name, f.cause.label()])
             .inc();
         match f.cause {
-            Cause::Overrun => self.usage.add(meter::OVERRUNS, 1),
-            Cause::Trap(_) => self.usage.add(meter::TRAPS, 1),
+            Cause::Overrun => {
+                self.usage.budget_overruns.fetch_add(1, Ordering::Relaxed);
+            }
+            Cause::Trap(_) => {
+                self.usage.traps.fetch_add(1, Ordering::Relaxed);
+            }
             _ => {}
         }
         self.log.push(

@@ -9,6 +9,7 @@ use super::host::{
 use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use wasmtime::{Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
 
@@ -395,7 +396,8 @@ impl Vm {
         if !fx.calls.is_empty() {
             plugin
                 .usage
-                .add(super::meter::CALLOUTS, fx.calls.len() as u64);
+                .http_callouts
+                .fetch_add(fx.calls.len() as u64, Ordering::Relaxed);
         }
         root_calls.extend(fx.calls);
         r
@@ -567,12 +569,16 @@ impl Lease {
         let effects = std::mem::take(&mut h.effects);
         h.effects.next_token = effects.next_token;
         if effects.local.is_some() {
-            self.plugin.usage.add(super::meter::LOCAL_RESPONSES, 1);
+            self.plugin
+                .usage
+                .local_responses
+                .fetch_add(1, Ordering::Relaxed);
         }
         if !effects.calls.is_empty() {
             self.plugin
                 .usage
-                .add(super::meter::CALLOUTS, effects.calls.len() as u64);
+                .http_callouts
+                .fetch_add(effects.calls.len() as u64, Ordering::Relaxed);
         }
         match result {
             Ok(r) if effects.local_too_large => {
@@ -623,7 +629,10 @@ impl Lease {
         })?;
         self.ctx = ctx;
         self.plugin.metrics.invocations.inc();
-        self.plugin.usage.add(super::meter::INVOCATIONS, 1);
+        self.plugin
+            .usage
+            .invocations
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
