@@ -283,13 +283,18 @@ impl ClientStream {
                 return Poll::Ready(Ok(0));
             }
             let mut probe = *scan;
-            let (head, _) = probe.scan(buf);
+            let (head, mut ended) = probe.scan(buf);
             let n = if scan.pass {
                 ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[..head]))?
             } else {
                 head
             };
-            if scan.scan(&buf[..n]).1 {
+            if n == head {
+                *scan = probe;
+            } else {
+                ended = scan.scan(&buf[..n]).1; // a short write: only what went out
+            }
+            if ended {
                 held.pingora_head = None;
             }
             return Poll::Ready(Ok(n));

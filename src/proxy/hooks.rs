@@ -159,6 +159,15 @@ impl HookState {
         })
     }
 
+    /// Module `i` broke the ABI's rules (`cause`, logged and counted against it in
+    /// `callback`): its policy applies.
+    fn misbehaved(&mut self, i: usize, callback: &'static str, cause: &'static str) -> Flow {
+        if let Some(l) = self.leases[i].as_mut() {
+            l.misbehaved(callback, cause);
+        }
+        self.on_failure(i)
+    }
+
     /// Applies module `i`'s policy to its failure.
     fn on_failure(&mut self, i: usize) -> Flow {
         let Some(lease) = self.leases[i].take() else {
@@ -225,9 +234,7 @@ impl HookState {
                             .await;
                     }
                     Outcome::Pause => {
-                        let lease = self.leases[i].as_mut().expect("lease present");
-                        lease.misbehaved("on_request_headers", "paused_without_resume");
-                        match self.on_failure(i) {
+                        match self.misbehaved(i, "on_request_headers", "paused_without_resume") {
                             Flow::Continue => break,
                             other => return other,
                         }
@@ -286,10 +293,8 @@ impl HookState {
                     Outcome::Respond(r) => return Flow::Respond(r),
                     Outcome::Pause if !eos => return Flow::Buffer,
                     Outcome::Pause | Outcome::Wait(_) => {
-                        if let Some(l) = self.leases[i].as_mut() {
-                            l.misbehaved("on_request_body", "paused_without_resume");
-                        }
-                        if let Flow::Respond(r) = self.on_failure(i) {
+                        let failed = self.misbehaved(i, "on_request_body", "paused_without_resume");
+                        if let Flow::Respond(r) = failed {
                             return Flow::Respond(r);
                         }
                     }
@@ -361,8 +366,8 @@ impl HookState {
                     return Flow::Buffer;
                 }
                 Outcome::Pause => {
-                    lease.misbehaved("on_request_body", "paused_without_resume");
-                    if let Flow::Respond(r) = self.on_failure(i) {
+                    let failed = self.misbehaved(i, "on_request_body", "paused_without_resume");
+                    if let Flow::Respond(r) = failed {
                         return Flow::Respond(r);
                     }
                     if self.release(i) {
@@ -426,8 +431,8 @@ impl HookState {
                     return Flow::Buffer;
                 }
                 Outcome::Pause | Outcome::Wait(_) => {
-                    lease.misbehaved("on_response_headers", "paused_in_response");
-                    if let Flow::Respond(r) = self.on_failure(i) {
+                    let failed = self.misbehaved(i, "on_response_headers", "paused_in_response");
+                    if let Flow::Respond(r) = failed {
                         return Flow::Respond(r);
                     }
                 }
@@ -535,10 +540,7 @@ impl HookState {
         let Some(i) = self.resp_held.take() else {
             return Flow::Continue;
         };
-        if let Some(l) = self.leases[i].as_mut() {
-            l.misbehaved("on_response_headers", "paused_in_response");
-        }
-        self.on_failure(i)
+        self.misbehaved(i, "on_response_headers", "paused_in_response")
     }
 
     /// The held head, once no module holds it any more: the proxy sends it now.
@@ -602,8 +604,7 @@ impl HookState {
                     }
                 }
                 Outcome::Pause | Outcome::Wait(_) => {
-                    lease.misbehaved(callback, "paused_in_response");
-                    if let Flow::Respond(r) = self.on_failure(i) {
+                    if let Flow::Respond(r) = self.misbehaved(i, callback, "paused_in_response") {
                         return Flow::Respond(r);
                     }
                 }
@@ -628,10 +629,8 @@ impl HookState {
         }
         let mut flow = Flow::Continue;
         while let Some((i, _)) = self.resp_waiting.take() {
-            if let Some(l) = self.leases[i].as_mut() {
-                l.misbehaved("on_response_body", "callout_in_http2_response_body");
-            }
-            if let Flow::Respond(r) = self.on_failure(i) {
+            let failed = self.misbehaved(i, "on_response_body", "callout_in_http2_response_body");
+            if let Flow::Respond(r) = failed {
                 return Flow::Respond(r);
             }
             flow = self.response_walk(req, true);
@@ -681,14 +680,18 @@ impl HookState {
                             Outcome::Respond(r) => return Flow::Respond(r),
                             Outcome::Pause if !eos => {
                                 // holding more than the gateway lets a module hold
-                                lease.misbehaved("on_response_body", "response_body_too_large");
-                                if let Flow::Respond(r) = self.on_failure(i) {
+                                let cause = "response_body_too_large";
+                                if let Flow::Respond(r) =
+                                    self.misbehaved(i, "on_response_body", cause)
+                                {
                                     return Flow::Respond(r);
                                 }
                             }
                             Outcome::Pause => {
-                                lease.misbehaved("on_response_body", "paused_in_response");
-                                if let Flow::Respond(r) = self.on_failure(i) {
+                                let cause = "paused_in_response";
+                                if let Flow::Respond(r) =
+                                    self.misbehaved(i, "on_response_body", cause)
+                                {
                                     return Flow::Respond(r);
                                 }
                             }

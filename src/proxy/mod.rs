@@ -1017,11 +1017,7 @@ impl ProxyHttp for Gateway {
         } else if ctx.hooks.is_some() {
             // Streamed through hooks: the Content-Length is kept unless a hook removed it
             // (then Pingora sends the body chunked); its length is checked as it streams.
-            ctx.upstream_length = upstream_request
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
+            ctx.upstream_length = content_length(&upstream_request.headers);
             ctx.body_out = 0;
         }
         ctx.upstream_sent = Some(Instant::now());
