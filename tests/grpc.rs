@@ -38,6 +38,22 @@ fn frame(msg: &[u8]) -> Bytes {
     Bytes::from(b)
 }
 
+/// TLS with ALPN h2 and a self-signed certificate for `grpc.test`.
+fn h2_tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    let ck = rcgen::generate_simple_self_signed(vec!["grpc.test".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
 impl GrpcService {
     async fn start() -> GrpcService {
         Self::start_with(None).await
@@ -45,18 +61,7 @@ impl GrpcService {
 
     /// The same service over TLS (ALPN h2), with a certificate for `grpc.test`.
     async fn start_tls() -> GrpcService {
-        let ck = rcgen::generate_simple_self_signed(vec!["grpc.test".into()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+        Self::start_with(Some(h2_tls_acceptor())).await
     }
 
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> GrpcService {
@@ -629,18 +634,7 @@ impl StreamService {
 
     /// The same service over TLS (ALPN h2), with a certificate for `grpc.test`.
     async fn start_tls() -> StreamService {
-        let ck = rcgen::generate_simple_self_signed(vec!["grpc.test".into()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+        Self::start_with(Some(h2_tls_acceptor())).await
     }
 
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> StreamService {
