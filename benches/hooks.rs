@@ -10,8 +10,8 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 use std::time::Duration;
-use wasmgate::config::file::Isolation;
 use wasmgate::metrics::Metrics;
+use wasmgate::wasm::Isolation;
 use wasmgate::wasm::{FailurePolicy, Outcome, Plugin, PluginSpec, RequestInfo, Runtime};
 
 fn spec(name: &str, config: &str, isolation: Isolation) -> PluginSpec {

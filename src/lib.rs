@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod control;
+pub mod headers;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -1,11 +1,11 @@
 //! A route as the proxy uses it: where to send the request, what to change on the way,
 //! and which hooks run. Built once per snapshot; read-only afterwards.
 
+use crate::headers::HeaderTarget;
 use crate::metrics::RouteMetrics;
 use crate::upstream::Upstream;
 use crate::wasm::HookChain;
 use http::{HeaderName, HeaderValue};
-use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::Arc;
 
 pub struct Route {
@@ -30,46 +30,23 @@ pub struct HeaderOps {
     pub remove: Vec<HeaderName>,
 }
 
-/// Header maps the ops apply to: Pingora's request and response headers alike.
-pub trait HeaderTarget {
-    fn set(&mut self, name: &HeaderName, value: &HeaderValue);
-    fn add(&mut self, name: &HeaderName, value: &HeaderValue);
-    fn remove(&mut self, name: &HeaderName);
-}
-
-macro_rules! header_target {
-    ($t:ty) => {
-        impl HeaderTarget for $t {
-            fn set(&mut self, name: &HeaderName, value: &HeaderValue) {
-                let _ = self.insert_header(name.clone(), value.clone());
-            }
-            fn add(&mut self, name: &HeaderName, value: &HeaderValue) {
-                let _ = self.append_header(name.clone(), value.clone());
-            }
-            fn remove(&mut self, name: &HeaderName) {
-                let _ = self.remove_header(name);
-            }
-        }
-    };
-}
-header_target!(RequestHeader);
-header_target!(ResponseHeader);
-
 impl HeaderOps {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
     }
 
     /// Removes, then sets, then adds: a header both removed and added ends up added.
+    /// A map at capacity keeps what it has (the `http` crate's limit is far above any
+    /// conf's ops).
     pub fn apply(&self, target: &mut impl HeaderTarget) {
         for n in &self.remove {
             target.remove(n);
         }
         for (n, v) in &self.set {
-            target.set(n, v);
+            let _ = target.set(n.clone(), v.clone());
         }
         for (n, v) in &self.add {
-            target.add(n, v);
+            let _ = target.add(n.clone(), v.clone());
         }
     }
 }

@@ -352,12 +352,21 @@ pub struct HeaderOpsFile {
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Isolation {
+pub enum IsolationFile {
     /// One VM per module reused across requests (Envoy's model).
     #[default]
     Shared,
     /// A fresh instance for every request.
     Request,
+}
+
+impl From<IsolationFile> for crate::wasm::Isolation {
+    fn from(i: IsolationFile) -> Self {
+        match i {
+            IsolationFile::Shared => Self::Shared,
+            IsolationFile::Request => Self::Request,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -382,7 +391,7 @@ pub struct ModuleFile {
     #[serde(default = "num::<DEFAULT_MEMORY_MB>")]
     pub memory_mb: u64,
     #[serde(default)]
-    pub isolation: Isolation,
+    pub isolation: IsolationFile,
     /// Most instances of this module alive at once (requests beyond wait briefly, then 503).
     #[serde(default = "count::<64>")]
     pub max_instances: usize,

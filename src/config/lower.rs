@@ -715,7 +715,7 @@ impl Lowering<'_> {
                         .unwrap_or(mf.budget_us.saturating_mul(8)),
                 ),
                 memory_bytes: mf.memory_mb.saturating_mul(1024 * 1024),
-                isolation: mf.isolation,
+                isolation: mf.isolation.into(),
                 max_instances: mf.max_instances,
                 policy,
                 allowed_upstreams: allowed,

@@ -12,12 +12,13 @@ pub mod client;
 pub mod limit;
 pub mod token;
 
-use crate::config::file::{Isolation, TenantFile, DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
+use crate::config::file::{TenantFile, DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 use crate::config::is_dns_label;
 use crate::metrics::Metrics;
 use crate::reload::Live;
 use crate::route::{HeaderOps, Rewrite, Route};
 use crate::wasm::meter::now_secs;
+use crate::wasm::Isolation;
 use crate::wasm::{FailurePolicy, HookChain, Plugin, PluginSpec};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};

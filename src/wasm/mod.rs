@@ -14,15 +14,14 @@ pub mod abi;
 pub mod host;
 pub mod meter;
 mod vm;
-mod wasi;
 
+pub use host::View;
 pub use host::{
     CallResponse, ConnTls, GrpcStatus, GrpcTarget, LocalResponse, NodeInfo, PendingCall,
     RequestInfo, StreamCmd, StreamEvent, StreamEvents,
 };
-pub use vm::{Lease, Outcome, RootEvent, View};
+pub use vm::{Lease, Outcome, RootEvent};
 
-use crate::config::file::Isolation;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 use anyhow::Context as _;
@@ -151,6 +150,16 @@ impl Cause {
 pub struct Failure {
     pub callback: &'static str,
     pub cause: Cause,
+}
+
+/// How a module's instances are shared between requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// One VM per module reused across requests (Envoy's model).
+    #[default]
+    Shared,
+    /// A fresh instance for every request.
+    Request,
 }
 
 /// A module as the conf declares it, before it is instantiated.
@@ -393,7 +402,7 @@ impl Runtime {
         let engine = Engine::new(&engine_config()).map_err(werr)?;
         let mut linker = Linker::new(&engine);
         host::define(&mut linker).map_err(werr)?;
-        wasi::define(&mut linker).map_err(werr)?;
+        host::wasi::define(&mut linker).map_err(werr)?;
         Ok(Runtime {
             engine,
             linker,
@@ -442,7 +451,7 @@ impl Runtime {
         let (module, from_disk) = self.load_or_compile(bytes, &digest)?;
         vm::check_exports(&module)?;
         let mut linker = self.linker.clone();
-        wasi::stub_unknown(&mut linker, &module)?;
+        host::wasi::stub_unknown(&mut linker, &module)?;
         let pre = linker.instantiate_pre(&module).map_err(|e| {
             format!(
                 "imports something this host does not provide: {}",

@@ -3,12 +3,11 @@
 
 use super::abi::{BufferType, ACTION_CONTINUE};
 use super::host::{
-    fuel_for, CallResponse, Effects, Frame, Host, LocalResponse, PendingCall, RequestInfo,
-    StreamEvent, StreamEvents,
+    fuel_for, with_frame, CallResponse, Effects, Host, LocalResponse, PendingCall, RequestInfo,
+    StreamEvent, StreamEvents, View,
 };
 use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
-use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use wasmtime::{Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
@@ -111,7 +110,7 @@ impl Vm {
                 .memories(1)
                 .build(),
             plugin: plugin.clone(),
-            frame: Frame::default(),
+            frame: Default::default(),
             effects: Effects::default(),
             memory: None,
             alloc: None,
@@ -122,7 +121,7 @@ impl Vm {
             root_stream_events: Vec::new(),
             http_ctx: 0,
             effective: ROOT,
-            parked: Frame::default(),
+            parked: Default::default(),
             abi01: plugin.compiled.abi01,
             awaiting_done: false,
         };
@@ -258,28 +257,33 @@ impl Vm {
     }
 
     pub(crate) fn queue_ready(&mut self, plugin: &Plugin, queue: u32) -> Result<(), Failure> {
-        self.root_call(plugin, "on_queue_ready", |s, f| match &f.on_queue_ready {
-            Some(func) => func.call(s, (ROOT, queue as i32)),
-            None => Ok(()),
+        self.root_call(plugin, "on_queue_ready", View::default(), |s, f| {
+            match &f.on_queue_ready {
+                Some(func) => func.call(s, (ROOT, queue as i32)),
+                None => Ok(()),
+            }
         })
     }
 
     pub(crate) fn tick(&mut self, plugin: &Plugin) -> Result<(), Failure> {
-        self.root_call(plugin, "on_tick", |s, f| match &f.on_tick {
-            Some(func) => func.call(s, ROOT),
-            None => Ok(()),
+        self.root_call(plugin, "on_tick", View::default(), |s, f| {
+            match &f.on_tick {
+                Some(func) => func.call(s, ROOT),
+                None => Ok(()),
+            }
         })
     }
 
     /// The answer to one of the root context's own callouts, outside any request.
     pub(crate) fn root_answer(&mut self, plugin: &Plugin, a: &CallResponse) -> Result<(), Failure> {
-        // SAFETY (for the frame): `a` outlives the call; the frame is cleared after it.
-        self.store.data_mut().frame.call = Some(NonNull::from(a));
-        let r = self.root_call(plugin, answer_callback(a), |s, f| {
+        let view = View {
+            call: Some(a),
+            root: true,
+            ..View::default()
+        };
+        self.root_call(plugin, answer_callback(a), view, |s, f| {
             deliver_answer(s, f, ROOT, a)
-        });
-        self.store.data_mut().frame = Frame::default();
-        r
+        })
     }
 
     /// The root context's callouts not yet sent.
@@ -305,9 +309,11 @@ impl Vm {
     /// guest's `proxy_done` (see [`Vm::await_done`]); returns whether it does.
     pub(crate) fn shutdown(&mut self, plugin: &Plugin) -> bool {
         let mut done = true;
-        let r = self.root_call(plugin, "on_done", |s, f| match &f.on_done {
-            Some(func) => func.call(&mut *s, ROOT).map(|v| done = v != 0),
-            None => Ok(()),
+        let r = self.root_call(plugin, "on_done", View::default(), |s, f| {
+            match &f.on_done {
+                Some(func) => func.call(&mut *s, ROOT).map(|v| done = v != 0),
+                None => Ok(()),
+            }
         });
         if let Err(f) = r {
             plugin.report(&f);
@@ -353,9 +359,11 @@ impl Vm {
     }
 
     fn delete_root(&mut self, plugin: &Plugin) {
-        let r = self.root_call(plugin, "on_delete", |s, f| match &f.on_delete {
-            Some(func) => func.call(s, ROOT),
-            None => Ok(()),
+        let r = self.root_call(plugin, "on_delete", View::default(), |s, f| {
+            match &f.on_delete {
+                Some(func) => func.call(s, ROOT),
+                None => Ok(()),
+            }
         });
         if let Err(f) = r {
             plugin.report(&f);
@@ -368,6 +376,7 @@ impl Vm {
         &mut self,
         plugin: &Plugin,
         name: &'static str,
+        view: View<'_>,
         call: impl FnOnce(&mut Store<Host>, &Exports) -> wasmtime::Result<()>,
     ) -> Result<(), Failure> {
         let Vm {
@@ -387,9 +396,12 @@ impl Vm {
             };
         }
         let fuel = fuel_for(plugin.spec.budget);
-        let _ = store.set_fuel(fuel);
-        let r = call(store, f).map_err(|e| failure(name, e, store.data()));
-        plugin.bill_fuel(fuel - store.get_fuel().unwrap_or(0).min(fuel));
+        let (r, left) = with_frame(store, view, |store| {
+            let _ = store.set_fuel(fuel);
+            let r = call(store, f).map_err(|e| failure(name, e, store.data()));
+            (r, store.get_fuel().unwrap_or(0))
+        });
+        plugin.bill_fuel(fuel - left.min(fuel));
         let h = store.data_mut();
         let fx = std::mem::take(&mut h.effects);
         h.effects.next_token = fx.next_token;
@@ -445,23 +457,6 @@ pub struct Lease {
     pub fuel_used: u64,
     pub failed: Option<Failure>,
     finished: bool,
-}
-
-/// The request state a callback may see.
-#[derive(Default)]
-pub struct View<'a> {
-    pub req: Option<&'a mut RequestHeader>,
-    pub req_ro: Option<&'a RequestHeader>,
-    pub resp: Option<&'a mut ResponseHeader>,
-    /// The response head, read-only (`on_log`).
-    pub resp_ro: Option<&'a ResponseHeader>,
-    pub resp_trailers: Option<&'a mut http::HeaderMap>,
-    pub body: Option<(BufferType, &'a mut Vec<u8>)>,
-    pub info: Option<&'a mut RequestInfo>,
-    pub call: Option<&'a CallResponse>,
-    /// A root-context callback run while the request waits: the guest reaches the
-    /// request only after `proxy_set_effective_context` to its HTTP context.
-    pub root: bool,
 }
 
 impl Lease {
@@ -530,33 +525,13 @@ impl Lease {
             };
             h.http_ctx = self.ctx;
             h.effective = if view.root { ROOT } else { self.ctx };
-            let frame = Frame {
-                req_writable: view.req.is_some(),
-                req: view
-                    .req
-                    .map(NonNull::from)
-                    .or(view.req_ro.map(NonNull::from)),
-                resp_writable: view.resp.is_some(),
-                resp: view
-                    .resp
-                    .map(NonNull::from)
-                    .or(view.resp_ro.map(NonNull::from)),
-                resp_trailers: view.resp_trailers.map(NonNull::from),
-                body: view.body.map(|(t, b)| (t, NonNull::from(b))),
-                info: view.info.map(NonNull::from),
-                call: view.call.map(NonNull::from),
-            };
-            if view.root {
-                // the callout answer being delivered is the root's own; the request waits
-                h.frame.call = frame.call;
-                h.parked = frame;
-            } else {
-                h.frame = frame;
-            }
         }
-        let _ = store.set_fuel(fuel);
-        let result = call(store, f);
-        let used = fuel - store.get_fuel().unwrap_or(0).min(fuel);
+        let (result, left) = with_frame(store, view, |store| {
+            let _ = store.set_fuel(fuel);
+            let r = call(store, f);
+            (r, store.get_fuel().unwrap_or(0))
+        });
+        let used = fuel - left.min(fuel);
         if self.in_body {
             self.body_fuel = self.body_fuel.saturating_sub(used.saturating_sub(budget));
         } else {
@@ -564,8 +539,6 @@ impl Lease {
         }
         self.fuel_used += used;
         let h = store.data_mut();
-        h.frame = Frame::default();
-        h.parked = Frame::default();
         let effects = std::mem::take(&mut h.effects);
         h.effects.next_token = effects.next_token;
         if effects.local.is_some() {

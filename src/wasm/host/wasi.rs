@@ -2,8 +2,8 @@
 //! and error go to the tenant's log, the environment and arguments are empty, there is no
 //! filesystem and no socket. Any other WASI function a module imports answers ENOSYS.
 
-use super::host::{charge, charge_fuel, guest_log, Host};
-use super::LOG_LINE_FUEL;
+use super::{charge, charge_fuel, guest_log, Host};
+use crate::wasm::LOG_LINE_FUEL;
 use wasmtime::{Caller, Extern, Linker, Module, Val, ValType};
 
 const WASI: &str = "wasi_snapshot_preview1";

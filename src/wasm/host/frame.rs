@@ -1,0 +1,201 @@
+//! The request state a callback reaches, lent by the proxy for exactly one callback.
+//!
+//! This is the only unsafe code of the Proxy-Wasm host. A [`Frame`] holds pointers to
+//! the request's header maps, body, facts and the callout answer being delivered, made
+//! from the borrows of a [`View`]. [`with_frame`] is the only way to set them: it takes
+//! the view by value, runs the callback, and clears every pointer before it returns (or
+//! unwinds), so no pointer outlives the borrow it was made from. The accessors take
+//! `&self` or `&mut self`, so the borrow checker enforces what the view's borrows did: a
+//! `&mut` to a header map is unique while it lives, and shared reads of the frame cannot
+//! overlap a write through it.
+
+use super::{CallResponse, Host, RequestInfo};
+use crate::wasm::abi::{BufferType, HostResult, Status};
+use http::HeaderMap;
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::ptr::NonNull;
+use wasmtime::Store;
+
+/// What the proxy lends a callback. `req`/`resp` are writable, `req_ro`/`resp_ro` the
+/// same heads read-only (a phase that may no longer change them).
+#[derive(Default)]
+pub struct View<'a> {
+    pub req: Option<&'a mut RequestHeader>,
+    pub req_ro: Option<&'a RequestHeader>,
+    pub resp: Option<&'a mut ResponseHeader>,
+    /// The response head, read-only (`on_log`).
+    pub resp_ro: Option<&'a ResponseHeader>,
+    pub resp_trailers: Option<&'a mut HeaderMap>,
+    pub body: Option<(BufferType, &'a mut Vec<u8>)>,
+    pub info: Option<&'a mut RequestInfo>,
+    pub call: Option<&'a CallResponse>,
+    /// A root-context callback run while the request waits: the guest reaches the
+    /// request only after `proxy_set_effective_context` to its HTTP context.
+    pub root: bool,
+}
+
+/// Pointers into the proxy's request state, valid during one callback (see the module
+/// doc). Not `Clone`: at most one frame holds a writable pointer.
+#[derive(Default)]
+pub(crate) struct Frame {
+    req: Option<NonNull<RequestHeader>>,
+    req_writable: bool,
+    resp: Option<NonNull<ResponseHeader>>,
+    resp_writable: bool,
+    resp_trailers: Option<NonNull<HeaderMap>>,
+    body: Option<(BufferType, NonNull<Vec<u8>>)>,
+    info: Option<NonNull<RequestInfo>>,
+    call: Option<NonNull<CallResponse>>,
+}
+
+// SAFETY: a `Store<Host>` sits in a VM that a request leases, and Pingora keeps the
+// request's state (its `CTX`) in futures that must be `Send + Sync`; the store is only
+// `Send`/`Sync` when `Host` is. The pointers in a frame are dereferenced only through
+// the accessors below, by the thread running the callback (which holds `&mut Store`),
+// while `with_frame` keeps the borrows they were made from alive; between callbacks the
+// frame is empty. So sending or sharing an (empty or in-use) frame never lets two
+// threads reach the pointees.
+unsafe impl Send for Frame {}
+unsafe impl Sync for Frame {}
+
+impl Frame {
+    fn from_view(v: View<'_>) -> Frame {
+        Frame {
+            req_writable: v.req.is_some(),
+            req: v.req.map(NonNull::from).or(v.req_ro.map(NonNull::from)),
+            resp_writable: v.resp.is_some(),
+            resp: v.resp.map(NonNull::from).or(v.resp_ro.map(NonNull::from)),
+            resp_trailers: v.resp_trailers.map(NonNull::from),
+            body: v.body.map(|(t, b)| (t, NonNull::from(b))),
+            info: v.info.map(NonNull::from),
+            call: v.call.map(NonNull::from),
+        }
+    }
+
+    /// A frame that reaches only the callout answer being delivered: what a root
+    /// callback sees before it switches to the request's context.
+    pub(crate) fn answer_only(&self) -> Frame {
+        Frame {
+            call: self.call,
+            ..Frame::default()
+        }
+    }
+
+    pub(crate) fn req(&self) -> HostResult<&RequestHeader> {
+        // SAFETY: see the module doc; `&self` keeps any `&mut` from `req_mut` out.
+        self.req
+            .map(|p| unsafe { p.as_ref() })
+            .ok_or(Status::NotFound)
+    }
+
+    /// The request head, when the phase may still change it.
+    pub(crate) fn req_mut(&mut self) -> HostResult<&mut RequestHeader> {
+        match self.req {
+            // SAFETY: see the module doc; writable only when the view lent it mutably,
+            // and `&mut self` makes the returned borrow the only one.
+            Some(mut p) if self.req_writable => Ok(unsafe { p.as_mut() }),
+            Some(_) => Err(Status::BadArgument),
+            None => Err(Status::NotFound),
+        }
+    }
+
+    pub(crate) fn resp(&self) -> HostResult<&ResponseHeader> {
+        // SAFETY: see `req`.
+        self.resp
+            .map(|p| unsafe { p.as_ref() })
+            .ok_or(Status::NotFound)
+    }
+
+    /// The response head, when the phase may still change it.
+    pub(crate) fn resp_mut(&mut self) -> HostResult<&mut ResponseHeader> {
+        match self.resp {
+            // SAFETY: see `req_mut`.
+            Some(mut p) if self.resp_writable => Ok(unsafe { p.as_mut() }),
+            Some(_) => Err(Status::BadArgument),
+            None => Err(Status::NotFound),
+        }
+    }
+
+    pub(crate) fn resp_trailers(&self) -> HostResult<&HeaderMap> {
+        // SAFETY: see `req`.
+        self.resp_trailers
+            .map(|p| unsafe { p.as_ref() })
+            .ok_or(Status::NotFound)
+    }
+
+    pub(crate) fn resp_trailers_mut(&mut self) -> HostResult<&mut HeaderMap> {
+        // SAFETY: see `req_mut`; trailers are only ever lent mutably.
+        self.resp_trailers
+            .map(|mut p| unsafe { p.as_mut() })
+            .ok_or(Status::NotFound)
+    }
+
+    /// The body buffer lent to this callback, if it is of type `t`.
+    pub(crate) fn body(&self, t: BufferType) -> HostResult<&Vec<u8>> {
+        match self.body {
+            // SAFETY: see `req`.
+            Some((bt, p)) if bt == t => Ok(unsafe { p.as_ref() }),
+            _ => Err(Status::NotFound),
+        }
+    }
+
+    /// The body buffer lent to this callback: `NotFound` without one, `BadArgument` when
+    /// it is not of type `t`.
+    pub(crate) fn body_mut(&mut self, t: BufferType) -> HostResult<&mut Vec<u8>> {
+        match self.body {
+            // SAFETY: see `req_mut`; bodies are only ever lent mutably.
+            Some((bt, mut p)) if bt == t => Ok(unsafe { p.as_mut() }),
+            Some(_) => Err(Status::BadArgument),
+            None => Err(Status::NotFound),
+        }
+    }
+
+    pub(crate) fn info(&self) -> Option<&RequestInfo> {
+        // SAFETY: see `req`.
+        self.info.map(|p| unsafe { p.as_ref() })
+    }
+
+    pub(crate) fn info_mut(&mut self) -> Option<&mut RequestInfo> {
+        // SAFETY: see `req_mut`; request facts are only ever lent mutably.
+        self.info.map(|mut p| unsafe { p.as_mut() })
+    }
+
+    /// The callout answer being delivered.
+    pub(crate) fn call(&self) -> HostResult<&CallResponse> {
+        // SAFETY: see `req`; answers are only ever lent shared, so copies of this
+        // pointer (`answer_only`) never alias a `&mut`.
+        self.call
+            .map(|p| unsafe { p.as_ref() })
+            .ok_or(Status::NotFound)
+    }
+}
+
+/// Runs `f` (one callback) with `view` lent to the guest: as the HTTP context's frame,
+/// or, for a root callback (`view.root`), parked until the guest switches to the
+/// request's context, with only the answer being delivered in reach. Both frames are
+/// empty again when this returns, whether `f` returned or unwound.
+pub(crate) fn with_frame<R>(
+    store: &mut Store<Host>,
+    view: View<'_>,
+    f: impl FnOnce(&mut Store<Host>) -> R,
+) -> R {
+    struct Clear<'s>(&'s mut Store<Host>);
+    impl Drop for Clear<'_> {
+        fn drop(&mut self) {
+            let h = self.0.data_mut();
+            h.frame = Frame::default();
+            h.parked = Frame::default();
+        }
+    }
+    let root = view.root;
+    let frame = Frame::from_view(view);
+    let h = store.data_mut();
+    if root {
+        h.frame = frame.answer_only();
+        h.parked = frame;
+    } else {
+        h.frame = frame;
+    }
+    let guard = Clear(store);
+    f(&mut *guard.0)
+}

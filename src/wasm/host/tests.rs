@@ -1,0 +1,509 @@
+//! Host calls in-process: small WAT guests call one capability after another from
+//! `proxy_on_request_headers` and record each status as a request header (`x-s`, the
+//! letter `A` + status) and each value the host gave as `x-v`; the tests read them back
+//! from the request head. Then the VM lifecycle: callback order, a shared VM's state
+//! across requests, a fresh instance per request, and a trapped VM replaced.
+
+use crate::metrics::Metrics;
+use crate::wasm::abi::{self, Status};
+use crate::wasm::{Cause, FailurePolicy, Isolation, Outcome, Plugin, PluginSpec, RequestInfo, Runtime};
+use pingora::http::RequestHeader;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Every host call the tests use, a bump allocator, and the two recorders.
+const PRELUDE: &str = r#"
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove_header (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $get_buffer (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $get_property (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_property" (func $set_property (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
+  (import "env" "proxy_get_shared_data" (func $get_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $set_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $register_queue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $dequeue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define_metric (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $increment_metric (param i32 i64) (result i32)))
+  (import "env" "proxy_get_metric" (func $get_metric (param i32 i32) (result i32)))
+  (import "env" "proxy_done" (func $done (result i32)))
+  (import "env" "proxy_call_foreign_function" (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 65536))
+  (global $seen (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (global.get $heap)
+    (global.set $heap (i32.add (global.get $heap) (local.get $n))))
+  (data (i32.const 0) "x-s")
+  (data (i32.const 4) "x-v")
+  ;; x-s: 'A' + status
+  (func $rec (param $s i32)
+    (i32.store8 (i32.const 8) (i32.add (i32.const 65) (local.get $s)))
+    (drop (call $add_header (i32.const 0) (i32.const 0) (i32.const 3) (i32.const 8) (i32.const 1))))
+  ;; x-v: the bytes the host gave through the return slots at 16 (address) and 20 (size)
+  (func $show
+    (drop (call $add_header (i32.const 0) (i32.const 4) (i32.const 3)
+      (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+"#;
+
+/// A guest whose `proxy_on_request_headers` runs `body` (with locals `$a`..`$d`), with
+/// `data` segments from address 256 on.
+fn guest(body: &str, data: &str) -> Vec<u8> {
+    let wat = format!(
+        r#"(module {PRELUDE}
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (local $a i32) (local $b i32) (local $c i32) (local $d i32)
+    {body}
+    (i32.const 0))
+  {data})"#
+    );
+    wat::parse_str(&wat).expect("test WAT")
+}
+
+fn spec(isolation: Isolation) -> PluginSpec {
+    PluginSpec {
+        name: "probe".into(),
+        tenant: "t1".into(),
+        root_id: String::new(),
+        config: b"the-config".to_vec(),
+        vm_config: Vec::new(),
+        budget: Duration::from_millis(50),
+        request_budget: Duration::from_millis(200),
+        memory_bytes: 16 << 20,
+        isolation,
+        max_instances: 2,
+        policy: FailurePolicy::Deny(503),
+        allowed_upstreams: Vec::new(),
+        min_tick: Duration::from_millis(10),
+    }
+}
+
+fn plugin_with(bytes: &[u8], spec: PluginSpec) -> Arc<Plugin> {
+    let rt = Runtime::new(false).expect("runtime");
+    rt.plugin(spec, bytes, &Metrics::new()).expect("plugin")
+}
+
+fn plugin(bytes: &[u8]) -> Arc<Plugin> {
+    plugin_with(bytes, spec(Isolation::Shared))
+}
+
+fn request() -> RequestHeader {
+    let mut r = RequestHeader::build("GET", b"/api?x=1", None).unwrap();
+    r.insert_header("host", "example.com").unwrap();
+    r.insert_header("x-api-key", "k1").unwrap();
+    r
+}
+
+/// Runs one request's headers through `p`: the outcome and the head after it.
+fn run(p: &Arc<Plugin>) -> (Outcome, RequestHeader) {
+    let mut req = request();
+    let mut info = RequestInfo::default();
+    let mut lease = p.try_lease().expect("lease");
+    let out = lease.on_request_headers(&mut req, &mut info, true);
+    lease.finish(Some(&req), None, &mut info);
+    (out, req)
+}
+
+fn all(req: &RequestHeader, name: &str) -> Vec<String> {
+    req.headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect()
+}
+
+/// The statuses a guest recorded, in order.
+fn statuses(req: &RequestHeader) -> Vec<Status> {
+    let table = [
+        Status::Ok,
+        Status::NotFound,
+        Status::BadArgument,
+        Status::SerializationFailure,
+        Status::ParseFailure,
+        Status::Empty, // 5 is unused by the ABI
+        Status::InvalidMemoryAccess,
+        Status::Empty,
+        Status::CasMismatch,
+        Status::Empty, // 9 is unused
+        Status::InternalFailure,
+        Status::BrokenConnection,
+        Status::Unimplemented,
+    ];
+    all(req, "x-s")
+        .iter()
+        .map(|s| {
+            let code = (s.as_bytes()[0] - b'A') as usize;
+            assert!(code != 5 && code != 9, "status {code} is not in the ABI");
+            table[code]
+        })
+        .collect()
+}
+
+/// A WAT data string for bytes.
+fn wat_bytes(b: &[u8]) -> String {
+    b.iter().map(|c| format!("\\{c:02x}")).collect()
+}
+
+#[test]
+fn header_reads_answer_envoys_statuses() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $get_header (i32.const 0) (i32.const 272) (i32.const 9) (i32.const 16) (i32.const 20)))
+        (call $rec (call $get_header (i32.const 0) (i32.const 0x7ffffff0) (i32.const 64) (i32.const 16) (i32.const 20)))
+        (call $rec (call $get_header (i32.const 9) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 0x7ffffff0) (i32.const 20)))
+        (call $rec (call $get_header (i32.const 0) (i32.const 288) (i32.const 5) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $get_header (i32.const 0) (i32.const 304) (i32.const 10) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $get_header (i32.const 2) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        "#,
+        r#"(data (i32.const 256) "x-api-key") (data (i32.const 272) "x-missing")
+           (data (i32.const 288) ":path") (data (i32.const 304) ":authority")"#,
+    ));
+    let (out, req) = run(&p);
+    assert!(matches!(out, Outcome::Continue), "{out:?}");
+    assert_eq!(
+        statuses(&req),
+        [Ok, NotFound, InvalidMemoryAccess, BadArgument, InvalidMemoryAccess, Ok, Ok, NotFound]
+    );
+    assert_eq!(all(&req, "x-v"), ["k1", "/api?x=1", "example.com"]);
+}
+
+#[test]
+fn header_changes_apply_to_the_lent_head_only() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $replace_header (i32.const 0) (i32.const 256) (i32.const 5) (i32.const 264) (i32.const 4)))
+        (call $rec (call $add_header (i32.const 0) (i32.const 272) (i32.const 3) (i32.const 276) (i32.const 1)))
+        (call $rec (call $remove_header (i32.const 0) (i32.const 280) (i32.const 9)))
+        (call $rec (call $replace_header (i32.const 2) (i32.const 272) (i32.const 3) (i32.const 276) (i32.const 1)))
+        (call $rec (call $add_header (i32.const 0) (i32.const 296) (i32.const 8) (i32.const 276) (i32.const 1)))
+        (call $rec (call $remove_header (i32.const 0) (i32.const 256) (i32.const 5)))
+        (call $rec (call $replace_header (i32.const 0) (i32.const 256) (i32.const 5) (i32.const 312) (i32.const 17)))
+        "#,
+        r#"(data (i32.const 256) ":path") (data (i32.const 264) "/new")
+           (data (i32.const 272) "x-a") (data (i32.const 276) "1")
+           (data (i32.const 280) "x-api-key") (data (i32.const 296) "bad name")
+           (data (i32.const 312) "http://evil/path")"#,
+    ));
+    let (_, req) = run(&p);
+    assert_eq!(
+        statuses(&req),
+        [Ok, Ok, Ok, NotFound, BadArgument, BadArgument, BadArgument]
+    );
+    assert_eq!(req.uri.path(), "/new");
+    assert_eq!(all(&req, "x-a"), ["1"]);
+    assert!(req.headers.get("x-api-key").is_none());
+}
+
+#[test]
+fn setting_all_pairs_replaces_regular_headers_and_keeps_the_rest() {
+    let pairs = abi::serialize_map([(&b"x-new"[..], &b"v"[..]), (b":path", b"/p")].into_iter());
+    let p = plugin(&guest(
+        &format!(
+            "(call $rec (call $set_pairs (i32.const 0) (i32.const 256) (i32.const {})))",
+            pairs.len()
+        ),
+        &format!(r#"(data (i32.const 256) "{}")"#, wat_bytes(&pairs)),
+    ));
+    let (_, req) = run(&p);
+    assert_eq!(statuses(&req), [Status::Ok]);
+    assert_eq!(req.uri.path(), "/p");
+    assert_eq!(all(&req, "x-new"), ["v"]);
+    assert!(req.headers.get("x-api-key").is_none());
+    // Host is `:authority`, which was not given: it stays
+    assert_eq!(all(&req, "host"), ["example.com"]);
+}
+
+#[test]
+fn properties_round_trip_and_read_envoys_attributes() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $set_property (i32.const 256) (i32.const 7) (i32.const 264) (i32.const 2)))
+        (call $rec (call $get_property (i32.const 256) (i32.const 7) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $get_property (i32.const 272) (i32.const 12) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $get_property (i32.const 288) (i32.const 11) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $get_property (i32.const 304) (i32.const 4) (i32.const 16) (i32.const 20)))
+        "#,
+        r#"(data (i32.const 256) "my.prop") (data (i32.const 264) "v1")
+           (data (i32.const 272) "request\00path") (data (i32.const 288) "plugin_name")
+           (data (i32.const 304) "nope")"#,
+    ));
+    let (_, req) = run(&p);
+    assert_eq!(statuses(&req), [Ok, Ok, Ok, Ok, NotFound]);
+    assert_eq!(all(&req, "x-v"), ["v1", "/api?x=1", "probe"]);
+}
+
+#[test]
+fn buffers_are_what_the_callback_was_given() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $get_buffer (i32.const 7) (i32.const 4) (i32.const 6) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $get_buffer (i32.const 7) (i32.const 99) (i32.const 1) (i32.const 16) (i32.const 20)))
+        (call $rec (call $get_buffer (i32.const 0) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
+        (call $rec (call $get_buffer (i32.const 4) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
+        (call $rec (call $get_buffer (i32.const 2) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
+        (call $rec (call $get_buffer (i32.const 42) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
+        "#,
+        "",
+    ));
+    let (_, req) = run(&p);
+    assert_eq!(
+        statuses(&req),
+        [Ok, BadArgument, NotFound, NotFound, Unimplemented, BadArgument]
+    );
+    assert_eq!(all(&req, "x-v"), ["config"]);
+}
+
+#[test]
+fn a_local_reply_is_recorded_for_the_proxy_with_its_details() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $local (i32.const 99) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+        (call $rec (call $local (i32.const 403) (i32.const 256) (i32.const 11) (i32.const 272) (i32.const 2) (i32.const 0) (i32.const 0) (i32.const -1)))
+        "#,
+        r#"(data (i32.const 256) "not allowed") (data (i32.const 272) "no")"#,
+    ));
+    let mut req = request();
+    let mut info = RequestInfo::default();
+    let mut lease = p.try_lease().expect("lease");
+    let out = lease.on_request_headers(&mut req, &mut info, true);
+    lease.finish(Some(&req), None, &mut info);
+    assert_eq!(statuses(&req), [BadArgument, Ok]);
+    match out {
+        Outcome::Respond(r) => {
+            assert_eq!((r.status, r.body.as_slice()), (403, &b"no"[..]));
+        }
+        other => panic!("expected a local reply, got {other:?}"),
+    }
+    // whitespace in the details becomes `_`, as Envoy's `response.code_details`
+    assert_eq!(info.code_details.as_deref(), Some("not_allowed"));
+}
+
+#[test]
+fn the_effective_context_switches_only_between_root_and_this_request() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (local.set $a (call $effective (i32.const 1)))
+        ;; the root context reaches no request header until it switches back
+        (local.set $b (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        (local.set $c (call $effective (i32.const 999)))
+        (local.set $d (call $effective (local.get $ctx)))
+        (call $rec (local.get $a)) (call $rec (local.get $b))
+        (call $rec (local.get $c)) (call $rec (local.get $d))
+        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        "#,
+        r#"(data (i32.const 256) "x-api-key")"#,
+    ));
+    let (_, req) = run(&p);
+    assert_eq!(statuses(&req), [Ok, NotFound, BadArgument, Ok, Ok]);
+}
+
+#[test]
+fn shared_data_compares_and_swaps() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $set_shared (i32.const 256) (i32.const 1) (i32.const 260) (i32.const 2) (i32.const 0)))
+        (call $rec (call $get_shared (i32.const 256) (i32.const 1) (i32.const 16) (i32.const 20) (i32.const 24)))
+        (call $show)
+        (call $rec (call $set_shared (i32.const 256) (i32.const 1) (i32.const 264) (i32.const 2) (i32.const 99)))
+        (call $rec (call $set_shared (i32.const 256) (i32.const 1) (i32.const 264) (i32.const 2) (i32.load (i32.const 24))))
+        (call $rec (call $get_shared (i32.const 256) (i32.const 1) (i32.const 16) (i32.const 20) (i32.const 24)))
+        (call $show)
+        (call $rec (call $get_shared (i32.const 268) (i32.const 1) (i32.const 16) (i32.const 20) (i32.const 24)))
+        "#,
+        r#"(data (i32.const 256) "k") (data (i32.const 260) "v1") (data (i32.const 264) "v2")
+           (data (i32.const 268) "z")"#,
+    ));
+    let (_, req) = run(&p);
+    assert_eq!(statuses(&req), [Ok, Ok, CasMismatch, Ok, Ok, NotFound]);
+    assert_eq!(all(&req, "x-v"), ["v1", "v2"]);
+}
+
+#[test]
+fn queues_hand_items_over_in_order_and_say_when_empty() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $register_queue (i32.const 256) (i32.const 1) (i32.const 28)))
+        (call $rec (call $enqueue (i32.load (i32.const 28)) (i32.const 260) (i32.const 4)))
+        (call $rec (call $dequeue (i32.load (i32.const 28)) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $dequeue (i32.load (i32.const 28)) (i32.const 16) (i32.const 20)))
+        (call $rec (call $enqueue (i32.const 12345) (i32.const 260) (i32.const 4)))
+        "#,
+        r#"(data (i32.const 256) "q") (data (i32.const 260) "item")"#,
+    ));
+    let (_, req) = run(&p);
+    assert_eq!(statuses(&req), [Ok, Ok, Ok, Empty, NotFound]);
+    assert_eq!(all(&req, "x-v"), ["item"]);
+}
+
+#[test]
+fn metrics_count_and_refuse_what_their_kind_cannot_do() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $define_metric (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 32)))
+        (call $rec (call $increment_metric (i32.load (i32.const 32)) (i64.const 5)))
+        (call $rec (call $increment_metric (i32.load (i32.const 32)) (i64.const -1)))
+        (call $rec (call $get_metric (i32.load (i32.const 32)) (i32.const 40)))
+        (call $rec (i32.eqz (i64.eq (i64.load (i32.const 40)) (i64.const 5))))
+        (call $rec (call $get_metric (i32.const 777) (i32.const 40)))
+        (call $rec (call $define_metric (i32.const 7) (i32.const 256) (i32.const 4) (i32.const 32)))
+        "#,
+        r#"(data (i32.const 256) "hits")"#,
+    ));
+    let (_, req) = run(&p);
+    // the fifth is the guest's own check that the counter reads 5 (0 = equal)
+    assert_eq!(statuses(&req), [Ok, Ok, BadArgument, Ok, Ok, NotFound, BadArgument]);
+}
+
+#[test]
+fn calls_not_offered_answer_a_status_never_a_trap() {
+    use Status::*;
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $foreign (i32.const 256) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 20)))
+        (call $rec (call $done))
+        "#,
+        r#"(data (i32.const 256) "abc")"#,
+    ));
+    let (out, req) = run(&p);
+    assert!(matches!(out, Outcome::Continue));
+    assert_eq!(statuses(&req), [NotFound, NotFound]);
+}
+
+#[test]
+fn host_calls_are_paid_from_the_budget() {
+    // reads one header forever: only the fuel host calls cost can stop it
+    let mut s = spec(Isolation::Shared);
+    s.budget = Duration::from_micros(200);
+    let p = plugin_with(
+        &guest(
+            r#"(loop $l
+                 (drop (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+                 (br $l))"#,
+            r#"(data (i32.const 256) "x-api-key")"#,
+        ),
+        s,
+    );
+    match run(&p).0 {
+        Outcome::Failed(f) => assert!(matches!(f.cause, Cause::Overrun), "{:?}", f.cause),
+        other => panic!("expected an overrun, got {other:?}"),
+    }
+}
+
+/// A guest that logs its lifecycle and counts the requests its instance saw (`x-n`).
+const LIFECYCLE: &str = r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get_header (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (global $seen (mut i32) (i32.const 0))
+  (data (i32.const 0) "x-n")
+  (data (i32.const 16) "vm_start")
+  (data (i32.const 32) "create")
+  (data (i32.const 48) "done")
+  (data (i32.const 64) "log")
+  (data (i32.const 80) "delete")
+  (data (i32.const 96) "x-trap")
+  (func $say (param $p i32) (param $n i32) (drop (call $log (i32.const 2) (local.get $p) (local.get $n))))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (global.get $heap)
+    (global.set $heap (i32.add (global.get $heap) (local.get $n))))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (call $say (i32.const 16) (i32.const 8)) (i32.const 1))
+  (func (export "proxy_on_context_create") (param i32 i32) (call $say (i32.const 32) (i32.const 6)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (call $get_header (i32.const 0) (i32.const 96) (i32.const 6) (i32.const 200) (i32.const 204)))
+      (then unreachable))
+    (global.set $seen (i32.add (global.get $seen) (i32.const 1)))
+    (i32.store8 (i32.const 8) (i32.add (i32.const 48) (global.get $seen)))
+    (drop (call $add_header (i32.const 0) (i32.const 0) (i32.const 3) (i32.const 8) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (call $say (i32.const 48) (i32.const 4)) (i32.const 1))
+  (func (export "proxy_on_log") (param i32) (call $say (i32.const 64) (i32.const 3)))
+  (func (export "proxy_on_delete") (param i32) (call $say (i32.const 80) (i32.const 6))))"#;
+
+fn messages(p: &Plugin) -> Vec<String> {
+    p.log
+        .recent()
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["message"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+fn seen(p: &Arc<Plugin>, trap: bool) -> Option<String> {
+    let mut req = request();
+    if trap {
+        req.insert_header("x-trap", "1").unwrap();
+    }
+    let mut info = RequestInfo::default();
+    let mut lease = p.try_lease().expect("lease");
+    let out = lease.on_request_headers(&mut req, &mut info, true);
+    lease.finish(Some(&req), None, &mut info);
+    match out {
+        Outcome::Continue => Some(all(&req, "x-n").concat()),
+        Outcome::Failed(_) => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_http_context_ends_with_done_then_log_then_delete() {
+    let p = plugin(&wat::parse_str(LIFECYCLE).unwrap());
+    assert_eq!(seen(&p, false).as_deref(), Some("1"));
+    // the VM: started, root context created; the request: its context, then its end
+    assert_eq!(
+        messages(&p),
+        ["vm_start", "create", "create", "done", "log", "delete"]
+    );
+}
+
+#[test]
+fn a_shared_vm_keeps_its_state_and_a_trapped_one_is_replaced() {
+    let p = plugin(&wat::parse_str(LIFECYCLE).unwrap());
+    assert_eq!(seen(&p, false).as_deref(), Some("1"));
+    assert_eq!(seen(&p, false).as_deref(), Some("2"));
+    assert_eq!(seen(&p, true), None);
+    // the trapped instance is gone: a new one starts counting again
+    assert_eq!(seen(&p, false).as_deref(), Some("1"));
+    let starts = messages(&p).iter().filter(|m| *m == "vm_start").count();
+    assert_eq!(starts, 2);
+}
+
+#[test]
+fn request_isolation_gives_every_request_a_fresh_instance() {
+    let p = plugin_with(&wat::parse_str(LIFECYCLE).unwrap(), spec(Isolation::Request));
+    for _ in 0..3 {
+        assert_eq!(seen(&p, false).as_deref(), Some("1"));
+    }
+}
