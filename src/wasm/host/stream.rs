@@ -5,7 +5,6 @@
 //! when the callback returns.
 
 use super::call::{read, run, C};
-use super::frame::Frame;
 use super::headers::{header_name, header_value};
 use super::{Host, LocalResponse, ROOT_CONTEXT};
 use crate::wasm::abi::{self, HostResult, Status};
@@ -39,7 +38,7 @@ pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 h.frame = h.parked.answer_only(); // an answer being delivered stays readable
                 h.effective = ROOT_CONTEXT;
             } else if id > ROOT_CONTEXT && id == h.http_ctx {
-                h.frame = std::mem::replace(&mut h.parked, Frame::default());
+                h.frame = std::mem::take(&mut h.parked);
                 h.effective = id;
             } else {
                 return Err(Status::BadArgument);

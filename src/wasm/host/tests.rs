@@ -6,7 +6,9 @@
 
 use crate::metrics::Metrics;
 use crate::wasm::abi::{self, Status};
-use crate::wasm::{Cause, FailurePolicy, Isolation, Outcome, Plugin, PluginSpec, RequestInfo, Runtime};
+use crate::wasm::{
+    Cause, FailurePolicy, Isolation, Outcome, Plugin, PluginSpec, RequestInfo, Runtime,
+};
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,7 +178,16 @@ fn header_reads_answer_envoys_statuses() {
     assert!(matches!(out, Outcome::Continue), "{out:?}");
     assert_eq!(
         statuses(&req),
-        [Ok, NotFound, InvalidMemoryAccess, BadArgument, InvalidMemoryAccess, Ok, Ok, NotFound]
+        [
+            Ok,
+            NotFound,
+            InvalidMemoryAccess,
+            BadArgument,
+            InvalidMemoryAccess,
+            Ok,
+            Ok,
+            NotFound
+        ]
     );
     assert_eq!(all(&req, "x-v"), ["k1", "/api?x=1", "example.com"]);
 }
@@ -211,7 +222,7 @@ fn header_changes_apply_to_the_lent_head_only() {
 
 #[test]
 fn setting_all_pairs_replaces_regular_headers_and_keeps_the_rest() {
-    let pairs = abi::serialize_map([(&b"x-new"[..], &b"v"[..]), (b":path", b"/p")].into_iter());
+    let pairs = abi::serialize_map([(&b"x-new"[..], &b"v"[..]), (b":path", b"/p")]);
     let p = plugin(&guest(
         &format!(
             "(call $rec (call $set_pairs (i32.const 0) (i32.const 256) (i32.const {})))",
@@ -269,7 +280,14 @@ fn buffers_are_what_the_callback_was_given() {
     let (_, req) = run(&p);
     assert_eq!(
         statuses(&req),
-        [Ok, BadArgument, NotFound, NotFound, Unimplemented, BadArgument]
+        [
+            Ok,
+            BadArgument,
+            NotFound,
+            NotFound,
+            Unimplemented,
+            BadArgument
+        ]
     );
     assert_eq!(all(&req, "x-v"), ["config"]);
 }
@@ -378,7 +396,10 @@ fn metrics_count_and_refuse_what_their_kind_cannot_do() {
     ));
     let (_, req) = run(&p);
     // the fifth is the guest's own check that the counter reads 5 (0 = equal)
-    assert_eq!(statuses(&req), [Ok, Ok, BadArgument, Ok, Ok, NotFound, BadArgument]);
+    assert_eq!(
+        statuses(&req),
+        [Ok, Ok, BadArgument, Ok, Ok, NotFound, BadArgument]
+    );
 }
 
 #[test]
@@ -481,10 +502,11 @@ fn seen(p: &Arc<Plugin>, trap: bool) -> Option<String> {
 fn an_http_context_ends_with_done_then_log_then_delete() {
     let p = plugin(&wat::parse_str(LIFECYCLE).unwrap());
     assert_eq!(seen(&p, false).as_deref(), Some("1"));
-    // the VM: started, root context created; the request: its context, then its end
+    // the VM: its root context created, then started (as Envoy); the request: its
+    // context, then its end
     assert_eq!(
         messages(&p),
-        ["vm_start", "create", "create", "done", "log", "delete"]
+        ["create", "vm_start", "create", "done", "log", "delete"]
     );
 }
 
@@ -502,7 +524,10 @@ fn a_shared_vm_keeps_its_state_and_a_trapped_one_is_replaced() {
 
 #[test]
 fn request_isolation_gives_every_request_a_fresh_instance() {
-    let p = plugin_with(&wat::parse_str(LIFECYCLE).unwrap(), spec(Isolation::Request));
+    let p = plugin_with(
+        &wat::parse_str(LIFECYCLE).unwrap(),
+        spec(Isolation::Request),
+    );
     for _ in 0..3 {
         assert_eq!(seen(&p, false).as_deref(), Some("1"));
     }
