@@ -168,6 +168,26 @@ impl HookState {
         self.on_failure(i)
     }
 
+    /// Module `i` failed (`Outcome::Failed`), or answered `out` where that breaks the
+    /// rules (`cause`, in `callback`): its policy applies. `Some` is the reply that ends
+    /// the request; `None` goes on without the module.
+    fn give_up(
+        &mut self,
+        i: usize,
+        out: &Outcome,
+        callback: &'static str,
+        cause: &'static str,
+    ) -> Option<LocalResponse> {
+        let flow = match out {
+            Outcome::Failed(_) => self.on_failure(i),
+            _ => self.misbehaved(i, callback, cause),
+        };
+        match flow {
+            Flow::Respond(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// Applies module `i`'s policy to its failure.
     fn on_failure(&mut self, i: usize) -> Flow {
         let Some(lease) = self.leases[i].take() else {
@@ -292,14 +312,10 @@ impl HookState {
                     Outcome::Continue => {}
                     Outcome::Respond(r) => return Flow::Respond(r),
                     Outcome::Pause if !eos => return Flow::Buffer,
-                    Outcome::Pause | Outcome::Wait(_) => {
-                        let failed = self.misbehaved(i, "on_request_body", "paused_without_resume");
-                        if let Flow::Respond(r) = failed {
-                            return Flow::Respond(r);
-                        }
-                    }
-                    Outcome::Failed(_) => {
-                        if let Flow::Respond(r) = self.on_failure(i) {
+                    out @ (Outcome::Pause | Outcome::Wait(_) | Outcome::Failed(_)) => {
+                        if let Some(r) =
+                            self.give_up(i, &out, "on_request_body", "paused_without_resume")
+                        {
                             return Flow::Respond(r);
                         }
                     }
@@ -365,17 +381,9 @@ impl HookState {
                     self.waiting = Some((i, Vec::new()));
                     return Flow::Buffer;
                 }
-                Outcome::Pause => {
-                    let failed = self.misbehaved(i, "on_request_body", "paused_without_resume");
-                    if let Flow::Respond(r) = failed {
-                        return Flow::Respond(r);
-                    }
-                    if self.release(i) {
-                        return Flow::Continue;
-                    }
-                }
-                Outcome::Failed(_) => {
-                    if let Flow::Respond(r) = self.on_failure(i) {
+                out @ (Outcome::Pause | Outcome::Failed(_)) => {
+                    let cause = "paused_without_resume";
+                    if let Some(r) = self.give_up(i, &out, "on_request_body", cause) {
                         return Flow::Respond(r);
                     }
                     if self.release(i) {
@@ -430,14 +438,10 @@ impl HookState {
                     self.resp_held = Some(i);
                     return Flow::Buffer;
                 }
-                Outcome::Pause | Outcome::Wait(_) => {
-                    let failed = self.misbehaved(i, "on_response_headers", "paused_in_response");
-                    if let Flow::Respond(r) = failed {
-                        return Flow::Respond(r);
-                    }
-                }
-                Outcome::Failed(_) => {
-                    if let Flow::Respond(r) = self.on_failure(i) {
+                out @ (Outcome::Pause | Outcome::Wait(_) | Outcome::Failed(_)) => {
+                    if let Some(r) =
+                        self.give_up(i, &out, "on_response_headers", "paused_in_response")
+                    {
                         return Flow::Respond(r);
                     }
                 }
@@ -603,13 +607,8 @@ impl HookState {
                         self.walk = Walk::Body(h);
                     }
                 }
-                Outcome::Pause | Outcome::Wait(_) => {
-                    if let Flow::Respond(r) = self.misbehaved(i, callback, "paused_in_response") {
-                        return Flow::Respond(r);
-                    }
-                }
-                Outcome::Failed(_) => {
-                    if let Flow::Respond(r) = self.on_failure(i) {
+                out @ (Outcome::Pause | Outcome::Wait(_) | Outcome::Failed(_)) => {
+                    if let Some(r) = self.give_up(i, &out, callback, "paused_in_response") {
                         return Flow::Respond(r);
                     }
                 }
@@ -678,25 +677,15 @@ impl HookState {
                                 return Flow::Buffer
                             }
                             Outcome::Respond(r) => return Flow::Respond(r),
-                            Outcome::Pause if !eos => {
-                                // holding more than the gateway lets a module hold
-                                let cause = "response_body_too_large";
-                                if let Flow::Respond(r) =
-                                    self.misbehaved(i, "on_response_body", cause)
-                                {
-                                    return Flow::Respond(r);
-                                }
-                            }
-                            Outcome::Pause => {
-                                let cause = "paused_in_response";
-                                if let Flow::Respond(r) =
-                                    self.misbehaved(i, "on_response_body", cause)
-                                {
-                                    return Flow::Respond(r);
-                                }
-                            }
-                            Outcome::Failed(_) => {
-                                if let Flow::Respond(r) = self.on_failure(i) {
+                            out @ (Outcome::Pause | Outcome::Failed(_)) => {
+                                // before the end: holding more than the gateway lets a
+                                // module hold
+                                let cause = if eos {
+                                    "paused_in_response"
+                                } else {
+                                    "response_body_too_large"
+                                };
+                                if let Some(r) = self.give_up(i, &out, "on_response_body", cause) {
                                     return Flow::Respond(r);
                                 }
                             }

@@ -27,41 +27,24 @@ pub struct Tally {
 impl Tally {
     /// `self` then `other`, as one window: counts add up, the peak is the larger.
     pub fn merge(&mut self, other: &Tally) {
-        let Tally {
-            invocations,
-            wasm_cpu_us,
-            bytes_in,
-            bytes_out,
-            budget_overruns,
-            traps,
-            local_responses,
-            http_callouts,
-            peak_memory_bytes,
-        } = other;
-        self.invocations += invocations;
-        self.wasm_cpu_us += wasm_cpu_us;
-        self.bytes_in += bytes_in;
-        self.bytes_out += bytes_out;
-        self.budget_overruns += budget_overruns;
-        self.traps += traps;
-        self.local_responses += local_responses;
-        self.http_callouts += http_callouts;
-        self.peak_memory_bytes = self.peak_memory_bytes.max(*peak_memory_bytes);
+        *self = Tally {
+            peak_memory_bytes: self.peak_memory_bytes.max(other.peak_memory_bytes),
+            ..self.zip(other, u64::saturating_add)
+        };
     }
 
     /// What was counted since `before` (the peak as it is now).
     fn since(&self, before: &Tally) -> Tally {
         Tally {
-            invocations: self.invocations.saturating_sub(before.invocations),
-            wasm_cpu_us: self.wasm_cpu_us.saturating_sub(before.wasm_cpu_us),
-            bytes_in: self.bytes_in.saturating_sub(before.bytes_in),
-            bytes_out: self.bytes_out.saturating_sub(before.bytes_out),
-            budget_overruns: self.budget_overruns.saturating_sub(before.budget_overruns),
-            traps: self.traps.saturating_sub(before.traps),
-            local_responses: self.local_responses.saturating_sub(before.local_responses),
-            http_callouts: self.http_callouts.saturating_sub(before.http_callouts),
             peak_memory_bytes: self.peak_memory_bytes,
+            ..self.zip(before, u64::saturating_sub)
         }
+    }
+
+    /// `f` of each field of `self` and the same field of `other`.
+    fn zip(&self, other: &Tally, f: impl Fn(u64, u64) -> u64) -> Tally {
+        let (a, b) = (self.to_array(), other.to_array());
+        Tally::from_array(std::array::from_fn(|i| f(a[i], b[i])))
     }
 
     /// Anything but the peak was counted.

@@ -693,8 +693,6 @@ impl Lease {
         body: &mut Vec<u8>,
         end_of_stream: bool,
     ) -> Outcome {
-        let n = body.len() as i32;
-        self.body_arrived(0, body.len());
         let (req, req_ro) = if head_sent {
             (None, Some(&*req))
         } else {
@@ -704,19 +702,34 @@ impl Lease {
             req,
             req_ro,
             info: Some(info),
-            body: Some((BufferType::RequestBody, &mut *body)),
             ..View::default()
         };
+        self.body(BufferType::RequestBody, view, body, end_of_stream)
+    }
+
+    /// A body callback (`t`: which body): `view` plus the body, on the body's own
+    /// budget (see `run`).
+    fn body(
+        &mut self,
+        t: BufferType,
+        view: View<'_>,
+        body: &mut Vec<u8>,
+        end_of_stream: bool,
+    ) -> Outcome {
+        let (dir, name, pick): (usize, _, fn(&Exports) -> Option<&F3R>) = match t {
+            BufferType::RequestBody => (0, "on_request_body", |e| e.on_request_body.as_ref()),
+            _ => (1, "on_response_body", |e| e.on_response_body.as_ref()),
+        };
+        let n = body.len() as i32;
+        self.body_arrived(dir, body.len());
+        let view = View {
+            body: Some((t, &mut *body)),
+            ..view
+        };
         self.in_body = true;
-        let out = self.stream(
-            "on_request_body",
-            |e| e.on_request_body.as_ref(),
-            n,
-            end_of_stream as i32,
-            view,
-        );
+        let out = self.stream(name, pick, n, end_of_stream as i32, view);
         self.in_body = false;
-        self.body_seen[0] = (body.len(), matches!(out, Outcome::Pause));
+        self.body_seen[dir] = (body.len(), matches!(out, Outcome::Pause));
         out
     }
 
@@ -768,26 +781,13 @@ impl Lease {
         body: &mut Vec<u8>,
         end_of_stream: bool,
     ) -> Outcome {
-        let n = body.len() as i32;
-        self.body_arrived(1, body.len());
         let view = View {
             req_ro: Some(req),
             resp: head,
             info: Some(info),
-            body: Some((BufferType::ResponseBody, &mut *body)),
             ..View::default()
         };
-        self.in_body = true;
-        let out = self.stream(
-            "on_response_body",
-            |e| e.on_response_body.as_ref(),
-            n,
-            end_of_stream as i32,
-            view,
-        );
-        self.in_body = false;
-        self.body_seen[1] = (body.len(), matches!(out, Outcome::Pause));
-        out
+        self.body(BufferType::ResponseBody, view, body, end_of_stream)
     }
 
     pub fn on_response_trailers(
@@ -796,28 +796,16 @@ impl Lease {
         info: &mut RequestInfo,
         trailers: &mut http::HeaderMap,
     ) -> Outcome {
-        if let Err(e) = self.ensure_context() {
-            return Outcome::Failed(e);
-        }
-        if !self.exports(|e| e.on_response_trailers.as_ref()) {
-            return Outcome::Continue;
-        }
-        let (ctx, n) = (self.ctx, trailers.len() as i32);
+        let n = trailers.len() as i32;
         let view = View {
             req_ro: Some(req),
             info: Some(info),
             resp_trailers: Some(trailers),
             ..View::default()
         };
-        match self.run("on_response_trailers", view, |s, f| {
-            match &f.on_response_trailers {
-                Some(func) => func.call(s, (ctx, n)),
-                None => Ok(ACTION_CONTINUE),
-            }
-        }) {
-            Err(e) => Outcome::Failed(e),
-            Ok((a, fx)) => outcome(a, fx),
-        }
+        // (ctx, headers): the shape of a v0.1.0 header callback
+        let pick: fn(&Exports) -> Option<&F2R> = |e| e.on_response_trailers.as_ref();
+        self.stream_either("on_response_trailers", |_| None, pick, n, 0, view)
     }
 
     /// Delivers a callout's answer. `Continue` means the guest resumed the request.

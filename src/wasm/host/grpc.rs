@@ -106,104 +106,80 @@ fn next_grpc_token(e: &mut Effects, stream: bool) -> u32 {
 }
 
 pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    l.func_wrap(
-        "env",
-        "proxy_grpc_call",
-        |mut c: C,
-         up: i32,
-         un: i32,
-         sp: i32,
-         sn: i32,
-         mp: i32,
-         mn: i32,
-         hp: i32,
-         hn: i32,
-         bp: i32,
-         bn: i32,
-         timeout_ms: i32,
-         ret: i32| {
-            run(&mut c, |c| {
-                let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
-                let body = read(c, bp, bn)?;
-                if c.data().effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
-                    return Err(Status::InternalFailure);
-                }
-                let h = c.data_mut();
-                let token = next_grpc_token(&mut h.effects, false);
-                h.grpc_tokens.push(token);
-                let root = h.effective == ROOT_CONTEXT;
-                h.effects.calls.push(PendingCall {
-                    token,
-                    upstream,
-                    headers,
-                    body,
-                    timeout: callout_timeout(timeout_ms),
-                    root,
-                    grpc: Some(target),
-                });
-                write_u32(c, ret, token)
-            })
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_stream",
-        |mut c: C,
-         up: i32,
-         un: i32,
-         sp: i32,
-         sn: i32,
-         mp: i32,
-         mn: i32,
-         hp: i32,
-         hn: i32,
-         ret: i32| {
-            run(&mut c, |c| {
-                let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
-                // check the return slot first: nothing starts for a call that fails
-                write_u32(c, ret, 0)?;
-                let h = c.data_mut();
-                let root = h.effective == ROOT_CONTEXT;
-                let open = h.grpc_streams.iter();
-                if open.filter(|s| s.root == root && !s.remote_closed).count() >= MAX_GRPC_STREAMS {
-                    return Err(Status::InternalFailure);
-                }
-                let Some(d) = h.plugin.dispatch.get().cloned() else {
-                    return Err(Status::InternalFailure);
-                };
-                if tokio::runtime::Handle::try_current().is_err() {
-                    return Err(Status::InternalFailure);
-                }
-                let token = next_grpc_token(&mut h.effects, true);
-                let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
-                let (ev_tx, ev_rx) = futures::channel::mpsc::channel(GRPC_STREAM_QUEUE);
-                let call = PendingCall {
-                    token,
-                    upstream,
-                    headers,
-                    body: Vec::new(),
-                    timeout: GRPC_STREAM_LIFETIME,
-                    root,
-                    grpc: Some(target),
-                };
-                d.open_stream(call, cmd_rx, ev_tx);
-                h.grpc_streams.push(StreamSlot {
-                    token,
-                    root,
-                    cmds: cmd_tx,
-                    local_closed: false,
-                    remote_closed: false,
-                });
-                if root {
-                    h.root_stream_events.push(ev_rx);
-                } else {
-                    h.stream_events.push(ev_rx);
-                }
-                h.plugin.usage.http_callouts.fetch_add(1, Ordering::Relaxed);
-                write_u32(c, ret, token)
-            })
-        },
-    )?;
+    // (upstream, service, method, initial metadata, message: pointer and length each)
+    #[rustfmt::skip]
+    l.func_wrap("env", "proxy_grpc_call", |mut c: C, up: i32, un: i32, sp: i32, sn: i32,
+        mp: i32, mn: i32, hp: i32, hn: i32, bp: i32, bn: i32, timeout_ms: i32, ret: i32| {
+        run(&mut c, |c| {
+            let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
+            let body = read(c, bp, bn)?;
+            if c.data().effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
+                return Err(Status::InternalFailure);
+            }
+            let h = c.data_mut();
+            let token = next_grpc_token(&mut h.effects, false);
+            h.grpc_tokens.push(token);
+            let root = h.effective == ROOT_CONTEXT;
+            h.effects.calls.push(PendingCall {
+                token,
+                upstream,
+                headers,
+                body,
+                timeout: callout_timeout(timeout_ms),
+                root,
+                grpc: Some(target),
+            });
+            write_u32(c, ret, token)
+        })
+    })?;
+    #[rustfmt::skip]
+    l.func_wrap("env", "proxy_grpc_stream", |mut c: C, up: i32, un: i32, sp: i32, sn: i32,
+        mp: i32, mn: i32, hp: i32, hn: i32, ret: i32| {
+        run(&mut c, |c| {
+            let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
+            // check the return slot first: nothing starts for a call that fails
+            write_u32(c, ret, 0)?;
+            let h = c.data_mut();
+            let root = h.effective == ROOT_CONTEXT;
+            let open = h.grpc_streams.iter();
+            if open.filter(|s| s.root == root && !s.remote_closed).count() >= MAX_GRPC_STREAMS {
+                return Err(Status::InternalFailure);
+            }
+            let Some(d) = h.plugin.dispatch.get().cloned() else {
+                return Err(Status::InternalFailure);
+            };
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(Status::InternalFailure);
+            }
+            let token = next_grpc_token(&mut h.effects, true);
+            let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+            let (ev_tx, ev_rx) = futures::channel::mpsc::channel(GRPC_STREAM_QUEUE);
+            let call = PendingCall {
+                token,
+                upstream,
+                headers,
+                body: Vec::new(),
+                timeout: GRPC_STREAM_LIFETIME,
+                root,
+                grpc: Some(target),
+            };
+            d.open_stream(call, cmd_rx, ev_tx);
+            h.grpc_streams.push(StreamSlot {
+                token,
+                root,
+                cmds: cmd_tx,
+                local_closed: false,
+                remote_closed: false,
+            });
+            if root {
+                h.root_stream_events.push(ev_rx);
+            } else {
+                h.stream_events.push(ev_rx);
+            }
+            h.plugin.usage.http_callouts.fetch_add(1, Ordering::Relaxed);
+            write_u32(c, ret, token)
+        })
+    })?;
     l.func_wrap(
         "env",
         "proxy_grpc_send",
