@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Longest a request waits on its VM's root context to resume it (see
-/// [`Callouts::wait_on_root`]); then the module fails with `paused_too_long`.
+/// [`Until::Root`]); then the module fails with `paused_too_long`.
 pub const MAX_ROOT_WAIT: Duration = Duration::from_secs(10);
 
 /// Per-request hook state, kept in the proxy's CTX.
@@ -250,7 +250,7 @@ impl HookState {
                             ..CallSite::default()
                         };
                         out = caller
-                            .wait_on_root(lease, at, &mut self.info, Vec::new())
+                            .resolve(lease, at, &mut self.info, Vec::new(), Until::Root)
                             .await;
                     }
                     Outcome::Pause => {
@@ -265,7 +265,9 @@ impl HookState {
                             req: Some(&mut *req),
                             ..CallSite::default()
                         };
-                        out = caller.resolve(lease, at, &mut self.info, calls).await;
+                        out = caller
+                            .resolve(lease, at, &mut self.info, calls, Until::Answers)
+                            .await;
                     }
                 }
             }
@@ -304,9 +306,13 @@ impl HookState {
                     }
                 };
                 let out = if eos {
-                    caller.wait_on_root(lease, at, &mut self.info, calls).await
+                    caller
+                        .resolve(lease, at, &mut self.info, calls, Until::Root)
+                        .await
                 } else {
-                    caller.resolve(lease, at, &mut self.info, calls).await
+                    caller
+                        .resolve(lease, at, &mut self.info, calls, Until::Answers)
+                        .await
                 };
                 match out {
                     Outcome::Continue => {}
@@ -428,7 +434,9 @@ impl HookState {
                     resp: Some(&mut *resp),
                     ..CallSite::default()
                 };
-                out = caller.resolve(lease, at, &mut self.info, calls).await;
+                out = caller
+                    .resolve(lease, at, &mut self.info, calls, Until::Answers)
+                    .await;
             }
             match out {
                 Outcome::Continue => {}
@@ -487,7 +495,9 @@ impl HookState {
                     resp: Some(&mut head),
                     ..CallSite::default()
                 };
-                out = caller.resolve(lease, at, &mut self.info, calls).await;
+                out = caller
+                    .resolve(lease, at, &mut self.info, calls, Until::Answers)
+                    .await;
             }
             let ok = match out {
                 Outcome::Continue => true,
@@ -509,7 +519,9 @@ impl HookState {
                         body: Some((BufferType::ResponseBody, &mut body)),
                         ..CallSite::default()
                     };
-                    out = caller.resolve(lease, at, &mut self.info, calls).await;
+                    out = caller
+                        .resolve(lease, at, &mut self.info, calls, Until::Answers)
+                        .await;
                 }
                 match out {
                     Outcome::Continue => continue,
@@ -597,7 +609,10 @@ impl HookState {
             } else {
                 "on_response_body"
             };
-            match caller.resolve(lease, at, &mut self.info, calls).await {
+            match caller
+                .resolve(lease, at, &mut self.info, calls, Until::Answers)
+                .await
+            {
                 Outcome::Continue => {}
                 Outcome::Respond(r) => return Flow::Respond(r),
                 Outcome::Pause if headers => {
@@ -834,6 +849,19 @@ fn synthesized(token: u32, status: u16, body: &str) -> CallResponse {
     }
 }
 
+/// What a paused stream waits for (see [`Callouts::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Its callouts' answers.
+    Answers,
+    /// Also its VM's root context, for a request that nothing else can resume (it paused
+    /// with no body to come): the root's own callouts, its `on_tick` and its
+    /// `on_queue_ready` may switch to the request's context and continue or answer it
+    /// (Envoy's "resume from the root"). At most [`MAX_ROOT_WAIT`]; `Pause` when nothing
+    /// can wake the root at all.
+    Root,
+}
+
 /// Makes `proxy_http_call` requests to upstreams through Pingora's pooled connector (and
 /// `proxy_grpc_call`s through [`super::grpc`]).
 pub struct Callouts {
@@ -852,7 +880,9 @@ impl Default for Callouts {
 
 impl Callouts {
     /// Makes the calls, then hands each answer to the guest, until it continues,
-    /// responds, fails, or pauses with nothing left to wait for.
+    /// responds, fails, or pauses with nothing left to wait for. Waits on the events of
+    /// the context's open gRPC streams too (those not delivered when the wait ends are
+    /// kept for the next one).
     ///
     /// Parallel calls are answered as each completes, not in dispatch order; once the
     /// guest continues or answers, the calls still out are dropped and their callbacks
@@ -863,52 +893,24 @@ impl Callouts {
         at: CallSite<'_>,
         info: &mut RequestInfo,
         calls: Vec<PendingCall>,
-    ) -> Outcome {
-        self.settle(lease, at, info, calls, false).await
-    }
-
-    /// Like [`Callouts::resolve`], for a request that nothing but the VM's root context
-    /// can resume (it paused with no body to come): the request also waits for the root's
-    /// own callouts, its `on_tick` and its `on_queue_ready`, any of which may switch to the
-    /// request's context and continue or answer it (Envoy's "resume from the root"). Waits
-    /// at most [`MAX_ROOT_WAIT`]; `Pause` when nothing can wake the root at all.
-    pub async fn wait_on_root(
-        &self,
-        lease: &mut Lease,
-        at: CallSite<'_>,
-        info: &mut RequestInfo,
-        calls: Vec<PendingCall>,
-    ) -> Outcome {
-        self.settle(lease, at, info, calls, true).await
-    }
-
-    /// Waits on the calls and on the events of the context's open gRPC streams (those not
-    /// delivered when the wait ends are kept for the next one).
-    async fn settle(
-        &self,
-        lease: &mut Lease,
-        at: CallSite<'_>,
-        info: &mut RequestInfo,
-        calls: Vec<PendingCall>,
-        root: bool,
+        until: Until,
     ) -> Outcome {
         let mut events = futures::stream::SelectAll::new();
         events.extend(lease.take_stream_events());
-        let out = self
-            .settle_with(lease, at, info, calls, root, &mut events)
-            .await;
+        let root = until == Until::Root;
+        let out = self.settle(lease, info, &mut events, at, calls, root).await;
         lease.park_stream_events(events);
         out
     }
 
-    async fn settle_with(
+    async fn settle(
         &self,
         lease: &mut Lease,
-        mut at: CallSite<'_>,
         info: &mut RequestInfo,
+        events: &mut futures::stream::SelectAll<crate::wasm::StreamEvents>,
+        mut at: CallSite<'_>,
         mut calls: Vec<PendingCall>,
         root: bool,
-        events: &mut futures::stream::SelectAll<crate::wasm::StreamEvents>,
     ) -> Outcome {
         use futures::stream::{FuturesUnordered, StreamExt};
         use tokio::time::{sleep_until, Instant};

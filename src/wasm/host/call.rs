@@ -14,9 +14,12 @@ use wasmtime::{Caller, Extern, Memory};
 
 pub(crate) type C<'a> = Caller<'a, Host>;
 
+/// What a host call returns: the status word for the guest, or a trap.
+pub(crate) type Ret = wasmtime::Result<i32>;
+
 /// Charges a host call's fixed cost, runs its body and maps the result to the status
 /// the guest receives.
-pub(crate) fn run(c: &mut C, body: impl FnOnce(&mut C) -> HostResult) -> wasmtime::Result<i32> {
+pub(crate) fn run(c: &mut C, body: impl FnOnce(&mut C) -> HostResult) -> Ret {
     charge(c)?;
     Ok(abi::status(body(c)))
 }
@@ -26,7 +29,7 @@ pub(crate) fn run(c: &mut C, body: impl FnOnce(&mut C) -> HostResult) -> wasmtim
 pub(crate) fn run_alloc(
     c: &mut C,
     body: impl FnOnce(&mut C) -> wasmtime::Result<HostResult>,
-) -> wasmtime::Result<i32> {
+) -> Ret {
     charge(c)?;
     body(c).map(abi::status)
 }

@@ -3,7 +3,7 @@
 //! returns and delivers the answer through `proxy_on_http_call_response`, on the
 //! context that made it (the root context's own callouts included).
 
-use super::call::{give, read, run, run_alloc, write_u32, C};
+use super::call::{give, read, run, run_alloc, write_u32, Ret, C};
 use super::{Host, PendingCall, DEFAULT_CALLOUT_TIMEOUT, ROOT_CONTEXT};
 use crate::wasm::abi::{self, Status};
 use std::time::Duration;
@@ -24,84 +24,78 @@ pub(super) fn callout_timeout(ms: i32) -> Duration {
 }
 
 pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    l.func_wrap(
-        "env",
-        "proxy_http_call",
-        |mut c: C,
-         up: i32,
-         un: i32,
-         hp: i32,
-         hn: i32,
-         bp: i32,
-         bn: i32,
-         _tp: i32,
-         _tn: i32,
-         timeout_ms: i32,
-         ret: i32| {
-            run(&mut c, |c| {
-                let name = read(c, up, un)?;
-                let hbytes = read(c, hp, hn)?;
-                let body = read(c, bp, bn)?;
-                let headers = abi::deserialize_map(&hbytes)?
-                    .into_iter()
-                    .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
-                    .collect::<Vec<_>>();
-                // like Envoy: a callout needs its method, path and authority; none is sent
-                // without them
-                for required in [":method", ":path", ":authority"] {
-                    if !headers.iter().any(|(k, v)| k == required && !v.is_empty()) {
-                        return Err(Status::BadArgument);
-                    }
-                }
-                let h = c.data_mut();
-                let upstream = h
-                    .plugin
-                    .allowed_upstream(&name)
-                    .ok_or(Status::BadArgument)?;
-                if h.effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
-                    return Err(Status::InternalFailure);
-                }
-                let e = &mut h.effects;
-                e.next_token = e.next_token.wrapping_add(1).max(1);
-                let token = e.next_token;
-                e.calls.push(PendingCall {
-                    token,
-                    upstream,
-                    headers,
-                    body,
-                    timeout: callout_timeout(timeout_ms),
-                    root: h.effective == ROOT_CONTEXT,
-                    grpc: None,
-                });
-                write_u32(c, ret, token)
-            })
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_get_status",
-        |mut c: C, code_ptr: i32, ret_p: i32, ret_n: i32| {
-            run_alloc(&mut c, |c| {
-                // Envoy: the status of the callout being answered. A gRPC call's is its
-                // gRPC status and message; an HTTP callout whose connection was lost
-                // before a response is BrokenConnection "reset"; anything else (an
-                // answer, or no callout at hand) is 0 and no message.
-                let (code, msg): (u32, Vec<u8>) = match c.data().frame.call() {
-                    Ok(call) => match &call.grpc {
-                        Some(g) => (g.code, g.message.clone()),
-                        None if call.status == 0 => {
-                            (Status::BrokenConnection as u32, b"reset".to_vec())
-                        }
-                        None => (0, Vec::new()),
-                    },
-                    Err(_) => (0, Vec::new()),
-                };
-                if let Err(s) = write_u32(c, code_ptr, code) {
-                    return Ok(Err(s));
-                }
-                give(c, Ok(msg), ret_p, ret_n)
-            })
-        },
-    )?;
-    Ok(())
+    link!(l, http_call, get_status)
+}
+
+fn http_call(
+    mut c: C,
+    up: i32,
+    un: i32,
+    hp: i32,
+    hn: i32,
+    bp: i32,
+    bn: i32,
+    _tp: i32,
+    _tn: i32,
+    timeout_ms: i32,
+    ret: i32,
+) -> Ret {
+    run(&mut c, |c| {
+        let name = read(c, up, un)?;
+        let hbytes = read(c, hp, hn)?;
+        let body = read(c, bp, bn)?;
+        let headers = abi::deserialize_map(&hbytes)?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
+            .collect::<Vec<_>>();
+        // like Envoy: a callout needs its method, path and authority; none is sent
+        // without them
+        for required in [":method", ":path", ":authority"] {
+            if !headers.iter().any(|(k, v)| k == required && !v.is_empty()) {
+                return Err(Status::BadArgument);
+            }
+        }
+        let h = c.data_mut();
+        let upstream = h
+            .plugin
+            .allowed_upstream(&name)
+            .ok_or(Status::BadArgument)?;
+        if h.effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
+            return Err(Status::InternalFailure);
+        }
+        let e = &mut h.effects;
+        e.next_token = e.next_token.wrapping_add(1).max(1);
+        let token = e.next_token;
+        e.calls.push(PendingCall {
+            token,
+            upstream,
+            headers,
+            body,
+            timeout: callout_timeout(timeout_ms),
+            root: h.effective == ROOT_CONTEXT,
+            grpc: None,
+        });
+        write_u32(c, ret, token)
+    })
+}
+
+fn get_status(mut c: C, code_ptr: i32, ret_p: i32, ret_n: i32) -> Ret {
+    run_alloc(&mut c, |c| {
+        // Envoy: the status of the callout being answered. A gRPC call's is its
+        // gRPC status and message; an HTTP callout whose connection was lost
+        // before a response is BrokenConnection "reset"; anything else (an
+        // answer, or no callout at hand) is 0 and no message.
+        let (code, msg): (u32, Vec<u8>) = match c.data().frame.call() {
+            Ok(call) => match &call.grpc {
+                Some(g) => (g.code, g.message.clone()),
+                None if call.status == 0 => (Status::BrokenConnection as u32, b"reset".to_vec()),
+                None => (0, Vec::new()),
+            },
+            Err(_) => (0, Vec::new()),
+        };
+        if let Err(s) = write_u32(c, code_ptr, code) {
+            return Ok(Err(s));
+        }
+        give(c, Ok(msg), ret_p, ret_n)
+    })
 }

@@ -9,7 +9,7 @@
 //! returns as `Err` (`ParseFailure`, `InternalFailure`, `NotFound`, `BadArgument` where
 //! it expects them), never trap.
 
-use super::call::{read, run, write_u32, C};
+use super::call::{read, run, write_u32, Ret, C};
 use super::callouts::{callout_timeout, MAX_CALLS_PER_CALLBACK};
 use super::headers::{header_name, header_value};
 use super::{
@@ -106,132 +106,146 @@ fn next_grpc_token(e: &mut Effects, stream: bool) -> u32 {
 }
 
 pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    // (upstream, service, method, initial metadata, message: pointer and length each)
-    #[rustfmt::skip]
-    l.func_wrap("env", "proxy_grpc_call", |mut c: C, up: i32, un: i32, sp: i32, sn: i32,
-        mp: i32, mn: i32, hp: i32, hn: i32, bp: i32, bn: i32, timeout_ms: i32, ret: i32| {
-        run(&mut c, |c| {
-            let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
-            let body = read(c, bp, bn)?;
-            if c.data().effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
-                return Err(Status::InternalFailure);
-            }
-            let h = c.data_mut();
-            let token = next_grpc_token(&mut h.effects, false);
-            h.grpc_tokens.push(token);
-            let root = h.effective == ROOT_CONTEXT;
-            h.effects.calls.push(PendingCall {
-                token,
-                upstream,
-                headers,
-                body,
-                timeout: callout_timeout(timeout_ms),
-                root,
-                grpc: Some(target),
-            });
-            write_u32(c, ret, token)
-        })
-    })?;
-    #[rustfmt::skip]
-    l.func_wrap("env", "proxy_grpc_stream", |mut c: C, up: i32, un: i32, sp: i32, sn: i32,
-        mp: i32, mn: i32, hp: i32, hn: i32, ret: i32| {
-        run(&mut c, |c| {
-            let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
-            // check the return slot first: nothing starts for a call that fails
-            write_u32(c, ret, 0)?;
-            let h = c.data_mut();
-            let root = h.effective == ROOT_CONTEXT;
-            let open = h.grpc_streams.iter();
-            if open.filter(|s| s.root == root && !s.remote_closed).count() >= MAX_GRPC_STREAMS {
-                return Err(Status::InternalFailure);
-            }
-            let Some(d) = h.plugin.dispatch.get().cloned() else {
-                return Err(Status::InternalFailure);
-            };
-            if tokio::runtime::Handle::try_current().is_err() {
-                return Err(Status::InternalFailure);
-            }
-            let token = next_grpc_token(&mut h.effects, true);
-            let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
-            let (ev_tx, ev_rx) = futures::channel::mpsc::channel(GRPC_STREAM_QUEUE);
-            let call = PendingCall {
-                token,
-                upstream,
-                headers,
-                body: Vec::new(),
-                timeout: GRPC_STREAM_LIFETIME,
-                root,
-                grpc: Some(target),
-            };
-            d.open_stream(call, cmd_rx, ev_tx);
-            h.grpc_streams.push(StreamSlot {
-                token,
-                root,
-                cmds: cmd_tx,
-                local_closed: false,
-                remote_closed: false,
-            });
-            if root {
-                h.root_stream_events.push(ev_rx);
-            } else {
-                h.stream_events.push(ev_rx);
-            }
-            h.plugin.usage.http_callouts.fetch_add(1, Ordering::Relaxed);
-            write_u32(c, ret, token)
-        })
-    })?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_send",
-        |mut c: C, token: i32, mp: i32, mn: i32, end: i32| {
-            let token = token as u32;
-            run(&mut c, |c| {
-                // a call's token is the wrong kind (as Envoy answers)
-                if !token.is_multiple_of(2) {
-                    return Err(Status::BadArgument);
-                }
-                let Some(i) = c.data().grpc_streams.iter().position(|s| s.token == token) else {
-                    return Err(Status::NotFound);
-                };
-                if mn as u32 as usize > MAX_GRPC_MESSAGE {
-                    return Err(Status::BadArgument);
-                }
-                let msg = read(c, mp, mn)?;
-                let slot = &c.data().grpc_streams[i];
-                // once closed (either side) a send goes nowhere, Ok as in Envoy
-                if !slot.remote_closed {
-                    let _ = slot.cmds.send(StreamCmd::Send(msg.into(), end != 0));
-                }
-                Ok(())
-            })
-        },
-    )?;
-    // On a call, close is cancel (as in Envoy): the answer is dropped unseen. On a stream,
-    // close half-closes it (events still come until it closes remotely) and cancel resets
-    // it (no further events).
-    for (name, cancel) in [("proxy_grpc_cancel", true), ("proxy_grpc_close", false)] {
-        l.func_wrap("env", name, move |mut c: C, token: i32| {
-            run(&mut c, |c| {
-                let h = c.data_mut();
-                let token = token as u32;
-                if let Some(i) = h.grpc_tokens.iter().position(|t| *t == token) {
-                    h.grpc_tokens.swap_remove(i);
-                    h.effects.calls.retain(|p| p.token != token);
-                    return Ok(());
-                }
-                let i = (h.grpc_streams.iter())
-                    .position(|s| s.token == token)
-                    .ok_or(Status::NotFound)?;
-                let slot = &mut h.grpc_streams[i];
-                if cancel || slot.remote_closed {
-                    h.grpc_streams.remove(i); // dropping its sender resets an open stream
-                } else if !slot.local_closed {
-                    slot.local_closed = true;
-                    let _ = slot.cmds.send(StreamCmd::Close);
-                }
-                Ok(())
-            })
-        })?;
-    }
-    Ok(())
+    link!(
+        l,
+        grpc_call,
+        grpc_stream,
+        grpc_send,
+        grpc_cancel,
+        grpc_close
+    )
+}
+
+// (upstream, service, method, initial metadata, message: a pointer and a length each)
+#[rustfmt::skip]
+fn grpc_call(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp: i32, hn: i32,
+    bp: i32, bn: i32, timeout_ms: i32, ret: i32) -> Ret {
+    run(&mut c, |c| {
+        let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
+        let body = read(c, bp, bn)?;
+        if c.data().effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
+            return Err(Status::InternalFailure);
+        }
+        let h = c.data_mut();
+        let token = next_grpc_token(&mut h.effects, false);
+        h.grpc_tokens.push(token);
+        let root = h.effective == ROOT_CONTEXT;
+        h.effects.calls.push(PendingCall {
+            token,
+            upstream,
+            headers,
+            body,
+            timeout: callout_timeout(timeout_ms),
+            root,
+            grpc: Some(target),
+        });
+        write_u32(c, ret, token)
+    })
+}
+
+#[rustfmt::skip]
+fn grpc_stream(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp: i32, hn: i32,
+    ret: i32) -> Ret {
+    run(&mut c, |c| {
+        let (upstream, target, headers) = grpc_request(c, up, un, sp, sn, mp, mn, hp, hn)?;
+        // check the return slot first: nothing starts for a call that fails
+        write_u32(c, ret, 0)?;
+        let h = c.data_mut();
+        let root = h.effective == ROOT_CONTEXT;
+        let open = h.grpc_streams.iter();
+        if open.filter(|s| s.root == root && !s.remote_closed).count() >= MAX_GRPC_STREAMS {
+            return Err(Status::InternalFailure);
+        }
+        let Some(d) = h.plugin.dispatch.get().cloned() else {
+            return Err(Status::InternalFailure);
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Status::InternalFailure);
+        }
+        let token = next_grpc_token(&mut h.effects, true);
+        let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = futures::channel::mpsc::channel(GRPC_STREAM_QUEUE);
+        let call = PendingCall {
+            token,
+            upstream,
+            headers,
+            body: Vec::new(),
+            timeout: GRPC_STREAM_LIFETIME,
+            root,
+            grpc: Some(target),
+        };
+        d.open_stream(call, cmd_rx, ev_tx);
+        h.grpc_streams.push(StreamSlot {
+            token,
+            root,
+            cmds: cmd_tx,
+            local_closed: false,
+            remote_closed: false,
+        });
+        if root {
+            h.root_stream_events.push(ev_rx);
+        } else {
+            h.stream_events.push(ev_rx);
+        }
+        h.plugin.usage.http_callouts.fetch_add(1, Ordering::Relaxed);
+        write_u32(c, ret, token)
+    })
+}
+
+fn grpc_send(mut c: C, token: i32, mp: i32, mn: i32, end: i32) -> Ret {
+    let token = token as u32;
+    run(&mut c, |c| {
+        // a call's token is the wrong kind (as Envoy answers)
+        if !token.is_multiple_of(2) {
+            return Err(Status::BadArgument);
+        }
+        let Some(i) = c.data().grpc_streams.iter().position(|s| s.token == token) else {
+            return Err(Status::NotFound);
+        };
+        if mn as u32 as usize > MAX_GRPC_MESSAGE {
+            return Err(Status::BadArgument);
+        }
+        let msg = read(c, mp, mn)?;
+        let slot = &c.data().grpc_streams[i];
+        // once closed (either side) a send goes nowhere, Ok as in Envoy
+        if !slot.remote_closed {
+            let _ = slot.cmds.send(StreamCmd::Send(msg.into(), end != 0));
+        }
+        Ok(())
+    })
+}
+
+/// On a call, cancel drops the answer unseen; on a stream it resets it (no further
+/// events).
+fn grpc_cancel(c: C, token: i32) -> Ret {
+    grpc_end(c, token, true)
+}
+
+/// On a call, close is cancel (as in Envoy); on a stream it half-closes it (events
+/// still come until it closes remotely).
+fn grpc_close(c: C, token: i32) -> Ret {
+    grpc_end(c, token, false)
+}
+
+fn grpc_end(mut c: C, token: i32, cancel: bool) -> Ret {
+    run(&mut c, |c| {
+        let h = c.data_mut();
+        let token = token as u32;
+        if let Some(i) = h.grpc_tokens.iter().position(|t| *t == token) {
+            h.grpc_tokens.swap_remove(i);
+            h.effects.calls.retain(|p| p.token != token);
+            return Ok(());
+        }
+        let i = (h.grpc_streams.iter())
+            .position(|s| s.token == token)
+            .ok_or(Status::NotFound)?;
+        let slot = &mut h.grpc_streams[i];
+        if cancel || slot.remote_closed {
+            h.grpc_streams.remove(i); // dropping its sender resets an open stream
+        } else if !slot.local_closed {
+            slot.local_closed = true;
+            let _ = slot.cmds.send(StreamCmd::Close);
+        }
+        Ok(())
+    })
 }

@@ -3,7 +3,7 @@
 //! (`:method`, `:path`, `:authority`, `:scheme`) and the response's `:status` read and
 //! write the head's fields, as Envoy shows them; HTTP/1's `Host` is `:authority`.
 
-use super::call::{give, read, run, run_alloc, C};
+use super::call::{give, read, run, run_alloc, Ret, C};
 use super::Host;
 use crate::headers::HeaderTarget;
 use crate::wasm::abi::{self, HostResult, MapType, Status};
@@ -20,75 +20,71 @@ enum Op {
 }
 
 pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    l.func_wrap(
-        "env",
-        "proxy_get_header_map_pairs",
-        |mut c: C, t: i32, ret_p: i32, ret_n: i32| {
-            run_alloc(&mut c, |c| {
-                let bytes = MapType::from_i32(t).and_then(|t| {
-                    let pairs = map_pairs(c.data(), t)?;
-                    Ok(abi::serialize_map(
-                        pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-                    ))
-                });
-                give(c, bytes, ret_p, ret_n)
-            })
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_set_header_map_pairs",
-        |mut c: C, t: i32, p: i32, n: i32| {
-            run(&mut c, |c| {
-                let t = MapType::from_i32(t)?;
-                let bytes = read(c, p, n)?;
-                set_pairs(c.data_mut(), t, &abi::deserialize_map(&bytes)?)
-            })
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_get_header_map_value",
-        |mut c: C, t: i32, kp: i32, kn: i32, ret_p: i32, ret_n: i32| {
-            run_alloc(&mut c, |c| {
-                let v = match read(c, kp, kn)
-                    .and_then(|k| MapType::from_i32(t).and_then(|t| map_get(c.data(), t, &k)))
-                {
-                    // as Envoy answers v0.1.0 modules: a missing header is an empty value
-                    Err(Status::NotFound) if c.data().abi01 => Ok(Vec::new()),
-                    v => v,
-                };
-                give(c, v, ret_p, ret_n)
-            })
-        },
-    )?;
-    for (name, op) in [
-        ("proxy_replace_header_map_value", Op::Replace),
-        ("proxy_add_header_map_value", Op::Add),
-    ] {
-        l.func_wrap(
-            "env",
-            name,
-            move |mut c: C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32| {
-                run(&mut c, |c| {
-                    let k = read(c, kp, kn)?;
-                    let v = read(c, vp, vn)?;
-                    map_change(c.data_mut(), MapType::from_i32(t)?, &k, &v, op)
-                })
-            },
-        )?;
-    }
-    l.func_wrap(
-        "env",
-        "proxy_remove_header_map_value",
-        |mut c: C, t: i32, kp: i32, kn: i32| {
-            run(&mut c, |c| {
-                let k = read(c, kp, kn)?;
-                map_change(c.data_mut(), MapType::from_i32(t)?, &k, b"", Op::Remove)
-            })
-        },
-    )?;
-    Ok(())
+    link!(
+        l,
+        get_header_map_pairs,
+        set_header_map_pairs,
+        get_header_map_value,
+        replace_header_map_value,
+        add_header_map_value,
+        remove_header_map_value
+    )
+}
+
+fn get_header_map_pairs(mut c: C, t: i32, ret_p: i32, ret_n: i32) -> Ret {
+    run_alloc(&mut c, |c| {
+        let bytes = MapType::from_i32(t).and_then(|t| {
+            let pairs = map_pairs(c.data(), t)?;
+            Ok(abi::serialize_map(
+                pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+            ))
+        });
+        give(c, bytes, ret_p, ret_n)
+    })
+}
+
+fn set_header_map_pairs(mut c: C, t: i32, p: i32, n: i32) -> Ret {
+    run(&mut c, |c| {
+        let t = MapType::from_i32(t)?;
+        let bytes = read(c, p, n)?;
+        set_pairs(c.data_mut(), t, &abi::deserialize_map(&bytes)?)
+    })
+}
+
+fn get_header_map_value(mut c: C, t: i32, kp: i32, kn: i32, ret_p: i32, ret_n: i32) -> Ret {
+    run_alloc(&mut c, |c| {
+        let v = match read(c, kp, kn)
+            .and_then(|k| MapType::from_i32(t).and_then(|t| map_get(c.data(), t, &k)))
+        {
+            // as Envoy answers v0.1.0 modules: a missing header is an empty value
+            Err(Status::NotFound) if c.data().abi01 => Ok(Vec::new()),
+            v => v,
+        };
+        give(c, v, ret_p, ret_n)
+    })
+}
+
+fn remove_header_map_value(mut c: C, t: i32, kp: i32, kn: i32) -> Ret {
+    run(&mut c, |c| {
+        let k = read(c, kp, kn)?;
+        map_change(c.data_mut(), MapType::from_i32(t)?, &k, b"", Op::Remove)
+    })
+}
+
+fn replace_header_map_value(c: C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32) -> Ret {
+    change_value(c, t, (kp, kn), (vp, vn), Op::Replace)
+}
+
+fn add_header_map_value(c: C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32) -> Ret {
+    change_value(c, t, (kp, kn), (vp, vn), Op::Add)
+}
+
+fn change_value(mut c: C, t: i32, (kp, kn): (i32, i32), (vp, vn): (i32, i32), op: Op) -> Ret {
+    run(&mut c, |c| {
+        let k = read(c, kp, kn)?;
+        let v = read(c, vp, vn)?;
+        map_change(c.data_mut(), MapType::from_i32(t)?, &k, &v, op)
+    })
 }
 
 pub(super) type Pairs = Vec<(Vec<u8>, Vec<u8>)>;

@@ -7,6 +7,15 @@
 //! ([`Effects`]), and the plugin's shared state. Every call is charged fuel before it
 //! runs, and answers a status, never a host crash.
 
+/// Links host functions under their ABI names: `link!(l, get_property, …)` links
+/// `env.proxy_get_property` to the function `get_property` of the capability's file.
+macro_rules! link {
+    ($l:expr, $($f:ident),+ $(,)?) => {{
+        $($l.func_wrap("env", concat!("proxy_", stringify!($f)), $f)?;)+
+        Ok(())
+    }};
+}
+
 mod buffers;
 mod call;
 mod callouts;

@@ -3,7 +3,7 @@
 //! head and facts; a guest's own properties (set with `proxy_set_property`) shadow them
 //! and are seen by the later modules of the chain.
 
-use super::call::{give, read, run, run_alloc, C};
+use super::call::{give, read, run, run_alloc, Ret, C};
 use super::headers::{host_header, map_pairs, path_and_query};
 use super::Host;
 use crate::wasm::abi::{self, HostResult, MapType, Status};
@@ -14,36 +14,30 @@ use wasmtime::Linker;
 const MAX_SET_PROPERTIES: usize = 64;
 
 pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
-    l.func_wrap(
-        "env",
-        "proxy_get_property",
-        |mut c: C, pp: i32, pn: i32, ret_p: i32, ret_n: i32| {
-            run_alloc(&mut c, |c| {
-                let v = read(c, pp, pn).and_then(|p| property(c.data(), &p));
-                give(c, v, ret_p, ret_n)
-            })
-        },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_set_property",
-        |mut c: C, pp: i32, pn: i32, vp: i32, vn: i32| {
-            run(&mut c, |c| {
-                let p = read(c, pp, pn)?;
-                let v = read(c, vp, vn)?;
-                let info = c.data_mut().frame.info_mut().ok_or(Status::NotFound)?;
-                if let Some(slot) = info.props.iter_mut().find(|(k, _)| *k == p) {
-                    slot.1 = v;
-                } else if info.props.len() < MAX_SET_PROPERTIES {
-                    info.props.push((p, v));
-                } else {
-                    return Err(Status::BadArgument);
-                }
-                Ok(())
-            })
-        },
-    )?;
-    Ok(())
+    link!(l, get_property, set_property)
+}
+
+fn get_property(mut c: C, pp: i32, pn: i32, ret_p: i32, ret_n: i32) -> Ret {
+    run_alloc(&mut c, |c| {
+        let v = read(c, pp, pn).and_then(|p| property(c.data(), &p));
+        give(c, v, ret_p, ret_n)
+    })
+}
+
+fn set_property(mut c: C, pp: i32, pn: i32, vp: i32, vn: i32) -> Ret {
+    run(&mut c, |c| {
+        let p = read(c, pp, pn)?;
+        let v = read(c, vp, vn)?;
+        let info = c.data_mut().frame.info_mut().ok_or(Status::NotFound)?;
+        if let Some(slot) = info.props.iter_mut().find(|(k, _)| *k == p) {
+            slot.1 = v;
+        } else if info.props.len() < MAX_SET_PROPERTIES {
+            info.props.push((p, v));
+        } else {
+            return Err(Status::BadArgument);
+        }
+        Ok(())
+    })
 }
 
 pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
