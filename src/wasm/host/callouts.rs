@@ -27,6 +27,7 @@ pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     link!(l, http_call, get_status)
 }
 
+#[allow(clippy::too_many_arguments)] // the ABI's arity
 fn http_call(
     mut c: C,
     up: i32,

@@ -81,92 +81,80 @@ impl Frame {
         }
     }
 
+    /// What `p` points at, shared: the borrow of `self` keeps any `&mut` from
+    /// [`Frame::lent_mut`] out while it lives.
+    fn lent<T>(&self, p: Option<NonNull<T>>) -> HostResult<&T> {
+        // SAFETY: see the module doc: `p` is one of this frame's pointers, valid while
+        // the frame is set; the returned borrow cannot outlive `&self`.
+        p.map(|p| unsafe { p.as_ref() }).ok_or(Status::NotFound)
+    }
+
+    /// What `p` points at, writable when the view lent it mutably (`BadArgument` when
+    /// it was lent read-only): `&mut self` makes the returned borrow the only one.
+    fn lent_mut<T>(&mut self, p: Option<NonNull<T>>, writable: bool) -> HostResult<&mut T> {
+        match p {
+            // SAFETY: as in `lent`; writable pointers were made from `&mut` borrows.
+            Some(mut p) if writable => Ok(unsafe { p.as_mut() }),
+            Some(_) => Err(Status::BadArgument),
+            None => Err(Status::NotFound),
+        }
+    }
+
     pub(crate) fn req(&self) -> HostResult<&RequestHeader> {
-        // SAFETY: see the module doc; `&self` keeps any `&mut` from `req_mut` out.
-        self.req
-            .map(|p| unsafe { p.as_ref() })
-            .ok_or(Status::NotFound)
+        self.lent(self.req)
     }
 
     /// The request head, when the phase may still change it.
     pub(crate) fn req_mut(&mut self) -> HostResult<&mut RequestHeader> {
-        match self.req {
-            // SAFETY: see the module doc; writable only when the view lent it mutably,
-            // and `&mut self` makes the returned borrow the only one.
-            Some(mut p) if self.req_writable => Ok(unsafe { p.as_mut() }),
-            Some(_) => Err(Status::BadArgument),
-            None => Err(Status::NotFound),
-        }
+        self.lent_mut(self.req, self.req_writable)
     }
 
     pub(crate) fn resp(&self) -> HostResult<&ResponseHeader> {
-        // SAFETY: see `req`.
-        self.resp
-            .map(|p| unsafe { p.as_ref() })
-            .ok_or(Status::NotFound)
+        self.lent(self.resp)
     }
 
     /// The response head, when the phase may still change it.
     pub(crate) fn resp_mut(&mut self) -> HostResult<&mut ResponseHeader> {
-        match self.resp {
-            // SAFETY: see `req_mut`.
-            Some(mut p) if self.resp_writable => Ok(unsafe { p.as_mut() }),
-            Some(_) => Err(Status::BadArgument),
-            None => Err(Status::NotFound),
-        }
+        self.lent_mut(self.resp, self.resp_writable)
     }
 
     pub(crate) fn resp_trailers(&self) -> HostResult<&HeaderMap> {
-        // SAFETY: see `req`.
-        self.resp_trailers
-            .map(|p| unsafe { p.as_ref() })
-            .ok_or(Status::NotFound)
+        self.lent(self.resp_trailers)
     }
 
+    /// Trailers are only ever lent mutably.
     pub(crate) fn resp_trailers_mut(&mut self) -> HostResult<&mut HeaderMap> {
-        // SAFETY: see `req_mut`; trailers are only ever lent mutably.
-        self.resp_trailers
-            .map(|mut p| unsafe { p.as_mut() })
-            .ok_or(Status::NotFound)
+        self.lent_mut(self.resp_trailers, true)
     }
 
     /// The body buffer lent to this callback, if it is of type `t`.
     pub(crate) fn body(&self, t: BufferType) -> HostResult<&Vec<u8>> {
-        match self.body {
-            // SAFETY: see `req`.
-            Some((bt, p)) if bt == t => Ok(unsafe { p.as_ref() }),
-            _ => Err(Status::NotFound),
-        }
+        self.lent(self.body.filter(|(bt, _)| *bt == t).map(|(_, p)| p))
     }
 
-    /// The body buffer lent to this callback: `NotFound` without one, `BadArgument` when
-    /// it is not of type `t`.
+    /// The body buffer lent to this callback (bodies are only ever lent mutably):
+    /// `NotFound` without one, `BadArgument` when it is not of type `t`.
     pub(crate) fn body_mut(&mut self, t: BufferType) -> HostResult<&mut Vec<u8>> {
-        match self.body {
-            // SAFETY: see `req_mut`; bodies are only ever lent mutably.
-            Some((bt, mut p)) if bt == t => Ok(unsafe { p.as_mut() }),
-            Some(_) => Err(Status::BadArgument),
-            None => Err(Status::NotFound),
-        }
+        let (p, right_type) = match self.body {
+            Some((bt, p)) => (Some(p), bt == t),
+            None => (None, false),
+        };
+        self.lent_mut(p, right_type)
     }
 
     pub(crate) fn info(&self) -> Option<&RequestInfo> {
-        // SAFETY: see `req`.
-        self.info.map(|p| unsafe { p.as_ref() })
+        self.lent(self.info).ok()
     }
 
+    /// Request facts are only ever lent mutably.
     pub(crate) fn info_mut(&mut self) -> Option<&mut RequestInfo> {
-        // SAFETY: see `req_mut`; request facts are only ever lent mutably.
-        self.info.map(|mut p| unsafe { p.as_mut() })
+        self.lent_mut(self.info, true).ok()
     }
 
-    /// The callout answer being delivered.
+    /// The callout answer being delivered. Answers are only ever lent shared, so the
+    /// copies of this pointer [`Frame::answer_only`] makes never alias a `&mut`.
     pub(crate) fn call(&self) -> HostResult<&CallResponse> {
-        // SAFETY: see `req`; answers are only ever lent shared, so copies of this
-        // pointer (`answer_only`) never alias a `&mut`.
-        self.call
-            .map(|p| unsafe { p.as_ref() })
-            .ok_or(Status::NotFound)
+        self.lent(self.call)
     }
 }
 

@@ -118,6 +118,7 @@ pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 
 // (upstream, service, method, initial metadata, message: a pointer and a length each)
 #[rustfmt::skip]
+#[allow(clippy::too_many_arguments)] // the ABI's arity
 fn grpc_call(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp: i32, hn: i32,
     bp: i32, bn: i32, timeout_ms: i32, ret: i32) -> Ret {
     run(&mut c, |c| {
@@ -144,6 +145,7 @@ fn grpc_call(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp:
 }
 
 #[rustfmt::skip]
+#[allow(clippy::too_many_arguments)] // the ABI's arity
 fn grpc_stream(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp: i32, hn: i32,
     ret: i32) -> Ret {
     run(&mut c, |c| {

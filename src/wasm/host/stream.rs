@@ -110,6 +110,7 @@ fn close_stream(mut c: C, _t: i32) -> Ret {
     })
 }
 
+#[allow(clippy::too_many_arguments)] // the ABI's arity
 fn send_local_response(
     mut c: C,
     status: i32,
