@@ -426,7 +426,8 @@ impl Default for FailurePolicyFile {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+/// `[tenants.NAME]`; lowered into [`crate::tenant::TenantLimits`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantFile {
     /// Largest per-callback budget a module of this tenant may ask for (µs).
@@ -445,10 +446,7 @@ pub struct TenantFile {
     pub allowed_upstreams: Vec<String>,
 }
 
-/// A module's callback budget when neither the conf nor a deploy sets one (µs).
-pub const DEFAULT_BUDGET_US: u64 = 1000;
-/// A module's memory limit when neither the conf nor a deploy sets one (MiB).
-pub const DEFAULT_MEMORY_MB: u64 = 16;
+use crate::wasm::{DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 
 // Field defaults for sections with required keys (the others have one `Default` each):
 // serde takes a function, these take the value as a const parameter.
@@ -460,4 +458,27 @@ fn num<const N: u64>() -> u64 {
 }
 fn count<const N: usize>() -> usize {
     N
+}
+
+impl From<TenantFile> for crate::tenant::TenantLimits {
+    fn from(t: TenantFile) -> Self {
+        let TenantFile {
+            max_budget_us,
+            max_memory_mb,
+            max_module_bytes,
+            rate_per_sec,
+            burst,
+            max_concurrency,
+            allowed_upstreams,
+        } = t;
+        Self {
+            max_budget_us,
+            max_memory_mb,
+            max_module_bytes,
+            rate_per_sec,
+            burst,
+            max_concurrency,
+            allowed_upstreams,
+        }
+    }
 }

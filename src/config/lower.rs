@@ -5,6 +5,7 @@ use super::{ConfError, ConfErrors, Source};
 use crate::metrics::Metrics;
 use crate::route::{path_params, HeaderOps, Rewrite, Route};
 use crate::routing::{PathPattern, RouteKey, Router};
+use crate::tenant::TenantLimits;
 use crate::upstream::{self, Balancer, HashKey, Upstream, UpstreamTls};
 use crate::wasm::{self, HookChain, Plugin, PluginSpec};
 use http::{HeaderName, HeaderValue, Method};
@@ -25,7 +26,7 @@ pub struct Snapshot {
     pub admin: Admin,
     pub limits: Limits,
     /// Tenants declared in the conf, with their limits.
-    pub tenants: BTreeMap<String, TenantFile>,
+    pub tenants: BTreeMap<String, TenantLimits>,
     pub listeners: Vec<Listener>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<Arc<Route>>,
@@ -356,7 +357,7 @@ impl Lowering<'_> {
             tenants: f
                 .tenants
                 .into_iter()
-                .map(|(k, v)| (k, v.into_inner()))
+                .map(|(k, v)| (k, v.into_inner().into()))
                 .collect(),
             listeners,
             upstreams,

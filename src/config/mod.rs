@@ -10,7 +10,6 @@ mod lower;
 
 pub use lower::*;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Tenant names appear in function hosts (`{function}.{tenant}.<base_domain>`), so they
@@ -24,8 +23,10 @@ pub fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// One problem in a conf file, pointing at where it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One problem in a conf file, pointing at where it is: `file:line:column: message`,
+/// or `file: message` when the problem has no place in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), place(*line, *column))]
 pub struct ConfError {
     pub file: PathBuf,
     /// 1-based; 0 when the problem has no place in the file (e.g. a missing file).
@@ -34,40 +35,18 @@ pub struct ConfError {
     pub message: String,
 }
 
-impl fmt::Display for ConfError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.file.display(),
-                self.line,
-                self.column,
-                self.message
-            )
-        }
+fn place(line: usize, column: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}:{column}")
     }
 }
 
-/// Every problem found in a conf file, in file order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Every problem found in a conf file, in file order, one `error: …` line each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.0.iter().map(|e| format!("error: {e}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfErrors(pub Vec<ConfError>);
-
-impl fmt::Display for ConfErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "error: {e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfErrors {}
 
 /// Maps byte offsets of the source to line and column for error messages.
 pub(crate) struct Source<'a> {

@@ -31,7 +31,7 @@
 
 use super::token::{self, Claims};
 use super::{ApiError, ApiResult, Control, DeployOpts, FunctionRec};
-use crate::config::file::TenantFile;
+use crate::tenant::TenantLimits;
 use crate::wasm::meter::now_secs;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -374,7 +374,7 @@ fn exists(c: &Control, t: &str) -> ApiResult<()> {
 struct NewTenant {
     name: String,
     #[serde(default)]
-    limits: TenantFile,
+    limits: TenantLimits,
 }
 
 #[derive(Deserialize)]

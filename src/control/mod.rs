@@ -10,53 +10,30 @@
 pub mod api;
 pub mod client;
 pub mod limit;
+pub mod store;
 pub mod token;
 
-use crate::config::file::{TenantFile, DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 use crate::config::is_dns_label;
 use crate::metrics::Metrics;
 use crate::reload::Live;
 use crate::route::{HeaderOps, Rewrite, Route};
+use crate::tenant::TenantLimits;
 use crate::wasm::meter::now_secs;
 use crate::wasm::Isolation;
 use crate::wasm::{FailurePolicy, HookChain, Plugin, PluginSpec};
+use crate::wasm::{DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+pub use store::{FunctionRec, ModuleRec, Stored, VersionRec};
 
 /// Limits applied when neither the conf nor the API set one.
 pub const DEFAULT_MAX_MODULE_BYTES: u64 = 8 << 20;
 /// How long a request waits for a slot under its tenant's `max_concurrency`.
 pub const CONCURRENCY_WAIT: Duration = Duration::from_millis(50);
-
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct VersionRec {
-    pub version: u32,
-    pub digest: String,
-    pub size: u64,
-    pub uploaded_at: u64,
-    pub uploaded_by: String,
-    pub exports: Vec<String>,
-    pub compile_ms: u64,
-    pub config: String,
-    pub budget_us: u64,
-    pub memory_mb: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct ModuleRec {
-    pub versions: Vec<VersionRec>,
-    pub active: Option<u32>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FunctionRec {
-    pub module: String,
-    pub upstream: Option<String>,
-}
 
 /// Options of a deploy, from the request's query.
 #[derive(Debug, Default, Clone)]
@@ -65,19 +42,6 @@ pub struct DeployOpts {
     pub config: String,
     pub budget_us: Option<u64>,
     pub memory_mb: Option<u64>,
-}
-
-/// What the control plane persists.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct Stored {
-    /// Tenants created through the API (conf tenants live in the conf).
-    pub tenants: BTreeMap<String, TenantFile>,
-    pub modules: BTreeMap<String, BTreeMap<String, ModuleRec>>,
-    pub functions: BTreeMap<String, BTreeMap<String, FunctionRec>>,
-    pub revoked: BTreeSet<String>,
-    /// Modules a tenant attached to conf routes it owns: tenant -> route -> modules.
-    #[serde(default)]
-    pub route_hooks: BTreeMap<String, BTreeMap<String, Vec<String>>>,
 }
 
 /// `data_dir/control/usage.json`: the billing record, kept across restarts.
@@ -137,13 +101,13 @@ impl pingora::services::background::BackgroundService for UsageKeeper {
 /// A tenant as the request path sees it: its limits and their live state.
 pub struct TenantRt {
     pub name: String,
-    pub limits: TenantFile,
+    pub limits: TenantLimits,
     rate: Option<limit::Limiter>,
     pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl TenantRt {
-    fn new(name: &str, limits: TenantFile) -> TenantRt {
+    fn new(name: &str, limits: TenantLimits) -> TenantRt {
         TenantRt {
             name: name.into(),
             rate: limit::Limiter::for_limits(limits.rate_per_sec, limits.burst),
@@ -191,7 +155,8 @@ struct FnTable {
 }
 
 /// Why an admin action failed: a status and a reason for the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {reason}")]
 pub struct ApiError {
     pub status: u16,
     pub code: &'static str,
@@ -205,6 +170,13 @@ impl ApiError {
             code,
             reason: reason.into(),
         }
+    }
+}
+
+impl From<crate::wasm::ModuleError> for ApiError {
+    /// A module the runtime refuses is the caller's to fix: 400 with the reason.
+    fn from(e: crate::wasm::ModuleError) -> ApiError {
+        ApiError::new(400, "module_rejected", e.to_string())
     }
 }
 
@@ -288,10 +260,7 @@ impl Control {
             .or_else(|| std::env::var(&snap.admin.token_env).ok())
             .filter(|t| !t.is_empty());
         let secret = token::load_or_create_secret(&data_dir.join("admin.key"))?;
-        let stored: Stored = match std::fs::read(data_dir.join("control.json")) {
-            Ok(b) => serde_json::from_slice(&b)?,
-            Err(_) => Stored::default(),
-        };
+        let stored = Stored::load(&data_dir.join("control.json"))?;
         drop(snap);
         let c = Control {
             data_dir: data_dir.to_path_buf(),
@@ -398,17 +367,12 @@ impl Control {
     }
 
     fn persist(&self, s: &Stored) -> ApiResult<()> {
-        let path = self.data_dir.join("control.json");
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(s)
-            .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
-        std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, &path))
+        s.save(&self.data_dir.join("control.json"))
             .map_err(|e| ApiError::new(500, "internal", format!("cannot persist: {e}")))
     }
 
     /// Conf tenants plus API tenants (the conf wins for a name in both).
-    fn all_tenants(&self, s: &Stored) -> BTreeMap<String, TenantFile> {
+    fn all_tenants(&self, s: &Stored) -> BTreeMap<String, TenantLimits> {
         let mut all = s.tenants.clone();
         for (k, v) in &self.live.load().tenants {
             all.insert(k.clone(), v.clone());
@@ -417,7 +381,7 @@ impl Control {
     }
 
     /// 400 `bad_upstream` when a tenant's `allowed_upstreams` names one the conf lacks.
-    fn upstreams_defined(&self, limits: &TenantFile) -> ApiResult<()> {
+    fn upstreams_defined(&self, limits: &TenantLimits) -> ApiResult<()> {
         let snap = self.live.load();
         match limits
             .allowed_upstreams
@@ -691,7 +655,7 @@ impl Control {
         }))
     }
 
-    pub fn create_tenant(&self, name: &str, limits: TenantFile) -> ApiResult<()> {
+    pub fn create_tenant(&self, name: &str, limits: TenantLimits) -> ApiResult<()> {
         if !is_dns_label(name) {
             return Err(ApiError::new(
                 400,
@@ -718,7 +682,7 @@ impl Control {
     /// clears one. Rate and concurrency apply to the next request; allowed upstreams
     /// re-configure the tenant's active modules (from the precompiled cache); the module
     /// limits (`max_budget_us`, `max_memory_mb`, `max_module_bytes`) apply to later deploys.
-    pub fn update_tenant(&self, name: &str, patch: serde_json::Value) -> ApiResult<TenantFile> {
+    pub fn update_tenant(&self, name: &str, patch: serde_json::Value) -> ApiResult<TenantLimits> {
         let serde_json::Value::Object(patch) = patch else {
             return Err(ApiError::new(
                 400,
@@ -745,7 +709,7 @@ impl Control {
         };
         merged.extend(patch);
         merged.retain(|_, v| !v.is_null());
-        let limits: TenantFile = serde_json::from_value(serde_json::Value::Object(merged))
+        let limits: TenantLimits = serde_json::from_value(serde_json::Value::Object(merged))
             .map_err(|e| ApiError::new(400, "bad_limits", e.to_string()))?;
         self.upstreams_defined(&limits)?;
         let stranded: Vec<String> = s
@@ -819,7 +783,7 @@ impl Control {
         t: &str,
         m: &str,
         v: &VersionRec,
-        limits: &TenantFile,
+        limits: &TenantLimits,
     ) -> ApiResult<Arc<Plugin>> {
         let bytes = std::fs::read(self.module_file(t, m, &v.digest))
             .map_err(|e| ApiError::new(500, "internal", format!("module bytes missing: {e}")))?;
@@ -834,7 +798,7 @@ impl Control {
         m: &str,
         v: &VersionRec,
         bytes: &[u8],
-        limits: &TenantFile,
+        limits: &TenantLimits,
     ) -> ApiResult<Arc<Plugin>> {
         let snap = self.live.load();
         let allowed = limits
@@ -860,7 +824,7 @@ impl Control {
         self.live
             .wasm
             .plugin(spec, bytes, &self.metrics)
-            .map_err(|e| ApiError::new(400, "module_rejected", e))
+            .map_err(ApiError::from)
     }
 
     /// Deploys `bytes` as a new version of module `m` of tenant `t` and activates it.

@@ -105,19 +105,6 @@ fn policy_answer(policy: &FailurePolicy, route: &str) -> Option<LocalResponse> {
     }
 }
 
-/// A local response the gateway itself produces (e.g. modules too busy).
-pub fn busy_response(route: &str) -> LocalResponse {
-    LocalResponse {
-        status: 503,
-        headers: vec![
-            ("content-type".into(), b"application/json".to_vec()),
-            ("retry-after".into(), b"1".to_vec()),
-        ],
-        body: super::respond::error_body("hook_busy", Some(route)).to_vec(),
-        grpc_status: -1,
-    }
-}
-
 /// The head a local reply shows the response callbacks: its headers, a `content-type`
 /// (text/plain when it has a body and none was given, as Envoy's) and its length.
 pub fn reply_head(r: &LocalResponse) -> pingora::Result<ResponseHeader> {

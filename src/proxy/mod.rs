@@ -491,12 +491,7 @@ impl Gateway {
         if ctx.hooks.is_none() {
             return respond::send_error(session, e, ctx.route_name()).await;
         }
-        let r = LocalResponse {
-            status: e.status(),
-            headers: vec![("content-type".into(), b"application/json".to_vec())],
-            body: respond::error_body(e.code(), ctx.route_name()).to_vec(),
-            grpc_status: -1,
-        };
+        let r = e.reply(ctx.route_name());
         self.reply(session, ctx, r).await
     }
 
@@ -573,11 +568,10 @@ impl Gateway {
         };
         ctx.route = Some(f.route.clone());
         if let Err(wait) = f.tenant.admit() {
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            ctx.error = Some(GatewayError::RateLimited);
-            let h = [("retry-after".to_string(), secs.to_string().into_bytes())];
-            respond::send_error_with(session, GatewayError::RateLimited, ctx.route_name(), &h)
-                .await?;
+            let retry_after_s = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let e = GatewayError::RateLimited { retry_after_s };
+            ctx.error = Some(e);
+            respond::send_error(session, e, ctx.route_name()).await?;
             return Ok(Some(true));
         }
         if let Some(sem) = &f.tenant.concurrency {
@@ -595,14 +589,8 @@ impl Gateway {
                 Some(p) => ctx._tenant_slot = Some(p),
                 None => {
                     ctx.error = Some(GatewayError::TenantBusy);
-                    let h = [("retry-after".to_string(), b"1".to_vec())];
-                    respond::send_error_with(
-                        session,
-                        GatewayError::TenantBusy,
-                        ctx.route_name(),
-                        &h,
-                    )
-                    .await?;
+                    respond::send_error(session, GatewayError::TenantBusy, ctx.route_name())
+                        .await?;
                     return Ok(Some(true));
                 }
             }
@@ -638,7 +626,8 @@ impl Gateway {
         let mut state = match HookState::start(chain, info).await {
             Ok(s) => s,
             Err(_) => {
-                send_local(session, hooks::busy_response(&route.name)).await?;
+                let busy = GatewayError::HookBusy.reply(Some(&route.name));
+                send_local(session, busy).await?;
                 return Ok(true);
             }
         };

@@ -2,35 +2,61 @@
 //! connection kept alive (`respond_error` would close it; a denied request must not cost
 //! the client its connection).
 
+use crate::wasm::LocalResponse;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
-/// Errors the gateway answers itself, each with its status and JSON `error` code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Errors the gateway answers itself. This is the one place an error becomes a
+/// response: its status ([`GatewayError::status`]), its JSON `error` code
+/// ([`GatewayError::code`]), its headers (`Retry-After` where waiting helps) and its
+/// body ([`GatewayError::reply`]); the `Display` text is what logs say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
+    #[error("no route matches the request")]
     NoRoute,
     /// Under the function namespace, but no such tenant or function.
+    #[error("no such tenant or function")]
     NoFunction,
+    #[error("the route does not allow the method")]
     MethodNotAllowed,
+    #[error("the request body is larger than the route allows")]
     BodyTooLarge,
+    #[error("the request head is larger than the gateway allows")]
     HeadersTooLarge,
+    #[error("no healthy target in the upstream")]
     NoHealthyUpstream,
+    #[error("the upstream could not be reached")]
     UpstreamUnreachable,
+    #[error("the upstream timed out")]
     UpstreamTimeout,
+    #[error("the upstream failed mid-exchange")]
     UpstreamError,
+    #[error("the client was too slow")]
     ClientTimeout,
+    #[error("the request is malformed")]
     BadRequest,
+    #[error("the hooks neither answered nor allowed a backend")]
     NoHookResponse,
-    RateLimited,
+    /// The tenant's request rate is used up; a request would pass in `retry_after_s`.
+    #[error("the tenant's rate limit is reached (retry in {retry_after_s} s)")]
+    RateLimited { retry_after_s: u64 },
+    #[error("the tenant's concurrent requests are at their limit")]
     TenantBusy,
+    /// Every instance of a module on the route is busy.
+    #[error("no module instance is free")]
+    HookBusy,
+    #[error("the gateway's connections are at their limit")]
     TooManyConnections,
     /// A hook changed the length of a streamed request body whose Content-Length it kept.
+    #[error("a hook changed the length of a streamed body")]
     HookChangedLength,
     /// A transfer coding other than `chunked` (the gateway cannot forward it faithfully).
+    #[error("a transfer coding other than chunked")]
     UnsupportedTransferEncoding,
+    #[error("an internal error")]
     Internal,
 }
 
@@ -48,8 +74,8 @@ impl GatewayError {
             | GatewayError::UpstreamError
             | GatewayError::NoHookResponse => 502,
             GatewayError::UpstreamTimeout => 504,
-            GatewayError::RateLimited => 429,
-            GatewayError::TenantBusy => 503,
+            GatewayError::RateLimited { .. } => 429,
+            GatewayError::TenantBusy | GatewayError::HookBusy => 503,
             GatewayError::TooManyConnections => 503,
             GatewayError::HookChangedLength => 502,
             GatewayError::UnsupportedTransferEncoding => 501,
@@ -71,12 +97,41 @@ impl GatewayError {
             GatewayError::ClientTimeout => "client_timeout",
             GatewayError::BadRequest => "bad_request",
             GatewayError::NoHookResponse => "no_response_from_hooks",
-            GatewayError::RateLimited => "rate_limited",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::TenantBusy => "tenant_busy",
+            GatewayError::HookBusy => "hook_busy",
             GatewayError::TooManyConnections => "too_many_connections",
             GatewayError::HookChangedLength => "hook_changed_body_length",
             GatewayError::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             GatewayError::Internal => "internal_error",
+        }
+    }
+
+    /// Seconds a client should wait before trying again (`Retry-After`), where waiting
+    /// helps: a rate limit's own wait, a second for capacity that frees up.
+    pub fn retry_after(self) -> Option<u64> {
+        match self {
+            GatewayError::RateLimited { retry_after_s } => Some(retry_after_s),
+            GatewayError::TenantBusy
+            | GatewayError::HookBusy
+            | GatewayError::TooManyConnections => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The response for this error: status, `content-type: application/json`,
+    /// `Retry-After` where [`GatewayError::retry_after`] says, and
+    /// `{"error":"…","route":"…"}` as the body.
+    pub fn reply(self, route: Option<&str>) -> LocalResponse {
+        let mut headers = vec![("content-type".into(), b"application/json".to_vec())];
+        if let Some(s) = self.retry_after() {
+            headers.push(("retry-after".into(), s.to_string().into_bytes()));
+        }
+        LocalResponse {
+            status: self.status(),
+            headers,
+            body: error_body(self.code(), route).to_vec(),
+            grpc_status: -1,
         }
     }
 
@@ -90,7 +145,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => 0x20,
             GatewayError::UpstreamError => 0x40,
             GatewayError::NoRoute | GatewayError::NoFunction => 0x100,
-            GatewayError::RateLimited => 0x800,
+            GatewayError::RateLimited { .. } => 0x800,
             GatewayError::ClientTimeout => 0x10000,
             GatewayError::HeadersTooLarge => 0x20000,
             GatewayError::BadRequest | GatewayError::UnsupportedTransferEncoding => 0x40000,
@@ -225,24 +280,49 @@ pub fn local_head(
     Ok(resp)
 }
 
-/// Sends a gateway error as JSON.
+/// Sends a gateway error (see [`GatewayError::reply`]).
 pub async fn send_error(session: &mut Session, e: GatewayError, route: Option<&str>) -> Result<()> {
-    send_error_with(session, e, route, &[]).await
+    let r = e.reply(route);
+    send(session, r.status, &r.headers, None, Bytes::from(r.body)).await
 }
 
-/// Sends a gateway error as JSON with extra headers (e.g. `Retry-After`).
-pub async fn send_error_with(
-    session: &mut Session,
-    e: GatewayError,
-    route: Option<&str>,
-    headers: &[(String, Vec<u8>)],
-) -> Result<()> {
-    send(
-        session,
-        e.status(),
-        headers,
-        Some("application/json"),
-        error_body(e.code(), route),
-    )
-    .await
+#[cfg(test)]
+mod tests {
+    use super::GatewayError;
+
+    fn header<'a>(r: &'a crate::wasm::LocalResponse, name: &str) -> Option<&'a [u8]> {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    #[test]
+    fn a_reply_carries_status_json_code_route_and_retry_after_where_waiting_helps() {
+        let r = GatewayError::RateLimited { retry_after_s: 7 }.reply(Some("api"));
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), Some(&b"7"[..]));
+        assert_eq!(header(&r, "content-type"), Some(&b"application/json"[..]));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": "rate_limited", "route": "api"})
+        );
+
+        for e in [
+            GatewayError::TenantBusy,
+            GatewayError::HookBusy,
+            GatewayError::TooManyConnections,
+        ] {
+            let r = e.reply(None);
+            assert_eq!(
+                (r.status, header(&r, "retry-after")),
+                (503, Some(&b"1"[..]))
+            );
+        }
+        let r = GatewayError::UpstreamTimeout.reply(None);
+        assert_eq!((r.status, header(&r, "retry-after")), (504, None));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body, serde_json::json!({"error": "upstream_timeout"}));
+    }
 }

@@ -34,6 +34,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, OptLevel};
 
+/// A module's callback budget when neither the conf nor a deploy sets one (µs).
+pub const DEFAULT_BUDGET_US: u64 = 1000;
+/// A module's memory limit when neither the conf nor a deploy sets one (MiB).
+pub const DEFAULT_MEMORY_MB: u64 = 16;
 /// Fuel granted per microsecond of budget.
 pub const FUEL_PER_US: u64 = 1_000;
 /// Fuel a host call costs before any bytes are copied, and per byte copied.
@@ -122,16 +126,21 @@ impl FailurePolicy {
     }
 }
 
-/// Why a callback failed; the label of the failure metric.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a callback failed; [`Cause::label`] is the failure metric's label, the
+/// `Display` text the detail a log line gives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Cause {
     /// Ran out of its fuel budget (per callback or per request).
+    #[error("ran out of its time budget")]
     Overrun,
     /// Trapped: unreachable, out-of-bounds access, stack overflow, failed allocation.
+    #[error("{0}")]
     Trap(String),
     /// Broke the ABI's rules (paused without a way to resume, oversized local response).
+    #[error("{0}")]
     Misbehaved(&'static str),
     /// No instance could be had in time (module at its max_instances).
+    #[error("no instance free within the wait limit")]
     Busy,
 }
 
@@ -146,10 +155,31 @@ impl Cause {
     }
 }
 
-#[derive(Debug, Clone)]
+/// A callback that failed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{callback} failed: {cause}")]
 pub struct Failure {
     pub callback: &'static str,
     pub cause: Cause,
+}
+
+/// Why a module cannot be loaded: the reason a deploy or a conf load is refused with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModuleError {
+    #[error("not a wasm module (missing the \\0asm header)")]
+    NotWasm,
+    #[error("does not compile: {0}")]
+    DoesNotCompile(String),
+    /// Not a Proxy-Wasm module this host runs: what it lacks.
+    #[error("{0}")]
+    NotProxyWasm(String),
+    #[error("imports something this host does not provide: {0}")]
+    MissingImport(String),
+    #[error("memory_mb {mb} exceeds the gateway's maximum of {max} MiB")]
+    MemoryTooLarge { mb: u64, max: u64 },
+    /// Its first VM failed to start (`on_vm_start` or `on_configure` refused or broke).
+    #[error("{0}")]
+    Start(Failure),
 }
 
 /// How a module's instances are shared between requests.
@@ -442,22 +472,19 @@ impl Runtime {
 
     /// Compiles `bytes` (or finds it compiled, in memory or on disk) and checks that it
     /// is a Proxy-Wasm module this host can run.
-    pub fn compile(&self, bytes: &[u8]) -> Result<Arc<Compiled>, String> {
+    pub fn compile(&self, bytes: &[u8]) -> Result<Arc<Compiled>, ModuleError> {
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         if let Some(c) = self.cache.get(&digest) {
             return Ok(c.clone());
         }
         let start = Instant::now();
         let (module, from_disk) = self.load_or_compile(bytes, &digest)?;
-        vm::check_exports(&module)?;
+        vm::check_exports(&module).map_err(ModuleError::NotProxyWasm)?;
         let mut linker = self.linker.clone();
-        host::wasi::stub_unknown(&mut linker, &module)?;
-        let pre = linker.instantiate_pre(&module).map_err(|e| {
-            format!(
-                "imports something this host does not provide: {}",
-                root_cause(&e)
-            )
-        })?;
+        host::wasi::stub_unknown(&mut linker, &module).map_err(ModuleError::MissingImport)?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| ModuleError::MissingImport(root_cause(&e)))?;
         let compiled = Arc::new(Compiled {
             abi01: module.get_export("proxy_abi_version_0_1_0").is_some(),
             exports: module.exports().map(|e| e.name().to_string()).collect(),
@@ -471,9 +498,13 @@ impl Runtime {
         Ok(compiled)
     }
 
-    fn load_or_compile(&self, bytes: &[u8], digest: &[u8; 32]) -> Result<(Module, bool), String> {
+    fn load_or_compile(
+        &self,
+        bytes: &[u8],
+        digest: &[u8; 32],
+    ) -> Result<(Module, bool), ModuleError> {
         if !bytes.starts_with(b"\0asm") {
-            return Err("not a wasm module (missing the \\0asm header)".into());
+            return Err(ModuleError::NotWasm);
         }
         let artifact = self.cache_dir.get().map(|d| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -492,7 +523,7 @@ impl Runtime {
             }
         }
         let module = Module::new(&self.engine, bytes)
-            .map_err(|e| format!("does not compile: {}", root_cause(&e)))?;
+            .map_err(|e| ModuleError::DoesNotCompile(root_cause(&e)))?;
         if let Some(path) = artifact {
             if let Ok(ser) = module.serialize() {
                 let tmp = path.with_extension("tmp");
@@ -511,13 +542,12 @@ impl Runtime {
         mut spec: PluginSpec,
         bytes: &[u8],
         metrics: &Metrics,
-    ) -> Result<Arc<Plugin>, String> {
+    ) -> Result<Arc<Plugin>, ModuleError> {
         if spec.memory_bytes > MAX_MEMORY_BYTES {
-            return Err(format!(
-                "memory_mb {} exceeds the gateway's maximum of {} MiB",
-                spec.memory_bytes >> 20,
-                MAX_MEMORY_BYTES >> 20
-            ));
+            return Err(ModuleError::MemoryTooLarge {
+                mb: spec.memory_bytes >> 20,
+                max: MAX_MEMORY_BYTES >> 20,
+            });
         }
         let compiled = self.compile(bytes)?;
         tracing::info!(
@@ -563,10 +593,7 @@ impl Runtime {
             upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
             spec,
         });
-        let first = vm::Vm::start(&plugin, false).map_err(|f| match f.cause {
-            Cause::Misbehaved(m) => format!("{} failed: {m}", f.callback),
-            c => format!("{} failed: {}", f.callback, describe(&c)),
-        })?;
+        let first = vm::Vm::start(&plugin, false).map_err(ModuleError::Start)?;
         plugin.give_back(first);
         Ok(plugin)
     }
@@ -774,19 +801,14 @@ impl Plugin {
         self.log.push(
             &self.spec.name,
             "error",
-            &format!(
-                "{} failed: {} ({})",
-                f.callback,
-                f.cause.label(),
-                describe(&f.cause)
-            ),
+            &format!("{} failed: {} ({})", f.callback, f.cause.label(), f.cause),
         );
         tracing::warn!(
             tenant = %self.spec.tenant,
             module = %self.spec.name,
             callback = f.callback,
             cause = f.cause.label(),
-            detail = %describe(&f.cause),
+            detail = %f.cause,
             "hook failed"
         );
     }
@@ -943,16 +965,6 @@ fn engine_config() -> Config {
         .decommit_batch_size(32);
     c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
     c
-}
-
-/// Trap text for logs (never for clients).
-pub fn describe(c: &Cause) -> String {
-    match c {
-        Cause::Overrun => "ran out of its time budget".into(),
-        Cause::Trap(t) => t.clone(),
-        Cause::Misbehaved(m) => (*m).into(),
-        Cause::Busy => "no instance free within the wait limit".into(),
-    }
 }
 
 /// An error with its causes, on one line.
