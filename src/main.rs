@@ -405,39 +405,35 @@ fn bind_function(
 
 fn functions(a: &AdminArgs, cmd: FunctionsCmd) -> ExitCode {
     match cmd {
-        FunctionsCmd::List { tenant } => admin_call(
-            a,
-            "GET",
-            &format!("/v1/tenants/{}/functions", encode(&tenant)),
-            b"",
-        ),
+        FunctionsCmd::List { tenant } => {
+            admin_call(a, "GET", &tenant_path(&tenant, &["functions"]), b"")
+        }
         FunctionsCmd::Bind {
             tenant,
             name,
             module,
             upstream,
         } => bind_function(a, &tenant, &name, &module, upstream.as_deref()),
-        FunctionsCmd::Unbind { tenant, name } => admin_call(
-            a,
-            "DELETE",
-            &format!(
-                "/v1/tenants/{}/functions/{}",
-                encode(&tenant),
-                encode(&name)
-            ),
-            b"",
-        ),
+        FunctionsCmd::Unbind { tenant, name } => {
+            let path = tenant_path(&tenant, &["functions", &name]);
+            admin_call(a, "DELETE", &path, b"")
+        }
     }
+}
+
+/// `/v1/tenants/{tenant}/{parts…}`, each part percent-encoded.
+fn tenant_path(tenant: &str, parts: &[&str]) -> String {
+    let mut path = format!("/v1/tenants/{}", encode(tenant));
+    for p in parts {
+        path.push('/');
+        path.push_str(&encode(p));
+    }
+    path
 }
 
 fn routes(a: &AdminArgs, cmd: RoutesCmd) -> ExitCode {
     match cmd {
-        RoutesCmd::List { tenant } => admin_call(
-            a,
-            "GET",
-            &format!("/v1/tenants/{}/routes", encode(&tenant)),
-            b"",
-        ),
+        RoutesCmd::List { tenant } => admin_call(a, "GET", &tenant_path(&tenant, &["routes"]), b""),
         RoutesCmd::Attach {
             tenant,
             route,
@@ -449,7 +445,7 @@ fn routes(a: &AdminArgs, cmd: RoutesCmd) -> ExitCode {
                 .filter(|m| !m.is_empty())
                 .collect();
             let body = serde_json::json!({ "modules": modules }).to_string();
-            let path = format!("/v1/tenants/{}/routes/{}", encode(&tenant), encode(&route));
+            let path = tenant_path(&tenant, &["routes", &route]);
             admin_call(a, "PUT", &path, body.as_bytes())
         }
     }

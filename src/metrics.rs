@@ -4,9 +4,10 @@
 //! does them: routes and upstreams resolve their children once when a snapshot is built
 //! and keep them ([`RouteMetrics`], [`UpstreamMetrics`]).
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -31,169 +32,141 @@ pub struct Metrics {
     pub hook_cpu: HistogramVec,
     pub hook_fuel: IntCounterVec,
     pub guest_metrics: IntCounterVec,
-    pub guest_gauges: prometheus::IntGaugeVec,
+    pub guest_gauges: IntGaugeVec,
 }
 
 /// Status classes used as label values, indexed by `status / 100 - 1`.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Makes metric families and registers each as it is made.
+struct Families(Registry);
+
+impl Families {
+    fn add<M: Collector + Clone + 'static>(&self, m: prometheus::Result<M>) -> M {
+        let m = m.expect("valid metric");
+        self.0
+            .register(Box::new(m.clone()))
+            .expect("metric registered once");
+        m
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help))
+    }
+
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    fn histograms(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(HistogramVec::new(opts, labels))
+    }
+}
+
+/// Upstream latency buckets (seconds).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Wasm CPU buckets (seconds): hooks run for microseconds.
+const WASM_CPU_BUCKETS: [f64; 12] = [
+    0.000_001, 0.000_002, 0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
+    0.005, 0.01,
+];
+
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new_custom(Some("wasmgate".into()), None).expect("registry");
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "requests_total",
-                "Requests answered, by route and status class",
-            ),
+        let f = Families(Registry::new_custom(Some("wasmgate".into()), None).expect("registry"));
+        let requests = f.counters(
+            "requests_total",
+            "Requests answered, by route and status class",
             &["route", "status"],
-        )
-        .unwrap();
-        let upstream_latency = HistogramVec::new(
-            HistogramOpts::new(
-                "upstream_latency_seconds",
-                "Time from sending the request upstream to its response header",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ]),
-            &["upstream"],
-        )
-        .unwrap();
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "upstream_errors_total",
-                "Failed upstream exchanges, by kind",
-            ),
-            &["upstream", "kind"],
-        )
-        .unwrap();
-        let inflight = IntGauge::new("inflight_requests", "Requests being served now").unwrap();
-        let connections = IntGauge::new(
-            "open_connections",
-            "Downstream connections currently open on the proxy listeners",
-        )
-        .unwrap();
-        let connections_accepted = IntCounter::new(
-            "connections_accepted_total",
-            "Downstream connections accepted on the proxy listeners",
-        )
-        .unwrap();
-        let responses_aborted = IntCounter::new(
-            "responses_aborted_total",
-            "Responses cut off after their head was sent: the client connection was dropped \
-             without completing the body, so the client sees a truncated response",
-        )
-        .unwrap();
-        let heads_too_large = IntCounter::new(
-            "request_heads_too_large_total",
-            "Request heads refused with 431 while being read, over max_request_header_bytes",
-        )
-        .unwrap();
-        let reloads = IntCounterVec::new(
-            Opts::new("config_reloads_total", "Conf reload attempts, by result"),
-            &["result"],
-        )
-        .unwrap();
-        let generation =
-            IntGauge::new("config_generation", "Generation of the conf serving now").unwrap();
-        let access_log_dropped = IntCounter::new(
-            "access_log_dropped_total",
-            "Access log lines dropped because the writer fell behind",
-        )
-        .unwrap();
-        let hook_events = IntCounterVec::new(
-            Opts::new(
-                "hook_failures_total",
-                "Hook callbacks that overran their budget, trapped or misbehaved",
-            ),
-            &["tenant", "module", "cause"],
-        )
-        .unwrap();
-        let hook_invocations = IntCounterVec::new(
-            Opts::new(
-                "hook_invocations_total",
-                "Requests that ran a module's hooks",
-            ),
-            &["tenant", "module"],
-        )
-        .unwrap();
-        let hook_fuel = IntCounterVec::new(
-            Opts::new(
-                "hook_fuel_total",
-                "Fuel burned by a module's callbacks (about one unit per wasm instruction)",
-            ),
-            &["tenant", "module"],
-        )
-        .unwrap();
-        let hook_cpu = HistogramVec::new(
-            HistogramOpts::new(
-                "hook_cpu_seconds",
-                "Wasm CPU per request and module, from fuel burned (1000 units = 1 us)",
-            )
-            .buckets(vec![
-                0.000_001, 0.000_002, 0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025,
-                0.0005, 0.001, 0.005, 0.01,
-            ]),
-            &["tenant", "module"],
-        )
-        .unwrap();
-        let guest_metrics = IntCounterVec::new(
-            Opts::new(
-                "guest_counter",
-                "Counters and histograms samples defined by guests",
-            ),
-            &["tenant", "module", "name"],
-        )
-        .unwrap();
-        let guest_gauges = prometheus::IntGaugeVec::new(
-            Opts::new("guest_gauge", "Gauges defined by guests"),
-            &["tenant", "module", "name"],
-        )
-        .unwrap();
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(upstream_latency.clone()),
-            Box::new(upstream_errors.clone()),
-            Box::new(inflight.clone()),
-            Box::new(connections.clone()),
-            Box::new(connections_accepted.clone()),
-            Box::new(responses_aborted.clone()),
-            Box::new(heads_too_large.clone()),
-            Box::new(reloads.clone()),
-            Box::new(generation.clone()),
-            Box::new(access_log_dropped.clone()),
-            Box::new(hook_events.clone()),
-            Box::new(hook_invocations.clone()),
-            Box::new(hook_cpu.clone()),
-            Box::new(hook_fuel.clone()),
-            Box::new(guest_metrics.clone()),
-            Box::new(guest_gauges.clone()),
-        ] {
-            registry.register(c).expect("metric registered once");
-        }
+        );
+        let tm = &["tenant", "module"];
         Metrics {
-            registry,
             unrouted: RouteMetrics {
                 by_class: CLASSES.map(|c| requests.with_label_values(&["-", c])),
             },
             requests,
-            upstream_latency,
-            upstream_errors,
-            inflight,
-            connections,
-            connections_accepted,
-            responses_aborted,
-            heads_too_large,
-            reloads,
-            generation,
-            access_log_dropped,
-            hook_events,
-            hook_invocations,
-            hook_cpu,
-            hook_fuel,
-            guest_metrics,
-            guest_gauges,
+            upstream_latency: f.histograms(
+                "upstream_latency_seconds",
+                "Time from sending the request upstream to its response header",
+                &LATENCY_BUCKETS,
+                &["upstream"],
+            ),
+            upstream_errors: f.counters(
+                "upstream_errors_total",
+                "Failed upstream exchanges, by kind",
+                &["upstream", "kind"],
+            ),
+            inflight: f.gauge("inflight_requests", "Requests being served now"),
+            connections: f.gauge(
+                "open_connections",
+                "Downstream connections currently open on the proxy listeners",
+            ),
+            connections_accepted: f.counter(
+                "connections_accepted_total",
+                "Downstream connections accepted on the proxy listeners",
+            ),
+            responses_aborted: f.counter(
+                "responses_aborted_total",
+                "Responses cut off after their head was sent: the client connection was dropped \
+                 without completing the body, so the client sees a truncated response",
+            ),
+            heads_too_large: f.counter(
+                "request_heads_too_large_total",
+                "Request heads refused with 431 while being read, over max_request_header_bytes",
+            ),
+            reloads: f.counters(
+                "config_reloads_total",
+                "Conf reload attempts, by result",
+                &["result"],
+            ),
+            generation: f.gauge("config_generation", "Generation of the conf serving now"),
+            access_log_dropped: f.counter(
+                "access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind",
+            ),
+            hook_events: f.counters(
+                "hook_failures_total",
+                "Hook callbacks that overran their budget, trapped or misbehaved",
+                &["tenant", "module", "cause"],
+            ),
+            hook_invocations: f.counters(
+                "hook_invocations_total",
+                "Requests that ran a module's hooks",
+                tm,
+            ),
+            hook_fuel: f.counters(
+                "hook_fuel_total",
+                "Fuel burned by a module's callbacks (about one unit per wasm instruction)",
+                tm,
+            ),
+            hook_cpu: f.histograms(
+                "hook_cpu_seconds",
+                "Wasm CPU per request and module, from fuel burned (1000 units = 1 us)",
+                &WASM_CPU_BUCKETS,
+                tm,
+            ),
+            guest_metrics: f.counters(
+                "guest_counter",
+                "Counters and histograms samples defined by guests",
+                &["tenant", "module", "name"],
+            ),
+            guest_gauges: f.gauges(
+                "guest_gauge",
+                "Gauges defined by guests",
+                &["tenant", "module", "name"],
+            ),
+            registry: f.0,
         }
     }
 

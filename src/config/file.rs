@@ -426,24 +426,19 @@ impl Default for FailurePolicyFile {
     }
 }
 
-/// `[tenants.NAME]`; lowered into [`crate::tenant::TenantLimits`].
+/// `[tenants.NAME]`, each value with its place for error messages; lowered into
+/// [`crate::tenant::TenantLimits`] (see its fields for what each means).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantFile {
-    /// Largest per-callback budget a module of this tenant may ask for (µs).
-    pub max_budget_us: Option<u64>,
-    /// Largest memory a module of this tenant may ask for (MiB).
-    pub max_memory_mb: Option<u64>,
-    /// Largest module accepted (bytes).
-    pub max_module_bytes: Option<u64>,
-    /// Requests per second across the tenant's hooks, with a burst.
-    pub rate_per_sec: Option<u32>,
-    pub burst: Option<u32>,
-    /// Requests of this tenant's functions served at once; more wait briefly, then 503.
-    pub max_concurrency: Option<u32>,
-    /// Upstreams this tenant's functions may guard (bind with an upstream).
+    pub max_budget_us: Option<Spanned<u64>>,
+    pub max_memory_mb: Option<Spanned<u64>>,
+    pub max_module_bytes: Option<Spanned<u64>>,
+    pub rate_per_sec: Option<Spanned<u32>>,
+    pub burst: Option<Spanned<u32>>,
+    pub max_concurrency: Option<Spanned<u32>>,
     #[serde(default)]
-    pub allowed_upstreams: Vec<String>,
+    pub allowed_upstreams: Vec<Spanned<String>>,
 }
 
 use crate::wasm::{DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
@@ -458,27 +453,4 @@ fn num<const N: u64>() -> u64 {
 }
 fn count<const N: usize>() -> usize {
     N
-}
-
-impl From<TenantFile> for crate::tenant::TenantLimits {
-    fn from(t: TenantFile) -> Self {
-        let TenantFile {
-            max_budget_us,
-            max_memory_mb,
-            max_module_bytes,
-            rate_per_sec,
-            burst,
-            max_concurrency,
-            allowed_upstreams,
-        } = t;
-        Self {
-            max_budget_us,
-            max_memory_mb,
-            max_module_bytes,
-            rate_per_sec,
-            burst,
-            max_concurrency,
-            allowed_upstreams,
-        }
-    }
 }

@@ -232,6 +232,29 @@ struct Lowering<'a> {
 }
 
 impl Lowering<'_> {
+    /// A conf tenant's limits: counts are at least 1 (0 would refuse every request; a
+    /// limit left out is no limit), and the upstreams it names exist.
+    fn tenant_limits(&mut self, name: &str, t: &TenantFile, f: &ConfFile) {
+        for (key, v) in [
+            ("rate_per_sec", &t.rate_per_sec),
+            ("burst", &t.burst),
+            ("max_concurrency", &t.max_concurrency),
+        ] {
+            if let Some(v) = v.as_ref().filter(|v| *v.get_ref() == 0) {
+                self.err(
+                    v,
+                    format!("tenant `{name}`: {key} must be at least 1; leave it out for no limit"),
+                );
+            }
+        }
+        for u in &t.allowed_upstreams {
+            if !f.upstreams.contains_key(u.get_ref()) {
+                let defined = join_names(f.upstreams.keys());
+                self.err(u, format!("tenant `{name}`: allowed upstream `{}` is not defined; defined upstreams: {defined}", u.get_ref()));
+            }
+        }
+    }
+
     fn err<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
         let e = self.src.error(s.span(), msg);
         self.errors.push(e);
@@ -293,6 +316,7 @@ impl Lowering<'_> {
             if !super::is_dns_label(name) {
                 self.err(t, format!("tenant `{name}`: tenant names are DNS labels (they appear in function hosts): 1-63 of a-z, 0-9 and -, not starting or ending with -"));
             }
+            self.tenant_limits(name, t.get_ref(), &f);
         }
         // compiled modules are cached under the data dir from the first load on
         if let Err(e) = self
@@ -357,7 +381,7 @@ impl Lowering<'_> {
             tenants: f
                 .tenants
                 .into_iter()
-                .map(|(k, v)| (k, v.into_inner().into()))
+                .map(|(k, v)| (k, tenant_limits(v.into_inner())))
                 .collect(),
             listeners,
             upstreams,
@@ -647,10 +671,14 @@ impl Lowering<'_> {
                 }
             }
             if let Some(t) = tenant {
-                if let Some(max) = t.max_budget_us.filter(|max| mf.budget_us > *max) {
+                if let Some(max) = (t.max_budget_us.as_ref().map(|m| *m.get_ref()))
+                    .filter(|max| mf.budget_us > *max)
+                {
                     self.err(m, format!("module `{name}`: budget_us {} exceeds tenant `{tenant_name}`'s max_budget_us {max}", mf.budget_us));
                 }
-                if let Some(max) = t.max_memory_mb.filter(|max| mf.memory_mb > *max) {
+                if let Some(max) = (t.max_memory_mb.as_ref().map(|m| *m.get_ref()))
+                    .filter(|max| mf.memory_mb > *max)
+                {
                     self.err(m, format!("module `{name}`: memory_mb {} exceeds tenant `{tenant_name}`'s max_memory_mb {max}", mf.memory_mb));
                 }
             }
@@ -698,7 +726,7 @@ impl Lowering<'_> {
                 }
             };
             if let Some(max) = tenant
-                .and_then(|t| t.max_module_bytes)
+                .and_then(|t| t.max_module_bytes.as_ref().map(|m| *m.get_ref()))
                 .filter(|max| bytes.len() as u64 > *max)
             {
                 self.err(&mf.path, format!("module `{name}`: {} bytes exceeds tenant `{tenant_name}`'s max_module_bytes {max}", bytes.len()));
@@ -1091,5 +1119,24 @@ fn join_names<'a>(it: impl Iterator<Item = &'a String>) -> String {
         "(none)".into()
     } else {
         v.join(", ")
+    }
+}
+
+/// The runtime limits of a conf tenant (checked by `Lowering::tenant_limits`).
+fn tenant_limits(t: TenantFile) -> TenantLimits {
+    let value = |v: Option<Spanned<u64>>| v.map(Spanned::into_inner);
+    let count = |v: Option<Spanned<u32>>| v.map(Spanned::into_inner);
+    TenantLimits {
+        max_budget_us: value(t.max_budget_us),
+        max_memory_mb: value(t.max_memory_mb),
+        max_module_bytes: value(t.max_module_bytes),
+        rate_per_sec: count(t.rate_per_sec),
+        burst: count(t.burst),
+        max_concurrency: count(t.max_concurrency),
+        allowed_upstreams: t
+            .allowed_upstreams
+            .into_iter()
+            .map(Spanned::into_inner)
+            .collect(),
     }
 }

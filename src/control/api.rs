@@ -357,6 +357,12 @@ fn json_body<T: for<'de> Deserialize<'de>>(b: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(b).map_err(|e| ApiError::new(400, "bad_json", e.to_string()))
 }
 
+/// [`allowed`] for `op` on tenant `t`, which must exist.
+fn allowed_on(c: &Control, who: &Who, t: &str, op: &str) -> ApiResult<()> {
+    allowed(who, t, Some(op))?;
+    exists(c, t)
+}
+
 fn exists(c: &Control, t: &str) -> ApiResult<()> {
     if c.tenant_exists(t) {
         Ok(())
@@ -375,6 +381,21 @@ struct NewTenant {
     name: String,
     #[serde(default)]
     limits: TenantLimits,
+}
+
+/// `PUT …/functions/NAME`: the module that answers, and the upstream it guards.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Bind {
+    module: String,
+    upstream: Option<String>,
+}
+
+/// `PUT …/routes/NAME`: the tenant's modules to run after the route's own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attach {
+    modules: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -465,13 +486,11 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             ok(serde_json::json!({ "revoked": jti }))
         }
         ("GET", ["v1", "tenants", t, "modules"]) => {
-            allowed(who, t, Some("deploy"))?;
-            exists(c, t)?;
+            allowed_on(c, who, t, "deploy")?;
             ok(serde_json::to_value(c.modules_view(t)).unwrap_or_default())
         }
         ("PUT", ["v1", "tenants", t, "modules", m]) => {
-            allowed(who, t, Some("deploy"))?;
-            exists(c, t)?;
+            allowed_on(c, who, t, "deploy")?;
             let num = |k: &str| -> ApiResult<Option<u64>> {
                 req.query
                     .get(k)
@@ -516,19 +535,11 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             ok(serde_json::json!({ "deleted": m }))
         }
         ("GET", ["v1", "tenants", t, "functions"]) => {
-            allowed(who, t, Some("deploy"))?;
-            exists(c, t)?;
+            allowed_on(c, who, t, "deploy")?;
             ok(serde_json::to_value(c.functions_view(t)).unwrap_or_default())
         }
         ("PUT", ["v1", "tenants", t, "functions", f]) => {
-            allowed(who, t, Some("deploy"))?;
-            exists(c, t)?;
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Bind {
-                module: String,
-                upstream: Option<String>,
-            }
+            allowed_on(c, who, t, "deploy")?;
             let b: Bind = json_body(&req.body)?;
             c.bind(
                 t,
@@ -547,31 +558,22 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             ok(serde_json::json!({ "unbound": f }))
         }
         ("GET", ["v1", "tenants", t, "routes"]) => {
-            allowed(who, t, Some("deploy"))?;
-            exists(c, t)?;
+            allowed_on(c, who, t, "deploy")?;
             ok(serde_json::to_value(c.route_hooks_view(t)).unwrap_or_default())
         }
         ("PUT", ["v1", "tenants", t, "routes", r]) => {
-            allowed(who, t, Some("deploy"))?;
-            exists(c, t)?;
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Attach {
-                modules: Vec<String>,
-            }
+            allowed_on(c, who, t, "deploy")?;
             let a: Attach = json_body(&req.body)?;
             c.attach(t, r, a.modules, &by)?;
             ok(serde_json::json!({ "route": r, "attached": c.route_hooks_view(t).get(*r) }))
         }
         ("GET", ["v1", "tenants", t, "usage"]) => {
-            allowed(who, t, Some("usage"))?;
-            exists(c, t)?;
+            allowed_on(c, who, t, "usage")?;
             let n = |k: &str, d: u64| req.query.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
             ok(c.usage(t, n("from", 0), n("to", u64::MAX)))
         }
         ("GET", ["v1", "tenants", t, "logs"]) => {
-            allowed(who, t, Some("logs"))?;
-            exists(c, t)?;
+            allowed_on(c, who, t, "logs")?;
             let log = c.log(t);
             if req
                 .query

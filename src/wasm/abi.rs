@@ -3,31 +3,21 @@
 //! fuzzed directly with guest-controlled bytes.
 
 /// `proxy_status_t` values returned by every host call: the ABI's error type (`Ok`
-/// only ever travels as the status word itself).
+/// only ever travels as the status word itself). Displayed by its ABI name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{self:?}")]
 #[repr(i32)]
 pub enum Status {
-    #[error("ok")]
     Ok = 0,
-    #[error("not found")]
     NotFound = 1,
-    #[error("bad argument")]
     BadArgument = 2,
-    #[error("serialization failure")]
     SerializationFailure = 3,
-    #[error("parse failure")]
     ParseFailure = 4,
-    #[error("invalid memory access")]
     InvalidMemoryAccess = 6,
-    #[error("empty")]
     Empty = 7,
-    #[error("compare-and-swap mismatch")]
     CasMismatch = 8,
-    #[error("internal failure")]
     InternalFailure = 10,
-    #[error("broken connection")]
     BrokenConnection = 11,
-    #[error("unimplemented")]
     Unimplemented = 12,
 }
 

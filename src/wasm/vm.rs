@@ -416,6 +416,13 @@ impl Vm {
     }
 }
 
+/// Which half of the exchange a stream callback is about.
+#[derive(Clone, Copy)]
+enum Side {
+    Request,
+    Response,
+}
+
 /// What wakes a request's root context while the request waits on it.
 #[derive(Clone, Copy)]
 pub enum RootEvent<'a> {
@@ -647,6 +654,24 @@ impl Lease {
         }
     }
 
+    /// A headers callback with `n` headers, v0.1.0 modules' form included.
+    fn headers(&mut self, side: Side, n: i32, end_of_stream: bool, view: View<'_>) -> Outcome {
+        type Pick<F> = fn(&Exports) -> Option<&F>;
+        let (name, pick, pick01): (_, Pick<F3R>, Pick<F2R>) = match side {
+            Side::Request => (
+                "on_request_headers",
+                |e| e.on_request_headers.as_ref(),
+                |e| e.on_request_headers_01.as_ref(),
+            ),
+            Side::Response => (
+                "on_response_headers",
+                |e| e.on_response_headers.as_ref(),
+                |e| e.on_response_headers_01.as_ref(),
+            ),
+        };
+        self.stream_either(name, pick, pick01, n, end_of_stream as i32, view)
+    }
+
     /// Whether the leased VM's module exports the callback for callout answer `a`.
     fn answer_exported(&self, a: &CallResponse) -> bool {
         self.vm
@@ -673,14 +698,7 @@ impl Lease {
             info: Some(info),
             ..View::default()
         };
-        self.stream_either(
-            "on_request_headers",
-            |e| e.on_request_headers.as_ref(),
-            |e| e.on_request_headers_01.as_ref(),
-            n,
-            end_of_stream as i32,
-            view,
-        )
+        self.headers(Side::Request, n, end_of_stream, view)
     }
 
     /// `head_sent`: the request head already went upstream, so its headers are
@@ -761,14 +779,7 @@ impl Lease {
             info: Some(info),
             ..View::default()
         };
-        self.stream_either(
-            "on_response_headers",
-            |e| e.on_response_headers.as_ref(),
-            |e| e.on_response_headers_01.as_ref(),
-            n,
-            end_of_stream as i32,
-            view,
-        )
+        self.headers(Side::Response, n, end_of_stream, view)
     }
 
     /// `head`: the response head while the client has not got it (a module holds it, or
