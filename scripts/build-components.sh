@@ -30,6 +30,20 @@ timed() { # timed LABEL command...: runs the command and prints its build time
   echo "components: built $label in $(( (end - start) / 1000000 )) ms" >&2
 }
 
+# The wasi:http WIT (0.2.12) ships in the wasmtime-wasi-http crate the host builds against:
+# a guest's world is exactly what the host implements.
+wasi_http_wit() {
+  local dir
+  dir="$(cd "$root" && cargo metadata --format-version 1 2>/dev/null | python3 -c '
+import json, os, sys
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] == "wasmtime-wasi-http":
+        print(os.path.join(os.path.dirname(p["manifest_path"]), "wit"))
+        break')"
+  [[ -d "$dir" ]] || { echo "components: wasmtime-wasi-http WIT not found" >&2; exit 1; }
+  echo "$dir"
+}
+
 # --- Rust (wasm32-wasip2) ---
 rust_guests=(hello-rs echo-rs fetch-rs loop-rs bomb-rs)
 need_rust=0
@@ -58,7 +72,17 @@ if stale "$out/hello-js.wasm" "$src/hello-js" "$src/componentize.mjs"; then
     npm install --silent --no-audit --no-fund --prefix "$npm_prefix" \
       "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION"
   fi
-  timed hello-js node "$src/componentize.mjs" "$npm_prefix" "$src/hello-js/hello.js" "$out/hello-js.wasm"
+  # StarlingMonkey (in componentize-js 0.23) exports wasi:http/incoming-handler@0.2.10#handle,
+  # so the world it is built against must name 0.2.10: the host's WIT with its version
+  # rewritten, less the one function 0.2.12 added (cli exit-with-code, `@since` gated);
+  # the host accepts any 0.2.x.
+  js_wit="$tools/wit/wasi-http-0.2.10"
+  rm -rf "$js_wit" && mkdir -p "$js_wit"
+  cp -r "$(wasi_http_wit)"/. "$js_wit"/
+  find "$js_wit" -name '*.wit' -exec sed -i -e '/@since(version = 0\.2\.1[12])/,+1d' \
+    -e 's/@0\.2\.12/@0.2.10/g' {} +
+  timed hello-js node "$src/componentize.mjs" "$npm_prefix" "$src/hello-js/hello.js" \
+    "$out/hello-js.wasm" "$js_wit" "wasi:http/proxy@0.2.10"
 fi
 
 # --- Python (componentize-py) ---
@@ -68,15 +92,7 @@ if stale "$out/hello-py.wasm" "$src/hello-py"; then
     python3 -m pip install --quiet --disable-pip-version-check --target "$py_prefix" \
       "componentize-py==$COMPONENTIZE_PY_VERSION"
   fi
-  # The wasi:http WIT (0.2.12) ships in the wasmtime-wasi-http crate the host builds
-  # against: the guest's world is exactly what the host implements.
-  wit="$(cd "$root" && cargo metadata --format-version 1 2>/dev/null | python3 -c '
-import json, os, sys
-for p in json.load(sys.stdin)["packages"]:
-    if p["name"] == "wasmtime-wasi-http":
-        print(os.path.join(os.path.dirname(p["manifest_path"]), "wit"))
-        break')"
-  [[ -d "$wit" ]] || { echo "components: wasmtime-wasi-http WIT not found" >&2; exit 1; }
+  wit="$(wasi_http_wit)"
   build_py() {
     (cd "$src/hello-py" && PYTHONPATH="$py_prefix" "$py_prefix/bin/componentize-py" \
       -d "$wit" -w wasi:http/proxy@0.2.12 componentize app -o "$out/hello-py.wasm" >/dev/null)
