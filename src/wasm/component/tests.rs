@@ -328,3 +328,62 @@ fn budgets_round_up_to_ticks() {
     assert_eq!(ticks(Duration::from_millis(50)), 50);
     assert_eq!(ticks(Duration::ZERO), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_returns_before_the_body_and_events_arrive_as_written() {
+    let Some(f) = function("stream-rs", Limits::default()) else {
+        return;
+    };
+    let start = Instant::now();
+    let response = f.handle(get("/"), Io::default()).await.expect("answers");
+    let headers_after = start.elapsed();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    let mut arrivals = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("frame").into_data() {
+            arrivals.push((start.elapsed(), String::from_utf8_lossy(&data).into_owned()));
+        }
+    }
+    let text: String = arrivals.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(text, "event 0\nevent 1\nevent 2\n");
+    // The guest sleeps 100 ms between events: the head and the first event come before
+    // the first sleep ends, the last event after the second.
+    assert!(
+        headers_after < Duration::from_millis(100),
+        "head after {headers_after:?}"
+    );
+    assert!(arrivals[0].0 < Duration::from_millis(100), "{arrivals:?}");
+    assert!(
+        arrivals.last().unwrap().0 >= Duration::from_millis(200),
+        "{arrivals:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_panic_is_a_trap_and_a_silent_guest_is_no_response() {
+    let Some(f) = function("misbehave-rs", Limits::default()) else {
+        return;
+    };
+    let panic = f.handle(get("/panic"), Io::default()).await.err();
+    assert!(matches!(panic, Some(Failure::Trap(_))), "{panic:?}");
+    let silent = f.handle(get("/silent"), Io::default()).await.err();
+    assert_eq!(silent, Some(Failure::NoResponse));
+    assert_eq!(f.available_instances(), f.limits().max_instances);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuel_metering_overruns_too() {
+    let Some(bytes) = guest("loop-rs") else {
+        return;
+    };
+    let runtime = ComponentRuntime::with_budget(CpuBudget::Fuel).expect("runtime");
+    let limits = Limits {
+        cpu: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    let f = runtime.compile_with(&bytes, limits).expect("compiles");
+    let start = Instant::now();
+    assert_eq!(fails(&f).await, Failure::Overrun);
+    eprintln!("fuel for 50 ms ran out after {:?}", start.elapsed());
+}
