@@ -25,8 +25,9 @@
 //! dependency chains. So the choice is on meaning, not cost: components run for
 //! milliseconds, in interpreters (SpiderMonkey, CPython) whose wasm instruction count per
 //! request has no stable relation to time, so a budget in milliseconds is what a tenant can
-//! reason about, and fuel would need a per-language calibration ([`FUEL_PER_MS`] is a
-//! guess of one instruction per nanosecond). The cost of epochs: their time is wall time
+//! reason about, and fuel would need a per-workload calibration: at [`FUEL_PER_MS`] (one
+//! unit per nanosecond) loop-rs spends a 50 ms fuel budget in 3.8 ms (about 13 wasm
+//! instructions per ns), while an epoch budget of 50 ms trips after 55 ms. The cost of epochs: their time is wall time
 //! while the guest runs, so a guest descheduled on a loaded machine is charged for it;
 //! at millisecond budgets that is slack, not a false trip.
 //!
@@ -37,6 +38,7 @@
 //! spent. Time spent waiting on the host (a body read, an outgoing request) is charged at
 //! most one tick per wait, because the callback fires at most once per return to wasm.
 
+mod guarded;
 mod state;
 mod stdio;
 #[cfg(test)]
@@ -120,7 +122,7 @@ impl Default for Limits {
 }
 
 /// Why a request got no (complete) answer from the function.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Failure {
     #[error("the function trapped: {0}")]
     Trap(String),
@@ -147,6 +149,22 @@ pub struct Io {
     pub sink: LineSink,
     /// Where outgoing HTTP may go.
     pub outgoing: Arc<dyn OutgoingPolicy>,
+    /// Called once when the instance is gone, with how it ended and what it used: the
+    /// only place a failure after the response was set (mid-body) shows, and the figures
+    /// for usage metering.
+    pub on_end: Option<Arc<dyn Fn(&Outcome) + Send + Sync>>,
+}
+
+/// How one instance ended and what it used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub result: Result<(), Failure>,
+    /// Highest linear memory of the instance, all memories together.
+    pub peak_memory: usize,
+    /// CPU charged: epoch ticks times [`EPOCH_TICK`], or fuel consumed over [`FUEL_PER_MS`].
+    pub cpu: Duration,
+    /// From the start of instantiation to the end of the guest's work.
+    pub wall: Duration,
 }
 
 impl Default for Io {
@@ -154,6 +172,7 @@ impl Default for Io {
         Io {
             sink: Arc::new(|_, _| {}),
             outgoing: Arc::new(DenyAll),
+            on_end: None,
         }
     }
 }
@@ -351,7 +370,9 @@ impl Function {
     /// Answers one request with a fresh instance. Returns as soon as the guest sets the
     /// response; its body is a stream the guest may still be writing (the instance lives
     /// on in a task until it finishes, traps or hits a limit, which ends the body with an
-    /// error). Must be called within a tokio runtime.
+    /// error). The body's end waits for the instance's end, so a guest that keeps working
+    /// after finishing its body delays the end of stream (within its deadline). Must be
+    /// called within a tokio runtime.
     pub async fn handle(
         &self,
         request: hyper::Request<HyperIncomingBody>,
@@ -362,8 +383,10 @@ impl Function {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Failure::Busy)?;
+        let on_end = io.on_end.clone();
         let mut store = self.new_store(io)?;
         let (sender, receiver) = tokio::sync::oneshot::channel();
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
         let (req, out) = {
             let mut http = store.data_mut().http();
             let req = http
@@ -376,10 +399,12 @@ impl Function {
         };
         let pre = self.pre.clone();
         let deadline = self.limits.deadline;
+        let (budget, cpu_limit) = (self.budget, self.limits.cpu);
         // The guest runs in its own task so it can keep writing the body after it has set
         // the response (which is when this function returns).
         let task = tokio::spawn(async move {
             let _permit = permit;
+            let started = std::time::Instant::now();
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
                 proxy
@@ -395,10 +420,32 @@ impl Function {
             if let Err(failure) = &result {
                 tracing::debug!(%failure, "component: instance ended");
             }
+            // The response body's end waits for this (see `guarded`).
+            let _ = ended_tx.send(result.clone());
+            if let Some(on_end) = on_end {
+                let cpu = match budget {
+                    CpuBudget::Epoch => {
+                        EPOCH_TICK * u32::try_from(store.data().ticks_charged).unwrap_or(u32::MAX)
+                    }
+                    CpuBudget::Fuel => {
+                        let left = store.get_fuel().unwrap_or(0);
+                        let used = fuel_for(cpu_limit).saturating_sub(left);
+                        Duration::from_micros(used / (FUEL_PER_MS / 1000))
+                    }
+                };
+                on_end(&Outcome {
+                    result: result.clone(),
+                    peak_memory: store.data().memory.peak,
+                    cpu,
+                    wall: started.elapsed(),
+                });
+            }
             result
         });
         match receiver.await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => Ok(response.map(|body| {
+                http_body_util::BodyExt::boxed_unsync(guarded::Guarded::new(body, ended_rx))
+            })),
             Ok(Err(code)) => Err(Failure::ErrorCode(format!("{code:?}"))),
             // The outparam was dropped unset: the instance ended, say why.
             Err(_) => match task.await {
@@ -415,13 +462,14 @@ impl Function {
         store.limiter(|host| &mut host.memory);
         match self.budget {
             CpuBudget::Epoch => {
-                let mut ticks_left = ticks(self.limits.cpu);
+                let budget = ticks(self.limits.cpu);
                 store.set_epoch_deadline(1);
-                store.epoch_deadline_callback(move |_| {
+                store.epoch_deadline_callback(move |mut store| {
                     // Reached at most once per tick while wasm runs: charge it, then yield
                     // so the deadline timer and other requests get the thread.
-                    ticks_left = ticks_left.saturating_sub(1);
-                    if ticks_left == 0 {
+                    let charged = &mut store.data_mut().ticks_charged;
+                    *charged += 1;
+                    if *charged >= budget {
                         Ok(UpdateDeadline::Interrupt)
                     } else {
                         Ok(UpdateDeadline::Yield(1))
@@ -429,17 +477,21 @@ impl Function {
                 });
             }
             CpuBudget::Fuel => {
-                let fuel = u64::try_from(self.limits.cpu.as_micros())
-                    .unwrap_or(u64::MAX)
-                    .saturating_mul(FUEL_PER_MS / 1000);
                 store
-                    .set_fuel(fuel)
+                    .set_fuel(fuel_for(self.limits.cpu))
                     .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)))
                     .map_err(|e| Failure::Host(format!("{e:#}")))?;
             }
         }
         Ok(store)
     }
+}
+
+/// Fuel in a CPU budget.
+fn fuel_for(cpu: Duration) -> u64 {
+    u64::try_from(cpu.as_micros())
+        .unwrap_or(u64::MAX)
+        .saturating_mul(FUEL_PER_MS / 1000)
 }
 
 /// Epoch ticks in a CPU budget, at least one.

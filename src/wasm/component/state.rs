@@ -42,6 +42,8 @@ pub struct Host {
     table: ResourceTable,
     hooks: Hooks,
     pub(super) memory: MemoryCap,
+    /// Epoch ticks charged to the guest so far (epoch budgets only).
+    pub(super) ticks_charged: u64,
 }
 
 impl Host {
@@ -66,6 +68,7 @@ impl Host {
                 peak: 0,
                 refused: false,
             },
+            ticks_charged: 0,
         }
     }
 }

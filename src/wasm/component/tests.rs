@@ -33,7 +33,13 @@ fn function(name: &str, limits: Limits) -> Option<Arc<Function>> {
         return Some(f.with_limits(limits));
     }
     let bytes = guest(name)?;
+    let start = Instant::now();
     let f = runtime().compile(&bytes).expect("compiles");
+    eprintln!(
+        "{name}: {} bytes compiled in {:?}",
+        bytes.len(),
+        start.elapsed()
+    );
     compiled.lock().unwrap().insert(name.into(), f.clone());
     Some(f.with_limits(limits))
 }
@@ -386,4 +392,65 @@ async fn fuel_metering_overruns_too() {
     let start = Instant::now();
     assert_eq!(fails(&f).await, Failure::Overrun);
     eprintln!("fuel for 50 ms ran out after {:?}", start.elapsed());
+}
+
+/// An `Io` whose `on_end` hands the outcome over.
+fn outcome_channel() -> (Io, tokio::sync::mpsc::UnboundedReceiver<Outcome>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let io = Io {
+        on_end: Some(Arc::new(move |outcome: &Outcome| {
+            let _ = tx.send(outcome.clone());
+        })),
+        ..Io::default()
+    };
+    (io, rx)
+}
+
+#[tokio::test]
+async fn the_outcome_reports_what_an_instance_used() {
+    let Some(f) = function("hello-js", Limits::default()) else {
+        return;
+    };
+    let (io, mut outcomes) = outcome_channel();
+    let response = f.handle(get("/"), io).await.expect("answers");
+    text(response).await;
+    let outcome = outcomes.recv().await.expect("reported");
+    assert_eq!(outcome.result, Ok(()));
+    assert!(outcome.peak_memory > 1 << 20, "{outcome:?}");
+    assert!(outcome.wall > Duration::ZERO);
+    eprintln!("hello-js outcome: {outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_after_the_response_ends_the_body_and_is_reported() {
+    let limits = Limits {
+        deadline: Duration::from_millis(150),
+        ..Limits::default()
+    };
+    let Some(f) = function("stream-rs", limits) else {
+        return;
+    };
+    let (io, mut outcomes) = outcome_channel();
+    let response = f.handle(get("/"), io).await.expect("the head comes first");
+    let mut body = response.into_body();
+    let mut received = String::new();
+    let mut ended_with_error = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    received.push_str(&String::from_utf8_lossy(&data));
+                }
+            }
+            Err(_) => {
+                ended_with_error = true;
+                break;
+            }
+        }
+    }
+    assert!(received.starts_with("event 0\nevent 1\n"), "{received:?}");
+    assert!(!received.contains("event 2"), "{received:?}");
+    assert!(ended_with_error, "the body must not look complete");
+    let outcome = outcomes.recv().await.expect("reported");
+    assert_eq!(outcome.result, Err(Failure::Deadline));
 }
