@@ -142,6 +142,9 @@ pub enum Failure {
     Host(String),
 }
 
+/// Called with each instance's [`Outcome`].
+pub type OnEnd = Arc<dyn Fn(&Outcome) + Send + Sync>;
+
 /// Per-request inputs besides the request itself.
 #[derive(Clone)]
 pub struct Io {
@@ -152,7 +155,7 @@ pub struct Io {
     /// Called once when the instance is gone, with how it ended and what it used: the
     /// only place a failure after the response was set (mid-body) shows, and the figures
     /// for usage metering.
-    pub on_end: Option<Arc<dyn Fn(&Outcome) + Send + Sync>>,
+    pub on_end: Option<OnEnd>,
 }
 
 /// How one instance ended and what it used.
