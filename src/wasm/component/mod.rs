@@ -58,7 +58,7 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline,
 };
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::WasiHttpView;
 
@@ -532,6 +532,3 @@ pub mod body {
             .boxed_unsync()
     }
 }
-
-/// The error code a guest gets when its outgoing request is denied.
-pub const DENIED: ErrorCode = ErrorCode::HttpRequestDenied;

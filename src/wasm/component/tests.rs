@@ -252,6 +252,7 @@ async fn stdout_lines_reach_the_sink() {
     for (name, line) in [
         ("hello-rs", "hello-rs: /logged?x=1"),
         ("hello-js", "hello-js: /logged"),
+        ("hello-py", "hello-py: /logged?x=1"),
     ] {
         let Some(f) = function(name, Limits::default()) else {
             return;
