@@ -8,6 +8,7 @@ source scripts/lib.sh
 ensure_packages cmake
 ensure_rust_targets
 scripts/build-guests.sh
+scripts/build-components.sh
 # One profile for tests and benchmarks: dependencies are compiled once.
 cargo test --release --lib --bins --tests -- --test-threads 2 "$@"
 # The criterion benches run once each as tests, so they keep compiling and working.

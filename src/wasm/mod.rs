@@ -11,6 +11,7 @@
 //! too, so a guest cannot escape its budget by looping over cheap host calls.
 
 pub mod abi;
+pub mod component;
 pub mod host;
 pub mod meter;
 mod vm;

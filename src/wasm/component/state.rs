@@ -1,0 +1,184 @@
+//! What one instance's `Store` holds: the WASI context (capability-free), the wasi:http
+//! context with wasmgate's outgoing-request hook, the resource table, and the memory cap.
+
+use super::stdio::{LineSink, SinkStream, Stdio};
+use http::uri::{Authority, Uri};
+use std::future::Future;
+use std::sync::Arc;
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
+
+/// Decides where a guest's outgoing request may go: given the authority the guest asked for
+/// (an upstream name, `host[:port]`), the address to connect to (`host:port`), or `None` to
+/// deny it (the guest sees `HttpRequestDenied`).
+pub trait OutgoingPolicy: Send + Sync {
+    fn resolve(&self, authority: &str) -> Option<String>;
+}
+
+impl<F: Fn(&str) -> Option<String> + Send + Sync> OutgoingPolicy for F {
+    fn resolve(&self, authority: &str) -> Option<String> {
+        self(authority)
+    }
+}
+
+/// The policy of a function granted no outgoing HTTP at all.
+pub struct DenyAll;
+
+impl OutgoingPolicy for DenyAll {
+    fn resolve(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
+/// The store data of one instance (one request).
+pub struct Host {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: Hooks,
+    pub(super) memory: MemoryCap,
+    /// Epoch ticks charged to the guest so far (epoch budgets only).
+    pub(super) ticks_charged: u64,
+}
+
+impl Host {
+    pub fn new(max_memory: usize, sink: LineSink, policy: Arc<dyn OutgoingPolicy>) -> Self {
+        // Granted nothing by default: no env, args or preopened directories (the builder's
+        // defaults), no sockets or name lookups; stdin is empty; clocks and random work.
+        let wasi = WasiCtx::builder()
+            .stdout(SinkStream::new(Stdio::Stdout, sink.clone()))
+            .stderr(SinkStream::new(Stdio::Stderr, sink))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Host {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: Hooks { policy },
+            memory: MemoryCap {
+                max: max_memory,
+                total: 0,
+                peak: 0,
+                refused: false,
+            },
+            ticks_charged: 0,
+        }
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Caps the linear memory of one instance (all its memories together) and remembers the
+/// peak and whether a growth was refused, so a trap after a refusal reads as `Memory`.
+pub struct MemoryCap {
+    pub max: usize,
+    /// Bytes of all memories now.
+    pub total: usize,
+    pub peak: usize,
+    pub refused: bool,
+}
+
+/// Table elements one instance may grow its tables to (StarlingMonkey's tables are large).
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.total.saturating_sub(current).saturating_add(desired);
+        if total > self.max {
+            self.refused = true;
+            return Ok(false);
+        }
+        self.total = total;
+        self.peak = self.peak.max(total);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// wasmgate's wasi:http hooks: outgoing requests go only where the policy says.
+struct Hooks {
+    policy: Arc<dyn OutgoingPolicy>,
+}
+
+type SendResult = Result<
+    (
+        http::Response<WasiBody>,
+        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ),
+    HttpError,
+>;
+
+impl WasiHttpHooks for Hooks {
+    fn send_request(
+        &mut self,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        let asked = request
+            .uri()
+            .authority()
+            .map(Authority::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let Some(address) = self.policy.resolve(&asked) else {
+            tracing::debug!(authority = %asked, "component: outgoing request denied");
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        };
+        // Connect to the resolved address; the Host header keeps the name the guest used.
+        let mut parts = request.uri().clone().into_parts();
+        match address.parse::<Authority>() {
+            Ok(authority) => parts.authority = Some(authority),
+            Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
+        }
+        match Uri::from_parts(parts) {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
