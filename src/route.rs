@@ -4,7 +4,7 @@
 use crate::headers::HeaderTarget;
 use crate::metrics::RouteMetrics;
 use crate::upstream::Upstream;
-use crate::wasm::HookChain;
+use crate::wasm::{FunctionBackend, HookChain};
 use http::{HeaderName, HeaderValue};
 use std::sync::Arc;
 
@@ -16,6 +16,9 @@ pub struct Route {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub hooks: HookChain,
+    /// The function (a WASI-HTTP component) that answers the request after the hooks,
+    /// on a route without an upstream.
+    pub backend: Option<Arc<FunctionBackend>>,
     pub max_request_body: u64,
     pub metrics: RouteMetrics,
     /// The tenant that may attach modules to this route through the admin API.

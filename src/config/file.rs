@@ -387,9 +387,14 @@ pub struct ModuleFile {
     pub budget_us: u64,
     /// Time budget of all callbacks of one request together, in microseconds.
     pub request_budget_us: Option<u64>,
-    /// Linear memory limit per instance, in MiB.
-    #[serde(default = "num::<DEFAULT_MEMORY_MB>")]
-    pub memory_mb: u64,
+    /// Linear memory limit per instance, in MiB (16 for filters, 128 for functions).
+    pub memory_mb: Option<u64>,
+    /// A function's CPU budget per request, in milliseconds (components only).
+    #[serde(default = "num::<DEFAULT_FUNCTION_CPU_MS>")]
+    pub cpu_ms: u64,
+    /// A function's wall-clock deadline per request, body included, in milliseconds.
+    #[serde(default = "num::<DEFAULT_FUNCTION_DEADLINE_MS>")]
+    pub deadline_ms: u64,
     #[serde(default)]
     pub isolation: IsolationFile,
     /// Most instances of this module alive at once (requests beyond wait briefly, then 503).
@@ -441,7 +446,14 @@ pub struct TenantFile {
     pub allowed_upstreams: Vec<Spanned<String>>,
 }
 
-use crate::wasm::{DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
+use crate::wasm::DEFAULT_BUDGET_US;
+
+/// A function's CPU budget per request when the conf sets none (ms).
+pub const DEFAULT_FUNCTION_CPU_MS: u64 = 100;
+/// A function's deadline per request when the conf sets none (ms).
+pub const DEFAULT_FUNCTION_DEADLINE_MS: u64 = 10_000;
+/// A function's memory when the conf sets none (MiB): interpreters need more than filters.
+pub const DEFAULT_FUNCTION_MEMORY_MB: u64 = 128;
 
 // Field defaults for sections with required keys (the others have one `Default` each):
 // serde takes a function, these take the value as a const parameter.

@@ -7,7 +7,7 @@ use crate::route::{path_params, HeaderOps, Rewrite, Route};
 use crate::routing::{PathPattern, RouteKey, Router};
 use crate::tenant::TenantLimits;
 use crate::upstream::{self, Balancer, HashKey, Upstream, UpstreamTls};
-use crate::wasm::{self, HookChain, Plugin, PluginSpec};
+use crate::wasm::{self, FunctionBackend, FunctionSpec, HookChain, Plugin, PluginSpec};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -332,8 +332,9 @@ impl Lowering<'_> {
         let node = Arc::new(self.node(&f.node));
         // guests see the conf's node from on_configure on
         self.env.wasm.set_node(node.clone());
-        let plugins = self.plugins(&f, &upstreams);
-        let (routes, router) = self.routes(&f, &upstreams, &plugins);
+        let modules = self.plugins(&f, &upstreams);
+        let (routes, router) = self.routes(&f, &upstreams, &modules);
+        let plugins = modules.filters;
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| (e.line, e.column));
             return Err(ConfErrors(self.errors));
@@ -643,12 +644,11 @@ impl Lowering<'_> {
         out
     }
 
-    fn plugins(
-        &mut self,
-        f: &ConfFile,
-        upstreams: &BTreeMap<String, Arc<Upstream>>,
-    ) -> BTreeMap<String, Arc<Plugin>> {
+    /// Loads every `[modules.NAME]`: a core module as a Proxy-Wasm filter, a component as
+    /// a function backend.
+    fn plugins(&mut self, f: &ConfFile, upstreams: &BTreeMap<String, Arc<Upstream>>) -> Modules {
         let mut out = BTreeMap::new();
+        let mut functions = BTreeMap::new();
         for (name, m) in &f.modules {
             let mf = m.get_ref();
             let tenant_name = mf
@@ -670,16 +670,36 @@ impl Lowering<'_> {
                     continue;
                 }
             }
+            let wasm_path = self.resolve(mf.path.get_ref());
+            let bytes = match std::fs::read(&wasm_path) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.err(
+                        &mf.path,
+                        format!(
+                            "module `{name}`: cannot read `{}`: {e}",
+                            wasm_path.display()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let function = wasm::component::is_component(&bytes);
+            let memory_mb = mf.memory_mb.unwrap_or(if function {
+                DEFAULT_FUNCTION_MEMORY_MB
+            } else {
+                wasm::DEFAULT_MEMORY_MB
+            });
             if let Some(t) = tenant {
                 if let Some(max) = (t.max_budget_us.as_ref().map(|m| *m.get_ref()))
                     .filter(|max| mf.budget_us > *max)
                 {
                     self.err(m, format!("module `{name}`: budget_us {} exceeds tenant `{tenant_name}`'s max_budget_us {max}", mf.budget_us));
                 }
-                if let Some(max) = (t.max_memory_mb.as_ref().map(|m| *m.get_ref()))
-                    .filter(|max| mf.memory_mb > *max)
+                if let Some(max) =
+                    (t.max_memory_mb.as_ref().map(|m| *m.get_ref())).filter(|max| memory_mb > *max)
                 {
-                    self.err(m, format!("module `{name}`: memory_mb {} exceeds tenant `{tenant_name}`'s max_memory_mb {max}", mf.memory_mb));
+                    self.err(m, format!("module `{name}`: memory_mb {memory_mb} exceeds tenant `{tenant_name}`'s max_memory_mb {max}"));
                 }
             }
             let policy = match wasm::FailurePolicy::parse(
@@ -707,29 +727,36 @@ impl Lowering<'_> {
                     ),
                 }
             }
-            if mf.budget_us == 0 || mf.memory_mb == 0 || mf.max_instances == 0 {
-                self.err(m, format!("module `{name}`: budget_us, memory_mb and max_instances must be at least 1"));
+            if mf.budget_us == 0 || memory_mb == 0 || mf.max_instances == 0 || mf.cpu_ms == 0 {
+                self.err(m, format!("module `{name}`: budget_us, cpu_ms, memory_mb and max_instances must be at least 1"));
                 continue;
             }
-            let wasm_path = self.resolve(mf.path.get_ref());
-            let bytes = match std::fs::read(&wasm_path) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.err(
-                        &mf.path,
-                        format!(
-                            "module `{name}`: cannot read `{}`: {e}",
-                            wasm_path.display()
-                        ),
-                    );
-                    continue;
-                }
-            };
             if let Some(max) = tenant
                 .and_then(|t| t.max_module_bytes.as_ref().map(|m| *m.get_ref()))
                 .filter(|max| bytes.len() as u64 > *max)
             {
                 self.err(&mf.path, format!("module `{name}`: {} bytes exceeds tenant `{tenant_name}`'s max_module_bytes {max}", bytes.len()));
+                continue;
+            }
+            if function {
+                let spec = FunctionSpec {
+                    name: name.clone(),
+                    tenant: tenant_name,
+                    limits: wasm::component::Limits {
+                        memory_bytes: memory_mb.saturating_mul(1024 * 1024) as usize,
+                        cpu: Duration::from_millis(mf.cpu_ms),
+                        deadline: Duration::from_millis(mf.deadline_ms.max(1)),
+                        max_instances: mf.max_instances,
+                    },
+                    policy,
+                    allowed_upstreams: allowed,
+                };
+                match self.env.wasm.function(spec, &bytes) {
+                    Ok(f) => {
+                        functions.insert(name.clone(), f);
+                    }
+                    Err(e) => self.err(&mf.path, format!("module `{name}`: {e}")),
+                }
                 continue;
             }
             let spec = PluginSpec {
@@ -743,7 +770,7 @@ impl Lowering<'_> {
                     mf.request_budget_us
                         .unwrap_or(mf.budget_us.saturating_mul(8)),
                 ),
-                memory_bytes: mf.memory_mb.saturating_mul(1024 * 1024),
+                memory_bytes: memory_mb.saturating_mul(1024 * 1024),
                 isolation: mf.isolation.into(),
                 max_instances: mf.max_instances,
                 policy,
@@ -757,14 +784,17 @@ impl Lowering<'_> {
                 Err(e) => self.err(&mf.path, format!("module `{name}`: {e}")),
             }
         }
-        out
+        Modules {
+            filters: out,
+            functions,
+        }
     }
 
     fn routes(
         &mut self,
         f: &ConfFile,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
-        plugins: &BTreeMap<String, Arc<Plugin>>,
+        modules: &Modules,
     ) -> (Vec<Arc<Route>>, Option<Router>) {
         let mut routes = Vec::new();
         let mut keys = Vec::new();
@@ -855,8 +885,17 @@ impl Lowering<'_> {
                 }
             });
             let mut hooks = Vec::new();
-            for h in &rf.hooks {
-                match plugins.get(h.get_ref()) {
+            let mut backend = None;
+            for (k, h) in rf.hooks.iter().enumerate() {
+                if let Some(b) = modules.functions.get(h.get_ref()) {
+                    // a function answers the request: after the filters, instead of an upstream
+                    if k + 1 != rf.hooks.len() || rf.upstream.is_some() {
+                        self.err(h, format!("route `{name}`: `{}` is a function (a WASI-HTTP component): it answers the request, so it comes last and the route has no upstream", h.get_ref()));
+                    }
+                    backend = Some(b.clone());
+                    continue;
+                }
+                match modules.filters.get(h.get_ref()) {
                     Some(p) => hooks.push(p.clone()),
                     None if f.modules.contains_key(h.get_ref()) => {} // its own error was reported
                     None => self.err(
@@ -912,6 +951,7 @@ impl Lowering<'_> {
                 request_headers,
                 response_headers,
                 hooks: HookChain::new(hooks),
+                backend,
                 max_request_body: rf
                     .max_request_body_bytes
                     .unwrap_or(f.limits.max_request_body_bytes),
@@ -1120,6 +1160,12 @@ fn join_names<'a>(it: impl Iterator<Item = &'a String>) -> String {
     } else {
         v.join(", ")
     }
+}
+
+/// The conf's modules, loaded.
+struct Modules {
+    filters: BTreeMap<String, Arc<Plugin>>,
+    functions: BTreeMap<String, Arc<FunctionBackend>>,
 }
 
 /// The runtime limits of a conf tenant (checked by `Lowering::tenant_limits`).

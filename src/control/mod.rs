@@ -475,6 +475,7 @@ impl Control {
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
                     hooks: HookChain::new(vec![p.clone()]),
+                    backend: None,
                     max_request_body: snap.limits.max_request_body_bytes,
                     tenant: Some(t.clone()),
                 });

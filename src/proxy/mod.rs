@@ -7,6 +7,8 @@ pub mod access_log;
 pub mod conn;
 pub mod forwarded;
 pub mod framing;
+mod function;
+use function::{RequestBody, Served};
 pub mod grpc;
 pub mod hooks;
 pub mod respond;
@@ -544,8 +546,39 @@ impl Gateway {
             let chain = attached.as_deref().unwrap_or(&route.hooks);
             return self.run_request_hooks(session, ctx, chain, declared).await;
         }
+        if let Some(b) = &route.backend {
+            let body = RequestBody::Stream {
+                max: route.max_request_body,
+            };
+            return self.serve_function(session, ctx, b.clone(), body).await;
+        }
         framing::continue_if_expected(session).await?;
         Ok(false)
+    }
+
+    /// Answers with the route's function (see [`function::serve`]).
+    async fn serve_function(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        backend: Arc<crate::wasm::FunctionBackend>,
+        body: RequestBody,
+    ) -> Result<bool> {
+        framing::continue_if_expected(session).await?;
+        let authority = host_of(session, ctx).to_string();
+        let route = ctx.route_name().unwrap_or("-").to_string();
+        match function::serve(session, &backend, &authority, body, &route).await? {
+            Served::Answered => {}
+            Served::Reply(r, e) => {
+                ctx.error = Some(e);
+                if ctx.hooks.is_some() {
+                    self.reply(session, ctx, r).await?;
+                } else {
+                    send_local(session, r).await?;
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Function URLs (`{function_prefix}/{tenant}/{function}/...` or by host): tenant rate and concurrency
@@ -676,11 +709,11 @@ impl Gateway {
             }
         }
         framing::continue_if_expected(session).await?;
+        let mut out = Vec::new();
         if !eos && (route.upstream.is_none() || preread) {
             if preread {
                 session.as_mut().enable_retry_buffering();
             }
-            let mut out = Vec::new();
             loop {
                 let chunk = session.read_request_body().await?;
                 let end = chunk.is_none() || session.is_body_done();
@@ -716,7 +749,7 @@ impl Gateway {
                 }
             }
             if preread {
-                ctx.prebuffered = Some(Bytes::from(out));
+                ctx.prebuffered = Some(Bytes::from(std::mem::take(&mut out)));
             }
             if let Some(before) = before.as_deref().filter(|_| rewrite_after_body) {
                 // the held modules changed the path once they saw the body
@@ -727,6 +760,10 @@ impl Gateway {
             }
         }
         ctx.hooks = Some(Box::new(state));
+        if let Some(b) = route.backend.as_ref().filter(|_| route.upstream.is_none()) {
+            let body = RequestBody::Read(Bytes::from(out));
+            return self.serve_function(session, ctx, b.clone(), body).await;
+        }
         if route.upstream.is_none() {
             return self
                 .answer_error(session, ctx, GatewayError::NoHookResponse)

@@ -48,6 +48,12 @@ pub enum GatewayError {
     /// Every instance of a module on the route is busy.
     #[error("no module instance is free")]
     HookBusy,
+    /// Every instance of the route's function is busy.
+    #[error("no function instance is free")]
+    FunctionBusy,
+    /// The route's function trapped, overran or missed its deadline before answering.
+    #[error("the function failed before answering")]
+    FunctionFailed,
     #[error("the gateway's connections are at their limit")]
     TooManyConnections,
     /// A hook changed the length of a streamed request body whose Content-Length it kept.
@@ -75,7 +81,8 @@ impl GatewayError {
             | GatewayError::NoHookResponse => 502,
             GatewayError::UpstreamTimeout => 504,
             GatewayError::RateLimited { .. } => 429,
-            GatewayError::TenantBusy | GatewayError::HookBusy => 503,
+            GatewayError::TenantBusy | GatewayError::HookBusy | GatewayError::FunctionBusy => 503,
+            GatewayError::FunctionFailed => 503,
             GatewayError::TooManyConnections => 503,
             GatewayError::HookChangedLength => 502,
             GatewayError::UnsupportedTransferEncoding => 501,
@@ -100,6 +107,8 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::TenantBusy => "tenant_busy",
             GatewayError::HookBusy => "hook_busy",
+            GatewayError::FunctionBusy => "function_busy",
+            GatewayError::FunctionFailed => "function_failed",
             GatewayError::TooManyConnections => "too_many_connections",
             GatewayError::HookChangedLength => "hook_changed_body_length",
             GatewayError::UnsupportedTransferEncoding => "unsupported_transfer_encoding",

@@ -12,10 +12,12 @@
 
 pub mod abi;
 pub mod component;
+mod function;
 pub mod host;
 pub mod meter;
 mod vm;
 
+pub use function::{FunctionBackend, FunctionSpec};
 pub use host::View;
 pub use host::{
     CallResponse, ConnTls, GrpcStatus, GrpcTarget, LocalResponse, NodeInfo, PendingCall,
@@ -408,6 +410,8 @@ pub struct Runtime {
     cache: DashMap<[u8; 32], Arc<Compiled>>,
     /// Where precompiled artifacts persist across restarts, once the conf named it.
     cache_dir: std::sync::OnceLock<PathBuf>,
+    /// The component runtime, once a component is loaded.
+    components: std::sync::OnceLock<component::ComponentRuntime>,
     /// Artifacts go to disk at all (`serve`, not `check`).
     persist: bool,
     shared: Arc<SharedState>,
@@ -439,6 +443,7 @@ impl Runtime {
             linker,
             cache: DashMap::new(),
             cache_dir: std::sync::OnceLock::new(),
+            components: std::sync::OnceLock::new(),
             persist,
             shared: Arc::new(SharedState::default()),
             meter: Arc::default(),

@@ -208,7 +208,9 @@ impl Gw {
     }
 
     fn wait_port(&self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // JavaScript and Python components take seconds each to compile before the
+        // gateway listens
+        let deadline = Instant::now() + Duration::from_secs(90);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return;

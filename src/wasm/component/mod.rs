@@ -259,12 +259,42 @@ impl ComponentRuntime {
     /// caller tries Proxy-Wasm for those); other components are refused naming their
     /// exports or the import that cannot be satisfied.
     pub fn compile_with(&self, bytes: &[u8], limits: Limits) -> Result<Arc<Function>, String> {
+        self.compile_cached(bytes, limits, None)
+    }
+
+    /// [`Self::compile_with`], keeping the compiled code in `artifact` (read when it is
+    /// there, written when it is not): a JavaScript or Python component takes seconds to
+    /// compile, a precompiled one milliseconds to load.
+    pub fn compile_cached(
+        &self,
+        bytes: &[u8],
+        limits: Limits,
+        artifact: Option<&std::path::Path>,
+    ) -> Result<Arc<Function>, String> {
         match wasm_kind(bytes) {
             Some(Kind::Core) => return Err("a core module, not a component".into()),
             Some(Kind::Component) => {}
             None => return Err("not WebAssembly (no wasm header)".into()),
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
+        let cached = artifact.filter(|p| p.exists()).and_then(|p| {
+            // SAFETY: the artifact was written by `Component::serialize` of an engine with
+            // the same compatibility hash (part of its name, see the caller), into the
+            // gateway's own data directory; wasmtime checks its header and version again.
+            unsafe { Component::deserialize_file(&self.engine, p) }.ok()
+        });
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
+                if let (Some(path), Ok(ser)) = (artifact, c.serialize()) {
+                    let tmp = path.with_extension("tmp");
+                    if std::fs::write(&tmp, ser).is_ok() {
+                        let _ = std::fs::rename(&tmp, path);
+                    }
+                }
+                c
+            }
+        };
         let ty = component.component_type();
         let exports: Vec<String> = ty
             .exports(&self.engine)
@@ -315,6 +345,11 @@ impl Drop for ComponentRuntime {
 enum Kind {
     Core,
     Component,
+}
+
+/// Whether `bytes` are a component (not a core module): what a module is loaded as.
+pub fn is_component(bytes: &[u8]) -> bool {
+    matches!(wasm_kind(bytes), Some(Kind::Component))
 }
 
 /// Reads the preamble: `\0asm`, then a version (1 for core modules) and a layer (0 for core

@@ -1,0 +1,215 @@
+//! Function backends on the request path: the request (head, then its body as it
+//! arrives) goes into a WASI-HTTP component, and its response goes out to the client as
+//! the guest writes it, so a server-sent-events function delivers each event when it
+//! writes it. Nothing is buffered whole, except a body the route's Proxy-Wasm filters
+//! already read.
+//!
+//! A failure before the response head gets the function's failure policy (or 503
+//! `function_busy` with `Retry-After` when all its instances are busy); a failure after
+//! the head cuts the response off (see `fail_to_proxy`): what cannot be delivered whole
+//! is never made to look complete.
+
+use super::framing::is_hop_by_hop;
+use super::respond::GatewayError;
+use crate::wasm::component::{self, HyperIncomingBody};
+use crate::wasm::{FailurePolicy, FunctionBackend, LocalResponse};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use std::sync::Arc;
+
+/// Chunks of the request body in flight to the guest before the reader waits for it.
+const BODY_CHANNEL: usize = 4;
+
+type BodyTx = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>;
+
+/// How a function request ended, for the proxy to answer or log.
+pub enum Served {
+    /// The function's response was sent whole.
+    Answered,
+    /// No response head was sent: answer this instead.
+    Reply(LocalResponse, GatewayError),
+}
+
+/// What the function is given of the request's body.
+pub enum RequestBody {
+    /// Read from the client as the guest reads it, up to the route's limit.
+    Stream { max: u64 },
+    /// Already read (the route's filters saw it).
+    Read(Bytes),
+}
+
+/// Runs the request through `backend`. `Err` after the head was sent means the response
+/// was cut off.
+pub async fn serve(
+    session: &mut Session,
+    backend: &Arc<FunctionBackend>,
+    authority: &str,
+    body: RequestBody,
+    route: &str,
+) -> Result<Served> {
+    let (incoming, mut tx, max) = match body {
+        RequestBody::Read(b) if b.is_empty() => (component::body::empty(), None, 0),
+        RequestBody::Read(b) => (component::body::full(b), None, 0),
+        RequestBody::Stream { .. } if session.is_body_empty() => {
+            (component::body::empty(), None, 0)
+        }
+        RequestBody::Stream { max } => {
+            let (tx, rx) = tokio::sync::mpsc::channel(BODY_CHANNEL);
+            (channel_body(rx), Some(tx), max)
+        }
+    };
+    let request = match request(session, authority, incoming) {
+        Some(r) => r,
+        None => return Ok(bad_request(route)),
+    };
+    let handle = backend.function.handle(request, backend.io());
+    tokio::pin!(handle);
+    let mut seen = 0u64;
+    let answer = loop {
+        tokio::select! {
+            r = &mut handle => break r,
+            more = feed(session, &mut tx, &mut seen, max), if tx.is_some() => {
+                if let Some(reply) = more? {
+                    return Ok(reply);
+                }
+            }
+        }
+    };
+    let response = match answer {
+        Ok(r) => r,
+        Err(component::Failure::Busy) => {
+            let e = GatewayError::FunctionBusy;
+            return Ok(Served::Reply(e.reply(Some(route)), e));
+        }
+        Err(_) => return Ok(policy_reply(&backend.spec.policy, route)),
+    };
+    let (parts, mut out) = response.into_parts();
+    let mut head = ResponseHeader::build(parts.status.as_u16(), Some(parts.headers.len()))?;
+    for (k, v) in &parts.headers {
+        if !is_hop_by_hop(k.as_str()) {
+            head.append_header(k.clone(), v.clone())?;
+        }
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(head), false).await?;
+    loop {
+        let frame = tokio::select! {
+            f = out.frame() => f,
+            more = feed(session, &mut tx, &mut seen, max), if tx.is_some() => {
+                // the guest answered before the whole body came: it keeps reading it
+                if more?.is_some() {
+                    return Error::e_explain(InternalError, "request body over the limit mid-response");
+                }
+                continue;
+            }
+        };
+        match frame {
+            None => break,
+            Some(Ok(f)) => match f.into_data() {
+                Ok(data) if !head_only => session.write_response_body(Some(data), false).await?,
+                Ok(_) => {}
+                Err(f) => {
+                    if let Ok(trailers) = f.into_trailers() {
+                        session.write_response_trailers(trailers).await?;
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                return Error::e_explain(InternalError, format!("function body failed: {e}"));
+            }
+        }
+    }
+    session
+        .write_response_body(Some(Bytes::new()), true)
+        .await?;
+    Ok(Served::Answered)
+}
+
+/// Moves one chunk of the request body to the guest. `Some` is the answer when the body
+/// is over the limit (before the response head).
+async fn feed(
+    session: &mut Session,
+    tx: &mut Option<BodyTx>,
+    seen: &mut u64,
+    max: u64,
+) -> Result<Option<Served>> {
+    let chunk = session.read_request_body().await?;
+    let Some(sender) = tx.as_ref() else {
+        return Ok(None);
+    };
+    match chunk {
+        None => *tx = None, // dropping the sender ends the guest's body
+        Some(c) => {
+            *seen += c.len() as u64;
+            if *seen > max {
+                let limit = wasmtime_wasi_http::Error::HttpRequestBodySize(Some(*seen));
+                let _ = sender.send(Err(limit)).await;
+                *tx = None;
+                let e = GatewayError::BodyTooLarge;
+                return Ok(Some(Served::Reply(e.reply(None), e)));
+            }
+            if sender.send(Ok(Frame::data(c))).await.is_err() {
+                *tx = None; // the guest no longer reads its body
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn channel_body(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>,
+) -> HyperIncomingBody {
+    let frames = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    http_body_util::StreamBody::new(frames).boxed_unsync()
+}
+
+/// The request as the guest sees it: an absolute URI (`http://authority/path?query`), the
+/// client's headers but for hop-by-hop ones.
+fn request(
+    session: &Session,
+    authority: &str,
+    body: HyperIncomingBody,
+) -> Option<hyper::Request<HyperIncomingBody>> {
+    let req = session.req_header();
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authority = if authority.is_empty() {
+        "localhost"
+    } else {
+        authority
+    };
+    let mut b = hyper::Request::builder()
+        .method(req.method.clone())
+        .uri(format!("http://{authority}{path}"));
+    for (k, v) in &req.headers {
+        if !is_hop_by_hop(k.as_str()) {
+            b = b.header(k, v);
+        }
+    }
+    b.body(body).ok()
+}
+
+fn bad_request(route: &str) -> Served {
+    let e = GatewayError::BadRequest;
+    Served::Reply(e.reply(Some(route)), e)
+}
+
+/// What a failed function answers: its policy's status (a function cannot fail open:
+/// `allow` is a 502).
+fn policy_reply(policy: &FailurePolicy, route: &str) -> Served {
+    let e = GatewayError::FunctionFailed;
+    let mut r = e.reply(Some(route));
+    match policy {
+        FailurePolicy::Deny(s) => r.status = *s,
+        FailurePolicy::Respond(s, body) => {
+            r.status = *s;
+            r.headers.clear();
+            r.body = body.clone().into_bytes();
+        }
+        FailurePolicy::Allow => r.status = 502,
+    }
+    Served::Reply(r, e)
+}

@@ -1,0 +1,129 @@
+//! Function backends: WASI-HTTP components with the tenancy filters have — a tenant and
+//! a name, limits from the conf or the deploy, the tenant's log for their output, usage
+//! metering, and outgoing HTTP only to their `allowed_upstreams`. The component runtime
+//! itself is [`super::component`]; the proxy bridges a backend to Pingora's session.
+
+use super::component::{self, Io, Limits, Outcome, Stdio};
+use super::meter::{TenantLog, Usage};
+use super::{FailurePolicy, ModuleError, Runtime, FUEL_PER_US};
+use crate::upstream::Upstream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A component as the conf or a deploy declares it.
+pub struct FunctionSpec {
+    pub name: String,
+    pub tenant: String,
+    pub limits: Limits,
+    /// What a failure before the response head turns into.
+    pub policy: FailurePolicy,
+    /// Outgoing HTTP may reach these, addressed by name (`http://NAME/...`).
+    pub allowed_upstreams: Vec<Arc<Upstream>>,
+}
+
+/// A loaded function backend, ready to serve requests.
+pub struct FunctionBackend {
+    pub spec: FunctionSpec,
+    pub function: Arc<component::Function>,
+    pub log: Arc<TenantLog>,
+    pub usage: Arc<Usage>,
+    /// Hex digest of the component's bytes.
+    pub digest: String,
+}
+
+impl FunctionBackend {
+    /// The per-request wiring: output lines to the tenant's log, outgoing HTTP through
+    /// the allow-list, and what the instance used into usage.
+    pub fn io(self: &Arc<Self>) -> Io {
+        let log = self.clone();
+        let allow = self.clone();
+        let meter = self.clone();
+        Io {
+            sink: Arc::new(move |stream, line| log.line(stream, line)),
+            outgoing: Arc::new(move |authority: &str| allow.resolve(authority)),
+            on_end: Some(Arc::new(move |o: &Outcome| meter.bill(o))),
+        }
+    }
+
+    fn line(&self, stream: Stdio, line: &str) {
+        let level = match stream {
+            Stdio::Stdout => "info",
+            Stdio::Stderr => "warn",
+        };
+        self.log.push(&self.spec.name, level, line);
+        tracing::info!(target: "wasmgate::guest", tenant = %self.spec.tenant, module = %self.spec.name, "{line}");
+    }
+
+    /// An allowed upstream's target for `authority` (its name, with or without a port).
+    fn resolve(&self, authority: &str) -> Option<String> {
+        let name = authority.split(':').next().unwrap_or(authority);
+        let u = self
+            .spec
+            .allowed_upstreams
+            .iter()
+            .find(|u| &*u.name == name)?;
+        let peer = u.peer(b"")?;
+        Some(peer._address.to_string())
+    }
+
+    fn bill(&self, o: &Outcome) {
+        let u = &self.usage;
+        u.invocations.fetch_add(1, Ordering::Relaxed);
+        u.add_fuel((o.cpu.as_micros() as u64).saturating_mul(FUEL_PER_US));
+        u.peak(o.peak_memory as u64);
+        match &o.result {
+            Err(component::Failure::Overrun) => {
+                u.budget_overruns.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(component::Failure::Trap(_) | component::Failure::Memory) => {
+                u.traps.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if let Err(f) = &o.result {
+            self.log.push(&self.spec.name, "error", &f.to_string());
+            tracing::warn!(tenant = %self.spec.tenant, module = %self.spec.name, failure = %f, "function failed");
+        }
+    }
+}
+
+impl Runtime {
+    /// The component runtime, started with the first component loaded (it runs an epoch
+    /// ticker thread).
+    fn components(&self) -> Result<&component::ComponentRuntime, ModuleError> {
+        if let Some(c) = self.components.get() {
+            return Ok(c);
+        }
+        let c = component::ComponentRuntime::new().map_err(ModuleError::DoesNotCompile)?;
+        Ok(self.components.get_or_init(|| c))
+    }
+
+    /// Loads a function backend: compiles the component (or loads its precompiled
+    /// artifact, keyed by digest and engine, from the cache directory).
+    pub fn function(
+        &self,
+        spec: FunctionSpec,
+        bytes: &[u8],
+    ) -> Result<Arc<FunctionBackend>, ModuleError> {
+        use sha2::{Digest, Sha256};
+        let rt = self.components()?;
+        let digest = hex::encode(Sha256::digest(bytes));
+        let artifact = self.cache_dir.get().map(|d| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            use std::hash::{Hash, Hasher};
+            rt.engine().precompile_compatibility_hash().hash(&mut h);
+            d.join(format!("{digest}-{:016x}.component.cwasm", h.finish()))
+        });
+        let function = rt
+            .compile_cached(bytes, spec.limits.clone(), artifact.as_deref())
+            .map_err(ModuleError::NotProxyWasm)?;
+        tracing::info!(tenant = %spec.tenant, module = %spec.name, digest = &digest[..12], export = function.handler_export(), "function loaded");
+        Ok(Arc::new(FunctionBackend {
+            log: self.meter.log(&spec.tenant),
+            usage: self.meter.usage(&spec.tenant, &spec.name),
+            spec,
+            function,
+            digest,
+        }))
+    }
+}

@@ -1,0 +1,214 @@
+//! WASI-HTTP components as function backends, through the real gateway: the Rust,
+//! JavaScript and Python hellos built from `guests/components/`, a body echo, a stream of
+//! events, outgoing HTTP through the allow-list, a chain of a Proxy-Wasm filter and a
+//! JavaScript function, and hostile components (a loop, a memory bomb, a panic) that get
+//! their policy while the other routes keep serving.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+fn conf(upstream: &str) -> String {
+    HEAD.to_string()
+        + &format!(
+            r#"
+[upstreams.up]
+targets = ["{upstream}"]
+[tenants.acme]
+[modules.rs]
+tenant = "acme"
+path = "{{guests}}/hello-rs.wasm"
+[modules.js]
+tenant = "acme"
+path = "{{guests}}/hello-js.wasm"
+[modules.py]
+tenant = "acme"
+path = "{{guests}}/hello-py.wasm"
+[modules.echo]
+tenant = "acme"
+path = "{{guests}}/echo-rs.wasm"
+[modules.events]
+tenant = "acme"
+path = "{{guests}}/stream-rs.wasm"
+[modules.fetch]
+tenant = "acme"
+path = "{{guests}}/fetch-rs.wasm"
+allowed_upstreams = ["up"]
+[modules.spin]
+tenant = "acme"
+path = "{{guests}}/loop-rs.wasm"
+cpu_ms = 50
+[modules.bomb]
+tenant = "acme"
+path = "{{guests}}/bomb-rs.wasm"
+memory_mb = 32
+[modules.misbehave]
+tenant = "acme"
+path = "{{guests}}/misbehave-rs.wasm"
+[modules.key]
+tenant = "acme"
+path = "{{guests}}/api_key_auth.wasm"
+config = {{ keys = ["k1"] }}
+[[routes]]
+path_prefix = "/rs"
+hooks = ["rs"]
+[[routes]]
+path_prefix = "/js"
+hooks = ["js"]
+[[routes]]
+path_prefix = "/py"
+hooks = ["py"]
+[[routes]]
+path_prefix = "/echo"
+hooks = ["echo"]
+max_request_body_bytes = 1048576
+[[routes]]
+path_prefix = "/events"
+hooks = ["events"]
+[[routes]]
+path_prefix = "/fetch"
+hooks = ["fetch"]
+[[routes]]
+path_prefix = "/spin"
+hooks = ["spin"]
+[[routes]]
+path_prefix = "/bomb"
+hooks = ["bomb"]
+[[routes]]
+path = "/panic"
+hooks = ["misbehave"]
+[[routes]]
+path = "/silent"
+hooks = ["misbehave"]
+[[routes]]
+path_prefix = "/keyed"
+hooks = ["key", "js"]
+"#
+        )
+}
+
+async fn get(gw: &Gw, path: &str) -> (u16, String) {
+    let r = client().get(gw.url("http", path)).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_answer_stream_and_are_contained() {
+    let up = Upstream::start("up").await;
+    let gw = Gw::start(&conf(&up.addr()));
+
+    // each language's hello
+    for (path, text) in [
+        ("/rs", "hello from rust\n"),
+        ("/js", "hello from js\n"),
+        ("/py", "hello from python\n"),
+    ] {
+        assert_eq!(get(&gw, path).await, (200, text.to_string()), "{path}");
+    }
+    // stdout reached the tenant's log through the gateway's log
+    assert!(gw.wait_log("acme", Duration::from_secs(2)).await);
+
+    // the body streams in: a chunked upload is echoed, uppercased
+    let body = "abc".repeat(50_000);
+    let r = client()
+        .post(gw.url("http", "/echo"))
+        .body(reqwest::Body::wrap_stream(futures_chunks(body.clone())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), body.to_uppercase());
+    // over the route's limit, declared or found while streaming: 413, never a truncated
+    // body passed to the function as whole
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s).map(|r| r.0), Some(413));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 1 << 16, "y".repeat(1 << 16));
+    for _ in 0..24 {
+        if s.write_all(chunk.as_bytes()).is_err() {
+            break; // the gateway answered and stopped reading
+        }
+    }
+    assert_eq!(read_response(&mut s).map(|r| r.0), Some(413));
+
+    // events arrive as they are written, not all at the end
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut first_event_at = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if first_event_at.is_none() && text.contains("event ") {
+            first_event_at = Some(start.elapsed());
+        }
+    }
+    let total = start.elapsed();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(text.matches("event ").count(), 3, "{text}");
+    let first = first_event_at.expect("an event");
+    assert!(
+        total >= Duration::from_millis(200) && first + Duration::from_millis(150) < total,
+        "first event after {first:?}, all after {total:?}"
+    );
+
+    // outgoing HTTP: an allowed upstream by name, anything else denied
+    assert_eq!(get(&gw, "/fetch?up").await, (200, "status 200\n".into()));
+    let (status, text) = get(&gw, &format!("/fetch?{}", up.addr())).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("HttpRequestDenied"), "{text}");
+
+    // a filter, then a JavaScript function
+    let r = client().get(gw.url("http", "/keyed")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(gw.url("http", "/keyed"))
+        .header("x-api-key", "k1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello from js\n");
+
+    // hostile ones get the policy (503 function_failed), quickly, and nothing else breaks
+    for path in ["/spin", "/bomb", "/panic", "/silent"] {
+        let t = Instant::now();
+        let (status, body) = get(&gw, path).await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body.contains("function_failed"), "{path}: {body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{path} took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(get(&gw, "/rs").await.0, 200);
+    }
+    assert!(gw.log().contains("function failed"), "{}", gw.log());
+}
+
+/// A body sent in many small chunks (chunked transfer coding).
+fn futures_chunks(
+    body: String,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body
+        .into_bytes()
+        .chunks(7_000)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    futures::stream::iter(chunks)
+}
