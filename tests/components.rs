@@ -6,7 +6,9 @@
 
 mod common;
 
+use common::admin::{Admin, OP};
 use common::*;
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -211,4 +213,101 @@ fn futures_chunks(
         .map(|c| Ok(c.to_vec()))
         .collect();
     futures::stream::iter(chunks)
+}
+
+/// Tenants deploy components through the admin API like filters: the deploy says what
+/// it detected, the function URL answers, usage and logs are the tenant's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_deploy_components_as_functions() {
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[admin]
+listen = "127.0.0.1:{{port:admin}}"
+token = "{OP}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+"#
+    );
+    let gw = Gw::start(&conf);
+    let a = Admin::new(&gw);
+    for t in ["alpha", "beta"] {
+        a.tenant(t, serde_json::json!({})).await;
+    }
+    let alpha = a.token("alpha", &["deploy", "logs", "usage"]).await;
+    let beta = a.token("beta", &["deploy", "logs", "usage"]).await;
+    let wasm = |name: &str| std::fs::read(guests().join(format!("{name}.wasm"))).unwrap();
+    let (s, v) = a.deploy("alpha", "hello", &alpha, wasm("hello-js")).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["kind"], "function");
+    assert!(v["exports"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("wasi:http/incoming-handler@0.2."));
+    let (s, v) = a.deploy("beta", "hello", &beta, wasm("hello-rs")).await;
+    assert_eq!(
+        (s, &v["kind"]),
+        (201, &serde_json::json!("function")),
+        "{v}"
+    );
+    // a filter is still a filter
+    let (s, v) = a.deploy("beta", "api", &beta, wasm("hello_api")).await;
+    assert_eq!((s, &v["kind"]), (201, &serde_json::json!("filter")), "{v}");
+    // neither: refused with the reason
+    let (s, v) = a
+        .deploy("beta", "junk", &beta, b"\0asm\x0d\0\x01\0".to_vec())
+        .await;
+    assert_eq!(s, 400, "{v}");
+
+    for (t, tok) in [("alpha", &alpha), ("beta", &beta)] {
+        let (s, v) = a
+            .json(
+                "PUT",
+                &format!("/v1/tenants/{t}/functions/hi"),
+                tok,
+                serde_json::json!({ "module": "hello" }),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let c = client();
+    for (t, text) in [("alpha", "hello from js\n"), ("beta", "hello from rust\n")] {
+        let r = c
+            .get(gw.url("http", &format!("/run/{t}/hi/x")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), text);
+    }
+    // each tenant's log has its own function's lines only
+    let logs = |t: &'static str, tok: String| {
+        let a = &a;
+        async move {
+            let (_, v) = a
+                .json("GET", &format!("/v1/tenants/{t}/logs"), &tok, Value::Null)
+                .await;
+            v.to_string()
+        }
+    };
+    let (la, lb) = (
+        logs("alpha", alpha.clone()).await,
+        logs("beta", beta.clone()).await,
+    );
+    assert!(la.contains("hello-js") && !la.contains("hello-rs"), "{la}");
+    assert!(lb.contains("hello-rs") && !lb.contains("hello-js"), "{lb}");
+    // usage counts the invocations, per tenant
+    let mut invocations = 0;
+    for _ in 0..50 {
+        let (_, v) = a
+            .json("GET", "/v1/tenants/alpha/usage", &alpha, Value::Null)
+            .await;
+        invocations = v["modules"]["hello"]["invocations"].as_u64().unwrap_or(0);
+        if invocations >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(invocations, 1);
 }

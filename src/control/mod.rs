@@ -19,8 +19,8 @@ use crate::reload::Live;
 use crate::route::{HeaderOps, Rewrite, Route};
 use crate::tenant::TenantLimits;
 use crate::wasm::meter::now_secs;
-use crate::wasm::Isolation;
 use crate::wasm::{FailurePolicy, HookChain, Plugin, PluginSpec};
+use crate::wasm::{FunctionBackend, FunctionSpec, Isolation};
 use crate::wasm::{DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -30,8 +30,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub use store::{FunctionRec, ModuleRec, Stored, VersionRec};
 
+/// A deployed function's CPU budget per request when the deploy sets none (µs).
+const DEFAULT_FUNCTION_CPU_US: u64 = 100_000;
+/// A deployed function's memory when the deploy sets none (MiB).
+const DEFAULT_FUNCTION_MEMORY_MB: u64 = 128;
+
 /// Limits applied when neither the conf nor the API set one.
-pub const DEFAULT_MAX_MODULE_BYTES: u64 = 8 << 20;
+/// 32 MiB: a JavaScript or Python component carries its interpreter (13-18 MB).
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 32 << 20;
 /// How long a request waits for a slot under its tenant's `max_concurrency`.
 pub const CONCURRENCY_WAIT: Duration = Duration::from_millis(50);
 
@@ -133,6 +139,52 @@ pub struct Function {
     pub tenant: Arc<TenantRt>,
 }
 
+/// A tenant's deployed module, as it serves: a Proxy-Wasm filter (a plugin with its
+/// VMs) or a function (a WASI-HTTP component).
+#[derive(Clone)]
+pub enum Deployed {
+    Filter(Arc<Plugin>),
+    Function(Arc<FunctionBackend>),
+}
+
+impl Deployed {
+    /// What the deploy answer and the module view call it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Deployed::Filter(_) => "filter",
+            Deployed::Function(_) => "function",
+        }
+    }
+
+    fn filter(&self) -> Option<&Arc<Plugin>> {
+        match self {
+            Deployed::Filter(p) => Some(p),
+            Deployed::Function(_) => None,
+        }
+    }
+
+    /// Starts its timers (a filter's root context ticks).
+    fn start(&self) {
+        if let Deployed::Filter(p) = self {
+            p.spawn_ticks();
+        }
+    }
+
+    /// Stops what it runs: it no longer serves.
+    fn retire(&self) {
+        if let Deployed::Filter(p) = self {
+            p.retire();
+        }
+    }
+
+    fn set_upstreams(&self, upstreams: Vec<Arc<crate::upstream::Upstream>>) {
+        match self {
+            Deployed::Filter(p) => p.set_upstreams(upstreams),
+            Deployed::Function(f) => f.set_upstreams(upstreams),
+        }
+    }
+}
+
 /// What a request's host and path say about function URLs.
 pub enum FnLookup {
     /// Outside the function namespace: the conf routes decide.
@@ -194,7 +246,7 @@ pub struct Control {
     pub(crate) secret: Vec<u8>,
     stored: Mutex<Stored>,
     /// Active plugin per (tenant, module).
-    plugins: Mutex<HashMap<(String, String), Arc<Plugin>>>,
+    plugins: Mutex<HashMap<(String, String), Deployed>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantRt>>>,
     functions: ArcSwap<FnTable>,
     /// Route name -> the hook chain with the tenant's attached modules appended.
@@ -354,7 +406,7 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .values()
         {
-            p.spawn_ticks();
+            p.start();
         }
     }
 
@@ -399,7 +451,7 @@ impl Control {
 
     /// Installs a tenant module's plugin; the one it replaces retires (its timer ends,
     /// its idle VMs go).
-    fn install_plugin(&self, t: &str, m: &str, plugin: Arc<Plugin>) {
+    fn install_plugin(&self, t: &str, m: &str, plugin: Deployed) {
         let replaced = self
             .plugins
             .lock()
@@ -409,7 +461,7 @@ impl Control {
             old.retire();
         }
         // only the new module's timer starts: the others keep their rhythm
-        plugin.spawn_ticks();
+        plugin.start();
     }
 
     pub fn tenant_exists(&self, t: &str) -> bool {
@@ -459,9 +511,13 @@ impl Control {
                 let Some(p) = plugins.get(&(t.clone(), rec.module.clone())) else {
                     continue;
                 };
-                let upstream = rec
-                    .upstream
-                    .as_ref()
+                let (hooks, backend) = match p {
+                    Deployed::Filter(p) => (HookChain::new(vec![p.clone()]), None),
+                    Deployed::Function(f) => (HookChain::default(), Some(f.clone())),
+                };
+                // a function answers itself: it guards no upstream
+                let upstream = (rec.upstream.as_ref())
+                    .filter(|_| backend.is_none())
                     .and_then(|u| snap.upstreams.get(u).cloned());
                 let name = format!("fn:{t}/{f}");
                 let route = Arc::new(Route {
@@ -474,8 +530,8 @@ impl Control {
                     }),
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
-                    hooks: HookChain::new(vec![p.clone()]),
-                    backend: None,
+                    hooks,
+                    backend,
                     max_request_body: snap.limits.max_request_body_bytes,
                     tenant: Some(t.clone()),
                 });
@@ -501,7 +557,8 @@ impl Control {
                 let mut chain = route.hooks.plugins.clone();
                 chain.extend(
                     mods.iter()
-                        .filter_map(|m| plugins.get(&(t.clone(), m.clone())).cloned()),
+                        .filter_map(|m| plugins.get(&(t.clone(), m.clone())))
+                        .filter_map(|d| d.filter().cloned()),
                 );
                 route_hooks.insert(r.clone(), Arc::new(HookChain::new(chain)));
             }
@@ -785,7 +842,7 @@ impl Control {
         m: &str,
         v: &VersionRec,
         limits: &TenantLimits,
-    ) -> ApiResult<Arc<Plugin>> {
+    ) -> ApiResult<Deployed> {
         let bytes = std::fs::read(self.module_file(t, m, &v.digest))
             .map_err(|e| ApiError::new(500, "internal", format!("module bytes missing: {e}")))?;
         self.compile(t, m, v, &bytes, limits)
@@ -800,13 +857,29 @@ impl Control {
         v: &VersionRec,
         bytes: &[u8],
         limits: &TenantLimits,
-    ) -> ApiResult<Arc<Plugin>> {
+    ) -> ApiResult<Deployed> {
         let snap = self.live.load();
         let allowed = limits
             .allowed_upstreams
             .iter()
             .filter_map(|u| snap.upstreams.get(u).cloned())
             .collect();
+        if crate::wasm::component::is_component(bytes) {
+            let spec = FunctionSpec {
+                name: m.into(),
+                tenant: t.into(),
+                limits: crate::wasm::component::Limits {
+                    memory_bytes: (v.memory_mb << 20) as usize,
+                    cpu: Duration::from_micros(v.budget_us),
+                    ..Default::default()
+                },
+                policy: FailurePolicy::Deny(503),
+                allowed_upstreams: allowed,
+            };
+            return (self.live.wasm.function(spec, bytes))
+                .map(Deployed::Function)
+                .map_err(ApiError::from);
+        }
         let spec = PluginSpec {
             name: m.into(),
             tenant: t.into(),
@@ -825,6 +898,7 @@ impl Control {
         self.live
             .wasm
             .plugin(spec, bytes, &self.metrics)
+            .map(Deployed::Filter)
             .map_err(ApiError::from)
     }
 
@@ -893,16 +967,23 @@ impl Control {
                     (None, mx) => Ok(mx.map_or(default, |mx| default.min(mx))),
                 }
             };
+        // a function runs for milliseconds, a filter for microseconds
+        let function = crate::wasm::component::is_component(bytes);
+        let (default_budget_us, default_memory_mb) = if function {
+            (DEFAULT_FUNCTION_CPU_US, DEFAULT_FUNCTION_MEMORY_MB)
+        } else {
+            (DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB)
+        };
         let budget_us = within(
             opts.budget_us,
-            DEFAULT_BUDGET_US,
+            default_budget_us,
             limits.max_budget_us,
             "budget_us",
         )
         .map_err(reject)?;
         let memory_mb = within(
             opts.memory_mb,
-            DEFAULT_MEMORY_MB,
+            default_memory_mb,
             limits.max_memory_mb,
             "memory_mb",
         )
@@ -919,11 +1000,16 @@ impl Control {
             config: opts.config,
             budget_us,
             memory_mb,
+            kind: String::new(),
         };
         let started = Instant::now();
         let plugin = self.compile(t, m, &v, bytes, &limits).map_err(reject)?;
         v.compile_ms = started.elapsed().as_millis() as u64;
-        v.exports = plugin.compiled.exports.clone();
+        v.kind = plugin.kind().into();
+        v.exports = match &plugin {
+            Deployed::Filter(p) => p.compiled.exports.clone(),
+            Deployed::Function(f) => vec![f.function.handler_export().to_string()],
+        };
         let file = self.module_file(t, m, &digest);
         std::fs::create_dir_all(file.parent().expect("has parent"))
             .and_then(|_| std::fs::write(&file, bytes))

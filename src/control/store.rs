@@ -26,6 +26,14 @@ pub struct VersionRec {
     pub config: String,
     pub budget_us: u64,
     pub memory_mb: u64,
+    /// `filter` (Proxy-Wasm) or `function` (a WASI-HTTP component); records written
+    /// before functions existed are filters.
+    #[serde(default = "filter")]
+    pub kind: String,
+}
+
+fn filter() -> String {
+    "filter".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -17,7 +17,8 @@ pub struct FunctionSpec {
     pub limits: Limits,
     /// What a failure before the response head turns into.
     pub policy: FailurePolicy,
-    /// Outgoing HTTP may reach these, addressed by name (`http://NAME/...`).
+    /// Outgoing HTTP may reach these, addressed by name (`http://NAME/...`); the backend
+    /// takes them over (see [`FunctionBackend::set_upstreams`]).
     pub allowed_upstreams: Vec<Arc<Upstream>>,
 }
 
@@ -29,6 +30,8 @@ pub struct FunctionBackend {
     pub usage: Arc<Usage>,
     /// Hex digest of the component's bytes.
     pub digest: String,
+    /// Where outgoing HTTP may go; re-pointed when a reload brings new upstreams.
+    upstreams: arc_swap::ArcSwap<Vec<Arc<Upstream>>>,
 }
 
 impl FunctionBackend {
@@ -57,13 +60,16 @@ impl FunctionBackend {
     /// An allowed upstream's target for `authority` (its name, with or without a port).
     fn resolve(&self, authority: &str) -> Option<String> {
         let name = authority.split(':').next().unwrap_or(authority);
-        let u = self
-            .spec
-            .allowed_upstreams
-            .iter()
-            .find(|u| &*u.name == name)?;
+        let upstreams = self.upstreams.load();
+        let u = upstreams.iter().find(|u| &*u.name == name)?;
         let peer = u.peer(b"")?;
         Some(peer._address.to_string())
+    }
+
+    /// Replaces the upstreams outgoing HTTP may reach (after a reload or a change of the
+    /// tenant's allowed upstreams).
+    pub fn set_upstreams(&self, upstreams: Vec<Arc<Upstream>>) {
+        self.upstreams.store(Arc::new(upstreams));
     }
 
     fn bill(&self, o: &Outcome) {
@@ -102,7 +108,7 @@ impl Runtime {
     /// artifact, keyed by digest and engine, from the cache directory).
     pub fn function(
         &self,
-        spec: FunctionSpec,
+        mut spec: FunctionSpec,
         bytes: &[u8],
     ) -> Result<Arc<FunctionBackend>, ModuleError> {
         use sha2::{Digest, Sha256};
@@ -119,6 +125,7 @@ impl Runtime {
             .map_err(ModuleError::NotProxyWasm)?;
         tracing::info!(tenant = %spec.tenant, module = %spec.name, digest = &digest[..12], export = function.handler_export(), "function loaded");
         Ok(Arc::new(FunctionBackend {
+            upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
             log: self.meter.log(&spec.tenant),
             usage: self.meter.usage(&spec.tenant, &spec.name),
             spec,

@@ -16,7 +16,11 @@ impl Admin {
     pub fn new(gw: &Gw) -> Admin {
         Admin {
             base: gw.url("admin", ""),
-            c: client(),
+            // a deploy compiles: a JavaScript or Python component takes seconds
+            c: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(120))
+                .build()
+                .unwrap(),
         }
     }
 
