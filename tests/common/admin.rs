@@ -1,6 +1,6 @@
 //! The admin API as tests call it: the operator's token, tenant tokens, deploys.
 
-use super::{client, Gw};
+use super::Gw;
 use serde_json::Value;
 
 /// The operator token test confs set in `[admin] token`.
