@@ -47,6 +47,7 @@ build_release() {
   [ -x "$CARGO_TARGET_DIR/release/wasmgate" ] ||
     echo "first build into $CARGO_TARGET_DIR: this takes several minutes" >&2
   scripts/build-guests.sh >/dev/null
+  scripts/build-components.sh >/dev/null
   cargo build --release
   # on its own: built together, the example's dev-dependencies would change the gateway's
   cargo build --release --example demo_upstream
@@ -55,7 +56,7 @@ build_release() {
 }
 
 ensure_rust_targets() {
-  rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
+  rustup target add wasm32-wasip1 wasm32-wasip2 >/dev/null 2>&1 || true
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
