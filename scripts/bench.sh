@@ -209,7 +209,8 @@ with open(out, "w") as f:
 PY
 
 # --- criterion benches (short)
-cargo bench --quiet --bench route_match --bench hooks -- \
+scripts/build-components.sh >/dev/null
+cargo bench --quiet --bench route_match --bench hooks --bench components -- \
   --warm-up-time 1 --measurement-time "$crit_time" >"$tmp/criterion.log" 2>&1 || {
   cat "$tmp/criterion.log" >&2; exit 1; }
 
@@ -255,6 +256,9 @@ fig = {
     "call_no_budget_ns": est("budget_mechanism_call_100_iterations", "none"),
     "call_fuel_ns": est("budget_mechanism_call_100_iterations", "fuel"),
     "call_epoch_ns": est("budget_mechanism_call_100_iterations", "epoch"),
+    # a fresh instance + one GET + drop, in-process, epoch-metered (as the gateway runs them)
+    "component_rust_request_us": est("component_request_epoch", "rust") / 1000,
+    "component_js_request_us": est("component_request_epoch", "js") / 1000,
 }
 print()
 print(f"ratio gateway_vs_nginx={med['gateway'] / med['nginx']:.2f}")
