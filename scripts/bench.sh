@@ -67,6 +67,21 @@ path = "$root/guests/out/jwt_auth.wasm"
 config = { secret = "$jwt_secret" }
 [modules.hello]
 path = "$root/guests/out/hello_api.wasm"
+[modules.fn_rs]
+path = "$root/guests/out/hello-rs.wasm"
+[modules.fn_js]
+path = "$root/guests/out/hello-js.wasm"
+[modules.fn_py]
+path = "$root/guests/out/hello-py.wasm"
+[[routes]]
+path_prefix = "/fn/rs"
+hooks = ["fn_rs"]
+[[routes]]
+path_prefix = "/fn/js"
+hooks = ["fn_js"]
+[[routes]]
+path_prefix = "/fn/py"
+hooks = ["fn_py"]
 [[routes]]
 path_prefix = "/plain"
 upstream = "up"
@@ -151,6 +166,33 @@ for run in $(seq 1 "$runs"); do
   done
 done
 
+# --- functions: the gateway against wasmtime serve 48.0.8 in its fastest fresh-instance
+#     configuration (pooling memory kept resident), one component at a time, interleaved
+wasmtime_bin=$(ensure_wasmtime_cli)
+: >"$tmp/fn_results"
+ws_flags=(-Scli -O pooling-memory-keep-resident=67108864,pooling-table-keep-resident=1048576,pooling-async-stack-keep-resident=1048576)
+for lang in rs js py; do
+  ws_port=$(free_port)
+  "$wasmtime_bin" serve "${ws_flags[@]}" --addr "127.0.0.1:$ws_port" "$root/guests/out/hello-$lang.wasm" \
+    >"$tmp/ws-$lang.log" 2>&1 &
+  ws_pid=$!
+  wait_port "$ws_port"
+  for url in "http://127.0.0.1:$gw_port/fn/$lang" "http://127.0.0.1:$ws_port/"; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$url")
+    [ "$code" = 200 ] || { echo "$url answered $code" >&2; exit 1; }
+  done
+  for run in $(seq 1 "$runs"); do
+    for target in gw ws; do
+      if [ $target = gw ]; then url="http://127.0.0.1:$gw_port/fn/$lang"; else url="http://127.0.0.1:$ws_port/"; fi
+      out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency "$url")
+      rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+      echo "${target}_$lang $rps" >>"$tmp/fn_results"
+    done
+  done
+  kill "$ws_pid" 2>/dev/null || true
+  wait "$ws_pid" 2>/dev/null || true
+done
+
 # --- deploys: time from upload to the first successful request, and requests/s on a
 #     function while it is redeployed 10 times per second
 cargo run --release --quiet --example gen_module -- 1048576 "$tmp/big.wasm" 2>/dev/null
@@ -214,9 +256,9 @@ cargo bench --quiet --bench route_match --bench hooks --bench components -- \
   --warm-up-time 1 --measurement-time "$crit_time" >"$tmp/criterion.log" 2>&1 || {
   cat "$tmp/criterion.log" >&2; exit 1; }
 
-python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" <<'PY'
+python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" "$tmp/fn_results" <<'PY'
 import json, os, statistics, sys
-results, crit, runs, dur, threads, conns, deploys = sys.argv[1:]
+results, crit, runs, dur, threads, conns, deploys, fn_results = sys.argv[1:]
 rows = {}
 def ms(v):
     v = v.strip()
@@ -278,6 +320,14 @@ fig["deploy_first_ok_cold_ms"] = statistics.median(d["cold"])
 fig["deploy_first_ok_warm_ms"] = statistics.median(d["warm"])
 fig["deploy_1mb_first_ok_cold_ms"] = statistics.median(d["big"])
 print(f"ratio rps_during_redeploys_vs_steady={d['during'] / d['steady']:.2f}")
+fn = {}
+for line in open(fn_results):
+    name, rps = line.split()[:2]
+    fn.setdefault(name, []).append(float(rps))
+fn = {k: statistics.median(v) for k, v in fn.items()}
+print(f"\nfunctions, fresh instances, req/s (median): " + ", ".join(f"{k} {v:.0f}" for k, v in fn.items()))
+for lang, word in (("rs", "rust"), ("js", "js"), ("py", "py")):
+    print(f"ratio component_{word}_vs_wasmtime_serve={fn['gw_' + lang] / fn['ws_' + lang]:.2f}")
 for k, v in fig.items():
     print(f"figure {k}={v:.3g}" if v < 100 else f"figure {k}={v:.0f}")
 PY

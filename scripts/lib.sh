@@ -92,3 +92,15 @@ cleanup_scratch() {
   wait 2>/dev/null || true
   rm -rf "$tmp"
 }
+
+# ensure_wasmtime_cli: the reference `wasmtime serve` (wasmtime-cli 48.0.8), installed
+# once into the tools cache (several minutes); prints its path
+ensure_wasmtime_cli() {
+  local root="${WASMGATE_TOOLS:-$HOME/.cache/wasmgate-tools}/wasmtime"
+  if [ ! -x "$root/bin/wasmtime" ]; then
+    echo "installing wasmtime-cli 48.0.8 (once, several minutes)" >&2
+    cargo install --quiet --locked wasmtime-cli --version 48.0.8 --root "$root" \
+      --target-dir "$CARGO_TARGET_DIR/wasmtime-cli" >&2
+  fi
+  echo "$root/bin/wasmtime"
+}

@@ -41,7 +41,9 @@ enum Cmd {
         cmd: TenantsCmd,
     },
     /// Deploy a module for a tenant (compiled, then swapped in), optionally bound as a
-    /// function.
+    /// function. FILE is a .wasm module or component, or source built into a component
+    /// here: a .js file (componentize-js), a .py file (componentize-py) or a Rust crate
+    /// directory (wasm32-wasip2); a function is bound under its name and its URL printed.
     Deploy {
         #[command(flatten)]
         admin: AdminArgs,
@@ -161,13 +163,23 @@ fn main() -> ExitCode {
             memory_mb,
             bind,
         } => {
-            let bytes = match std::fs::read(&file) {
+            // source (JavaScript, Python, a Rust crate) is built into a component first
+            let started = std::time::Instant::now();
+            let bytes = match wasmgate::control::componentize::build(&file) {
                 Ok(b) => b,
                 Err(e) => {
-                    eprintln!("error: cannot read {}: {e}", file.display());
+                    eprintln!("error: {e}");
                     return ExitCode::FAILURE;
                 }
             };
+            if file.extension().is_none_or(|x| x != "wasm") {
+                eprintln!(
+                    "built {} ({} bytes) in {} ms",
+                    file.display(),
+                    bytes.len(),
+                    started.elapsed().as_millis()
+                );
+            }
             let mut q = Vec::new();
             if let Some(c) = config {
                 q.push(format!("config={}", encode(&c)));
@@ -184,11 +196,14 @@ fn main() -> ExitCode {
                 encode(&name),
                 q.join("&")
             );
-            let code = admin_call(&admin, "PUT", &path, &bytes);
-            if code != ExitCode::SUCCESS {
-                return code;
-            }
-            match bind {
+            let Some(answer) = call(&admin, "PUT", &path, &bytes) else {
+                return ExitCode::FAILURE;
+            };
+            println!("{answer}");
+            // a function gets a URL under its own name unless --bind names another
+            let function = serde_json::from_str::<serde_json::Value>(&answer)
+                .is_ok_and(|v| v["kind"] == "function");
+            match bind.or_else(|| function.then(|| name.clone())) {
                 None => ExitCode::SUCCESS,
                 Some(b) => {
                     let f = b.trim_matches('/').rsplit('/').next().unwrap_or_default();

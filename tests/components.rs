@@ -311,3 +311,69 @@ listen = "127.0.0.1:{{port:http}}"
     }
     assert_eq!(invocations, 1);
 }
+
+/// One command from JavaScript source to a live URL: the CLI componentizes the file
+/// (componentize-js, installed into the tools cache when missing), deploys it, binds it
+/// under its name and prints the URL, which answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_deploys_a_function_from_javascript_source() {
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[admin]
+listen = "127.0.0.1:{{port:admin}}"
+token = "{OP}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+"#
+    );
+    let gw = Gw::start(&conf);
+    Admin::new(&gw).tenant("gamma", serde_json::json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("shout.js");
+    std::fs::write(
+        &source,
+        "addEventListener('fetch', (e) => e.respondWith(new Response('shouted\\n')));\n",
+    )
+    .unwrap();
+    let admin = format!("127.0.0.1:{}", gw.port("admin"));
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin())
+            .args(["deploy", "--tenant", "gamma", "--name", "shout"])
+            .arg(&source)
+            .env("WASMGATE_ADMIN", admin)
+            .env("WASMGATE_TOKEN", OP)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("built "), "{stderr}");
+    assert!(stdout.contains("\"kind\":\"function\""), "{stdout}");
+    assert!(stdout.contains("/run/gamma/shout"), "{stdout}");
+    let r = client()
+        .get(gw.url("http", "/run/gamma/shout/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "shouted\n");
+    eprintln!("JavaScript source to first 200: {:?}", started.elapsed());
+
+    // a source that does not build: a clear error, nothing deployed
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "not a function").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["deploy", "--tenant", "gamma", "--name", "bad"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("deploy takes a .wasm file"), "{stderr}");
+}

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod client;
+pub mod componentize;
 pub mod limit;
 pub mod store;
 pub mod token;
