@@ -91,6 +91,21 @@ hooks = ["key", "js"]
         )
 }
 
+/// A gateway with only the admin API and one listener: tenants bring the functions.
+fn admin_conf() -> String {
+    format!(
+        r#"
+[server]
+watch_config = false
+[admin]
+listen = "127.0.0.1:{{port:admin}}"
+token = "{OP}"
+[[listeners]]
+listen = "127.0.0.1:{{port:http}}"
+"#
+    )
+}
+
 async fn get(gw: &Gw, path: &str) -> (u16, String) {
     let r = client().get(gw.url("http", path)).send().await.unwrap();
     let status = r.status().as_u16();
@@ -219,18 +234,7 @@ fn futures_chunks(
 /// it detected, the function URL answers, usage and logs are the tenant's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_deploy_components_as_functions() {
-    let conf = format!(
-        r#"
-[server]
-watch_config = false
-[admin]
-listen = "127.0.0.1:{{port:admin}}"
-token = "{OP}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
-"#
-    );
-    let gw = Gw::start(&conf);
+    let gw = Gw::start(&admin_conf());
     let a = Admin::new(&gw);
     for t in ["alpha", "beta"] {
         a.tenant(t, serde_json::json!({})).await;
@@ -317,18 +321,7 @@ listen = "127.0.0.1:{{port:http}}"
 /// under its name and prints the URL, which answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_deploys_a_function_from_javascript_source() {
-    let conf = format!(
-        r#"
-[server]
-watch_config = false
-[admin]
-listen = "127.0.0.1:{{port:admin}}"
-token = "{OP}"
-[[listeners]]
-listen = "127.0.0.1:{{port:http}}"
-"#
-    );
-    let gw = Gw::start(&conf);
+    let gw = Gw::start(&admin_conf());
     Admin::new(&gw).tenant("gamma", serde_json::json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("shout.js");
@@ -365,15 +358,26 @@ listen = "127.0.0.1:{{port:http}}"
     assert_eq!(r.text().await.unwrap(), "shouted\n");
     eprintln!("JavaScript source to first 200: {:?}", started.elapsed());
 
-    // a source that does not build: a clear error, nothing deployed
-    let bad = dir.path().join("bad.txt");
-    std::fs::write(&bad, "not a function").unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["deploy", "--tenant", "gamma", "--name", "bad"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    // a source that does not build: the toolchain's error, nothing deployed
+    let bad = dir.path().join("bad.js");
+    std::fs::write(&bad, "addEventListener('fetch', (e) => {{{").unwrap();
+    let admin = format!("127.0.0.1:{}", gw.port("admin"));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin())
+            .args(["deploy", "--tenant", "gamma", "--name", "bad"])
+            .arg(&bad)
+            .env("WASMGATE_ADMIN", admin)
+            .env("WASMGATE_TOKEN", OP)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("deploy takes a .wasm file"), "{stderr}");
+    assert!(stderr.contains("componentize-js failed"), "{stderr}");
+    let (s, _) = Admin::new(&gw)
+        .json("GET", "/v1/tenants/gamma/modules/bad", OP, Value::Null)
+        .await;
+    assert_eq!(s, 404);
 }

@@ -2,8 +2,8 @@
 //! (componentize-py) or a Rust crate directory (`cargo build --target wasm32-wasip2`)
 //! becomes a WASI-HTTP component on this machine, then is deployed like any module. The
 //! JavaScript and Python toolchains are installed, pinned, into a cache directory
-//! (`$WASMGATE_TOOLS`, by default `~/.cache/wasmgate-tools`) the first time; a `.wasm`
-//! file is deployed as it is.
+//! (`$WASMGATE_TOOLS`, by default `~/.cache/wasmgate-tools`) the first time; any other
+//! file (a `.wasm` module or component) is uploaded as it is.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,15 +24,10 @@ pub fn build(source: &Path) -> Result<Vec<u8>, String> {
         rust(source)?
     } else {
         match ext {
-            "wasm" => source.to_path_buf(),
             "js" | "mjs" => javascript(source)?,
             "py" => python(source)?,
-            _ => {
-                return Err(format!(
-                "{}: deploy takes a .wasm file, a .js or .py source file, or a Rust crate directory",
-                source.display()
-            ))
-            }
+            // anything else goes as it is: the gateway says what it is not
+            _ => source.to_path_buf(),
         }
     };
     std::fs::read(&out).map_err(|e| format!("cannot read {}: {e}", out.display()))
