@@ -14,7 +14,11 @@ use std::time::Duration;
 use wasmgate::wasm::component::{body, ComponentRuntime, CpuBudget, Function, Io};
 
 fn guest(name: &str) -> Option<Vec<u8>> {
-    let path = format!("{}/guests/out/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    // the run's checkout: a binary built by another checkout sharing the target dir keeps
+    // that checkout's compile-time path
+    let repo = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let path = format!("{repo}/guests/out/{name}.wasm");
     let bytes = std::fs::read(&path).ok();
     if bytes.is_none() {
         eprintln!("SKIP: {path} is not built; run scripts/build-components.sh");

@@ -14,7 +14,11 @@ fn runtime() -> &'static ComponentRuntime {
 
 /// The built guest's bytes, or `None` (and a message) when the guests are not built.
 fn guest(name: &str) -> Option<Vec<u8>> {
-    let path = format!("{}/guests/out/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    // the run's checkout: a binary built by another checkout sharing the target dir keeps
+    // that checkout's compile-time path
+    let repo = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let path = format!("{repo}/guests/out/{name}.wasm");
     // scripts/test.sh builds them: a missing guest is a failure, never a silent pass
     match std::fs::read(&path) {
         Ok(bytes) => Some(bytes),
