@@ -125,6 +125,17 @@ async fn components_answer_stream_and_are_contained() {
     ] {
         assert_eq!(get(&gw, path).await, (200, text.to_string()), "{path}");
     }
+    // framed for keep-alive (chunked): two requests on one connection, both answered
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+    s.write_all(b"GET /rs HTTP/1.1\r\nHost: x\r\n\r\nGET /rs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    assert_eq!(all.matches("hello from rust").count(), 2, "{all}");
+    assert!(
+        all.contains("Transfer-Encoding: chunked") || all.contains("transfer-encoding: chunked"),
+        "{all}"
+    );
     // stdout reached the tenant's log through the gateway's log
     assert!(gw.wait_log("acme", Duration::from_secs(2)).await);
 

@@ -94,6 +94,16 @@ pub async fn serve(
             head.append_header(k.clone(), v.clone())?;
         }
     }
+    // the gateway frames the body: one valid Content-Length the guest set, else chunked
+    // on HTTP/1.1 so the connection stays open for the next request (an HTTP/1.0 client
+    // reads to the close; HTTP/2 frames itself)
+    super::framing::keep_framing(&mut head, None);
+    let status = parts.status.as_u16();
+    let bodiless = status == 204 || status == 304 || status < 200;
+    let h11 = session.req_header().version == http::Version::HTTP_11 && !session.is_http2();
+    if h11 && !bodiless && !head.headers.contains_key(http::header::CONTENT_LENGTH) {
+        head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    }
     let head_only = session.req_header().method == http::Method::HEAD;
     session.write_response_header(Box::new(head), false).await?;
     loop {
