@@ -30,7 +30,11 @@ pub fn build(source: &Path) -> Result<Vec<u8>, String> {
             _ => source.to_path_buf(),
         }
     };
-    std::fs::read(&out).map_err(|e| format!("cannot read {}: {e}", out.display()))
+    let bytes = std::fs::read(&out).map_err(|e| format!("cannot read {}: {e}", out.display()));
+    if out != source && out.starts_with(tools().join("build")) {
+        let _ = std::fs::remove_file(&out); // built for this deploy only
+    }
+    bytes
 }
 
 fn tools() -> PathBuf {
