@@ -341,19 +341,8 @@ async fn the_cli_deploys_a_function_from_javascript_source() {
         "addEventListener('fetch', (e) => e.respondWith(new Response('shouted\\n')));\n",
     )
     .unwrap();
-    let admin = format!("127.0.0.1:{}", gw.port("admin"));
     let started = std::time::Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin())
-            .args(["deploy", "--tenant", "gamma", "--name", "shout"])
-            .arg(&source)
-            .env("WASMGATE_ADMIN", admin)
-            .env("WASMGATE_TOKEN", OP)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = cli_deploy(&gw, "shout", source).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -372,18 +361,7 @@ async fn the_cli_deploys_a_function_from_javascript_source() {
     // a source that does not build: the toolchain's error, nothing deployed
     let bad = dir.path().join("bad.js");
     std::fs::write(&bad, "addEventListener('fetch', (e) => {{{").unwrap();
-    let admin = format!("127.0.0.1:{}", gw.port("admin"));
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin())
-            .args(["deploy", "--tenant", "gamma", "--name", "bad"])
-            .arg(&bad)
-            .env("WASMGATE_ADMIN", admin)
-            .env("WASMGATE_TOKEN", OP)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = cli_deploy(&gw, "bad", bad).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("componentize-js failed"), "{stderr}");
@@ -391,4 +369,21 @@ async fn the_cli_deploys_a_function_from_javascript_source() {
         .json("GET", "/v1/tenants/gamma/modules/bad", OP, Value::Null)
         .await;
     assert_eq!(s, 404);
+}
+
+/// `wasmgate deploy --tenant gamma --name NAME SOURCE` against `gw`, as the operator.
+async fn cli_deploy(gw: &Gw, name: &str, source: std::path::PathBuf) -> std::process::Output {
+    let admin = format!("127.0.0.1:{}", gw.port("admin"));
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin())
+            .args(["deploy", "--tenant", "gamma", "--name", &name])
+            .arg(&source)
+            .env("WASMGATE_ADMIN", admin)
+            .env("WASMGATE_TOKEN", OP)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
 }
