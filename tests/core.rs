@@ -727,7 +727,14 @@ async fn graceful_upgrade_hands_over_the_listeners() {
     let conf = RELOAD_A.replace("UP", &up.addr())
         + "[server]\ngrace_period_secs = 1\nwatch_config = false\n";
     let mut gw = Gw::start(&conf);
-    let c = client();
+    // a new connection per request: what the handover promises is that no new
+    // connection is refused; an idle kept-alive one the old process closes while a request
+    // is being sent on it is reset (as with any server that closes idle connections)
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     assert_eq!(
         c.get(gw.url("http", "/a")).send().await.unwrap().status(),
         200
