@@ -153,13 +153,20 @@ pub struct LoadEnv<'a> {
 impl Snapshot {
     /// One line for `wasmgate check` and reload logs.
     pub fn summary(&self) -> String {
+        // functions are held by their routes: count each once
+        let mut functions: Vec<*const wasm::FunctionBackend> = (self.routes.iter())
+            .filter_map(|r| r.backend.as_ref().map(Arc::as_ptr))
+            .collect();
+        functions.sort();
+        functions.dedup();
         format!(
-            "{}: ok: {} listener(s), {} upstream(s), {} route(s), {} module(s)",
+            "{}: ok: {} listener(s), {} upstream(s), {} route(s), {} filter(s), {} function(s)",
             self.path.display(),
             self.listeners.len(),
             self.upstreams.len(),
             self.routes.len(),
-            self.plugins.len()
+            self.plugins.len(),
+            functions.len()
         )
     }
 
