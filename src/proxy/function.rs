@@ -207,19 +207,14 @@ fn bad_request(route: &str) -> Served {
     Served::Reply(e.reply(Some(route)), e)
 }
 
-/// What a failed function answers: its policy's status (a function cannot fail open:
+/// What a failed function answers: its policy's answer (a function cannot fail open:
 /// `allow` is a 502).
 fn policy_reply(policy: &FailurePolicy, route: &str) -> Served {
     let e = GatewayError::FunctionFailed;
-    let mut r = e.reply(Some(route));
-    match policy {
-        FailurePolicy::Deny(s) => r.status = *s,
-        FailurePolicy::Respond(s, body) => {
-            r.status = *s;
-            r.headers.clear();
-            r.body = body.clone().into_bytes();
-        }
-        FailurePolicy::Allow => r.status = 502,
-    }
+    let r = super::hooks::policy_answer(policy, route, e.code()).unwrap_or_else(|| {
+        let mut r = e.reply(Some(route));
+        r.status = 502;
+        r
+    });
     Served::Reply(r, e)
 }

@@ -85,8 +85,9 @@ pub fn request_id() -> u64 {
     REQUEST_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The answer a failed module's policy gives, or `None` to fail open.
-fn policy_answer(policy: &FailurePolicy, route: &str) -> Option<LocalResponse> {
+/// The answer a failed module's policy gives (`code` in its JSON body for `deny`), or
+/// `None` to fail open.
+pub fn policy_answer(policy: &FailurePolicy, route: &str, code: &str) -> Option<LocalResponse> {
     let json = |status: u16, code: &str| LocalResponse {
         status,
         headers: vec![("content-type".into(), b"application/json".to_vec())],
@@ -95,7 +96,7 @@ fn policy_answer(policy: &FailurePolicy, route: &str) -> Option<LocalResponse> {
     };
     match policy {
         FailurePolicy::Allow => None,
-        FailurePolicy::Deny(s) => Some(json(*s, "hook_failed")),
+        FailurePolicy::Deny(s) => Some(json(*s, code)),
         FailurePolicy::Respond(s, body) => Some(LocalResponse {
             status: *s,
             headers: Vec::new(),
@@ -180,7 +181,7 @@ impl HookState {
         let Some(lease) = self.leases[i].take() else {
             return Flow::Continue;
         };
-        match policy_answer(&lease.plugin().spec.policy, &self.info.route) {
+        match policy_answer(&lease.plugin().spec.policy, &self.info.route, "hook_failed") {
             Some(resp) => {
                 self.leases[i] = Some(lease);
                 Flow::Respond(resp)

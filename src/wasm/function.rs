@@ -26,21 +26,42 @@ pub struct FunctionSpec {
 pub struct FunctionBackend {
     pub spec: FunctionSpec,
     pub function: Arc<component::Function>,
-    pub log: Arc<TenantLog>,
-    pub usage: Arc<Usage>,
     /// Hex digest of the component's bytes.
     pub digest: String,
-    /// Where outgoing HTTP may go; re-pointed when a reload brings new upstreams.
+    wiring: Arc<Wiring>,
+    /// The per-request wiring, made once: a request clones three `Arc`s.
+    io: Io,
+}
+
+/// What a function's instances report to and reach through: the tenant's log and usage,
+/// and the upstreams outgoing HTTP may reach. Not the backend itself, so the `Io` the
+/// backend keeps does not keep the backend alive.
+struct Wiring {
+    tenant: String,
+    name: String,
+    log: Arc<TenantLog>,
+    usage: Arc<Usage>,
+    /// Re-pointed when a reload brings new upstreams.
     upstreams: arc_swap::ArcSwap<Vec<Arc<Upstream>>>,
 }
 
 impl FunctionBackend {
     /// The per-request wiring: output lines to the tenant's log, outgoing HTTP through
     /// the allow-list, and what the instance used into usage.
-    pub fn io(self: &Arc<Self>) -> Io {
-        let log = self.clone();
-        let allow = self.clone();
-        let meter = self.clone();
+    pub fn io(&self) -> Io {
+        self.io.clone()
+    }
+
+    /// Replaces the upstreams outgoing HTTP may reach (after a reload or a change of the
+    /// tenant's allowed upstreams).
+    pub fn set_upstreams(&self, upstreams: Vec<Arc<Upstream>>) {
+        self.wiring.upstreams.store(Arc::new(upstreams));
+    }
+}
+
+impl Wiring {
+    fn io(self: &Arc<Self>) -> Io {
+        let (log, allow, meter) = (self.clone(), self.clone(), self.clone());
         Io {
             sink: Arc::new(move |stream, line| log.line(stream, line)),
             outgoing: Arc::new(move |authority: &str| allow.resolve(authority)),
@@ -53,8 +74,8 @@ impl FunctionBackend {
             Stdio::Stdout => "info",
             Stdio::Stderr => "warn",
         };
-        self.log.push(&self.spec.name, level, line);
-        tracing::info!(target: "wasmgate::guest", tenant = %self.spec.tenant, module = %self.spec.name, "{line}");
+        self.log.push(&self.name, level, line);
+        tracing::info!(target: "wasmgate::guest", tenant = %self.tenant, module = %self.name, "{line}");
     }
 
     /// An allowed upstream's target for `authority` (its name, with or without a port).
@@ -64,12 +85,6 @@ impl FunctionBackend {
         let u = upstreams.iter().find(|u| &*u.name == name)?;
         let peer = u.peer(b"")?;
         Some(peer._address.to_string())
-    }
-
-    /// Replaces the upstreams outgoing HTTP may reach (after a reload or a change of the
-    /// tenant's allowed upstreams).
-    pub fn set_upstreams(&self, upstreams: Vec<Arc<Upstream>>) {
-        self.upstreams.store(Arc::new(upstreams));
     }
 
     fn bill(&self, o: &Outcome) {
@@ -87,8 +102,8 @@ impl FunctionBackend {
             _ => {}
         }
         if let Err(f) = &o.result {
-            self.log.push(&self.spec.name, "error", &f.to_string());
-            tracing::warn!(tenant = %self.spec.tenant, module = %self.spec.name, failure = %f, "function failed");
+            self.log.push(&self.name, "error", &f.to_string());
+            tracing::warn!(tenant = %self.tenant, module = %self.name, failure = %f, "function failed");
         }
     }
 }
@@ -114,20 +129,21 @@ impl Runtime {
         use sha2::{Digest, Sha256};
         let rt = self.components()?;
         let digest = hex::encode(Sha256::digest(bytes));
-        let artifact = self.cache_dir.get().map(|d| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            use std::hash::{Hash, Hasher};
-            rt.engine().precompile_compatibility_hash().hash(&mut h);
-            d.join(format!("{digest}-{:016x}.component.cwasm", h.finish()))
-        });
+        let artifact = self.artifact_path(rt.engine(), &digest, "component.cwasm");
         let function = rt
             .compile_cached(bytes, spec.limits.clone(), artifact.as_deref())
             .map_err(ModuleError::NotProxyWasm)?;
         tracing::info!(tenant = %spec.tenant, module = %spec.name, digest = &digest[..12], export = function.handler_export(), "function loaded");
-        Ok(Arc::new(FunctionBackend {
-            upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
+        let wiring = Arc::new(Wiring {
+            tenant: spec.tenant.clone(),
+            name: spec.name.clone(),
             log: self.meter.log(&spec.tenant),
             usage: self.meter.usage(&spec.tenant, &spec.name),
+            upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
+        });
+        Ok(Arc::new(FunctionBackend {
+            io: wiring.io(),
+            wiring,
             spec,
             function,
             digest,

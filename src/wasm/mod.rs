@@ -504,6 +504,16 @@ impl Runtime {
         Ok(compiled)
     }
 
+    /// Where the precompiled code of the module with `digest` lives, for `engine` (its
+    /// compatibility hash is part of the name); `None` when artifacts are not kept.
+    fn artifact_path(&self, engine: &Engine, digest: &str, ext: &str) -> Option<PathBuf> {
+        use std::hash::{Hash, Hasher};
+        let d = self.cache_dir.get()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        Some(d.join(format!("{digest}-{:016x}.{ext}", h.finish())))
+    }
+
     fn load_or_compile(
         &self,
         bytes: &[u8],
@@ -512,12 +522,7 @@ impl Runtime {
         if !bytes.starts_with(b"\0asm") {
             return Err(ModuleError::NotWasm);
         }
-        let artifact = self.cache_dir.get().map(|d| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            use std::hash::{Hash, Hasher};
-            self.engine.precompile_compatibility_hash().hash(&mut h);
-            d.join(format!("{}-{:016x}.cwasm", hex::encode(digest), h.finish()))
-        });
+        let artifact = self.artifact_path(&self.engine, &hex::encode(digest), "cwasm");
         if let Some(path) = &artifact {
             if path.exists() {
                 // SAFETY: the artifact was written by `Module::serialize` of an engine with
