@@ -73,6 +73,15 @@ path = "$root/guests/out/hello-rs.wasm"
 path = "$root/guests/out/hello-js.wasm"
 [modules.fn_py]
 path = "$root/guests/out/hello-py.wasm"
+[modules.fnr_rs]
+path = "$root/guests/out/hello-rs.wasm"
+requests_per_instance = 100000
+[modules.fnr_js]
+path = "$root/guests/out/hello-js.wasm"
+requests_per_instance = 100000
+[modules.fnr_py]
+path = "$root/guests/out/hello-py.wasm"
+requests_per_instance = 100000
 [[routes]]
 path_prefix = "/fn/rs"
 hooks = ["fn_rs"]
@@ -82,6 +91,15 @@ hooks = ["fn_js"]
 [[routes]]
 path_prefix = "/fn/py"
 hooks = ["fn_py"]
+[[routes]]
+path_prefix = "/fnr/rs"
+hooks = ["fnr_rs"]
+[[routes]]
+path_prefix = "/fnr/js"
+hooks = ["fnr_js"]
+[[routes]]
+path_prefix = "/fnr/py"
+hooks = ["fnr_py"]
 [[routes]]
 path_prefix = "/plain"
 upstream = "up"
@@ -166,32 +184,63 @@ for run in $(seq 1 "$runs"); do
   done
 done
 
-# --- functions: the gateway against wasmtime serve 48.0.8 in its fastest fresh-instance
-#     configuration (pooling memory kept resident), one component at a time, interleaved
+# --- functions: the gateway against wasmtime serve 48.0.8, each mode against wasmtime
+#     serve's best configuration for it, one component at a time, interleaved:
+#     fresh (gw, ws): pooling memory kept resident;
+#     reuse (gwr, wsr): --max-instance-reuse-count 100000 (the gateway's
+#     requests_per_instance = 100000). wasmtime serve's JavaScript reuse answers 500 from
+#     the second request on (StarlingMonkey: "respondWith can't be called twice"), so
+#     JavaScript reuse is measured on the gateway alone.
 wasmtime_bin=$(ensure_wasmtime_cli)
 : >"$tmp/fn_results"
 ws_flags=(-Scli -O pooling-memory-keep-resident=67108864,pooling-table-keep-resident=1048576,pooling-async-stack-keep-resident=1048576)
 for lang in rs js py; do
-  ws_port=$(free_port)
-  "$wasmtime_bin" serve "${ws_flags[@]}" --addr "127.0.0.1:$ws_port" "$root/guests/out/hello-$lang.wasm" \
-    >"$tmp/ws-$lang.log" 2>&1 &
-  ws_pid=$!
-  wait_port "$ws_port"
-  for url in "http://127.0.0.1:$gw_port/fn/$lang" "http://127.0.0.1:$ws_port/"; do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "$url")
-    [ "$code" = 200 ] || { echo "$url answered $code" >&2; exit 1; }
-  done
-  for run in $(seq 1 "$runs"); do
-    for target in gw ws; do
-      if [ $target = gw ]; then url="http://127.0.0.1:$gw_port/fn/$lang"; else url="http://127.0.0.1:$ws_port/"; fi
-      out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency "$url")
-      rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-      echo "${target}_$lang $rps" >>"$tmp/fn_results"
+  for mode in fresh reuse; do
+    if [ $mode = fresh ]; then gw_path="fn"; tags=(gw ws); extra=(); else gw_path="fnr"; tags=(gwr wsr); extra=(--max-instance-reuse-count 100000); fi
+    [ "$lang/$mode" = js/reuse ] && tags=(gwr)
+    ws_port=$(free_port)
+    "$wasmtime_bin" serve "${ws_flags[@]}" "${extra[@]}" --addr "127.0.0.1:$ws_port" \
+      "$root/guests/out/hello-$lang.wasm" >"$tmp/ws-$lang-$mode.log" 2>&1 &
+    ws_pid=$!
+    wait_port "$ws_port"
+    for target in "${tags[@]}"; do
+      case $target in gw*) url="http://127.0.0.1:$gw_port/$gw_path/$lang" ;; *) url="http://127.0.0.1:$ws_port/" ;; esac
+      for _ in 1 2; do # twice: a reused instance must answer again
+        code=$(curl -s -o /dev/null -w '%{http_code}' "$url")
+        [ "$code" = 200 ] || { echo "$url answered $code" >&2; exit 1; }
+      done
     done
+    for run in $(seq 1 "$runs"); do
+      for target in "${tags[@]}"; do
+        case $target in gw*) url="http://127.0.0.1:$gw_port/$gw_path/$lang" ;; *) url="http://127.0.0.1:$ws_port/" ;; esac
+        out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency "$url")
+        rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+        bad=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+        [ -z "$bad" ] || echo "functions: $target $lang: $bad" >&2
+        echo "${target}_$lang $rps" >>"$tmp/fn_results"
+      done
+    done
+    kill "$ws_pid" 2>/dev/null || true
+    wait "$ws_pid" 2>/dev/null || true
   done
-  kill "$ws_pid" 2>/dev/null || true
-  wait "$ws_pid" 2>/dev/null || true
 done
+
+# --- a JavaScript function from source to its first 200: `wasmgate deploy` componentizes
+#     a new script (componentize-js), uploads and binds it; then poll its URL
+js_src="$tmp/fresh-$RANDOM.js"
+cat >"$js_src" <<JS
+addEventListener('fetch', (event) => event.respondWith(new Response('fresh $RANDOM\\n')));
+JS
+export WASMGATE_ADMIN="127.0.0.1:$admin_port" WASMGATE_TOKEN="bench-operator-token"
+curl -s -o /dev/null -H "authorization: Bearer $WASMGATE_TOKEN" -X POST \
+  -d '{"name": "jsbench", "limits": {}}' "http://$WASMGATE_ADMIN/v1/tenants"
+js_start=$(date +%s%N)
+"$bin" deploy --tenant jsbench --name fresh --bind fresh "$js_src" >"$tmp/js-deploy.log" 2>&1 || {
+  cat "$tmp/js-deploy.log" >&2; exit 1; }
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gw_port/run/jsbench/fresh/")" = 200 ]; do
+  sleep 0.01
+done
+echo $(( ($(date +%s%N) - js_start) / 1000000 )) >"$tmp/js_deploy_ms"
 
 # --- deploys: time from upload to the first successful request, and requests/s on a
 #     function while it is redeployed 10 times per second
@@ -256,9 +305,9 @@ cargo bench --quiet --bench route_match --bench hooks --bench components -- \
   --warm-up-time 1 --measurement-time "$crit_time" >"$tmp/criterion.log" 2>&1 || {
   cat "$tmp/criterion.log" >&2; exit 1; }
 
-python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" "$tmp/fn_results" <<'PY'
+python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" "$tmp/fn_results" "$tmp/js_deploy_ms" <<'PY'
 import json, os, statistics, sys
-results, crit, runs, dur, threads, conns, deploys, fn_results = sys.argv[1:]
+results, crit, runs, dur, threads, conns, deploys, fn_results, js_deploy_ms = sys.argv[1:]
 rows = {}
 def ms(v):
     v = v.strip()
@@ -325,9 +374,13 @@ for line in open(fn_results):
     name, rps = line.split()[:2]
     fn.setdefault(name, []).append(float(rps))
 fn = {k: statistics.median(v) for k, v in fn.items()}
-print(f"\nfunctions, fresh instances, req/s (median): " + ", ".join(f"{k} {v:.0f}" for k, v in fn.items()))
+print(f"\nfunctions, req/s (median; gw/ws fresh, gwr/wsr reuse): " + ", ".join(f"{k} {v:.0f}" for k, v in fn.items()))
 for lang, word in (("rs", "rust"), ("js", "js"), ("py", "py")):
     print(f"ratio component_{word}_vs_wasmtime_serve={fn['gw_' + lang] / fn['ws_' + lang]:.2f}")
+for lang, word in (("rs", "rust"), ("py", "py")):
+    print(f"ratio component_{word}_reuse_vs_wasmtime_serve_reuse={fn['gwr_' + lang] / fn['wsr_' + lang]:.2f}")
+fig["component_js_reuse_rps"] = fn["gwr_js"]
+fig["deploy_js_source_to_first_ok_ms"] = float(open(js_deploy_ms).read())
 for k, v in fig.items():
     print(f"figure {k}={v:.3g}" if v < 100 else f"figure {k}={v:.0f}")
 PY

@@ -61,6 +61,10 @@ enum Cmd {
         /// Memory per instance (MiB), within the tenant's max_memory_mb.
         #[arg(long)]
         memory_mb: Option<u64>,
+        /// A function's requests per instance before it is retired (1, the default: a
+        /// fresh instance per request).
+        #[arg(long)]
+        requests_per_instance: Option<u32>,
         /// Also bind it as function FUNCTION (a trailing path like /TENANT/FUNCTION is
         /// accepted too); its URL is printed.
         #[arg(long, value_name = "FUNCTION")]
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
             config,
             budget_us,
             memory_mb,
+            requests_per_instance,
             bind,
         } => {
             // source (JavaScript, Python, a Rust crate) is built into a component first
@@ -189,6 +194,9 @@ fn main() -> ExitCode {
             }
             if let Some(m) = memory_mb {
                 q.push(format!("memory_mb={m}"));
+            }
+            if let Some(n) = requests_per_instance {
+                q.push(format!("requests_per_instance={n}"));
             }
             let path = format!(
                 "/v1/tenants/{}/modules/{}?{}",

@@ -49,6 +49,14 @@ memory_mb = 32
 [modules.misbehave]
 tenant = "acme"
 path = "{{guests}}/misbehave-rs.wasm"
+[modules.reused]
+tenant = "acme"
+path = "{{guests}}/misbehave-rs.wasm"
+requests_per_instance = 3
+[modules.capped]
+tenant = "acme"
+path = "{{guests}}/misbehave-rs.wasm"
+max_response_bytes = 1048576
 [modules.key]
 tenant = "acme"
 path = "{{guests}}/api_key_auth.wasm"
@@ -84,6 +92,15 @@ hooks = ["misbehave"]
 [[routes]]
 path = "/silent"
 hooks = ["misbehave"]
+[[routes]]
+path_prefix = "/fresh/"
+hooks = ["misbehave"]
+[[routes]]
+path_prefix = "/reused/"
+hooks = ["reused"]
+[[routes]]
+path_prefix = "/capped/"
+hooks = ["capped"]
 [[routes]]
 path_prefix = "/keyed"
 hooks = ["key", "js"]
@@ -327,6 +344,103 @@ async fn tenants_deploy_components_as_functions() {
     assert_eq!(invocations, 1);
 }
 
+/// A function's response limit: a declared length over it gets the failure policy before
+/// any byte is sent; a stream past it is cut off (the chunked body never ends cleanly);
+/// up to the limit it is delivered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_response_over_its_limit_is_refused_or_cut_off() {
+    let up = Upstream::start("up").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let (status, _) = get(&gw, "/capped/huge-declared?2").await;
+    assert_eq!(status, 503);
+    let whole = client()
+        .get(gw.url("http", "/capped/huge?1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.bytes().await.unwrap().len(), 1 << 20);
+    let cut = client()
+        .get(gw.url("http", "/capped/huge?8"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cut.status(), 200);
+    let read = cut.bytes().await;
+    assert!(read.is_err(), "a cut-off body must not read as complete");
+    // the other routes keep serving
+    assert_eq!(get(&gw, "/rs").await, (200, "hello from rust\n".into()));
+    let log = gw.log();
+    assert!(
+        log.contains("max_response_bytes") && log.contains("capped"),
+        "{log}"
+    );
+}
+
+/// Instance reuse through the gateway: a fresh function's instance has seen one request;
+/// a reused one counts up to its `requests_per_instance` and is retired after a trap. A
+/// deploy can ask for reuse; a filter cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_reuse_instances_when_asked() {
+    let up = Upstream::start("up").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(get(&gw, "/fresh/count").await.1);
+    }
+    assert_eq!(seen, ["1", "1", "1", "1"]);
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(get(&gw, "/reused/count").await.1);
+    }
+    assert_eq!(seen, ["1", "2", "3", "1", "2"]);
+    assert_eq!(get(&gw, "/reused/panic").await.0, 503);
+    assert_eq!(get(&gw, "/reused/count").await, (200, "1".into()));
+
+    // through the admin API
+    let gw = Gw::start(&admin_conf());
+    let a = Admin::new(&gw);
+    a.tenant("delta", serde_json::json!({})).await;
+    let wasm = |name: &str| std::fs::read(guests().join(format!("{name}.wasm"))).unwrap();
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/v1/tenants/delta/modules/counter?requests_per_instance=2",
+            Some(OP),
+            wasm("misbehave-rs"),
+        )
+        .await;
+    assert_eq!(
+        (s, &v["requests_per_instance"]),
+        (201, &serde_json::json!(2)),
+        "{v}"
+    );
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/v1/tenants/delta/modules/api?requests_per_instance=2",
+            Some(OP),
+            wasm("hello_api"),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v.to_string().contains("not filters"), "{v}");
+    let (s, v) = a
+        .json(
+            "PUT",
+            "/v1/tenants/delta/functions/counter",
+            OP,
+            serde_json::json!({ "module": "counter" }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(get(&gw, "/run/delta/counter/count").await.1);
+    }
+    assert_eq!(seen, ["1", "2", "1"]);
+}
+
 /// One command from JavaScript source to a live URL: the CLI componentizes the file
 /// (componentize-js, installed into the tools cache when missing), deploys it, binds it
 /// under its name and prints the URL, which answers.
@@ -369,6 +483,45 @@ async fn the_cli_deploys_a_function_from_javascript_source() {
         .json("GET", "/v1/tenants/gamma/modules/bad", OP, Value::Null)
         .await;
     assert_eq!(s, 404);
+}
+
+/// The same command from Python source and from a Rust crate directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_deploys_functions_from_python_and_a_rust_crate() {
+    let gw = Gw::start(&admin_conf());
+    Admin::new(&gw).tenant("gamma", serde_json::json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("greet.py");
+    let hello_py = guests().join("../components/hello-py/app.py");
+    let text = std::fs::read_to_string(hello_py).unwrap();
+    std::fs::write(
+        &source,
+        text.replace("hello from python", "greetings from python"),
+    )
+    .unwrap();
+    let crate_dir = guests().join("../components/hello-rs");
+    for (name, source, answer) in [
+        ("greet", source, "greetings from python\n"),
+        ("rusty", crate_dir, "hello from rust\n"),
+    ] {
+        let out = cli_deploy(&gw, name, source).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("/run/gamma/{name}")), "{stdout}");
+        let r = client()
+            .get(gw.url("http", &format!("/run/gamma/{name}/")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        assert_eq!(r.text().await.unwrap(), answer);
+    }
+    // a directory that is not a crate: the reason, nothing deployed
+    let out = cli_deploy(&gw, "empty", dir.path().to_path_buf()).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a Rust crate"), "{stderr}");
 }
 
 /// `wasmgate deploy --tenant gamma --name NAME SOURCE` against `gw`, as the operator.

@@ -397,6 +397,13 @@ pub struct ModuleFile {
     pub deadline_ms: u64,
     #[serde(default)]
     pub isolation: IsolationFile,
+    /// A function's instance serves this many requests, one after another, before it is
+    /// retired; 1 (the default) is a fresh instance per request. Functions only.
+    #[serde(default = "num::<1>")]
+    pub requests_per_instance: u64,
+    /// The most response body bytes a function may send (functions only).
+    #[serde(default = "num::<{ crate::wasm::DEFAULT_MAX_RESPONSE_BYTES }>")]
+    pub max_response_bytes: u64,
     /// Most instances of this module alive at once (requests beyond wait briefly, then 503).
     #[serde(default = "count::<64>")]
     pub max_instances: usize,

@@ -734,8 +734,21 @@ impl Lowering<'_> {
                     ),
                 }
             }
-            if mf.budget_us == 0 || memory_mb == 0 || mf.max_instances == 0 || mf.cpu_ms == 0 {
-                self.err(m, format!("module `{name}`: budget_us, cpu_ms, memory_mb and max_instances must be at least 1"));
+            if mf.budget_us == 0
+                || memory_mb == 0
+                || mf.max_instances == 0
+                || mf.cpu_ms == 0
+                || mf.requests_per_instance == 0
+            {
+                self.err(m, format!("module `{name}`: budget_us, cpu_ms, memory_mb, max_instances and requests_per_instance must be at least 1"));
+                continue;
+            }
+            if !function && mf.requests_per_instance != 1 {
+                self.err(m, format!("module `{name}`: requests_per_instance applies to functions (components); a filter's instances are chosen by `isolation`"));
+                continue;
+            }
+            if !function && mf.max_response_bytes != wasm::DEFAULT_MAX_RESPONSE_BYTES {
+                self.err(m, format!("module `{name}`: max_response_bytes applies to functions (components); a filter's responses are the upstream's"));
                 continue;
             }
             if let Some(max) = tenant
@@ -754,9 +767,12 @@ impl Lowering<'_> {
                         cpu: Duration::from_millis(mf.cpu_ms),
                         deadline: Duration::from_millis(mf.deadline_ms.max(1)),
                         max_instances: mf.max_instances,
+                        requests_per_instance: u32::try_from(mf.requests_per_instance)
+                            .unwrap_or(u32::MAX),
                     },
                     policy,
                     allowed_upstreams: allowed,
+                    max_response_bytes: mf.max_response_bytes,
                 };
                 match self.env.wasm.function(spec, &bytes) {
                     Ok(f) => {

@@ -16,7 +16,7 @@
 //! | POST | /v1/tenants/{t}/tokens `{"ops": ["deploy","logs","usage"], "ttl_secs": 3600}` | operator |
 //! | DELETE | /v1/tokens/{jti} (revoke) | operator |
 //! | GET | /v1/tenants/{t}/modules | deploy |
-//! | PUT | /v1/tenants/{t}/modules/{m}?config=…&budget_us=…&memory_mb=… (body: the wasm bytes) | deploy |
+//! | PUT | /v1/tenants/{t}/modules/{m}?config=…&budget_us=…&memory_mb=…&requests_per_instance=… (body: the wasm bytes) | deploy |
 //! | GET | /v1/tenants/{t}/modules/{m} (versions: digest, size, upload time, exports, compile time) | deploy |
 //! | POST | /v1/tenants/{t}/modules/{m}/activate `{"version": N}` | deploy |
 //! | POST | /v1/tenants/{t}/modules/{m}/rollback | deploy |
@@ -505,6 +505,8 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
                 config: req.query.get("config").cloned().unwrap_or_default(),
                 budget_us: num("budget_us")?,
                 memory_mb: num("memory_mb")?,
+                requests_per_instance: num("requests_per_instance")?
+                    .map(|n: u64| u32::try_from(n).unwrap_or(u32::MAX)),
             };
             let (c2, t2, m2) = (c.clone(), t.to_string(), m.to_string());
             let v = tokio::task::spawn_blocking(move || c2.deploy(&t2, &m2, &req.body, opts, &by))

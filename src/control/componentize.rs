@@ -167,28 +167,41 @@ fn rust(dir: &Path) -> Result<PathBuf, String> {
     let _ = Command::new("rustup")
         .args(["target", "add", "wasm32-wasip2"])
         .output();
-    let target = dir.join("target");
-    run(
-        Command::new("cargo")
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target),
-        "cargo build",
-    )?;
-    let release = target.join("wasm32-wasip2/release");
-    let newest = std::fs::read_dir(&release)
-        .map_err(|e| format!("cannot read {}: {e}", release.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
-    newest.ok_or_else(|| format!("cargo built no .wasm in {}", release.display()))
+    // cargo says where it put the artifact (a workspace member builds into the
+    // workspace's target dir): read its JSON messages rather than guessing the path
+    let out = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--message-format=json-render-diagnostics",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo build: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo build failed ({})", out.status));
+    }
+    let wasm = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .flat_map(|m| {
+            let files = m["filenames"].as_array().cloned().unwrap_or_default();
+            files
+                .into_iter()
+                .filter_map(|f| f.as_str().map(PathBuf::from))
+        })
+        .rfind(|p| p.extension().is_some_and(|x| x == "wasm"));
+    wasm.ok_or_else(|| {
+        format!(
+            "cargo built no .wasm for {} (a function crate needs crate-type = [\"cdylib\"])",
+            dir.display()
+        )
+    })
 }
 
 /// The host's wasi:http WIT (0.2.12), from the crate that implements it, in cargo's

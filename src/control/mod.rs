@@ -49,6 +49,8 @@ pub struct DeployOpts {
     pub config: String,
     pub budget_us: Option<u64>,
     pub memory_mb: Option<u64>,
+    /// A function's requests per instance (1, the default: a fresh instance each).
+    pub requests_per_instance: Option<u32>,
 }
 
 /// `data_dir/control/usage.json`: the billing record, kept across restarts.
@@ -872,10 +874,12 @@ impl Control {
                 limits: crate::wasm::component::Limits {
                     memory_bytes: (v.memory_mb << 20) as usize,
                     cpu: Duration::from_micros(v.budget_us),
+                    requests_per_instance: v.requests_per_instance,
                     ..Default::default()
                 },
                 policy: FailurePolicy::Deny(503),
                 allowed_upstreams: allowed,
+                max_response_bytes: crate::wasm::DEFAULT_MAX_RESPONSE_BYTES,
             };
             return (self.live.wasm.function(spec, bytes))
                 .map(Deployed::Function)
@@ -1002,6 +1006,23 @@ impl Control {
             budget_us,
             memory_mb,
             kind: String::new(),
+            requests_per_instance: match opts.requests_per_instance {
+                Some(0) => {
+                    return Err(reject(ApiError::new(
+                        400,
+                        "bad_query",
+                        "requests_per_instance must be at least 1",
+                    )))
+                }
+                Some(n) if n > 1 && !function => {
+                    return Err(reject(ApiError::new(
+                        400,
+                        "bad_query",
+                        "requests_per_instance applies to functions (components), not filters",
+                    )))
+                }
+                n => n.unwrap_or(1),
+            },
         };
         let started = Instant::now();
         let plugin = self.compile(t, m, &v, bytes, &limits).map_err(reject)?;

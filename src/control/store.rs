@@ -30,6 +30,13 @@ pub struct VersionRec {
     /// before functions existed are filters.
     #[serde(default = "filter")]
     pub kind: String,
+    /// A function's requests per instance (1: fresh instances); 1 for filters.
+    #[serde(default = "one")]
+    pub requests_per_instance: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn filter() -> String {

@@ -98,6 +98,16 @@ pub async fn serve(
     // on HTTP/1.1 so the connection stays open for the next request (an HTTP/1.0 client
     // reads to the close; HTTP/2 frames itself)
     super::framing::keep_framing(&mut head, None);
+    let max_out = backend.spec.max_response_bytes;
+    let declared = (head.headers.get(http::header::CONTENT_LENGTH))
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|len| *len > max_out) {
+        backend.report(&format!(
+            "the function declared a {len}-byte response, over its max_response_bytes {max_out}"
+        ));
+        return Ok(policy_reply(&backend.spec.policy, route));
+    }
+    let mut sent = 0u64;
     let status = parts.status.as_u16();
     let bodiless = status == 204 || status == 304 || status < 200;
     let h11 = session.req_header().version == http::Version::HTTP_11 && !session.is_http2();
@@ -120,7 +130,15 @@ pub async fn serve(
         match frame {
             None => break,
             Some(Ok(f)) => match f.into_data() {
-                Ok(data) if !head_only => session.write_response_body(Some(data), false).await?,
+                Ok(data) if !head_only => {
+                    sent += data.len() as u64;
+                    if sent > max_out {
+                        let cause = format!("the function's response went past its max_response_bytes {max_out}: cut off");
+                        backend.report(&cause);
+                        return Error::e_explain(InternalError, cause);
+                    }
+                    session.write_response_body(Some(data), false).await?
+                }
                 Ok(_) => {}
                 Err(f) => {
                     if let Ok(trailers) = f.into_trailers() {

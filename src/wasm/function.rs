@@ -20,7 +20,13 @@ pub struct FunctionSpec {
     /// Outgoing HTTP may reach these, addressed by name (`http://NAME/...`); the backend
     /// takes them over (see [`FunctionBackend::set_upstreams`]).
     pub allowed_upstreams: Vec<Arc<Upstream>>,
+    /// The most response body bytes the function may send: a larger declared length is
+    /// a failure (its policy answers), a stream past it is cut off.
+    pub max_response_bytes: u64,
 }
+
+/// 64 MiB: a function's response body limit unless the conf says otherwise.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 << 20;
 
 /// A loaded function backend, ready to serve requests.
 pub struct FunctionBackend {
@@ -50,6 +56,14 @@ impl FunctionBackend {
     /// the allow-list, and what the instance used into usage.
     pub fn io(&self) -> Io {
         self.io.clone()
+    }
+
+    /// Records a failure the proxy saw (not the instance): a line in the tenant's log and
+    /// the gateway's, naming tenant, module and cause.
+    pub fn report(&self, cause: &str) {
+        let w = &self.wiring;
+        w.log.push(&w.name, "error", cause);
+        tracing::warn!(tenant = %w.tenant, module = %w.name, failure = %cause, "function failed");
     }
 
     /// Replaces the upstreams outgoing HTTP may reach (after a reload or a change of the

@@ -17,7 +17,7 @@ pub mod host;
 pub mod meter;
 mod vm;
 
-pub use function::{FunctionBackend, FunctionSpec};
+pub use function::{FunctionBackend, FunctionSpec, DEFAULT_MAX_RESPONSE_BYTES};
 pub use host::View;
 pub use host::{
     CallResponse, ConnTls, GrpcStatus, GrpcTarget, LocalResponse, NodeInfo, PendingCall,

@@ -1,5 +1,6 @@
 //! Function backends: WASI-HTTP components (the `wasi:http/proxy` world, exporting
-//! `wasi:http/incoming-handler@0.2.x`) run in-process, one fresh instance per request.
+//! `wasi:http/incoming-handler@0.2.x`) run in-process, one fresh instance per request, or
+//! (opt-in per function) one instance for consecutive requests.
 //!
 //! This module owns the component side of the wasm runtime: its own [`Engine`] (component
 //! model, async, pooling allocator with copy-on-write memory images), one [`Linker`] with
@@ -38,6 +39,7 @@
 //! spent. Time spent waiting on the host (a body read, an outgoing request) is charged at
 //! most one tick per wait, because the callback fires at most once per return to wasm.
 
+mod codecache;
 mod guarded;
 mod state;
 mod stdio;
@@ -48,6 +50,7 @@ pub use state::{DenyAll, OutgoingPolicy};
 pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 
 use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
 use state::Host;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,7 +62,7 @@ use wasmtime::{
     UpdateDeadline,
 };
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::WasiHttpView;
 
 pub use wasmtime_wasi_http::p2::body::{HyperIncomingBody, HyperOutgoingBody};
@@ -82,6 +85,8 @@ const MEMORIES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 8;
 /// The largest linear memory any function may ask for (its own limit is usually lower).
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
+/// Idle instances a reusing function keeps (each holds a pool slot while it waits).
+pub const IDLE_PER_FUNCTION: usize = 4;
 /// Resident memory kept per slot across instances, so a fresh instance reuses warm pages
 /// instead of faulting them in again (the tuning `wasmtime serve` is fastest with).
 const MEMORY_KEEP_RESIDENT: usize = 64 << 20;
@@ -108,6 +113,9 @@ pub struct Limits {
     pub deadline: Duration,
     /// Instances of this function alive at once; past it, [`Failure::Busy`].
     pub max_instances: usize,
+    /// Requests one instance serves, one after another, before it is retired. 1 (the
+    /// default) is a fresh instance per request; more is *reuse* (see [`Function::handle`]).
+    pub requests_per_instance: u32,
 }
 
 impl Default for Limits {
@@ -117,6 +125,7 @@ impl Default for Limits {
             cpu: Duration::from_millis(100),
             deadline: Duration::from_secs(10),
             max_instances: 32,
+            requests_per_instance: 1,
         }
     }
 }
@@ -214,7 +223,9 @@ impl ComponentRuntime {
         config
             .wasm_component_model(true)
             .memory_init_cow(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .enable_incremental_compilation(Arc::new(codecache::CodeCache::default()))
+            .map_err(|e| format!("component engine: {e:#}"))?;
         match budget {
             CpuBudget::Epoch => config.epoch_interruption(true),
             CpuBudget::Fuel => config.consume_fuel(true),
@@ -321,13 +332,7 @@ impl ComponentRuntime {
             .map_err(|e| format!("cannot link the component: {e:#}"))?;
         let pre = ProxyPre::new(instance_pre)
             .map_err(|e| format!("cannot use the component's {handler} export: {e:#}"))?;
-        Ok(Arc::new(Function {
-            pre,
-            handler,
-            budget: self.budget,
-            slots: Arc::new(Semaphore::new(limits.max_instances)),
-            limits,
-        }))
+        Ok(Function::new(pre, handler, self.budget, limits))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -368,17 +373,44 @@ fn wasm_kind(bytes: &[u8]) -> Option<Kind> {
     }
 }
 
-/// A compiled function backend: linked once, instantiated fresh per request.
+/// A compiled function backend: linked once, instantiated fresh per request (or reused
+/// for consecutive requests when its limits say so).
 pub struct Function {
     pre: ProxyPre<Host>,
     handler: String,
     budget: CpuBudget,
     limits: Limits,
-    /// One permit per live instance; held until the guest's work (body included) ends.
+    /// One permit per busy instance; held until the guest's work (body included) ends.
     slots: Arc<Semaphore>,
+    /// Instances waiting for their next request (reuse only): lock-free, bounded.
+    idle: Option<Arc<ArrayQueue<Idle>>>,
+    /// Set when a reused instance failed before answering: the guest cannot serve
+    /// consecutive requests, so this function runs fresh instances from then on.
+    reuse_off: Arc<AtomicBool>,
+}
+
+/// An instance between two requests, and how many it has served.
+struct Idle {
+    store: Store<Host>,
+    proxy: Proxy,
+    served: u32,
 }
 
 impl Function {
+    fn new(pre: ProxyPre<Host>, handler: String, budget: CpuBudget, limits: Limits) -> Arc<Self> {
+        let idle = (limits.requests_per_instance > 1)
+            .then(|| Arc::new(ArrayQueue::new(IDLE_PER_FUNCTION)));
+        Arc::new(Function {
+            pre,
+            handler,
+            budget,
+            slots: Arc::new(Semaphore::new(limits.max_instances)),
+            idle,
+            reuse_off: Arc::new(AtomicBool::new(false)),
+            limits,
+        })
+    }
+
     /// The incoming-handler export this function serves (its version says what built it).
     pub fn handler_export(&self) -> &str {
         &self.handler
@@ -391,13 +423,7 @@ impl Function {
     /// The same compiled function under other limits (no recompilation; its own instance
     /// slots).
     pub fn with_limits(&self, limits: Limits) -> Arc<Function> {
-        Arc::new(Function {
-            pre: self.pre.clone(),
-            handler: self.handler.clone(),
-            budget: self.budget,
-            slots: Arc::new(Semaphore::new(limits.max_instances)),
-            limits,
-        })
+        Function::new(self.pre.clone(), self.handler.clone(), self.budget, limits)
     }
 
     /// Instances that could start now.
@@ -411,10 +437,74 @@ impl Function {
     /// error). The body's end waits for the instance's end, so a guest that keeps working
     /// after finishing its body delays the end of stream (within its deadline). Must be
     /// called within a tokio runtime.
+    ///
+    /// **Reuse** (`requests_per_instance > 1`): an instance whose call returned cleanly is
+    /// kept for the next request of this same function (never two requests at once: it
+    /// is out of the idle queue while it serves; never another function's or tenant's:
+    /// the queue is this function's). It is retired, not kept, once it has served
+    /// `requests_per_instance` requests, when anything of the request is left in its
+    /// resource table (a body the guest never dropped), when its memory grew past half its
+    /// limit, or on any failure (a trap, an overrun, the deadline): a failed instance is
+    /// never called again. Each request gets its own CPU budget, deadline, output sink,
+    /// outgoing policy and usage figures.
+    ///
+    /// A guest that cannot serve twice (StarlingMonkey, componentize-js 0.23: "respondWith
+    /// can't be called twice") fails its second request without answering. When a reused
+    /// instance fails before answering, a request without a body is replayed on a fresh
+    /// instance: if that one answers, reuse was the cause and is turned off for this
+    /// function (a line on its stderr says why); if it fails too, the request was (reuse
+    /// stays on). A request with a body cannot be replayed: it gets the failure, and reuse
+    /// is turned off, erring on the side of answering the next ones.
     pub async fn handle(
         &self,
         request: hyper::Request<HyperIncomingBody>,
         io: Io,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, Failure> {
+        let idle = self
+            .idle
+            .as_ref()
+            .filter(|_| !self.reuse_off.load(Ordering::Relaxed))
+            .and_then(|q| q.pop());
+        let Some(idle) = idle else {
+            return self.run(request, io, None).await;
+        };
+        let (parts, body) = request.into_parts();
+        let replay = http_body::Body::is_end_stream(&body).then(|| parts.clone());
+        let request = hyper::Request::from_parts(parts, body);
+        let failure = match self.run(request, io.clone(), Some(idle)).await {
+            Err(failure @ (Failure::NoResponse | Failure::Trap(_))) => failure,
+            other => return other,
+        };
+        let Some(parts) = replay else {
+            self.turn_reuse_off(&io, &failure);
+            return Err(failure);
+        };
+        let request = hyper::Request::from_parts(parts, body::empty());
+        let fresh = self.run(request, io.clone(), None).await;
+        if fresh.is_ok() {
+            self.turn_reuse_off(&io, &failure);
+        }
+        fresh
+    }
+
+    fn turn_reuse_off(&self, io: &Io, failure: &Failure) {
+        if self.reuse_off.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        while let Some(idle) = self.idle.as_ref().and_then(|q| q.pop()) {
+            drop(idle);
+        }
+        let why = format!("[wasmgate] instance reuse turned off for this function: a reused instance failed ({failure}) where a fresh one did not; fresh instances from now on");
+        tracing::warn!("component: {why}");
+        (io.sink)(Stdio::Stderr, &why);
+    }
+
+    /// One request on `idle` (a reused instance) or a fresh one.
+    async fn run(
+        &self,
+        request: hyper::Request<HyperIncomingBody>,
+        io: Io,
+        idle: Option<Idle>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, Failure> {
         let permit = self
             .slots
@@ -422,7 +512,15 @@ impl Function {
             .try_acquire_owned()
             .map_err(|_| Failure::Busy)?;
         let on_end = io.on_end.clone();
-        let mut store = self.new_store(io)?;
+        let (mut store, proxy, served) = match idle {
+            Some(idle) => {
+                let mut store = idle.store;
+                store.data_mut().rebind(io.sink, io.outgoing);
+                self.arm(&mut store)?;
+                (store, Some(idle.proxy), idle.served)
+            }
+            None => (self.new_store(io)?, None, 0),
+        };
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
         let (req, out) = {
@@ -438,45 +536,76 @@ impl Function {
         let pre = self.pre.clone();
         let deadline = self.limits.deadline;
         let (budget, cpu_limit) = (self.budget, self.limits.cpu);
+        let keep = self.idle.clone().map(|queue| {
+            let max = self.limits.requests_per_instance;
+            (
+                queue,
+                max,
+                self.limits.memory_bytes / 2,
+                self.reuse_off.clone(),
+            )
+        });
         // The guest runs in its own task so it can keep writing the body after it has set
         // the response (which is when this function returns).
         let task = tokio::spawn(async move {
             let _permit = permit;
             let started = std::time::Instant::now();
             let run = async {
-                let proxy = pre.instantiate_async(&mut store).await?;
+                let proxy = match proxy {
+                    Some(proxy) => proxy,
+                    None => pre.instantiate_async(&mut store).await?,
+                };
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, req, out)
                     .await
+                    .map(|()| proxy)
             };
-            let result = match tokio::time::timeout(deadline, run).await {
-                Err(_) => Err(Failure::Deadline),
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(classify(&e, &store.data().memory)),
+            let (result, proxy) = match tokio::time::timeout(deadline, run).await {
+                Err(_) => (Err(Failure::Deadline), None),
+                Ok(Ok(proxy)) => (Ok(()), Some(proxy)),
+                Ok(Err(e)) => (Err(classify(&e, &store.data().memory)), None),
             };
             if let Err(failure) = &result {
                 tracing::debug!(%failure, "component: instance ended");
             }
+            let cpu = match budget {
+                CpuBudget::Epoch => {
+                    EPOCH_TICK * u32::try_from(store.data().ticks_charged).unwrap_or(u32::MAX)
+                }
+                CpuBudget::Fuel => {
+                    let left = store.get_fuel().unwrap_or(0);
+                    let used = fuel_for(cpu_limit).saturating_sub(left);
+                    Duration::from_micros(used / (FUEL_PER_MS / 1000))
+                }
+            };
+            let outcome = Outcome {
+                result: result.clone(),
+                peak_memory: store.data().memory.peak,
+                cpu,
+                wall: started.elapsed(),
+            };
+            // Kept before the body ends, so the client's next request finds it.
+            if let (Some((queue, max, memory_bound, off)), Some(proxy)) = (keep, proxy) {
+                let served = served + 1;
+                let data = store.data_mut();
+                if served < max
+                    && !off.load(Ordering::Relaxed)
+                    && data.is_clean()
+                    && data.memory.total <= memory_bound
+                {
+                    // A full queue drops the instance: enough are kept already.
+                    let _ = queue.push(Idle {
+                        store,
+                        proxy,
+                        served,
+                    });
+                }
+            }
             // The response body's end waits for this (see `guarded`).
             let _ = ended_tx.send(result.clone());
             if let Some(on_end) = on_end {
-                let cpu = match budget {
-                    CpuBudget::Epoch => {
-                        EPOCH_TICK * u32::try_from(store.data().ticks_charged).unwrap_or(u32::MAX)
-                    }
-                    CpuBudget::Fuel => {
-                        let left = store.get_fuel().unwrap_or(0);
-                        let used = fuel_for(cpu_limit).saturating_sub(left);
-                        Duration::from_micros(used / (FUEL_PER_MS / 1000))
-                    }
-                };
-                on_end(&Outcome {
-                    result: result.clone(),
-                    peak_memory: store.data().memory.peak,
-                    cpu,
-                    wall: started.elapsed(),
-                });
+                on_end(&outcome);
             }
             result
         });
@@ -498,30 +627,36 @@ impl Function {
         let host = Host::new(self.limits.memory_bytes, io.sink, io.outgoing);
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|host| &mut host.memory);
+        if self.budget == CpuBudget::Epoch {
+            let budget = ticks(self.limits.cpu);
+            store.epoch_deadline_callback(move |mut store| {
+                // Reached at most once per tick while wasm runs: charge it, then yield
+                // so the deadline timer and other requests get the thread.
+                let charged = &mut store.data_mut().ticks_charged;
+                *charged += 1;
+                if *charged >= budget {
+                    Ok(UpdateDeadline::Interrupt)
+                } else {
+                    Ok(UpdateDeadline::Yield(1))
+                }
+            });
+        }
+        self.arm(&mut store)?;
+        Ok(store)
+    }
+
+    /// Gives the store a full CPU budget for one request.
+    fn arm(&self, store: &mut Store<Host>) -> Result<(), Failure> {
         match self.budget {
             CpuBudget::Epoch => {
-                let budget = ticks(self.limits.cpu);
                 store.set_epoch_deadline(1);
-                store.epoch_deadline_callback(move |mut store| {
-                    // Reached at most once per tick while wasm runs: charge it, then yield
-                    // so the deadline timer and other requests get the thread.
-                    let charged = &mut store.data_mut().ticks_charged;
-                    *charged += 1;
-                    if *charged >= budget {
-                        Ok(UpdateDeadline::Interrupt)
-                    } else {
-                        Ok(UpdateDeadline::Yield(1))
-                    }
-                });
+                Ok(())
             }
-            CpuBudget::Fuel => {
-                store
-                    .set_fuel(fuel_for(self.limits.cpu))
-                    .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)))
-                    .map_err(|e| Failure::Host(format!("{e:#}")))?;
-            }
+            CpuBudget::Fuel => store
+                .set_fuel(fuel_for(self.limits.cpu))
+                .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)))
+                .map_err(|e| Failure::Host(format!("{e:#}"))),
         }
-        Ok(store)
     }
 }
 

@@ -35,9 +35,12 @@ impl OutgoingPolicy for DenyAll {
     }
 }
 
-/// The store data of one instance (one request).
+/// The store data of one instance (one request, or consecutive requests when reused).
 pub struct Host {
     wasi: WasiCtx,
+    /// The handles the guest's stdout and stderr write to, re-pointed per request.
+    stdout: SinkStream,
+    stderr: SinkStream,
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: Hooks,
@@ -50,15 +53,19 @@ impl Host {
     pub fn new(max_memory: usize, sink: LineSink, policy: Arc<dyn OutgoingPolicy>) -> Self {
         // Granted nothing by default: no env, args or preopened directories (the builder's
         // defaults), no sockets or name lookups; stdin is empty; clocks and random work.
+        let stdout = SinkStream::new(Stdio::Stdout, sink.clone());
+        let stderr = SinkStream::new(Stdio::Stderr, sink);
         let wasi = WasiCtx::builder()
-            .stdout(SinkStream::new(Stdio::Stdout, sink.clone()))
-            .stderr(SinkStream::new(Stdio::Stderr, sink))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
         Host {
             wasi,
+            stdout,
+            stderr,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: Hooks { policy },
@@ -70,6 +77,36 @@ impl Host {
             },
             ticks_charged: 0,
         }
+    }
+}
+
+impl Host {
+    /// Readies a reused instance for its next request: output to `sink`, outgoing HTTP by
+    /// `policy`, the CPU charge and the memory peak counted from here.
+    pub fn rebind(&mut self, sink: LineSink, policy: Arc<dyn OutgoingPolicy>) {
+        self.stdout.rebind(sink.clone());
+        self.stderr.rebind(sink);
+        self.hooks.policy = policy;
+        self.ticks_charged = 0;
+        self.memory.peak = self.memory.total;
+        self.memory.refused = false;
+    }
+
+    /// Whether the last request's response side was released (the guest dropped its
+    /// outparam, response and response body) and no outgoing call is still open: the
+    /// condition for serving another request. A body the guest kept open would otherwise
+    /// never end for its client while the instance waits for its next request. The
+    /// incoming request may stay (StarlingMonkey keeps it until its GC runs), and so may
+    /// what a runtime opens once and keeps (its stdout handle).
+    pub fn is_clean(&mut self) -> bool {
+        use wasmtime_wasi_http::p2::{body, types};
+        !self.table.iter_mut().any(|entry| {
+            entry.is::<types::HostResponseOutparam>()
+                || entry.is::<types::HostOutgoingResponse>()
+                || entry.is::<body::HostOutgoingBody>()
+                || entry.is::<types::HostOutgoingRequest>()
+                || entry.is::<types::HostFutureIncomingResponse>()
+        })
     }
 }
 

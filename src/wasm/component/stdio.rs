@@ -92,6 +92,19 @@ impl SinkStream {
         })))
     }
 
+    /// Points the stream at another request's sink (a reused instance): what the last
+    /// request left unfinished goes to its own sink, and the new one starts with a full
+    /// allowance.
+    pub fn rebind(&self, sink: LineSink) {
+        if let Ok(mut lines) = self.0.lock() {
+            if !lines.pending.is_empty() {
+                lines.emit();
+            }
+            lines.sink = sink;
+            lines.written = 0;
+        }
+    }
+
     fn write_bytes(&self, bytes: &[u8]) {
         // A poisoned lock only means a sink panicked: keep the guest running, drop the output.
         if let Ok(mut lines) = self.0.lock() {

@@ -454,3 +454,166 @@ async fn a_deadline_after_the_response_ends_the_body_and_is_reported() {
     let outcome = outcomes.recv().await.expect("reported");
     assert_eq!(outcome.result, Err(Failure::Deadline));
 }
+
+/// What `/count` says: how many requests the instance that served it has seen.
+async fn count(f: &Function) -> String {
+    let response = f
+        .handle(get("/count"), Io::default())
+        .await
+        .expect("answers");
+    let (status, body) = text(response).await;
+    assert_eq!(status, 200);
+    body
+}
+
+fn reusing(requests_per_instance: u32) -> Limits {
+    Limits {
+        requests_per_instance,
+        memory_bytes: 64 << 20,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test]
+async fn fresh_instances_never_see_an_earlier_request() {
+    let Some(f) = function("misbehave-rs", Limits::default()) else {
+        return;
+    };
+    for _ in 0..3 {
+        assert_eq!(count(&f).await, "1");
+    }
+}
+
+#[tokio::test]
+async fn a_reused_instance_serves_consecutive_requests_up_to_its_count() {
+    let Some(f) = function("misbehave-rs", reusing(3)) else {
+        return;
+    };
+    let mut got = Vec::new();
+    for _ in 0..7 {
+        got.push(count(&f).await);
+    }
+    assert_eq!(got, ["1", "2", "3", "1", "2", "3", "1"]);
+    // another function from the same code has its own instances
+    let Some(other) = function("misbehave-rs", reusing(3)) else {
+        return;
+    };
+    assert_eq!(count(&other).await, "1");
+    assert_eq!(count(&f).await, "2");
+}
+
+#[tokio::test]
+async fn a_reused_instance_is_retired_after_a_trap_a_leak_or_growth() {
+    let Some(f) = function("misbehave-rs", reusing(100)) else {
+        return;
+    };
+    assert_eq!(count(&f).await, "1");
+    assert_eq!(count(&f).await, "2");
+    // a trap: never called again
+    let panic = f.handle(get("/panic"), Io::default()).await.err();
+    assert!(matches!(panic, Some(Failure::Trap(_))), "{panic:?}");
+    assert_eq!(count(&f).await, "1");
+    // a resource left in the table after the call: retired
+    let leak = f
+        .handle(get("/leak"), Io::default())
+        .await
+        .expect("answers");
+    assert_eq!(text(leak).await, (200, "leaked".into()));
+    assert_eq!(count(&f).await, "1");
+    // memory past half the limit (64 MiB): retired; below it: kept
+    let grown = f
+        .handle(get("/grow?4"), Io::default())
+        .await
+        .expect("answers");
+    assert_eq!(text(grown).await.1, "grown");
+    assert_eq!(count(&f).await, "3");
+    let grown = f
+        .handle(get("/grow?40"), Io::default())
+        .await
+        .expect("answers");
+    assert_eq!(text(grown).await.1, "grown");
+    assert_eq!(count(&f).await, "1");
+}
+
+#[tokio::test]
+async fn a_reused_instance_gets_each_request_its_own_budget_and_output() {
+    let Some(f) = function("hello-rs", reusing(10)) else {
+        return;
+    };
+    for path in ["/first", "/second"] {
+        let (mut io, lines) = capture();
+        let (tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+        io.on_end = Some(Arc::new(move |o: &Outcome| {
+            let _ = tx.send(o.clone());
+        }));
+        let response = f.handle(get(path), io).await.expect("answers");
+        assert_eq!(text(response).await.1, "hello from rust\n");
+        let outcome = outcomes.recv().await.expect("reported");
+        assert_eq!(outcome.result, Ok(()));
+        assert!(outcome.cpu < Duration::from_millis(50), "{outcome:?}");
+        let lines = lines.lock().unwrap().clone();
+        assert_eq!(lines, [(Stdio::Stdout, format!("hello-rs: {path}"))]);
+    }
+}
+
+/// One GET on `f` with its own sink: the answer, the lines, the outcome.
+async fn traced(f: &Function, path: &str) -> ((u16, String), Vec<(Stdio, String)>, Outcome) {
+    let (mut io, lines) = capture();
+    let (tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    io.on_end = Some(Arc::new(move |o: &Outcome| {
+        let _ = tx.send(o.clone());
+    }));
+    let response = f.handle(get(path), io).await.expect("answers");
+    let answer = text(response).await;
+    let mut outcome = outcomes.recv().await.expect("reported");
+    // a replayed request reports its failed first try, then the one that answered
+    while let Ok(next) = outcomes.try_recv() {
+        outcome = next;
+    }
+    let lines = lines.lock().unwrap().clone();
+    (answer, lines, outcome)
+}
+
+/// Python in reuse mode: each request is its own call (its own path in the log), served
+/// by the same instance, far faster than the first.
+#[tokio::test]
+async fn python_instances_are_reused() {
+    let Some(f) = function("hello-py", reusing(10)) else {
+        return;
+    };
+    let mut walls = Vec::new();
+    for path in ["/one", "/two", "/three"] {
+        let (answer, lines, outcome) = traced(&f, path).await;
+        assert_eq!(answer, (200, "hello from python\n".to_string()));
+        assert_eq!(outcome.result, Ok(()));
+        assert_eq!(lines, [(Stdio::Stdout, format!("hello-py: {path}"))]);
+        walls.push(outcome.wall);
+    }
+    eprintln!("hello-py reused: {walls:?}");
+    assert!(walls[2] * 4 < walls[0], "{walls:?}");
+}
+
+/// StarlingMonkey cannot serve a second request in one instance; the function turns
+/// reuse off at the first such failure, replays that (bodiless) request on a fresh
+/// instance, says so on its stderr, and every request is answered.
+#[tokio::test]
+async fn a_guest_that_cannot_be_reused_falls_back_to_fresh_instances() {
+    let Some(f) = function("hello-js", reusing(10)) else {
+        return;
+    };
+    let mut notices = 0;
+    for path in ["/one", "/two", "/three", "/four"] {
+        let (answer, lines, outcome) = traced(&f, path).await;
+        assert_eq!(answer, (200, "hello from js\n".to_string()), "{path}");
+        assert_eq!(outcome.result, Ok(()), "{path}");
+        assert!(
+            lines.contains(&(Stdio::Stdout, format!("hello-js: {path}"))),
+            "{lines:?}"
+        );
+        notices += lines
+            .iter()
+            .filter(|(s, l)| *s == Stdio::Stderr && l.contains("instance reuse turned off"))
+            .count();
+    }
+    assert_eq!(notices, 1);
+}
