@@ -277,12 +277,8 @@ fn main() -> ExitCode {
                 ops,
                 ttl_secs,
             } => {
-                let ops: Vec<&str> = ops
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|o| !o.is_empty())
-                    .collect();
-                let body = serde_json::json!({ "ops": ops, "ttl_secs": ttl_secs }).to_string();
+                let body =
+                    serde_json::json!({ "ops": list(&ops), "ttl_secs": ttl_secs }).to_string();
                 admin_call(
                     &admin,
                     "POST",
@@ -462,12 +458,7 @@ fn routes(a: &AdminArgs, cmd: RoutesCmd) -> ExitCode {
             route,
             modules,
         } => {
-            let modules: Vec<&str> = modules
-                .split(',')
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-                .collect();
-            let body = serde_json::json!({ "modules": modules }).to_string();
+            let body = serde_json::json!({ "modules": list(&modules) }).to_string();
             let path = tenant_path(&tenant, &["routes", &route]);
             admin_call(a, "PUT", &path, body.as_bytes())
         }
@@ -642,4 +633,12 @@ enum TokenCmd {
     },
     /// Revoke a token by its id (operator only).
     Revoke { jti: String },
+}
+
+/// A comma-separated argument's items, trimmed, empty ones left out.
+fn list(csv: &str) -> Vec<&str> {
+    csv.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .collect()
 }

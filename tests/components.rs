@@ -61,6 +61,10 @@ max_response_bytes = 1048576
 tenant = "acme"
 path = "{{guests}}/api_key_auth.wasm"
 config = {{ keys = ["k1"] }}
+[modules.headers]
+tenant = "acme"
+path = "{{guests}}/rewrite.wasm"
+config = {{ response = {{ set_headers = {{ x-frame-options = "DENY" }}, remove_headers = ["content-type"] }} }}
 [[routes]]
 path_prefix = "/rs"
 hooks = ["rs"]
@@ -104,6 +108,9 @@ hooks = ["capped"]
 [[routes]]
 path_prefix = "/keyed"
 hooks = ["key", "js"]
+[[routes]]
+path_prefix = "/styled"
+hooks = ["headers", "js"]
 "#
         )
 }
@@ -344,6 +351,29 @@ async fn tenants_deploy_components_as_functions() {
     assert_eq!(invocations, 1);
 }
 
+/// The route's filters see a function's response head as they see an upstream's: a
+/// header-setting filter (the rewrite guest here) adds and removes headers on the
+/// JavaScript function's answer, whose body still streams through whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_change_a_functions_response_head() {
+    let up = Upstream::start("up").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let send = |path: &str| client().get(gw.url("http", path)).send();
+    let r = send("/styled").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert!(
+        r.headers().get("content-type").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    assert_eq!(r.text().await.unwrap(), "hello from js\n");
+    // without the filter the function's own head is untouched
+    let r = client().get(gw.url("http", "/js")).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/plain");
+    assert!(r.headers().get("x-frame-options").is_none());
+}
+
 /// A function's response limit: a declared length over it gets the failure policy before
 /// any byte is sent; a stream past it is cut off (the chunked body never ends cleanly);
 /// up to the limit it is delivered whole.
@@ -353,18 +383,11 @@ async fn a_function_response_over_its_limit_is_refused_or_cut_off() {
     let gw = Gw::start(&conf(&up.addr()));
     let (status, _) = get(&gw, "/capped/huge-declared?2").await;
     assert_eq!(status, 503);
-    let whole = client()
-        .get(gw.url("http", "/capped/huge?1"))
-        .send()
-        .await
-        .unwrap();
+    let send = |path: &str| client().get(gw.url("http", path)).send();
+    let whole = send("/capped/huge?1").await.unwrap();
     assert_eq!(whole.status(), 200);
     assert_eq!(whole.bytes().await.unwrap().len(), 1 << 20);
-    let cut = client()
-        .get(gw.url("http", "/capped/huge?8"))
-        .send()
-        .await
-        .unwrap();
+    let cut = send("/capped/huge?8").await.unwrap();
     assert_eq!(cut.status(), 200);
     let read = cut.bytes().await;
     assert!(read.is_err(), "a cut-off body must not read as complete");
@@ -441,87 +464,67 @@ async fn functions_reuse_instances_when_asked() {
     assert_eq!(seen, ["1", "2", "1"]);
 }
 
-/// One command from JavaScript source to a live URL: the CLI componentizes the file
-/// (componentize-js, installed into the tools cache when missing), deploys it, binds it
-/// under its name and prints the URL, which answers.
+/// One command from source to a live URL, in each language: the CLI builds a JavaScript
+/// file (componentize-js), a Python file (componentize-py) or a Rust crate directory
+/// (cargo), installing the toolchain into the tools cache when missing, deploys it, binds
+/// it under its name and prints the URL, which answers. A source that does not build gets
+/// the toolchain's error and deploys nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_deploys_a_function_from_javascript_source() {
+async fn the_cli_deploys_functions_from_source() {
     let gw = Gw::start(&admin_conf());
     Admin::new(&gw).tenant("gamma", serde_json::json!({})).await;
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("shout.js");
+    let js = dir.path().join("shout.js");
     std::fs::write(
-        &source,
+        &js,
         "addEventListener('fetch', (e) => e.respondWith(new Response('shouted\\n')));\n",
     )
     .unwrap();
-    let started = std::time::Instant::now();
-    let out = cli_deploy(&gw, "shout", source).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stderr.contains("built "), "{stderr}");
-    assert!(stdout.contains("\"kind\":\"function\""), "{stdout}");
-    assert!(stdout.contains("/run/gamma/shout"), "{stdout}");
-    let r = client()
-        .get(gw.url("http", "/run/gamma/shout/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.text().await.unwrap(), "shouted\n");
-    eprintln!("JavaScript source to first 200: {:?}", started.elapsed());
-
-    // a source that does not build: the toolchain's error, nothing deployed
-    let bad = dir.path().join("bad.js");
-    std::fs::write(&bad, "addEventListener('fetch', (e) => {{{").unwrap();
-    let out = cli_deploy(&gw, "bad", bad).await;
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("componentize-js failed"), "{stderr}");
-    let (s, _) = Admin::new(&gw)
-        .json("GET", "/v1/tenants/gamma/modules/bad", OP, Value::Null)
-        .await;
-    assert_eq!(s, 404);
-}
-
-/// The same command from Python source and from a Rust crate directory.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_deploys_functions_from_python_and_a_rust_crate() {
-    let gw = Gw::start(&admin_conf());
-    Admin::new(&gw).tenant("gamma", serde_json::json!({})).await;
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("greet.py");
-    let hello_py = guests().join("../components/hello-py/app.py");
-    let text = std::fs::read_to_string(hello_py).unwrap();
+    let py = dir.path().join("greet.py");
+    let hello_py = std::fs::read_to_string(guests().join("../components/hello-py/app.py")).unwrap();
     std::fs::write(
-        &source,
-        text.replace("hello from python", "greetings from python"),
+        &py,
+        hello_py.replace("hello from python", "greetings from python"),
     )
     .unwrap();
     let crate_dir = guests().join("../components/hello-rs");
     for (name, source, answer) in [
-        ("greet", source, "greetings from python\n"),
+        ("shout", js, "shouted\n"),
+        ("greet", py, "greetings from python\n"),
         ("rusty", crate_dir, "hello from rust\n"),
     ] {
+        let started = std::time::Instant::now();
         let out = cli_deploy(&gw, name, source).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{name}: {stdout}\n{stderr}");
+        assert!(stdout.contains("\"kind\":\"function\""), "{stdout}");
         assert!(stdout.contains(&format!("/run/gamma/{name}")), "{stdout}");
-        let r = client()
-            .get(gw.url("http", &format!("/run/gamma/{name}/")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{name}");
-        assert_eq!(r.text().await.unwrap(), answer);
+        let (status, text) = get(&gw, &format!("/run/gamma/{name}/")).await;
+        assert_eq!((status, text.as_str()), (200, answer), "{name}");
+        eprintln!("{name}: source to first 200 in {:?}", started.elapsed());
     }
-    // a directory that is not a crate: the reason, nothing deployed
-    let out = cli_deploy(&gw, "empty", dir.path().to_path_buf()).await;
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not a Rust crate"), "{stderr}");
+
+    let bad = dir.path().join("bad.js");
+    std::fs::write(&bad, "addEventListener('fetch', (e) => {{{").unwrap();
+    for (name, source, error) in [
+        ("bad", bad, "componentize-js failed"),
+        ("empty", dir.path().to_path_buf(), "not a Rust crate"),
+    ] {
+        let out = cli_deploy(&gw, name, source).await;
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(error), "{stderr}");
+        let (s, _) = Admin::new(&gw)
+            .json(
+                "GET",
+                &format!("/v1/tenants/gamma/modules/{name}"),
+                OP,
+                Value::Null,
+            )
+            .await;
+        assert_eq!(s, 404);
+    }
 }
 
 /// `wasmgate deploy --tenant gamma --name NAME SOURCE` against `gw`, as the operator.

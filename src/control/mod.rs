@@ -421,6 +421,13 @@ impl Control {
         self.stored.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Persists `s`, then makes it live: what every admin change ends with.
+    fn commit(&self, s: &Stored) -> ApiResult<()> {
+        self.persist(s)?;
+        self.publish(s);
+        Ok(())
+    }
+
     fn persist(&self, s: &Stored) -> ApiResult<()> {
         s.save(&self.data_dir.join("control.json"))
             .map_err(|e| ApiError::new(500, "internal", format!("cannot persist: {e}")))
@@ -676,8 +683,7 @@ impl Control {
             .entry(t.into())
             .or_default()
             .insert(route.into(), modules);
-        self.persist(&s)?;
-        self.publish(&s);
+        self.commit(&s)?;
         tracing::info!(tenant = %t, route = %route, by = %by, "modules attached to route");
         Ok(())
     }
@@ -734,8 +740,7 @@ impl Control {
         }
         self.upstreams_defined(&limits)?;
         s.tenants.insert(name.into(), limits);
-        self.persist(&s)?;
-        self.publish(&s);
+        self.commit(&s)?;
         Ok(())
     }
 
@@ -796,8 +801,7 @@ impl Control {
         // the tenant's modules keep running: `publish` points their callouts at the
         // upstreams now allowed
         s.tenants.insert(name.into(), limits.clone());
-        self.persist(&s)?;
-        self.publish(&s);
+        self.commit(&s)?;
         tracing::info!(tenant = %name, "tenant limits changed");
         Ok(limits)
     }
@@ -825,8 +829,7 @@ impl Control {
                 }
                 t != name
             });
-        self.persist(&s)?;
-        self.publish(&s);
+        self.commit(&s)?;
         let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(name));
         Ok(())
     }
@@ -1115,8 +1118,7 @@ impl Control {
         if let Some(old) = removed {
             old.retire();
         }
-        self.persist(&s)?;
-        self.publish(&s);
+        self.commit(&s)?;
         let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(t).join(m));
         tracing::info!(tenant = %t, module = %m, by = %by, "module deleted");
         Ok(())
@@ -1159,8 +1161,7 @@ impl Control {
             .entry(t.into())
             .or_default()
             .insert(f.into(), rec);
-        self.persist(&s)?;
-        self.publish(&s);
+        self.commit(&s)?;
         tracing::info!(tenant = %t, function = %f, by = %by, "function bound");
         Ok(())
     }
@@ -1170,8 +1171,7 @@ impl Control {
         if s.functions.get_mut(t).and_then(|fs| fs.remove(f)).is_none() {
             return Err(not_found(&format!("function `{f}` of tenant `{t}`")));
         }
-        self.persist(&s)?;
-        self.publish(&s);
+        self.commit(&s)?;
         tracing::info!(tenant = %t, function = %f, by = %by, "function unbound");
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! is never made to look complete.
 
 use super::framing::is_hop_by_hop;
+use super::hooks::Flow;
 use super::respond::GatewayError;
 use crate::wasm::component::{self, HyperIncomingBody};
 use crate::wasm::{FailurePolicy, FunctionBackend, LocalResponse};
@@ -32,7 +33,13 @@ pub enum Served {
     Answered,
     /// No response head was sent: answer this instead.
     Reply(LocalResponse, GatewayError),
+    /// A module of the route answered in place of the function's response head: send it
+    /// as it is (the chain's response callbacks already ran).
+    Filtered(LocalResponse),
 }
+
+/// The route's filters, when it has any: they see the function's response head.
+pub type Filters<'a> = Option<(&'a mut super::hooks::HookState, &'a super::hooks::Callouts)>;
 
 /// What the function is given of the request's body.
 pub enum RequestBody {
@@ -50,6 +57,7 @@ pub async fn serve(
     authority: &str,
     body: RequestBody,
     route: &str,
+    filters: Filters<'_>,
 ) -> Result<Served> {
     let (incoming, mut tx, max) = match body {
         RequestBody::Read(b) if b.is_empty() => (component::body::empty(), None, 0),
@@ -94,10 +102,6 @@ pub async fn serve(
             head.append_header(k.clone(), v.clone())?;
         }
     }
-    // the gateway frames the body: one valid Content-Length the guest set, else chunked
-    // on HTTP/1.1 so the connection stays open for the next request (an HTTP/1.0 client
-    // reads to the close; HTTP/2 frames itself)
-    super::framing::keep_framing(&mut head, None);
     let max_out = backend.spec.max_response_bytes;
     let declared = (head.headers.get(http::header::CONTENT_LENGTH))
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -110,6 +114,19 @@ pub async fn serve(
     let mut sent = 0u64;
     let status = parts.status.as_u16();
     let bodiless = status == 204 || status == 304 || status < 200;
+    // the route's filters see the head as the function set it (a CORS or security-header
+    // filter applies to a function's answer as to an upstream's)
+    if let Some((state, callouts)) = filters {
+        let req = session.req_header();
+        let flow = (state.response_headers(req, &mut head, bodiless, false, callouts)).await;
+        if let Flow::Respond(r) = flow {
+            return Ok(Served::Filtered(r));
+        }
+    }
+    // the gateway frames the body: one valid Content-Length the guest set, else chunked
+    // on HTTP/1.1 so the connection stays open for the next request (an HTTP/1.0 client
+    // reads to the close; HTTP/2 frames itself)
+    super::framing::keep_framing(&mut head, None);
     let h11 = session.req_header().version == http::Version::HTTP_11 && !session.is_http2();
     if h11 && !bodiless && !head.headers.contains_key(http::header::CONTENT_LENGTH) {
         head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;

@@ -400,11 +400,15 @@ impl HookState {
     }
 
     /// `on_response_headers`, last module first. A local response replaces the upstream's.
+    /// `hold`: a module may pause the head until it has seen the body (an upstream's
+    /// answer). A function's answer streams as the function writes it, with no body
+    /// callbacks, so there a pausing module lets the head through as it is.
     pub async fn response_headers(
         &mut self,
         req: &RequestHeader,
         resp: &mut ResponseHeader,
         end_of_stream: bool,
+        hold: bool,
         caller: &Callouts,
     ) -> Flow {
         self.info.response_code = resp.status.as_u16();
@@ -429,11 +433,12 @@ impl HookState {
             match out {
                 Outcome::Continue => {}
                 Outcome::Respond(r) => return Flow::Respond(r),
-                Outcome::Pause if !end_of_stream => {
+                Outcome::Pause if !end_of_stream && hold => {
                     // waits for the body (response inspection): the head is held
                     self.resp_held = Some(i);
                     return Flow::Buffer;
                 }
+                Outcome::Pause if !end_of_stream => {}
                 out @ (Outcome::Pause | Outcome::Wait(_) | Outcome::Failed(_)) => {
                     if let Some(r) =
                         self.give_up(i, &out, "on_response_headers", "paused_in_response")

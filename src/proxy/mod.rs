@@ -567,8 +567,10 @@ impl Gateway {
         framing::continue_if_expected(session).await?;
         let authority = host_of(session, ctx).to_string();
         let route = ctx.route_name().unwrap_or("-").to_string();
-        match function::serve(session, &backend, &authority, body, &route).await? {
+        let filters = ctx.hooks.as_deref_mut().map(|h| (h, &*self.callouts));
+        match function::serve(session, &backend, &authority, body, &route, filters).await? {
             Served::Answered => {}
+            Served::Filtered(r) => send_local(session, r).await?,
             Served::Reply(r, e) => {
                 ctx.error = Some(e);
                 if ctx.hooks.is_some() {
@@ -1083,7 +1085,7 @@ impl ProxyHttp for Gateway {
         let eos = framing::bodiless_response(session.req_header(), resp);
         ctx.response_ended_at_head = eos;
         let flow = state
-            .response_headers(session.req_header(), resp, eos, &self.callouts)
+            .response_headers(session.req_header(), resp, eos, true, &self.callouts)
             .await;
         framing::keep_framing(resp, te_before);
         match flow {

@@ -55,15 +55,8 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
         [b"plugin_name"] => s(&plugin.spec.name),
         [b"plugin_root_id"] => s(&plugin.spec.root_id),
         [b"plugin_vm_id"] | [b"tenant"] => s(&plugin.spec.tenant),
-        [b"request", b"headers", name] => {
-            // one header's value (Envoy's `request.headers['name']`)
-            let pairs = map_pairs(h, MapType::RequestHeaders)?;
-            pairs
-                .into_iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-                .ok_or(Status::NotFound)
-        }
+        // one header's value (Envoy's `request.headers['name']`)
+        [b"request", b"headers", name] => header_value(h, MapType::RequestHeaders, name),
         [b"request", b"time"] => {
             // nanoseconds since the Unix epoch, as Envoy's timestamps reach guests
             let t = info.and_then(|i| i.start).ok_or(Status::NotFound)?;
@@ -204,15 +197,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
             };
             int(code as i64)
         }
-        [b"response", b"headers", name] => {
-            // one header's value (Envoy's `response.headers['name']`)
-            let pairs = map_pairs(h, MapType::ResponseHeaders)?;
-            pairs
-                .into_iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-                .ok_or(Status::NotFound)
-        }
+        [b"response", b"headers", name] => header_value(h, MapType::ResponseHeaders, name),
         [b"response", b"headers"] => {
             let pairs = map_pairs(h, MapType::ResponseHeaders)?;
             Ok(abi::serialize_map(
@@ -250,4 +235,13 @@ pub fn response_head_bytes(r: &ResponseHeader) -> u64 {
             .iter()
             .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
             .sum::<u64>()
+}
+
+/// One header's value from a map, by case-insensitive name.
+fn header_value(h: &Host, map: MapType, name: &[u8]) -> HostResult<Vec<u8>> {
+    map_pairs(h, map)?
+        .into_iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+        .ok_or(Status::NotFound)
 }
