@@ -85,8 +85,10 @@ const MEMORIES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 8;
 /// The largest linear memory any function may ask for (its own limit is usually lower).
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
-/// Idle instances a reusing function keeps (each holds a pool slot while it waits).
-pub const IDLE_PER_FUNCTION: usize = 4;
+/// Idle instances a reusing function keeps at most (each holds a pool slot while it
+/// waits), below its `max_instances`: enough for the requests it serves at once, so under
+/// concurrent load consecutive requests find a warm instance instead of instantiating.
+pub const MAX_IDLE_PER_FUNCTION: usize = 32;
 /// Resident memory kept per slot across instances, so a fresh instance reuses warm pages
 /// instead of faulting them in again (the tuning `wasmtime serve` is fastest with).
 const MEMORY_KEEP_RESIDENT: usize = 64 << 20;
@@ -398,8 +400,10 @@ struct Idle {
 
 impl Function {
     fn new(pre: ProxyPre<Host>, handler: String, budget: CpuBudget, limits: Limits) -> Arc<Self> {
-        let idle = (limits.requests_per_instance > 1)
-            .then(|| Arc::new(ArrayQueue::new(IDLE_PER_FUNCTION)));
+        let idle = (limits.requests_per_instance > 1).then(|| {
+            let idle = limits.max_instances.clamp(1, MAX_IDLE_PER_FUNCTION);
+            Arc::new(ArrayQueue::new(idle))
+        });
         Arc::new(Function {
             pre,
             handler,
