@@ -52,7 +52,7 @@ pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use state::Host;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -85,6 +85,9 @@ const MEMORIES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 8;
 /// The largest linear memory any function may ask for (its own limit is usually lower).
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
+/// Idle instances of all functions of a runtime together: a quarter of the pool, so
+/// tenants' reusing functions can never take the slots fresh instances need.
+pub const MAX_IDLE_TOTAL: usize = POOL_INSTANCES as usize / 4;
 /// Idle instances a reusing function keeps at most (each holds a pool slot while it
 /// waits), below its `max_instances`: enough for the requests it serves at once, so under
 /// concurrent load consecutive requests find a warm instance instead of instantiating.
@@ -198,6 +201,34 @@ pub struct ComponentRuntime {
     budget: CpuBudget,
     /// Stops the epoch ticker when the runtime is dropped.
     ticker_stop: Arc<AtomicBool>,
+    /// Idle (reused) instances of all its functions, bounded.
+    idle: Arc<IdleBudget>,
+}
+
+/// Counts the idle instances of a runtime's functions against a cap.
+struct IdleBudget {
+    cap: usize,
+    count: AtomicUsize,
+}
+
+impl IdleBudget {
+    /// A place for one more idle instance, if the cap allows; given back when dropped.
+    fn take(self: &Arc<Self>) -> Option<IdleSlot> {
+        let more = |n: usize| (n < self.cap).then_some(n + 1);
+        let taken = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, more);
+        taken.ok().map(|_| IdleSlot(self.clone()))
+    }
+}
+
+/// One idle instance's place in its runtime's [`IdleBudget`].
+struct IdleSlot(Arc<IdleBudget>);
+
+impl Drop for IdleSlot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ComponentRuntime {
@@ -258,7 +289,26 @@ impl ComponentRuntime {
             linker,
             budget,
             ticker_stop,
+            idle: Arc::new(IdleBudget {
+                cap: MAX_IDLE_TOTAL,
+                count: AtomicUsize::new(0),
+            }),
         })
+    }
+
+    /// The same runtime with at most `cap` idle instances across its functions (set before
+    /// compiling any).
+    pub fn with_idle_cap(mut self, cap: usize) -> Self {
+        self.idle = Arc::new(IdleBudget {
+            cap,
+            count: AtomicUsize::new(0),
+        });
+        self
+    }
+
+    /// Idle instances now, across all functions.
+    pub fn idle_instances(&self) -> usize {
+        self.idle.count.load(Ordering::Acquire)
     }
 
     /// Compiles a function backend with default limits. See [`Self::compile_with`].
@@ -334,7 +384,13 @@ impl ComponentRuntime {
             .map_err(|e| format!("cannot link the component: {e:#}"))?;
         let pre = ProxyPre::new(instance_pre)
             .map_err(|e| format!("cannot use the component's {handler} export: {e:#}"))?;
-        Ok(Function::new(pre, handler, self.budget, limits))
+        Ok(Function::new(
+            pre,
+            handler,
+            self.budget,
+            limits,
+            self.idle.clone(),
+        ))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -389,6 +445,8 @@ pub struct Function {
     /// Set when a reused instance failed before answering: the guest cannot serve
     /// consecutive requests, so this function runs fresh instances from then on.
     reuse_off: Arc<AtomicBool>,
+    /// The runtime's count of idle instances, which every kept instance takes a place in.
+    idle_budget: Arc<IdleBudget>,
 }
 
 /// An instance between two requests, and how many it has served.
@@ -396,10 +454,18 @@ struct Idle {
     store: Store<Host>,
     proxy: Proxy,
     served: u32,
+    /// Its place among the runtime's idle instances, given back when it leaves the queue.
+    _slot: IdleSlot,
 }
 
 impl Function {
-    fn new(pre: ProxyPre<Host>, handler: String, budget: CpuBudget, limits: Limits) -> Arc<Self> {
+    fn new(
+        pre: ProxyPre<Host>,
+        handler: String,
+        budget: CpuBudget,
+        limits: Limits,
+        idle_budget: Arc<IdleBudget>,
+    ) -> Arc<Self> {
         let idle = (limits.requests_per_instance > 1).then(|| {
             let idle = limits.max_instances.clamp(1, MAX_IDLE_PER_FUNCTION);
             Arc::new(ArrayQueue::new(idle))
@@ -411,6 +477,7 @@ impl Function {
             slots: Arc::new(Semaphore::new(limits.max_instances)),
             idle,
             reuse_off: Arc::new(AtomicBool::new(false)),
+            idle_budget,
             limits,
         })
     }
@@ -427,7 +494,14 @@ impl Function {
     /// The same compiled function under other limits (no recompilation; its own instance
     /// slots).
     pub fn with_limits(&self, limits: Limits) -> Arc<Function> {
-        Function::new(self.pre.clone(), self.handler.clone(), self.budget, limits)
+        let idle = self.idle_budget.clone();
+        Function::new(
+            self.pre.clone(),
+            self.handler.clone(),
+            self.budget,
+            limits,
+            idle,
+        )
     }
 
     /// Instances that could start now.
@@ -542,12 +616,9 @@ impl Function {
         let (budget, cpu_limit) = (self.budget, self.limits.cpu);
         let keep = self.idle.clone().map(|queue| {
             let max = self.limits.requests_per_instance;
-            (
-                queue,
-                max,
-                self.limits.memory_bytes / 2,
-                self.reuse_off.clone(),
-            )
+            let off = self.reuse_off.clone();
+            let budget = self.idle_budget.clone();
+            (queue, max, self.limits.memory_bytes / 2, off, budget)
         });
         // The guest runs in its own task so it can keep writing the body after it has set
         // the response (which is when this function returns).
@@ -590,19 +661,20 @@ impl Function {
                 wall: started.elapsed(),
             };
             // Kept before the body ends, so the client's next request finds it.
-            if let (Some((queue, max, memory_bound, off)), Some(proxy)) = (keep, proxy) {
+            if let (Some((queue, max, memory_bound, off, budget)), Some(proxy)) = (keep, proxy) {
                 let served = served + 1;
                 let data = store.data_mut();
-                if served < max
+                let reusable = served < max
                     && !off.load(Ordering::Relaxed)
                     && data.is_clean()
-                    && data.memory.total <= memory_bound
-                {
-                    // A full queue drops the instance: enough are kept already.
+                    && data.memory.total <= memory_bound;
+                // A full queue, or no place left in the runtime, drops the instance.
+                if let Some(slot) = reusable.then(|| budget.take()).flatten() {
                     let _ = queue.push(Idle {
                         store,
                         proxy,
                         served,
+                        _slot: slot,
                     });
                 }
             }

@@ -608,3 +608,27 @@ async fn a_guest_that_cannot_be_reused_falls_back_to_fresh_instances() {
     }
     assert_eq!(notices, 1);
 }
+
+/// Idle instances of all functions together stay within the runtime's cap, so reusing
+/// functions cannot take the pool slots fresh instances need; those kept serve again.
+#[tokio::test]
+async fn idle_instances_stay_within_the_runtime_cap() {
+    let Some(bytes) = guest("misbehave-rs") else {
+        return;
+    };
+    let runtime = ComponentRuntime::new().expect("runtime").with_idle_cap(2);
+    let f = runtime
+        .compile_with(&bytes, reusing(100))
+        .expect("compiles");
+    let g = f.with_limits(reusing(100));
+    // five requests at once on each function: ten instances alive, two kept
+    let all = (0..5).flat_map(|_| [count(&f), count(&g)]);
+    let seen = futures::future::join_all(all).await;
+    assert!(seen.iter().all(|c| c == "1"), "{seen:?}");
+    assert_eq!(runtime.idle_instances(), 2);
+    let again = [count(&f).await, count(&g).await];
+    assert!(again.iter().any(|c| c == "2"), "{again:?}");
+    assert_eq!(runtime.idle_instances(), 2);
+    drop((f, g));
+    assert_eq!(runtime.idle_instances(), 0);
+}
