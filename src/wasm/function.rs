@@ -92,13 +92,18 @@ impl Wiring {
         tracing::info!(target: "wasmgate::guest", tenant = %self.tenant, module = %self.name, "{line}");
     }
 
-    /// An allowed upstream's target for `authority` (its name, with or without a port).
-    fn resolve(&self, authority: &str) -> Option<String> {
+    /// An allowed upstream's target for `authority` (its name, with or without a port),
+    /// within the upstream's connect and read timeouts.
+    fn resolve(&self, authority: &str) -> Option<component::Outgoing> {
         let name = authority.split(':').next().unwrap_or(authority);
         let upstreams = self.upstreams.load();
         let u = upstreams.iter().find(|u| &*u.name == name)?;
         let peer = u.peer(b"")?;
-        Some(peer._address.to_string())
+        Some(component::Outgoing {
+            address: peer._address.to_string(),
+            connect_timeout: u.connect_timeout,
+            read_timeout: u.read_timeout,
+        })
     }
 
     fn bill(&self, o: &Outcome) {

@@ -46,7 +46,7 @@ mod stdio;
 #[cfg(test)]
 mod tests;
 
-pub use state::{DenyAll, OutgoingPolicy};
+pub use state::{DenyAll, Outgoing, OutgoingPolicy};
 pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 
 use bytes::Bytes;

@@ -5,6 +5,7 @@ use super::stdio::{LineSink, SinkStream, Stdio};
 use http::uri::{Authority, Uri};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -14,15 +15,48 @@ use wasmtime_wasi_http::{
 };
 
 /// Decides where a guest's outgoing request may go: given the authority the guest asked for
-/// (an upstream name, `host[:port]`), the address to connect to (`host:port`), or `None` to
-/// deny it (the guest sees `HttpRequestDenied`).
+/// (an upstream name, `host[:port]`), where to connect and within which timeouts, or `None`
+/// to deny it (the guest sees `HttpRequestDenied`).
 pub trait OutgoingPolicy: Send + Sync {
-    fn resolve(&self, authority: &str) -> Option<String>;
+    fn resolve(&self, authority: &str) -> Option<Outgoing>;
 }
 
-impl<F: Fn(&str) -> Option<String> + Send + Sync> OutgoingPolicy for F {
-    fn resolve(&self, authority: &str) -> Option<String> {
+impl<F: Fn(&str) -> Option<Outgoing> + Send + Sync> OutgoingPolicy for F {
+    fn resolve(&self, authority: &str) -> Option<Outgoing> {
         self(authority)
+    }
+}
+
+/// Where an allowed outgoing request goes, and the longest it may wait: the upstream's own
+/// timeouts, which a guest's `request-options` may shorten but not extend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// `host:port` to connect to.
+    pub address: String,
+    pub connect_timeout: Duration,
+    /// For the response head, and between body frames.
+    pub read_timeout: Duration,
+}
+
+impl Outgoing {
+    /// `address` with default timeouts (5 s to connect, 60 s to read).
+    pub fn to(address: impl Into<String>) -> Self {
+        Outgoing {
+            address: address.into(),
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// The guest's options, each capped by this upstream's timeout.
+    pub(super) fn options(&self, asked: Option<RequestOptions>) -> RequestOptions {
+        let asked = asked.unwrap_or_default();
+        let cap = |t: Option<Duration>, max: Duration| Some(t.map_or(max, |t| t.min(max)));
+        RequestOptions {
+            connect_timeout: cap(asked.connect_timeout, self.connect_timeout),
+            first_byte_timeout: cap(asked.first_byte_timeout, self.read_timeout),
+            between_bytes_timeout: cap(asked.between_bytes_timeout, self.read_timeout),
+        }
     }
 }
 
@@ -30,7 +64,7 @@ impl<F: Fn(&str) -> Option<String> + Send + Sync> OutgoingPolicy for F {
 pub struct DenyAll;
 
 impl OutgoingPolicy for DenyAll {
-    fn resolve(&self, _: &str) -> Option<String> {
+    fn resolve(&self, _: &str) -> Option<Outgoing> {
         None
     }
 }
@@ -195,13 +229,13 @@ impl WasiHttpHooks for Hooks {
             .map(Authority::as_str)
             .unwrap_or_default()
             .to_string();
-        let Some(address) = self.policy.resolve(&asked) else {
+        let Some(target) = self.policy.resolve(&asked) else {
             tracing::debug!(authority = %asked, "component: outgoing request denied");
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         };
         // Connect to the resolved address; the Host header keeps the name the guest used.
         let mut parts = request.uri().clone().into_parts();
-        match address.parse::<Authority>() {
+        match target.address.parse::<Authority>() {
             Ok(authority) => parts.authority = Some(authority),
             Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
         }
@@ -209,6 +243,7 @@ impl WasiHttpHooks for Hooks {
             Ok(uri) => *request.uri_mut() = uri,
             Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
         }
+        let options = Some(target.options(options));
         Box::new(async move {
             use http_body_util::BodyExt;
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;

@@ -274,7 +274,7 @@ async fn outgoing_http_to_an_authority_not_allowed_is_denied() {
     let Some(f) = function("fetch-rs", Limits::default()) else {
         return;
     };
-    let allowed = |authority: &str| (authority == "backend").then(|| "127.0.0.1:9".to_string());
+    let allowed = |authority: &str| (authority == "backend").then(|| Outgoing::to("127.0.0.1:9"));
     let io = Io {
         outgoing: Arc::new(allowed),
         ..Io::default()
@@ -305,7 +305,7 @@ async fn outgoing_http_to_an_allowed_upstream_reaches_its_address() {
     });
     let io = Io {
         outgoing: Arc::new(move |authority: &str| {
-            (authority == "backend").then(|| address.clone())
+            (authority == "backend").then(|| Outgoing::to(address.clone()))
         }),
         ..Io::default()
     };
@@ -631,4 +631,57 @@ async fn idle_instances_stay_within_the_runtime_cap() {
     assert_eq!(runtime.idle_instances(), 2);
     drop((f, g));
     assert_eq!(runtime.idle_instances(), 0);
+}
+
+/// An upstream that accepts but never answers: the guest's call fails after the upstream's
+/// read timeout (not wasmtime's default of 600 s), and a guest cannot ask for longer.
+#[tokio::test]
+async fn outgoing_http_waits_no_longer_than_the_upstreams_read_timeout() {
+    let Some(f) = function("fetch-rs", Limits::default()) else {
+        return;
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let silent = tokio::spawn(async move {
+        let (conn, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(conn);
+    });
+    let io = Io {
+        outgoing: Arc::new(move |_: &str| {
+            Some(Outgoing {
+                read_timeout: Duration::from_millis(300),
+                ..Outgoing::to(address.clone())
+            })
+        }),
+        ..Io::default()
+    };
+    let start = Instant::now();
+    let response = f.handle(get("/?backend"), io).await.expect("answers");
+    let (status, body) = text(response).await;
+    let waited = start.elapsed();
+    assert_eq!(status, 200);
+    assert!(body.starts_with("error "), "{body}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "{waited:?} {body}"
+    );
+    silent.abort();
+}
+
+#[test]
+fn a_guests_request_options_cannot_extend_the_upstreams_timeouts() {
+    let target = Outgoing {
+        read_timeout: Duration::from_secs(2),
+        ..Outgoing::to("127.0.0.1:1")
+    };
+    let asked = wasmtime_wasi_http::RequestOptions {
+        connect_timeout: Some(Duration::from_millis(100)),
+        first_byte_timeout: Some(Duration::from_secs(600)),
+        between_bytes_timeout: None,
+    };
+    let o = target.options(Some(asked));
+    assert_eq!(o.connect_timeout, Some(Duration::from_millis(100)));
+    assert_eq!(o.first_byte_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(o.between_bytes_timeout, Some(Duration::from_secs(2)));
 }
