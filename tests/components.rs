@@ -351,6 +351,37 @@ async fn tenants_deploy_components_as_functions() {
     assert_eq!(invocations, 1);
 }
 
+/// A function that answers while the request body still arrives (a streaming echo) gets
+/// every byte of it, in order, with a declared length and chunked, several times over:
+/// the body reader must not drop a chunk when the response side wakes up first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_function_gets_the_whole_request_body() {
+    let up = Upstream::start("up").await;
+    let gw = Gw::start(&conf(&up.addr()));
+    let sent: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for run in 0..6 {
+        let body = if run % 2 == 0 {
+            reqwest::Body::from(sent.clone())
+        } else {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                sent.chunks(16 * 1024).map(|c| Ok(c.to_vec())).collect();
+            reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+        };
+        let r = client()
+            .post(gw.url("http", "/echo/stream"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let got = r.bytes().await.expect("a complete body");
+        assert_eq!(got.len(), sent.len(), "run {run}");
+        assert!(got[..] == sent[..], "run {run}: the echo differs");
+    }
+}
+
 /// The route's filters see a function's response head as they see an upstream's: a
 /// header-setting filter (the rewrite guest here) adds and removes headers on the
 /// JavaScript function's answer, whose body still streams through whole.

@@ -77,10 +77,12 @@ pub async fn serve(
     let handle = backend.function.handle(request, backend.io());
     tokio::pin!(handle);
     let mut seen = 0u64;
+    // a chunk read from the client but not yet handed to the guest (see `feed`)
+    let mut pending: Option<Bytes> = None;
     let answer = loop {
         tokio::select! {
             r = &mut handle => break r,
-            more = feed(session, &mut tx, &mut seen, max), if tx.is_some() => {
+            more = feed(session, &mut tx, &mut pending, &mut seen, max), if tx.is_some() => {
                 if let Some(reply) = more? {
                     return Ok(reply);
                 }
@@ -136,7 +138,7 @@ pub async fn serve(
     loop {
         let frame = tokio::select! {
             f = out.frame() => f,
-            more = feed(session, &mut tx, &mut seen, max), if tx.is_some() => {
+            more = feed(session, &mut tx, &mut pending, &mut seen, max), if tx.is_some() => {
                 // the guest answered before the whole body came: it keeps reading it
                 if more?.is_some() {
                     return Error::e_explain(InternalError, "request body over the limit mid-response");
@@ -176,31 +178,54 @@ pub async fn serve(
 
 /// Moves one chunk of the request body to the guest. `Some` is the answer when the body
 /// is over the limit (before the response head).
+///
+/// Cancellation-safe, as the `select!` loops above need: it runs beside the guest's
+/// response and is dropped whenever that side is ready first. A chunk read from the
+/// client waits in `pending` until the channel has room for it, so dropping the future
+/// while it waits loses nothing (a chunk read, then dropped with the future that held
+/// it, was once how a streaming function lost parts of its request body). Pingora's
+/// body read is itself safe to drop, as its own proxy loop does.
 async fn feed(
     session: &mut Session,
     tx: &mut Option<BodyTx>,
+    pending: &mut Option<Bytes>,
     seen: &mut u64,
     max: u64,
 ) -> Result<Option<Served>> {
-    let chunk = session.read_request_body().await?;
+    if pending.is_none() {
+        match session.read_request_body().await? {
+            None => {
+                *tx = None; // dropping the sender ends the guest's body
+                return Ok(None);
+            }
+            Some(c) => {
+                *seen += c.len() as u64;
+                if *seen > max {
+                    if let Some(sender) = tx.take() {
+                        let limit = wasmtime_wasi_http::Error::HttpRequestBodySize(Some(*seen));
+                        let _ = sender.try_send(Err(limit));
+                    }
+                    let e = GatewayError::BodyTooLarge;
+                    return Ok(Some(Served::Reply(e.reply(None), e)));
+                }
+                *pending = Some(c);
+            }
+        }
+    }
     let Some(sender) = tx.as_ref() else {
         return Ok(None);
     };
-    match chunk {
-        None => *tx = None, // dropping the sender ends the guest's body
-        Some(c) => {
-            *seen += c.len() as u64;
-            if *seen > max {
-                let limit = wasmtime_wasi_http::Error::HttpRequestBodySize(Some(*seen));
-                let _ = sender.send(Err(limit)).await;
-                *tx = None;
-                let e = GatewayError::BodyTooLarge;
-                return Ok(Some(Served::Reply(e.reply(None), e)));
-            }
-            if sender.send(Ok(Frame::data(c))).await.is_err() {
-                *tx = None; // the guest no longer reads its body
-            }
+    let delivered = match sender.reserve().await {
+        Ok(permit) => {
+            permit.send(Ok(Frame::data(pending.take().unwrap_or_default())));
+            true
         }
+        Err(_) => false,
+    };
+    if !delivered {
+        // the guest no longer reads its body
+        *tx = None;
+        *pending = None;
     }
     Ok(None)
 }

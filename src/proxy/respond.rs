@@ -211,18 +211,8 @@ pub fn error_body(code: &str, route: Option<&str>) -> Bytes {
     Bytes::from(v)
 }
 
-/// Writes a complete response (header and body) and keeps the connection reusable.
-pub async fn send(
-    session: &mut Session,
-    status: u16,
-    headers: &[(String, Vec<u8>)],
-    content_type: Option<&str>,
-    body: Bytes,
-) -> Result<()> {
-    send_reply(session, status, headers, content_type, body, None).await
-}
-
-/// [`send`], with the gRPC status a guest chose (`proxy_send_local_response`). To a gRPC
+/// Writes a complete response (header and body) and keeps the connection reusable, with
+/// the gRPC status a guest chose, if any (`proxy_send_local_response`). To a gRPC
 /// request every local reply (a guest's, a failure policy's, a gateway error) is a gRPC
 /// answer, as Envoy's `sendLocalReply` makes it: 200 with `grpc-status` (`grpc_status`, or
 /// the HTTP status mapped) and the body as `grpc-message`, headers only.
@@ -292,7 +282,15 @@ pub fn local_head(
 /// Sends a gateway error (see [`GatewayError::reply`]).
 pub async fn send_error(session: &mut Session, e: GatewayError, route: Option<&str>) -> Result<()> {
     let r = e.reply(route);
-    send(session, r.status, &r.headers, None, Bytes::from(r.body)).await
+    send_reply(
+        session,
+        r.status,
+        &r.headers,
+        None,
+        Bytes::from(r.body),
+        None,
+    )
+    .await
 }
 
 #[cfg(test)]

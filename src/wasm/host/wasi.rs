@@ -125,11 +125,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             })
         })?;
     }
-    for name in ["environ_get", "args_get"] {
-        l.func_wrap(WASI, name, |mut c: C, _: i32, _: i32| {
-            charge(&mut c).map(|_| ESUCCESS)
-        })?;
-    }
+    answer_two(l, &["environ_get", "args_get"], ESUCCESS)?;
     l.func_wrap(
         WASI,
         "proc_exit",
@@ -193,11 +189,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     for name in ["fd_close", "fd_sync", "fd_datasync"] {
         l.func_wrap(WASI, name, |mut c: C, _: i32| charge(&mut c).map(|_| EBADF))?;
     }
-    for name in ["fd_fdstat_get", "fd_prestat_get"] {
-        l.func_wrap(WASI, name, |mut c: C, _: i32, _: i32| {
-            charge(&mut c).map(|_| EBADF)
-        })?;
-    }
+    answer_two(l, &["fd_fdstat_get", "fd_prestat_get"], EBADF)?;
     l.func_wrap(
         WASI,
         "fd_prestat_dir_name",
@@ -213,6 +205,16 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "fd_seek",
         |mut c: C, _: i32, _: i64, _: i32, _: i32| charge(&mut c).map(|_| EBADF),
     )?;
+    Ok(())
+}
+
+/// Links each of `names` (two pointer arguments) to answer `errno`, charging the call.
+fn answer_two(l: &mut Linker<Host>, names: &[&str], errno: i32) -> wasmtime::Result<()> {
+    for name in names {
+        l.func_wrap(WASI, name, move |mut c: C, _: i32, _: i32| {
+            charge(&mut c).map(|_| errno)
+        })?;
+    }
     Ok(())
 }
 
