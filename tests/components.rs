@@ -369,12 +369,8 @@ async fn a_streaming_function_gets_the_whole_request_body() {
                 sent.chunks(16 * 1024).map(|c| Ok(c.to_vec())).collect();
             reqwest::Body::wrap_stream(futures::stream::iter(chunks))
         };
-        let r = client()
-            .post(gw.url("http", "/echo/stream"))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let request = client().post(gw.url("http", "/echo/stream")).body(body);
+        let r = request.send().await.unwrap();
         assert_eq!(r.status(), 200);
         let got = r.bytes().await.expect("a complete body");
         assert_eq!(got.len(), sent.len(), "run {run}");

@@ -286,14 +286,20 @@ async fn outgoing_http_to_an_authority_not_allowed_is_denied() {
     );
 }
 
+/// A listener on a free loopback port, and its address.
+async fn local_listener() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    (listener, address)
+}
+
 #[tokio::test]
 async fn outgoing_http_to_an_allowed_upstream_reaches_its_address() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(f) = function("fetch-rs", Limits::default()) else {
         return;
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
+    let (listener, address) = local_listener().await;
     let upstream = tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await.unwrap();
         let mut head = vec![0; 4096];
@@ -637,16 +643,16 @@ async fn idle_instances_stay_within_the_runtime_cap() {
 /// read timeout (not wasmtime's default of 600 s), and a guest cannot ask for longer.
 #[tokio::test]
 async fn outgoing_http_waits_no_longer_than_the_upstreams_read_timeout() {
-    let Some(f) = function("fetch-rs", Limits::default()) else {
-        return;
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
+    // accepts, then says nothing
+    let (listener, address) = local_listener().await;
     let silent = tokio::spawn(async move {
         let (conn, _) = listener.accept().await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
         drop(conn);
     });
+    let Some(f) = function("fetch-rs", Limits::default()) else {
+        return;
+    };
     let io = Io {
         outgoing: Arc::new(move |_: &str| {
             Some(Outgoing {
