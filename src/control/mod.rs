@@ -996,6 +996,14 @@ impl Control {
             "memory_mb",
         )
         .map_err(reject)?;
+        let requests_per_instance = match opts.requests_per_instance.unwrap_or(1) {
+            0 => Err("requests_per_instance must be at least 1"),
+            n if n > 1 && !function => {
+                Err("requests_per_instance applies to functions (components), not filters")
+            }
+            n => Ok(n),
+        }
+        .map_err(|why| reject(ApiError::new(400, "bad_query", why)))?;
         let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
         let mut v = VersionRec {
             version: 0,
@@ -1009,23 +1017,7 @@ impl Control {
             budget_us,
             memory_mb,
             kind: String::new(),
-            requests_per_instance: match opts.requests_per_instance {
-                Some(0) => {
-                    return Err(reject(ApiError::new(
-                        400,
-                        "bad_query",
-                        "requests_per_instance must be at least 1",
-                    )))
-                }
-                Some(n) if n > 1 && !function => {
-                    return Err(reject(ApiError::new(
-                        400,
-                        "bad_query",
-                        "requests_per_instance applies to functions (components), not filters",
-                    )))
-                }
-                n => n.unwrap_or(1),
-            },
+            requests_per_instance,
         };
         let started = Instant::now();
         let plugin = self.compile(t, m, &v, bytes, &limits).map_err(reject)?;

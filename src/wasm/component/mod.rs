@@ -52,10 +52,10 @@ pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use state::Host;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
@@ -201,36 +201,11 @@ pub struct ComponentRuntime {
     budget: CpuBudget,
     /// Stops the epoch ticker when the runtime is dropped.
     ticker_stop: Arc<AtomicBool>,
-    /// Idle (reused) instances of all its functions, bounded.
-    idle: Arc<IdleBudget>,
+    /// A place per idle (reused) instance of any of its functions, `idle_cap` in all: a
+    /// kept instance holds a permit until it leaves its queue.
+    idle: Arc<Semaphore>,
+    idle_cap: usize,
 }
-
-/// Counts the idle instances of a runtime's functions against a cap.
-struct IdleBudget {
-    cap: usize,
-    count: AtomicUsize,
-}
-
-impl IdleBudget {
-    /// A place for one more idle instance, if the cap allows; given back when dropped.
-    fn take(self: &Arc<Self>) -> Option<IdleSlot> {
-        let more = |n: usize| (n < self.cap).then_some(n + 1);
-        let taken = self
-            .count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, more);
-        taken.ok().map(|_| IdleSlot(self.clone()))
-    }
-}
-
-/// One idle instance's place in its runtime's [`IdleBudget`].
-struct IdleSlot(Arc<IdleBudget>);
-
-impl Drop for IdleSlot {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl ComponentRuntime {
     /// A runtime metering CPU with epochs.
     pub fn new() -> Result<Self, String> {
@@ -289,26 +264,22 @@ impl ComponentRuntime {
             linker,
             budget,
             ticker_stop,
-            idle: Arc::new(IdleBudget {
-                cap: MAX_IDLE_TOTAL,
-                count: AtomicUsize::new(0),
-            }),
+            idle: Arc::new(Semaphore::new(MAX_IDLE_TOTAL)),
+            idle_cap: MAX_IDLE_TOTAL,
         })
     }
 
     /// The same runtime with at most `cap` idle instances across its functions (set before
     /// compiling any).
     pub fn with_idle_cap(mut self, cap: usize) -> Self {
-        self.idle = Arc::new(IdleBudget {
-            cap,
-            count: AtomicUsize::new(0),
-        });
+        self.idle = Arc::new(Semaphore::new(cap));
+        self.idle_cap = cap;
         self
     }
 
     /// Idle instances now, across all functions.
     pub fn idle_instances(&self) -> usize {
-        self.idle.count.load(Ordering::Acquire)
+        self.idle_cap - self.idle.available_permits()
     }
 
     /// Compiles a function backend with default limits. See [`Self::compile_with`].
@@ -445,8 +416,11 @@ pub struct Function {
     /// Set when a reused instance failed before answering: the guest cannot serve
     /// consecutive requests, so this function runs fresh instances from then on.
     reuse_off: Arc<AtomicBool>,
-    /// The runtime's count of idle instances, which every kept instance takes a place in.
-    idle_budget: Arc<IdleBudget>,
+    /// Set once a reused instance has answered: the guest can serve consecutive requests,
+    /// so later failures are the requests' own and nothing is kept for a replay.
+    reuse_works: AtomicBool,
+    /// The runtime's places for idle instances, one of which every kept instance holds.
+    idle_budget: Arc<Semaphore>,
 }
 
 /// An instance between two requests, and how many it has served.
@@ -455,7 +429,7 @@ struct Idle {
     proxy: Proxy,
     served: u32,
     /// Its place among the runtime's idle instances, given back when it leaves the queue.
-    _slot: IdleSlot,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Function {
@@ -464,7 +438,7 @@ impl Function {
         handler: String,
         budget: CpuBudget,
         limits: Limits,
-        idle_budget: Arc<IdleBudget>,
+        idle_budget: Arc<Semaphore>,
     ) -> Arc<Self> {
         let idle = (limits.requests_per_instance > 1).then(|| {
             let idle = limits.max_instances.clamp(1, MAX_IDLE_PER_FUNCTION);
@@ -477,6 +451,7 @@ impl Function {
             slots: Arc::new(Semaphore::new(limits.max_instances)),
             idle,
             reuse_off: Arc::new(AtomicBool::new(false)),
+            reuse_works: AtomicBool::new(false),
             idle_budget,
             limits,
         })
@@ -532,7 +507,9 @@ impl Function {
     /// instance: if that one answers, reuse was the cause and is turned off for this
     /// function (a line on its stderr says why); if it fails too, the request was (reuse
     /// stays on). A request with a body cannot be replayed: it gets the failure, and reuse
-    /// is turned off, erring on the side of answering the next ones.
+    /// is turned off, erring on the side of answering the next ones. Once a reused instance
+    /// has answered, the guest is known to serve consecutive requests: from then on a
+    /// request is neither copied for a replay nor replayed.
     pub async fn handle(
         &self,
         request: hyper::Request<HyperIncomingBody>,
@@ -546,12 +523,20 @@ impl Function {
         let Some(idle) = idle else {
             return self.run(request, io, None).await;
         };
+        if self.reuse_works.load(Ordering::Relaxed) {
+            return self.run(request, io, Some(idle)).await;
+        }
         let (parts, body) = request.into_parts();
         let replay = http_body::Body::is_end_stream(&body).then(|| parts.clone());
         let request = hyper::Request::from_parts(parts, body);
         let failure = match self.run(request, io.clone(), Some(idle)).await {
             Err(failure @ (Failure::NoResponse | Failure::Trap(_))) => failure,
-            other => return other,
+            other => {
+                if other.is_ok() {
+                    self.reuse_works.store(true, Ordering::Relaxed);
+                }
+                return other;
+            }
         };
         let Some(parts) = replay else {
             self.turn_reuse_off(&io, &failure);
@@ -669,7 +654,8 @@ impl Function {
                     && data.is_clean()
                     && data.memory.total <= memory_bound;
                 // A full queue, or no place left in the runtime, drops the instance.
-                if let Some(slot) = reusable.then(|| budget.take()).flatten() {
+                let slot = reusable.then(|| budget.try_acquire_owned().ok()).flatten();
+                if let Some(slot) = slot {
                     let _ = queue.push(Idle {
                         store,
                         proxy,

@@ -4,7 +4,7 @@
 //! and are seen by the later modules of the chain.
 
 use super::call::{give, read, run, run_alloc, Ret, C};
-use super::headers::{host_header, map_pairs, path_and_query};
+use super::headers::{host_header, map_get, map_pairs, path_and_query};
 use super::Host;
 use crate::wasm::abi::{self, HostResult, MapType, Status};
 use pingora::http::ResponseHeader;
@@ -56,7 +56,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
         [b"plugin_root_id"] => s(&plugin.spec.root_id),
         [b"plugin_vm_id"] | [b"tenant"] => s(&plugin.spec.tenant),
         // one header's value (Envoy's `request.headers['name']`)
-        [b"request", b"headers", name] => header_value(h, MapType::RequestHeaders, name),
+        [b"request", b"headers", name] => one_header(h, MapType::RequestHeaders, name),
         [b"request", b"time"] => {
             // nanoseconds since the Unix epoch, as Envoy's timestamps reach guests
             let t = info.and_then(|i| i.start).ok_or(Status::NotFound)?;
@@ -197,7 +197,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
             };
             int(code as i64)
         }
-        [b"response", b"headers", name] => header_value(h, MapType::ResponseHeaders, name),
+        [b"response", b"headers", name] => one_header(h, MapType::ResponseHeaders, name),
         [b"response", b"headers"] => {
             let pairs = map_pairs(h, MapType::ResponseHeaders)?;
             Ok(abi::serialize_map(
@@ -237,11 +237,11 @@ pub fn response_head_bytes(r: &ResponseHeader) -> u64 {
             .sum::<u64>()
 }
 
-/// One header's value from a map, by case-insensitive name.
-fn header_value(h: &Host, map: MapType, name: &[u8]) -> HostResult<Vec<u8>> {
-    map_pairs(h, map)?
-        .into_iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v)
-        .ok_or(Status::NotFound)
+/// One header's value, as `proxy_get_header_map_value` reads it; a name no header can have
+/// is simply not found.
+fn one_header(h: &Host, map: MapType, name: &[u8]) -> HostResult<Vec<u8>> {
+    map_get(h, map, name).map_err(|s| match s {
+        Status::BadArgument => Status::NotFound,
+        other => other,
+    })
 }
