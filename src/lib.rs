@@ -14,6 +14,7 @@ pub mod reload;
 pub mod route;
 pub mod routing;
 pub mod server;
+pub mod state;
 pub mod tenant;
 pub mod tls;
 pub mod upstream;

@@ -1,0 +1,402 @@
+//! Tenant state: a key-value store with versions, compare-and-swap, atomic increments and
+//! TTLs, one namespace per tenant, behind one [`Backend`] trait with two implementations:
+//! [`embedded`] (redb in `data_dir`, the default) and [`redis`] (`[state] backend =
+//! "redis"`, shared by every node). Guests reach it through `wasi:keyvalue` (functions)
+//! and `wasmgate.kv.*` foreign functions (filters); the admin API and CLI reach it for
+//! debugging. [`Store`] wraps a backend with the tenant's limits and usage counters; the
+//! backends only keep the semantics below identical.
+//!
+//! **Semantics (both backends).**
+//! - A key lives in its tenant's namespace; no call names another tenant's.
+//! - Every write gives the entry a new *version*: a per-tenant sequence number, so a
+//!   version is never reused, not even after a delete and a re-create (no ABA for a
+//!   compare-and-swap).
+//! - `set` with `expect = Some(v)` stores only if the entry's version is `v` now
+//!   (`Some(0)`: only if the key is absent); otherwise it answers the current version.
+//! - `incr` treats the value as a decimal `i64` (an absent key as 0) and stores the
+//!   result as decimal text, so a counter reads the same from every interface.
+//! - A TTL makes an entry invisible once it passes; its bytes are released when the key
+//!   is next written or deleted. Until then they count toward the tenant's bytes stored
+//!   (an expired entry nobody writes again stays counted: documented, not hidden).
+//! - *Bytes stored* are the key and value lengths of every live entry; a write that
+//!   would take a tenant past its quota is refused and changes nothing.
+
+pub mod embedded;
+pub mod redis;
+pub mod secrets;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// An entry as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub value: Bytes,
+    pub version: u64,
+}
+
+/// How a write went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Stored (or deleted) at this version (a delete's is 0).
+    Done(u64),
+    /// The entry's version was not the one expected; this is its version now (0: absent).
+    Conflict(u64),
+}
+
+/// What a write asks for besides the value.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriteOpts {
+    /// Write only if the entry's version is this now (`Some(0)`: only if absent).
+    pub expect: Option<u64>,
+    /// The entry disappears this long after the write.
+    pub ttl: Option<Duration>,
+    /// Bytes the tenant may have stored after the write.
+    pub quota: u64,
+}
+
+/// Why a state call failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("key is empty or longer than {0} bytes")]
+    BadKey(usize),
+    #[error("value is longer than {0} bytes")]
+    ValueTooLarge(usize),
+    #[error("the tenant's state is full ({0} bytes)")]
+    OverQuota(u64),
+    #[error("too many state operations; retry later")]
+    RateLimited,
+    #[error("the value is not a decimal integer")]
+    NotANumber,
+    #[error("the state store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StateError {
+    /// A short machine-readable name, used by the guest interfaces and the admin API.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StateError::BadKey(_) => "bad_key",
+            StateError::ValueTooLarge(_) => "value_too_large",
+            StateError::OverQuota(_) => "over_quota",
+            StateError::RateLimited => "rate_limited",
+            StateError::NotANumber => "not_a_number",
+            StateError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StateError>;
+
+/// A state store: the semantics in the module doc, per namespace (`ns`, the tenant).
+#[async_trait]
+pub trait Backend: Send + Sync {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>>;
+    async fn set(&self, ns: &str, key: &str, value: Bytes, opts: WriteOpts) -> Result<Written>;
+    /// Deletes the entry (if `expect` matches); `Done(0)` whether or not it existed.
+    async fn delete(&self, ns: &str, key: &str, expect: Option<u64>) -> Result<Written>;
+    /// Adds `delta` to the entry read as a decimal `i64`; answers the new value.
+    async fn incr(&self, ns: &str, key: &str, delta: i64, quota: u64) -> Result<i64>;
+    /// Live keys starting with `prefix`, in byte order, after `after`, at most `limit`.
+    async fn list(
+        &self,
+        ns: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>>;
+    /// Bytes the namespace stores.
+    async fn bytes_used(&self, ns: &str) -> Result<u64>;
+    /// Which backend, for logs and the status page.
+    fn name(&self) -> &'static str;
+}
+
+/// Milliseconds since the epoch, the clock TTLs are kept in.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// When an entry written now with `ttl` expires (0: never).
+pub(crate) fn expiry(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |t| now_ms().saturating_add(t.as_millis().max(1) as u64))
+}
+
+/// Parses a counter's value: absent is 0, otherwise decimal text.
+pub(crate) fn counter(value: Option<&[u8]>) -> Result<i64> {
+    match value {
+        None => Ok(0),
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or(StateError::NotANumber),
+    }
+}
+
+/// A tenant's state limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateLimits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_total_bytes: u64,
+    /// Operations a second (reads and writes), with as much burst; 0: no limit.
+    pub ops_per_sec: u32,
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        StateLimits {
+            max_key_bytes: 512,
+            max_value_bytes: 1 << 20,
+            max_total_bytes: 64 << 20,
+            ops_per_sec: 1000,
+        }
+    }
+}
+
+/// A tenant's state usage since start, counted here (not in the backend): reads, writes,
+/// bytes read and written, and the bytes stored as last seen.
+#[derive(Default, Debug)]
+pub struct StateUsage {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl StateUsage {
+    pub fn to_json(&self) -> serde_json::Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "reads": l(&self.reads),
+            "writes": l(&self.writes),
+            "bytes_read": l(&self.bytes_read),
+            "bytes_written": l(&self.bytes_written),
+            "bytes_stored": l(&self.bytes_stored),
+            "errors": l(&self.errors),
+        })
+    }
+}
+
+/// The store every interface goes through: a backend, each tenant's limits and usage.
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    defaults: StateLimits,
+    limits: DashMap<String, StateLimits>,
+    usage: DashMap<String, Arc<StateUsage>>,
+    rate: DashMap<String, Arc<crate::control::limit::Limiter>>,
+}
+
+impl Store {
+    pub fn new(backend: Arc<dyn Backend>, defaults: StateLimits) -> Arc<Store> {
+        Arc::new(Store {
+            backend,
+            defaults,
+            limits: DashMap::new(),
+            usage: DashMap::new(),
+            rate: DashMap::new(),
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Sets a tenant's limits (`None`: the defaults).
+    pub fn set_limits(&self, tenant: &str, limits: Option<StateLimits>) {
+        match limits {
+            Some(l) => {
+                self.limits.insert(tenant.to_string(), l);
+            }
+            None => {
+                self.limits.remove(tenant);
+            }
+        }
+        self.rate.remove(tenant);
+    }
+
+    pub fn limits(&self, tenant: &str) -> StateLimits {
+        self.limits.get(tenant).map_or(self.defaults, |l| *l)
+    }
+
+    /// A tenant's counters.
+    pub fn usage(&self, tenant: &str) -> Arc<StateUsage> {
+        if let Some(u) = self.usage.get(tenant) {
+            return u.clone();
+        }
+        self.usage.entry(tenant.to_string()).or_default().clone()
+    }
+
+    /// A handle bound to one tenant: what guests get.
+    pub fn tenant(self: &Arc<Self>, tenant: &str) -> TenantState {
+        TenantState {
+            store: self.clone(),
+            tenant: Arc::from(tenant),
+            ns: Arc::from(format!("t/{tenant}")),
+            usage: self.usage(tenant),
+        }
+    }
+
+    fn admit(&self, tenant: &str, limits: &StateLimits) -> Result<()> {
+        if limits.ops_per_sec == 0 {
+            return Ok(());
+        }
+        let limiter = match self.rate.get(tenant) {
+            Some(l) => l.clone(),
+            None => self
+                .rate
+                .entry(tenant.to_string())
+                .or_insert_with(|| {
+                    Arc::new(crate::control::limit::Limiter::new(
+                        limits.ops_per_sec,
+                        limits.ops_per_sec,
+                    ))
+                })
+                .clone(),
+        };
+        limiter.check().map_err(|_| StateError::RateLimited)
+    }
+}
+
+/// One tenant's view of the store. Every call checks the tenant's limits, counts usage
+/// and reaches only the tenant's namespace.
+#[derive(Clone)]
+pub struct TenantState {
+    store: Arc<Store>,
+    tenant: Arc<str>,
+    /// The tenant's key-value namespace in the backend (`t/NAME`).
+    ns: Arc<str>,
+    usage: Arc<StateUsage>,
+}
+
+impl TenantState {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    fn check(&self, key: &str) -> Result<StateLimits> {
+        let limits = self.store.limits(&self.tenant);
+        if key.is_empty() || key.len() > limits.max_key_bytes {
+            return Err(StateError::BadKey(limits.max_key_bytes));
+        }
+        self.store.admit(&self.tenant, &limits)?;
+        Ok(limits)
+    }
+
+    fn counted<T>(&self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.usage.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>> {
+        let r = async {
+            self.check(key)?;
+            let e = self.store.backend.get(&self.ns, key).await?;
+            self.usage.reads.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = &e {
+                self.usage
+                    .bytes_read
+                    .fetch_add(e.value.len() as u64, Ordering::Relaxed);
+            }
+            Ok(e)
+        }
+        .await;
+        self.counted(r)
+    }
+
+    pub async fn set(
+        &self,
+        key: &str,
+        value: Bytes,
+        expect: Option<u64>,
+        ttl: Option<Duration>,
+    ) -> Result<Written> {
+        let r = async {
+            let limits = self.check(key)?;
+            if value.len() > limits.max_value_bytes {
+                return Err(StateError::ValueTooLarge(limits.max_value_bytes));
+            }
+            let len = value.len() as u64;
+            let opts = WriteOpts {
+                expect,
+                ttl,
+                quota: limits.max_total_bytes,
+            };
+            let w = self.store.backend.set(&self.ns, key, value, opts).await?;
+            self.usage.writes.fetch_add(1, Ordering::Relaxed);
+            if matches!(w, Written::Done(_)) {
+                self.usage.bytes_written.fetch_add(len, Ordering::Relaxed);
+            }
+            Ok(w)
+        }
+        .await;
+        self.counted(r)
+    }
+
+    pub async fn delete(&self, key: &str, expect: Option<u64>) -> Result<Written> {
+        let r = async {
+            self.check(key)?;
+            let w = self.store.backend.delete(&self.ns, key, expect).await?;
+            self.usage.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(w)
+        }
+        .await;
+        self.counted(r)
+    }
+
+    pub async fn incr(&self, key: &str, delta: i64) -> Result<i64> {
+        let r = async {
+            let limits = self.check(key)?;
+            let v = self
+                .store
+                .backend
+                .incr(&self.ns, key, delta, limits.max_total_bytes)
+                .await?;
+            self.usage.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(v)
+        }
+        .await;
+        self.counted(r)
+    }
+
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let r = async {
+            let limits = self.store.limits(&self.tenant);
+            self.store.admit(&self.tenant, &limits)?;
+            let keys = self
+                .store
+                .backend
+                .list(&self.ns, prefix, after, limit.min(1000))
+                .await?;
+            self.usage.reads.fetch_add(1, Ordering::Relaxed);
+            Ok(keys)
+        }
+        .await;
+        self.counted(r)
+    }
+
+    /// Bytes stored, as the backend counts them now (and remembered for usage).
+    pub async fn bytes_used(&self) -> Result<u64> {
+        let b = self.store.backend.bytes_used(&self.ns).await?;
+        self.usage.bytes_stored.store(b, Ordering::Relaxed);
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;

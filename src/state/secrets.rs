@@ -1,0 +1,382 @@
+//! Tenant secrets: sealed with ChaCha20-Poly1305 (ring's AEAD) before they reach any
+//! store, opened only in memory, never logged or returned by the API.
+//!
+//! - **Key.** 32 bytes: `WASMGATE_SECRET_KEY` (base64) when set, else `data_dir/secret.key`
+//!   (created with mode 0600 on first start). Each sealed value names its key by an id
+//!   (the first 8 hex digits of the key's SHA-256), so after a rotation the old key,
+//!   kept in `secret.key.previous`, still opens values not yet re-sealed.
+//! - **Sealed form.** `wg1:<key id>:<base64(nonce ‖ ciphertext ‖ tag)>`, with the tenant and
+//!   the secret's name as associated data: a sealed value copied to another tenant or
+//!   name does not open.
+//! - **Where.** In the state backend, namespace `s/TENANT`, one entry per name holding
+//!   `{"updated_at": unix seconds, "sealed": "..."}`; so the embedded file or Redis never
+//!   holds a secret in clear.
+
+use super::{Backend, StateError, WriteOpts};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use dashmap::DashMap;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// The environment variable that carries the key (base64 of 32 bytes).
+pub const KEY_ENV: &str = "WASMGATE_SECRET_KEY";
+/// Longest secret name and value.
+pub const MAX_NAME: usize = 128;
+pub const MAX_VALUE: usize = 64 * 1024;
+
+struct Key {
+    id: String,
+    key: LessSafeKey,
+}
+
+impl Key {
+    fn new(bytes: &[u8]) -> anyhow::Result<Key> {
+        anyhow::ensure!(
+            bytes.len() == 32,
+            "a secret key is 32 bytes, this one is {}",
+            bytes.len()
+        );
+        let id = hex::encode(&ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()[..4]);
+        let key = LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, bytes).map_err(|_| anyhow::anyhow!("bad key"))?,
+        );
+        Ok(Key { id, key })
+    }
+}
+
+/// The current key and the previous ones still accepted for opening.
+pub struct Keyring {
+    current: Key,
+    previous: Vec<Key>,
+    /// Where the key lives (None: the environment), for rotation.
+    file: Option<PathBuf>,
+}
+
+fn aad(tenant: &str, name: &str) -> Vec<u8> {
+    [tenant.as_bytes(), b"\0", name.as_bytes()].concat()
+}
+
+fn random_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut k)
+        .expect("the system's random source");
+    k
+}
+
+fn decode_key(text: &str, whence: &str) -> anyhow::Result<Key> {
+    let bytes = B64
+        .decode(text.trim())
+        .map_err(|e| anyhow::anyhow!("{whence}: not base64: {e}"))?;
+    Key::new(&bytes).map_err(|e| anyhow::anyhow!("{whence}: {e}"))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Keyring {
+    /// The key from [`KEY_ENV`], else from `dir/secret.key` (made on first use), with the
+    /// previous keys from `dir/secret.key.previous` (one per line).
+    pub fn load(dir: &Path) -> anyhow::Result<Keyring> {
+        let file = dir.join("secret.key");
+        let (current, file) = match std::env::var(KEY_ENV) {
+            Ok(v) if !v.trim().is_empty() => (decode_key(&v, KEY_ENV)?, None),
+            _ => {
+                let text = match std::fs::read_to_string(&file) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        std::fs::create_dir_all(dir)?;
+                        let t = B64.encode(random_key());
+                        write_private(&file, &t)?;
+                        t
+                    }
+                    Err(e) => anyhow::bail!("cannot read {}: {e}", file.display()),
+                };
+                (decode_key(&text, &file.display().to_string())?, Some(file))
+            }
+        };
+        let prev_path = dir.join("secret.key.previous");
+        let previous = match std::fs::read_to_string(&prev_path) {
+            Ok(t) => t
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| decode_key(l, &prev_path.display().to_string()))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            Err(_) => Vec::new(),
+        };
+        Ok(Keyring {
+            current,
+            previous,
+            file,
+        })
+    }
+
+    pub fn seal(&self, tenant: &str, name: &str, value: &[u8]) -> String {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .expect("the system's random source");
+        let mut buf = value.to_vec();
+        self.current
+            .key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(tenant, name)),
+                &mut buf,
+            )
+            .expect("sealing cannot fail for a value this size");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buf);
+        format!("wg1:{}:{}", self.current.id, B64.encode(out))
+    }
+
+    pub fn open(&self, tenant: &str, name: &str, sealed: &str) -> Result<Vec<u8>, String> {
+        let mut parts = sealed.splitn(3, ':');
+        let (Some("wg1"), Some(id), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err("not a sealed secret".into());
+        };
+        let key = std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|k| k.id == id)
+            .ok_or_else(|| format!("sealed with key {id}, which this gateway does not have"))?;
+        let raw = B64
+            .decode(body)
+            .map_err(|_| "not a sealed secret".to_string())?;
+        if raw.len() < NONCE_LEN {
+            return Err("not a sealed secret".into());
+        }
+        let (nonce, ct) = raw.split_at(NONCE_LEN);
+        let mut buf = ct.to_vec();
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce".to_string())?;
+        let plain = key
+            .key
+            .open_in_place(nonce, Aad::from(aad(tenant, name)), &mut buf)
+            .map_err(|_| {
+                "the secret does not open with its key (tampered, or moved)".to_string()
+            })?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// A secret as listed: never its value.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub updated_at: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    updated_at: u64,
+    sealed: String,
+}
+
+/// Every tenant's secrets: sealed in the backend, opened into an in-memory map per tenant
+/// (what guests read), which changes only through [`Secrets::set`] and
+/// [`Secrets::delete`].
+pub struct Secrets {
+    backend: Arc<dyn Backend>,
+    keys: RwLock<Arc<Keyring>>,
+    open: DashMap<String, Arc<BTreeMap<String, String>>>,
+}
+
+fn ns(tenant: &str) -> String {
+    format!("s/{tenant}")
+}
+
+/// Checks a secret's name: letters, digits, `_`, `-` and `.`, at most [`MAX_NAME`].
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+impl Secrets {
+    pub fn new(backend: Arc<dyn Backend>, keys: Keyring) -> Arc<Secrets> {
+        Arc::new(Secrets {
+            backend,
+            keys: RwLock::new(Arc::new(keys)),
+            open: DashMap::new(),
+        })
+    }
+
+    fn keys(&self) -> Arc<Keyring> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub async fn set(&self, tenant: &str, name: &str, value: &str) -> Result<(), String> {
+        if !valid_name(name) {
+            return Err(format!(
+                "a secret's name is 1 to {MAX_NAME} letters, digits, `_`, `-` or `.`"
+            ));
+        }
+        if value.len() > MAX_VALUE {
+            return Err(format!("a secret's value is at most {MAX_VALUE} bytes"));
+        }
+        let stored = Stored {
+            updated_at: crate::wasm::meter::now_secs(),
+            sealed: self.keys().seal(tenant, name, value.as_bytes()),
+        };
+        let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+        let opts = WriteOpts {
+            quota: u64::MAX,
+            ..WriteOpts::default()
+        };
+        self.backend
+            .set(&ns(tenant), name, bytes.into(), opts)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.open.remove(tenant);
+        Ok(())
+    }
+
+    /// Deletes a secret; whether it existed.
+    pub async fn delete(&self, tenant: &str, name: &str) -> Result<bool, String> {
+        let existed = self
+            .backend
+            .get(&ns(tenant), name)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some();
+        self.backend
+            .delete(&ns(tenant), name, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.open.remove(tenant);
+        Ok(existed)
+    }
+
+    async fn entries(&self, tenant: &str) -> Result<Vec<(String, Stored)>, StateError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let keys = self
+                .backend
+                .list(&ns(tenant), "", after.as_deref(), 500)
+                .await?;
+            let Some(last) = keys.last().cloned() else {
+                break;
+            };
+            for k in keys {
+                if let Some(e) = self.backend.get(&ns(tenant), &k).await? {
+                    if let Ok(s) = serde_json::from_slice::<Stored>(&e.value) {
+                        out.push((k, s));
+                    }
+                }
+            }
+            after = Some(last);
+        }
+        Ok(out)
+    }
+
+    pub async fn list(&self, tenant: &str) -> Result<Vec<Listed>, String> {
+        Ok(self
+            .entries(tenant)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(name, s)| Listed {
+                name,
+                updated_at: s.updated_at,
+            })
+            .collect())
+    }
+
+    /// A tenant's secrets in clear (cached until one changes). A secret that does not open
+    /// is left out and logged by name.
+    pub async fn values(&self, tenant: &str) -> Result<Arc<BTreeMap<String, String>>, String> {
+        if let Some(v) = self.open.get(tenant) {
+            return Ok(v.clone());
+        }
+        let keys = self.keys();
+        let mut map = BTreeMap::new();
+        for (name, s) in self.entries(tenant).await.map_err(|e| e.to_string())? {
+            match keys.open(tenant, &name, &s.sealed) {
+                Ok(v) => {
+                    map.insert(name, String::from_utf8_lossy(&v).into_owned());
+                }
+                Err(e) => tracing::error!(tenant, secret = %name, "secret does not open: {e}"),
+            }
+        }
+        let map = Arc::new(map);
+        self.open.insert(tenant.to_string(), map.clone());
+        Ok(map)
+    }
+
+    /// The cached values only (the request path: never waits for the store).
+    pub fn cached(&self, tenant: &str) -> Option<Arc<BTreeMap<String, String>>> {
+        self.open.get(tenant).map(|v| v.clone())
+    }
+
+    /// Forgets the opened values of every tenant (their next read opens them again).
+    pub fn forget(&self) {
+        self.open.clear();
+    }
+
+    /// A new key: every secret of `tenants` is re-sealed with it, then it replaces the key
+    /// file (the old key kept in `secret.key.previous`). Refused when the key comes from
+    /// the environment: rotate it there (set the new key, keep the old one in
+    /// `secret.key.previous` until the secrets are set again).
+    pub async fn rotate(&self, tenants: &[String]) -> Result<usize, String> {
+        let old = self.keys();
+        let Some(file) = old.file.clone() else {
+            return Err(format!("the key comes from {KEY_ENV}; rotate it there"));
+        };
+        let raw = random_key();
+        let new = Arc::new(Keyring {
+            current: Key::new(&raw).map_err(|e| e.to_string())?,
+            previous: Vec::new(),
+            file: Some(file.clone()),
+        });
+        // the old key must stay readable until every value is re-sealed, and after a crash
+        let prev_path = file.with_file_name("secret.key.previous");
+        let old_text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+        let mut prev = std::fs::read_to_string(&prev_path).unwrap_or_default();
+        prev.push_str(old_text.trim());
+        prev.push('\n');
+        write_private(&prev_path, &prev).map_err(|e| e.to_string())?;
+        let mut n = 0;
+        for t in tenants {
+            for (name, s) in self.entries(t).await.map_err(|e| e.to_string())? {
+                let value = old.open(t, &name, &s.sealed)?;
+                let stored = Stored {
+                    updated_at: s.updated_at,
+                    sealed: new.seal(t, &name, &value),
+                };
+                let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+                let opts = WriteOpts {
+                    quota: u64::MAX,
+                    ..WriteOpts::default()
+                };
+                self.backend
+                    .set(&ns(t), &name, bytes.into(), opts)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                n += 1;
+            }
+        }
+        write_private(&file, &B64.encode(raw)).map_err(|e| e.to_string())?;
+        let reloaded =
+            Keyring::load(file.parent().unwrap_or(Path::new("."))).map_err(|e| e.to_string())?;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(reloaded);
+        Ok(n)
+    }
+}
