@@ -3,7 +3,10 @@
 #   wrk against: the upstream directly, the gateway (no hook, API-key hook, JWT hook,
 #   wasm API backend), a bare Pingora proxy with no logic (examples/bare_pingora.rs: the
 #   floor under the gateway), and nginx as the same reverse proxy (plain, and with an njs
-#   API-key check); then the criterion benches (route matching, hook chain costs).
+#   API-key check); a function reading one key of its tenant's state store against the
+#   same function answering without it, and the guest-side latency of that read on the
+#   embedded store and on Redis; then the criterion benches (route matching, hook chain
+#   costs).
 # Each wrk target runs several times, interleaved; the table shows medians.
 # Ends with machine-readable lines: `ratio name=value` and `figure name=value`.
 #
@@ -20,7 +23,7 @@ if [ "${1:-}" = "--quick" ]; then runs=3 dur=2 crit_time=1; fi
 threads="${THREADS:-1}"
 conns="${CONNS:-32}"
 
-ensure_packages cmake wrk nginx python3
+ensure_packages cmake wrk nginx python3 redis-server
 ensure_rust_targets
 build_release
 
@@ -82,6 +85,11 @@ requests_per_instance = 100000
 [modules.fnr_py]
 path = "$root/guests/out/hello-py.wasm"
 requests_per_instance = 100000
+[modules.kv]
+path = "$root/guests/out/kv-rs.wasm"
+[[routes]]
+path_prefix = "/kvb"
+hooks = ["kv"]
 [[routes]]
 path_prefix = "/fn/rs"
 hooks = ["fn_rs"]
@@ -159,12 +167,49 @@ nginx -c "$tmp/nginx.conf" -p "$tmp" &
 pids+=($!)
 wait_port "$ng_port"
 
+# --- the same kv function on a gateway whose state store is a Redis started here
+redis_port=$(free_port); gwr_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$tmp" \
+  >"$tmp/redis.log" 2>&1 &
+pids+=($!)
+wait_port "$redis_port"
+cat > "$tmp/gw-redis.toml" <<CONF
+[server]
+threads = $threads
+data_dir = "$tmp/data-redis"
+watch_config = false
+[metrics]
+listen = ""
+[admin]
+listen = ""
+[state]
+backend = "redis"
+url = "redis://127.0.0.1:$redis_port/0"
+[[listeners]]
+listen = "127.0.0.1:$gwr_port"
+[modules.kv]
+path = "$root/guests/out/kv-rs.wasm"
+[[routes]]
+path_prefix = "/kvb"
+hooks = ["kv"]
+CONF
+RUST_LOG=warn "$bin" serve --config "$tmp/gw-redis.toml" >"$tmp/gw-redis.log" 2>&1 &
+pids+=($!)
+wait_port "$gwr_port"
+# the key the kv targets read: 100 bytes, on both stores
+for p in "$gw_port" "$gwr_port"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT --data-binary "$(printf 'v%.0s' $(seq 100))" \
+    "http://127.0.0.1:$p/kvb/kv/bench")
+  [ "$code" = 204 ] || { echo "kv seed on $p answered $code" >&2; exit 1; }
+done
+
 # --- wrk runs, interleaved across targets
-names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key pingora_bare)
+names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key pingora_bare kv_read kv_plain)
 urls=("http://127.0.0.1:$up_port/" "http://127.0.0.1:$gw_port/plain/x" "http://127.0.0.1:$gw_port/key/x"
       "http://127.0.0.1:$gw_port/jwt/x" "http://127.0.0.1:$gw_port/hello/bench" "http://127.0.0.1:$ng_port/x"
-      "http://127.0.0.1:$ng_port/key/x" "http://127.0.0.1:$bare_port/x")
-hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key" "")
+      "http://127.0.0.1:$ng_port/key/x" "http://127.0.0.1:$bare_port/x"
+      "http://127.0.0.1:$gw_port/kvb/kv/bench" "http://127.0.0.1:$gw_port/kvb/plain")
+hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key" "" "" "")
 
 # sanity: every target answers 200 before measuring
 for i in "${!names[@]}"; do
@@ -183,6 +228,25 @@ for run in $(seq 1 "$runs"); do
     echo "${names[$i]} $rps $p50 $p99 ${errs:-}" >>"$tmp/results"
   done
 done
+
+# --- one state read timed inside the guest (kv-rs /time/KEY answers the ns its get took),
+#     2000 requests on one kept-alive connection per store, interleaved in blocks of 100
+python3 - "127.0.0.1:$gw_port" "127.0.0.1:$gwr_port" "$tmp/kv_times" <<'PY'
+import http.client, json, statistics, sys
+emb, red, out = sys.argv[1:]
+conns = {name: http.client.HTTPConnection(host, timeout=10) for name, host in (("embedded", emb), ("redis", red))}
+samples = {name: [] for name in conns}
+for _ in range(20):
+    for name, c in conns.items():
+        for _ in range(100):
+            c.request("GET", "/kvb/time/bench")
+            r = c.getresponse()
+            body = r.read()
+            assert r.status == 200, (name, r.status, body)
+            samples[name].append(int(body) / 1000)
+json.dump({k: {"p50": statistics.median(v), "p99": sorted(v)[int(len(v) * 0.99)]} for k, v in samples.items()},
+          open(out, "w"))
+PY
 
 # --- functions: the gateway against wasmtime serve 48.0.8, each mode against wasmtime
 #     serve's best configuration for it, one component at a time, interleaved:
@@ -305,9 +369,9 @@ cargo bench --quiet --bench route_match --bench hooks --bench components -- \
   --warm-up-time 1 --measurement-time "$crit_time" >"$tmp/criterion.log" 2>&1 || {
   cat "$tmp/criterion.log" >&2; exit 1; }
 
-python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" "$tmp/fn_results" "$tmp/js_deploy_ms" <<'PY'
+python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" "$tmp/fn_results" "$tmp/js_deploy_ms" "$tmp/kv_times" <<'PY'
 import json, os, statistics, sys
-results, crit, runs, dur, threads, conns, deploys, fn_results, js_deploy_ms = sys.argv[1:]
+results, crit, runs, dur, threads, conns, deploys, fn_results, js_deploy_ms, kv_times = sys.argv[1:]
 rows = {}
 def ms(v):
     v = v.strip()
@@ -380,6 +444,12 @@ for lang, word in (("rs", "rust"), ("js", "js"), ("py", "py")):
 for lang, word in (("rs", "rust"), ("py", "py")):
     print(f"ratio component_{word}_reuse_vs_wasmtime_serve_reuse={fn['gwr_' + lang] / fn['wsr_' + lang]:.2f}")
 fig["component_js_reuse_rps"] = fn["gwr_js"]
+kv = json.load(open(kv_times))
+print(f"\nstate read inside a function (µs, 2000 each): embedded p50 {kv['embedded']['p50']:.1f} p99 {kv['embedded']['p99']:.1f},"
+      f" redis p50 {kv['redis']['p50']:.1f} p99 {kv['redis']['p99']:.1f}")
+print(f"ratio kv_route_vs_plain_backend={med['kv_read'] / med['kv_plain']:.2f}")
+fig["kv_get_embedded_us"] = kv["embedded"]["p50"]
+fig["kv_get_redis_us"] = kv["redis"]["p50"]
 fig["deploy_js_source_to_first_ok_ms"] = float(open(js_deploy_ms).read())
 for k, v in fig.items():
     print(f"figure {k}={v:.3g}" if v < 100 else f"figure {k}={v:.0f}")

@@ -2,7 +2,7 @@
 # Builds the WASI-HTTP components in guests/components/ (function backends exporting
 # wasi:http/incoming-handler) to guests/out/NAME.wasm:
 #   *-rs      Rust crates for wasm32-wasip2 (the `wasi` crate's wasi:http bindings):
-#             hello, echo, fetch, stream, work; the hostile loop, bomb and misbehave
+#             hello, echo, fetch, stream, work, kv (state); the hostile loop, bomb and misbehave
 #   hello-js  JavaScript, componentize-js (npm, pinned) into a cache dir
 #   hello-py  Python, componentize-py (PyPI, pinned) into a cache dir
 # Idempotent: installs what is missing, skips an output newer than its inputs.
@@ -46,10 +46,10 @@ for p in json.load(sys.stdin)["packages"]:
 }
 
 # --- Rust (wasm32-wasip2) ---
-rust_guests=(hello-rs echo-rs fetch-rs stream-rs work-rs loop-rs bomb-rs misbehave-rs)
+rust_guests=(hello-rs echo-rs fetch-rs stream-rs work-rs loop-rs bomb-rs misbehave-rs kv-rs)
 need_rust=0
 for g in "${rust_guests[@]}"; do
-  stale "$out/$g.wasm" "$src/$g" "$src/Cargo.toml" && need_rust=1
+  stale "$out/$g.wasm" "$src/$g" "$src/Cargo.toml" "$root/wit" && need_rust=1
 done
 if (( need_rust )); then
   rustup target add wasm32-wasip2 >/dev/null 2>&1 || true

@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 source scripts/lib.sh
-ensure_packages cmake
+ensure_packages cmake redis-server
 ensure_rust_targets
 scripts/build-guests.sh
 scripts/build-components.sh

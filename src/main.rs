@@ -118,6 +118,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// A tenant's key-value store (for debugging): get, put, delete, list.
+    Kv {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: KvCmd,
+    },
+    /// A tenant's secrets: set (value from stdin), list (names only), delete; and the
+    /// key rotation.
+    Secret {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: SecretCmd,
+    },
 }
 
 /// Logs go to stderr, at `RUST_LOG` or `default`.
@@ -290,6 +305,91 @@ fn main() -> ExitCode {
                 admin_call(&admin, "DELETE", &format!("/v1/tokens/{jti}"), b"")
             }
         },
+        Cmd::Kv { admin, cmd } => kv(&admin, cmd),
+        Cmd::Secret { admin, cmd } => secret(&admin, cmd),
+    }
+}
+
+fn kv(a: &AdminArgs, cmd: KvCmd) -> ExitCode {
+    let at = |t: &str, k: &str| format!("/v1/tenants/{}/kv/{}", encode(t), encode(k));
+    match cmd {
+        KvCmd::Get { tenant, key } => admin_call(a, "GET", &at(&tenant, &key), b""),
+        KvCmd::Put {
+            tenant,
+            key,
+            value,
+            version,
+            ttl_ms,
+        } => {
+            let value = if value == "-" {
+                match read_stdin() {
+                    Some(v) => v,
+                    None => return ExitCode::FAILURE,
+                }
+            } else {
+                value.into_bytes()
+            };
+            let mut q = Vec::new();
+            if let Some(v) = version {
+                q.push(format!("version={v}"));
+            }
+            if let Some(t) = ttl_ms {
+                q.push(format!("ttl_ms={t}"));
+            }
+            let path = format!("{}?{}", at(&tenant, &key), q.join("&"));
+            admin_call(a, "PUT", &path, &value)
+        }
+        KvCmd::Delete { tenant, key } => admin_call(a, "DELETE", &at(&tenant, &key), b""),
+        KvCmd::List {
+            tenant,
+            prefix,
+            after,
+            limit,
+        } => {
+            let mut path = format!(
+                "/v1/tenants/{}/kv?prefix={}&limit={limit}",
+                encode(&tenant),
+                encode(&prefix)
+            );
+            if let Some(after) = after {
+                path.push_str(&format!("&after={}", encode(&after)));
+            }
+            admin_call(a, "GET", &path, b"")
+        }
+    }
+}
+
+fn secret(a: &AdminArgs, cmd: SecretCmd) -> ExitCode {
+    let at = |t: &str| format!("/v1/tenants/{}/secrets", encode(t));
+    match cmd {
+        SecretCmd::Set { tenant, name } => {
+            let Some(value) = read_stdin() else {
+                return ExitCode::FAILURE;
+            };
+            let path = format!("{}/{}", at(&tenant), encode(&name));
+            admin_call(a, "PUT", &path, &value)
+        }
+        SecretCmd::List { tenant } => admin_call(a, "GET", &at(&tenant), b""),
+        SecretCmd::Delete { tenant, name } => admin_call(
+            a,
+            "DELETE",
+            &format!("{}/{}", at(&tenant), encode(&name)),
+            b"",
+        ),
+        SecretCmd::RotateKey => admin_call(a, "POST", "/v1/secrets/rotate-key", b""),
+    }
+}
+
+/// Standard input, whole (a secret or a value piped in).
+fn read_stdin() -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    match std::io::stdin().read_to_end(&mut v) {
+        Ok(_) => Some(v),
+        Err(e) => {
+            eprintln!("error: cannot read stdin: {e}");
+            None
+        }
     }
 }
 
@@ -617,6 +717,66 @@ enum RoutesCmd {
         #[arg(long, default_value = "")]
         modules: String,
     },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    /// Print a key's value and version (JSON).
+    Get {
+        #[arg(long)]
+        tenant: String,
+        key: String,
+    },
+    /// Store a value (the argument, or stdin with `-`); `--version N` stores it only if
+    /// the key is at version N now (0: only if absent).
+    Put {
+        #[arg(long)]
+        tenant: String,
+        key: String,
+        value: String,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+    },
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        key: String,
+    },
+    /// Keys starting with a prefix.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// Set a secret; its value is read from stdin (never from the command line).
+    Set {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+    },
+    /// The tenant's secrets: names and update times, never values.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        name: String,
+    },
+    /// A new secret key (operator only): every secret is re-sealed with it.
+    RotateKey,
 }
 
 #[derive(Subcommand)]

@@ -23,4 +23,28 @@ pub struct TenantLimits {
     /// Upstreams this tenant's functions may guard (bind with an upstream).
     #[serde(default)]
     pub allowed_upstreams: Vec<String>,
+    /// Bytes (keys and values) the tenant may keep in the state store.
+    #[serde(default)]
+    pub state_max_bytes: Option<u64>,
+    /// State operations a second (0: no limit).
+    #[serde(default)]
+    pub state_ops_per_sec: Option<u32>,
+    #[serde(default)]
+    pub state_max_key_bytes: Option<u64>,
+    #[serde(default)]
+    pub state_max_value_bytes: Option<u64>,
+}
+
+impl TenantLimits {
+    /// The tenant's state limits: its own where set, `defaults` elsewhere.
+    pub fn state(&self, defaults: crate::state::StateLimits) -> crate::state::StateLimits {
+        let size =
+            |v: Option<u64>, d: usize| v.map_or(d, |v| usize::try_from(v).unwrap_or(usize::MAX));
+        crate::state::StateLimits {
+            max_key_bytes: size(self.state_max_key_bytes, defaults.max_key_bytes),
+            max_value_bytes: size(self.state_max_value_bytes, defaults.max_value_bytes),
+            max_total_bytes: self.state_max_bytes.unwrap_or(defaults.max_total_bytes),
+            ops_per_sec: self.state_ops_per_sec.unwrap_or(defaults.ops_per_sec),
+        }
+    }
 }

@@ -36,6 +36,46 @@ pub struct ConfFile {
     /// This gateway as guests see it in Envoy's `node` property.
     #[serde(default)]
     pub node: NodeSection,
+    /// Where tenant state and secrets live.
+    #[serde(default)]
+    pub state: StateSection,
+}
+
+/// `[state]`: the key-value store and secrets backend, and every tenant's default limits
+/// on it (a tenant's own `state_*` keys override them).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateSection {
+    /// `embedded` (a file in `data_dir/state`) or `redis`.
+    pub backend: Spanned<String>,
+    /// `redis://[user:password@]host:port/db`, for `backend = "redis"`.
+    pub url: Option<Spanned<String>>,
+    /// Prefix of every Redis key the gateway writes.
+    pub prefix: String,
+    /// Longest a state call waits for Redis (ms).
+    pub timeout_ms: Spanned<u64>,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// Bytes (keys and values) one tenant may store.
+    pub max_bytes: u64,
+    /// State operations a tenant may make per second (0: no limit).
+    pub ops_per_sec: u32,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        let l = crate::state::StateLimits::default();
+        StateSection {
+            backend: Spanned::new(0..0, "embedded".into()),
+            url: None,
+            prefix: "wasmgate".into(),
+            timeout_ms: Spanned::new(0..0, 500),
+            max_key_bytes: l.max_key_bytes,
+            max_value_bytes: l.max_value_bytes,
+            max_bytes: l.max_total_bytes,
+            ops_per_sec: l.ops_per_sec,
+        }
+    }
 }
 
 /// `[node]`: the proxy's identity for guests (`node.id`, `node.cluster`,
@@ -451,6 +491,11 @@ pub struct TenantFile {
     pub max_concurrency: Option<Spanned<u32>>,
     #[serde(default)]
     pub allowed_upstreams: Vec<Spanned<String>>,
+    /// The tenant's own state limits (default: `[state]`'s).
+    pub state_max_bytes: Option<Spanned<u64>>,
+    pub state_ops_per_sec: Option<Spanned<u32>>,
+    pub state_max_key_bytes: Option<Spanned<u64>>,
+    pub state_max_value_bytes: Option<Spanned<u64>>,
 }
 
 use crate::wasm::DEFAULT_BUDGET_US;

@@ -34,6 +34,9 @@ pub struct Snapshot {
     pub plugins: BTreeMap<String, Arc<Plugin>>,
     /// The `[node]` guests see.
     pub node: Arc<wasm::NodeInfo>,
+    /// `[state]`: the backend is the first conf's (a change needs a restart); the limits
+    /// follow reloads.
+    pub state: crate::state::StateConf,
 }
 
 /// `[server]` as the process runs with it.
@@ -334,6 +337,18 @@ impl Lowering<'_> {
             self.errors
                 .push(self.src.error(0..0, format!("[server] data_dir: {e:#}")));
         }
+        // tenant state opens with the first conf, before modules are built: a filter's
+        // configuration may name the tenant's secrets
+        let state = self.state(&f.state);
+        if let Some(state) = &state {
+            if let Err(e) = self
+                .env
+                .wasm
+                .open_state(&self.resolve(&f.server.data_dir), state)
+            {
+                self.err(&f.state.backend, format!("[state]: {e:#}"));
+            }
+        }
         let listeners = self.listeners(&f.listeners);
         let upstreams = self.upstreams(&f.upstreams);
         let node = Arc::new(self.node(&f.node));
@@ -397,6 +412,7 @@ impl Lowering<'_> {
             router: router.unwrap_or_default(),
             plugins,
             node,
+            state: state.unwrap_or_default(),
         })
     }
 
@@ -1191,6 +1207,50 @@ struct Modules {
     functions: BTreeMap<String, Arc<FunctionBackend>>,
 }
 
+impl Lowering<'_> {
+    /// `[state]`, checked: a known backend, a Redis URL when it is Redis's.
+    fn state(&mut self, s: &StateSection) -> Option<crate::state::StateConf> {
+        use crate::state::{BackendConf, StateConf, StateLimits};
+        let backend = match s.backend.get_ref().as_str() {
+            "embedded" => BackendConf::Embedded,
+            "redis" => match &s.url {
+                Some(url) if url.get_ref().starts_with("redis://") => BackendConf::Redis {
+                    url: url.get_ref().clone(),
+                    prefix: s.prefix.clone(),
+                    timeout: Duration::from_millis(*s.timeout_ms.get_ref()),
+                },
+                Some(url) => {
+                    self.err(url, "[state] url: a Redis URL starts with `redis://`");
+                    return None;
+                }
+                None => {
+                    self.err(&s.backend, "[state] backend = \"redis\" needs a `url`");
+                    return None;
+                }
+            },
+            other => {
+                self.err(
+                    &s.backend,
+                    format!("[state] backend `{other}` is not known; use `embedded` or `redis`"),
+                );
+                return None;
+            }
+        };
+        if *s.timeout_ms.get_ref() == 0 {
+            self.err(&s.timeout_ms, "[state] timeout_ms must be at least 1");
+        }
+        Some(StateConf {
+            backend,
+            limits: StateLimits {
+                max_key_bytes: s.max_key_bytes,
+                max_value_bytes: s.max_value_bytes,
+                max_total_bytes: s.max_bytes,
+                ops_per_sec: s.ops_per_sec,
+            },
+        })
+    }
+}
+
 /// The runtime limits of a conf tenant (checked by `Lowering::tenant_limits`).
 fn tenant_limits(t: TenantFile) -> TenantLimits {
     let value = |v: Option<Spanned<u64>>| v.map(Spanned::into_inner);
@@ -1202,6 +1262,10 @@ fn tenant_limits(t: TenantFile) -> TenantLimits {
         rate_per_sec: count(t.rate_per_sec),
         burst: count(t.burst),
         max_concurrency: count(t.max_concurrency),
+        state_max_bytes: value(t.state_max_bytes),
+        state_ops_per_sec: count(t.state_ops_per_sec),
+        state_max_key_bytes: value(t.state_max_key_bytes),
+        state_max_value_bytes: value(t.state_max_value_bytes),
         allowed_upstreams: t
             .allowed_upstreams
             .into_iter()

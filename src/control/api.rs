@@ -28,6 +28,16 @@
 //! | PUT | /v1/tenants/{t}/routes/{route} `{"modules": [m, ...]}` (route has `tenant = "t"` in the conf) | deploy |
 //! | GET | /v1/tenants/{t}/usage?from=&to= (unix seconds) | usage |
 //! | GET | /v1/tenants/{t}/logs[?follow=true] (server-sent events when following) | logs |
+//! | GET | /v1/tenants/{t}/kv?prefix=&after=&limit= (keys, bytes stored) | kv |
+//! | GET | /v1/tenants/{t}/kv/{key} (`value` or `value_base64`, `version`) | kv |
+//! | PUT | /v1/tenants/{t}/kv/{key}?version=N&ttl_ms=M (body: the value; `version` makes it a compare-and-swap, 0: only if absent; 409 on a conflict) | kv |
+//! | DELETE | /v1/tenants/{t}/kv/{key}?version=N | kv |
+//! | GET | /v1/tenants/{t}/secrets (names and update times, never values) | secrets |
+//! | PUT | /v1/tenants/{t}/secrets/{name} (body: the value) | secrets |
+//! | DELETE | /v1/tenants/{t}/secrets/{name} | secrets |
+//! | POST | /v1/secrets/rotate-key (a new key; every secret re-sealed) | operator |
+//!
+//! A key or secret name with `/` in it is sent percent-encoded (`%2F`).
 
 use super::token::{self, Claims};
 use super::{ApiError, ApiResult, Control, DeployOpts, FunctionRec};
@@ -572,7 +582,54 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
         ("GET", ["v1", "tenants", t, "usage"]) => {
             allowed_on(c, who, t, "usage")?;
             let n = |k: &str, d: u64| req.query.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
-            ok(c.usage(t, n("from", 0), n("to", u64::MAX)))
+            ok(c.usage_now(t, n("from", 0), n("to", u64::MAX)).await)
+        }
+        ("GET", ["v1", "tenants", t, "kv"]) => {
+            allowed_on(c, who, t, "kv")?;
+            let q = |k: &str| req.query.get(k).map(String::as_str);
+            let limit = q("limit").and_then(|v| v.parse().ok()).unwrap_or(100);
+            ok(c.kv_list(t, q("prefix").unwrap_or(""), q("after"), limit)
+                .await?)
+        }
+        ("GET", ["v1", "tenants", t, "kv", key]) => {
+            allowed_on(c, who, t, "kv")?;
+            let v = c.kv_get(t, key).await?;
+            if v["found"] == false {
+                return Err(ApiError::new(
+                    404,
+                    "not_found",
+                    format!("`{key}` is not set"),
+                ));
+            }
+            ok(v)
+        }
+        ("PUT", ["v1", "tenants", t, "kv", key]) => {
+            allowed_on(c, who, t, "kv")?;
+            let version = query_num(&req, "version")?;
+            let ttl = query_num(&req, "ttl_ms")?.map(Duration::from_millis);
+            ok(c.kv_put(t, key, req.body.clone(), version, ttl, &by)
+                .await?)
+        }
+        ("DELETE", ["v1", "tenants", t, "kv", key]) => {
+            allowed_on(c, who, t, "kv")?;
+            ok(c.kv_delete(t, key, query_num(&req, "version")?, &by)
+                .await?)
+        }
+        ("GET", ["v1", "tenants", t, "secrets"]) => {
+            allowed_on(c, who, t, "secrets")?;
+            ok(c.secret_list(t).await?)
+        }
+        ("PUT", ["v1", "tenants", t, "secrets", name]) => {
+            allowed_on(c, who, t, "secrets")?;
+            ok(c.secret_set(t, name, &req.body, &by).await?)
+        }
+        ("DELETE", ["v1", "tenants", t, "secrets", name]) => {
+            allowed_on(c, who, t, "secrets")?;
+            ok(c.secret_delete(t, name, &by).await?)
+        }
+        ("POST", ["v1", "secrets", "rotate-key"]) => {
+            operator(who)?;
+            ok(c.rotate_secret_key(&by).await?)
         }
         ("GET", ["v1", "tenants", t, "logs"]) => {
             allowed_on(c, who, t, "logs")?;
@@ -592,6 +649,16 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             "not_found",
             format!("no endpoint {} {}", req.method, req.path),
         )),
+    }
+}
+
+/// A numeric query parameter, if given; 400 when it is not a number.
+fn query_num(req: &Req, key: &str) -> ApiResult<Option<u64>> {
+    match req.query.get(key) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            ApiError::new(400, "bad_query", format!("`{key}` must be a whole number"))
+        }),
     }
 }
 

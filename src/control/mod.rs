@@ -11,6 +11,7 @@ pub mod api;
 pub mod client;
 pub mod componentize;
 pub mod limit;
+mod state;
 pub mod store;
 pub mod token;
 
@@ -494,12 +495,20 @@ impl Control {
                 (k, rt)
             })
             .collect();
+        let snap = self.live.load();
+        if let Some(state) = self.live.wasm.state() {
+            for (name, rt) in &tenants {
+                let limits = rt.limits.state(snap.state.limits);
+                if state.store.limits(name) != limits {
+                    state.store.set_limits(name, Some(limits));
+                }
+            }
+        }
         let plugins = self
             .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let snap = self.live.load();
         for ((t, _), p) in &plugins {
             let allowed = tenants
                 .get(t)
@@ -1191,6 +1200,18 @@ impl Control {
             modules.insert(m.clone(), serde_json::json!(c));
         }
         serde_json::json!({ "tenant": t, "from": from, "to": to, "modules": modules, "totals": totals })
+    }
+
+    /// [`Control::usage`], with the bytes the tenant stores in the state store now.
+    pub async fn usage_now(&self, t: &str, from: u64, to: u64) -> serde_json::Value {
+        let mut v = self.usage(t, from, to);
+        if let Some(s) = self.live.wasm.state() {
+            v["state_bytes_stored"] = match s.store.tenant(t, None).bytes_used().await {
+                Ok(b) => b.into(),
+                Err(e) => format!("unavailable: {e}").into(),
+            };
+        }
+        v
     }
 
     pub fn log(&self, t: &str) -> Arc<crate::wasm::meter::TenantLog> {

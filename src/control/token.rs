@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use subtle::ConstantTimeEq;
 
-pub const OPS: [&str; 3] = ["deploy", "logs", "usage"];
+pub const OPS: [&str; 5] = ["deploy", "logs", "usage", "kv", "secrets"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {

@@ -165,7 +165,7 @@ impl GrpcClient {
         match tokio::time::timeout(c.timeout, self.exchange(&c)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                tracing::debug!(upstream = %c.upstream.name, error = %e, "gRPC callout failed");
+                tracing::debug!(upstream = %c.upstream_name(), error = %e, "gRPC callout failed");
                 let g = failed(&e);
                 answer(token, g.code, std::str::from_utf8(&g.message).unwrap_or(""))
             }
@@ -191,7 +191,7 @@ impl GrpcClient {
             Ok(Ok(Some(g))) => g,
             Ok(Ok(None)) => return, // reset by the guest or its context's end
             Ok(Err(e)) => {
-                tracing::debug!(upstream = %c.upstream.name, error = %e, "gRPC stream failed");
+                tracing::debug!(upstream = %c.upstream_name(), error = %e, "gRPC stream failed");
                 failed(&e)
             }
             Err(_) => GrpcStatus::new(code::DEADLINE_EXCEEDED, "upstream request timeout"),
@@ -259,7 +259,7 @@ impl GrpcClient {
         let Some(target) = &c.grpc else {
             return pingora::Error::e_explain(pingora::ErrorType::InternalError, "not gRPC");
         };
-        let mut peer = c.upstream.peer(b"").ok_or_else(|| {
+        let mut peer = c.peer().ok_or_else(|| {
             pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, "no healthy upstream")
         })?;
         // h2 only: prior knowledge on plain TCP, ALPN h2 on TLS
@@ -338,6 +338,7 @@ impl GrpcClient {
             grpc: Some(GrpcStatus { code, message }),
             root: false,
             stream: None,
+            foreign: false,
         };
         if code == code::OK {
             match unframe(&body) {

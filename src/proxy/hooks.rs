@@ -839,6 +839,7 @@ fn synthesized(token: u32, status: u16, body: &str) -> CallResponse {
         grpc: None,
         root: false,
         stream: None,
+        foreign: false,
     }
 }
 
@@ -987,7 +988,16 @@ impl Callouts {
         r
     }
 
-    async fn call_once(&self, c: PendingCall) -> CallResponse {
+    async fn call_once(&self, mut c: PendingCall) -> CallResponse {
+        if let Some(store) = c.store.take() {
+            return CallResponse {
+                token: c.token,
+                status: 200,
+                body: store.run(c.timeout).await,
+                foreign: true,
+                ..CallResponse::default()
+            };
+        }
         if c.grpc.is_some() {
             return self.grpc.call(c).await;
         }
@@ -998,7 +1008,7 @@ impl Callouts {
                 r
             }
             Ok(Err(e)) => {
-                tracing::debug!(upstream = %c.upstream.name, error = %e, "callout failed");
+                tracing::debug!(upstream = %c.upstream_name(), error = %e, "callout failed");
                 use pingora::ErrorType::*;
                 match e.etype() {
                     ConnectRefused | ConnectNoRoute | ConnectTimedout | ConnectError
@@ -1020,7 +1030,7 @@ impl Callouts {
     }
 
     async fn exchange(&self, c: &PendingCall) -> pingora::Result<CallResponse> {
-        let peer = c.upstream.peer(b"").ok_or_else(|| {
+        let peer = c.peer().ok_or_else(|| {
             pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, "no healthy target")
         })?;
         let get = |n: &str| {
@@ -1089,6 +1099,7 @@ impl Callouts {
             grpc: None,
             root: false,
             stream: None,
+            foreign: false,
         })
     }
 }

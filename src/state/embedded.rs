@@ -8,7 +8,9 @@
 //! README (state section) and `benches/state.rs`.
 //!
 //! Every call runs on tokio's blocking pool, never on a proxy thread. Writes are one
-//! transaction each, committed durably before the call answers.
+//! transaction each, committed durably before the call answers. The file is opened in
+//! redb's multi-writer mode, so the old and the new process of a graceful upgrade share
+//! it (their write transactions take turns).
 
 use super::{counter, expiry, now_ms, Backend, Entry, Result, StateError, WriteOpts, Written};
 use async_trait::async_trait;
@@ -74,7 +76,11 @@ impl Embedded {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let db = Database::create(path)
+        // a graceful upgrade runs the old and the new gateway side by side on one data
+        // dir: both keep the file open for writing, one write transaction at a time
+        let db = Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(path)
             .map_err(|e| anyhow::anyhow!("cannot open the state store {}: {e}", path.display()))?;
         // create the tables so readers never see them missing
         let tx = db.begin_write().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -28,7 +28,7 @@ pub mod secrets;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -160,38 +160,11 @@ impl Default for StateLimits {
     }
 }
 
-/// A tenant's state usage since start, counted here (not in the backend): reads, writes,
-/// bytes read and written, and the bytes stored as last seen.
-#[derive(Default, Debug)]
-pub struct StateUsage {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub bytes_stored: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-impl StateUsage {
-    pub fn to_json(&self) -> serde_json::Value {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "reads": l(&self.reads),
-            "writes": l(&self.writes),
-            "bytes_read": l(&self.bytes_read),
-            "bytes_written": l(&self.bytes_written),
-            "bytes_stored": l(&self.bytes_stored),
-            "errors": l(&self.errors),
-        })
-    }
-}
-
 /// The store every interface goes through: a backend, each tenant's limits and usage.
 pub struct Store {
     backend: Arc<dyn Backend>,
     defaults: StateLimits,
     limits: DashMap<String, StateLimits>,
-    usage: DashMap<String, Arc<StateUsage>>,
     rate: DashMap<String, Arc<crate::control::limit::Limiter>>,
 }
 
@@ -201,7 +174,6 @@ impl Store {
             backend,
             defaults,
             limits: DashMap::new(),
-            usage: DashMap::new(),
             rate: DashMap::new(),
         })
     }
@@ -227,21 +199,18 @@ impl Store {
         self.limits.get(tenant).map_or(self.defaults, |l| *l)
     }
 
-    /// A tenant's counters.
-    pub fn usage(&self, tenant: &str) -> Arc<StateUsage> {
-        if let Some(u) = self.usage.get(tenant) {
-            return u.clone();
-        }
-        self.usage.entry(tenant.to_string()).or_default().clone()
-    }
-
-    /// A handle bound to one tenant: what guests get.
-    pub fn tenant(self: &Arc<Self>, tenant: &str) -> TenantState {
+    /// A handle bound to one tenant, counting its calls into `usage` (the module that
+    /// makes them: a filter's or function's usage; the admin API counts nowhere).
+    pub fn tenant(
+        self: &Arc<Self>,
+        tenant: &str,
+        usage: Option<Arc<crate::wasm::meter::Usage>>,
+    ) -> TenantState {
         TenantState {
             store: self.clone(),
             tenant: Arc::from(tenant),
             ns: Arc::from(format!("t/{tenant}")),
-            usage: self.usage(tenant),
+            usage,
         }
     }
 
@@ -266,6 +235,113 @@ impl Store {
     }
 }
 
+/// Which backend, and where (`[state]` in the conf).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendConf {
+    /// `data_dir/state/state.redb`.
+    Embedded,
+    Redis {
+        url: String,
+        /// Prefix of every key the gateway writes.
+        prefix: String,
+        /// Longest a call waits for Redis.
+        timeout: Duration,
+    },
+}
+
+/// `[state]` as the gateway runs with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateConf {
+    pub backend: BackendConf,
+    /// Every tenant's limits unless its own say otherwise.
+    pub limits: StateLimits,
+}
+
+impl Default for StateConf {
+    fn default() -> Self {
+        StateConf {
+            backend: BackendConf::Embedded,
+            limits: StateLimits::default(),
+        }
+    }
+}
+
+/// The gateway's state services: the store and the secrets over one backend, and a small
+/// runtime of their own (one thread) that owns the Redis connection and serves the few
+/// places that must wait for the store outside any async context (conf loading).
+pub struct Services {
+    pub store: Arc<Store>,
+    pub secrets: Arc<secrets::Secrets>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Services {
+    /// Opens the backend `conf` names (the embedded file under `data_dir/state`), the
+    /// secret key (see [`secrets`]), and loads every tenant's secrets. A Redis that does
+    /// not answer is not an error here: the gateway starts, and state calls fail with
+    /// `unavailable` until it answers.
+    pub fn open(data_dir: &std::path::Path, conf: &StateConf) -> anyhow::Result<Arc<Services>> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("wasmgate-state")
+            .enable_all()
+            .build()?;
+        let backend: Arc<dyn Backend> = match &conf.backend {
+            BackendConf::Embedded => Arc::new(embedded::Embedded::open(
+                &data_dir.join("state").join("state.redb"),
+            )?),
+            BackendConf::Redis {
+                url,
+                prefix,
+                timeout,
+            } => {
+                let _in = rt.enter();
+                Arc::new(redis::Redis::connect(url, prefix, *timeout)?)
+            }
+        };
+        let keys = secrets::Keyring::load(data_dir)?;
+        let services = Arc::new(Services {
+            store: Store::new(backend.clone(), conf.limits),
+            secrets: secrets::Secrets::new(backend, keys),
+            rt: Some(rt),
+        });
+        let s = services.secrets.clone();
+        match services.wait(async move { s.load_all().await }) {
+            Ok(n) => tracing::info!(backend = services.store.backend_name(), tenants = n, "state opened"),
+            Err(e) => tracing::error!(
+                backend = services.store.backend_name(),
+                "state opened, but secrets could not be loaded (filters and functions see none until they can): {e}"
+            ),
+        }
+        Ok(services)
+    }
+
+    /// Runs `fut` on the state runtime and waits for it from synchronous code.
+    pub fn wait<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt
+            .as_ref()
+            .expect("the state runtime lives as long as its services")
+            .spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+        rx.recv()
+            .expect("the state runtime runs every task it is given")
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        // may be dropped inside another runtime (tests): do not block on shutdown
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// One tenant's view of the store. Every call checks the tenant's limits, counts usage
 /// and reaches only the tenant's namespace.
 #[derive(Clone)]
@@ -274,7 +350,7 @@ pub struct TenantState {
     tenant: Arc<str>,
     /// The tenant's key-value namespace in the backend (`t/NAME`).
     ns: Arc<str>,
-    usage: Arc<StateUsage>,
+    usage: Option<Arc<crate::wasm::meter::Usage>>,
 }
 
 impl TenantState {
@@ -291,27 +367,23 @@ impl TenantState {
         Ok(limits)
     }
 
-    fn counted<T>(&self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            self.usage.errors.fetch_add(1, Ordering::Relaxed);
+    fn read(&self) {
+        if let Some(u) = &self.usage {
+            u.state_reads.fetch_add(1, Ordering::Relaxed);
         }
-        r
+    }
+
+    fn wrote(&self) {
+        if let Some(u) = &self.usage {
+            u.state_writes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Entry>> {
-        let r = async {
-            self.check(key)?;
-            let e = self.store.backend.get(&self.ns, key).await?;
-            self.usage.reads.fetch_add(1, Ordering::Relaxed);
-            if let Some(e) = &e {
-                self.usage
-                    .bytes_read
-                    .fetch_add(e.value.len() as u64, Ordering::Relaxed);
-            }
-            Ok(e)
-        }
-        .await;
-        self.counted(r)
+        self.check(key)?;
+        let e = self.store.backend.get(&self.ns, key).await?;
+        self.read();
+        Ok(e)
     }
 
     pub async fn set(
@@ -321,52 +393,36 @@ impl TenantState {
         expect: Option<u64>,
         ttl: Option<Duration>,
     ) -> Result<Written> {
-        let r = async {
-            let limits = self.check(key)?;
-            if value.len() > limits.max_value_bytes {
-                return Err(StateError::ValueTooLarge(limits.max_value_bytes));
-            }
-            let len = value.len() as u64;
-            let opts = WriteOpts {
-                expect,
-                ttl,
-                quota: limits.max_total_bytes,
-            };
-            let w = self.store.backend.set(&self.ns, key, value, opts).await?;
-            self.usage.writes.fetch_add(1, Ordering::Relaxed);
-            if matches!(w, Written::Done(_)) {
-                self.usage.bytes_written.fetch_add(len, Ordering::Relaxed);
-            }
-            Ok(w)
+        let limits = self.check(key)?;
+        if value.len() > limits.max_value_bytes {
+            return Err(StateError::ValueTooLarge(limits.max_value_bytes));
         }
-        .await;
-        self.counted(r)
+        let opts = WriteOpts {
+            expect,
+            ttl,
+            quota: limits.max_total_bytes,
+        };
+        let w = self.store.backend.set(&self.ns, key, value, opts).await?;
+        self.wrote();
+        Ok(w)
     }
 
     pub async fn delete(&self, key: &str, expect: Option<u64>) -> Result<Written> {
-        let r = async {
-            self.check(key)?;
-            let w = self.store.backend.delete(&self.ns, key, expect).await?;
-            self.usage.writes.fetch_add(1, Ordering::Relaxed);
-            Ok(w)
-        }
-        .await;
-        self.counted(r)
+        self.check(key)?;
+        let w = self.store.backend.delete(&self.ns, key, expect).await?;
+        self.wrote();
+        Ok(w)
     }
 
     pub async fn incr(&self, key: &str, delta: i64) -> Result<i64> {
-        let r = async {
-            let limits = self.check(key)?;
-            let v = self
-                .store
-                .backend
-                .incr(&self.ns, key, delta, limits.max_total_bytes)
-                .await?;
-            self.usage.writes.fetch_add(1, Ordering::Relaxed);
-            Ok(v)
-        }
-        .await;
-        self.counted(r)
+        let limits = self.check(key)?;
+        let v = self
+            .store
+            .backend
+            .incr(&self.ns, key, delta, limits.max_total_bytes)
+            .await?;
+        self.wrote();
+        Ok(v)
     }
 
     pub async fn list(
@@ -375,26 +431,20 @@ impl TenantState {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>> {
-        let r = async {
-            let limits = self.store.limits(&self.tenant);
-            self.store.admit(&self.tenant, &limits)?;
-            let keys = self
-                .store
-                .backend
-                .list(&self.ns, prefix, after, limit.min(1000))
-                .await?;
-            self.usage.reads.fetch_add(1, Ordering::Relaxed);
-            Ok(keys)
-        }
-        .await;
-        self.counted(r)
+        let limits = self.store.limits(&self.tenant);
+        self.store.admit(&self.tenant, &limits)?;
+        let keys = self
+            .store
+            .backend
+            .list(&self.ns, prefix, after, limit.min(1000))
+            .await?;
+        self.read();
+        Ok(keys)
     }
 
-    /// Bytes stored, as the backend counts them now (and remembered for usage).
+    /// Bytes stored, as the backend counts them now.
     pub async fn bytes_used(&self) -> Result<u64> {
-        let b = self.store.backend.bytes_used(&self.ns).await?;
-        self.usage.bytes_stored.store(b, Ordering::Relaxed);
-        Ok(b)
+        self.store.backend.bytes_used(&self.ns).await
     }
 }
 

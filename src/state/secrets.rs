@@ -174,6 +174,45 @@ impl Keyring {
     }
 }
 
+/// Replaces each `{{secret:NAME}}` in a filter's configuration with the tenant's secret
+/// NAME, escaped for a JSON string (configurations are JSON nearly always, and the
+/// placeholder sits inside a string: `"key": "{{secret:API_KEY}}"`). A name the tenant
+/// has not set is an error naming it; a configuration without placeholders is returned
+/// as it is.
+pub fn substitute(
+    config: &[u8],
+    values: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<u8>, String> {
+    const OPEN: &[u8] = b"{{secret:";
+    let mut out = Vec::with_capacity(config.len());
+    let mut rest = config;
+    while let Some(i) = find(rest, OPEN) {
+        out.extend_from_slice(&rest[..i]);
+        let after = &rest[i + OPEN.len()..];
+        let Some(end) = find(after, b"}}") else {
+            return Err("a `{{secret:` in the configuration is not closed with `}}`".into());
+        };
+        let name = std::str::from_utf8(&after[..end]).unwrap_or("");
+        let value = values
+            .and_then(|v| v.get(name))
+            .ok_or_else(|| format!("the configuration names secret `{name}`, which is not set"))?;
+        let quoted = serde_json::to_string(value).unwrap_or_default();
+        out.extend_from_slice(&quoted.as_bytes()[1..quoted.len() - 1]);
+        rest = &after[end + 2..];
+    }
+    out.extend_from_slice(rest);
+    Ok(out)
+}
+
+/// Whether a configuration names any secret.
+pub fn names_secrets(config: &[u8]) -> bool {
+    find(config, b"{{secret:").is_some()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// A secret as listed: never its value.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
 pub struct Listed {
@@ -199,6 +238,9 @@ pub struct Secrets {
 fn ns(tenant: &str) -> String {
     format!("s/{tenant}")
 }
+
+/// The namespace that lists the tenants that have (or had) secrets, one key each.
+const INDEX: &str = "s-index";
 
 /// Checks a secret's name: letters, digits, `_`, `-` and `.`, at most [`MAX_NAME`].
 pub fn valid_name(name: &str) -> bool {
@@ -244,8 +286,58 @@ impl Secrets {
             .set(&ns(tenant), name, bytes.into(), opts)
             .await
             .map_err(|e| e.to_string())?;
+        self.backend
+            .set(INDEX, tenant, bytes::Bytes::new(), opts)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.refresh(tenant).await
+    }
+
+    /// Opens a tenant's secrets again (after a change).
+    async fn refresh(&self, tenant: &str) -> Result<(), String> {
         self.open.remove(tenant);
-        Ok(())
+        self.values(tenant).await.map(|_| ())
+    }
+
+    /// Opens every tenant's secrets into memory; how many tenants have some.
+    pub async fn load_all(&self) -> Result<usize, String> {
+        let mut after: Option<String> = None;
+        let mut n = 0;
+        loop {
+            let tenants = self
+                .backend
+                .list(INDEX, "", after.as_deref(), 500)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(last) = tenants.last().cloned() else {
+                break;
+            };
+            for t in tenants {
+                self.refresh(&t).await?;
+                n += 1;
+            }
+            after = Some(last);
+        }
+        Ok(n)
+    }
+
+    /// Tenants with secrets.
+    pub async fn tenants(&self) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .backend
+                .list(INDEX, "", after.as_deref(), 500)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            out.extend(page);
+            after = Some(last);
+        }
+        Ok(out)
     }
 
     /// Deletes a secret; whether it existed.
@@ -260,7 +352,7 @@ impl Secrets {
             .delete(&ns(tenant), name, None)
             .await
             .map_err(|e| e.to_string())?;
-        self.open.remove(tenant);
+        self.refresh(tenant).await?;
         Ok(existed)
     }
 
@@ -331,11 +423,12 @@ impl Secrets {
         self.open.clear();
     }
 
-    /// A new key: every secret of `tenants` is re-sealed with it, then it replaces the key
+    /// A new key: every tenant's secrets are re-sealed with it, then it replaces the key
     /// file (the old key kept in `secret.key.previous`). Refused when the key comes from
     /// the environment: rotate it there (set the new key, keep the old one in
     /// `secret.key.previous` until the secrets are set again).
-    pub async fn rotate(&self, tenants: &[String]) -> Result<usize, String> {
+    pub async fn rotate(&self) -> Result<usize, String> {
+        let tenants = self.tenants().await?;
         let old = self.keys();
         let Some(file) = old.file.clone() else {
             return Err(format!("the key comes from {KEY_ENV}; rotate it there"));
@@ -354,7 +447,7 @@ impl Secrets {
         prev.push('\n');
         write_private(&prev_path, &prev).map_err(|e| e.to_string())?;
         let mut n = 0;
-        for t in tenants {
+        for t in &tenants {
             for (name, s) in self.entries(t).await.map_err(|e| e.to_string())? {
                 let value = old.open(t, &name, &s.sealed)?;
                 let stored = Stored {
@@ -378,5 +471,53 @@ impl Secrets {
             Keyring::load(file.parent().unwrap_or(Path::new("."))).map_err(|e| e.to_string())?;
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(reloaded);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_secret_opens_only_for_its_tenant_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keyring::load(dir.path()).unwrap();
+        let sealed = keys.seal("acme", "API_KEY", b"v4lue");
+        assert!(sealed.starts_with("wg1:") && !sealed.contains("v4lue"));
+        assert_eq!(keys.open("acme", "API_KEY", &sealed).unwrap(), b"v4lue");
+        assert!(
+            keys.open("other", "API_KEY", &sealed).is_err(),
+            "moved to another tenant"
+        );
+        assert!(keys.open("acme", "OTHER", &sealed).is_err(), "renamed");
+        let mut tampered = sealed.clone().into_bytes();
+        let last = tampered.len() - 3;
+        tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert!(keys.open("acme", "API_KEY", &tampered).is_err());
+        // the key file is private and is the same key on the next start
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("secret.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = Keyring::load(dir.path()).unwrap();
+        assert_eq!(again.open("acme", "API_KEY", &sealed).unwrap(), b"v4lue");
+    }
+
+    #[test]
+    fn placeholders_are_replaced_escaped_and_a_missing_secret_is_named() {
+        let mut v = BTreeMap::new();
+        v.insert("K".to_string(), "a\"b\\c".to_string());
+        let out = substitute(br#"{"key":"{{secret:K}}","n":1}"#, Some(&v)).unwrap();
+        assert_eq!(out, br#"{"key":"a\"b\\c","n":1}"#);
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["key"], "a\"b\\c");
+        let e = substitute(b"{{secret:NOPE}}", Some(&v)).unwrap_err();
+        assert!(e.contains("`NOPE`"), "{e}");
+        assert!(substitute(b"{{secret:K", Some(&v)).is_err());
+        assert_eq!(substitute(b"plain", None).unwrap(), b"plain");
+        assert!(!names_secrets(b"plain") && names_secrets(b"x{{secret:K}}"));
     }
 }

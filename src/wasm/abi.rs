@@ -67,6 +67,8 @@ pub enum BufferType {
     GrpcReceiveBuffer,
     VmConfiguration,
     PluginConfiguration,
+    /// The result of a `wasmgate.kv.*` foreign function, in `on_foreign_function`.
+    CallData,
 }
 
 impl BufferType {
@@ -78,7 +80,8 @@ impl BufferType {
             5 => BufferType::GrpcReceiveBuffer,
             6 => BufferType::VmConfiguration,
             7 => BufferType::PluginConfiguration,
-            2 | 3 | 8 => return Err(Status::Unimplemented), // L4 data, call data
+            8 => BufferType::CallData,
+            2 | 3 => return Err(Status::Unimplemented), // L4 data
             _ => return Err(Status::BadArgument),
         })
     }

@@ -49,13 +49,28 @@ struct Wiring {
     usage: Arc<Usage>,
     /// Re-pointed when a reload brings new upstreams.
     upstreams: arc_swap::ArcSwap<Vec<Arc<Upstream>>>,
+    /// The gateway's state services (set when the server starts, maybe after this
+    /// function was loaded) and this tenant's handle on them, made on first use.
+    shared: Arc<super::SharedState>,
+    kv: std::sync::OnceLock<crate::state::TenantState>,
 }
 
 impl FunctionBackend {
     /// The per-request wiring: output lines to the tenant's log, outgoing HTTP through
-    /// the allow-list, and what the instance used into usage.
+    /// the allow-list, what the instance used into usage, and the tenant's key-value
+    /// namespace and secrets (as they are now).
     pub fn io(&self) -> Io {
-        self.io.clone()
+        let mut io = self.io.clone();
+        let w = &self.wiring;
+        if let Some(s) = w.shared.services.get() {
+            let kv =
+                w.kv.get_or_init(|| s.store.tenant(&w.tenant, Some(w.usage.clone())));
+            io.grants = component::Grants {
+                state: Some(kv.clone()),
+                config: s.secrets.cached(&w.tenant),
+            };
+        }
+        io
     }
 
     /// Records a failure the proxy saw (not the instance): a line in the tenant's log and
@@ -79,6 +94,7 @@ impl Wiring {
         Io {
             sink: Arc::new(move |stream, line| log.line(stream, line)),
             outgoing: Arc::new(move |authority: &str| allow.resolve(authority)),
+            grants: component::Grants::default(),
             on_end: Some(Arc::new(move |o: &Outcome| meter.bill(o))),
         }
     }
@@ -159,6 +175,8 @@ impl Runtime {
             log: self.meter.log(&spec.tenant),
             usage: self.meter.usage(&spec.tenant, &spec.name),
             upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
+            shared: self.shared.clone(),
+            kv: std::sync::OnceLock::new(),
         });
         Ok(Arc::new(FunctionBackend {
             io: wiring.io(),

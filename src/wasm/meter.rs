@@ -22,7 +22,14 @@ pub struct Tally {
     pub http_callouts: u64,
     /// Not additive: the largest linear memory seen.
     pub peak_memory_bytes: u64,
+    /// State store calls: reads (get, list) and writes (set, cas, incr, delete).
+    pub state_reads: u64,
+    pub state_writes: u64,
 }
+
+/// Counters in a persisted bucket: [`Tally`]'s fields in declaration order. Records
+/// written before the state counters (9 fields) read with those as 0.
+const FIELDS: usize = 11;
 
 impl Tally {
     /// `self` then `other`, as one window: counts add up, the peak is the larger.
@@ -56,8 +63,8 @@ impl Tally {
     }
 
     /// The persisted form: the fields in declaration order (the format of
-    /// `usage.json` since it was introduced).
-    fn to_array(self) -> [u64; 9] {
+    /// `usage.json` since it was introduced; new fields go last).
+    fn to_array(self) -> [u64; FIELDS] {
         [
             self.invocations,
             self.wasm_cpu_us,
@@ -68,11 +75,19 @@ impl Tally {
             self.local_responses,
             self.http_callouts,
             self.peak_memory_bytes,
+            self.state_reads,
+            self.state_writes,
         ]
     }
 
-    fn from_array(a: [u64; 9]) -> Tally {
-        let [invocations, wasm_cpu_us, bytes_in, bytes_out, budget_overruns, traps, local_responses, http_callouts, peak_memory_bytes] =
+    /// Reads a persisted bucket of any length: missing fields are 0, extra ones (from a
+    /// newer gateway) are ignored.
+    fn from_slice(v: &[u64]) -> Tally {
+        Tally::from_array(std::array::from_fn(|i| v.get(i).copied().unwrap_or(0)))
+    }
+
+    fn from_array(a: [u64; FIELDS]) -> Tally {
+        let [invocations, wasm_cpu_us, bytes_in, bytes_out, budget_overruns, traps, local_responses, http_callouts, peak_memory_bytes, state_reads, state_writes] =
             a;
         Tally {
             invocations,
@@ -84,6 +99,8 @@ impl Tally {
             local_responses,
             http_callouts,
             peak_memory_bytes,
+            state_reads,
+            state_writes,
         }
     }
 }
@@ -101,6 +118,8 @@ pub struct Usage {
     pub local_responses: AtomicU64,
     pub http_callouts: AtomicU64,
     peak_memory_bytes: AtomicU64,
+    pub state_reads: AtomicU64,
+    pub state_writes: AtomicU64,
     /// (unix second, what was counted during the interval that ended then)
     buckets: Mutex<VecDeque<(u64, Tally)>>,
     folded: Mutex<Tally>,
@@ -118,7 +137,7 @@ pub struct SavedUsage {
     pub module: String,
     /// (unix second, counters added during the interval that ended then), oldest first;
     /// the counters in [`Tally`]'s field order.
-    pub buckets: Vec<(u64, [u64; 9])>,
+    pub buckets: Vec<(u64, Vec<u64>)>,
 }
 
 /// How long usage buckets are kept.
@@ -152,6 +171,8 @@ impl Usage {
             local_responses: load(&self.local_responses),
             http_callouts: load(&self.http_callouts),
             peak_memory_bytes: load(&self.peak_memory_bytes),
+            state_reads: load(&self.state_reads),
+            state_writes: load(&self.state_writes),
         }
     }
 
@@ -305,7 +326,7 @@ impl Meter {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
-                    .map(|(t, d)| (*t, d.to_array()))
+                    .map(|(t, d)| (*t, d.to_array().to_vec()))
                     .collect(),
             })
             .filter(|u| !u.buckets.is_empty())
@@ -325,7 +346,7 @@ impl Meter {
                 .buckets
                 .into_iter()
                 .filter(|(t, _)| *t >= oldest)
-                .map(|(t, d)| (t, Tally::from_array(d)))
+                .map(|(t, d)| (t, Tally::from_slice(&d)))
                 .collect();
             old.extend(b.drain(..));
             *b = old;
@@ -359,9 +380,12 @@ mod tests {
     #[test]
     fn the_saved_form_keeps_its_field_order() {
         // usage.json written before the counters had names must read the same
-        let t = Tally::from_array([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let t = Tally::from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9]);
         assert_eq!((t.invocations, t.wasm_cpu_us, t.bytes_out), (1, 2, 4));
         assert_eq!((t.http_callouts, t.peak_memory_bytes), (8, 9));
-        assert_eq!(t.to_array(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!((t.state_reads, t.state_writes), (0, 0));
+        assert_eq!(t.to_array(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0]);
+        let t = Tally::from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!((t.state_reads, t.state_writes), (10, 11));
     }
 }

@@ -180,6 +180,9 @@ pub enum ModuleError {
     MissingImport(String),
     #[error("memory_mb {mb} exceeds the gateway's maximum of {max} MiB")]
     MemoryTooLarge { mb: u64, max: u64 },
+    /// Its configuration names a secret its tenant has not set.
+    #[error("{0}")]
+    Secret(String),
     /// Its first VM failed to start (`on_vm_start` or `on_configure` refused or broke).
     #[error("{0}")]
     Start(Failure),
@@ -253,6 +256,13 @@ pub struct Plugin {
     retired: std::sync::atomic::AtomicBool,
     /// The guest registered a shared queue: its `on_queue_ready` may resume a request.
     pub(crate) has_queues: std::sync::atomic::AtomicBool,
+    /// The tenant's state store handle, made on first use.
+    kv: std::sync::OnceLock<crate::state::TenantState>,
+    /// The configuration its VMs start with: `spec.config` with the tenant's secrets
+    /// substituted, replaced when a secret changes ([`Plugin::reconfigure`]).
+    pub(crate) config: arc_swap::ArcSwap<Vec<u8>>,
+    /// Bumped by each reconfiguration: a VM started before it is not pooled again.
+    pub(crate) config_gen: AtomicU64,
     /// Requests waiting on their VM's root context, and the signal that a queue of this
     /// plugin has items for them.
     queue_waiters: std::sync::atomic::AtomicUsize,
@@ -284,6 +294,9 @@ pub struct SharedState {
     quotas: DashMap<String, Arc<TenantQuota>>,
     /// The gateway's `node` (the conf's `[node]`), as every guest sees it.
     node: arc_swap::ArcSwap<host::NodeInfo>,
+    /// Tenant state and secrets, once the server opened them (`serve`; none in `check`
+    /// or tests that do not set them).
+    pub services: std::sync::OnceLock<Arc<crate::state::Services>>,
 }
 
 impl SharedState {
@@ -464,6 +477,44 @@ impl Runtime {
         Ok(())
     }
 
+    /// Sets the tenant state and secrets guests reach (once, when the server starts).
+    pub fn set_state(&self, services: Arc<crate::state::Services>) {
+        let _ = self.shared.services.set(services);
+    }
+
+    /// A filter's configuration as its VMs get it: the tenant's secrets substituted for
+    /// `{{secret:NAME}}` (see [`crate::state::secrets::substitute`]). Without state (a
+    /// conf check) placeholders stay as written.
+    pub fn configuration(&self, tenant: &str, config: &[u8]) -> Result<Vec<u8>, ModuleError> {
+        use crate::state::secrets;
+        match self.state() {
+            Some(s) if secrets::names_secrets(config) => {
+                secrets::substitute(config, s.secrets.cached(tenant).as_deref())
+                    .map_err(ModuleError::Secret)
+            }
+            _ => Ok(config.to_vec()),
+        }
+    }
+
+    /// Opens the tenant state the first conf names, under its `data_dir` (a serving
+    /// runtime only: `check` opens nothing; later confs change only the limits).
+    pub fn open_state(
+        &self,
+        data_dir: &Path,
+        conf: &crate::state::StateConf,
+    ) -> anyhow::Result<()> {
+        if !self.persist || self.shared.services.get().is_some() {
+            return Ok(());
+        }
+        self.set_state(crate::state::Services::open(data_dir, conf)?);
+        Ok(())
+    }
+
+    /// The tenant state and secrets, if the server opened them.
+    pub fn state(&self) -> Option<&Arc<crate::state::Services>> {
+        self.shared.services.get()
+    }
+
     /// Sets who sends root-context callouts (the proxy's callout client); until then they
     /// wait, unsent.
     pub fn set_dispatch(&self, d: Arc<dyn Dispatch>) {
@@ -561,6 +612,7 @@ impl Runtime {
             });
         }
         let compiled = self.compile(bytes)?;
+        let config = self.configuration(&spec.tenant, &spec.config)?;
         tracing::info!(
             tenant = %spec.tenant,
             module = %spec.name,
@@ -598,6 +650,9 @@ impl Runtime {
             quota_warned: AtomicU64::new(0),
             retired: std::sync::atomic::AtomicBool::new(false),
             has_queues: std::sync::atomic::AtomicBool::new(false),
+            kv: std::sync::OnceLock::new(),
+            config: arc_swap::ArcSwap::from_pointee(config),
+            config_gen: AtomicU64::new(0),
             queue_waiters: std::sync::atomic::AtomicUsize::new(0),
             queue_signal: tokio::sync::Notify::new(),
             dispatch: self.dispatch.clone(),
@@ -611,6 +666,20 @@ impl Runtime {
 }
 
 impl Plugin {
+    /// The tenant's state store, if the gateway has one.
+    pub(crate) fn state(&self) -> Option<crate::state::TenantState> {
+        let services = self.shared.services.get()?;
+        Some(
+            self.kv
+                .get_or_init(|| {
+                    services
+                        .store
+                        .tenant(&self.spec.tenant, Some(self.usage.clone()))
+                })
+                .clone(),
+        )
+    }
+
     /// The allowed upstream a callout names, as it is now.
     pub(crate) fn allowed_upstream(&self, name: &[u8]) -> Option<Arc<Upstream>> {
         self.upstreams
@@ -679,7 +748,7 @@ impl Plugin {
     /// has callouts to make, or gRPC streams open, stays out of the pool until they are
     /// answered or closed.
     fn park(self: &Arc<Self>, mut vm: Box<vm::Vm>) {
-        if self.retired.load(Ordering::Acquire) {
+        if self.retired.load(Ordering::Acquire) || vm.is_stale(self) {
             return self.dispose(vm);
         }
         if vm.has_root_calls() || vm.has_root_streams() {
@@ -787,6 +856,18 @@ impl Plugin {
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         self.generation.fetch_add(1, Ordering::Relaxed);
+        self.drain_idle();
+    }
+
+    /// Gives new VMs `config` (a secret it names changed): idle VMs go, VMs serving a
+    /// request finish it and are not pooled again; the next request starts a VM that runs
+    /// `on_configure` with the new configuration.
+    pub fn reconfigure(&self, config: Vec<u8>) {
+        if **self.config.load() == config {
+            return;
+        }
+        self.config.store(Arc::new(config));
+        self.config_gen.fetch_add(1, Ordering::AcqRel);
         self.drain_idle();
     }
 

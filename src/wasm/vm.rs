@@ -45,6 +45,7 @@ struct Exports {
     on_grpc_receive_trailing_metadata: Option<F3>,
     on_tick: Option<F1>,
     on_queue_ready: Option<F2>,
+    on_foreign_function: Option<F3>,
 }
 
 pub struct Vm {
@@ -101,7 +102,10 @@ impl Vm {
     /// gateway starts itself when it loads a module (deploy, conf load, restart) checks
     /// the module and is not billed: a gateway restart costs tenants nothing.
     pub(crate) fn start(plugin: &Arc<Plugin>, billed: bool) -> Result<Box<Vm>, Failure> {
+        // the generation first: a configuration newer than it only makes the VM stale
+        let config_gen = plugin.config_gen.load(Ordering::Acquire);
         let host = Host {
+            config_gen,
             limits: StoreLimitsBuilder::new()
                 .memory_size(plugin.spec.memory_bytes as usize)
                 .instances(1)
@@ -110,6 +114,7 @@ impl Vm {
                 .memories(1)
                 .build(),
             plugin: plugin.clone(),
+            config: plugin.config.load_full(),
             frame: Default::default(),
             effects: Effects::default(),
             memory: None,
@@ -209,6 +214,7 @@ impl Vm {
             on_done: opt!("proxy_on_done"),
             on_delete: opt!("proxy_on_delete"),
             on_http_call_response: opt!("proxy_on_http_call_response"),
+            on_foreign_function: opt!("proxy_on_foreign_function"),
             on_grpc_receive: opt!("proxy_on_grpc_receive"),
             on_grpc_close: opt!("proxy_on_grpc_close"),
             on_grpc_receive_initial_metadata: opt!("proxy_on_grpc_receive_initial_metadata"),
@@ -243,8 +249,9 @@ impl Vm {
             }
         }
         if let Some(func) = &f.on_configure {
+            let size = store.data().config.len() as i32;
             let ok = func
-                .call(&mut *store, (ROOT, p.config.len() as i32))
+                .call(&mut *store, (ROOT, size))
                 .map_err(|e| failure("on_configure", e, store.data()))?;
             if ok == 0 {
                 return Err(Failure {
@@ -287,6 +294,11 @@ impl Vm {
     }
 
     /// The root context's callouts not yet sent.
+    /// Whether the plugin was reconfigured after this VM took its configuration.
+    pub(crate) fn is_stale(&self, plugin: &Plugin) -> bool {
+        self.store.data().config_gen != plugin.config_gen.load(Ordering::Acquire)
+    }
+
     pub(crate) fn take_root_calls(&mut self) -> Vec<PendingCall> {
         std::mem::take(&mut self.root_calls)
     }
@@ -1012,6 +1024,9 @@ fn answer_callback(a: &CallResponse) -> &'static str {
             StreamEvent::Close => "on_grpc_close",
         };
     }
+    if a.foreign {
+        return "on_foreign_function";
+    }
     match &a.grpc {
         None => "on_http_call_response",
         Some(g) if g.code == 0 => "on_grpc_receive",
@@ -1022,6 +1037,9 @@ fn answer_callback(a: &CallResponse) -> &'static str {
 fn answer_callback_exported(e: &Exports, a: &CallResponse) -> bool {
     if let Some(ev) = a.stream {
         return stream_callback(e, ev).is_some();
+    }
+    if a.foreign {
+        return e.on_foreign_function.is_some();
     }
     match &a.grpc {
         None => e.on_http_call_response.is_some(),
@@ -1098,6 +1116,13 @@ fn deliver_answer(
     let token = a.token as i32;
     if let Some(ev) = a.stream {
         return deliver_stream_event(s, f, a, ev);
+    }
+    if a.foreign {
+        // a state call's result (`wasmgate.kv.*`), read as CallData
+        return f
+            .on_foreign_function
+            .as_ref()
+            .map_or(Ok(()), |g| g.call(s, (ctx, token, a.body.len() as i32)));
     }
     let Some(g) = &a.grpc else {
         let (nh, nb, nt) = if a.status == 0 {

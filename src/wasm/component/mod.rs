@@ -41,12 +41,13 @@
 
 mod codecache;
 mod guarded;
+mod kv;
 mod state;
 mod stdio;
 #[cfg(test)]
 mod tests;
 
-pub use state::{DenyAll, Outgoing, OutgoingPolicy};
+pub use state::{DenyAll, Grants, Outgoing, OutgoingPolicy};
 pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 
 use bytes::Bytes;
@@ -166,6 +167,8 @@ pub struct Io {
     pub sink: LineSink,
     /// Where outgoing HTTP may go.
     pub outgoing: Arc<dyn OutgoingPolicy>,
+    /// The tenant's state and secrets this request may use (none by default).
+    pub grants: Grants,
     /// Called once when the instance is gone, with how it ended and what it used: the
     /// only place a failure after the response was set (mid-body) shows, and the figures
     /// for usage metering.
@@ -189,6 +192,7 @@ impl Default for Io {
         Io {
             sink: Arc::new(|_, _| {}),
             outgoing: Arc::new(DenyAll),
+            grants: Grants::default(),
             on_end: None,
         }
     }
@@ -244,6 +248,7 @@ impl ComponentRuntime {
         // All of WASI 0.2 (cli, clocks, filesystem, io, random, sockets), then wasi:http.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .and_then(|()| kv::add_to_linker(&mut linker))
             .map_err(|e| format!("component linker: {e:#}"))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -578,7 +583,7 @@ impl Function {
         let (mut store, proxy, served) = match idle {
             Some(idle) => {
                 let mut store = idle.store;
-                store.data_mut().rebind(io.sink, io.outgoing);
+                store.data_mut().rebind(io.sink, io.outgoing, io.grants);
                 self.arm(&mut store)?;
                 (store, Some(idle.proxy), idle.served)
             }
@@ -686,7 +691,7 @@ impl Function {
     }
 
     fn new_store(&self, io: Io) -> Result<Store<Host>, Failure> {
-        let host = Host::new(self.limits.memory_bytes, io.sink, io.outgoing);
+        let host = Host::new(self.limits.memory_bytes, io.sink, io.outgoing, io.grants);
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|host| &mut host.memory);
         if self.budget == CpuBudget::Epoch {

@@ -69,6 +69,14 @@ impl OutgoingPolicy for DenyAll {
     }
 }
 
+/// What a request of a function may reach besides HTTP: its tenant's key-value namespace
+/// (`wasi:keyvalue`) and secrets (`wasi:config`). Nothing by default.
+#[derive(Clone, Default)]
+pub struct Grants {
+    pub state: Option<crate::state::TenantState>,
+    pub config: Option<Arc<std::collections::BTreeMap<String, String>>>,
+}
+
 /// The store data of one instance (one request, or consecutive requests when reused).
 pub struct Host {
     wasi: WasiCtx,
@@ -76,7 +84,8 @@ pub struct Host {
     stdout: SinkStream,
     stderr: SinkStream,
     http: WasiHttpCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
+    pub(super) grants: Grants,
     hooks: Hooks,
     pub(super) memory: MemoryCap,
     /// Epoch ticks charged to the guest so far (epoch budgets only).
@@ -84,7 +93,12 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn new(max_memory: usize, sink: LineSink, policy: Arc<dyn OutgoingPolicy>) -> Self {
+    pub fn new(
+        max_memory: usize,
+        sink: LineSink,
+        policy: Arc<dyn OutgoingPolicy>,
+        grants: Grants,
+    ) -> Self {
         // Granted nothing by default: no env, args or preopened directories (the builder's
         // defaults), no sockets or name lookups; stdin is empty; clocks and random work.
         let stdout = SinkStream::new(Stdio::Stdout, sink.clone());
@@ -102,6 +116,7 @@ impl Host {
             stderr,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
+            grants,
             hooks: Hooks { policy },
             memory: MemoryCap {
                 max: max_memory,
@@ -116,8 +131,9 @@ impl Host {
 
 impl Host {
     /// Readies a reused instance for its next request: output to `sink`, outgoing HTTP by
-    /// `policy`, the CPU charge and the memory peak counted from here.
-    pub fn rebind(&mut self, sink: LineSink, policy: Arc<dyn OutgoingPolicy>) {
+    /// `policy`, state by `grants`, the CPU charge and the memory peak counted from here.
+    pub fn rebind(&mut self, sink: LineSink, policy: Arc<dyn OutgoingPolicy>, grants: Grants) {
+        self.grants = grants;
         self.stdout.rebind(sink.clone());
         self.stderr.rebind(sink);
         self.hooks.policy = policy;

@@ -40,7 +40,7 @@ fn set_buffer_bytes(mut c: C, t: i32, start: i32, size: i32, p: i32, n: i32) -> 
 
 fn get_configuration(mut c: C, ret_p: i32, ret_n: i32) -> Ret {
     run_alloc(&mut c, |c| {
-        let cfg = c.data().plugin.spec.config.clone();
+        let cfg = c.data().config.to_vec();
         give(c, Ok(cfg), ret_p, ret_n)
     })
 }
@@ -49,10 +49,11 @@ fn buffer(h: &Host, t: i32) -> HostResult<&[u8]> {
     let t = BufferType::from_i32(t)?;
     let spec = &h.plugin.spec;
     Ok(match t {
-        BufferType::PluginConfiguration => &spec.config,
+        BufferType::PluginConfiguration => &h.config,
         BufferType::VmConfiguration => &spec.vm_config,
         BufferType::HttpCallResponseBody => &http_answer(h)?.body,
         BufferType::GrpcReceiveBuffer => &grpc_answer(h)?.body,
+        BufferType::CallData => &h.frame.call().and_then(super::kv::answer)?.body,
         BufferType::RequestBody | BufferType::ResponseBody => h.frame.body(t)?,
     })
 }

@@ -69,12 +69,13 @@ fn http_call(
         let token = e.next_token;
         e.calls.push(PendingCall {
             token,
-            upstream,
+            upstream: Some(upstream),
             headers,
             body,
             timeout: callout_timeout(timeout_ms),
             root: h.effective == ROOT_CONTEXT,
             grpc: None,
+            store: None,
         });
         write_u32(c, ret, token)
     })

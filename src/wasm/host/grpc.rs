@@ -133,12 +133,13 @@ fn grpc_call(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp:
         let root = h.effective == ROOT_CONTEXT;
         h.effects.calls.push(PendingCall {
             token,
-            upstream,
+            upstream: Some(upstream),
             headers,
             body,
             timeout: callout_timeout(timeout_ms),
             root,
             grpc: Some(target),
+        store: None,
         });
         write_u32(c, ret, token)
     })
@@ -169,12 +170,13 @@ fn grpc_stream(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, h
         let (ev_tx, ev_rx) = futures::channel::mpsc::channel(GRPC_STREAM_QUEUE);
         let call = PendingCall {
             token,
-            upstream,
+            upstream: Some(upstream),
             headers,
             body: Vec::new(),
             timeout: GRPC_STREAM_LIFETIME,
             root,
             grpc: Some(target),
+        store: None,
         };
         d.open_stream(call, cmd_rx, ev_tx);
         h.grpc_streams.push(StreamSlot {

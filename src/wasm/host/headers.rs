@@ -139,8 +139,8 @@ pub(super) fn map_pairs(h: &Host, t: MapType) -> HostResult<Pairs> {
 /// The answer being delivered, if it is an HTTP callout's.
 pub(super) fn http_answer(h: &Host) -> HostResult<&super::CallResponse> {
     h.frame.call().and_then(|r| match r.grpc {
-        None => Ok(r),
-        Some(_) => Err(Status::NotFound),
+        None if !r.foreign => Ok(r),
+        _ => Err(Status::NotFound),
     })
 }
 

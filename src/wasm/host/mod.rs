@@ -22,6 +22,7 @@ mod callouts;
 mod frame;
 mod grpc;
 mod headers;
+pub mod kv;
 mod log_time;
 mod metrics;
 mod properties;
@@ -47,6 +48,10 @@ use wasmtime::{Linker, Memory, StoreLimits, TypedFunc};
 pub struct Host {
     pub(crate) limits: StoreLimits,
     pub(crate) plugin: Arc<Plugin>,
+    /// The plugin configuration this VM was configured with (secrets substituted).
+    pub(crate) config: Arc<Vec<u8>>,
+    /// The plugin's `config_gen` when this VM took `config`.
+    pub(crate) config_gen: u64,
     pub(crate) frame: Frame,
     pub(crate) effects: Effects,
     pub(crate) memory: Option<Memory>,
@@ -203,7 +208,8 @@ pub struct LocalResponse {
 #[derive(Clone)]
 pub struct PendingCall {
     pub token: u32,
-    pub upstream: Arc<Upstream>,
+    /// Where an HTTP or gRPC callout goes (none for a state call).
+    pub upstream: Option<Arc<Upstream>>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
     pub timeout: Duration,
@@ -212,6 +218,9 @@ pub struct PendingCall {
     /// Set for a `proxy_grpc_call`: `headers` are then its initial metadata and `body` its
     /// message.
     pub grpc: Option<GrpcTarget>,
+    /// Set for a `wasmgate.kv.*` foreign function: the state call to make; its answer
+    /// comes back through `proxy_on_foreign_function`.
+    pub store: Option<kv::StoreCall>,
 }
 
 /// Where a `proxy_grpc_call` goes, besides its upstream.
@@ -291,9 +300,24 @@ impl GrpcStatus {
     }
 }
 
+impl PendingCall {
+    /// The callout's upstream name, for logs ("" for a state call).
+    pub fn upstream_name(&self) -> &str {
+        self.upstream.as_ref().map_or("", |u| &u.name)
+    }
+
+    /// A peer of the callout's upstream, if it has a healthy one.
+    pub fn peer(&self) -> Option<Box<pingora::upstreams::peer::HttpPeer>> {
+        self.upstream.as_ref().and_then(|u| u.peer(b""))
+    }
+}
+
 impl std::fmt::Debug for PendingCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PendingCall({} to {})", self.token, self.upstream.name)
+        match &self.upstream {
+            Some(u) => write!(f, "PendingCall({} to {})", self.token, u.name),
+            None => write!(f, "PendingCall({} to the state store)", self.token),
+        }
     }
 }
 
@@ -316,6 +340,9 @@ pub struct CallResponse {
     pub root: bool,
     /// Set for an event of a gRPC stream (`proxy_grpc_stream`): which one it is.
     pub stream: Option<StreamEvent>,
+    /// The answer to a `wasmgate.kv.*` call: `body` is its JSON result, read as
+    /// `CallData` in `proxy_on_foreign_function`.
+    pub foreign: bool,
 }
 
 /// A metric a guest defined with `proxy_define_metric`.

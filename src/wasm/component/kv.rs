@@ -1,0 +1,233 @@
+//! The tenant's state for functions: `wasi:keyvalue` (store, atomics, batch;
+//! 0.2.0-draft) bound to the tenant's namespace of the state store, and `wasi:config`
+//! (0.2.0-rc.1) answering the tenant's secrets. Both are granted per request through
+//! [`super::Io`]; a function of a gateway without them (or a test) opens no bucket
+//! (`access-denied`) and reads no configuration.
+//!
+//! The store calls are async host calls: the guest's task waits for the store (the
+//! embedded file on tokio's blocking pool, or Redis over the network) without holding
+//! a proxy thread, and that wait is not charged as CPU (only the deadline counts it).
+
+use super::state::Host;
+use crate::state::{StateError, Written};
+use bytes::Bytes;
+use wasmtime::component::{Linker, Resource};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "wit/host",
+        world: "wasmgate:host/state",
+        imports: { default: async | trappable },
+        with: {
+            "wasi:keyvalue/store.bucket": super::Bucket,
+        },
+    });
+}
+
+use generated::wasi::config::store as config;
+use generated::wasi::keyvalue::{atomics, batch, store};
+
+/// An open bucket: the tenant's namespace (there is one).
+pub struct Bucket;
+
+/// Keys one `list-keys` page holds.
+const PAGE: usize = 1000;
+
+pub fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    use wasmtime::component::HasSelf;
+    store::add_to_linker::<Host, HasSelf<Host>>(linker, |h| h)?;
+    atomics::add_to_linker::<Host, HasSelf<Host>>(linker, |h| h)?;
+    batch::add_to_linker::<Host, HasSelf<Host>>(linker, |h| h)?;
+    config::add_to_linker::<Host, HasSelf<Host>>(linker, |h| h)?;
+    Ok(())
+}
+
+fn error(e: StateError) -> store::Error {
+    store::Error::Other(format!("{}: {e}", e.code()))
+}
+
+type R<T> = wasmtime::Result<Result<T, store::Error>>;
+
+impl Host {
+    fn kv(&self) -> Result<&crate::state::TenantState, store::Error> {
+        self.grants.state.as_ref().ok_or(store::Error::AccessDenied)
+    }
+}
+
+impl store::Host for Host {
+    async fn open(&mut self, identifier: String) -> R<Resource<Bucket>> {
+        if let Err(e) = self.kv() {
+            return Ok(Err(e));
+        }
+        if !(identifier.is_empty() || identifier == "default") {
+            return Ok(Err(store::Error::NoSuchStore));
+        }
+        Ok(Ok(self.table.push(Bucket)?))
+    }
+}
+
+impl store::HostBucket for Host {
+    async fn get(&mut self, _: Resource<Bucket>, key: String) -> R<Option<Vec<u8>>> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(kv
+            .get(&key)
+            .await
+            .map(|e| e.map(|e| e.value.to_vec()))
+            .map_err(error))
+    }
+
+    async fn set(&mut self, _: Resource<Bucket>, key: String, value: Vec<u8>) -> R<()> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(kv
+            .set(&key, Bytes::from(value), None, None)
+            .await
+            .map(|_| ())
+            .map_err(error))
+    }
+
+    async fn delete(&mut self, _: Resource<Bucket>, key: String) -> R<()> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(kv.delete(&key, None).await.map(|_| ()).map_err(error))
+    }
+
+    async fn exists(&mut self, _: Resource<Bucket>, key: String) -> R<bool> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(kv.get(&key).await.map(|e| e.is_some()).map_err(error))
+    }
+
+    async fn list_keys(
+        &mut self,
+        _: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> R<store::KeyResponse> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        // the cursor is how many keys were listed before; each page starts after the
+        // last key of the one before, found again by listing up to it
+        let skip = cursor.unwrap_or(0) as usize;
+        let mut after: Option<String> = None;
+        let mut seen = 0usize;
+        while seen < skip {
+            let want = (skip - seen).min(PAGE);
+            let keys = match kv.list("", after.as_deref(), want).await {
+                Ok(k) => k,
+                Err(e) => return Ok(Err(error(e))),
+            };
+            if keys.is_empty() {
+                break;
+            }
+            seen += keys.len();
+            after = keys.last().cloned();
+        }
+        let keys = match kv.list("", after.as_deref(), PAGE).await {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(error(e))),
+        };
+        let cursor = (keys.len() == PAGE).then(|| (skip + keys.len()) as u64);
+        Ok(Ok(store::KeyResponse { keys, cursor }))
+    }
+
+    async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for Host {
+    async fn increment(&mut self, _: Resource<Bucket>, key: String, delta: u64) -> R<u64> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        let Ok(delta) = i64::try_from(delta) else {
+            return Ok(Err(error(StateError::NotANumber)));
+        };
+        Ok(match kv.incr(&key, delta).await {
+            Ok(n) => u64::try_from(n).map_err(|_| error(StateError::NotANumber)),
+            Err(e) => Err(error(e)),
+        })
+    }
+}
+
+impl batch::Host for Host {
+    async fn get_many(
+        &mut self,
+        _: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> R<Vec<Option<(String, Vec<u8>)>>> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            match kv.get(&k).await {
+                Ok(e) => out.push(e.map(|e| (k, e.value.to_vec()))),
+                Err(e) => return Ok(Err(error(e))),
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    async fn set_many(&mut self, _: Resource<Bucket>, pairs: Vec<(String, Vec<u8>)>) -> R<()> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        for (k, v) in pairs {
+            if let Err(e) = kv.set(&k, Bytes::from(v), None, None).await {
+                return Ok(Err(error(e)));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    async fn delete_many(&mut self, _: Resource<Bucket>, keys: Vec<String>) -> R<()> {
+        let kv = match self.kv() {
+            Ok(kv) => kv.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        for k in keys {
+            if let Err(e) = kv.delete(&k, None).await.map(|_: Written| ()) {
+                return Ok(Err(error(e)));
+            }
+        }
+        Ok(Ok(()))
+    }
+}
+
+impl config::Host for Host {
+    async fn get(
+        &mut self,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<String>, config::Error>> {
+        Ok(Ok(self
+            .grants
+            .config
+            .as_ref()
+            .and_then(|c| c.get(&key).cloned())))
+    }
+
+    async fn get_all(&mut self) -> wasmtime::Result<Result<Vec<(String, String)>, config::Error>> {
+        Ok(Ok(self
+            .grants
+            .config
+            .as_ref()
+            .map(|c| c.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()))
+    }
+}
