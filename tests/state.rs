@@ -131,6 +131,22 @@ async fn state_works_through_every_interface(gw: &Gw) {
         function(gw, "acme", "POST", "/incr/n", "").await,
         (200, "2".into())
     );
+    // wasi:keyvalue's counter is a u64: a negative value is an error that writes nothing
+    assert_eq!(function(gw, "acme", "PUT", "/kv/neg", "-5").await.0, 204);
+    let (s, body) = function(gw, "acme", "POST", "/incr/neg", "").await;
+    assert_eq!(s, 503);
+    assert!(body.contains("not_a_number"), "{body}");
+    assert_eq!(
+        function(gw, "acme", "GET", "/kv/neg", "").await,
+        (200, "-5".into())
+    );
+    // a bucket of another name does not exist, and the tenant's log says why
+    let (s, body) = function(gw, "acme", "GET", "/bucket/counter", "").await;
+    assert_eq!((s, body.as_str()), (503, "no-such-store"));
+    assert_eq!(
+        function(gw, "acme", "GET", "/bucket/default", "").await.0,
+        200
+    );
     let (_, v) = filter_call(gw, "acme", "list", json!({})).await;
     let keys: Vec<&str> = v["keys"]
         .as_array()
@@ -186,7 +202,11 @@ async fn state_works_through_every_interface(gw: &Gw) {
         .call("GET", "/v1/tenants/acme/kv/color", Some(OP), vec![])
         .await;
     assert_eq!((s, &v["value"]), (200, &json!("red")), "{v}");
-    let acme = a.token("acme", &["kv", "usage"]).await;
+    let acme = a.token("acme", &["kv", "usage", "logs"]).await;
+    let (_, logs) = a
+        .call("GET", "/v1/tenants/acme/logs", Some(&acme), vec![])
+        .await;
+    assert!(logs.to_string().contains("no bucket `counter`"), "{logs}");
     let (s, v) = a
         .call(
             "PUT",

@@ -108,9 +108,13 @@ impl Control {
     ) -> ApiResult<Value> {
         let s = self.services()?;
         let kv = s.store.tenant(t, None);
-        let keys = kv.list(prefix, after, limit).await?;
+        // one more than asked tells whether there are more
+        let limit = limit.clamp(1, 999);
+        let mut keys = kv.list(prefix, after, limit + 1).await?;
+        let more = keys.len() > limit;
+        keys.truncate(limit);
         let bytes = kv.bytes_used().await?;
-        Ok(json!({ "keys": keys, "bytes_stored": bytes }))
+        Ok(json!({ "keys": keys, "more": more, "bytes_stored": bytes }))
     }
 
     /// Sets a secret, then gives the tenant's filters that name it their new

@@ -60,6 +60,12 @@ impl store::Host for Host {
             return Ok(Err(e));
         }
         if !(identifier.is_empty() || identifier == "default") {
+            // say why in the tenant's log: a component written for another host names
+            // its own buckets
+            (self.sink)(
+                super::Stdio::Stderr,
+                &format!("wasmgate: wasi:keyvalue has no bucket `{identifier}`: the tenant's store is `default` (or \"\"); open answered no-such-store"),
+            );
             return Ok(Err(store::Error::NoSuchStore));
         }
         Ok(Ok(self.table.push(Bucket)?))
@@ -147,19 +153,52 @@ impl store::HostBucket for Host {
     }
 }
 
+/// Compare-and-swap rounds one increment may take under contention before it gives up.
+const INCREMENT_ROUNDS: usize = 64;
+
 impl atomics::Host for Host {
+    /// The interface's counter is a u64 (decimal text, absent: 0), which the store's own
+    /// `incr` (an i64) cannot cover: a compare-and-swap on the entry's version instead,
+    /// so a value that is not a u64, or a sum past u64::MAX, is an error that writes
+    /// nothing (as in wasmtime's own implementation).
     async fn increment(&mut self, _: Resource<Bucket>, key: String, delta: u64) -> R<u64> {
         let kv = match self.kv() {
             Ok(kv) => kv.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        let Ok(delta) = i64::try_from(delta) else {
-            return Ok(Err(error(StateError::NotANumber)));
-        };
-        Ok(match kv.incr(&key, delta).await {
-            Ok(n) => u64::try_from(n).map_err(|_| error(StateError::NotANumber)),
-            Err(e) => Err(error(e)),
-        })
+        for _ in 0..INCREMENT_ROUNDS {
+            let (n, version) = match kv.get(&key).await {
+                Ok(None) => (0, 0),
+                Ok(Some(e)) => match std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    Some(n) => (n, e.version),
+                    None => {
+                        return Ok(Err(store::Error::Other(
+                            "not_a_number: the value is not an unsigned decimal integer".into(),
+                        )))
+                    }
+                },
+                Err(e) => return Ok(Err(error(e))),
+            };
+            let Some(next) = n.checked_add(delta) else {
+                return Ok(Err(store::Error::Other(
+                    "overflow incrementing value".into(),
+                )));
+            };
+            match kv
+                .set(&key, Bytes::from(next.to_string()), Some(version), None)
+                .await
+            {
+                Ok(Written::Done(_)) => return Ok(Ok(next)),
+                Ok(Written::Conflict(_)) => continue,
+                Err(e) => return Ok(Err(error(e))),
+            }
+        }
+        Ok(Err(store::Error::Other(
+            "contention: the key changed on every try".into(),
+        )))
     }
 }
 

@@ -86,6 +86,8 @@ pub struct Host {
     http: WasiHttpCtx,
     pub(super) table: ResourceTable,
     pub(super) grants: Grants,
+    /// Where host notes for the tenant go (as the guest's stderr lines do).
+    pub(super) sink: LineSink,
     hooks: Hooks,
     pub(super) memory: MemoryCap,
     /// Epoch ticks charged to the guest so far (epoch budgets only).
@@ -102,7 +104,7 @@ impl Host {
         // Granted nothing by default: no env, args or preopened directories (the builder's
         // defaults), no sockets or name lookups; stdin is empty; clocks and random work.
         let stdout = SinkStream::new(Stdio::Stdout, sink.clone());
-        let stderr = SinkStream::new(Stdio::Stderr, sink);
+        let stderr = SinkStream::new(Stdio::Stderr, sink.clone());
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -117,6 +119,7 @@ impl Host {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             grants,
+            sink,
             hooks: Hooks { policy },
             memory: MemoryCap {
                 max: max_memory,
@@ -135,7 +138,8 @@ impl Host {
     pub fn rebind(&mut self, sink: LineSink, policy: Arc<dyn OutgoingPolicy>, grants: Grants) {
         self.grants = grants;
         self.stdout.rebind(sink.clone());
-        self.stderr.rebind(sink);
+        self.stderr.rebind(sink.clone());
+        self.sink = sink;
         self.hooks.policy = policy;
         self.ticks_charged = 0;
         self.memory.peak = self.memory.total;

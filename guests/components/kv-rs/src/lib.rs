@@ -6,6 +6,7 @@
 //!   `DELETE /kv/KEY` deletes it; `POST /incr/KEY` adds 1 and answers the count;
 //!   `GET /list` lists the keys, one per line; `GET /time/KEY` reads a key and answers
 //!   how long the read took inside the guest, in nanoseconds (the benchmark's figure);
+//! - `GET /bucket/NAME` opens a bucket by name (only `default` exists);
 //! - `GET /config/NAME` answers a configuration value (a secret), 404 when absent;
 //! - anything else answers "plain" without touching the store (the benchmark baseline).
 //!
@@ -66,7 +67,7 @@ impl wasi::exports::http::incoming_handler::Guest for Kv {
         // the route may keep a prefix: the action is the first known word in the path
         let path = request.path_with_query().unwrap_or_default();
         let path = path.split('?').next().unwrap_or("").to_string();
-        let words = ["kv/", "incr/", "config/", "list", "time/"];
+        let words = ["kv/", "incr/", "config/", "list", "time/", "bucket/"];
         let at = words
             .iter()
             .filter_map(|w| path.find(&format!("/{w}")).map(|i| i + 1))
@@ -74,6 +75,12 @@ impl wasi::exports::http::incoming_handler::Guest for Kv {
             .unwrap_or(path.len());
         let segs: Vec<&str> = path[at..].splitn(2, '/').filter(|s| !s.is_empty()).collect();
         let method = request.method();
+        if let ["bucket", name] = segs.as_slice() {
+            return match store::open(name) {
+                Ok(_) => respond(out, 200, b"opened"),
+                Err(e) => fail(out, e),
+            };
+        }
         if let ["config", name] = segs.as_slice() {
             return match config::get(name) {
                 Ok(Some(v)) => respond(out, 200, v.as_bytes()),
