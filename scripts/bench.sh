@@ -58,6 +58,8 @@ listen = "127.0.0.1:$metrics_port"
 [admin]
 listen = "127.0.0.1:$admin_port"
 token = "bench-operator-token"
+[state]
+ops_per_sec = 0 # the kv targets measure the store, not the tenant's rate limit
 [[listeners]]
 listen = "127.0.0.1:$gw_port"
 [upstreams.up]
@@ -185,6 +187,7 @@ listen = ""
 [state]
 backend = "redis"
 url = "redis://127.0.0.1:$redis_port/0"
+ops_per_sec = 0
 [[listeners]]
 listen = "127.0.0.1:$gwr_port"
 [modules.kv]

@@ -556,3 +556,40 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_from_every_node_adds_up_on_redis() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("echo").await;
+    let node = |id: &str| {
+        conf(
+            &up.addr(),
+            &format!(
+                "[state]\nbackend = \"redis\"\nurl = \"{}\"\n[node]\nid = \"{id}\"",
+                redis.url()
+            ),
+        )
+    };
+    let (a, b) = (Gw::start(&node("node-a")), Gw::start(&node("node-b")));
+    for _ in 0..5 {
+        assert_eq!(function(&a, "acme", "GET", "/hello", "").await.0, 200);
+    }
+    for _ in 0..7 {
+        assert_eq!(function(&b, "acme", "GET", "/hello", "").await.0, 200);
+    }
+    // each node publishes its usage with every save (USAGE_SAVE_EVERY, 10 s)
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    for gw in [&a, &b] {
+        loop {
+            let (_, u) = Admin::new(gw)
+                .call("GET", "/v1/tenants/acme/usage", Some(OP), vec![])
+                .await;
+            if u["modules"]["acme-fn"]["invocations"] == 12 {
+                assert_eq!(u["nodes"].as_array().map(Vec::len), Some(2), "{u}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{u}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

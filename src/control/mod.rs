@@ -61,6 +61,9 @@ struct UsageFile {
     usage: Vec<crate::wasm::meter::SavedUsage>,
 }
 
+/// Where nodes publish their usage in a shared state store (key: the node id).
+const USAGE_NS: &str = "usage";
+
 /// How often usage is folded into time buckets, and how often new buckets are saved. A
 /// crash (not a graceful stop, which saves) loses at most the last `USAGE_SAVE_EVERY`.
 const USAGE_FOLD_EVERY: Duration = Duration::from_secs(1);
@@ -83,7 +86,7 @@ impl pingora::services::background::BackgroundService for UsageKeeper {
             tokio::select! {
                 _ = shutdown.changed() => {
                     let c = self.control.clone();
-                    match tokio::task::spawn_blocking(move || c.save_usage()).await {
+                    match tokio::task::spawn_blocking(move || c.save_and_publish_usage()).await {
                         Ok(Ok(())) => tracing::info!("usage saved"),
                         Ok(Err(e)) => tracing::error!("cannot save usage: {e}"),
                         Err(e) => tracing::error!("cannot save usage: {e}"),
@@ -95,7 +98,7 @@ impl pingora::services::background::BackgroundService for UsageKeeper {
                     let pushed = meter.buckets_pushed();
                     if pushed != saved && last_save.elapsed() >= USAGE_SAVE_EVERY {
                         let c = self.control.clone();
-                        match tokio::task::spawn_blocking(move || c.save_usage()).await {
+                        match tokio::task::spawn_blocking(move || c.save_and_publish_usage()).await {
                             Ok(Ok(())) => saved = pushed,
                             Ok(Err(e)) => tracing::error!("cannot save usage: {e}"),
                             Err(e) => tracing::error!("cannot save usage: {e}"),
@@ -400,6 +403,61 @@ impl Control {
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &path)
+    }
+
+    /// [`Control::save_usage`], then [`Control::publish_usage`]: the local record is the
+    /// durable one; a shared store that is away misses one publication, logged.
+    fn save_and_publish_usage(&self) -> std::io::Result<()> {
+        self.save_usage()?;
+        if let Err(e) = self.publish_usage() {
+            tracing::warn!("usage saved, but not published to the shared state store: {e}");
+        }
+        Ok(())
+    }
+
+    /// Publishes this node's usage to a shared state store (Redis), where the usage API
+    /// of every node adds it up; a store of one node's (embedded) needs no copy beside
+    /// `usage.json`. Runs on a blocking thread (it waits for the store).
+    pub fn publish_usage(&self) -> Result<(), String> {
+        let Some(state) = self.live.wasm.state().cloned() else {
+            return Ok(());
+        };
+        if !state.store.is_shared() {
+            return Ok(());
+        }
+        let node = self.live.load().node.id.clone();
+        let bytes = serde_json::to_vec(&self.live.wasm.meter.save()).map_err(|e| e.to_string())?;
+        let store = state.store.clone();
+        state
+            .wait(async move { store.system_set(USAGE_NS, &node, bytes.into()).await })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Other nodes' published usage (a shared store only): node id → records.
+    async fn other_nodes_usage(&self) -> Vec<(String, Vec<crate::wasm::meter::SavedUsage>)> {
+        let Some(state) = self.live.wasm.state().cloned() else {
+            return Vec::new();
+        };
+        if !state.store.is_shared() {
+            return Vec::new();
+        }
+        let me = self.live.load().node.id.clone();
+        let nodes = match state.store.system_keys(USAGE_NS).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("usage of other nodes unavailable: {e}");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for node in nodes.into_iter().filter(|n| *n != me) {
+            if let Ok(Some(b)) = state.store.system_get(USAGE_NS, &node).await {
+                if let Ok(rows) = serde_json::from_slice(&b) {
+                    out.push((node, rows));
+                }
+            }
+        }
+        out
     }
 
     /// Starts the timers of restored modules; called once the services run.
@@ -1202,9 +1260,29 @@ impl Control {
         serde_json::json!({ "tenant": t, "from": from, "to": to, "modules": modules, "totals": totals })
     }
 
-    /// [`Control::usage`], with the bytes the tenant stores in the state store now.
+    /// [`Control::usage`], plus what the other nodes sharing the state store published
+    /// (their last save), and the bytes the tenant stores in the state store now.
     pub async fn usage_now(&self, t: &str, from: u64, to: u64) -> serde_json::Value {
         let mut v = self.usage(t, from, to);
+        let others = self.other_nodes_usage().await;
+        if !others.is_empty() {
+            use crate::wasm::meter::Tally;
+            let mut totals: Tally = serde_json::from_value(v["totals"].clone()).unwrap_or_default();
+            let mut nodes = vec![self.live.load().node.id.clone()];
+            for (node, rows) in &others {
+                nodes.push(node.clone());
+                for row in rows.iter().filter(|r| r.tenant == t) {
+                    let add = row.between(from, to);
+                    totals.merge(&add);
+                    let mut m: Tally = serde_json::from_value(v["modules"][&row.module].clone())
+                        .unwrap_or_default();
+                    m.merge(&add);
+                    v["modules"][&row.module] = serde_json::json!(m);
+                }
+            }
+            v["totals"] = serde_json::json!(totals);
+            v["nodes"] = serde_json::json!(nodes);
+        }
         if let Some(s) = self.live.wasm.state() {
             v["state_bytes_stored"] = match s.store.tenant(t, None).bytes_used().await {
                 Ok(b) => b.into(),

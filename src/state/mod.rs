@@ -182,6 +182,49 @@ impl Store {
         self.backend.name()
     }
 
+    /// Whether other gateways may share this store (Redis), so what one node writes for
+    /// itself (its usage) is worth publishing there.
+    pub fn is_shared(&self) -> bool {
+        self.backend.name() == "redis"
+    }
+
+    /// The gateway's own records (usage published per node): outside every tenant's
+    /// namespace, limits and usage.
+    pub async fn system_set(&self, ns: &str, key: &str, value: Bytes) -> Result<()> {
+        let opts = WriteOpts {
+            quota: u64::MAX,
+            ..WriteOpts::default()
+        };
+        self.backend
+            .set(&format!("x/{ns}"), key, value, opts)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn system_get(&self, ns: &str, key: &str) -> Result<Option<Bytes>> {
+        Ok(self
+            .backend
+            .get(&format!("x/{ns}"), key)
+            .await?
+            .map(|e| e.value))
+    }
+
+    /// Every key of a system namespace.
+    pub async fn system_keys(&self, ns: &str) -> Result<Vec<String>> {
+        let ns = format!("x/{ns}");
+        let mut out = Vec::new();
+        loop {
+            let page = self
+                .backend
+                .list(&ns, "", out.last().map(String::as_str), 500)
+                .await?;
+            if page.is_empty() {
+                return Ok(out);
+            }
+            out.extend(page);
+        }
+    }
+
     /// Sets a tenant's limits (`None`: the defaults).
     pub fn set_limits(&self, tenant: &str, limits: Option<StateLimits>) {
         match limits {

@@ -6,8 +6,9 @@
 //! - `{prefix}:{ns}:m`: a hash, `bytes` (stored) and `seq` (last version given);
 //! - `{prefix}:{ns}:i`: a sorted set of the keys (score 0), for listing by prefix.
 //!
-//! Connections: one multiplexed connection per gateway (redis-rs's `ConnectionManager`),
-//! made lazily and remade with backoff when it breaks, so the gateway starts and serves
+//! Connections: a few multiplexed connections per gateway (redis-rs's
+//! `ConnectionManager`, pipelining every call in flight), taken in turn, each made lazily
+//! and remade with backoff when it breaks, so the gateway starts and serves
 //! while Redis is away; every call has a timeout and a failed one answers
 //! [`StateError::Unavailable`]. Durability is Redis's own (`appendonly yes`,
 //! `appendfsync always` for an acknowledged write to survive a Redis crash).
@@ -119,8 +120,13 @@ static DELETE_SCRIPT: LazyLock<Script> =
 static INCR_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&[PROLOGUE, INCR].concat()));
 static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIST));
 
+/// Multiplexed connections kept to Redis: calls take them in turn, so one slow reply
+/// does not hold up every call behind it.
+const CONNECTIONS: usize = 4;
+
 pub struct Redis {
-    conn: ConnectionManager,
+    conns: Vec<ConnectionManager>,
+    next: std::sync::atomic::AtomicUsize,
     prefix: String,
     timeout: Duration,
 }
@@ -140,14 +146,22 @@ impl Redis {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_lazy(config)
+        let conns = (0..CONNECTIONS)
+            .map(|_| client.get_connection_manager_lazy(config.clone()))
+            .collect::<redis::RedisResult<Vec<_>>>()
             .map_err(|e| anyhow::anyhow!("[state] url `{url}`: {e}"))?;
         Ok(Redis {
-            conn,
+            conns,
+            next: Default::default(),
             prefix: prefix.to_string(),
             timeout,
         })
+    }
+
+    /// The next connection, in turn.
+    fn conn(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns[i % self.conns.len()].clone()
     }
 
     fn keys(&self, ns: &str, key: &str) -> [String; 3] {
@@ -183,7 +197,7 @@ impl Redis {
             inv.arg(*a);
         }
         inv.arg(now_ms());
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.bounded(inv.invoke_async(&mut conn)).await
     }
 }
@@ -201,7 +215,7 @@ fn written(code: i64, n: &str) -> Written {
 impl Backend for Redis {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>> {
         let [k, _, _] = self.keys(ns, key);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (v, ver, exp): (Option<Vec<u8>>, Option<u64>, Option<u64>) = self
             .bounded(
                 redis::cmd("HMGET")
@@ -284,13 +298,13 @@ impl Backend for Redis {
         let mut inv = LIST_SCRIPT.prepare_invoke();
         inv.key(&entry_prefix).key(&index);
         inv.arg(min).arg(max).arg(limit.max(1)).arg(now_ms());
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.bounded(inv.invoke_async(&mut conn)).await
     }
 
     async fn bytes_used(&self, ns: &str) -> Result<u64> {
         let [_, meta, _] = self.keys(ns, "");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let b: Option<u64> = self
             .bounded(
                 redis::cmd("HGET")

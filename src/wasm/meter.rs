@@ -140,6 +140,17 @@ pub struct SavedUsage {
     pub buckets: Vec<(u64, Vec<u64>)>,
 }
 
+impl SavedUsage {
+    /// What its buckets in `(from, to]` (unix seconds) add up to.
+    pub fn between(&self, from: u64, to: u64) -> Tally {
+        let mut out = Tally::default();
+        for (_, d) in self.buckets.iter().filter(|(t, _)| *t > from && *t <= to) {
+            out.merge(&Tally::from_slice(d));
+        }
+        out
+    }
+}
+
 /// How long usage buckets are kept.
 const KEEP_SECS: u64 = 7 * 24 * 3600;
 
