@@ -7,23 +7,34 @@ use std::process::{Child, Command, Stdio};
 
 /// A `redis-server` on a free loopback port, stopped (by its PID) when dropped.
 pub(crate) struct RedisServer {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub(crate) fn start() -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        let mut r = RedisServer {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.restart();
+        r
+    }
+
+    /// (Re)starts it on its port and folder (append-only: the data comes back).
+    pub(crate) fn restart(&mut self) {
+        self.kill();
         let child = Command::new("redis-server")
             .args([
                 "--port",
-                &port.to_string(),
+                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -31,22 +42,25 @@ impl RedisServer {
             ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is not installed (scripts/test.sh installs it)");
+        self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        RedisServer {
-            child,
-            port,
-            _dir: dir,
+    }
+
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -57,8 +71,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -263,27 +276,11 @@ async fn redis_away_is_a_clear_error_and_its_return_is_noticed() {
     b.set("t/a", "k", Bytes::from_static(b"v"), opts(None))
         .await
         .unwrap();
-    let _ = server.child.kill();
-    let _ = server.child.wait();
+    server.kill();
     let err = b.get("t/a", "k").await.unwrap_err();
     assert!(matches!(err, StateError::Unavailable(_)), "{err:?}");
-    // the same port again (its appendonly file is in the same directory)
-    let port = server.port;
-    let mut again = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "yes"])
-        .arg("--dir")
-        .arg(server._dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    // back on the same port, with its append-only file
+    server.restart();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let value = loop {
         match b.get("t/a", "k").await {
@@ -295,8 +292,6 @@ async fn redis_away_is_a_clear_error_and_its_return_is_noticed() {
         }
     };
     assert_eq!(value.unwrap().value.as_ref(), b"v");
-    let _ = again.kill();
-    let _ = again.wait();
 }
 
 #[tokio::test]

@@ -61,22 +61,17 @@ fn http_call(
             .plugin
             .allowed_upstream(&name)
             .ok_or(Status::BadArgument)?;
-        if h.effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
-            return Err(Status::InternalFailure);
-        }
-        let e = &mut h.effects;
-        e.next_token = e.next_token.wrapping_add(1).max(1);
-        let token = e.next_token;
-        e.calls.push(PendingCall {
+        let root = h.effective == ROOT_CONTEXT;
+        let token = h.effects.queue(|token| PendingCall {
             token,
             upstream: Some(upstream),
             headers,
             body,
             timeout: callout_timeout(timeout_ms),
-            root: h.effective == ROOT_CONTEXT,
+            root,
             grpc: None,
             store: None,
-        });
+        })?;
         write_u32(c, ret, token)
     })
 }

@@ -139,7 +139,7 @@ fn grpc_call(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp:
             timeout: callout_timeout(timeout_ms),
             root,
             grpc: Some(target),
-        store: None,
+            store: None,
         });
         write_u32(c, ret, token)
     })
@@ -176,7 +176,7 @@ fn grpc_stream(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, h
             timeout: GRPC_STREAM_LIFETIME,
             root,
             grpc: Some(target),
-        store: None,
+            store: None,
         };
         d.open_stream(call, cmd_rx, ev_tx);
         h.grpc_streams.push(StreamSlot {

@@ -28,7 +28,6 @@
 //! without a state store answers `NotFound`, as for an unknown function.
 
 use super::call::C;
-use super::callouts::MAX_CALLS_PER_CALLBACK;
 use super::{CallResponse, PendingCall, ROOT_CONTEXT};
 use crate::state::{StateError, TenantState, Written};
 use crate::wasm::abi::{HostResult, Status};
@@ -131,23 +130,17 @@ pub(super) fn start(c: &mut C, op: &[u8], args: &[u8]) -> HostResult<u32> {
     let h = c.data_mut();
     let state = h.plugin.state().ok_or(Status::NotFound)?;
     let op = parse(op, args)?;
-    if h.effects.calls.len() >= MAX_CALLS_PER_CALLBACK {
-        return Err(Status::InternalFailure);
-    }
-    let e = &mut h.effects;
-    e.next_token = e.next_token.wrapping_add(1).max(1);
-    let token = e.next_token;
-    e.calls.push(PendingCall {
+    let root = h.effective == ROOT_CONTEXT;
+    h.effects.queue(|token| PendingCall {
         token,
         upstream: None,
         headers: Vec::new(),
         body: Vec::new(),
         timeout: STORE_CALL_TIMEOUT,
-        root: h.effective == ROOT_CONTEXT,
+        root,
         grpc: None,
         store: Some(StoreCall { state, op }),
-    });
-    Ok(token)
+    })
 }
 
 /// The answer being delivered, if it is a state call's.

@@ -98,6 +98,24 @@ pub(crate) struct Effects {
     pub next_token: u32,
 }
 
+impl Effects {
+    /// Queues a call (an HTTP callout or a state call) for the proxy to make when the
+    /// callback returns, made by `call` with its new token; at most
+    /// [`callouts::MAX_CALLS_PER_CALLBACK`] per callback.
+    pub(crate) fn queue(
+        &mut self,
+        call: impl FnOnce(u32) -> PendingCall,
+    ) -> crate::wasm::abi::HostResult<u32> {
+        if self.calls.len() >= callouts::MAX_CALLS_PER_CALLBACK {
+            return Err(crate::wasm::abi::Status::InternalFailure);
+        }
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        let token = self.next_token;
+        self.calls.push(call(token));
+        Ok(token)
+    }
+}
+
 /// Facts about the request that are not in its headers.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
