@@ -304,6 +304,13 @@ async fn state_works_through_every_interface(gw: &Gw) {
         "{u}"
     );
     assert!(u["state_bytes_stored"].as_u64().unwrap() > 0, "{u}");
+    // state calls are not counted as HTTP callouts
+    assert_eq!(u["modules"]["acme-filter"]["http_callouts"], 0, "{u}");
+    // a key that is not UTF-8 is refused, not turned into another key
+    let (s, _) = a
+        .call("PUT", "/v1/tenants/acme/kv/%FE", Some(&acme), b"x".to_vec())
+        .await;
+    assert_eq!(s, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,10 +399,23 @@ async fn acknowledged_writes_and_usage_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_reach_filters_and_functions_and_never_leak() {
+    secrets_on("", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_on_redis_reach_guests_and_never_leak() {
+    let redis = RedisServer::start();
+    let state = format!("[state]\nbackend = \"redis\"\nurl = \"{}\"", redis.url());
+    secrets_on(&state, Some(redis.dir.path())).await;
+}
+
+/// Secrets on the store `state` names; `store_dir` holds that store's files when they
+/// are not in the gateway's data dir (Redis's), scanned for clear text too.
+async fn secrets_on(state: &str, store_dir: Option<&std::path::Path>) {
     const VALUE: &str = "s3cr3t-value-7f1c";
     const NEXT: &str = "n3xt-value-99ab";
     let up = Upstream::start("echo").await;
-    let gw = Gw::start(&conf(&up.addr(), ""));
+    let gw = Gw::start(&conf(&up.addr(), state));
     let a = Admin::new(&gw);
     let acme = a.token("acme", &["deploy", "secrets"]).await;
     let other = a.token("other", &["secrets"]).await;
@@ -477,6 +497,17 @@ async fn secrets_reach_filters_and_functions_and_never_leak() {
     };
     assert_eq!(config().await, format!(r#"{{"key":"{VALUE}"}}"#));
 
+    // a secret a filter's configuration names cannot be deleted (it would keep running
+    // with it, and fail to load on the next start)
+    let (s, v) = a
+        .call(
+            "DELETE",
+            "/v1/tenants/acme/secrets/API_KEY",
+            Some(&acme),
+            vec![],
+        )
+        .await;
+    assert_eq!((s, &v["error"]), (409, &json!("secret_in_use")), "{v}");
     // a new value reaches both: the filter is reconfigured, the function reads it
     set("API_KEY", NEXT);
     assert_eq!(config().await, format!(r#"{{"key":"{NEXT}"}}"#));
@@ -518,6 +549,9 @@ async fn secrets_reach_filters_and_functions_and_never_leak() {
     let (dir, ports) = gw.stop();
     let mut files = Vec::new();
     collect(dir.path(), &mut files);
+    if let Some(d) = store_dir {
+        collect(d, &mut files);
+    }
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
         for secret in [VALUE, NEXT] {
@@ -529,7 +563,7 @@ async fn secrets_reach_filters_and_functions_and_never_leak() {
         }
     }
     // after a restart (the key from its file), the function still reads it
-    let gw = Gw::start_in(dir, &conf(&up.addr(), ""), ports);
+    let gw = Gw::start_in(dir, &conf(&up.addr(), state), ports);
     assert_eq!(
         function(&gw, "acme", "GET", "/config/API_KEY", "").await,
         (200, NEXT.into())

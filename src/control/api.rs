@@ -427,16 +427,19 @@ struct Activate {
 }
 
 async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
+    // a segment that is not UTF-8 once decoded is refused: decoding it lossily would make
+    // two different keys (`%FE`, `%FF`) the same one
     let segs: Vec<String> = req
         .path
         .trim_matches('/')
         .split('/')
         .map(|s| {
             percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| ApiError::new(400, "bad_path", "a path segment is not UTF-8"))
         })
-        .collect();
+        .collect::<ApiResult<_>>()?;
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let ok = |v: serde_json::Value| Ok(Resp::Json(200, v));
     let by = who.label();
@@ -587,7 +590,13 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
         ("GET", ["v1", "tenants", t, "kv"]) => {
             allowed_on(c, who, t, "kv")?;
             let q = |k: &str| req.query.get(k).map(String::as_str);
-            let limit = q("limit").and_then(|v| v.parse().ok()).unwrap_or(100);
+            let limit = match query_num(&req, "limit")? {
+                None => 100,
+                Some(n @ 1..=999) => n as usize,
+                Some(_) => {
+                    return Err(ApiError::new(400, "bad_query", "`limit` is 1 to 999"));
+                }
+            };
             ok(c.kv_list(t, q("prefix").unwrap_or(""), q("after"), limit)
                 .await?)
         }

@@ -139,8 +139,27 @@ impl Control {
         Ok(json!({ "tenant": t, "secret": name, "set": true, "filters_not_reconfigured": stale }))
     }
 
+    /// Deletes a secret, unless a filter's configuration names it: a running filter
+    /// would keep the value it was configured with, and fail to load on the next start.
+    /// (To revoke a leaked value, set a new one: the filters are reconfigured with it.)
     pub async fn secret_delete(&self, t: &str, name: &str, by: &str) -> ApiResult<Value> {
         let s = self.services()?;
+        let users: Vec<String> = self
+            .tenant_filters(t)
+            .iter()
+            .filter(|p| secrets::names_secret(&p.spec.config, name))
+            .map(|p| p.spec.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                409,
+                "secret_in_use",
+                format!(
+                    "secret `{name}` is named by the configuration of {}; change or remove them first (to replace a leaked value, set a new one)",
+                    users.join(", ")
+                ),
+            ));
+        }
         let existed = s.secrets.delete(t, name).await.map_err(unavailable)?;
         if !existed {
             return Err(ApiError::new(
@@ -166,13 +185,18 @@ impl Control {
     /// A new secret key; every secret re-sealed with it.
     pub async fn rotate_secret_key(&self, by: &str) -> ApiResult<Value> {
         let s = self.services()?;
-        let n = s
+        let (n, unreadable) = s
             .secrets
             .rotate()
             .await
             .map_err(|e| ApiError::new(409, "cannot_rotate", e))?;
-        tracing::info!(by, resealed = n, "admin: secret key rotated");
-        Ok(json!({ "rotated": true, "resealed": n }))
+        tracing::info!(
+            by,
+            resealed = n,
+            unreadable = unreadable.len(),
+            "admin: secret key rotated"
+        );
+        Ok(json!({ "rotated": true, "resealed": n, "unreadable": unreadable }))
     }
 
     /// Gives every filter of tenant `t` whose configuration names a secret its
@@ -180,6 +204,24 @@ impl Control {
     /// a secret that is gone keeps the configuration it had: it is listed (and logged).
     fn reconfigure_filters(&self, t: &str) -> Vec<String> {
         let wasm = &self.live.wasm;
+        let mut stale = Vec::new();
+        for p in self.tenant_filters(t) {
+            if !secrets::names_secrets(&p.spec.config) {
+                continue;
+            }
+            match wasm.configuration(t, &p.spec.config) {
+                Ok(config) => p.reconfigure(config),
+                Err(e) => {
+                    tracing::error!(tenant = t, module = %p.spec.name, "filter keeps its configuration: {e}");
+                    stale.push(p.spec.name.clone());
+                }
+            }
+        }
+        stale
+    }
+
+    /// Tenant `t`'s filters: deployed ones and the conf's.
+    fn tenant_filters(&self, t: &str) -> Vec<Arc<crate::wasm::Plugin>> {
         let mut plugins: Vec<Arc<crate::wasm::Plugin>> = self
             .plugins
             .lock()
@@ -199,19 +241,6 @@ impl Control {
                 .filter(|p| p.spec.tenant == t)
                 .cloned(),
         );
-        let mut stale = Vec::new();
-        for p in plugins {
-            if !secrets::names_secrets(&p.spec.config) {
-                continue;
-            }
-            match wasm.configuration(t, &p.spec.config) {
-                Ok(config) => p.reconfigure(config),
-                Err(e) => {
-                    tracing::error!(tenant = t, module = %p.spec.name, "filter keeps its configuration: {e}");
-                    stale.push(p.spec.name.clone());
-                }
-            }
-        }
-        stale
+        plugins
     }
 }

@@ -12,7 +12,7 @@
 //!   `{"updated_at": unix seconds, "sealed": "..."}`; so the embedded file or Redis never
 //!   holds a secret in clear.
 
-use super::{Backend, StateError, WriteOpts};
+use super::{Backend, StateError, WriteOpts, Written};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use dashmap::DashMap;
@@ -21,6 +21,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+#[cfg(test)]
+use std::time::Duration;
 
 /// The environment variable that carries the key (base64 of 32 bytes).
 pub const KEY_ENV: &str = "WASMGATE_SECRET_KEY";
@@ -204,6 +206,11 @@ pub fn substitute(
     Ok(out)
 }
 
+/// Whether a configuration names the secret `name`.
+pub fn names_secret(config: &[u8], name: &str) -> bool {
+    find(config, format!("{{{{secret:{name}}}}}").as_bytes()).is_some()
+}
+
 /// Whether a configuration names any secret.
 pub fn names_secrets(config: &[u8]) -> bool {
     find(config, b"{{secret:").is_some()
@@ -233,6 +240,8 @@ pub struct Secrets {
     backend: Arc<dyn Backend>,
     keys: RwLock<Arc<Keyring>>,
     open: DashMap<String, Arc<BTreeMap<String, String>>>,
+    /// Held by a rotation: two at once would each seal with a key the other replaces.
+    rotating: tokio::sync::Mutex<()>,
 }
 
 fn ns(tenant: &str) -> String {
@@ -257,6 +266,7 @@ impl Secrets {
             backend,
             keys: RwLock::new(Arc::new(keys)),
             open: DashMap::new(),
+            rotating: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -356,7 +366,8 @@ impl Secrets {
         Ok(existed)
     }
 
-    async fn entries(&self, tenant: &str) -> Result<Vec<(String, Stored)>, StateError> {
+    /// A tenant's sealed secrets, with their versions.
+    async fn entries(&self, tenant: &str) -> Result<Vec<(String, Stored, u64)>, StateError> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -370,7 +381,7 @@ impl Secrets {
             for k in keys {
                 if let Some(e) = self.backend.get(&ns(tenant), &k).await? {
                     if let Ok(s) = serde_json::from_slice::<Stored>(&e.value) {
-                        out.push((k, s));
+                        out.push((k, s, e.version));
                     }
                 }
             }
@@ -385,7 +396,7 @@ impl Secrets {
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
-            .map(|(name, s)| Listed {
+            .map(|(name, s, _)| Listed {
                 name,
                 updated_at: s.updated_at,
             })
@@ -400,7 +411,7 @@ impl Secrets {
         }
         let keys = self.keys();
         let mut map = BTreeMap::new();
-        for (name, s) in self.entries(tenant).await.map_err(|e| e.to_string())? {
+        for (name, s, _) in self.entries(tenant).await.map_err(|e| e.to_string())? {
             match keys.open(tenant, &name, &s.sealed) {
                 Ok(v) => {
                     map.insert(name, String::from_utf8_lossy(&v).into_owned());
@@ -418,59 +429,77 @@ impl Secrets {
         self.open.get(tenant).map(|v| v.clone())
     }
 
-    /// Forgets the opened values of every tenant (their next read opens them again).
-    pub fn forget(&self) {
-        self.open.clear();
-    }
-
-    /// A new key: every tenant's secrets are re-sealed with it, then it replaces the key
-    /// file (the old key kept in `secret.key.previous`). Refused when the key comes from
-    /// the environment: rotate it there (set the new key, keep the old one in
-    /// `secret.key.previous` until the secrets are set again).
-    pub async fn rotate(&self) -> Result<usize, String> {
-        let tenants = self.tenants().await?;
+    /// A new key, then every secret re-sealed with it. Rotations take turns. The keys
+    /// change on disk first — the current key joins `secret.key.previous`, the new one
+    /// replaces `secret.key` — and only then is anything sealed with the new one, so a
+    /// crash at any point leaves every secret openable (sealed with the new key or with
+    /// one still kept). A secret that changes meanwhile keeps its new value (each
+    /// re-seal is a compare-and-swap). Refused when the key comes from the environment:
+    /// rotate it there (set the new key, keep the old one in `secret.key.previous` until
+    /// the secrets are set again). Answers how many were re-sealed, and the secrets that
+    /// no kept key opens (named `tenant/NAME`; they were lost before).
+    pub async fn rotate(&self) -> Result<(usize, Vec<String>), String> {
+        let _one_at_a_time = self.rotating.lock().await;
         let old = self.keys();
         let Some(file) = old.file.clone() else {
             return Err(format!("the key comes from {KEY_ENV}; rotate it there"));
         };
-        let raw = random_key();
-        let new = Arc::new(Keyring {
-            current: Key::new(&raw).map_err(|e| e.to_string())?,
-            previous: Vec::new(),
-            file: Some(file.clone()),
-        });
-        // the old key must stay readable until every value is re-sealed, and after a crash
-        let prev_path = file.with_file_name("secret.key.previous");
-        let old_text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
-        let mut prev = std::fs::read_to_string(&prev_path).unwrap_or_default();
-        prev.push_str(old_text.trim());
-        prev.push('\n');
-        write_private(&prev_path, &prev).map_err(|e| e.to_string())?;
-        let mut n = 0;
-        for t in &tenants {
-            for (name, s) in self.entries(t).await.map_err(|e| e.to_string())? {
-                let value = old.open(t, &name, &s.sealed)?;
+        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let err = |e: std::io::Error| e.to_string();
+        let prev_path = dir.join("secret.key.previous");
+        let current = std::fs::read_to_string(&file).map_err(err)?;
+        let mut kept: Vec<String> = std::fs::read_to_string(&prev_path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if !kept.iter().any(|k| k == current.trim()) {
+            kept.push(current.trim().to_string());
+        }
+        write_private(&prev_path, &(kept.join("\n") + "\n")).map_err(err)?;
+        write_private(&file, &B64.encode(random_key())).map_err(err)?;
+        let keys = Arc::new(Keyring::load(&dir).map_err(|e| e.to_string())?);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys.clone();
+
+        let sealed_now = format!("wg1:{}:", keys.current.id);
+        let (mut resealed, mut unreadable) = (0, Vec::new());
+        for t in &self.tenants().await? {
+            for (name, s, version) in self.entries(t).await.map_err(|e| e.to_string())? {
+                if s.sealed.starts_with(&sealed_now) {
+                    continue;
+                }
+                let value = match keys.open(t, &name, &s.sealed) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(tenant = %t, secret = %name, "rotation: secret does not open: {e}");
+                        unreadable.push(format!("{t}/{name}"));
+                        continue;
+                    }
+                };
                 let stored = Stored {
                     updated_at: s.updated_at,
-                    sealed: new.seal(t, &name, &value),
+                    sealed: keys.seal(t, &name, &value),
                 };
                 let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
                 let opts = WriteOpts {
+                    expect: Some(version),
                     quota: u64::MAX,
                     ..WriteOpts::default()
                 };
-                self.backend
+                // a conflict: set meanwhile, with a key that is kept
+                if let Written::Done(_) = self
+                    .backend
                     .set(&ns(t), &name, bytes.into(), opts)
                     .await
-                    .map_err(|e| e.to_string())?;
-                n += 1;
+                    .map_err(|e| e.to_string())?
+                {
+                    resealed += 1;
+                }
             }
         }
-        write_private(&file, &B64.encode(raw)).map_err(|e| e.to_string())?;
-        let reloaded =
-            Keyring::load(file.parent().unwrap_or(Path::new("."))).map_err(|e| e.to_string())?;
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(reloaded);
-        Ok(n)
+        Ok((resealed, unreadable))
     }
 }
 
@@ -519,5 +548,43 @@ mod tests {
         assert!(substitute(b"{{secret:K", Some(&v)).is_err());
         assert_eq!(substitute(b"plain", None).unwrap(), b"plain");
         assert!(!names_secrets(b"plain") && names_secrets(b"x{{secret:K}}"));
+    }
+
+    fn secrets_in(dir: &Path) -> Arc<Secrets> {
+        let backend =
+            Arc::new(super::super::embedded::Embedded::open(&dir.join("s.redb")).unwrap());
+        Secrets::new(backend, Keyring::load(dir).unwrap())
+    }
+
+    /// Rotations at once take turns, and one cut short at any point (as by a crash)
+    /// leaves every secret openable by a gateway that starts from the files.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotations_at_once_or_cut_short_lose_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = secrets_in(dir.path());
+        for i in 0..30 {
+            s.set(
+                &format!("t{}", i % 3),
+                &format!("S{i}"),
+                &format!("value-{i}"),
+            )
+            .await
+            .unwrap();
+        }
+        let all = futures::future::join_all((0..4).map(|_| s.rotate())).await;
+        for r in &all {
+            assert!(r.as_ref().unwrap().1.is_empty(), "{r:?}");
+        }
+        for cut in [50u64, 200, 1000, 3000] {
+            let _ = tokio::time::timeout(Duration::from_micros(cut), s.rotate()).await;
+        }
+        drop(s);
+        // a new start: keys from the files, secrets from the store
+        let again = secrets_in(dir.path());
+        for t in 0..3 {
+            let values = again.values(&format!("t{t}")).await.unwrap();
+            assert_eq!(values.len(), 10, "tenant t{t}: {values:?}");
+        }
+        assert_eq!(again.values("t1").await.unwrap()["S1"], "value-1");
     }
 }

@@ -417,12 +417,7 @@ impl Vm {
         let h = store.data_mut();
         let fx = std::mem::take(&mut h.effects);
         h.effects.next_token = fx.next_token;
-        if !fx.calls.is_empty() {
-            plugin
-                .usage
-                .http_callouts
-                .fetch_add(fx.calls.len() as u64, Ordering::Relaxed);
-        }
+        count_callouts(plugin, &fx.calls);
         root_calls.extend(fx.calls);
         r
     }
@@ -566,12 +561,7 @@ impl Lease {
                 .local_responses
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if !effects.calls.is_empty() {
-            self.plugin
-                .usage
-                .http_callouts
-                .fetch_add(effects.calls.len() as u64, Ordering::Relaxed);
-        }
+        count_callouts(&self.plugin, &effects.calls);
         match result {
             Ok(r) if effects.local_too_large => {
                 let _ = r;
@@ -1011,6 +1001,15 @@ impl Lease {
             Some(func) => func.call(s, ctx),
             None => Ok(()),
         });
+    }
+}
+
+/// Counts the HTTP and gRPC callouts among `calls` in usage (state calls count as state
+/// reads and writes, where they are made).
+fn count_callouts(plugin: &Plugin, calls: &[PendingCall]) {
+    let n = calls.iter().filter(|c| c.store.is_none()).count() as u64;
+    if n > 0 {
+        plugin.usage.http_callouts.fetch_add(n, Ordering::Relaxed);
     }
 }
 
