@@ -395,6 +395,17 @@ async fn acknowledged_writes_and_usage_survive_kill_9() {
         u["modules"]["acme-fn"]["invocations"].as_u64().unwrap() >= 50,
         "{u}"
     );
+    // usage is in the state store too: without usage.json it comes back from there
+    let (dir, ports) = gw.stop();
+    std::fs::remove_file(dir.path().join("data/control/usage.json")).unwrap();
+    let gw = Gw::start_in(dir, &text, ports);
+    let (_, u) = Admin::new(&gw)
+        .call("GET", "/v1/tenants/acme/usage", Some(OP), vec![])
+        .await;
+    assert!(
+        u["modules"]["acme-fn"]["state_writes"].as_u64().unwrap() >= 50,
+        "{u}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -369,14 +369,33 @@ impl Control {
         let path = self.usage_path();
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(rows) = self.stored_usage() {
+                    self.live.wasm.meter.restore(rows);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(path = %path.display(), "cannot read saved usage: {e}");
                 return;
             }
         };
         match serde_json::from_slice::<UsageFile>(&bytes) {
-            Ok(f) => self.live.wasm.meter.restore(f.usage),
+            Ok(f) => {
+                // the newer of the file and the state store's copy (a crash between the
+                // two writes leaves one a save behind)
+                let latest = |rows: &[crate::wasm::meter::SavedUsage]| {
+                    rows.iter()
+                        .filter_map(|r| r.buckets.last().map(|b| b.0))
+                        .max()
+                        .unwrap_or(0)
+                };
+                let rows = match self.stored_usage() {
+                    Some(stored) if latest(&stored) > latest(&f.usage) => stored,
+                    _ => f.usage,
+                };
+                self.live.wasm.meter.restore(rows)
+            }
             Err(e) => {
                 let aside = path.with_extension(format!("json.bad-{}", now_secs()));
                 let _ = std::fs::rename(&path, &aside);
@@ -415,22 +434,32 @@ impl Control {
         Ok(())
     }
 
-    /// Publishes this node's usage to a shared state store (Redis), where the usage API
-    /// of every node adds it up; a store of one node's (embedded) needs no copy beside
-    /// `usage.json`. Runs on a blocking thread (it waits for the store).
+    /// Writes this node's usage to the state store, under its node id: there the usage
+    /// API of every node sharing the store (Redis) adds it up, and a restart reads it
+    /// back if it is newer than `usage.json`. Runs on a blocking thread (it waits for
+    /// the store).
     pub fn publish_usage(&self) -> Result<(), String> {
         let Some(state) = self.live.wasm.state().cloned() else {
             return Ok(());
         };
-        if !state.store.is_shared() {
-            return Ok(());
-        }
         let node = self.live.load().node.id.clone();
         let bytes = serde_json::to_vec(&self.live.wasm.meter.save()).map_err(|e| e.to_string())?;
         let store = state.store.clone();
         state
             .wait(async move { store.system_set(USAGE_NS, &node, bytes.into()).await })
             .map_err(|e| e.to_string())
+    }
+
+    /// This node's usage as last written to the state store.
+    fn stored_usage(&self) -> Option<Vec<crate::wasm::meter::SavedUsage>> {
+        let state = self.live.wasm.state()?.clone();
+        let node = self.live.load().node.id.clone();
+        let store = state.store.clone();
+        let bytes = state
+            .wait(async move { store.system_get(USAGE_NS, &node).await })
+            .map_err(|e| tracing::warn!("usage in the state store unavailable: {e}"))
+            .ok()??;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Other nodes' published usage (a shared store only): node id → records.
