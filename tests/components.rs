@@ -514,11 +514,42 @@ async fn the_cli_deploys_functions_from_source() {
         hello_py.replace("hello from python", "greetings from python"),
     )
     .unwrap();
+    // sources using the tenant's state: wasi:keyvalue and wasi:config are in the world
+    // they are built against
+    let js_state = dir.path().join("count.js");
+    std::fs::write(
+        &js_state,
+        r#"import { open } from 'wasi:keyvalue/store@0.2.0-draft';
+import { increment } from 'wasi:keyvalue/atomics@0.2.0-draft';
+import { get } from 'wasi:config/store@0.2.0-rc.1';
+addEventListener('fetch', (event) => {
+  const n = increment(open('default'), 'js-hits', 1n);
+  event.respondWith(new Response(`js hits ${n} greeting ${get('GREETING') ?? 'none'}\n`));
+});
+"#,
+    )
+    .unwrap();
+    let py_state = dir.path().join("count.py");
+    std::fs::write(
+        &py_state,
+        hello_py
+            .replace(
+                "from wit_world import exports",
+                "from wit_world import exports\nfrom wit_world.imports import atomics, wasi_keyvalue_store",
+            )
+            .replace(
+                "b\"hello from python\\n\"",
+                "f\"py hits {atomics.increment(wasi_keyvalue_store.open('default'), 'py-hits', 1)}\\n\".encode()",
+            ),
+    )
+    .unwrap();
     let crate_dir = guests().join("../components/hello-rs");
     for (name, source, answer) in [
         ("shout", js, "shouted\n"),
         ("greet", py, "greetings from python\n"),
         ("rusty", crate_dir, "hello from rust\n"),
+        ("jscount", js_state, "js hits 1 greeting none\n"),
+        ("pycount", py_state, "py hits 1\n"),
     ] {
         let started = std::time::Instant::now();
         let out = cli_deploy(&gw, name, source).await;
@@ -531,6 +562,24 @@ async fn the_cli_deploys_functions_from_source() {
         assert_eq!((status, text.as_str()), (200, answer), "{name}");
         eprintln!("{name}: source to first 200 in {:?}", started.elapsed());
     }
+    // the counters are in the tenant's store, and a secret set now reaches the function
+    let (s, _) = Admin::new(&gw)
+        .call(
+            "PUT",
+            "/v1/tenants/gamma/secrets/GREETING",
+            Some(OP),
+            b"hi".to_vec(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        get(&gw, "/run/gamma/jscount/").await,
+        (200, "js hits 2 greeting hi\n".to_string())
+    );
+    assert_eq!(
+        get(&gw, "/run/gamma/pycount/").await,
+        (200, "py hits 2\n".to_string())
+    );
 
     let bad = dir.path().join("bad.js");
     std::fs::write(&bad, "addEventListener('fetch', (e) => {{{").unwrap();

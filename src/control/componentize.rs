@@ -14,6 +14,14 @@ pub const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
 pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 /// The wasi:http WIT ships with this crate (the host's own interfaces).
 const WASI_HTTP_CRATE: &str = "wasmtime-wasi-http-48.0.8";
+/// The state interfaces the gateway grants functions (`wasi:keyvalue`, `wasi:config`):
+/// part of the world sources are built against, so a JavaScript or Python function can
+/// import them.
+const KEYVALUE_WIT: &str = include_str!("../../wit/host/deps/keyvalue/store.wit");
+const CONFIG_WIT: &str = include_str!("../../wit/host/deps/config/store.wit");
+/// The world JavaScript and Python sources are built against: wasi:http/proxy and the
+/// state interfaces.
+const FUNCTION_WORLD: &str = "wasmgate:function/function";
 /// Builds a JavaScript fetch handler with componentize-js (see the script's header).
 const COMPONENTIZE_MJS: &str = include_str!("../../guests/components/componentize.mjs");
 
@@ -106,7 +114,7 @@ fn javascript(source: &Path) -> Result<PathBuf, String> {
             .arg(source)
             .arg(&out)
             .arg(&wit)
-            .arg("wasi:http/proxy@0.2.10"),
+            .arg(FUNCTION_WORLD),
         "componentize-js",
     )?;
     Ok(out)
@@ -148,8 +156,8 @@ fn python(source: &Path) -> Result<PathBuf, String> {
             .env("PYTHONPATH", &prefix)
             .current_dir(dir)
             .arg("-d")
-            .arg(wasi_http_wit()?)
-            .args(["-w", "wasi:http/proxy@0.2.12", "componentize", module, "-o"])
+            .arg(function_wit("0.2.12")?)
+            .args(["-w", FUNCTION_WORLD, "componentize", module, "-o"])
             .arg(&out),
         "componentize-py",
     )?;
@@ -225,11 +233,45 @@ fn wasi_http_wit() -> Result<PathBuf, String> {
 /// its world must name 0.2.10: the host's WIT with that version, less what 0.2.11 and
 /// 0.2.12 added (the host accepts any 0.2.x).
 fn js_wit() -> Result<PathBuf, String> {
+    function_wit("0.2.10")
+}
+
+/// The WIT of [`FUNCTION_WORLD`] with wasi:http at `http` (0.2.12 as the host has it, or
+/// 0.2.10 for StarlingMonkey, see [`downgrade`]): the host's wasi:http packages, the state
+/// packages, and a root package whose world includes them.
+fn function_wit(http: &str) -> Result<PathBuf, String> {
     let from = wasi_http_wit()?;
-    let to = tools().join("wit/wasi-http-0.2.10");
+    let to = tools().join(format!("wit/function-{http}"));
     let _ = std::fs::remove_dir_all(&to);
-    copy_wit(&from, &to).map_err(|e| format!("cannot prepare the WIT in {}: {e}", to.display()))?;
+    let prepare = || -> std::io::Result<()> {
+        let deps = to.join("deps");
+        if http == "0.2.12" {
+            copy_wit_as_is(&from.join("deps"), &deps)?;
+        } else {
+            copy_wit(&from.join("deps"), &deps)?;
+        }
+        std::fs::write(deps.join("keyvalue.wit"), KEYVALUE_WIT)?;
+        std::fs::write(deps.join("config.wit"), CONFIG_WIT)?;
+        std::fs::write(
+            to.join("world.wit"),
+            format!(
+                "package wasmgate:function;\n\nworld function {{\n  include wasi:http/proxy@{http};\n  include wasi:keyvalue/imports@0.2.0-draft;\n  include wasi:config/imports@0.2.0-rc.1;\n}}\n"
+            ),
+        )
+    };
+    prepare().map_err(|e| format!("cannot prepare the WIT in {}: {e}", to.display()))?;
     Ok(to)
+}
+
+fn copy_wit_as_is(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "wit") {
+            std::fs::copy(&p, to.join(p.file_name().unwrap_or_default()))?;
+        }
+    }
+    Ok(())
 }
 
 fn copy_wit(from: &Path, to: &Path) -> std::io::Result<()> {
