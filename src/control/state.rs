@@ -21,6 +21,11 @@ impl From<StateError> for ApiError {
     }
 }
 
+/// 409: the key was not at the version the caller expected.
+fn conflict(key: &str, now: u64) -> ApiError {
+    ApiError::new(409, "conflict", format!("`{key}` is at version {now}"))
+}
+
 fn unavailable(reason: String) -> ApiError {
     ApiError::new(503, "unavailable", reason)
 }
@@ -70,11 +75,7 @@ impl Control {
                 tracing::info!(tenant = t, key, by, "admin: kv put");
                 Ok(json!({ "key": key, "version": v }))
             }
-            Written::Conflict(v) => Err(ApiError::new(
-                409,
-                "conflict",
-                format!("`{key}` is at version {v}"),
-            )),
+            Written::Conflict(v) => Err(conflict(key, v)),
         }
     }
 
@@ -91,11 +92,7 @@ impl Control {
                 tracing::info!(tenant = t, key, by, "admin: kv delete");
                 Ok(json!({ "key": key, "deleted": true }))
             }
-            Written::Conflict(v) => Err(ApiError::new(
-                409,
-                "conflict",
-                format!("`{key}` is at version {v}"),
-            )),
+            Written::Conflict(v) => Err(conflict(key, v)),
         }
     }
 

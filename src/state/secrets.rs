@@ -311,24 +311,11 @@ impl Secrets {
 
     /// Opens every tenant's secrets into memory; how many tenants have some.
     pub async fn load_all(&self) -> Result<usize, String> {
-        let mut after: Option<String> = None;
-        let mut n = 0;
-        loop {
-            let tenants = self
-                .backend
-                .list(INDEX, "", after.as_deref(), 500)
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(last) = tenants.last().cloned() else {
-                break;
-            };
-            for t in tenants {
-                self.refresh(&t).await?;
-                n += 1;
-            }
-            after = Some(last);
+        let tenants = self.tenants().await?;
+        for t in &tenants {
+            self.refresh(t).await?;
         }
-        Ok(n)
+        Ok(tenants.len())
     }
 
     /// Tenants with secrets.
