@@ -638,3 +638,38 @@ async fn usage_from_every_node_adds_up_on_redis() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_redis_is_away_gets_its_secrets_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start("echo").await;
+    let state = format!(
+        "[state]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 300",
+        redis.url()
+    );
+    let gw = Gw::start(&conf(&up.addr(), &state));
+    let (s, _) = Admin::new(&gw)
+        .call(
+            "PUT",
+            "/v1/tenants/acme/secrets/API_KEY",
+            Some(OP),
+            b"kept".to_vec(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (dir, ports) = gw.stop();
+    redis.kill();
+    // starts and serves with Redis away; the secret is not there yet
+    let gw = Gw::start_in(dir, &conf(&up.addr(), &state), ports);
+    assert_eq!(function(&gw, "acme", "GET", "/hello", "").await.0, 200);
+    assert_eq!(
+        function(&gw, "acme", "GET", "/config/API_KEY", "").await.0,
+        404
+    );
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while function(&gw, "acme", "GET", "/config/API_KEY", "").await != (200, "kept".into()) {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

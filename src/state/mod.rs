@@ -350,11 +350,27 @@ impl Services {
         });
         let s = services.secrets.clone();
         match services.wait(async move { s.load_all().await }) {
-            Ok(n) => tracing::info!(backend = services.store.backend_name(), tenants = n, "state opened"),
-            Err(e) => tracing::error!(
+            Ok(n) => tracing::info!(
                 backend = services.store.backend_name(),
-                "state opened, but secrets could not be loaded (filters and functions see none until they can): {e}"
+                tenants = n,
+                "state opened"
             ),
+            Err(e) => {
+                tracing::error!(
+                    backend = services.store.backend_name(),
+                    "state opened, but secrets could not be loaded (functions see none, and filters naming one cannot load, until they can; retrying every 2 s): {e}"
+                );
+                let s = services.secrets.clone();
+                services.rt.as_ref().expect("just built").spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        if let Ok(n) = s.load_all().await {
+                            tracing::info!(tenants = n, "secrets loaded");
+                            return;
+                        }
+                    }
+                });
+            }
         }
         Ok(services)
     }
