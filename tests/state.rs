@@ -51,6 +51,14 @@ hooks = ["{t}-fn"]
     c
 }
 
+/// `[state]` on `redis`, with a short timeout (tests kill it).
+fn redis_state(redis: &RedisServer) -> String {
+    format!(
+        "[state]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 300",
+        redis.url()
+    )
+}
+
 /// One `wasmgate.kv.OP` call through tenant `t`'s filter: (status, JSON result).
 async fn filter_call(gw: &Gw, t: &str, op: &str, args: Value) -> (u16, Value) {
     let r = client()
@@ -324,10 +332,7 @@ async fn state_on_the_embedded_store() {
 async fn state_on_redis_and_redis_going_away() {
     let mut redis = RedisServer::start();
     let up = Upstream::start("echo").await;
-    let state = format!(
-        "[state]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 300",
-        redis.url()
-    );
+    let state = redis_state(&redis);
     let gw = Gw::start(&conf(&up.addr(), &state));
     state_works_through_every_interface(&gw).await;
 
@@ -643,10 +648,7 @@ async fn usage_from_every_node_adds_up_on_redis() {
 async fn a_gateway_started_while_redis_is_away_gets_its_secrets_when_it_is_back() {
     let mut redis = RedisServer::start();
     let up = Upstream::start("echo").await;
-    let state = format!(
-        "[state]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 300",
-        redis.url()
-    );
+    let state = redis_state(&redis);
     let gw = Gw::start(&conf(&up.addr(), &state));
     let (s, _) = Admin::new(&gw)
         .call(
