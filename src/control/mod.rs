@@ -587,7 +587,7 @@ impl Control {
             for (name, rt) in &tenants {
                 let limits = rt.limits.state(snap.state.limits);
                 if state.store.limits(name) != limits {
-                    state.store.set_limits(name, Some(limits));
+                    state.store.set_limits(name, limits);
                 }
             }
         }

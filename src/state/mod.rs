@@ -113,6 +113,24 @@ pub trait Backend: Send + Sync {
     async fn bytes_used(&self, ns: &str) -> Result<u64>;
     /// Which backend, for logs and the status page.
     fn name(&self) -> &'static str;
+    /// Whether other gateways may use the same store.
+    fn is_shared(&self) -> bool {
+        false
+    }
+}
+
+/// Every live key of namespace `ns`, page by page.
+pub(crate) async fn all_keys(backend: &dyn Backend, ns: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        let page = backend
+            .list(ns, "", out.last().map(String::as_str), 500)
+            .await?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
 }
 
 /// Milliseconds since the epoch, the clock TTLs are kept in.
@@ -182,10 +200,10 @@ impl Store {
         self.backend.name()
     }
 
-    /// Whether other gateways may share this store (Redis), so what one node writes for
-    /// itself (its usage) is worth publishing there.
+    /// Whether other gateways may share this store (Redis): then the usage API adds up
+    /// what the other nodes wrote there.
     pub fn is_shared(&self) -> bool {
-        self.backend.name() == "redis"
+        self.backend.is_shared()
     }
 
     /// The gateway's own records (usage published per node): outside every tenant's
@@ -211,30 +229,12 @@ impl Store {
 
     /// Every key of a system namespace.
     pub async fn system_keys(&self, ns: &str) -> Result<Vec<String>> {
-        let ns = format!("x/{ns}");
-        let mut out = Vec::new();
-        loop {
-            let page = self
-                .backend
-                .list(&ns, "", out.last().map(String::as_str), 500)
-                .await?;
-            if page.is_empty() {
-                return Ok(out);
-            }
-            out.extend(page);
-        }
+        all_keys(&*self.backend, &format!("x/{ns}")).await
     }
 
-    /// Sets a tenant's limits (`None`: the defaults).
-    pub fn set_limits(&self, tenant: &str, limits: Option<StateLimits>) {
-        match limits {
-            Some(l) => {
-                self.limits.insert(tenant.to_string(), l);
-            }
-            None => {
-                self.limits.remove(tenant);
-            }
-        }
+    /// Sets a tenant's limits (its rate starts afresh).
+    pub fn set_limits(&self, tenant: &str, limits: StateLimits) {
+        self.limits.insert(tenant.to_string(), limits);
         self.rate.remove(tenant);
     }
 

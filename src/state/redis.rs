@@ -319,4 +319,8 @@ impl Backend for Redis {
     fn name(&self) -> &'static str {
         "redis"
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }

@@ -12,7 +12,7 @@
 //!   `{"updated_at": unix seconds, "sealed": "..."}`; so the embedded file or Redis never
 //!   holds a secret in clear.
 
-use super::{Backend, StateError, WriteOpts, Written};
+use super::{all_keys, Backend, StateError, WriteOpts, Written};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use dashmap::DashMap;
@@ -320,21 +320,9 @@ impl Secrets {
 
     /// Tenants with secrets.
     pub async fn tenants(&self) -> Result<Vec<String>, String> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .backend
-                .list(INDEX, "", after.as_deref(), 500)
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(last) = page.last().cloned() else {
-                break;
-            };
-            out.extend(page);
-            after = Some(last);
-        }
-        Ok(out)
+        all_keys(&*self.backend, INDEX)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Deletes a secret; whether it existed.
@@ -355,24 +343,14 @@ impl Secrets {
 
     /// A tenant's sealed secrets, with their versions.
     async fn entries(&self, tenant: &str) -> Result<Vec<(String, Stored, u64)>, StateError> {
+        let ns = ns(tenant);
         let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let keys = self
-                .backend
-                .list(&ns(tenant), "", after.as_deref(), 500)
-                .await?;
-            let Some(last) = keys.last().cloned() else {
-                break;
-            };
-            for k in keys {
-                if let Some(e) = self.backend.get(&ns(tenant), &k).await? {
-                    if let Ok(s) = serde_json::from_slice::<Stored>(&e.value) {
-                        out.push((k, s, e.version));
-                    }
+        for k in all_keys(&*self.backend, &ns).await? {
+            if let Some(e) = self.backend.get(&ns, &k).await? {
+                if let Ok(s) = serde_json::from_slice::<Stored>(&e.value) {
+                    out.push((k, s, e.version));
                 }
             }
-            after = Some(last);
         }
         Ok(out)
     }

@@ -42,15 +42,21 @@ pub fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-fn error(e: StateError) -> store::Error {
-    store::Error::Other(format!("{}: {e}", e.code()))
+/// A store failure as the guest sees it: `other("CODE: reason")`.
+impl From<StateError> for store::Error {
+    fn from(e: StateError) -> store::Error {
+        store::Error::Other(format!("{}: {e}", e.code()))
+    }
 }
 
 type R<T> = wasmtime::Result<Result<T, store::Error>>;
 
 impl Host {
-    fn kv(&self) -> Result<&crate::state::TenantState, store::Error> {
-        self.grants.state.as_ref().ok_or(store::Error::AccessDenied)
+    /// The tenant's store handle for one call (`access-denied` when none was granted).
+    /// Each method below is `Ok(async { … }.await)`: the inner block's `?` answers the
+    /// guest an `error`, the outer `Ok` says the host itself did not fail.
+    fn kv(&self) -> Result<crate::state::TenantState, store::Error> {
+        self.grants.state.clone().ok_or(store::Error::AccessDenied)
     }
 }
 
@@ -74,43 +80,31 @@ impl store::Host for Host {
 
 impl store::HostBucket for Host {
     async fn get(&mut self, _: Resource<Bucket>, key: String) -> R<Option<Vec<u8>>> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(kv
-            .get(&key)
-            .await
-            .map(|e| e.map(|e| e.value.to_vec()))
-            .map_err(error))
+        let kv = self.kv();
+        Ok(async { Ok(kv?.get(&key).await?.map(|e| e.value.to_vec())) }.await)
     }
 
     async fn set(&mut self, _: Resource<Bucket>, key: String, value: Vec<u8>) -> R<()> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(kv
-            .set(&key, Bytes::from(value), None, None)
-            .await
-            .map(|_| ())
-            .map_err(error))
+        let kv = self.kv();
+        Ok(async {
+            kv?.set(&key, Bytes::from(value), None, None).await?;
+            Ok(())
+        }
+        .await)
     }
 
     async fn delete(&mut self, _: Resource<Bucket>, key: String) -> R<()> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(kv.delete(&key, None).await.map(|_| ()).map_err(error))
+        let kv = self.kv();
+        Ok(async {
+            kv?.delete(&key, None).await?;
+            Ok(())
+        }
+        .await)
     }
 
     async fn exists(&mut self, _: Resource<Bucket>, key: String) -> R<bool> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(kv.get(&key).await.map(|e| e.is_some()).map_err(error))
+        let kv = self.kv();
+        Ok(async { Ok(kv?.get(&key).await?.is_some()) }.await)
     }
 
     async fn list_keys(
@@ -118,33 +112,29 @@ impl store::HostBucket for Host {
         _: Resource<Bucket>,
         cursor: Option<u64>,
     ) -> R<store::KeyResponse> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        // the cursor is how many keys were listed before; each page starts after the
-        // last key of the one before, found again by listing up to it
-        let skip = cursor.unwrap_or(0) as usize;
-        let mut after: Option<String> = None;
-        let mut seen = 0usize;
-        while seen < skip {
-            let want = (skip - seen).min(PAGE);
-            let keys = match kv.list("", after.as_deref(), want).await {
-                Ok(k) => k,
-                Err(e) => return Ok(Err(error(e))),
-            };
-            if keys.is_empty() {
-                break;
+        let kv = self.kv();
+        Ok(async {
+            let kv = kv?;
+            // the cursor is how many keys were listed before; each page starts after the
+            // last key of the one before, found again by listing up to it
+            let skip = cursor.unwrap_or(0) as usize;
+            let mut after: Option<String> = None;
+            let mut seen = 0usize;
+            while seen < skip {
+                let keys = kv
+                    .list("", after.as_deref(), (skip - seen).min(PAGE))
+                    .await?;
+                if keys.is_empty() {
+                    break;
+                }
+                seen += keys.len();
+                after = keys.last().cloned();
             }
-            seen += keys.len();
-            after = keys.last().cloned();
+            let keys = kv.list("", after.as_deref(), PAGE).await?;
+            let cursor = (keys.len() == PAGE).then(|| (skip + keys.len()) as u64);
+            Ok(store::KeyResponse { keys, cursor })
         }
-        let keys = match kv.list("", after.as_deref(), PAGE).await {
-            Ok(k) => k,
-            Err(e) => return Ok(Err(error(e))),
-        };
-        let cursor = (keys.len() == PAGE).then(|| (skip + keys.len()) as u64);
-        Ok(Ok(store::KeyResponse { keys, cursor }))
+        .await)
     }
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
@@ -162,43 +152,34 @@ impl atomics::Host for Host {
     /// so a value that is not a u64, or a sum past u64::MAX, is an error that writes
     /// nothing (as in wasmtime's own implementation).
     async fn increment(&mut self, _: Resource<Bucket>, key: String, delta: u64) -> R<u64> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        for _ in 0..INCREMENT_ROUNDS {
-            let (n, version) = match kv.get(&key).await {
-                Ok(None) => (0, 0),
-                Ok(Some(e)) => match std::str::from_utf8(&e.value)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                {
-                    Some(n) => (n, e.version),
-                    None => {
-                        return Ok(Err(store::Error::Other(
-                            "not_a_number: the value is not an unsigned decimal integer".into(),
-                        )))
+        let kv = self.kv();
+        let other = |why: &str| store::Error::Other(why.into());
+        Ok(async {
+            let kv = kv?;
+            for _ in 0..INCREMENT_ROUNDS {
+                let (n, version) = match kv.get(&key).await? {
+                    None => (0, 0),
+                    Some(e) => {
+                        let n = std::str::from_utf8(&e.value)
+                            .ok()
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .ok_or_else(|| {
+                                other("not_a_number: the value is not an unsigned decimal integer")
+                            })?;
+                        (n, e.version)
                     }
-                },
-                Err(e) => return Ok(Err(error(e))),
-            };
-            let Some(next) = n.checked_add(delta) else {
-                return Ok(Err(store::Error::Other(
-                    "overflow incrementing value".into(),
-                )));
-            };
-            match kv
-                .set(&key, Bytes::from(next.to_string()), Some(version), None)
-                .await
-            {
-                Ok(Written::Done(_)) => return Ok(Ok(next)),
-                Ok(Written::Conflict(_)) => continue,
-                Err(e) => return Ok(Err(error(e))),
+                };
+                let next = n
+                    .checked_add(delta)
+                    .ok_or_else(|| other("overflow incrementing value"))?;
+                let value = Bytes::from(next.to_string());
+                if let Written::Done(_) = kv.set(&key, value, Some(version), None).await? {
+                    return Ok(next);
+                }
             }
+            Err(other("contention: the key changed on every try"))
         }
-        Ok(Err(store::Error::Other(
-            "contention: the key changed on every try".into(),
-        )))
+        .await)
     }
 }
 
@@ -208,44 +189,41 @@ impl batch::Host for Host {
         _: Resource<Bucket>,
         keys: Vec<String>,
     ) -> R<Vec<Option<(String, Vec<u8>)>>> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            match kv.get(&k).await {
-                Ok(e) => out.push(e.map(|e| (k, e.value.to_vec()))),
-                Err(e) => return Ok(Err(error(e))),
+        let kv = self.kv();
+        Ok(async {
+            let kv = kv?;
+            let mut out = Vec::with_capacity(keys.len());
+            for k in keys {
+                let e = kv.get(&k).await?;
+                out.push(e.map(|e| (k, e.value.to_vec())));
             }
+            Ok(out)
         }
-        Ok(Ok(out))
+        .await)
     }
 
     async fn set_many(&mut self, _: Resource<Bucket>, pairs: Vec<(String, Vec<u8>)>) -> R<()> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        for (k, v) in pairs {
-            if let Err(e) = kv.set(&k, Bytes::from(v), None, None).await {
-                return Ok(Err(error(e)));
+        let kv = self.kv();
+        Ok(async {
+            let kv = kv?;
+            for (k, v) in pairs {
+                kv.set(&k, Bytes::from(v), None, None).await?;
             }
+            Ok(())
         }
-        Ok(Ok(()))
+        .await)
     }
 
     async fn delete_many(&mut self, _: Resource<Bucket>, keys: Vec<String>) -> R<()> {
-        let kv = match self.kv() {
-            Ok(kv) => kv.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        for k in keys {
-            if let Err(e) = kv.delete(&k, None).await.map(|_: Written| ()) {
-                return Ok(Err(error(e)));
+        let kv = self.kv();
+        Ok(async {
+            let kv = kv?;
+            for k in keys {
+                kv.delete(&k, None).await?;
             }
+            Ok(())
         }
-        Ok(Ok(()))
+        .await)
     }
 }
 
