@@ -5,6 +5,7 @@
 //! path, method → route), [`proxy`] (the `ProxyHttp` phases), [`wasm`] (engine, module
 //! cache, the Proxy-Wasm host), [`reload`] (live snapshot swaps), [`server`] (assembly).
 
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod headers;

@@ -133,6 +133,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SecretCmd,
     },
+    /// The cluster (`[cluster]`): `status` shows this node's view and every node seen.
+    Cluster {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// This node's cluster state (connected, sequence, last sync, propagation lag) and
+    /// the nodes heard from, with their versions.
+    Status,
 }
 
 /// Logs go to stderr, at `RUST_LOG` or `default`.
@@ -307,6 +321,10 @@ fn main() -> ExitCode {
         },
         Cmd::Kv { admin, cmd } => kv(&admin, cmd),
         Cmd::Secret { admin, cmd } => secret(&admin, cmd),
+        Cmd::Cluster {
+            admin,
+            cmd: ClusterCmd::Status,
+        } => admin_call(&admin, "GET", "/v1/cluster", b""),
     }
 }
 

@@ -33,6 +33,18 @@ pub struct Metrics {
     pub hook_fuel: IntCounterVec,
     pub guest_metrics: IntCounterVec,
     pub guest_gauges: IntGaugeVec,
+    pub cluster: ClusterMetrics,
+}
+
+/// A cluster node's view of the cluster (all 0 on a standalone node).
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    pub connected: IntGauge,
+    pub seq: IntGauge,
+    pub last_sync_ms: IntGauge,
+    pub lag_ms: IntGauge,
+    pub nodes: IntGauge,
+    pub apply_errors: IntGauge,
 }
 
 /// Status classes used as label values, indexed by `status / 100 - 1`.
@@ -166,6 +178,32 @@ impl Metrics {
                 "Gauges defined by guests",
                 &["tenant", "module", "name"],
             ),
+            cluster: ClusterMetrics {
+                connected: f.gauge(
+                    "cluster_connected",
+                    "1 while this node reaches the cluster's Redis",
+                ),
+                seq: f.gauge(
+                    "cluster_control_seq",
+                    "Sequence number of the shared control record this node serves",
+                ),
+                last_sync_ms: f.gauge(
+                    "cluster_last_sync_timestamp_ms",
+                    "When this node last compared its control record with Redis's (ms since the epoch)",
+                ),
+                lag_ms: f.gauge(
+                    "cluster_propagation_lag_ms",
+                    "From the last change's commit on some node to this node serving it (ms)",
+                ),
+                nodes: f.gauge(
+                    "cluster_nodes",
+                    "Nodes heard from in the last 5 s, this one included",
+                ),
+                apply_errors: f.gauge(
+                    "cluster_apply_errors",
+                    "Shared changes this node could not apply (it serves what it had)",
+                ),
+            },
             registry: f.0,
         }
     }

@@ -133,6 +133,12 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
         },
     ));
     server.add_service(background_service(
+        "wasmgate cluster",
+        crate::control::ClusterService {
+            control: control.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "wasmgate control",
         crate::control::ControlService::new(control.clone()),
     ));

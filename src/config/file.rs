@@ -39,6 +39,38 @@ pub struct ConfFile {
     /// Where tenant state and secrets live.
     #[serde(default)]
     pub state: StateSection,
+    /// Nodes sharing one platform through Redis; absent: a standalone node.
+    pub cluster: Option<Spanned<ClusterSection>>,
+}
+
+/// `[cluster]`: what tenants do at runtime (tenants, deploys, tokens, secrets, usage, rate
+/// limits) is shared by every node through Redis; the conf stays each node's own.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// `redis://…`; absent: `[state]`'s (which must then be Redis).
+    pub url: Option<Spanned<String>>,
+    /// Prefix of the cluster's Redis keys; absent: `[state]`'s.
+    pub prefix: Option<String>,
+    /// The environment variable holding the cluster key (base64, 32 bytes or more), the
+    /// same on every node.
+    pub key_env: String,
+    /// How often a node checks for changes it may have missed (ms).
+    pub sync_interval_ms: Spanned<u64>,
+    /// Longest one Redis call may take (ms).
+    pub timeout_ms: Spanned<u64>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            url: None,
+            prefix: None,
+            key_env: crate::cluster::KEY_ENV.into(),
+            sync_interval_ms: Spanned::new(0..0, 500),
+            timeout_ms: Spanned::new(0..0, 500),
+        }
+    }
 }
 
 /// `[state]`: the key-value store and secrets backend, and every tenant's default limits

@@ -37,6 +37,8 @@ pub struct Snapshot {
     /// `[state]`: the backend is the first conf's (a change needs a restart); the limits
     /// follow reloads.
     pub state: crate::state::StateConf,
+    /// `[cluster]`: read with the first conf (a change needs a restart).
+    pub cluster: Option<Arc<crate::cluster::ClusterConf>>,
 }
 
 /// `[server]` as the process runs with it.
@@ -339,7 +341,11 @@ impl Lowering<'_> {
         }
         // tenant state opens with the first conf, before modules are built: a filter's
         // configuration may name the tenant's secrets
-        let state = self.state(&f.state);
+        let cluster = f.cluster.as_ref().and_then(|c| self.cluster(c, &f.state));
+        let mut state = self.state(&f.state, cluster.as_deref());
+        if let (Some(state), Some(cluster)) = (&mut state, &cluster) {
+            state.shared_key = Some(crate::cluster::derive_key(&cluster.key, "tenant secrets"));
+        }
         if let Some(state) = &state {
             if let Err(e) = self
                 .env
@@ -413,6 +419,7 @@ impl Lowering<'_> {
             plugins,
             node,
             state: state.unwrap_or_default(),
+            cluster,
         })
     }
 
@@ -1208,9 +1215,106 @@ struct Modules {
 }
 
 impl Lowering<'_> {
-    /// `[state]`, checked: a known backend, a Redis URL when it is Redis's.
-    fn state(&mut self, s: &StateSection) -> Option<crate::state::StateConf> {
+    /// `[cluster]`, checked: a Redis URL (its own or `[state]`'s), the cluster key in
+    /// the environment.
+    fn cluster(
+        &mut self,
+        c: &Spanned<ClusterSection>,
+        state: &StateSection,
+    ) -> Option<Arc<crate::cluster::ClusterConf>> {
+        let sec = c.get_ref();
+        let url = match (&sec.url, &state.url) {
+            (Some(u), _) if !u.get_ref().starts_with("redis://") => {
+                self.err(u, "[cluster] url: a Redis URL starts with `redis://`");
+                return None;
+            }
+            (Some(u), _) => u.get_ref().clone(),
+            (None, Some(u)) if state.backend.get_ref() == "redis" => u.get_ref().clone(),
+            (None, _) => {
+                self.err(
+                    c,
+                    "[cluster] needs a `url` (or `[state] backend = \"redis\"` with one)",
+                );
+                return None;
+            }
+        };
+        if state.backend.span() != (0..0) && state.backend.get_ref() != "redis" {
+            self.err(
+                &state.backend,
+                "[cluster]: every node must share tenant state and secrets, so `[state] backend` must be \"redis\" (or left out: it then uses the cluster's Redis)",
+            );
+        }
+        for (v, what) in [
+            (&sec.sync_interval_ms, "sync_interval_ms"),
+            (&sec.timeout_ms, "timeout_ms"),
+        ] {
+            if *v.get_ref() == 0 {
+                self.err(v, format!("[cluster] {what} must be at least 1"));
+            }
+        }
+        use base64::Engine as _;
+        let key = match std::env::var(&sec.key_env) {
+            Ok(k) if !k.trim().is_empty() => {
+                match base64::engine::general_purpose::STANDARD.decode(k.trim()) {
+                    Ok(b) if b.len() >= 32 => b,
+                    Ok(b) => {
+                        self.err(
+                            c,
+                            format!(
+                                "[cluster] the key in ${} is {} bytes; it needs at least 32",
+                                sec.key_env,
+                                b.len()
+                            ),
+                        );
+                        return None;
+                    }
+                    Err(e) => {
+                        self.err(
+                            c,
+                            format!("[cluster] the key in ${} is not base64: {e}", sec.key_env),
+                        );
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                self.err(c, format!("[cluster] needs the cluster key (the same on every node; e.g. `openssl rand -base64 32`) in ${}", sec.key_env));
+                return None;
+            }
+        };
+        Some(Arc::new(crate::cluster::ClusterConf {
+            url,
+            prefix: sec.prefix.clone().unwrap_or_else(|| state.prefix.clone()),
+            key: Arc::new(key),
+            sync_interval: Duration::from_millis((*sec.sync_interval_ms.get_ref()).max(1)),
+            timeout: Duration::from_millis((*sec.timeout_ms.get_ref()).max(1)),
+        }))
+    }
+
+    /// `[state]`, checked: a known backend, a Redis URL when it is Redis's. In a cluster,
+    /// a `[state]` that names no backend is the cluster's Redis.
+    fn state(
+        &mut self,
+        s: &StateSection,
+        cluster: Option<&crate::cluster::ClusterConf>,
+    ) -> Option<crate::state::StateConf> {
         use crate::state::{BackendConf, StateConf, StateLimits};
+        if let Some(c) = cluster.filter(|_| s.backend.span() == (0..0)) {
+            return Some(StateConf {
+                backend: BackendConf::Redis {
+                    url: c.url.clone(),
+                    prefix: s.prefix.clone(),
+                    timeout: Duration::from_millis(*s.timeout_ms.get_ref()),
+                },
+                limits: StateLimits {
+                    max_key_bytes: s.max_key_bytes,
+                    max_value_bytes: s.max_value_bytes,
+                    max_total_bytes: s.max_bytes,
+                    ops_per_sec: s.ops_per_sec,
+                },
+                shared_key: None,
+            });
+        }
         let backend = match s.backend.get_ref().as_str() {
             "embedded" => BackendConf::Embedded,
             "redis" => match &s.url {
@@ -1247,6 +1351,7 @@ impl Lowering<'_> {
                 max_total_bytes: s.max_bytes,
                 ops_per_sec: s.ops_per_sec,
             },
+            shared_key: None,
         })
     }
 }

@@ -36,6 +36,7 @@
 //! | PUT | /v1/tenants/{t}/secrets/{name} (body: the value) | secrets |
 //! | DELETE | /v1/tenants/{t}/secrets/{name} | secrets |
 //! | POST | /v1/secrets/rotate-key (a new key; every secret re-sealed) | operator |
+//! | GET | /v1/cluster (this node's cluster state and every node heard from) | operator |
 //!
 //! A key or secret name with `/` in it is sent percent-encoded (`%2F`).
 
@@ -444,6 +445,10 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
     let ok = |v: serde_json::Value| Ok(Resp::Json(200, v));
     let by = who.label();
     match (req.method.as_str(), segs.as_slice()) {
+        ("GET", ["v1", "cluster"]) => {
+            operator(who)?;
+            ok(c.cluster_status().await?)
+        }
         ("GET", ["v1", "tenants"]) => {
             operator(who)?;
             ok(c.list_tenants())

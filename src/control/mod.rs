@@ -9,12 +9,14 @@
 
 pub mod api;
 pub mod client;
+mod cluster;
 pub mod componentize;
 pub mod limit;
 mod state;
 pub mod store;
 pub mod token;
 
+use crate::cluster::Cluster;
 use crate::config::is_dns_label;
 use crate::metrics::Metrics;
 use crate::reload::Live;
@@ -25,6 +27,7 @@ use crate::wasm::{FailurePolicy, HookChain, Plugin, PluginSpec};
 use crate::wasm::{FunctionBackend, FunctionSpec, Isolation};
 use crate::wasm::{DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 use arc_swap::ArcSwap;
+pub use cluster::ClusterService;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -115,15 +118,34 @@ impl pingora::services::background::BackgroundService for UsageKeeper {
 pub struct TenantRt {
     pub name: String,
     pub limits: TenantLimits,
-    rate: Option<limit::Limiter>,
+    rate: Rate,
+    /// Per node, also in a cluster.
     pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// A tenant's rate limit: this node's own, or one shared by the cluster's nodes.
+enum Rate {
+    None,
+    Node(limit::Limiter),
+    Shared(Arc<crate::cluster::lease::Lease>),
+}
+
 impl TenantRt {
-    fn new(name: &str, limits: TenantLimits) -> TenantRt {
+    fn new(name: &str, limits: TenantLimits, cluster: Option<&Arc<Cluster>>) -> TenantRt {
+        let rate = match (limits.rate_per_sec, cluster) {
+            (None, _) => Rate::None,
+            (Some(r), Some(c)) => Rate::Shared(crate::cluster::lease::Lease::new(
+                c,
+                name,
+                r,
+                limits.burst.unwrap_or(r.max(1)),
+            )),
+            (Some(_), None) => limit::Limiter::for_limits(limits.rate_per_sec, limits.burst)
+                .map_or(Rate::None, Rate::Node),
+        };
         TenantRt {
             name: name.into(),
-            rate: limit::Limiter::for_limits(limits.rate_per_sec, limits.burst),
+            rate,
             concurrency: limits
                 .max_concurrency
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize))),
@@ -134,8 +156,9 @@ impl TenantRt {
     /// Rate check: `Err(retry_after)` when over the tenant's rate.
     pub fn admit(&self) -> Result<(), Duration> {
         match &self.rate {
-            Some(g) => g.check(),
-            None => Ok(()),
+            Rate::None => Ok(()),
+            Rate::Node(g) => g.check(),
+            Rate::Shared(l) => l.admit(),
         }
     }
 }
@@ -144,6 +167,13 @@ impl TenantRt {
 pub struct Function {
     pub route: Arc<Route>,
     pub tenant: Arc<TenantRt>,
+}
+
+/// A deployed module serving, with the version record it was built from.
+#[derive(Clone)]
+struct Installed {
+    version: VersionRec,
+    deployed: Deployed,
 }
 
 /// A tenant's deployed module, as it serves: a Proxy-Wasm filter (a plugin with its
@@ -253,7 +283,12 @@ pub struct Control {
     pub(crate) secret: Vec<u8>,
     stored: Mutex<Stored>,
     /// Active plugin per (tenant, module).
-    plugins: Mutex<HashMap<(String, String), Deployed>>,
+    plugins: Mutex<HashMap<(String, String), Installed>>,
+    /// Set once the services run: from then on, a newly installed module starts its
+    /// timers at once.
+    started: std::sync::atomic::AtomicBool,
+    /// `[cluster]`: the records are shared through Redis.
+    cluster: Option<Arc<Cluster>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantRt>>>,
     functions: ArcSwap<FnTable>,
     /// Route name -> the hook chain with the tenant's attached modules appended.
@@ -318,7 +353,15 @@ impl Control {
             .clone()
             .or_else(|| std::env::var(&snap.admin.token_env).ok())
             .filter(|t| !t.is_empty());
-        let secret = token::load_or_create_secret(&data_dir.join("admin.key"))?;
+        let cluster = match &snap.cluster {
+            Some(conf) => Some(Cluster::open((**conf).clone(), &snap.node.id)?),
+            None => None,
+        };
+        // in a cluster every node signs and checks tenant tokens with the same key
+        let secret = match &cluster {
+            Some(c) => crate::cluster::derive_key(&c.conf.key, "tenant tokens").to_vec(),
+            None => token::load_or_create_secret(&data_dir.join("admin.key"))?,
+        };
         let stored = Stored::load(&data_dir.join("control.json"))?;
         drop(snap);
         let c = Control {
@@ -327,34 +370,21 @@ impl Control {
             metrics,
             operator_token,
             secret,
-            stored: Mutex::new(stored.clone()),
+            stored: Mutex::new(Stored::default()),
             plugins: Mutex::new(HashMap::new()),
+            started: Default::default(),
+            cluster,
             tenants: ArcSwap::from_pointee(HashMap::new()),
             functions: ArcSwap::from_pointee(FnTable::default()),
             route_hooks: ArcSwap::from_pointee(HashMap::new()),
         };
-        let mut plugins = HashMap::new();
-        for (t, mods) in &stored.modules {
-            for (m, rec) in mods {
-                let Some(v) = rec
-                    .active
-                    .and_then(|a| rec.versions.iter().find(|v| v.version == a))
-                else {
-                    continue;
-                };
-                let limits = c.all_tenants(&stored).get(t).cloned().unwrap_or_default();
-                match c.build_plugin(t, m, v, &limits) {
-                    Ok(p) => {
-                        plugins.insert((t.clone(), m.clone()), p);
-                    }
-                    Err(e) => {
-                        tracing::error!(tenant = %t, module = %m, "cannot restore deployed module: {}", e.reason)
-                    }
-                }
-            }
+        // a cluster node serves what the cluster holds (the local record when Redis
+        // does not answer) before its listeners open
+        let stored = c.join(stored);
+        {
+            let mut s = c.lock();
+            c.apply(&mut s, stored);
         }
-        *c.plugins.lock().unwrap_or_else(|e| e.into_inner()) = plugins;
-        c.publish(&stored);
         c.restore_usage();
         Ok(c)
     }
@@ -491,13 +521,11 @@ impl Control {
 
     /// Starts the timers of restored modules; called once the services run.
     fn start(&self) {
-        for p in self
-            .plugins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            p.start();
+        let plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+        for p in plugins.values() {
+            p.deployed.start();
         }
     }
 
@@ -509,9 +537,18 @@ impl Control {
         self.stored.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Persists `s`, then makes it live: what every admin change ends with.
-    fn commit(&self, s: &Stored) -> ApiResult<()> {
-        self.persist(s)?;
+    /// The record, locked, for a change: in a cluster, first brought up to date with
+    /// the shared one (503 when Redis does not answer).
+    fn lock_for_change(&self) -> ApiResult<std::sync::MutexGuard<'_, Stored>> {
+        let mut s = self.lock();
+        self.catch_up(&mut s)?;
+        Ok(s)
+    }
+
+    /// Saves `s` (see [`Control::save`]), then makes it live: what every admin change
+    /// ends with.
+    fn commit(&self, s: &mut Stored) -> ApiResult<()> {
+        self.save(s)?;
         self.publish(s);
         Ok(())
     }
@@ -549,17 +586,25 @@ impl Control {
 
     /// Installs a tenant module's plugin; the one it replaces retires (its timer ends,
     /// its idle VMs go).
-    fn install_plugin(&self, t: &str, m: &str, plugin: Deployed) {
+    fn install_plugin(&self, t: &str, m: &str, version: &VersionRec, plugin: Deployed) {
         let replaced = self
             .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((t.into(), m.into()), plugin.clone());
+            .insert(
+                (t.into(), m.into()),
+                Installed {
+                    version: version.clone(),
+                    deployed: plugin.clone(),
+                },
+            );
         if let Some(old) = replaced {
-            old.retire();
+            old.deployed.retire();
         }
         // only the new module's timer starts: the others keep their rhythm
-        plugin.start();
+        if self.started.load(std::sync::atomic::Ordering::Acquire) {
+            plugin.start();
+        }
     }
 
     pub fn tenant_exists(&self, t: &str) -> bool {
@@ -577,7 +622,7 @@ impl Control {
             .map(|(k, v)| {
                 let rt = match before.get(&k) {
                     Some(old) if old.limits == v => old.clone(),
-                    _ => Arc::new(TenantRt::new(&k, v)),
+                    _ => Arc::new(TenantRt::new(&k, v, self.cluster.as_ref())),
                 };
                 (k, rt)
             })
@@ -595,7 +640,9 @@ impl Control {
             .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .iter()
+            .map(|(k, i)| (k.clone(), i.deployed.clone()))
+            .collect::<HashMap<_, _>>();
         for ((t, _), p) in &plugins {
             let allowed = tenants
                 .get(t)
@@ -769,7 +816,7 @@ impl Control {
                 format!("route `{route}` does not belong to tenant `{t}`"),
             ));
         }
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         for m in &modules {
             if !s.modules.get(t).is_some_and(|ms| ms.contains_key(m)) {
                 return Err(not_found(&format!("module `{m}` of tenant `{t}`")));
@@ -779,7 +826,7 @@ impl Control {
             .entry(t.into())
             .or_default()
             .insert(route.into(), modules);
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         tracing::info!(tenant = %t, route = %route, by = %by, "modules attached to route");
         Ok(())
     }
@@ -826,7 +873,7 @@ impl Control {
                 "tenant names are DNS labels: 1-63 of a-z, 0-9 and -, not starting or ending with -",
             ));
         }
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         if self.all_tenants(&s).contains_key(name) {
             return Err(ApiError::new(
                 409,
@@ -836,7 +883,7 @@ impl Control {
         }
         self.upstreams_defined(&limits)?;
         s.tenants.insert(name.into(), limits);
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         Ok(())
     }
 
@@ -852,7 +899,7 @@ impl Control {
                 "the body must be a JSON object of limits",
             ));
         };
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         if self.live.load().tenants.contains_key(name) {
             return Err(ApiError::new(
                 409,
@@ -897,13 +944,13 @@ impl Control {
         // the tenant's modules keep running: `publish` points their callouts at the
         // upstreams now allowed
         s.tenants.insert(name.into(), limits.clone());
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         tracing::info!(tenant = %name, "tenant limits changed");
         Ok(limits)
     }
 
     pub fn delete_tenant(&self, name: &str) -> ApiResult<()> {
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         if self.live.load().tenants.contains_key(name) {
             return Err(ApiError::new(
                 409,
@@ -914,18 +961,19 @@ impl Control {
         if s.tenants.remove(name).is_none() {
             return Err(not_found(&format!("tenant `{name}`")));
         }
-        s.modules.remove(name);
+        let modules = s.modules.remove(name).unwrap_or_default();
         s.functions.remove(name);
+        self.commit(&mut s)?;
         self.plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(t, _), p| {
                 if t == name {
-                    p.retire();
+                    p.deployed.retire();
                 }
                 t != name
             });
-        self.commit(&s)?;
+        self.forget_modules(modules.values());
         let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(name));
         Ok(())
     }
@@ -945,8 +993,7 @@ impl Control {
         v: &VersionRec,
         limits: &TenantLimits,
     ) -> ApiResult<Deployed> {
-        let bytes = std::fs::read(self.module_file(t, m, &v.digest))
-            .map_err(|e| ApiError::new(500, "internal", format!("module bytes missing: {e}")))?;
+        let bytes = self.module_bytes(t, m, &v.digest)?;
         self.compile(t, m, v, &bytes, limits)
     }
 
@@ -1127,7 +1174,8 @@ impl Control {
         std::fs::create_dir_all(file.parent().expect("has parent"))
             .and_then(|_| std::fs::write(&file, bytes))
             .map_err(|e| ApiError::new(500, "internal", format!("cannot store module: {e}")))?;
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
+        self.share_module(&digest, bytes)?;
         let rec = s
             .modules
             .entry(t.into())
@@ -1138,8 +1186,8 @@ impl Control {
         v.version = rec.versions.iter().map(|x| x.version).max().unwrap_or(0) + 1;
         rec.versions.push(v.clone());
         rec.active = Some(v.version);
-        self.persist(&s)?;
-        self.install_plugin(t, m, plugin);
+        self.save(&mut s)?;
+        self.install_plugin(t, m, &v, plugin);
         self.publish(&s);
         tracing::info!(tenant = %t, module = %m, version = v.version, digest = &digest[..12], by = %by, "module deployed");
         Ok(v)
@@ -1178,35 +1226,42 @@ impl Control {
         }
         .ok_or_else(|| ApiError::new(404, "no_such_version", "no such version to activate"))?;
         let plugin = self.build_plugin(t, m, &target, &limits)?;
-        let mut s = self.lock();
-        if let Some(r) = s.modules.get_mut(t).and_then(|ms| ms.get_mut(m)) {
-            r.active = Some(target.version);
+        let mut s = self.lock_for_change()?;
+        match s.modules.get_mut(t).and_then(|ms| ms.get_mut(m)) {
+            Some(r) if r.versions.contains(&target) => r.active = Some(target.version),
+            // changed by another node meanwhile
+            _ => {
+                return Err(not_found(&format!(
+                    "version {} of module `{m}`",
+                    target.version
+                )))
+            }
         }
-        self.persist(&s)?;
-        self.install_plugin(t, m, plugin);
+        self.save(&mut s)?;
+        self.install_plugin(t, m, &target, plugin);
         self.publish(&s);
         tracing::info!(tenant = %t, module = %m, version = target.version, by = %by, "module version activated");
         Ok(target.version)
     }
 
     pub fn delete_module(&self, t: &str, m: &str, by: &str) -> ApiResult<()> {
-        let mut s = self.lock();
-        let removed = s.modules.get_mut(t).and_then(|ms| ms.remove(m));
-        if removed.is_none() {
+        let mut s = self.lock_for_change()?;
+        let Some(module) = s.modules.get_mut(t).and_then(|ms| ms.remove(m)) else {
             return Err(not_found(&format!("module `{m}` of tenant `{t}`")));
-        }
+        };
         if let Some(fns) = s.functions.get_mut(t) {
             fns.retain(|_, f| f.module != m);
         }
+        self.commit(&mut s)?;
         let removed = self
             .plugins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(t.to_string(), m.to_string()));
         if let Some(old) = removed {
-            old.retire();
+            old.deployed.retire();
         }
-        self.commit(&s)?;
+        self.forget_modules([&module]);
         let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(t).join(m));
         tracing::info!(tenant = %t, module = %m, by = %by, "module deleted");
         Ok(())
@@ -1220,7 +1275,7 @@ impl Control {
                 "function names are 1-63 of a-z, 0-9, - and _",
             ));
         }
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         if !s
             .modules
             .get(t)
@@ -1249,17 +1304,17 @@ impl Control {
             .entry(t.into())
             .or_default()
             .insert(f.into(), rec);
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         tracing::info!(tenant = %t, function = %f, by = %by, "function bound");
         Ok(())
     }
 
     pub fn unbind(&self, t: &str, f: &str, by: &str) -> ApiResult<()> {
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         if s.functions.get_mut(t).and_then(|fs| fs.remove(f)).is_none() {
             return Err(not_found(&format!("function `{f}` of tenant `{t}`")));
         }
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         tracing::info!(tenant = %t, function = %f, by = %by, "function unbound");
         Ok(())
     }
@@ -1269,9 +1324,9 @@ impl Control {
     }
 
     pub fn revoke(&self, jti: &str) -> ApiResult<()> {
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         s.revoked.insert(jti.into());
-        self.persist(&s)
+        self.save(&mut s)
     }
 
     pub fn is_revoked(&self, jti: &str) -> bool {

@@ -132,6 +132,7 @@ impl Control {
             .await
             .map_err(|e| ApiError::new(400, "bad_secret", e))?;
         tracing::info!(tenant = t, secret = name, by, "admin: secret set");
+        self.announce_secrets(t).await;
         let stale = self.reconfigure_filters(t);
         Ok(json!({ "tenant": t, "secret": name, "set": true, "filters_not_reconfigured": stale }))
     }
@@ -166,6 +167,7 @@ impl Control {
             ));
         }
         tracing::info!(tenant = t, secret = name, by, "admin: secret deleted");
+        self.announce_secrets(t).await;
         let stale = self.reconfigure_filters(t);
         Ok(
             json!({ "tenant": t, "secret": name, "deleted": true, "filters_not_reconfigured": stale }),
@@ -199,7 +201,7 @@ impl Control {
     /// Gives every filter of tenant `t` whose configuration names a secret its
     /// configuration with the secrets as they are now. A filter whose configuration names
     /// a secret that is gone keeps the configuration it had: it is listed (and logged).
-    fn reconfigure_filters(&self, t: &str) -> Vec<String> {
+    pub(super) fn reconfigure_filters(&self, t: &str) -> Vec<String> {
         let wasm = &self.live.wasm;
         let mut stale = Vec::new();
         for p in self.tenant_filters(t) {
@@ -225,7 +227,7 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|((tenant, _), _)| tenant == t)
-            .filter_map(|(_, d)| match d {
+            .filter_map(|(_, i)| match &i.deployed {
                 super::Deployed::Filter(p) => Some(p.clone()),
                 super::Deployed::Function(_) => None,
             })

@@ -14,7 +14,7 @@ use std::path::Path;
 /// misread.
 pub const STORE_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
 pub struct VersionRec {
     pub version: u32,
     pub digest: String,
@@ -69,6 +69,9 @@ pub struct Stored {
     /// Modules a tenant attached to conf routes it owns: tenant -> route -> modules.
     #[serde(default)]
     pub route_hooks: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    /// In a cluster: the shared record's sequence number this one is (0 standalone).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl Stored {

@@ -298,6 +298,9 @@ pub struct StateConf {
     pub backend: BackendConf,
     /// Every tenant's limits unless its own say otherwise.
     pub limits: StateLimits,
+    /// In a cluster: the secret key every node derives from the cluster key (unless
+    /// `WASMGATE_SECRET_KEY` is set), so a secret one node seals, every node opens.
+    pub shared_key: Option<[u8; 32]>,
 }
 
 impl Default for StateConf {
@@ -305,6 +308,7 @@ impl Default for StateConf {
         StateConf {
             backend: BackendConf::Embedded,
             limits: StateLimits::default(),
+            shared_key: None,
         }
     }
 }
@@ -342,7 +346,12 @@ impl Services {
                 Arc::new(redis::Redis::connect(url, prefix, *timeout)?)
             }
         };
-        let keys = secrets::Keyring::load(data_dir)?;
+        let keys = match conf.shared_key {
+            Some(k) if std::env::var(secrets::KEY_ENV).map_or(true, |v| v.trim().is_empty()) => {
+                secrets::Keyring::shared(&k)?
+            }
+            _ => secrets::Keyring::load(data_dir)?,
+        };
         let services = Arc::new(Services {
             store: Store::new(backend.clone(), conf.limits),
             secrets: secrets::Secrets::new(backend, keys),

@@ -129,6 +129,16 @@ impl Keyring {
         })
     }
 
+    /// The key every node of a cluster derives from the cluster key: no file, and a
+    /// rotation is the cluster key's (see the README).
+    pub fn shared(key: &[u8; 32]) -> anyhow::Result<Keyring> {
+        Ok(Keyring {
+            current: Key::new(key)?,
+            previous: Vec::new(),
+            file: None,
+        })
+    }
+
     pub fn seal(&self, tenant: &str, name: &str, value: &[u8]) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
@@ -303,10 +313,12 @@ impl Secrets {
         self.refresh(tenant).await
     }
 
-    /// Opens a tenant's secrets again (after a change).
-    async fn refresh(&self, tenant: &str) -> Result<(), String> {
-        self.open.remove(tenant);
-        self.values(tenant).await.map(|_| ())
+    /// Opens a tenant's secrets again (after a change, here or on another node). The
+    /// cached values serve until the new ones are read.
+    pub async fn refresh(&self, tenant: &str) -> Result<(), String> {
+        let map = Arc::new(self.read(tenant).await?);
+        self.open.insert(tenant.to_string(), map);
+        Ok(())
     }
 
     /// Opens every tenant's secrets into memory; how many tenants have some.
@@ -374,6 +386,12 @@ impl Secrets {
         if let Some(v) = self.open.get(tenant) {
             return Ok(v.clone());
         }
+        let map = Arc::new(self.read(tenant).await?);
+        self.open.insert(tenant.to_string(), map.clone());
+        Ok(map)
+    }
+
+    async fn read(&self, tenant: &str) -> Result<BTreeMap<String, String>, String> {
         let keys = self.keys();
         let mut map = BTreeMap::new();
         for (name, s, _) in self.entries(tenant).await.map_err(|e| e.to_string())? {
@@ -384,8 +402,6 @@ impl Secrets {
                 Err(e) => tracing::error!(tenant, secret = %name, "secret does not open: {e}"),
             }
         }
-        let map = Arc::new(map);
-        self.open.insert(tenant.to_string(), map.clone());
         Ok(map)
     }
 
@@ -407,7 +423,9 @@ impl Secrets {
         let _one_at_a_time = self.rotating.lock().await;
         let old = self.keys();
         let Some(file) = old.file.clone() else {
-            return Err(format!("the key comes from {KEY_ENV}; rotate it there"));
+            return Err(format!(
+                "the key comes from {KEY_ENV} or the cluster key; rotate it there"
+            ));
         };
         let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
         let err = |e: std::io::Error| e.to_string();
