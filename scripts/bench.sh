@@ -5,8 +5,9 @@
 #   floor under the gateway), and nginx as the same reverse proxy (plain, and with an njs
 #   API-key check); a function reading one key of its tenant's state store against the
 #   same function answering without it, and the guest-side latency of that read on the
-#   embedded store and on Redis; then the criterion benches (route matching, hook chain
-#   costs).
+#   embedded store and on Redis; a cluster of three nodes on that Redis (deploy
+#   propagation, and a cluster node against the standalone gateway); then the criterion
+#   benches (route matching, hook chain costs).
 # Each wrk target runs several times, interleaved; the table shows medians.
 # Ends with machine-readable lines: `ratio name=value` and `figure name=value`.
 #
@@ -366,15 +367,113 @@ with open(out, "w") as f:
                "errors_during": bad, "deploys": deploys[0]}, f)
 PY
 
+# --- a cluster of three nodes on the Redis started above ([cluster], their own key prefix):
+#     (1) deploy propagation: 20 deploys, each uploaded on one node in turn, timed from
+#     the upload to the new version's first 200 on every node; (2) a node in the cluster
+#     against the standalone gateway on the same route (a function of a tenant with a
+#     rate limit: shared leases against the node's own limiter), interleaved
+export WASMGATE_CLUSTER_KEY
+WASMGATE_CLUSTER_KEY=$(head -c 32 /dev/urandom | base64)
+cl_http=() cl_admin=()
+for n in a b c; do
+  hp=$(free_port); ap=$(free_port)
+  cat > "$tmp/cluster-$n.toml" <<CONF
+[server]
+threads = $threads
+data_dir = "$tmp/data-cluster-$n"
+watch_config = false
+[metrics]
+listen = ""
+[admin]
+listen = "127.0.0.1:$ap"
+token = "bench-operator-token"
+[node]
+id = "bench-$n"
+[cluster]
+url = "redis://127.0.0.1:$redis_port/0"
+prefix = "benchcluster"
+[state]
+prefix = "benchcluster"
+[[listeners]]
+listen = "127.0.0.1:$hp"
+CONF
+  RUST_LOG=warn "$bin" serve --config "$tmp/cluster-$n.toml" >"$tmp/cluster-$n.log" 2>&1 &
+  pids+=($!)
+  wait_port "$hp"
+  cl_http+=("127.0.0.1:$hp"); cl_admin+=("127.0.0.1:$ap")
+done
+cargo run --release --quiet --example gen_module -- 0 "$tmp/marked.wasm" PPPPPPPP 2>/dev/null
+python3 - "$tmp/marked.wasm" "$root/guests/out/hello_api.wasm" "127.0.0.1:$admin_port" "127.0.0.1:$gw_port" \
+  "$tmp/cluster" "${cl_admin[@]}" "${cl_http[@]}" <<'PY'
+import http.client, json, statistics, sys, time
+marked, hello, sa_admin, sa_http, out = sys.argv[1:6]
+admins, https = sys.argv[6:9], sys.argv[9:12]
+H = {"authorization": "Bearer bench-operator-token"}
+def call(host, method, path, body=b""):
+    c = http.client.HTTPConnection(host, timeout=30)
+    c.request(method, path, body, H)
+    r = c.getresponse()
+    return r.status, r.read()
+template = open(marked, "rb").read()
+s, d = call(admins[0], "POST", "/v1/tenants", json.dumps({"name": "prop", "limits": {}}).encode())
+assert s == 201, d
+def deploy(node, i):
+    s, d = call(admins[node], "PUT", "/v1/tenants/prop/modules/m",
+                template.replace(b"PPPPPPPP", b"p%07d" % i))
+    assert s == 201, d
+deploy(0, 0)
+s, d = call(admins[0], "PUT", "/v1/tenants/prop/functions/f", json.dumps({"module": "m"}).encode())
+assert s == 200, d
+conns = [http.client.HTTPConnection(h, timeout=10) for h in https]
+def body_on(c):
+    c.request("GET", "/run/prop/f/")
+    r = c.getresponse()
+    return r.status, r.read()
+times = []
+for i in range(1, 21):
+    want = b"p%07d" % i
+    t0 = time.perf_counter()
+    deploy(i % 3, i)
+    pending = set(range(3))
+    while pending:
+        for n in list(pending):
+            if body_on(conns[n]) == (200, want):
+                pending.discard(n)
+    times.append((time.perf_counter() - t0) * 1000)
+# the same rate-limited function on the standalone gateway and on a cluster node
+for host, admin in ((sa_http, sa_admin), (https[0], admins[0])):
+    s, d = call(admin, "POST", "/v1/tenants", json.dumps({"name": "rated", "limits": {"rate_per_sec": 1000000}}).encode())
+    assert s == 201, d
+    s, d = call(admin, "PUT", "/v1/tenants/rated/modules/h", open(hello, "rb").read())
+    assert s == 201, d
+    s, d = call(admin, "PUT", "/v1/tenants/rated/functions/f", json.dumps({"module": "h"}).encode())
+    assert s == 200, d
+json.dump({"propagation": times}, open(out, "w"))
+PY
+for url in "http://127.0.0.1:$gw_port/run/rated/f/hello/x" "http://${cl_http[0]}/run/rated/f/hello/x"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "$url")
+  [ "$code" = 200 ] || { echo "$url answered $code" >&2; exit 1; }
+done
+: >"$tmp/cluster_rps"
+for run in $(seq 1 "$runs"); do
+  for target in single cluster; do
+    case $target in single) url="http://127.0.0.1:$gw_port/run/rated/f/hello/x" ;; *) url="http://${cl_http[0]}/run/rated/f/hello/x" ;; esac
+    out=$(wrk -t1 -c"$conns" -d"${dur}s" "$url")
+    bad=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+    [ -z "$bad" ] || echo "cluster: $target: $bad" >&2
+    echo "$target $(awk '/^Requests\/sec/ {print $2}' <<<"$out")" >>"$tmp/cluster_rps"
+  done
+done
+
 # --- criterion benches (short)
 scripts/build-components.sh >/dev/null
 cargo bench --quiet --bench route_match --bench hooks --bench components -- \
   --warm-up-time 1 --measurement-time "$crit_time" >"$tmp/criterion.log" 2>&1 || {
   cat "$tmp/criterion.log" >&2; exit 1; }
 
-python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" "$tmp/fn_results" "$tmp/js_deploy_ms" "$tmp/kv_times" <<'PY'
+python3 - "$tmp/results" "$CARGO_TARGET_DIR/criterion" "$runs" "$dur" "$threads" "$conns" "$tmp/deploys" "$tmp/fn_results" "$tmp/js_deploy_ms" "$tmp/kv_times" "$tmp/cluster" "$tmp/cluster_rps" <<'PY'
 import json, os, statistics, sys
-results, crit, runs, dur, threads, conns, deploys, fn_results, js_deploy_ms, kv_times = sys.argv[1:]
+results, crit, runs, dur, threads, conns, deploys, fn_results, js_deploy_ms, kv_times, cluster, cluster_rps = sys.argv[1:]
 rows = {}
 def ms(v):
     v = v.strip()
@@ -451,6 +550,17 @@ kv = json.load(open(kv_times))
 print(f"\nstate read inside a function (µs, 2000 each): embedded p50 {kv['embedded']['p50']:.1f} p99 {kv['embedded']['p99']:.1f},"
       f" redis p50 {kv['redis']['p50']:.1f} p99 {kv['redis']['p99']:.1f}")
 print(f"ratio kv_route_vs_plain_backend={med['kv_read'] / med['kv_plain']:.2f}")
+cl = json.load(open(cluster))["propagation"]
+crps = {}
+for line in open(cluster_rps):
+    name, rps = line.split()
+    crps.setdefault(name, []).append(float(rps))
+print(f"\ncluster: deploy propagation over {len(cl)} deploys (upload -> new version on all 3 nodes): "
+      f"p50 {statistics.median(cl):.1f} ms, max {max(cl):.1f} ms; rate-limited function req/s: "
+      f"single {statistics.median(crps['single']):.0f}, cluster node {statistics.median(crps['cluster']):.0f}")
+print(f"ratio cluster_node_rps_vs_single={statistics.median(crps['cluster']) / statistics.median(crps['single']):.2f}")
+fig["deploy_propagation_ms"] = statistics.median(cl)
+fig["deploy_propagation_max_ms"] = max(cl)
 fig["kv_get_embedded_us"] = kv["embedded"]["p50"]
 fig["kv_get_redis_us"] = kv["redis"]["p50"]
 fig["deploy_js_source_to_first_ok_ms"] = float(open(js_deploy_ms).read())

@@ -172,6 +172,13 @@ async fn deploys_rollbacks_revocations_and_secrets_reach_every_node_within_a_sec
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["secrets"][0]["name"], "api", "{v}");
 
+    // the secret key is the cluster's: a node cannot rotate it on its own
+    let (s, v) = admins[1]
+        .call("POST", "/v1/secrets/rotate-key", Some(OP), Vec::new())
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("cluster key"), "{v}");
+
     // revoked on C: refused on A within a second
     let claims = tok.split('.').nth(1).unwrap();
     use base64::Engine as _;
@@ -451,6 +458,113 @@ async fn redis_dying_under_load_fails_no_request_and_nodes_converge_when_it_retu
     eprintln!("under Redis failures: {ok} requests answered, {failed} failed");
     assert!(ok > 100, "{ok}");
     assert_eq!(failed, 0, "failed requests: {why:?}");
+
+    // a node restarted while Redis is away serves its own last copy
+    let mut nodes = nodes;
+    let (dir, ports) = nodes.pop().unwrap().stop();
+    redis.kill();
+    let c = Gw::start_in(dir, &node_conf("c", &redis, &up.addr()), ports);
+    let (s, b) = get(&client(), &c.url("http", "/run/acme/f/")).await;
+    assert_eq!((s, b.as_str()), (200, "v3"));
+    assert!(
+        c.log().contains("serving this node's last known record"),
+        "{}",
+        c.log()
+    );
+}
+
+/// `redis-cli` on the test's Redis.
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (installed with redis-server)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_written_to_redis_without_the_cluster_key_is_never_served() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("echo").await;
+    let nodes: Vec<Gw> = ["a", "b"]
+        .iter()
+        .map(|n| node(n, &redis, &up.addr()))
+        .collect();
+    let admins: Vec<Admin> = nodes.iter().map(Admin::new).collect();
+    admins[0].tenant("acme", json!({})).await;
+    let tok = admins[0].token("acme", &["deploy"]).await;
+    deploy_and_bind(&admins[0], &tok, "m", "v1").await;
+    until_serves(
+        &nodes[1].url("http", "/run/acme/f/"),
+        "v1",
+        Duration::from_secs(1),
+    )
+    .await;
+
+    // someone with access to Redis but not the key rewrites the record: no tenants, a
+    // higher sequence number, a made-up authentication
+    let seq: u64 = redis_cli(&redis, &["HGET", "wasmgate:cluster:control", "seq"])
+        .trim()
+        .parse()
+        .unwrap();
+    let forged = json!({"tenants": {}, "modules": {}, "functions": {}, "revoked": []}).to_string();
+    let next = (seq + 5).to_string();
+    redis_cli(
+        &redis,
+        &[
+            "HSET",
+            "wasmgate:cluster:control",
+            "rec",
+            &forged,
+            "seq",
+            &next,
+            "mac",
+            &"0".repeat(64),
+        ],
+    );
+    redis_cli(&redis, &["PUBLISH", "wasmgate:cluster:events", "control"]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for n in &nodes {
+        let (s, b) = get(&client(), &n.url("http", "/run/acme/f/")).await;
+        assert_eq!(
+            (s, b.as_str()),
+            (200, "v1"),
+            "the forged record is not served"
+        );
+        assert!(n.log().contains("fails its authentication"), "{}", n.log());
+    }
+    let (s, v) = admins[1]
+        .deploy("acme", "m", &tok, fixed_answer("v2"))
+        .await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fails its authentication"),
+        "{v}"
+    );
+
+    // the operator deletes it: the nodes give Redis their record back
+    redis_cli(&redis, &["DEL", "wasmgate:cluster:control"]);
+    let started = Instant::now();
+    loop {
+        let (s, v) = admins[1]
+            .deploy("acme", "m", &tok, fixed_answer("v2"))
+            .await;
+        if s == 201 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{s} {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until_serves(
+        &nodes[0].url("http", "/run/acme/f/"),
+        "v2",
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[test]

@@ -5,8 +5,11 @@
 //!
 //! Layout (every key under `{prefix}:cluster:`):
 //! - `control`: a hash — `rec` (the control record, JSON), `seq` (bumped by every
-//!   change), `at` (when, ms), `by` (which node). Changed only by [`Cluster::cas`] (a
-//!   compare-and-swap on `seq`) and [`Cluster::restore`] (after Redis lost it).
+//!   change), `at` (when, ms), `by` (which node), `mac` (HMAC-SHA256 of `seq` and `rec`
+//!   under a key derived from the cluster key). Changed only by [`Cluster::cas`] (a
+//!   compare-and-swap on `seq`) and [`Cluster::restore`] (after Redis lost it). A record
+//!   whose `mac` does not verify is never served: whoever can write to Redis without the
+//!   cluster key cannot deploy code, un-revoke a token or roll a tenant back.
 //! - `mod:{sha256}`: a module's bytes, by digest.
 //! - `secrets`: a hash, tenant → a counter bumped when one of its secrets changes.
 //! - `nodes`: a hash, node id → its last heartbeat (JSON).
@@ -129,27 +132,30 @@ pub struct Status {
     /// Changes this node could not apply (a module that would not build): it serves the
     /// version it had.
     pub apply_errors: AtomicU64,
+    /// Why the last comparison with Redis failed (None: it worked).
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// Compare-and-swap of the control record. KEYS: control. ARGV: expected seq, record,
-/// now (ms), node, channel. Answers {1, new seq} | {0, current seq}.
+/// now (ms), node, channel, mac. Answers {1, new seq} | {0, current seq}.
 const CAS: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if cur ~= tonumber(ARGV[1]) then return {0, cur} end
 local seq = cur + 1
-redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'seq', seq, 'at', ARGV[3], 'by', ARGV[4])
+redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'seq', seq, 'at', ARGV[3], 'by', ARGV[4], 'mac', ARGV[6])
 redis.call('PUBLISH', ARGV[5], 'control ' .. seq)
 return {1, seq}
 "#;
 
-/// Puts back a record Redis lost, unless Redis holds a newer one. KEYS: control. ARGV:
-/// seq, record, now, node, channel. Answers 1 if restored.
+/// Puts back a record Redis lost (or holds an older one of), unless Redis holds one at
+/// least as new. KEYS: control. ARGV: seq, record, now, node, channel, mac. Answers
+/// {1, seq} if restored, else {0, current seq}.
 const RESTORE: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if cur >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'seq', ARGV[1], 'at', ARGV[3], 'by', ARGV[4])
+if cur >= tonumber(ARGV[1]) then return {0, cur} end
+redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'seq', ARGV[1], 'at', ARGV[3], 'by', ARGV[4], 'mac', ARGV[6])
 redis.call('PUBLISH', ARGV[5], 'control ' .. ARGV[1])
-return 1
+return {1, tonumber(ARGV[1])}
 "#;
 
 /// Deletes a module's bytes unless the control record still names its digest.
@@ -190,6 +196,8 @@ static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE));
 /// refills), and its status.
 pub struct Cluster {
     pub conf: ClusterConf,
+    /// Authenticates the control record.
+    record_key: ring::hmac::Key,
     pub node: String,
     client: redis::Client,
     /// Control calls and leases on separate connections: a large module upload does not
@@ -238,6 +246,10 @@ impl Cluster {
         };
         let map = |e: redis::RedisError| anyhow::anyhow!("[cluster] url `{}`: {e}", conf.url);
         Ok(Arc::new(Cluster {
+            record_key: ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &derive_key(&conf.key, "control record"),
+            ),
             node: node.to_string(),
             client,
             control: control.map_err(map)?,
@@ -308,44 +320,75 @@ impl Cluster {
         Ok(seq.unwrap_or(0))
     }
 
-    /// The shared record; `None` when Redis has none (a new cluster, or lost data).
+    /// The record's authentication: HMAC-SHA256 of its sequence number and bytes.
+    fn mac(&self, seq: u64, record: &[u8]) -> String {
+        let mut ctx = ring::hmac::Context::with_key(&self.record_key);
+        ctx.update(&seq.to_be_bytes());
+        ctx.update(record);
+        hex::encode(ctx.sign().as_ref())
+    }
+
+    /// The shared record; `None` when Redis has none (a new cluster, or lost data). A
+    /// record that fails its authentication is an error: it is never served.
     pub async fn pull(&self) -> Result<Option<Remote>> {
         let mut c = self.control.clone();
-        type Row = (Option<u64>, Option<Vec<u8>>, Option<u64>, Option<String>);
-        let (seq, rec, at, by): Row = self
+        type Row = (
+            Option<u64>,
+            Option<Vec<u8>>,
+            Option<u64>,
+            Option<String>,
+            Option<String>,
+        );
+        let (seq, rec, at, by, mac): Row = self
             .bounded(
                 redis::cmd("HMGET")
                     .arg(self.key("control"))
-                    .arg(&["seq", "rec", "at", "by"][..])
+                    .arg(&["seq", "rec", "at", "by", "mac"][..])
                     .query_async(&mut c),
             )
             .await?;
-        Ok(match (seq, rec) {
-            (Some(seq), Some(record)) => Some(Remote {
-                seq,
-                at_ms: at.unwrap_or(0),
-                by: by.unwrap_or_default(),
-                record,
-            }),
-            _ => None,
-        })
+        let (Some(seq), Some(record)) = (seq, rec) else {
+            return Ok(None);
+        };
+        let tag = mac.and_then(|m| hex::decode(m).ok()).unwrap_or_default();
+        let signed = [&seq.to_be_bytes()[..], &record].concat();
+        if ring::hmac::verify(&self.record_key, &signed, &tag).is_err() {
+            return Err(Unavailable(format!(
+                "the shared control record (seq {seq}, written by {}) fails its authentication: it was not written by a node with this cluster key; it is not served",
+                by.unwrap_or_default()
+            )));
+        }
+        Ok(Some(Remote {
+            seq,
+            at_ms: at.unwrap_or(0),
+            by: by.unwrap_or_default(),
+            record,
+        }))
     }
 
-    async fn record_script(&self, script: &Script, seq: u64, record: &[u8]) -> Result<(i64, u64)> {
+    async fn record_script(
+        &self,
+        script: &Script,
+        seq: u64,
+        mac: String,
+        record: &[u8],
+    ) -> Result<(i64, u64)> {
         let mut inv = script.prepare_invoke();
         inv.key(self.key("control"))
             .arg(seq)
             .arg(record)
             .arg(now_ms())
             .arg(&self.node)
-            .arg(self.channel());
+            .arg(self.channel())
+            .arg(mac);
         let mut c = self.control.clone();
         self.bounded(inv.invoke_async(&mut c)).await
     }
 
     /// Writes `record` if Redis is still at `expect`.
     pub async fn cas(&self, expect: u64, record: &[u8]) -> Result<Cas> {
-        let (done, seq) = self.record_script(&CAS_SCRIPT, expect, record).await?;
+        let mac = self.mac(expect + 1, record);
+        let (done, seq) = self.record_script(&CAS_SCRIPT, expect, mac, record).await?;
         Ok(if done == 1 {
             Cas::Done(seq)
         } else {
@@ -355,15 +398,10 @@ impl Cluster {
 
     /// Puts back a record as sequence `seq` unless Redis holds one at least as new.
     pub async fn restore(&self, seq: u64, record: &[u8]) -> Result<bool> {
-        let mut inv = RESTORE_SCRIPT.prepare_invoke();
-        inv.key(self.key("control"))
-            .arg(seq)
-            .arg(record)
-            .arg(now_ms())
-            .arg(&self.node)
-            .arg(self.channel());
-        let mut c = self.control.clone();
-        let n: i64 = self.bounded(inv.invoke_async(&mut c)).await?;
+        let mac = self.mac(seq, record);
+        let (n, _) = self
+            .record_script(&RESTORE_SCRIPT, seq, mac, record)
+            .await?;
         Ok(n == 1)
     }
 

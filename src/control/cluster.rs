@@ -12,10 +12,12 @@
 //!   cache), then swaps it in; requests never wait for it.
 //! - **Fail static.** Without Redis a node serves the record it has, and starts from its
 //!   own copy (`control.json`) if Redis is away when it starts.
-//! - **Lost data.** A Redis that comes back empty (restarted without persistence) is
-//!   given back the record by the first node that notices, with the module bytes it
-//!   holds, at the sequence number it had; nodes never drop tenants because Redis has
-//!   none.
+//! - **Lost data.** A Redis that comes back empty (restarted without persistence), or
+//!   with an older record than a node serves, is given back the record by the first node
+//!   that notices, with the module bytes it holds, at the sequence number it had; nodes
+//!   never drop tenants because Redis has none, nor go back in time because Redis did.
+//! - **Authenticated.** The record carries an HMAC under a key derived from the cluster
+//!   key; one that does not verify is never served (see `crate::cluster`).
 
 use super::{ApiError, ApiResult, Control, Installed, ModuleRec, Stored};
 use crate::cluster::{now_ms, Cas, Cluster, NodeBeat};
@@ -28,7 +30,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         503,
         "cluster_unavailable",
-        format!("the cluster's Redis does not answer, so nothing can change now: {e}"),
+        format!("the cluster's Redis cannot be used now, so nothing can change: {e}"),
     )
 }
 
@@ -83,7 +85,7 @@ impl Control {
             Err(e) => {
                 tracing::warn!(
                     seq = local.seq,
-                    "the cluster's Redis does not answer ({e}): serving this node's last known record until it does"
+                    "the cluster's record cannot be read ({e}): serving this node's last known record until it can"
                 );
                 local
             }
@@ -110,6 +112,15 @@ impl Control {
         c.status.last_sync_ms.store(now_ms(), Ordering::Relaxed);
         match remote {
             None => {}
+            // Redis went back in time (restored from an old dump, or written by hand)
+            Some(Some(r)) if r.seq < s.seq => {
+                tracing::warn!(
+                    redis = r.seq,
+                    node = s.seq,
+                    "Redis holds an older control record than this node serves: giving it this node's"
+                );
+                self.republish(s);
+            }
             Some(Some(r)) => match parse(&r) {
                 Ok(new) => {
                     self.apply(s, new);
@@ -391,14 +402,31 @@ impl Control {
     /// One comparison with Redis: the control record, then the secrets' versions
     /// (`seen` holds the ones this node has read). Runs on a blocking thread.
     fn sync(&self, seen: &mut HashMap<String, u64>) {
-        {
-            let mut s = self.lock();
-            if let Err(e) = self.catch_up(&mut s) {
-                tracing::debug!("cluster sync: {}", e.reason);
-                return;
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
+        let synced = self.catch_up(&mut self.lock());
+        // logged when it changes, not every sync
+        let now = synced.as_ref().err().map(|e| e.reason.clone());
+        let mut last = c
+            .status
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *last != now {
+            match &now {
+                Some(e) => {
+                    tracing::warn!("cluster sync failed; serving the last known record: {e}")
+                }
+                None => tracing::info!("cluster sync works again"),
             }
+            *last = now;
         }
-        let (Some(c), Some(state)) = (self.cluster.clone(), self.live.wasm.state().cloned()) else {
+        drop(last);
+        if synced.is_err() {
+            return;
+        }
+        let Some(state) = self.live.wasm.state().cloned() else {
             return;
         };
         let versions = match c.wait({
@@ -485,6 +513,7 @@ impl Control {
             "last_sync_ms_ago": now.saturating_sub(st.last_sync_ms.load(Ordering::Relaxed)),
             "propagation_lag_ms": st.lag_ms.load(Ordering::Relaxed),
             "apply_errors": st.apply_errors.load(Ordering::Relaxed),
+            "last_error": st.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "nodes": nodes,
         }))
     }
