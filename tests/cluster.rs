@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::admin::{Admin, OP};
+use common::admin::{fixed_answer, Admin, OP};
 use common::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,24 +46,6 @@ fn node(name: &str, redis: &RedisServer, upstream: &str) -> Gw {
     Gw::start(&node_conf(name, redis, upstream))
 }
 
-/// A module answering every request with a fixed body.
-fn fixed_answer(body: &str) -> Vec<u8> {
-    wat::parse_str(format!(
-        r#"(module
-          (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 1)
-          (data (i32.const 64) "{body}")
-          (func (export "proxy_abi_version_0_2_1"))
-          (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
-          (func (export "proxy_on_context_create") (param i32 i32))
-          (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-            (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 64) (i32.const {len}) (i32.const 0) (i32.const 0) (i32.const -1)))
-            (i32.const 1)))"#,
-        len = body.len()
-    ))
-    .unwrap()
-}
-
 /// (status, body) of a GET.
 async fn get(c: &reqwest::Client, url: &str) -> (u16, String) {
     match c.get(url).send().await {
@@ -101,6 +83,23 @@ async fn deploy_and_bind(a: &Admin, tok: &str, module: &str, body: &str) {
         )
         .await;
     assert_eq!(s, 200, "{v}");
+}
+
+/// Deploys a new version of `acme/m` answering `body` on `a` as soon as the cluster
+/// takes writes again (within 10 s).
+async fn deploy_when_writable(a: &Admin, tok: &str, body: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let (s, v) = a.deploy("acme", "m", tok, fixed_answer(body)).await;
+        if s == 201 {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no deploy within 10 s: {s} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn status(a: &Admin) -> Value {
@@ -156,7 +155,32 @@ async fn deploys_rollbacks_revocations_and_secrets_reach_every_node_within_a_sec
         until_serves(&fn_url(i), "v1", Duration::from_secs(1)).await;
     }
 
-    // a secret set on C is sealed with the shared key: A lists it
+    // a secret set on C is sealed with the shared key: A lists it, and a function on A
+    // reads it (wasi:config) within a second
+    let (s, v) = admins[0]
+        .deploy(
+            "acme",
+            "kv",
+            &tok,
+            std::fs::read(guests().join("kv-rs.wasm")).unwrap(),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = admins[0]
+        .json(
+            "PUT",
+            "/v1/tenants/acme/functions/kv",
+            &tok,
+            json!({ "module": "kv" }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    until_serves(
+        &nodes[0].url("http", "/run/acme/kv/plain"),
+        "plain",
+        Duration::from_secs(1),
+    )
+    .await;
     let (s, v) = admins[2]
         .call(
             "PUT",
@@ -166,6 +190,9 @@ async fn deploys_rollbacks_revocations_and_secrets_reach_every_node_within_a_sec
         )
         .await;
     assert_eq!(s, 200, "{v}");
+    let config_url = nodes[0].url("http", "/run/acme/kv/config/api");
+    let took = until_serves(&config_url, "s3cret", Duration::from_secs(1)).await;
+    eprintln!("a secret set on C read by a function on A after {took:?}");
     let (s, v) = admins[0]
         .call("GET", "/v1/tenants/acme/secrets", Some(&tok), Vec::new())
         .await;
@@ -401,20 +428,7 @@ async fn redis_dying_under_load_fails_no_request_and_nodes_converge_when_it_retu
 
     // Redis returns with its data: writes work again and reach everyone
     redis.restart();
-    let started = Instant::now();
-    loop {
-        let (s, v) = admins[1]
-            .deploy("acme", "m", &tok, fixed_answer("v2"))
-            .await;
-        if s == 201 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no deploy after Redis returned: {s} {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    deploy_when_writable(&admins[1], &tok, "v2").await;
     for n in &nodes {
         until_serves(&n.url("http", "/run/acme/f/"), "v2", Duration::from_secs(1)).await;
     }
@@ -430,21 +444,8 @@ async fn redis_dying_under_load_fails_no_request_and_nodes_converge_when_it_retu
         }
     }
     redis.restart();
-    let started = Instant::now();
-    loop {
-        let (s, v) = admins[2]
-            .deploy("acme", "m", &tok, fixed_answer("v3"))
-            .await;
-        if s == 201 {
-            assert_eq!(v["version"], 3, "the version history survived: {v}");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no deploy after Redis came back empty: {s} {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let v = deploy_when_writable(&admins[2], &tok, "v3").await;
+    assert_eq!(v["version"], 3, "the version history survived: {v}");
     for n in &nodes {
         until_serves(&n.url("http", "/run/acme/f/"), "v3", Duration::from_secs(1)).await;
     }
@@ -548,17 +549,7 @@ async fn a_record_written_to_redis_without_the_cluster_key_is_never_served() {
 
     // the operator deletes it: the nodes give Redis their record back
     redis_cli(&redis, &["DEL", "wasmgate:cluster:control"]);
-    let started = Instant::now();
-    loop {
-        let (s, v) = admins[1]
-            .deploy("acme", "m", &tok, fixed_answer("v2"))
-            .await;
-        if s == 201 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "{s} {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    deploy_when_writable(&admins[1], &tok, "v2").await;
     until_serves(
         &nodes[0].url("http", "/run/acme/f/"),
         "v2",

@@ -1299,30 +1299,16 @@ impl Lowering<'_> {
         cluster: Option<&crate::cluster::ClusterConf>,
     ) -> Option<crate::state::StateConf> {
         use crate::state::{BackendConf, StateConf, StateLimits};
-        if let Some(c) = cluster.filter(|_| s.backend.span() == (0..0)) {
-            return Some(StateConf {
-                backend: BackendConf::Redis {
-                    url: c.url.clone(),
-                    prefix: s.prefix.clone(),
-                    timeout: Duration::from_millis(*s.timeout_ms.get_ref()),
-                },
-                limits: StateLimits {
-                    max_key_bytes: s.max_key_bytes,
-                    max_value_bytes: s.max_value_bytes,
-                    max_total_bytes: s.max_bytes,
-                    ops_per_sec: s.ops_per_sec,
-                },
-                shared_key: None,
-            });
-        }
-        let backend = match s.backend.get_ref().as_str() {
-            "embedded" => BackendConf::Embedded,
-            "redis" => match &s.url {
-                Some(url) if url.get_ref().starts_with("redis://") => BackendConf::Redis {
-                    url: url.get_ref().clone(),
-                    prefix: s.prefix.clone(),
-                    timeout: Duration::from_millis(*s.timeout_ms.get_ref()),
-                },
+        let redis = |url: &str| BackendConf::Redis {
+            url: url.to_string(),
+            prefix: s.prefix.clone(),
+            timeout: Duration::from_millis(*s.timeout_ms.get_ref()),
+        };
+        let backend = match (s.backend.get_ref().as_str(), cluster) {
+            (_, Some(c)) if s.backend.span() == (0..0) => redis(&c.url),
+            ("embedded", _) => BackendConf::Embedded,
+            ("redis", _) => match &s.url {
+                Some(url) if url.get_ref().starts_with("redis://") => redis(url.get_ref()),
                 Some(url) => {
                     self.err(url, "[state] url: a Redis URL starts with `redis://`");
                     return None;
@@ -1332,7 +1318,7 @@ impl Lowering<'_> {
                     return None;
                 }
             },
-            other => {
+            (other, _) => {
                 self.err(
                     &s.backend,
                     format!("[state] backend `{other}` is not known; use `embedded` or `redis`"),

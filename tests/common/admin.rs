@@ -91,3 +91,21 @@ impl Admin {
         .await
     }
 }
+
+/// A module answering every request with a fixed body.
+pub fn fixed_answer(body: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 64) "{body}")
+          (func (export "proxy_abi_version_0_2_1"))
+          (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+          (func (export "proxy_on_context_create") (param i32 i32))
+          (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 64) (i32.const {len}) (i32.const 0) (i32.const 0) (i32.const -1)))
+            (i32.const 1)))"#,
+        len = body.len()
+    ))
+    .unwrap()
+}
