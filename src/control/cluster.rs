@@ -451,12 +451,14 @@ impl Control {
         }
     }
 
-    fn beat(&self) -> NodeBeat {
+    /// This node's heartbeat (never waits for the record's lock: a change being built
+    /// may hold it for seconds).
+    fn beat(&self, c: &Cluster) -> NodeBeat {
         let snap = self.live.load();
         NodeBeat {
             node: snap.node.id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            seq: self.lock().seq,
+            seq: c.status.seq.load(Ordering::Relaxed),
             seen_ms: now_ms(),
             admin: snap.admin.listen.clone(),
         }
@@ -565,7 +567,7 @@ impl pingora::services::background::BackgroundService for ClusterService {
                     return;
                 }
                 _ = beat.tick() => {
-                    let b = self.control.beat();
+                    let b = self.control.beat(&c);
                     let c2 = c.clone();
                     let _ = c.handle().spawn(async move { c2.heartbeat(&b).await }).await;
                     self.control.export_metrics(&c);
