@@ -115,6 +115,12 @@ pub struct NodeBeat {
     pub seen_ms: u64,
     /// Its admin API, if it runs one.
     pub admin: String,
+    /// This process (random per start): two processes with one node id tell apart.
+    #[serde(default)]
+    pub instance: String,
+    /// A fingerprint of its cluster key: nodes with different keys cannot share.
+    #[serde(default)]
+    pub key_id: String,
 }
 
 /// What `/metrics` and `wasmgate cluster status` show about this node.
@@ -196,6 +202,12 @@ static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE));
 /// refills), and its status.
 pub struct Cluster {
     pub conf: ClusterConf,
+    /// This process, for heartbeats ([`NodeBeat::instance`]).
+    pub instance: String,
+    /// [`NodeBeat::key_id`] of this node.
+    pub key_id: String,
+    /// Node ids already warned about (a shared id, another key): once each.
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Authenticates the control record.
     record_key: ring::hmac::Key,
     pub node: String,
@@ -209,6 +221,11 @@ pub struct Cluster {
     /// The live tenants' shared limits, so a change in the number of nodes re-sizes
     /// their fallback share.
     limits: dashmap::DashMap<String, std::sync::Weak<lease::Lease>>,
+}
+
+/// Whether a call failed before its request left: the write found the connection broken.
+pub(crate) fn unsent(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() && e.to_string().to_ascii_lowercase().contains("broken pipe")
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Unavailable {
@@ -237,7 +254,8 @@ impl Cluster {
             .set_connection_timeout(Some(conf.timeout))
             .set_response_timeout(Some(conf.timeout))
             .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
+            // Redis back: every node reconnects within half a second
+            .set_max_delay(Duration::from_millis(500));
         let (control, leases) = {
             let _in = rt.enter();
             let c = client.get_connection_manager_lazy(config.clone());
@@ -245,7 +263,13 @@ impl Cluster {
             (c, l)
         };
         let map = |e: redis::RedisError| anyhow::anyhow!("[cluster] url `{}`: {e}", conf.url);
+        let mut instance = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut instance)
+            .map_err(|_| anyhow::anyhow!("no randomness"))?;
         Ok(Arc::new(Cluster {
+            instance: hex::encode(instance),
+            key_id: hex::encode(&derive_key(&conf.key, "key id")[..4]),
+            warned: Default::default(),
             record_key: ring::hmac::Key::new(
                 ring::hmac::HMAC_SHA256,
                 &derive_key(&conf.key, "control record"),
@@ -293,12 +317,19 @@ impl Cluster {
             .handle()
     }
 
-    /// A call with the timeout; its outcome sets `connected`.
-    async fn bounded<T>(
+    /// A call with the timeout, on `conn`; its outcome sets `connected`. A call whose
+    /// request never left (the connection was found broken when writing: Redis restarted
+    /// since the last call) is made once more, on the connection made anew.
+    async fn bounded<T, F: std::future::Future<Output = redis::RedisResult<T>>>(
         &self,
-        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+        conn: &ConnectionManager,
+        f: impl Fn(ConnectionManager) -> F,
     ) -> Result<T> {
-        let r = match tokio::time::timeout(self.conf.timeout, f).await {
+        let mut r = tokio::time::timeout(self.conf.timeout, f(conn.clone())).await;
+        if matches!(&r, Ok(Err(e)) if unsent(e)) {
+            r = tokio::time::timeout(self.conf.timeout, f(conn.clone())).await;
+        }
+        let r = match r {
             Ok(r) => r.map_err(unavailable),
             Err(_) => Err(Unavailable("timed out".into())),
         };
@@ -308,14 +339,14 @@ impl Cluster {
 
     /// The sequence number of the shared record (0: there is none).
     pub async fn seq(&self) -> Result<u64> {
-        let mut c = self.control.clone();
         let seq: Option<u64> = self
-            .bounded(
+            .bounded(&self.control, |mut c| async move {
                 redis::cmd("HGET")
                     .arg(self.key("control"))
                     .arg("seq")
-                    .query_async(&mut c),
-            )
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
         Ok(seq.unwrap_or(0))
     }
@@ -331,7 +362,6 @@ impl Cluster {
     /// The shared record; `None` when Redis has none (a new cluster, or lost data). A
     /// record that fails its authentication is an error: it is never served.
     pub async fn pull(&self) -> Result<Option<Remote>> {
-        let mut c = self.control.clone();
         type Row = (
             Option<u64>,
             Option<Vec<u8>>,
@@ -340,12 +370,13 @@ impl Cluster {
             Option<String>,
         );
         let (seq, rec, at, by, mac): Row = self
-            .bounded(
+            .bounded(&self.control, |mut c| async move {
                 redis::cmd("HMGET")
                     .arg(self.key("control"))
                     .arg(&["seq", "rec", "at", "by", "mac"][..])
-                    .query_async(&mut c),
-            )
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
         let (Some(seq), Some(record)) = (seq, rec) else {
             return Ok(None);
@@ -381,8 +412,11 @@ impl Cluster {
             .arg(&self.node)
             .arg(self.channel())
             .arg(mac);
-        let mut c = self.control.clone();
-        self.bounded(inv.invoke_async(&mut c)).await
+        self.bounded(&self.control, |mut c| {
+            let inv = &inv;
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await
     }
 
     /// Writes `record` if Redis is still at `expect`.
@@ -406,33 +440,33 @@ impl Cluster {
     }
 
     pub async fn put_module(&self, digest: &str, bytes: &[u8]) -> Result<()> {
-        let mut c = self.control.clone();
-        self.bounded(
+        self.bounded(&self.control, |mut c| async move {
             redis::cmd("SET")
                 .arg(self.key(&format!("mod:{digest}")))
                 .arg(bytes)
-                .query_async::<()>(&mut c),
-        )
+                .query_async::<()>(&mut c)
+                .await
+        })
         .await
     }
 
     pub async fn has_module(&self, digest: &str) -> Result<bool> {
-        let mut c = self.control.clone();
-        self.bounded(
+        self.bounded(&self.control, |mut c| async move {
             redis::cmd("EXISTS")
                 .arg(self.key(&format!("mod:{digest}")))
-                .query_async(&mut c),
-        )
+                .query_async(&mut c)
+                .await
+        })
         .await
     }
 
     pub async fn get_module(&self, digest: &str) -> Result<Option<Vec<u8>>> {
-        let mut c = self.control.clone();
-        self.bounded(
+        self.bounded(&self.control, |mut c| async move {
             redis::cmd("GET")
                 .arg(self.key(&format!("mod:{digest}")))
-                .query_async(&mut c),
-        )
+                .query_async(&mut c)
+                .await
+        })
         .await
     }
 
@@ -442,15 +476,17 @@ impl Cluster {
         inv.key(self.key("control"))
             .key(self.key(&format!("mod:{digest}")))
             .arg(digest);
-        let mut c = self.control.clone();
-        self.bounded(inv.invoke_async::<i64>(&mut c)).await?;
+        self.bounded(&self.control, |mut c| {
+            let inv = &inv;
+            async move { inv.invoke_async::<i64>(&mut c).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Records that one of `tenant`'s secrets changed, and pokes the other nodes.
     pub async fn secrets_changed(&self, tenant: &str) -> Result<()> {
-        let mut c = self.control.clone();
-        self.bounded(
+        self.bounded(&self.control, |mut c| async move {
             redis::pipe()
                 .cmd("HINCRBY")
                 .arg(self.key("secrets"))
@@ -461,34 +497,54 @@ impl Cluster {
                 .arg(self.channel())
                 .arg(format!("secrets {tenant}"))
                 .ignore()
-                .query_async::<()>(&mut c),
-        )
+                .query_async::<()>(&mut c)
+                .await
+        })
         .await
     }
 
     /// Tenant → how many times its secrets changed.
     pub async fn secret_versions(&self) -> Result<std::collections::HashMap<String, u64>> {
-        let mut c = self.control.clone();
-        self.bounded(
+        self.bounded(&self.control, |mut c| async move {
             redis::cmd("HGETALL")
                 .arg(self.key("secrets"))
-                .query_async(&mut c),
-        )
+                .query_async(&mut c)
+                .await
+        })
         .await
     }
 
     /// Writes this node's heartbeat, forgets nodes silent for an hour, and counts the
     /// live ones.
     pub async fn heartbeat(&self, beat: &NodeBeat) -> Result<Vec<NodeBeat>> {
-        let mut c = self.control.clone();
+        let before: Option<String> = self
+            .bounded(&self.control, |mut c| async move {
+                redis::cmd("HGET")
+                    .arg(self.key("nodes"))
+                    .arg(&beat.node)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let twin = before
+            .and_then(|b| serde_json::from_str::<NodeBeat>(&b).ok())
+            .filter(|b| b.instance != beat.instance && !b.instance.is_empty())
+            .filter(|b| now_ms().saturating_sub(b.seen_ms) <= NODE_ALIVE.as_millis() as u64);
+        if let Some(t) = twin {
+            self.warn_once(&format!("twin {}", beat.node), || {
+                tracing::error!(node = %beat.node, other_admin = %t.admin, "another running node uses this node's id: give every node its own [node] id (usage and status are kept per id)")
+            });
+        }
         let json = serde_json::to_string(beat).unwrap_or_default();
-        self.bounded(
+        let json = &json;
+        self.bounded(&self.control, |mut c| async move {
             redis::cmd("HSET")
                 .arg(self.key("nodes"))
                 .arg(&beat.node)
                 .arg(json)
-                .query_async::<()>(&mut c),
-        )
+                .query_async::<()>(&mut c)
+                .await
+        })
         .await?;
         let nodes = self.nodes().await?;
         let now = now_ms();
@@ -498,35 +554,53 @@ impl Cluster {
             .map(|n| n.node.as_str())
             .collect();
         if !stale.is_empty() {
+            let stale = &stale;
             let _ = self
-                .bounded(
+                .bounded(&self.control, |mut c| async move {
                     redis::cmd("HDEL")
                         .arg(self.key("nodes"))
                         .arg(stale)
-                        .query_async::<()>(&mut c),
-                )
+                        .query_async::<()>(&mut c)
+                        .await
+                })
                 .await;
         }
-        let alive = nodes
-            .iter()
-            .filter(|n| now.saturating_sub(n.seen_ms) <= NODE_ALIVE.as_millis() as u64)
-            .count()
-            .max(1);
+        let alive_now =
+            |n: &&NodeBeat| now.saturating_sub(n.seen_ms) <= NODE_ALIVE.as_millis() as u64;
+        for n in nodes.iter().filter(alive_now) {
+            if !n.key_id.is_empty() && n.key_id != self.key_id {
+                self.warn_once(&format!("key {}", n.node), || {
+                    tracing::error!(node = %n.node, "a node on this Redis uses another cluster key: it cannot read this cluster's record, tokens or secrets")
+                });
+            }
+        }
+        let alive = nodes.iter().filter(alive_now).count().max(1);
         if self.status.nodes.swap(alive, Ordering::Relaxed) != alive {
             self.resize_fallbacks(alive);
         }
         Ok(nodes)
     }
 
+    fn warn_once(&self, what: &str, log: impl FnOnce()) {
+        if self
+            .warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(what.to_string())
+        {
+            log();
+        }
+    }
+
     /// Every node's last heartbeat.
     pub async fn nodes(&self) -> Result<Vec<NodeBeat>> {
-        let mut c = self.control.clone();
         let all: std::collections::HashMap<String, String> = self
-            .bounded(
+            .bounded(&self.control, |mut c| async move {
                 redis::cmd("HGETALL")
                     .arg(self.key("nodes"))
-                    .query_async(&mut c),
-            )
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
         let mut nodes: Vec<NodeBeat> = all
             .values()
@@ -561,8 +635,11 @@ impl Cluster {
             .arg(want)
             .arg(rate.max(1))
             .arg(burst.max(1));
-        let mut c = self.leases.clone();
-        self.bounded(inv.invoke_async(&mut c)).await
+        self.bounded(&self.leases, |mut c| {
+            let inv = &inv;
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await
     }
 
     fn resize_fallbacks(&self, nodes: usize) {

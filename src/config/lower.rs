@@ -343,6 +343,10 @@ impl Lowering<'_> {
         // configuration may name the tenant's secrets
         let cluster = f.cluster.as_ref().and_then(|c| self.cluster(c, &f.state));
         let mut state = self.state(&f.state, cluster.as_deref());
+        if f.cluster.is_some() && cluster.is_none() {
+            // a cluster conf with errors opens no state of its own meanwhile
+            state = None;
+        }
         if let (Some(state), Some(cluster)) = (&mut state, &cluster) {
             state.shared_key = Some(crate::cluster::derive_key(&cluster.key, "tenant secrets"));
         }

@@ -30,7 +30,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         503,
         "cluster_unavailable",
-        format!("the cluster's Redis cannot be used now, so nothing can change: {e}"),
+        format!("the cluster's Redis cannot be used now, so nothing can change: {e} (if Redis received a change before failing, it was made: read before retrying)"),
     )
 }
 
@@ -295,6 +295,12 @@ impl Control {
                 }
             }
         }
+        // tenants deleted elsewhere: their secrets leave this node's memory
+        if let Some(state) = self.live.wasm.state() {
+            for t in s.tenants.keys().filter(|t| !new.tenants.contains_key(*t)) {
+                state.secrets.forget_cached(t);
+            }
+        }
         // the bytes of modules the record no longer has
         for (t, mods) in &s.modules {
             for m in mods.keys() {
@@ -346,8 +352,7 @@ impl Control {
                 format!("the bytes Redis holds for {digest} do not match their digest"),
             ));
         }
-        let _ = std::fs::create_dir_all(path.parent().expect("has parent"))
-            .and_then(|_| std::fs::write(&path, &bytes));
+        let _ = super::write_module(&path, &bytes);
         Ok(bytes)
     }
 
@@ -401,7 +406,7 @@ impl Control {
 
     /// One comparison with Redis: the control record, then the secrets' versions
     /// (`seen` holds the ones this node has read). Runs on a blocking thread.
-    fn sync(&self, seen: &mut HashMap<String, u64>) {
+    fn sync(&self, seen: &mut HashMap<String, u64>, full: bool) {
         let Some(c) = self.cluster.clone() else {
             return;
         };
@@ -413,6 +418,7 @@ impl Control {
             .last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let recovered = last.is_some() && now.is_none();
         if *last != now {
             match &now {
                 Some(e) => {
@@ -429,6 +435,16 @@ impl Control {
         let Some(state) = self.live.wasm.state().cloned() else {
             return;
         };
+        // every so often, and after Redis was away, every tenant's secrets are read
+        // again: a change whose announcement was lost (Redis failing mid-write) is seen
+        if full || recovered {
+            let secrets = state.secrets.clone();
+            if state.wait(async move { secrets.load_all().await }).is_ok() {
+                for t in seen.keys().cloned().collect::<Vec<_>>() {
+                    self.reconfigure_filters(&t);
+                }
+            }
+        }
         let versions = match c.wait({
             let c = c.clone();
             async move { c.secret_versions().await }
@@ -436,6 +452,32 @@ impl Control {
             Ok(v) => v,
             Err(_) => return,
         };
+        // tenants whose secrets this node holds but Redis has no trace of: Redis lost
+        // its data (or a change was never announced); the secrets go back, sealed
+        let lost: Vec<String> = state
+            .secrets
+            .cached_tenants()
+            .into_iter()
+            .filter(|t| !versions.contains_key(t))
+            .collect();
+        if !lost.is_empty() {
+            let secrets = state.secrets.clone();
+            match state.wait(async move { secrets.restore_cached().await }) {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::warn!(
+                            secrets = n,
+                            "secrets missing from the store written back from this node's memory"
+                        );
+                    }
+                    for t in lost {
+                        let c2 = c.clone();
+                        let _ = c.wait(async move { c2.secrets_changed(&t).await });
+                    }
+                }
+                Err(e) => tracing::warn!("cannot write secrets back: {e}"),
+            }
+        }
         for (t, n) in versions {
             if seen.get(&t) == Some(&n) {
                 continue;
@@ -461,6 +503,8 @@ impl Control {
             seq: c.status.seq.load(Ordering::Relaxed),
             seen_ms: now_ms(),
             admin: snap.admin.listen.clone(),
+            instance: c.instance.clone(),
+            key_id: c.key_id.clone(),
         }
     }
 
@@ -492,34 +536,46 @@ impl Control {
             .await
             .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
         let now = now_ms();
-        let nodes = match nodes {
-            Ok(n) => serde_json::json!(n
-                .iter()
-                .map(|n| {
-                    let age = now.saturating_sub(n.seen_ms);
-                    serde_json::json!({
-                        "node": n.node, "version": n.version, "seq": n.seq,
-                        "seen_ms_ago": age,
-                        "alive": age <= crate::cluster::NODE_ALIVE.as_millis() as u64,
-                        "admin": n.admin,
+        let (nodes, nodes_error) = match nodes {
+            Ok(n) => (
+                serde_json::json!(n
+                    .iter()
+                    .map(|n| {
+                        let age = now.saturating_sub(n.seen_ms);
+                        serde_json::json!({
+                            "node": n.node, "version": n.version, "seq": n.seq,
+                            "seen_ms_ago": age,
+                            "alive": age <= crate::cluster::NODE_ALIVE.as_millis() as u64,
+                            "admin": n.admin,
+                            "key_id": n.key_id,
+                            "same_key": n.key_id == c.key_id,
+                        })
                     })
-                })
-                .collect::<Vec<_>>()),
-            Err(e) => serde_json::json!(format!("unavailable: {e}")),
+                    .collect::<Vec<_>>()),
+                None,
+            ),
+            Err(e) => (serde_json::Value::Null, Some(e.to_string())),
         };
+        let last_sync = st.last_sync_ms.load(Ordering::Relaxed);
         Ok(serde_json::json!({
             "cluster": true,
             "node": c.node,
             "connected": st.connected.load(Ordering::Relaxed),
             "seq": st.seq.load(Ordering::Relaxed),
-            "last_sync_ms_ago": now.saturating_sub(st.last_sync_ms.load(Ordering::Relaxed)),
+            "key_id": c.key_id,
+            "last_sync_ms_ago": (last_sync > 0).then(|| now.saturating_sub(last_sync)),
             "propagation_lag_ms": st.lag_ms.load(Ordering::Relaxed),
             "apply_errors": st.apply_errors.load(Ordering::Relaxed),
             "last_error": st.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "nodes": nodes,
+            "nodes_error": nodes_error,
         }))
     }
 }
+
+/// Every this many syncs, every tenant's secrets are read again (30 s at the default
+/// interval): the backstop for an announcement Redis lost.
+const FULL_SECRETS_EVERY: u64 = 60;
 
 /// Background service of a cluster node: listens for changes, compares with Redis every
 /// `sync_interval_ms`, and writes the node's heartbeat every second.
@@ -560,6 +616,7 @@ impl pingora::services::background::BackgroundService for ClusterService {
         let mut beat = tokio::time::interval(crate::cluster::HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let seen = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let mut syncs = 0u64;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
@@ -577,8 +634,10 @@ impl pingora::services::background::BackgroundService for ClusterService {
                 Some(()) = pokes.recv() => {}
             }
             let (ctl, seen) = (self.control.clone(), seen.clone());
+            syncs += 1;
+            let full = syncs.is_multiple_of(FULL_SECRETS_EVERY);
             let _ = tokio::task::spawn_blocking(move || {
-                ctl.sync(&mut seen.lock().unwrap_or_else(|e| e.into_inner()))
+                ctl.sync(&mut seen.lock().unwrap_or_else(|e| e.into_inner()), full)
             })
             .await;
             self.control.export_metrics(&c);

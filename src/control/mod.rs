@@ -163,6 +163,17 @@ impl TenantRt {
     }
 }
 
+/// Writes a module's bytes where the node keeps them: a temporary file, then a rename, so
+/// a reader (a change being applied meanwhile) sees the whole file or none.
+fn write_module(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    std::fs::create_dir_all(path.parent().expect("a module file has a folder"))?;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// A bound function as the request path uses it.
 pub struct Function {
     pub route: Arc<Route>,
@@ -975,6 +986,16 @@ impl Control {
             });
         self.forget_modules(modules.values());
         let _ = std::fs::remove_dir_all(self.data_dir.join("tenants").join(name));
+        // its state and secrets go with it: a new tenant of the same name starts empty
+        if let Some(state) = self.live.wasm.state().cloned() {
+            let (st, t) = (state.clone(), name.to_string());
+            match state.wait(async move { st.forget_tenant(&t).await }) {
+                Ok(n) => tracing::info!(tenant = %name, entries = n, "tenant state deleted"),
+                Err(e) => {
+                    tracing::error!(tenant = %name, "tenant deleted, but not its state: {e}")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1071,7 +1092,8 @@ impl Control {
             ));
         }
         let limits = {
-            let s = self.lock();
+            // in a cluster, up to date first: the tenant may be minutes old on another node
+            let s = self.lock_for_change()?;
             self.all_tenants(&s)
                 .get(t)
                 .cloned()
@@ -1170,9 +1192,7 @@ impl Control {
             Deployed::Filter(p) => p.compiled.exports.clone(),
             Deployed::Function(f) => vec![f.function.handler_export().to_string()],
         };
-        let file = self.module_file(t, m, &digest);
-        std::fs::create_dir_all(file.parent().expect("has parent"))
-            .and_then(|_| std::fs::write(&file, bytes))
+        write_module(&self.module_file(t, m, &digest), bytes)
             .map_err(|e| ApiError::new(500, "internal", format!("cannot store module: {e}")))?;
         let mut s = self.lock_for_change()?;
         self.share_module(&digest, bytes)?;
@@ -1208,6 +1228,7 @@ impl Control {
 
     /// Activates `version` (or, with `None`, the version before the active one).
     pub fn activate(&self, t: &str, m: &str, version: Option<u32>, by: &str) -> ApiResult<u32> {
+        drop(self.lock_for_change()?);
         let rec = self.module_view(t, m)?;
         let limits = {
             let s = self.lock();

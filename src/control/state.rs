@@ -127,10 +127,23 @@ impl Control {
         let value = std::str::from_utf8(value)
             .map_err(|_| ApiError::new(400, "bad_secret", "a secret is UTF-8 text"))?
             .trim_end_matches(['\n', '\r']);
-        s.secrets
-            .set(t, name, value)
-            .await
-            .map_err(|e| ApiError::new(400, "bad_secret", e))?;
+        if !secrets::valid_name(name) || value.len() > secrets::MAX_VALUE {
+            return Err(ApiError::new(
+                400,
+                "bad_secret",
+                format!(
+                    "a secret's name is 1 to {} letters, digits, `_`, `-` or `.`, its value at most {} bytes",
+                    secrets::MAX_NAME,
+                    secrets::MAX_VALUE
+                ),
+            ));
+        }
+        // the store did not answer: the write may or may not have reached it
+        s.secrets.set(t, name, value).await.map_err(|e| {
+            unavailable(format!(
+                "{e} (if the store received it before failing, the secret is set: list to check)"
+            ))
+        })?;
         tracing::info!(tenant = t, secret = name, by, "admin: secret set");
         self.announce_secrets(t).await;
         let stale = self.reconfigure_filters(t);

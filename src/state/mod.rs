@@ -384,6 +384,21 @@ impl Services {
         Ok(services)
     }
 
+    /// Deletes everything tenant `t` keeps: its key-value entries and its secrets (a
+    /// deleted tenant; a new one of the same name starts empty). How many entries.
+    pub async fn forget_tenant(&self, t: &str) -> std::result::Result<usize, String> {
+        let ns = format!("t/{t}");
+        let backend = &*self.store.backend;
+        let keys = all_keys(backend, &ns).await.map_err(|e| e.to_string())?;
+        for k in &keys {
+            backend
+                .delete(&ns, k, None)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(keys.len() + self.secrets.forget_tenant(t).await?)
+    }
+
     /// Runs `fut` on the state runtime and waits for it from synchronous code.
     pub fn wait<T: Send + 'static>(
         &self,

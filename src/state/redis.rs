@@ -173,11 +173,19 @@ impl Redis {
         ]
     }
 
-    async fn bounded<T>(
+    /// A call with the timeout, on the next connection. A call whose request never left
+    /// (the connection was found broken when writing: Redis restarted since its last
+    /// use) is made once more, on the connection made anew.
+    async fn bounded<T, F: std::future::Future<Output = redis::RedisResult<T>>>(
         &self,
-        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+        f: impl Fn(ConnectionManager) -> F,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, f).await {
+        let conn = self.conn();
+        let mut r = tokio::time::timeout(self.timeout, f(conn.clone())).await;
+        if matches!(&r, Ok(Err(e)) if crate::cluster::unsent(e)) {
+            r = tokio::time::timeout(self.timeout, f(conn)).await;
+        }
+        match r {
             Ok(r) => r.map_err(unavailable),
             Err(_) => Err(StateError::Unavailable("redis: timed out".into())),
         }
@@ -197,8 +205,11 @@ impl Redis {
             inv.arg(*a);
         }
         inv.arg(now_ms());
-        let mut conn = self.conn();
-        self.bounded(inv.invoke_async(&mut conn)).await
+        self.bounded(|mut conn| {
+            let inv = &inv;
+            async move { inv.invoke_async(&mut conn).await }
+        })
+        .await
     }
 }
 
@@ -215,16 +226,17 @@ fn written(code: i64, n: &str) -> Written {
 impl Backend for Redis {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Entry>> {
         let [k, _, _] = self.keys(ns, key);
-        let mut conn = self.conn();
+        let k = &k;
         let (v, ver, exp): (Option<Vec<u8>>, Option<u64>, Option<u64>) = self
-            .bounded(
+            .bounded(|mut conn| async move {
                 redis::cmd("HMGET")
-                    .arg(&k)
+                    .arg(k)
                     .arg("v")
                     .arg("ver")
                     .arg("exp")
-                    .query_async(&mut conn),
-            )
+                    .query_async(&mut conn)
+                    .await
+            })
             .await?;
         let (Some(v), Some(version)) = (v, ver) else {
             return Ok(None);
@@ -298,20 +310,24 @@ impl Backend for Redis {
         let mut inv = LIST_SCRIPT.prepare_invoke();
         inv.key(&entry_prefix).key(&index);
         inv.arg(min).arg(max).arg(limit.max(1)).arg(now_ms());
-        let mut conn = self.conn();
-        self.bounded(inv.invoke_async(&mut conn)).await
+        self.bounded(|mut conn| {
+            let inv = &inv;
+            async move { inv.invoke_async(&mut conn).await }
+        })
+        .await
     }
 
     async fn bytes_used(&self, ns: &str) -> Result<u64> {
         let [_, meta, _] = self.keys(ns, "");
-        let mut conn = self.conn();
+        let meta = &meta;
         let b: Option<u64> = self
-            .bounded(
+            .bounded(|mut conn| async move {
                 redis::cmd("HGET")
-                    .arg(&meta)
+                    .arg(meta)
                     .arg("bytes")
-                    .query_async(&mut conn),
-            )
+                    .query_async(&mut conn)
+                    .await
+            })
             .await?;
         Ok(b.unwrap_or(0))
     }

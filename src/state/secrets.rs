@@ -313,6 +313,83 @@ impl Secrets {
         self.refresh(tenant).await
     }
 
+    /// Deletes every secret of `tenant` (a deleted tenant: a new one of the same name
+    /// must not find them); how many there were.
+    pub async fn forget_tenant(&self, tenant: &str) -> Result<usize, String> {
+        let names = all_keys(&*self.backend, &ns(tenant))
+            .await
+            .map_err(|e| e.to_string())?;
+        for name in &names {
+            self.backend
+                .delete(&ns(tenant), name, None)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.backend
+            .delete(INDEX, tenant, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.open.remove(tenant);
+        Ok(names.len())
+    }
+
+    /// Tenants whose secrets this node holds open (at least one).
+    pub fn cached_tenants(&self) -> Vec<String> {
+        self.open
+            .iter()
+            .filter(|e| !e.value().is_empty())
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// Drops a tenant's cached values (deleted on another node).
+    pub fn forget_cached(&self, tenant: &str) {
+        self.open.remove(tenant);
+    }
+
+    /// Writes back, sealed, the secrets this node holds open that the store lacks (a
+    /// Redis that lost its data); how many. A secret the store has is left as it is.
+    pub async fn restore_cached(&self) -> Result<usize, String> {
+        let keys = self.keys();
+        let open: Vec<(String, Arc<BTreeMap<String, String>>)> = self
+            .open
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        let mut n = 0;
+        for (tenant, values) in open {
+            for (name, value) in values.iter() {
+                let stored = Stored {
+                    updated_at: crate::wasm::meter::now_secs(),
+                    sealed: keys.seal(&tenant, name, value.as_bytes()),
+                };
+                let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+                let only_if_absent = WriteOpts {
+                    expect: Some(0),
+                    quota: u64::MAX,
+                    ..WriteOpts::default()
+                };
+                let w = self
+                    .backend
+                    .set(&ns(&tenant), name, bytes.into(), only_if_absent)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Written::Done(_) = w {
+                    n += 1;
+                    let any = WriteOpts {
+                        quota: u64::MAX,
+                        ..WriteOpts::default()
+                    };
+                    self.backend
+                        .set(INDEX, &tenant, bytes::Bytes::new(), any)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Opens a tenant's secrets again (after a change, here or on another node). The
     /// cached values serve until the new ones are read.
     pub async fn refresh(&self, tenant: &str) -> Result<(), String> {
