@@ -46,6 +46,14 @@ fn node(name: &str, redis: &RedisServer, upstream: &str) -> Gw {
     Gw::start(&node_conf(name, redis, upstream))
 }
 
+/// A Redis, an echo upstream and one node per name on them.
+async fn cluster(names: &[&str]) -> (RedisServer, Upstream, Vec<Gw>) {
+    let redis = RedisServer::start();
+    let up = Upstream::start("echo").await;
+    let nodes = names.iter().map(|n| node(n, &redis, &up.addr())).collect();
+    (redis, up, nodes)
+}
+
 /// (status, body) of a GET.
 async fn get(c: &reqwest::Client, url: &str) -> (u16, String) {
     match c.get(url).send().await {
@@ -110,12 +118,7 @@ async fn status(a: &Admin) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_rollbacks_revocations_and_secrets_reach_every_node_within_a_second() {
-    let redis = RedisServer::start();
-    let up = Upstream::start("echo").await;
-    let nodes: Vec<Gw> = ["a", "b", "c"]
-        .iter()
-        .map(|n| node(n, &redis, &up.addr()))
-        .collect();
+    let (redis, up, nodes) = cluster(&["a", "b", "c"]).await;
     let admins: Vec<Admin> = nodes.iter().map(Admin::new).collect();
     let fn_url = |i: usize| nodes[i].url("http", "/run/acme/f/");
 
@@ -332,12 +335,7 @@ async fn deploys_rollbacks_revocations_and_secrets_reach_every_node_within_a_sec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_rate_limit_holds_across_three_nodes_under_uneven_load() {
-    let redis = RedisServer::start();
-    let up = Upstream::start("echo").await;
-    let nodes: Vec<Gw> = ["a", "b", "c"]
-        .iter()
-        .map(|n| node(n, &redis, &up.addr()))
-        .collect();
+    let (_redis, _up, nodes) = cluster(&["a", "b", "c"]).await; // kept until the end
     let a = Admin::new(&nodes[0]);
     let (rate, burst) = (100u64, 20u64);
     a.tenant("acme", json!({ "rate_per_sec": rate, "burst": burst }))
@@ -424,12 +422,7 @@ fn load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dying_under_load_fails_no_request_and_nodes_converge_when_it_returns() {
-    let mut redis = RedisServer::start();
-    let up = Upstream::start("echo").await;
-    let nodes: Vec<Gw> = ["a", "b", "c"]
-        .iter()
-        .map(|n| node(n, &redis, &up.addr()))
-        .collect();
+    let (mut redis, up, nodes) = cluster(&["a", "b", "c"]).await;
     let admins: Vec<Admin> = nodes.iter().map(Admin::new).collect();
     admins[0].tenant("acme", json!({})).await;
     let tok = admins[0].token("acme", &["deploy"]).await;
@@ -551,12 +544,7 @@ fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_written_to_redis_without_the_cluster_key_is_never_served() {
-    let redis = RedisServer::start();
-    let up = Upstream::start("echo").await;
-    let nodes: Vec<Gw> = ["a", "b"]
-        .iter()
-        .map(|n| node(n, &redis, &up.addr()))
-        .collect();
+    let (redis, up, nodes) = cluster(&["a", "b"]).await;
     let admins: Vec<Admin> = nodes.iter().map(Admin::new).collect();
     admins[0].tenant("acme", json!({})).await;
     let tok = admins[0].token("acme", &["deploy"]).await;
