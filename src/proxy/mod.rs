@@ -779,6 +779,11 @@ impl Gateway {
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
+    /// No downstream modules: Pingora's default adds a response-compression module at
+    /// level 0 (disabled), which still costs a box and a call per request and phase.
+    /// The gateway compresses nothing; measured with `scripts/ab.sh` (see Benchmarks).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
