@@ -232,12 +232,7 @@ fn unavailable(e: impl std::fmt::Display) -> Unavailable {
     Unavailable(e.to_string())
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::state::now_ms;
 
 impl Cluster {
     /// Connects lazily (a Redis that is down at start is not an error: the node serves
@@ -307,6 +302,25 @@ impl Cluster {
             let _ = tx.send(fut.await);
         });
         rx.recv()
+            .expect("the cluster runtime runs every task it is given")
+    }
+
+    /// [`Cluster::wait`] for a call on the cluster itself: `f` gets its own handle to it.
+    pub fn run<T: Send + 'static, F: std::future::Future<Output = T> + Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(Arc<Cluster>) -> F,
+    ) -> T {
+        self.wait(f(self.clone()))
+    }
+
+    /// The same from async code on another runtime: runs on the cluster's, awaited here.
+    pub async fn on<T: Send + 'static, F: std::future::Future<Output = T> + Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(Arc<Cluster>) -> F,
+    ) -> T {
+        self.handle()
+            .spawn(f(self.clone()))
+            .await
             .expect("the cluster runtime runs every task it is given")
     }
 

@@ -34,17 +34,9 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// The shared record as this gateway reads it (a newer layout is not misread).
+/// The shared record as this gateway reads it, with Redis's sequence number.
 fn parse(remote: &crate::cluster::Remote) -> Result<Stored, String> {
-    let s: Stored = serde_json::from_slice(&remote.record)
-        .map_err(|e| format!("the shared control record is unreadable: {e}"))?;
-    if s.version > super::store::STORE_VERSION {
-        return Err(format!(
-            "the shared control record is version {}, newer than this gateway's {}",
-            s.version,
-            super::store::STORE_VERSION
-        ));
-    }
+    let s = Stored::parse(&remote.record, "the shared control record")?;
     Ok(Stored {
         seq: remote.seq,
         ..s
@@ -52,18 +44,18 @@ fn parse(remote: &crate::cluster::Remote) -> Result<Stored, String> {
 }
 
 impl Control {
-    fn on_cluster<T: Send + 'static>(
+    /// [`Cluster::run`] when this node is in a cluster.
+    fn on_cluster<T: Send + 'static, F: std::future::Future<Output = T> + Send + 'static>(
         &self,
-        f: impl FnOnce(Arc<Cluster>) -> futures::future::BoxFuture<'static, T>,
+        f: impl FnOnce(Arc<Cluster>) -> F,
     ) -> Option<T> {
-        let c = self.cluster.clone()?;
-        Some(c.wait(f(c.clone())))
+        Some(self.cluster.as_ref()?.run(f))
     }
 
     /// At start: the record to serve. In a cluster, Redis's (the local one when Redis
     /// does not answer; the local one is given to a Redis that has none).
     pub(super) fn join(&self, local: Stored) -> Stored {
-        let Some(remote) = self.on_cluster(|c| Box::pin(async move { c.pull().await })) else {
+        let Some(remote) = self.on_cluster(|c| async move { c.pull().await }) else {
             return local;
         };
         match remote {
@@ -99,13 +91,10 @@ impl Control {
         };
         let seq = s.seq;
         let remote = c
-            .wait({
-                let c = c.clone();
-                async move {
-                    match c.seq().await? {
-                        n if n == seq && n != 0 => Ok(None),
-                        _ => c.pull().await.map(Some),
-                    }
+            .run(|c| async move {
+                match c.seq().await? {
+                    n if n == seq && n != 0 => Ok(None),
+                    _ => c.pull().await.map(Some),
                 }
             })
             .map_err(unavailable)?;
@@ -161,21 +150,18 @@ impl Control {
             Ok(r) => r,
             Err(e) => return tracing::error!("cannot encode the control record: {e}"),
         };
-        let restored = c.wait({
-            let c = c.clone();
-            async move {
-                for path in modules {
-                    let Some(digest) = path.file_stem().and_then(|d| d.to_str()) else {
-                        continue;
-                    };
-                    if !c.has_module(digest).await? {
-                        if let Ok(bytes) = tokio::fs::read(&path).await {
-                            c.put_module(digest, &bytes).await?;
-                        }
+        let restored = c.run(|c| async move {
+            for path in modules {
+                let Some(digest) = path.file_stem().and_then(|d| d.to_str()) else {
+                    continue;
+                };
+                if !c.has_module(digest).await? {
+                    if let Ok(bytes) = tokio::fs::read(&path).await {
+                        c.put_module(digest, &bytes).await?;
                     }
                 }
-                c.restore(seq, &record).await
             }
+            c.restore(seq, &record).await
         });
         match restored {
             Ok(true) => {
@@ -203,10 +189,7 @@ impl Control {
             })
             .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
             let expect = s.seq;
-            let written = c.wait({
-                let c = c.clone();
-                async move { c.cas(expect, &record).await }
-            });
+            let written = c.run(|c| async move { c.cas(expect, &record).await });
             let fail = match written {
                 Ok(Cas::Done(seq)) => {
                     s.seq = seq;
@@ -333,10 +316,7 @@ impl Control {
         }
         let d = digest.to_string();
         let bytes = c
-            .wait({
-                let c = c.clone();
-                async move { c.get_module(&d).await }
-            })
+            .run(|c| async move { c.get_module(&d).await })
             .map_err(unavailable)?
             .ok_or_else(|| {
                 ApiError::new(
@@ -352,14 +332,14 @@ impl Control {
                 format!("the bytes Redis holds for {digest} do not match their digest"),
             ));
         }
-        let _ = super::write_module(&path, &bytes);
+        let _ = super::store::write_whole(&path, &bytes);
         Ok(bytes)
     }
 
     /// Puts a deployed module's bytes where every node finds them (a cluster only).
     pub(super) fn share_module(&self, digest: &str, bytes: &[u8]) -> ApiResult<()> {
         let (d, b) = (digest.to_string(), bytes.to_vec());
-        self.on_cluster(|c| Box::pin(async move { c.put_module(&d, &b).await }))
+        self.on_cluster(|c| async move { c.put_module(&d, &b).await })
             .unwrap_or(Ok(()))
             .map_err(unavailable)
     }
@@ -370,13 +350,11 @@ impl Control {
             .into_iter()
             .flat_map(|m| m.versions.iter().map(|v| v.digest.clone()))
             .collect();
-        let done = self.on_cluster(|c| {
-            Box::pin(async move {
-                for d in digests {
-                    c.forget_module(&d).await?;
-                }
-                Ok::<_, crate::cluster::Unavailable>(())
-            })
+        let done = self.on_cluster(|c| async move {
+            for d in digests {
+                c.forget_module(&d).await?;
+            }
+            Ok::<_, crate::cluster::Unavailable>(())
         });
         if let Some(Err(e)) = done {
             tracing::warn!("module bytes of a deleted module stay in Redis: {e}");
@@ -389,14 +367,8 @@ impl Control {
             return;
         };
         let t2 = t.to_string();
-        let r = c
-            .handle()
-            .spawn({
-                let c = c.clone();
-                async move { c.secrets_changed(&t2).await }
-            })
-            .await;
-        if let Ok(Err(e)) = r {
+        let r = c.on(|c| async move { c.secrets_changed(&t2).await }).await;
+        if let Err(e) = r {
             tracing::warn!(
                 tenant = t,
                 "other nodes learn of this secret change within their next sync only: {e}"
@@ -445,10 +417,7 @@ impl Control {
                 }
             }
         }
-        let versions = match c.wait({
-            let c = c.clone();
-            async move { c.secret_versions().await }
-        }) {
+        let versions = match c.run(|c| async move { c.secret_versions().await }) {
             Ok(v) => v,
             Err(_) => return,
         };
@@ -471,8 +440,7 @@ impl Control {
                         );
                     }
                     for t in lost {
-                        let c2 = c.clone();
-                        let _ = c.wait(async move { c2.secrets_changed(&t).await });
+                        let _ = c.run(|c| async move { c.secrets_changed(&t).await });
                     }
                 }
                 Err(e) => tracing::warn!("cannot write secrets back: {e}"),
@@ -527,14 +495,7 @@ impl Control {
             return Ok(serde_json::json!({ "cluster": false }));
         };
         let st = &c.status;
-        let nodes = c
-            .handle()
-            .spawn({
-                let c = c.clone();
-                async move { c.nodes().await }
-            })
-            .await
-            .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+        let nodes = c.on(|c| async move { c.nodes().await }).await;
         let now = now_ms();
         let (nodes, nodes_error) = match nodes {
             Ok(n) => (
@@ -625,8 +586,7 @@ impl pingora::services::background::BackgroundService for ClusterService {
                 }
                 _ = beat.tick() => {
                     let b = self.control.beat(&c);
-                    let c2 = c.clone();
-                    let _ = c.handle().spawn(async move { c2.heartbeat(&b).await }).await;
+                    let _ = c.on(|c| async move { c.heartbeat(&b).await }).await;
                     self.control.export_metrics(&c);
                     continue;
                 }

@@ -163,17 +163,6 @@ impl TenantRt {
     }
 }
 
-/// Writes a module's bytes where the node keeps them: a temporary file, then a rename, so
-/// a reader (a change being applied meanwhile) sees the whole file or none.
-fn write_module(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    std::fs::create_dir_all(path.parent().expect("a module file has a folder"))?;
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// A bound function as the request path uses it.
 pub struct Function {
     pub route: Arc<Route>,
@@ -1192,7 +1181,7 @@ impl Control {
             Deployed::Filter(p) => p.compiled.exports.clone(),
             Deployed::Function(f) => vec![f.function.handler_export().to_string()],
         };
-        write_module(&self.module_file(t, m, &digest), bytes)
+        store::write_whole(&self.module_file(t, m, &digest), bytes)
             .map_err(|e| ApiError::new(500, "internal", format!("cannot store module: {e}")))?;
         let mut s = self.lock_for_change()?;
         self.share_module(&digest, bytes)?;

@@ -82,14 +82,19 @@ impl Stored {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Stored::default()),
             Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
         };
-        let s: Stored = serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("{} is not a control record: {e}", path.display()))?;
+        Stored::parse(&bytes, &path.display().to_string()).map_err(anyhow::Error::msg)
+    }
+
+    /// A record from its JSON (`whence` names where it came from in the error); a newer
+    /// layout is refused rather than misread.
+    pub fn parse(bytes: &[u8], whence: &str) -> Result<Stored, String> {
+        let s: Stored = serde_json::from_slice(bytes)
+            .map_err(|e| format!("{whence} is not a control record: {e}"))?;
         if s.version > STORE_VERSION {
-            anyhow::bail!(
-                "{} is version {}, newer than this gateway's {STORE_VERSION}",
-                path.display(),
+            return Err(format!(
+                "{whence} is version {}, newer than this gateway's {STORE_VERSION}",
                 s.version
-            );
+            ));
         }
         Ok(s)
     }
@@ -102,10 +107,21 @@ impl Stored {
             ..self.clone()
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)
+        write_whole(path, &bytes)
     }
+}
+
+/// Writes `bytes` to `path` whole: a temporary file of this writer's own, then a rename,
+/// so a reader (another thread, a change being applied) sees the old file or the new one.
+pub fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
