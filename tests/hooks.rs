@@ -449,6 +449,112 @@ hooks = ["ext_not_allowed"]
     assert_eq!(r.status(), 503);
 }
 
+/// The next event the test's auth service reports.
+async fn heard(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(&'static str, std::time::Instant)>,
+) -> (&'static str, std::time::Instant) {
+    let next = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    next.expect("the auth service heard nothing").unwrap()
+}
+
+/// A client that closes its connection while its request waits on a module's callout:
+/// like Envoy, the call is cancelled at once (the callout upstream sees its connection
+/// close long before the module's timeout), nothing is answered, the access log says
+/// 499 with Envoy's `DC` flag, and the module's next request is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_the_callouts_it_waits_on() {
+    use tokio::io::AsyncReadExt;
+    let up = Upstream::start("echo").await;
+    // an auth service that reads each callout and never answers; it reports when a
+    // callout arrives and when the gateway closes that connection
+    let auth = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let auth_addr = auth.local_addr().unwrap().to_string();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = auth.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            head.extend_from_slice(&buf[..n]);
+                            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                                let _ = tx.send(("called", std::time::Instant::now()));
+                                head.clear();
+                            }
+                        }
+                    }
+                }
+                let _ = tx.send(("closed", std::time::Instant::now()));
+            });
+        }
+    });
+    let conf = base(&up.addr())
+        + &format!(
+            r#"
+[access_log]
+enabled = true
+[upstreams.auth]
+targets = ["{auth_addr}"]
+[modules.ext]
+path = "{{guests}}/ext_auth.wasm"
+config = {{ upstream = "auth", path = "/auth/check", timeout_ms = 10000 }}
+allowed_upstreams = ["auth"]
+[[routes]]
+name = "waits"
+path_prefix = "/waits"
+upstream = "echo"
+hooks = ["ext"]
+"#
+        );
+    let gw = Gw::start(&conf);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port("http"))).unwrap();
+    s.write_all(b"GET /waits/x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer demo-token\r\n\r\n")
+        .unwrap();
+    let (what, _) = heard(&mut rx).await;
+    assert_eq!(what, "called");
+    let left = std::time::Instant::now();
+    drop(s);
+    let (what, at) = heard(&mut rx).await;
+    assert_eq!(what, "closed");
+    let took = at.duration_since(left);
+    assert!(
+        took < Duration::from_secs(2),
+        "the callout outlived its client by {took:?}"
+    );
+    assert!(
+        gw.wait_log("downstream_remote_disconnect", Duration::from_secs(2))
+            .await,
+        "{}",
+        gw.log()
+    );
+    let line = gw
+        .log()
+        .lines()
+        .find(|l| l.starts_with('{') && l.contains("\"route\":\"waits\""))
+        .unwrap()
+        .to_string();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["status"], 499, "{line}");
+    // the module was not harmed: a request whose client stays is still waited for
+    let c = client();
+    let pending = tokio::spawn({
+        let url = gw.url("http", "/waits/y");
+        async move { c.get(url).bearer_auth("demo-token").send().await }
+    });
+    let (what, _) = heard(&mut rx).await;
+    assert_eq!(what, "called");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pending.is_finished(),
+        "a staying client's request was dropped"
+    );
+    pending.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_guest_checks_every_host_call_from_inside() {
     let up = Upstream::start("echo").await;

@@ -59,10 +59,10 @@ tokio::task_local! {
     static CONN: Arc<HeadPhase>;
 }
 
-/// The phase shared by a connection's stream and the proxy running its requests, and
-/// the connection's id.
+/// The phase shared by a connection's stream and the proxy running its requests, the
+/// connection's id, and its socket's descriptor (for [`client_gone`]).
 #[derive(Debug)]
-struct HeadPhase(AtomicU8, u64, HeldHead);
+struct HeadPhase(AtomicU8, u64, HeldHead, UniqueIDType);
 
 /// A response kept back while hooks finish it (Proxy-Wasm's "pause the response headers
 /// until the body is in", and callouts from the response body). Pingora runs a batch of
@@ -201,6 +201,61 @@ pub fn connection_id() -> Option<u64> {
     CONN.try_with(|p| p.1).ok()
 }
 
+/// Runs `work` (hooks that may wait on callouts) unless this task's client closes its
+/// connection first: then `None`, and `work` is dropped with the callouts it waits on,
+/// so no callback runs into a request nobody waits for. Envoy resets the stream and
+/// cancels its filters' calls the same way. Work that finishes at its first poll (the
+/// usual hook run) never sets up the watch.
+pub async fn unless_client_leaves<F: Future>(work: F) -> Option<F::Output> {
+    use futures::FutureExt;
+    let mut work = std::pin::pin!(work);
+    if let Some(out) = work.as_mut().now_or_never() {
+        return Some(out);
+    }
+    let gone = client_gone();
+    tokio::select! {
+        out = work => Some(out),
+        () = gone => None,
+    }
+}
+
+/// Resolves when this task's client has closed its end of the connection (a FIN or a
+/// reset), and never where that cannot be watched (HTTP/2 streams run in tasks of their
+/// own). Bytes the client sends meanwhile (a request body, a pipelined request) stay
+/// where they are for the proxy to read: the watch sees readiness, it reads nothing.
+/// Made in the connection's task, the future may be awaited anywhere.
+pub fn client_gone() -> impl Future<Output = ()> + Send + 'static {
+    let watch = CONN.try_with(|p| p.3).ok().and_then(|fd| {
+        use std::os::fd::BorrowedFd;
+        // SAFETY: the descriptor is the connection's socket, owned by the stream this
+        // task serves; the stream outlives every request of the task (the task-local is
+        // scoped inside `process_new`, which holds it), so it is open here. It is
+        // duplicated at once; the duplicate is an `OwnedFd` the `AsyncFd` owns, so it
+        // stays open and names the same socket until the watch is dropped (what
+        // `register_with_interest` asks).
+        unsafe {
+            let own = BorrowedFd::borrow_raw(fd).try_clone_to_owned().ok()?;
+            tokio::io::unix::AsyncFd::register_with_interest(own, tokio::io::Interest::READABLE)
+                .ok()
+        }
+    });
+    async move {
+        let Some(fd) = watch else {
+            return std::future::pending().await;
+        };
+        loop {
+            let Ok(mut ready) = fd.readable().await else {
+                return std::future::pending().await;
+            };
+            if ready.ready().is_read_closed() {
+                return;
+            }
+            // bytes to read, not a close: wait for the next change
+            ready.clear_ready();
+        }
+    }
+}
+
 /// The request head has been parsed: stop the head clock of this task's connection.
 pub fn head_received() {
     let _ = CONN.try_with(|p| p.0.store(HEAD_READ, Ordering::Relaxed));
@@ -256,6 +311,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
             AtomicU8::new(if h2 { HEAD_READ } else { IN_HEAD }),
             next_connection_id(),
             HeldHead::default(),
+            stream.id(),
         ));
         let wrapped = ClientStream::new(
             stream,

@@ -437,8 +437,20 @@ impl Gateway {
         let (back, away) = tokio::sync::oneshot::channel();
         let req = Box::new(req.clone());
         let callouts = self.callouts.clone();
+        let gone = conn::client_gone();
         tokio::spawn(async move {
-            let flow = state.response_body_wait(&req, &callouts).await;
+            let flow = tokio::select! {
+                flow = state.response_body_wait(&req, &callouts) => Some(flow),
+                () = gone => None,
+            };
+            let Some(flow) = flow else {
+                // nobody to write to: the calls are dropped, the connection closed
+                state.info.response_flags |= GatewayError::ClientClosed.envoy_flags();
+                state.info.code_details = Some(GatewayError::ClientClosed.code().into());
+                let _ = gate.send(conn::Resume::Abort);
+                let _ = back.send(state);
+                return;
+            };
             let body = std::mem::take(&mut state.resp_body);
             let resume = match (flow, framing) {
                 (Flow::Respond(r), Framing::Held) => {
@@ -516,9 +528,11 @@ impl Gateway {
         }
         let r = match ctx.hooks.as_mut() {
             Some(state) => {
-                state
-                    .local_reply(session.req_header(), r, &self.callouts)
-                    .await
+                let reply = state.local_reply(session.req_header(), r, &self.callouts);
+                match conn::unless_client_leaves(reply).await {
+                    Some(r) => r,
+                    None => return Err(client_left(ctx)),
+                }
             }
             None => r,
         };
@@ -675,9 +689,11 @@ impl Gateway {
             .rewritten
             .is_some()
             .then(|| session.req_header().uri.path().to_string());
-        let flow = state
-            .request_headers(session.req_header_mut(), eos, &self.callouts)
-            .await;
+        let flow = state.request_headers(session.req_header_mut(), eos, &self.callouts);
+        let Some(flow) = conn::unless_client_leaves(flow).await else {
+            ctx.hooks = Some(Box::new(state));
+            return Err(client_left(ctx));
+        };
         if let Flow::Respond(r) = flow {
             ctx.hooks = Some(Box::new(state));
             self.reply(session, ctx, r).await?;
@@ -693,9 +709,16 @@ impl Gateway {
             // the body is read here: the modules after it see the request now, and the
             // holding module still keeps the body back until it continues.
             while let Some(h) = state.held.take() {
-                let flow = state
-                    .request_headers_from(h + 1, session.req_header_mut(), false, &self.callouts)
-                    .await;
+                let flow = state.request_headers_from(
+                    h + 1,
+                    session.req_header_mut(),
+                    false,
+                    &self.callouts,
+                );
+                let Some(flow) = conn::unless_client_leaves(flow).await else {
+                    ctx.hooks = Some(Box::new(state));
+                    return Err(client_left(ctx));
+                };
                 if let Flow::Respond(r) = flow {
                     ctx.hooks = Some(Box::new(state));
                     self.reply(session, ctx, r).await?;
@@ -729,14 +752,16 @@ impl Gateway {
                             .await;
                     }
                 }
-                let flow = state
-                    .request_body(
-                        session.req_header_mut(),
-                        chunk.as_deref(),
-                        end,
-                        &self.callouts,
-                    )
-                    .await;
+                let flow = state.request_body(
+                    session.req_header_mut(),
+                    chunk.as_deref(),
+                    end,
+                    &self.callouts,
+                );
+                let Some(flow) = conn::unless_client_leaves(flow).await else {
+                    ctx.hooks = Some(Box::new(state));
+                    return Err(client_left(ctx));
+                };
                 match flow {
                     Flow::Respond(r) => {
                         ctx.hooks = Some(Box::new(state));
@@ -927,14 +952,15 @@ impl ProxyHttp for Gateway {
         }
         // Pingora sent the head upstream before this phase
         state.head_sent = true;
-        let flow = state
-            .request_body(
-                session.req_header_mut(),
-                body.as_deref(),
-                end_of_stream,
-                &self.callouts,
-            )
-            .await;
+        let flow = state.request_body(
+            session.req_header_mut(),
+            body.as_deref(),
+            end_of_stream,
+            &self.callouts,
+        );
+        let Some(flow) = conn::unless_client_leaves(flow).await else {
+            return Err(client_left(ctx));
+        };
         match flow {
             // To Pingora, `None` ends the request body and an empty chunk is "nothing yet":
             // mid-body, an empty result (a held chunk, or an empty read of a chunked body)
@@ -1089,9 +1115,10 @@ impl ProxyHttp for Gateway {
         // then no body callback follows
         let eos = framing::bodiless_response(session.req_header(), resp);
         ctx.response_ended_at_head = eos;
-        let flow = state
-            .response_headers(session.req_header(), resp, eos, true, &self.callouts)
-            .await;
+        let flow = state.response_headers(session.req_header(), resp, eos, true, &self.callouts);
+        let Some(flow) = conn::unless_client_leaves(flow).await else {
+            return Err(client_left(ctx));
+        };
         framing::keep_framing(resp, te_before);
         match flow {
             Flow::Respond(r) => replace_response(session.req_header(), resp, state, r)?,
@@ -1318,6 +1345,16 @@ impl ProxyHttp for Gateway {
                 can_reuse_downstream: false,
             };
         }
+        if ctx.error == Some(GatewayError::ClientClosed) {
+            tracing::debug!(
+                route = ctx.route_name().unwrap_or("-"),
+                "client left while modules waited"
+            );
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         if let Some(r) = ctx.pending.take() {
             let ok = self.reply(session, ctx, r).await.is_ok();
             let status = session.response_written().map_or(0, |h| h.status.as_u16());
@@ -1418,4 +1455,14 @@ impl ProxyHttp for Gateway {
             );
         }
     }
+}
+
+/// Ends a request whose client left while its modules waited on callouts (see
+/// [`conn::unless_client_leaves`]): nothing is answered, and the access log says why.
+fn client_left(ctx: &mut Ctx) -> Box<Error> {
+    ctx.error = Some(GatewayError::ClientClosed);
+    Error::explain(
+        ErrorType::ConnectionClosed,
+        "the client left while modules waited",
+    )
 }

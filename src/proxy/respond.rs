@@ -36,6 +36,10 @@ pub enum GatewayError {
     UpstreamError,
     #[error("the client was too slow")]
     ClientTimeout,
+    /// The client closed its connection while the request's modules waited on callouts:
+    /// nothing is answered; logged as nginx's 499 with Envoy's `DC` flag and details.
+    #[error("the client closed the connection before the answer")]
+    ClientClosed,
     #[error("the request is malformed")]
     BadRequest,
     #[error("the hooks neither answered nor allowed a backend")]
@@ -74,6 +78,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge => 413,
             GatewayError::HeadersTooLarge => 431,
             GatewayError::ClientTimeout => 408,
+            GatewayError::ClientClosed => 499,
             GatewayError::BadRequest => 400,
             GatewayError::NoHealthyUpstream
             | GatewayError::UpstreamUnreachable
@@ -102,6 +107,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamError => "upstream_error",
             GatewayError::ClientTimeout => "client_timeout",
+            GatewayError::ClientClosed => "downstream_remote_disconnect",
             GatewayError::BadRequest => "bad_request",
             GatewayError::NoHookResponse => "no_response_from_hooks",
             GatewayError::RateLimited { .. } => "rate_limited",
@@ -155,6 +161,7 @@ impl GatewayError {
             GatewayError::UpstreamError => 0x40,
             GatewayError::NoRoute | GatewayError::NoFunction => 0x100,
             GatewayError::RateLimited { .. } => 0x800,
+            GatewayError::ClientClosed => 0x4000,
             GatewayError::ClientTimeout => 0x10000,
             GatewayError::HeadersTooLarge => 0x20000,
             GatewayError::BadRequest | GatewayError::UnsupportedTransferEncoding => 0x40000,
@@ -169,6 +176,7 @@ impl GatewayError {
             GatewayError::BadRequest
                 | GatewayError::UnsupportedTransferEncoding
                 | GatewayError::ClientTimeout
+                | GatewayError::ClientClosed
                 | GatewayError::BodyTooLarge
                 | GatewayError::HeadersTooLarge
         )
