@@ -2,7 +2,7 @@
 //! secrets (set, list by name, delete; never read back), and the key rotation.
 
 use super::{ApiError, ApiResult, Control};
-use crate::state::{secrets, Services, StateError, Written};
+use crate::state::{secrets, Page, Services, StateError, Written};
 use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -107,7 +107,7 @@ impl Control {
         let kv = s.store.tenant(t, None);
         // one more than asked tells whether there are more
         let limit = limit.clamp(1, 999);
-        let mut keys = kv.list(prefix, after, limit + 1).await?;
+        let mut keys = kv.list(Page::new(prefix, after, limit + 1)).await?;
         let more = keys.len() > limit;
         keys.truncate(limit);
         let bytes = kv.bytes_used().await?;

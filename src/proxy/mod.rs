@@ -539,6 +539,23 @@ impl Gateway {
         send_local(session, r).await
     }
 
+    /// Ends the request phase before the upstream: with the hooks' answer, or (`None`)
+    /// for a client that left while they waited. The hooks stay for `logging`.
+    async fn stop_early(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        state: HookState,
+        flow: Option<Flow>,
+    ) -> Result<bool> {
+        ctx.hooks = Some(Box::new(state));
+        match flow {
+            Some(Flow::Respond(r)) => self.reply(session, ctx, r).await.map(|()| true),
+            Some(_) => Ok(false),
+            None => Err(client_left(ctx)),
+        }
+    }
+
     /// The rest of `request_filter` once a route is chosen: body limit, then hooks.
     async fn routed(
         &self,
@@ -690,14 +707,9 @@ impl Gateway {
             .is_some()
             .then(|| session.req_header().uri.path().to_string());
         let flow = state.request_headers(session.req_header_mut(), eos, &self.callouts);
-        let Some(flow) = conn::unless_client_leaves(flow).await else {
-            ctx.hooks = Some(Box::new(state));
-            return Err(client_left(ctx));
-        };
-        if let Flow::Respond(r) = flow {
-            ctx.hooks = Some(Box::new(state));
-            self.reply(session, ctx, r).await?;
-            return Ok(true);
+        let flow = conn::unless_client_leaves(flow).await;
+        if !matches!(flow, Some(Flow::Continue | Flow::Buffer)) {
+            return self.stop_early(session, ctx, state, flow).await;
         }
         // Routes without an upstream read the whole body here: nothing else will. Small
         // bodies of proxied requests are read here too, so that the upstream gets the
@@ -715,14 +727,9 @@ impl Gateway {
                     false,
                     &self.callouts,
                 );
-                let Some(flow) = conn::unless_client_leaves(flow).await else {
-                    ctx.hooks = Some(Box::new(state));
-                    return Err(client_left(ctx));
-                };
-                if let Flow::Respond(r) = flow {
-                    ctx.hooks = Some(Box::new(state));
-                    self.reply(session, ctx, r).await?;
-                    return Ok(true);
+                let flow = conn::unless_client_leaves(flow).await;
+                if !matches!(flow, Some(Flow::Continue | Flow::Buffer)) {
+                    return self.stop_early(session, ctx, state, flow).await;
                 }
             }
         }
@@ -758,18 +765,10 @@ impl Gateway {
                     end,
                     &self.callouts,
                 );
-                let Some(flow) = conn::unless_client_leaves(flow).await else {
-                    ctx.hooks = Some(Box::new(state));
-                    return Err(client_left(ctx));
-                };
-                match flow {
-                    Flow::Respond(r) => {
-                        ctx.hooks = Some(Box::new(state));
-                        self.reply(session, ctx, r).await?;
-                        return Ok(true);
-                    }
-                    Flow::Continue => out.append(&mut state.req_body),
-                    Flow::Buffer => {}
+                match conn::unless_client_leaves(flow).await {
+                    Some(Flow::Continue) => out.append(&mut state.req_body),
+                    Some(Flow::Buffer) => {}
+                    flow => return self.stop_early(session, ctx, state, flow).await,
                 }
                 if end {
                     break;

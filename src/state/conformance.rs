@@ -162,16 +162,28 @@ async fn semantics(b: Arc<dyn Backend>) {
         b.set("t/l", k, v("."), opts(None)).await.unwrap();
     }
     assert_eq!(
-        b.list("t/l", "p/", None, 10).await.unwrap(),
+        b.list("t/l", Page::new("p/", None, 10)).await.unwrap(),
         ["p/1", "p/2", "p/3"]
     );
-    assert_eq!(b.list("t/l", "p/", None, 2).await.unwrap(), ["p/1", "p/2"]);
-    assert_eq!(b.list("t/l", "p/", Some("p/2"), 10).await.unwrap(), ["p/3"]);
     assert_eq!(
-        b.list("t/l", "", None, 10).await.unwrap(),
+        b.list("t/l", Page::new("p/", None, 2)).await.unwrap(),
+        ["p/1", "p/2"]
+    );
+    assert_eq!(
+        b.list("t/l", Page::new("p/", Some("p/2"), 10))
+            .await
+            .unwrap(),
+        ["p/3"]
+    );
+    assert_eq!(
+        b.list("t/l", Page::new("", None, 10)).await.unwrap(),
         ["p", "p/1", "p/2", "p/3", "q/1"]
     );
-    assert!(b.list("t/none", "", None, 10).await.unwrap().is_empty());
+    assert!(b
+        .list("t/none", Page::new("", None, 10))
+        .await
+        .unwrap()
+        .is_empty());
 
     // bytes stored: keys and values of live entries; a write past the quota changes nothing
     assert_eq!(b.bytes_used("t/l").await.unwrap(), 3 * 4 + 4 + 2);
@@ -204,7 +216,11 @@ async fn semantics(b: Arc<dyn Backend>) {
     assert!(b.get("t/ttl", "gone").await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(80)).await;
     assert_eq!(b.get("t/ttl", "gone").await.unwrap(), None);
-    assert!(b.list("t/ttl", "", None, 10).await.unwrap().is_empty());
+    assert!(b
+        .list("t/ttl", Page::new("", None, 10))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(
         b.set("t/ttl", "gone", v("x"), opts(Some(0))).await.unwrap(),
         Written::Done(match b.get("t/ttl", "gone").await.unwrap() {

@@ -12,7 +12,9 @@
 //! redb's multi-writer mode, so the old and the new process of a graceful upgrade share
 //! it (their write transactions take turns).
 
-use super::{counter, expiry, now_ms, Backend, Entry, Result, StateError, WriteOpts, Written};
+use super::{
+    counter, expiry, now_ms, Backend, Entry, Page, Result, StateError, WriteOpts, Written,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -257,13 +259,8 @@ impl Backend for Embedded {
         .await
     }
 
-    async fn list(
-        &self,
-        ns: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>> {
+    async fn list(&self, ns: &str, page: Page<'_>) -> Result<Vec<String>> {
+        let (prefix, after, limit) = (page.prefix, page.after, page.limit);
         let start = match after {
             Some(a) if a >= prefix => {
                 let mut k = full_key(ns, a);

@@ -101,14 +101,8 @@ pub trait Backend: Send + Sync {
     async fn delete(&self, ns: &str, key: &str, expect: Option<u64>) -> Result<Written>;
     /// Adds `delta` to the entry read as a decimal `i64`; answers the new value.
     async fn incr(&self, ns: &str, key: &str, delta: i64, quota: u64) -> Result<i64>;
-    /// Live keys starting with `prefix`, in byte order, after `after`, at most `limit`.
-    async fn list(
-        &self,
-        ns: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>>;
+    /// One page of live keys, in byte order (see [`Page`]).
+    async fn list(&self, ns: &str, page: Page<'_>) -> Result<Vec<String>>;
     /// Bytes the namespace stores.
     async fn bytes_used(&self, ns: &str) -> Result<u64>;
     /// Which backend, for logs and the status page.
@@ -119,12 +113,30 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// A page of keys: those starting with `prefix`, after `after`, at most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct Page<'a> {
+    pub prefix: &'a str,
+    pub after: Option<&'a str>,
+    pub limit: usize,
+}
+
+impl<'a> Page<'a> {
+    pub fn new(prefix: &'a str, after: Option<&'a str>, limit: usize) -> Self {
+        Page {
+            prefix,
+            after,
+            limit,
+        }
+    }
+}
+
 /// Every live key of namespace `ns`, page by page.
 pub(crate) async fn all_keys(backend: &dyn Backend, ns: &str) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     loop {
         let page = backend
-            .list(ns, "", out.last().map(String::as_str), 500)
+            .list(ns, Page::new("", out.last().map(String::as_str), 500))
             .await?;
         if page.is_empty() {
             return Ok(out);
@@ -508,18 +520,19 @@ impl TenantState {
         Ok(v)
     }
 
-    pub async fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>> {
+    pub async fn list(&self, page: Page<'_>) -> Result<Vec<String>> {
         let limits = self.store.limits(&self.tenant);
         self.store.admit(&self.tenant, &limits)?;
         let keys = self
             .store
             .backend
-            .list(&self.ns, prefix, after, limit.min(1000))
+            .list(
+                &self.ns,
+                Page {
+                    limit: page.limit.min(1000),
+                    ..page
+                },
+            )
             .await?;
         self.read();
         Ok(keys)

@@ -13,7 +13,7 @@
 //! [`StateError::Unavailable`]. Durability is Redis's own (`appendonly yes`,
 //! `appendfsync always` for an acknowledged write to survive a Redis crash).
 
-use super::{now_ms, Backend, Entry, Result, StateError, WriteOpts, Written};
+use super::{now_ms, Backend, Entry, Page, Result, StateError, WriteOpts, Written};
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -288,13 +288,8 @@ impl Backend for Redis {
         }
     }
 
-    async fn list(
-        &self,
-        ns: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>> {
+    async fn list(&self, ns: &str, page: Page<'_>) -> Result<Vec<String>> {
+        let (prefix, after, limit) = (page.prefix, page.after, page.limit);
         let [_, _, index] = self.keys(ns, "");
         let entry_prefix = format!("{}:{{{ns}}}:k:", self.prefix);
         let mut min = format!("[{prefix}").into_bytes();

@@ -9,7 +9,7 @@
 //! a proxy thread, and that wait is not charged as CPU (only the deadline counts it).
 
 use super::state::Host;
-use crate::state::{StateError, Written};
+use crate::state::{Page, StateError, Written};
 use bytes::Bytes;
 use wasmtime::component::{Linker, Resource};
 
@@ -122,7 +122,7 @@ impl store::HostBucket for Host {
             let mut seen = 0usize;
             while seen < skip {
                 let keys = kv
-                    .list("", after.as_deref(), (skip - seen).min(PAGE))
+                    .list(Page::new("", after.as_deref(), (skip - seen).min(PAGE)))
                     .await?;
                 if keys.is_empty() {
                     break;
@@ -130,7 +130,7 @@ impl store::HostBucket for Host {
                 seen += keys.len();
                 after = keys.last().cloned();
             }
-            let keys = kv.list("", after.as_deref(), PAGE).await?;
+            let keys = kv.list(Page::new("", after.as_deref(), PAGE)).await?;
             let cursor = (keys.len() == PAGE).then(|| (skip + keys.len()) as u64);
             Ok(store::KeyResponse { keys, cursor })
         }

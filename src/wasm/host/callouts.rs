@@ -62,16 +62,8 @@ fn http_call(
             .allowed_upstream(&name)
             .ok_or(Status::BadArgument)?;
         let root = h.effective == ROOT_CONTEXT;
-        let token = h.effects.queue(|token| PendingCall {
-            token,
-            upstream: Some(upstream),
-            headers,
-            body,
-            timeout: callout_timeout(timeout_ms),
-            root,
-            grpc: None,
-            store: None,
-        })?;
+        let call = PendingCall::to(upstream, headers, body, callout_timeout(timeout_ms), root);
+        let token = h.effects.queue(|token| PendingCall { token, ..call })?;
         write_u32(c, ret, token)
     })
 }

@@ -131,15 +131,11 @@ fn grpc_call(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, hp:
         let token = next_grpc_token(&mut h.effects, false);
         h.grpc_tokens.push(token);
         let root = h.effective == ROOT_CONTEXT;
+        let call = PendingCall::to(upstream, headers, body, callout_timeout(timeout_ms), root);
         h.effects.calls.push(PendingCall {
             token,
-            upstream: Some(upstream),
-            headers,
-            body,
-            timeout: callout_timeout(timeout_ms),
-            root,
             grpc: Some(target),
-            store: None,
+            ..call
         });
         write_u32(c, ret, token)
     })
@@ -170,13 +166,8 @@ fn grpc_stream(mut c: C, up: i32, un: i32, sp: i32, sn: i32, mp: i32, mn: i32, h
         let (ev_tx, ev_rx) = futures::channel::mpsc::channel(GRPC_STREAM_QUEUE);
         let call = PendingCall {
             token,
-            upstream: Some(upstream),
-            headers,
-            body: Vec::new(),
-            timeout: GRPC_STREAM_LIFETIME,
-            root,
             grpc: Some(target),
-            store: None,
+            ..PendingCall::to(upstream, headers, Vec::new(), GRPC_STREAM_LIFETIME, root)
         };
         d.open_stream(call, cmd_rx, ev_tx);
         h.grpc_streams.push(StreamSlot {

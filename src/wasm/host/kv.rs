@@ -29,7 +29,7 @@
 
 use super::call::C;
 use super::{CallResponse, PendingCall, ROOT_CONTEXT};
-use crate::state::{StateError, TenantState, Written};
+use crate::state::{Page, StateError, TenantState, Written};
 use crate::wasm::abi::{HostResult, Status};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -199,7 +199,7 @@ impl StoreCall {
                 after,
                 limit,
             } => s
-                .list(&prefix, after.as_deref(), limit)
+                .list(Page::new(&prefix, after.as_deref(), limit))
                 .await
                 .map(|keys| json!({"ok": true, "keys": keys})),
         };

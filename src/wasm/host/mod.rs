@@ -319,6 +319,27 @@ impl GrpcStatus {
 }
 
 impl PendingCall {
+    /// An HTTP callout to `upstream` (a gRPC call once `grpc` is set); the token is set
+    /// when it is queued.
+    pub fn to(
+        upstream: Arc<Upstream>,
+        headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+        timeout: Duration,
+        root: bool,
+    ) -> PendingCall {
+        PendingCall {
+            token: 0,
+            upstream: Some(upstream),
+            headers,
+            body,
+            timeout,
+            root,
+            grpc: None,
+            store: None,
+        }
+    }
+
     /// The callout's upstream name, for logs ("" for a state call).
     pub fn upstream_name(&self) -> &str {
         self.upstream.as_ref().map_or("", |u| &u.name)
