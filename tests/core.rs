@@ -638,6 +638,23 @@ async fn access_log_path_is_relative_to_the_conf() {
         !gw.log().contains("\"path\":\"/logged\""),
         "the access log went to stdout"
     );
+    // a burst: every line reaches the file without a later request to push it out (the
+    // writer once left a line queued behind another in its buffer until the next one)
+    let c = client();
+    let burst = (0..64).map(|i| {
+        let (c, url) = (c.clone(), gw.url("http", &format!("/burst/{i}")));
+        async move { c.get(url).send().await.unwrap().status() }
+    });
+    for status in futures::future::join_all(burst).await {
+        assert_eq!(status, 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let lines = |text: &str| text.matches("\"path\":\"/burst/").count();
+    while lines(&text) < 64 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = std::fs::read_to_string(&file).unwrap_or_default();
+    }
+    assert_eq!(lines(&text), 64, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -465,21 +465,19 @@ impl Cluster {
     }
 
     pub async fn has_module(&self, digest: &str) -> Result<bool> {
-        self.bounded(&self.control, |mut c| async move {
-            redis::cmd("EXISTS")
-                .arg(self.key(&format!("mod:{digest}")))
-                .query_async(&mut c)
-                .await
-        })
-        .await
+        self.on_module("EXISTS", digest).await
     }
 
     pub async fn get_module(&self, digest: &str) -> Result<Option<Vec<u8>>> {
-        self.bounded(&self.control, |mut c| async move {
-            redis::cmd("GET")
-                .arg(self.key(&format!("mod:{digest}")))
-                .query_async(&mut c)
-                .await
+        self.on_module("GET", digest).await
+    }
+
+    /// A one-key command on a module's bytes.
+    async fn on_module<T: redis::FromRedisValue>(&self, cmd: &str, digest: &str) -> Result<T> {
+        let key = self.key(&format!("mod:{digest}"));
+        self.bounded(&self.control, |mut c| {
+            let key = &key;
+            async move { redis::cmd(cmd).arg(key).query_async(&mut c).await }
         })
         .await
     }

@@ -271,6 +271,16 @@ impl From<crate::wasm::ModuleError> for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// A name outside its rule (`rule` says it).
+fn bad_name(rule: &str) -> ApiError {
+    ApiError::new(400, "bad_name", rule)
+}
+
+/// 409: something still depends on what a change would take away.
+fn in_use(code: &'static str, reason: String) -> ApiError {
+    ApiError::new(409, code, reason)
+}
+
 fn not_found(what: &str) -> ApiError {
     ApiError::new(404, "not_found", format!("{what} does not exist"))
 }
@@ -867,11 +877,7 @@ impl Control {
 
     pub fn create_tenant(&self, name: &str, limits: TenantLimits) -> ApiResult<()> {
         if !is_dns_label(name) {
-            return Err(ApiError::new(
-                400,
-                "bad_name",
-                "tenant names are DNS labels: 1-63 of a-z, 0-9 and -, not starting or ending with -",
-            ));
+            return Err(bad_name("tenant names are DNS labels: 1-63 of a-z, 0-9 and -, not starting or ending with -"));
         }
         let mut s = self.lock_for_change()?;
         if self.all_tenants(&s).contains_key(name) {
@@ -932,8 +938,7 @@ impl Control {
             })
             .collect();
         if !stranded.is_empty() {
-            return Err(ApiError::new(
-                409,
+            return Err(in_use(
                 "upstream_in_use",
                 format!(
                     "functions guard upstreams this change disallows; unbind them first: {}",
@@ -1074,11 +1079,7 @@ impl Control {
         by: &str,
     ) -> ApiResult<VersionRec> {
         if !valid_name(m) {
-            return Err(ApiError::new(
-                400,
-                "bad_name",
-                "module names are 1-63 of a-z, 0-9, - and _",
-            ));
+            return Err(bad_name("module names are 1-63 of a-z, 0-9, - and _"));
         }
         let limits = {
             // in a cluster, up to date first: the tenant may be minutes old on another node
@@ -1279,11 +1280,7 @@ impl Control {
 
     pub fn bind(&self, t: &str, f: &str, rec: FunctionRec, by: &str) -> ApiResult<()> {
         if !valid_name(f) {
-            return Err(ApiError::new(
-                400,
-                "bad_name",
-                "function names are 1-63 of a-z, 0-9, - and _",
-            ));
+            return Err(bad_name("function names are 1-63 of a-z, 0-9, - and _"));
         }
         let mut s = self.lock_for_change()?;
         if !s

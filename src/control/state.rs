@@ -26,6 +26,13 @@ fn conflict(key: &str, now: u64) -> ApiError {
     ApiError::new(409, "conflict", format!("`{key}` is at version {now}"))
 }
 
+/// A key change done: logged (without its value), answered with the key and `answer`.
+fn logged(t: &str, key: &str, by: &str, op: &str, mut answer: Value) -> Value {
+    tracing::info!(tenant = t, key, by, op, "admin: kv change");
+    answer["key"] = key.into();
+    answer
+}
+
 fn unavailable(reason: String) -> ApiError {
     ApiError::new(503, "unavailable", reason)
 }
@@ -71,10 +78,7 @@ impl Control {
             .set(key, Bytes::from(value), version, ttl)
             .await?
         {
-            Written::Done(v) => {
-                tracing::info!(tenant = t, key, by, "admin: kv put");
-                Ok(json!({ "key": key, "version": v }))
-            }
+            Written::Done(v) => Ok(logged(t, key, by, "put", json!({ "version": v }))),
             Written::Conflict(v) => Err(conflict(key, v)),
         }
     }
@@ -88,10 +92,7 @@ impl Control {
     ) -> ApiResult<Value> {
         let s = self.services()?;
         match s.store.tenant(t, None).delete(key, version).await? {
-            Written::Done(_) => {
-                tracing::info!(tenant = t, key, by, "admin: kv delete");
-                Ok(json!({ "key": key, "deleted": true }))
-            }
+            Written::Done(_) => Ok(logged(t, key, by, "delete", json!({ "deleted": true }))),
             Written::Conflict(v) => Err(conflict(key, v)),
         }
     }
@@ -162,9 +163,8 @@ impl Control {
             .map(|p| p.spec.name.clone())
             .collect();
         if !users.is_empty() {
-            return Err(ApiError::new(
-                409,
-                "secret_in_use",
+            return Err(super::in_use(
+"secret_in_use",
                 format!(
                     "secret `{name}` is named by the configuration of {}; change or remove them first (to replace a leaked value, set a new one)",
                     users.join(", ")

@@ -34,12 +34,13 @@ impl AccessLog {
                 let mut buf = std::io::BufWriter::new(&mut out);
                 while let Ok(line) = rx.recv() {
                     let _ = buf.write_all(line.as_bytes());
-                    // flush when idle, so lines show up promptly without a write per line
-                    if let Ok(l) = rx.try_recv() {
+                    // write what is queued, then flush once idle: lines show up promptly
+                    // without a write per line (a line left in the buffer while the
+                    // writer waits would show up only with the next request)
+                    while let Ok(l) = rx.try_recv() {
                         let _ = buf.write_all(l.as_bytes());
-                    } else {
-                        let _ = buf.flush();
                     }
+                    let _ = buf.flush();
                 }
             })?;
         Ok(AccessLog { tx, dropped })

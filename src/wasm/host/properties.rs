@@ -116,14 +116,6 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
             .and_then(|i| i.tls.as_ref())
             .and_then(|t| t.uri_san.as_deref())
             .ok_or(Status::NotFound)?),
-        [b"upstream", b"address"] => s(&info
-            .and_then(|i| i.upstream_address)
-            .ok_or(Status::NotFound)?
-            .to_string()),
-        [b"upstream", b"port"] => int(info
-            .and_then(|i| i.upstream_address)
-            .ok_or(Status::NotFound)?
-            .port() as i64),
         [b"response", b"code_details"] => s(info
             .and_then(|i| i.code_details.as_deref())
             .ok_or(Status::NotFound)?),
@@ -204,21 +196,19 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
                 pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
             ))
         }
-        [b"source", b"address"] => s(&info
-            .and_then(|i| i.source)
-            .ok_or(Status::NotFound)?
-            .to_string()),
-        [b"source", b"port"] => {
-            int(info.and_then(|i| i.source).ok_or(Status::NotFound)?.port() as i64)
+        [peer @ (b"source" | b"destination" | b"upstream"), part @ (b"address" | b"port")] => {
+            let addr = info
+                .and_then(|i| match *peer {
+                    b"source" => i.source,
+                    b"destination" => i.destination,
+                    _ => i.upstream_address,
+                })
+                .ok_or(Status::NotFound)?;
+            match *part {
+                b"port" => int(addr.port() as i64),
+                _ => s(&addr.to_string()),
+            }
         }
-        [b"destination", b"address"] => s(&info
-            .and_then(|i| i.destination)
-            .ok_or(Status::NotFound)?
-            .to_string()),
-        [b"destination", b"port"] => int(info
-            .and_then(|i| i.destination)
-            .ok_or(Status::NotFound)?
-            .port() as i64),
         [b"route_name"] => s(&info.ok_or(Status::NotFound)?.route),
         [b"cluster_name"] | [b"upstream", b"name"] => s(info
             .and_then(|i| i.upstream.as_deref())
