@@ -1671,11 +1671,23 @@ async fn first_tick_comes_one_period_after_start_and_local_replies_are_typed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("timer.wasm");
     std::fs::write(&path, module).unwrap();
+    // and one that answers in place of the upstream's response, from its headers
+    let late = wat_module(
+        "",
+        "(drop (call $send (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 32) (i32.const 7)
+           (i32.const 0) (i32.const 0) (i32.const -1)))",
+        "",
+        1,
+    );
+    let late_path = dir.path().join("late.wasm");
+    std::fs::write(&late_path, late).unwrap();
     let up = Upstream::start("echo").await;
     let conf = base(&up.addr())
         + &format!(
-            "[modules.timer]\npath = \"{}\"\n[[routes]]\npath_prefix = \"/t\"\nhooks = [\"timer\"]\n",
-            path.display()
+            "[modules.timer]\npath = \"{}\"\n[[routes]]\npath_prefix = \"/t\"\nhooks = [\"timer\"]\n\
+             [modules.late]\npath = \"{}\"\n[[routes]]\npath_prefix = \"/late\"\nupstream = \"echo\"\nhooks = [\"late\"]\n",
+            path.display(),
+            late_path.display()
         );
     let started = std::time::Instant::now();
     let gw = Gw::start(&conf);
@@ -1698,6 +1710,11 @@ async fn first_tick_comes_one_period_after_start_and_local_replies_are_typed() {
     let r = client().get(gw.url("http", "/t")).send().await.unwrap();
     assert_eq!(r.headers()["content-type"], "text/plain");
     assert_eq!(r.text().await.unwrap(), "plain words");
+    // a reply in the response phase replaces the upstream's head: typed the same way
+    let r = client().get(gw.url("http", "/late")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/plain");
+    assert_eq!(r.text().await.unwrap(), "x-count");
 }
 
 /// Local replies go down the response callbacks like Envoy's: a CORS-style module that

@@ -328,7 +328,9 @@ fn replace_response(
         *resp = grpc::reply_head(r.status, &r.headers, &r.body, grpc, false)?;
         state.replace_body = Some(Bytes::new());
     } else {
-        *resp = respond::local_head(r.status, &r.headers, None, None)?;
+        // typed like every local reply (see `hooks::reply_head`); framed when sent
+        let default_type = (!r.body.is_empty()).then_some("text/plain");
+        *resp = respond::local_head(r.status, &r.headers, default_type, None)?;
         state.replace_body = Some(Bytes::from(r.body));
     }
     Ok(())
