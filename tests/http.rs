@@ -1789,3 +1789,72 @@ async fn a_module_cannot_hold_more_response_body_than_the_limit() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A module pauses a bodiless response on a callout, then resumes from the callout's
+/// answer. As in Envoy, only `proxy_continue_stream(Response)` resumes it: continuing the
+/// request (already sent upstream) leaves the response paused, so the module fails with
+/// `paused_in_response` and its policy answers. (A response with a body would go on when
+/// the module's body callback continues, as in Envoy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_continuing_the_response_resumes_a_paused_response() {
+    let map = header_map(&[(":method", "GET"), (":path", "/c"), (":authority", "auth")]);
+    let resumer = |direction: u32| {
+        wat::parse_str(format!(
+            r#"(module
+  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "auth")
+  (data (i32.const 64) "{}")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $call (i32.const 16) (i32.const 4) (i32.const 64) (i32.const {})
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 1024)))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (drop (call $continue (i32.const {direction})))))"#,
+            wat_bytes(&map),
+            map.len(),
+        ))
+        .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("response.wasm"), resumer(1)).unwrap();
+    std::fs::write(dir.path().join("request.wasm"), resumer(0)).unwrap();
+    let up = Upstream::start("echo").await;
+    let auth = Upstream::start("auth").await;
+    let mut conf = HEAD.to_string()
+        + &format!(
+            "[upstreams.echo]\ntargets = [\"{}\"]\n[upstreams.auth]\ntargets = [\"{}\"]\n",
+            up.addr(),
+            auth.addr()
+        );
+    for m in ["response", "request"] {
+        conf += &format!(
+            "[modules.{m}]\npath = \"{}/{m}.wasm\"\nallowed_upstreams = [\"auth\"]\n[[routes]]\npath_prefix = \"/{m}\"\nupstream = \"echo\"\nhooks = [\"{m}\"]\n",
+            dir.path().display()
+        );
+    }
+    let gw = Gw::start(&conf);
+    // HEAD: the response ends with its head, so no body callback can resume it either
+    let r = client()
+        .head(gw.url("http", "/response/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .head(gw.url("http", "/request/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        gw.wait_log("paused_in_response", Duration::from_secs(2))
+            .await,
+        "{}",
+        gw.log()
+    );
+}

@@ -835,6 +835,7 @@ impl Lease {
             return Outcome::Continue;
         }
         let ctx = self.ctx;
+        let phase = Phase::of(&view);
         let view = View {
             call: Some(resp),
             ..view
@@ -842,7 +843,7 @@ impl Lease {
         let r = self.run(answer_callback(resp), view, |s, f| {
             deliver_answer(s, f, ctx, resp)
         });
-        resumed(r)
+        resumed(r, phase)
     }
 
     /// Events of the gRPC streams this request's context opened since they were last
@@ -905,6 +906,7 @@ impl Lease {
     /// it only after `proxy_set_effective_context` to its HTTP context.
     pub fn on_root_event<'a>(&mut self, ev: RootEvent<'a>, mut view: View<'a>) -> Outcome {
         view.root = true;
+        let phase = Phase::of(&view);
         let (name, has) = match ev {
             RootEvent::Tick => ("on_tick", self.exports(|e| e.on_tick.as_ref())),
             RootEvent::Queue(_) => (
@@ -927,7 +929,7 @@ impl Lease {
                 .map_or(Ok(()), |g| g.call(s, (ROOT, id as i32))),
             RootEvent::Answer(a) => deliver_answer(s, f, ROOT, a),
         });
-        resumed(r)
+        resumed(r, phase)
     }
 
     /// `on_log`, `on_done`, `on_delete`: the end of the HTTP context; then bills what the
@@ -1152,13 +1154,37 @@ fn deliver_answer(
         .map_or(Ok(()), |g| g.call(s, (ROOT, token, arg)))
 }
 
+/// Which way a waiting stream is paused.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Request,
+    Response,
+}
+
+impl Phase {
+    /// The phase a wait's view belongs to: the response's once its head or body is there.
+    fn of(view: &View<'_>) -> Phase {
+        let response_body = matches!(view.body, Some((BufferType::ResponseBody, _)));
+        if view.resp.is_some() || response_body {
+            Phase::Response
+        } else {
+            Phase::Request
+        }
+    }
+}
+
 /// What a callback that is not a stream callback (a callout's answer, a root event) asks
 /// for: the guest resumes the stream with `proxy_continue_stream`, not a return value.
-fn resumed(r: Result<((), Effects), Failure>) -> Outcome {
+/// Only the paused direction resumes: as in Envoy, continuing the request while the
+/// response is paused (or the other way round) does nothing.
+fn resumed(r: Result<((), Effects), Failure>, phase: Phase) -> Outcome {
     match r {
         Err(e) => Outcome::Failed(e),
         Ok(((), fx)) => {
-            let cont = fx.continue_request || fx.continue_response;
+            let cont = match phase {
+                Phase::Request => fx.continue_request,
+                Phase::Response => fx.continue_response,
+            };
             outcome(if cont { ACTION_CONTINUE } else { 1 }, fx)
         }
     }
