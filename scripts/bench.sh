@@ -27,6 +27,11 @@ conns="${CONNS:-32}"
 ensure_packages cmake wrk nginx python3 redis-server
 ensure_rust_targets
 build_release
+# wrk measures the production build: Cargo.toml's `dist` profile (fat LTO), for the
+# gateway and for bare Pingora alike (the first build takes ~20 minutes here)
+cargo build --profile dist --bin wasmgate --example bare_pingora
+bin="$CARGO_TARGET_DIR/dist/wasmgate"
+bare_bin="$CARGO_TARGET_DIR/dist/examples/bare_pingora"
 
 with_scratch
 
@@ -132,8 +137,7 @@ wait_port "$gw_port"
 
 # --- Pingora with no logic of its own: the floor under the gateway
 bare_port=$(free_port)
-cargo build --release --quiet --example bare_pingora
-RUST_LOG=warn "$CARGO_TARGET_DIR/release/examples/bare_pingora" "127.0.0.1:$bare_port" "127.0.0.1:$up_port" "$threads" \
+RUST_LOG=warn "$bare_bin" "127.0.0.1:$bare_port" "127.0.0.1:$up_port" "$threads" \
   >"$tmp/bare.log" 2>&1 &
 pids+=($!)
 wait_port "$bare_port"
