@@ -990,6 +990,7 @@ impl Lease {
             req_ro: req,
             resp_ro: resp,
             info: Some(&mut *info),
+            log: true,
             ..View::default()
         };
         let logged = self.run("on_log", view, |s, f| match &f.on_log {

@@ -32,6 +32,8 @@ pub struct View<'a> {
     /// A root-context callback run while the request waits: the guest reaches the
     /// request only after `proxy_set_effective_context` to its HTTP context.
     pub root: bool,
+    /// `on_log`: a header map that is not there reads as `NotFound`, not `BadArgument`.
+    pub log: bool,
 }
 
 /// Pointers into the proxy's request state, valid during one callback (see the module
@@ -46,6 +48,7 @@ pub(crate) struct Frame {
     body: Option<(BufferType, NonNull<Vec<u8>>)>,
     info: Option<NonNull<RequestInfo>>,
     call: Option<NonNull<CallResponse>>,
+    log: bool,
 }
 
 // SAFETY: a `Store<Host>` sits in a VM that a request leases, and Pingora keeps the
@@ -69,6 +72,18 @@ impl Frame {
             body: v.body.map(|(t, b)| (t, NonNull::from(b))),
             info: v.info.map(NonNull::from),
             call: v.call.map(NonNull::from),
+            log: v.log,
+        }
+    }
+
+    /// What a call on a header map the callback does not have answers, as Envoy: the map
+    /// "is not currently available" (`BadArgument`), except in `on_log`, where maps may
+    /// be missing (`NotFound`).
+    pub(crate) fn absent(&self) -> Status {
+        if self.log {
+            Status::NotFound
+        } else {
+            Status::BadArgument
         }
     }
 
@@ -100,31 +115,36 @@ impl Frame {
         }
     }
 
+    /// The request head (a missing one: [`Frame::absent`]).
     pub(crate) fn req(&self) -> HostResult<&RequestHeader> {
-        self.lent(self.req)
+        self.lent(self.req).map_err(|_| self.absent())
     }
 
     /// The request head, when the phase may still change it.
+    /// Changes to a missing or read-only head are `BadArgument` (Envoy: no map to change).
     pub(crate) fn req_mut(&mut self) -> HostResult<&mut RequestHeader> {
         self.lent_mut(self.req, self.req_writable)
+            .map_err(|_| Status::BadArgument)
     }
 
     pub(crate) fn resp(&self) -> HostResult<&ResponseHeader> {
-        self.lent(self.resp)
+        self.lent(self.resp).map_err(|_| self.absent())
     }
 
     /// The response head, when the phase may still change it.
     pub(crate) fn resp_mut(&mut self) -> HostResult<&mut ResponseHeader> {
         self.lent_mut(self.resp, self.resp_writable)
+            .map_err(|_| Status::BadArgument)
     }
 
     pub(crate) fn resp_trailers(&self) -> HostResult<&HeaderMap> {
-        self.lent(self.resp_trailers)
+        self.lent(self.resp_trailers).map_err(|_| self.absent())
     }
 
     /// Trailers are only ever lent mutably.
     pub(crate) fn resp_trailers_mut(&mut self) -> HostResult<&mut HeaderMap> {
         self.lent_mut(self.resp_trailers, true)
+            .map_err(|_| Status::BadArgument)
     }
 
     /// The body buffer lent to this callback, if it is of type `t`.

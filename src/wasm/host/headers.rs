@@ -34,7 +34,12 @@ pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 fn get_header_map_pairs(mut c: C, t: i32, ret_p: i32, ret_n: i32) -> Ret {
     run_alloc(&mut c, |c| {
         let bytes = MapType::from_i32(t).and_then(|t| {
-            let pairs = map_pairs(c.data(), t)?;
+            // as Envoy: a map the callback does not have reads as empty, and an empty
+            // map is no bytes at all (a null pointer), not a serialized zero count
+            let pairs = map_pairs(c.data(), t).unwrap_or_default();
+            if pairs.is_empty() {
+                return Ok(Vec::new());
+            }
             Ok(abi::serialize_map(
                 pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
             ))
@@ -123,17 +128,27 @@ pub(super) fn map_pairs(h: &Host, t: MapType) -> HostResult<Pairs> {
             push_map(&mut out, &r.headers);
         }
         MapType::ResponseTrailers => push_map(&mut out, f.resp_trailers()?),
-        MapType::RequestTrailers => return Err(Status::NotFound),
-        MapType::GrpcReceiveInitialMetadata => push_list(&mut out, &grpc_answer(h)?.headers),
-        MapType::GrpcReceiveTrailingMetadata => push_list(&mut out, &grpc_answer(h)?.trailers),
+        // Pingora does not read request trailers: never there
+        MapType::RequestTrailers => return Err(f.absent()),
+        MapType::GrpcReceiveInitialMetadata => push_list(&mut out, &grpc_map(h)?.headers),
+        MapType::GrpcReceiveTrailingMetadata => push_list(&mut out, &grpc_map(h)?.trailers),
         MapType::HttpCallResponseHeaders => {
-            let call = http_answer(h)?;
+            let call = http_map(h)?;
             out.push((b":status".to_vec(), call.status.to_string().into_bytes()));
             push_list(&mut out, &call.headers);
         }
-        MapType::HttpCallResponseTrailers => push_list(&mut out, &http_answer(h)?.trailers),
+        MapType::HttpCallResponseTrailers => push_list(&mut out, &http_map(h)?.trailers),
     }
     Ok(out)
+}
+
+/// The answer whose header maps the callback reads (a missing one: `Frame::absent`).
+fn http_map(h: &Host) -> HostResult<&super::CallResponse> {
+    http_answer(h).map_err(|_| h.frame.absent())
+}
+
+fn grpc_map(h: &Host) -> HostResult<&super::CallResponse> {
+    grpc_answer(h).map_err(|_| h.frame.absent())
 }
 
 /// The answer being delivered, if it is an HTTP callout's.

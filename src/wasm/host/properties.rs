@@ -150,7 +150,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
                 .to_vec())
         }
         [b"request", field] => {
-            let r = h.frame.req()?;
+            let r = h.frame.req().map_err(|_| Status::NotFound)?;
             match *field {
                 b"referer" => r
                     .headers
@@ -171,7 +171,8 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
                     .map(|v| v.as_bytes().to_vec())
                     .unwrap_or_default()),
                 b"headers" => {
-                    let pairs = map_pairs(h, MapType::RequestHeaders)?;
+                    let pairs =
+                        map_pairs(h, MapType::RequestHeaders).map_err(|_| Status::NotFound)?;
                     Ok(abi::serialize_map(
                         pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
                     ))
@@ -191,7 +192,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
         }
         [b"response", b"headers", name] => one_header(h, MapType::ResponseHeaders, name),
         [b"response", b"headers"] => {
-            let pairs = map_pairs(h, MapType::ResponseHeaders)?;
+            let pairs = map_pairs(h, MapType::ResponseHeaders).map_err(|_| Status::NotFound)?;
             Ok(abi::serialize_map(
                 pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
             ))

@@ -21,6 +21,7 @@ const PRELUDE: &str = r#"
   (import "env" "proxy_replace_header_map_value" (func $replace_header (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_remove_header_map_value" (func $remove_header (param i32 i32 i32) (result i32)))
   (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_pairs" (func $get_pairs (param i32 i32 i32) (result i32)))
   (import "env" "proxy_get_buffer_bytes" (func $get_buffer (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_get_property" (func $get_property (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_set_property" (func $set_property (param i32 i32 i32 i32) (result i32)))
@@ -170,6 +171,9 @@ fn header_reads_answer_envoys_statuses() {
         (call $rec (call $get_header (i32.const 0) (i32.const 304) (i32.const 10) (i32.const 16) (i32.const 20)))
         (call $show)
         (call $rec (call $get_header (i32.const 2) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        ;; all pairs of a map the callback does not have: Ok and empty, as Envoy
+        (call $rec (call $get_pairs (i32.const 2) (i32.const 16) (i32.const 20)))
+        (call $rec (i32.load (i32.const 20)))
         "#,
         r#"(data (i32.const 256) "x-api-key") (data (i32.const 272) "x-missing")
            (data (i32.const 288) ":path") (data (i32.const 304) ":authority")"#,
@@ -186,7 +190,10 @@ fn header_reads_answer_envoys_statuses() {
             InvalidMemoryAccess,
             Ok,
             Ok,
-            NotFound
+            // the response map in the request phase is "not currently available"
+            BadArgument,
+            Ok,
+            Ok, // (the size recorded: 0)
         ]
     );
     assert_eq!(all(&req, "x-v"), ["k1", "/api?x=1", "example.com"]);
@@ -213,7 +220,16 @@ fn header_changes_apply_to_the_lent_head_only() {
     let (_, req) = run(&p);
     assert_eq!(
         statuses(&req),
-        [Ok, Ok, Ok, NotFound, BadArgument, BadArgument, BadArgument]
+        // no response head to change in the request phase: Envoy's BadArgument
+        [
+            Ok,
+            Ok,
+            Ok,
+            BadArgument,
+            BadArgument,
+            BadArgument,
+            BadArgument
+        ]
     );
     assert_eq!(req.uri.path(), "/new");
     assert_eq!(all(&req, "x-a"), ["1"]);
@@ -324,7 +340,7 @@ fn the_effective_context_switches_only_between_root_and_this_request() {
     let p = plugin(&guest(
         r#"
         (local.set $a (call $effective (i32.const 1)))
-        ;; the root context reaches no request header until it switches back
+        ;; the root context has no request map until it switches back (Envoy: BadArgument)
         (local.set $b (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
         (local.set $c (call $effective (i32.const 999)))
         (local.set $d (call $effective (local.get $ctx)))
@@ -335,7 +351,7 @@ fn the_effective_context_switches_only_between_root_and_this_request() {
         r#"(data (i32.const 256) "x-api-key")"#,
     ));
     let (_, req) = run(&p);
-    assert_eq!(statuses(&req), [Ok, NotFound, BadArgument, Ok, Ok]);
+    assert_eq!(statuses(&req), [Ok, BadArgument, BadArgument, Ok, Ok]);
 }
 
 #[test]
