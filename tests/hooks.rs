@@ -458,9 +458,10 @@ async fn heard(
 }
 
 /// A client that closes its connection while its request waits on a module's callout:
-/// like Envoy, the call is cancelled at once (the callout upstream sees its connection
-/// close long before the module's timeout), nothing is answered, the access log says
-/// 499 with Envoy's `DC` flag, and the module's next request is served as usual.
+/// the wait ends at once and the call is cancelled (the callout upstream sees its
+/// connection close long before the module's timeout; Envoy would let it finish and drop
+/// its answer), nothing is answered, the access log says 499 with Envoy's `DC` flag, and
+/// the module's next request is served as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_cancels_the_callouts_it_waits_on() {
     use tokio::io::AsyncReadExt;

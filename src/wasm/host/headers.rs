@@ -113,7 +113,10 @@ pub(super) fn map_pairs(h: &Host, t: MapType) -> HostResult<Pairs> {
             let r = f.req()?;
             out.push((b":method".to_vec(), r.method.as_str().as_bytes().to_vec()));
             out.push((b":path".to_vec(), path_and_query(r).as_bytes().to_vec()));
-            out.push((b":authority".to_vec(), host_header(r).to_vec()));
+            let authority = host_header(r);
+            if !authority.is_empty() {
+                out.push((b":authority".to_vec(), authority.to_vec()));
+            }
             out.push((b":scheme".to_vec(), scheme(h).as_bytes().to_vec()));
             // as in Envoy, HTTP/1's Host is `:authority` and only that
             for (k, v) in &r.headers {
@@ -191,7 +194,9 @@ pub(super) fn map_get(h: &Host, t: MapType, key: &[u8]) -> HostResult<Vec<u8>> {
             let v: &[u8] = match key {
                 b":path" => path_and_query(r).as_bytes(),
                 b":method" => r.method.as_str().as_bytes(),
-                b":authority" | b"host" => host_header(r),
+                b":authority" | b"host" => Some(host_header(r))
+                    .filter(|h| !h.is_empty())
+                    .ok_or(Status::NotFound)?,
                 b":scheme" => scheme(h).as_bytes(),
                 _ => r
                     .headers
@@ -258,6 +263,20 @@ fn map_change(h: &mut Host, t: MapType, key: &[u8], value: &[u8], op: Op) -> Hos
             let r = f.req_mut()?;
             if key.first() == Some(&b':') {
                 return set_request_pseudo(r, key, value, op);
+            }
+            if key.eq_ignore_ascii_case(b"host") {
+                // Envoy keeps `host` in the `:authority` slot: one header, never a second
+                // Host line; an added value joins the one there with a comma
+                let joined;
+                let value = match (op, r.headers.get(http::header::HOST)) {
+                    (Op::Add, Some(old)) => {
+                        joined = [old.as_bytes(), b",", value].concat();
+                        &joined[..]
+                    }
+                    _ => value,
+                };
+                let op = if op == Op::Add { Op::Replace } else { op };
+                return change(r, key, value, op);
             }
             change(r, key, value, op)
         }

@@ -139,14 +139,19 @@ fn send_local_response(
             .chars()
             .map(|ch| if ch.is_whitespace() { '_' } else { ch })
             .collect();
-        let headers = abi::deserialize_map(&hbytes)?
-            .into_iter()
-            .map(|(k, v)| {
-                header_name(k)?;
-                header_value(v)?;
-                Ok((String::from_utf8_lossy(k).into_owned(), v.to_vec()))
-            })
-            .collect::<HostResult<Vec<_>>>()?;
+        // A header no HTTP message can carry is dropped and the reply still goes out
+        // (refusing the whole reply would let a denied request through); the tenant's
+        // log says which.
+        let mut headers = Vec::new();
+        for (k, v) in abi::deserialize_map(&hbytes)? {
+            if header_name(k).is_ok() && header_value(v).is_ok() {
+                headers.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+            } else {
+                let name = String::from_utf8_lossy(k);
+                let msg = format!("local reply header {name:?} dropped: not a valid HTTP header");
+                super::log_time::guest_log(&c.data().plugin, 3, &msg);
+            }
+        }
         let h = c.data_mut();
         if let Some(info) = h.frame.info_mut() {
             info.code_details = Some(details.into());

@@ -334,6 +334,57 @@ fn a_local_reply_is_recorded_for_the_proxy_with_its_details() {
     assert_eq!(info.code_details.as_deref(), Some("not_allowed"));
 }
 
+/// A local reply whose headers include one no HTTP message can carry still goes out
+/// (refusing it would let a denied request through), without that header.
+#[test]
+fn a_local_reply_drops_headers_that_are_not_http() {
+    let map = crate::wasm::abi::serialize_map([
+        (&b"bad name"[..], &b"1"[..]),
+        (b"x-ok", b"2"),
+        (b"x-bad-value", b"a\r\nb"),
+    ]);
+    let p = plugin(&guest(
+        &format!(
+            "(call $rec (call $local (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 512) (i32.const {}) (i32.const -1)))",
+            map.len()
+        ),
+        &format!(r#"(data (i32.const 512) "{}")"#, wat_bytes(&map)),
+    ));
+    let (out, req) = run(&p);
+    assert_eq!(statuses(&req), [Status::Ok]);
+    match out {
+        Outcome::Respond(r) => {
+            assert_eq!(r.status, 403);
+            assert_eq!(r.headers, [("x-ok".to_string(), b"2".to_vec())]);
+        }
+        other => panic!("expected a local reply, got {other:?}"),
+    }
+}
+
+/// HTTP/1's Host is `:authority`, as Envoy keeps `host` in that slot: a filter's added
+/// `host` joins the one Host with a comma (never a second Host line, which upstreams
+/// refuse), a removal removes it, a replacement sets it.
+#[test]
+fn host_writes_change_the_one_authority() {
+    let p = plugin(&guest(
+        r#"
+        (call $rec (call $add_header (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 264) (i32.const 9)))
+        (call $rec (call $get_header (i32.const 0) (i32.const 296) (i32.const 10) (i32.const 16) (i32.const 20)))
+        (call $show)
+        (call $rec (call $remove_header (i32.const 0) (i32.const 256) (i32.const 4)))
+        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 16) (i32.const 20)))
+        (call $rec (call $replace_header (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 280) (i32.const 9)))
+        "#,
+        r#"(data (i32.const 256) "host") (data (i32.const 264) "b.example") (data (i32.const 280) "c.example")
+           (data (i32.const 296) ":authority")"#,
+    ));
+    let (_, req) = run(&p);
+    use Status::*;
+    assert_eq!(statuses(&req), [Ok, Ok, Ok, NotFound, Ok]);
+    assert_eq!(all(&req, "x-v"), ["example.com,b.example"]);
+    assert_eq!(all(&req, "host"), ["c.example"]);
+}
+
 #[test]
 fn the_effective_context_switches_only_between_root_and_this_request() {
     use Status::*;
