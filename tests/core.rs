@@ -596,13 +596,7 @@ upstream = "echo"
         gw.wait_log("\"route\":\"all\"", Duration::from_secs(2))
             .await
     );
-    let line = gw
-        .log()
-        .lines()
-        .find(|l| l.starts_with('{') && l.contains("\"route\":\"all\""))
-        .unwrap()
-        .to_string();
-    let v: Value = serde_json::from_str(&line).unwrap();
+    let v = gw.access_line("all");
     assert_eq!(v["status"], 200);
     assert_eq!(v["path"], "/x");
 }

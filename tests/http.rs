@@ -1552,6 +1552,35 @@ fn header_map(pairs: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// A module that, in `callback` (a headers callback), calls upstream `auth` with the
+/// header map `map` and `body`, pauses, and from the answer continues stream `direction`
+/// (0 the request, 1 the response).
+fn calling_module(callback: &str, map: &[u8], body: &[u8], direction: u32) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "auth")
+  (data (i32.const 64) "{}")
+  (data (i32.const 512) "{}")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "{callback}") (param i32 i32 i32) (result i32)
+    (drop (call $call (i32.const 16) (i32.const 4) (i32.const 64) (i32.const {})
+      (i32.const 512) (i32.const {}) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 1024)))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (drop (call $continue (i32.const {direction})))))"#,
+        wat_bytes(map),
+        wat_bytes(body),
+        map.len(),
+        body.len()
+    ))
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_cannot_reframe_responses_or_callouts() {
     // a module that, in the response headers, sets header `$1` to `$2` (by add or
@@ -1600,29 +1629,7 @@ async fn hooks_cannot_reframe_responses_or_callouts() {
         ("x-private", "1"),
     ]);
     let smuggle = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
-    let caller = wat::parse_str(format!(
-        r#"(module
-  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 16) "auth")
-  (data (i32.const 64) "{}")
-  (data (i32.const 512) "{}")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (drop (call $call (i32.const 16) (i32.const 4) (i32.const 64) (i32.const {})
-      (i32.const 512) (i32.const {}) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 1024)))
-    (i32.const 1))
-  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
-    (drop (call $continue (i32.const 0)))))"#,
-        wat_bytes(&map),
-        wat_bytes(smuggle),
-        map.len(),
-        smuggle.len()
-    ))
-    .unwrap();
+    let caller = calling_module("proxy_on_request_headers", &map, smuggle, 0);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(
@@ -1798,28 +1805,7 @@ async fn a_module_cannot_hold_more_response_body_than_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_continuing_the_response_resumes_a_paused_response() {
     let map = header_map(&[(":method", "GET"), (":path", "/c"), (":authority", "auth")]);
-    let resumer = |direction: u32| {
-        wat::parse_str(format!(
-            r#"(module
-  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 16) "auth")
-  (data (i32.const 64) "{}")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
-    (drop (call $call (i32.const 16) (i32.const 4) (i32.const 64) (i32.const {})
-      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 1024)))
-    (i32.const 1))
-  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
-    (drop (call $continue (i32.const {direction})))))"#,
-            wat_bytes(&map),
-            map.len(),
-        ))
-        .unwrap()
-    };
+    let resumer = |direction| calling_module("proxy_on_response_headers", &map, b"", direction);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("response.wasm"), resumer(1)).unwrap();
     std::fs::write(dir.path().join("request.wasm"), resumer(0)).unwrap();

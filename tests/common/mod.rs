@@ -279,6 +279,17 @@ impl Gw {
         self.log.lock().unwrap().clone()
     }
 
+    /// The first access log line (JSON on standard output) of route `route`.
+    pub fn access_line(&self, route: &str) -> serde_json::Value {
+        let needle = format!("\"route\":\"{route}\"");
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.starts_with('{') && l.contains(&needle))
+            .unwrap_or_else(|| panic!("no access log line of route {route}:\n{log}"));
+        serde_json::from_str(line).unwrap()
+    }
+
     /// Waits until the gateway's log contains `needle`.
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -33,16 +33,14 @@ pub(super) fn add_to_linker(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 
 fn get_header_map_pairs(mut c: C, t: i32, ret_p: i32, ret_n: i32) -> Ret {
     run_alloc(&mut c, |c| {
-        let bytes = MapType::from_i32(t).and_then(|t| {
+        let bytes = MapType::from_i32(t).map(|t| {
             // as Envoy: a map the callback does not have reads as empty, and an empty
             // map is no bytes at all (a null pointer), not a serialized zero count
             let pairs = map_pairs(c.data(), t).unwrap_or_default();
             if pairs.is_empty() {
-                return Ok(Vec::new());
+                return Vec::new();
             }
-            Ok(abi::serialize_map(
-                pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-            ))
+            abi::serialize_map(pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
         });
         give(c, bytes, ret_p, ret_n)
     })
