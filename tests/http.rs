@@ -944,6 +944,19 @@ upstream = "echo"
         b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
     );
     assert_eq!(r.status, 400);
+    // trailers past Pingora's limit (64 KiB) are the client's fault: 400, not a 500
+    let mut req =
+        b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+            .to_vec();
+    for i in 0..2000 {
+        req.extend(format!("x-t{i}: {}\r\n", "v".repeat(40)).as_bytes());
+    }
+    req.extend(b"\r\n");
+    let r = one(&req);
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, "bad_request".into())
+    );
     let r = one(b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
     assert_eq!(
         (r.status, r.json()["error"].clone()),

@@ -73,7 +73,7 @@ impl AccessLog {
             line["error"] = e.into();
         }
         // why the answer is what it is, e.g. the details a guest gave its local reply
-        if let Some(d) = details {
+        if let Some(d) = details.filter(|d| !d.is_empty()) {
             line["details"] = d.into();
         }
         let mut s = line.to_string();

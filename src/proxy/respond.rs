@@ -198,8 +198,10 @@ impl GatewayError {
             InvalidHTTPHeader | H1Error | H2Error | InvalidH2 if !upstream => {
                 GatewayError::BadRequest
             }
-            // a malformed chunked request body
-            Custom("InvalidChunk") if !upstream => GatewayError::BadRequest,
+            // a malformed chunked request body, or trailers past Pingora's limit
+            Custom("InvalidChunk" | "InvalidTrailerEnd") if !upstream => GatewayError::BadRequest,
+            // the client closed the connection in the middle of its body
+            Custom("PrematureBodyEnd") if !upstream => return None,
             _ if upstream => GatewayError::UpstreamError,
             _ => GatewayError::Internal,
         })
