@@ -1565,6 +1565,27 @@ fn header_map(pairs: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// A gateway with upstreams `echo` and `auth` and, for each module name `m`, the module
+/// `dir/m.wasm` (allowed to call `auth`) on a route `/m` to `echo`. The upstreams are
+/// returned so that they live as long as the test needs them.
+async fn routed_modules(dir: &std::path::Path, modules: &[&str]) -> (Gw, [Upstream; 2]) {
+    let up = Upstream::start("echo").await;
+    let auth = Upstream::start("auth").await;
+    let mut conf = HEAD.to_string()
+        + &format!(
+            "[upstreams.echo]\ntargets = [\"{}\"]\n[upstreams.auth]\ntargets = [\"{}\"]\n",
+            up.addr(),
+            auth.addr()
+        );
+    for m in modules {
+        conf += &format!(
+            "[modules.{m}]\npath = \"{}/{m}.wasm\"\nallowed_upstreams = [\"auth\"]\n[[routes]]\npath_prefix = \"/{m}\"\nupstream = \"echo\"\nhooks = [\"{m}\"]\n",
+            dir.display()
+        );
+    }
+    (Gw::start(&conf), [up, auth])
+}
+
 /// A module that, in `callback` (a headers callback), calls upstream `auth` with the
 /// header map `map` and `body`, pauses, and from the answer continues stream `direction`
 /// (0 the request, 1 the response).
@@ -1661,21 +1682,8 @@ async fn hooks_cannot_reframe_responses_or_callouts() {
     .unwrap();
     std::fs::write(d.join("grow.wasm"), grow).unwrap();
     std::fs::write(d.join("caller.wasm"), caller).unwrap();
-    let up = Upstream::start("echo").await;
-    let auth = Upstream::start("auth").await;
-    let mut conf = HEAD.to_string()
-        + &format!(
-            "[upstreams.echo]\ntargets = [\"{}\"]\n[upstreams.auth]\ntargets = [\"{}\"]\n",
-            up.addr(),
-            auth.addr()
-        );
-    for m in ["add-length", "set-chunked", "grow", "caller"] {
-        conf += &format!(
-            "[modules.{m}]\npath = \"{}/{m}.wasm\"\nallowed_upstreams = [\"auth\"]\n[[routes]]\npath_prefix = \"/{m}\"\nupstream = \"echo\"\nhooks = [\"{m}\"]\n",
-            d.display()
-        );
-    }
-    let gw = Gw::start(&conf);
+    let (gw, [_up, auth]) =
+        routed_modules(d, &["add-length", "set-chunked", "grow", "caller"]).await;
     let port = gw.port("http");
 
     // one framing: the response reads whole, and the pipelined request after it is
@@ -1822,21 +1830,7 @@ async fn only_continuing_the_response_resumes_a_paused_response() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("response.wasm"), resumer(1)).unwrap();
     std::fs::write(dir.path().join("request.wasm"), resumer(0)).unwrap();
-    let up = Upstream::start("echo").await;
-    let auth = Upstream::start("auth").await;
-    let mut conf = HEAD.to_string()
-        + &format!(
-            "[upstreams.echo]\ntargets = [\"{}\"]\n[upstreams.auth]\ntargets = [\"{}\"]\n",
-            up.addr(),
-            auth.addr()
-        );
-    for m in ["response", "request"] {
-        conf += &format!(
-            "[modules.{m}]\npath = \"{}/{m}.wasm\"\nallowed_upstreams = [\"auth\"]\n[[routes]]\npath_prefix = \"/{m}\"\nupstream = \"echo\"\nhooks = [\"{m}\"]\n",
-            dir.path().display()
-        );
-    }
-    let gw = Gw::start(&conf);
+    let (gw, _ups) = routed_modules(dir.path(), &["response", "request"]).await;
     // HEAD: the response ends with its head, so no body callback can resume it either
     let r = client()
         .head(gw.url("http", "/response/x"))

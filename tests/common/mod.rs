@@ -60,12 +60,22 @@ pub fn guests() -> PathBuf {
         .clone()
 }
 
+/// A free loopback port, never one this test process handed out before: tests run side
+/// by side, and a port freed here could otherwise go to another test's gateway before
+/// this one binds it (a node's listener then answered as another test's admin API).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A port where nothing listens, kept that way: a socket bound to it but never listening
