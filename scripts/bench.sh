@@ -8,7 +8,8 @@
 #   embedded store and on Redis; a cluster of three nodes on that Redis (deploy
 #   propagation, and a cluster node against the standalone gateway); then the criterion
 #   benches (route matching, hook chain costs).
-# Each wrk target runs several times, interleaved; the table shows medians.
+# Each wrk target runs several times, interleaved; the table shows medians, and the CPU
+# time (user + system, from /proc) the serving process spent per request.
 # Ends with machine-readable lines: `ratio name=value` and `figure name=value`.
 #
 #   scripts/bench.sh            5 runs x 8 s per target
@@ -41,6 +42,7 @@ admin_port=$(free_port)
 # --- upstream: a tiny fixed JSON answer
 "$upstream_bin" --fixed --listen "127.0.0.1:$up_port" --name bench 2>/dev/null &
 pids+=($!)
+up_pid=$!
 wait_port "$up_port"
 
 # --- gateway
@@ -133,6 +135,7 @@ hooks = ["hello"]
 CONF
 RUST_LOG=warn "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
 pids+=($!)
+gw_pid=$!
 wait_port "$gw_port"
 
 # --- Pingora with no logic of its own: the floor under the gateway
@@ -140,6 +143,7 @@ bare_port=$(free_port)
 RUST_LOG=warn "$bare_bin" "127.0.0.1:$bare_port" "127.0.0.1:$up_port" "$threads" \
   >"$tmp/bare.log" 2>&1 &
 pids+=($!)
+bare_pid=$!
 wait_port "$bare_port"
 
 # --- nginx as the same reverse proxy, with an njs API-key check on /key
@@ -172,6 +176,7 @@ http {
 CONF
 nginx -c "$tmp/nginx.conf" -p "$tmp" &
 pids+=($!)
+ng_pid=$!
 wait_port "$ng_port"
 
 # --- the same kv function on a gateway whose state store is a Redis started here
@@ -218,6 +223,19 @@ urls=("http://127.0.0.1:$up_port/" "http://127.0.0.1:$gw_port/plain/x" "http://1
       "http://127.0.0.1:$ng_port/key/x" "http://127.0.0.1:$bare_port/x"
       "http://127.0.0.1:$gw_port/kvb/kv/bench" "http://127.0.0.1:$gw_port/kvb/plain")
 hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key" "" "" "")
+# the server process(es) whose CPU each target costs (nginx: master and workers)
+servers=("$up_pid" "$gw_pid" "$gw_pid" "$gw_pid" "$gw_pid" ng ng "$bare_pid" "$gw_pid" "$gw_pid")
+
+# cpu_ticks PID|ng: user + system clock ticks the server has used so far
+cpu_ticks() {
+  local list="$1" t=0 p
+  [ "$1" = ng ] && list="$ng_pid $(pgrep -P "$ng_pid" | tr '\n' ' ')"
+  for p in $list; do
+    t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+  done
+  echo "$t"
+}
+tick_us=$(( 1000000 / $(getconf CLK_TCK) ))
 
 # sanity: every target answers 200 before measuring
 for i in "${!names[@]}"; do
@@ -228,12 +246,16 @@ done
 : >"$tmp/results"
 for run in $(seq 1 "$runs"); do
   for i in "${!names[@]}"; do
+    before=$(cpu_ticks "${servers[$i]}")
     out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency ${hdrs[$i]:+-H "${hdrs[$i]}"} "${urls[$i]}")
+    used=$(( ($(cpu_ticks "${servers[$i]}") - before) * tick_us ))
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    done_n=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v u="$used" -v n="$done_n" 'BEGIN {printf "%.1f", (n > 0 ? u / n : 0)}')
     p50=$(awk '$1=="50%" {print $2}' <<<"$out")
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-    echo "${names[$i]} $rps $p50 $p99 ${errs:-}" >>"$tmp/results"
+    echo "${names[$i]} $rps $p50 $p99 $cpu ${errs:-}" >>"$tmp/results"
   done
 done
 
@@ -487,19 +509,20 @@ def ms(v):
     return float("nan")
 for line in open(results):
     parts = line.split()
-    if len(parts) < 4:
+    if len(parts) < 5:
         continue
-    name, rps, p50, p99 = parts[:4]
-    r = rows.setdefault(name, {"rps": [], "p50": [], "p99": [], "errors": []})
+    name, rps, p50, p99, cpu = parts[:5]
+    r = rows.setdefault(name, {"rps": [], "p50": [], "p99": [], "cpu": [], "errors": []})
     r["rps"].append(float(rps)); r["p50"].append(ms(p50)); r["p99"].append(ms(p99))
-    if len(parts) > 4:
-        r["errors"].append(" ".join(parts[4:]))
+    r["cpu"].append(float(cpu))
+    if len(parts) > 5:
+        r["errors"].append(" ".join(parts[5:]))
 med = {n: statistics.median(r["rps"]) for n, r in rows.items()}
 print(f"\nwrk -t1 -c{conns}, {runs} runs x {dur}s per target, interleaved; gateway threads = nginx workers = {threads}")
-print(f"{'target':18} {'req/s (median)':>15} {'runs':>28} {'p50 ms':>8} {'p99 ms':>8}")
+print(f"{'target':18} {'req/s (median)':>15} {'runs':>28} {'p50 ms':>8} {'p99 ms':>8} {'server CPU us/req':>18}")
 for n, r in rows.items():
     runs_s = "/".join(f"{x/1000:.1f}k" for x in r["rps"])
-    print(f"{n:18} {med[n]:15.0f} {runs_s:>28} {statistics.median(r['p50']):8.3f} {statistics.median(r['p99']):8.3f}")
+    print(f"{n:18} {med[n]:15.0f} {runs_s:>28} {statistics.median(r['p50']):8.3f} {statistics.median(r['p99']):8.3f} {statistics.median(r['cpu']):18.1f}")
     if r["errors"]:
         print(f"  errors: {r['errors']}")
 def est(group, bench):
@@ -530,6 +553,10 @@ print(f"ratio hook_vs_plain={med['gateway_key'] / med['gateway']:.2f}")
 print(f"ratio jwt_hook_vs_plain={med['gateway_jwt'] / med['gateway']:.2f}")
 print(f"ratio wasm_auth_vs_njs_auth={med['gateway_key'] / med['nginx_njs_key']:.2f}")
 print(f"ratio wasm_backend_vs_plain={med['gateway_backend'] / med['gateway']:.2f}")
+# CPU time (user + system, from /proc) the serving process spent per request
+cpu = {n: statistics.median(r["cpu"]) for n, r in rows.items()}
+for n in ("nginx", "pingora_bare", "gateway", "gateway_key"):
+    print(f"figure cpu_us_per_request_{n}={cpu[n]:.1f}")
 d = json.load(open(deploys))
 print(f"\ndeploys (upload -> first 200 on the function URL), median of 3: small cold {statistics.median(d['cold']):.0f} ms,"
       f" small warm {statistics.median(d['warm']):.0f} ms, 1 MB cold {statistics.median(d['big']):.0f} ms")
