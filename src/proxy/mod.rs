@@ -447,8 +447,7 @@ impl Gateway {
             };
             let Some(flow) = flow else {
                 // nobody to write to: the calls are dropped, the connection closed
-                state.info.response_flags |= GatewayError::ClientClosed.envoy_flags();
-                state.info.code_details = Some(GatewayError::ClientClosed.code().into());
+                GatewayError::ClientClosed.mark(&mut state.info);
                 let _ = gate.send(conn::Resume::Abort);
                 let _ = back.send(state);
                 return;
@@ -1430,8 +1429,7 @@ impl ProxyHttp for Gateway {
                 .response_written()
                 .map(crate::wasm::host::response_head_bytes);
             if let Some(e) = ctx.error {
-                info.response_flags |= e.envoy_flags();
-                info.code_details = Some(std::borrow::Cow::Borrowed(e.code()));
+                e.mark(info);
             }
             let resp = session.response_written();
             state.finish(session.req_header(), resp, status, ctx.body_seen, sent);

@@ -169,6 +169,13 @@ impl GatewayError {
         }
     }
 
+    /// Records this error where guests and the access log read it: Envoy's response flag
+    /// and `response.code_details`.
+    pub fn mark(self, info: &mut crate::wasm::RequestInfo) {
+        info.response_flags |= self.envoy_flags();
+        info.code_details = Some(std::borrow::Cow::Borrowed(self.code()));
+    }
+
     /// Errors a client causes at will (bad requests, slow or oversized ones).
     pub fn clients_fault(self) -> bool {
         matches!(

@@ -150,7 +150,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
                 .to_vec())
         }
         [b"request", field] => {
-            let r = h.frame.req().map_err(|_| Status::NotFound)?;
+            let r = h.frame.req().map_err(unset)?;
             match *field {
                 b"referer" => r
                     .headers
@@ -171,8 +171,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
                     .map(|v| v.as_bytes().to_vec())
                     .unwrap_or_default()),
                 b"headers" => {
-                    let pairs =
-                        map_pairs(h, MapType::RequestHeaders).map_err(|_| Status::NotFound)?;
+                    let pairs = map_pairs(h, MapType::RequestHeaders).map_err(unset)?;
                     Ok(abi::serialize_map(
                         pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
                     ))
@@ -192,7 +191,7 @@ pub(super) fn property(h: &Host, path: &[u8]) -> HostResult<Vec<u8>> {
         }
         [b"response", b"headers", name] => one_header(h, MapType::ResponseHeaders, name),
         [b"response", b"headers"] => {
-            let pairs = map_pairs(h, MapType::ResponseHeaders).map_err(|_| Status::NotFound)?;
+            let pairs = map_pairs(h, MapType::ResponseHeaders).map_err(unset)?;
             Ok(abi::serialize_map(
                 pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
             ))
@@ -231,8 +230,14 @@ pub fn response_head_bytes(r: &ResponseHeader) -> u64 {
 /// One header's value, as `proxy_get_header_map_value` reads it; a name no header can have
 /// is simply not found.
 fn one_header(h: &Host, map: MapType, name: &[u8]) -> HostResult<Vec<u8>> {
-    map_get(h, map, name).map_err(|s| match s {
+    map_get(h, map, name).map_err(unset)
+}
+
+/// A property whose header map the callback does not have is unset (`NotFound`), not a
+/// bad argument as the header-map calls answer; other statuses pass through.
+fn unset(s: Status) -> Status {
+    match s {
         Status::BadArgument => Status::NotFound,
         other => other,
-    })
+    }
 }
