@@ -11,7 +11,8 @@ use std::time::Duration;
 
 pub enum Balancer {
     RoundRobin(LoadBalancer<RoundRobin>),
-    Hash(LoadBalancer<Consistent>),
+    /// Consistent hashing of what [`HashKey`] names.
+    Hash(LoadBalancer<Consistent>, HashKey),
 }
 
 /// What the hash balancer hashes.
@@ -30,18 +31,23 @@ pub struct UpstreamTls {
     pub http2: bool,
 }
 
+/// How long a connection to an upstream may take to open, to answer a read, to take a
+/// write, and may stay idle in the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub idle: Duration,
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     pub balancer: Balancer,
-    pub hash_key: Option<HashKey>,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    pub write_timeout: Duration,
-    pub idle_timeout: Duration,
+    pub timeouts: Timeouts,
     pub retries: usize,
     pub tls: Option<UpstreamTls>,
     pub health_interval: Option<Duration>,
-    pub targets: Vec<String>,
     pub metrics: UpstreamMetrics,
     /// Keeps pooled connections of different upstreams apart even when they share a
     /// target and SNI (Pingora's pool key does not include the trusted CAs).
@@ -49,12 +55,28 @@ pub struct Upstream {
 }
 
 impl Balancer {
-    pub fn new(addrs: &[String], hash: bool) -> std::io::Result<Balancer> {
-        Ok(if hash {
-            Balancer::Hash(LoadBalancer::try_from_iter(addrs)?)
-        } else {
-            Balancer::RoundRobin(LoadBalancer::try_from_iter(addrs)?)
+    /// Round robin over `addrs`, or consistent hashing of `hash`.
+    pub fn new(addrs: &[String], hash: Option<HashKey>) -> std::io::Result<Balancer> {
+        Ok(match hash {
+            Some(key) => Balancer::Hash(LoadBalancer::try_from_iter(addrs)?, key),
+            None => Balancer::RoundRobin(LoadBalancer::try_from_iter(addrs)?),
         })
+    }
+
+    /// How many targets there are, healthy or not.
+    pub fn targets(&self) -> usize {
+        match self {
+            Balancer::RoundRobin(lb) => lb.backends().get_backend().len(),
+            Balancer::Hash(lb, _) => lb.backends().get_backend().len(),
+        }
+    }
+
+    /// What requests are hashed by; `None`: round robin.
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        match self {
+            Balancer::RoundRobin(_) => None,
+            Balancer::Hash(_, key) => Some(key),
+        }
     }
 
     /// A healthy target, skipping those in `avoid` (targets this request already failed on).
@@ -63,23 +85,23 @@ impl Balancer {
             |b: &Backend, healthy: bool| healthy && !avoid.iter().any(|a| *a == b.addr.to_string());
         match self {
             Balancer::RoundRobin(lb) if avoid.is_empty() => lb.select(key, 256),
-            Balancer::Hash(lb) if avoid.is_empty() => lb.select(key, 256),
+            Balancer::Hash(lb, _) if avoid.is_empty() => lb.select(key, 256),
             Balancer::RoundRobin(lb) => lb.select_with(key, 256, accept),
-            Balancer::Hash(lb) => lb.select_with(key, 256, accept),
+            Balancer::Hash(lb, _) => lb.select_with(key, 256, accept),
         }
     }
 
     pub fn set_health_check(&mut self, hc: Box<dyn HealthCheck + Send + Sync>) {
         match self {
             Balancer::RoundRobin(lb) => lb.set_health_check(hc),
-            Balancer::Hash(lb) => lb.set_health_check(hc),
+            Balancer::Hash(lb, _) => lb.set_health_check(hc),
         }
     }
 
     async fn run_health_check(&self) {
         match self {
             Balancer::RoundRobin(lb) => lb.backends().run_health_check(true).await,
-            Balancer::Hash(lb) => lb.backends().run_health_check(true).await,
+            Balancer::Hash(lb, _) => lb.backends().run_health_check(true).await,
         }
     }
 }
@@ -135,10 +157,11 @@ impl Upstream {
         let mut peer = Box::new(HttpPeer::new(backend, tls, sni));
         peer.group_key = self.pool_key;
         let o = &mut peer.options;
-        o.connection_timeout = Some(self.connect_timeout);
-        o.read_timeout = Some(self.read_timeout);
-        o.write_timeout = Some(self.write_timeout);
-        o.idle_timeout = Some(self.idle_timeout);
+        let t = self.timeouts;
+        o.connection_timeout = Some(t.connect);
+        o.read_timeout = Some(t.read);
+        o.write_timeout = Some(t.write);
+        o.idle_timeout = Some(t.idle);
         if let Some(t) = &self.tls {
             o.verify_cert = t.verify;
             o.verify_hostname = t.verify;

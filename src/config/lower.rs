@@ -6,7 +6,7 @@ use crate::metrics::Metrics;
 use crate::route::{path_params, HeaderOps, Rewrite, Route};
 use crate::routing::{PathPattern, RouteKey, Router};
 use crate::tenant::TenantLimits;
-use crate::upstream::{self, Balancer, HashKey, Upstream, UpstreamTls};
+use crate::upstream::{self, Balancer, HashKey, Timeouts, Upstream, UpstreamTls};
 use crate::wasm::{self, FunctionBackend, FunctionSpec, HookChain, Plugin, PluginSpec};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::BTreeMap;
@@ -621,7 +621,7 @@ impl Lowering<'_> {
                 continue;
             }
             let addrs: Vec<String> = uf.targets.iter().map(|t| t.get_ref().clone()).collect();
-            let mut balancer = match Balancer::new(&addrs, uf.balance == Balance::Hash) {
+            let mut balancer = match Balancer::new(&addrs, hash_key) {
                 Ok(b) => b,
                 Err(e) => {
                     self.err(u, format!("upstream `{name}`: {e}"));
@@ -651,11 +651,12 @@ impl Lowering<'_> {
                 Arc::new(Upstream {
                     name: name.as_str().into(),
                     balancer,
-                    hash_key,
-                    connect_timeout: Duration::from_millis(uf.connect_timeout_ms.max(1)),
-                    read_timeout: Duration::from_millis(uf.read_timeout_ms.max(1)),
-                    write_timeout: Duration::from_millis(uf.write_timeout_ms.max(1)),
-                    idle_timeout: Duration::from_secs(uf.idle_timeout_secs),
+                    timeouts: Timeouts {
+                        connect: Duration::from_millis(uf.connect_timeout_ms.max(1)),
+                        read: Duration::from_millis(uf.read_timeout_ms.max(1)),
+                        write: Duration::from_millis(uf.write_timeout_ms.max(1)),
+                        idle: Duration::from_secs(uf.idle_timeout_secs),
+                    },
                     retries: uf.retries,
                     tls,
                     health_interval,
@@ -670,7 +671,6 @@ impl Lowering<'_> {
                         }
                         h.finish()
                     },
-                    targets: addrs,
                     metrics: self.env.metrics.upstream(name),
                 }),
             );

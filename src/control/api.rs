@@ -368,12 +368,6 @@ fn json_body<T: for<'de> Deserialize<'de>>(b: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(b).map_err(|e| ApiError::new(400, "bad_json", e.to_string()))
 }
 
-/// [`allowed`] for `op` on tenant `t`, which must exist.
-fn allowed_on(c: &Control, who: &Who, t: &str, op: &str) -> ApiResult<()> {
-    allowed(who, t, Some(op))?;
-    exists(c, t)
-}
-
 fn exists(c: &Control, t: &str) -> ApiResult<()> {
     if c.tenant_exists(t) {
         Ok(())
@@ -400,6 +394,15 @@ struct NewTenant {
 struct Bind {
     module: String,
     upstream: Option<String>,
+}
+
+impl From<Bind> for FunctionRec {
+    fn from(b: Bind) -> FunctionRec {
+        FunctionRec {
+            module: b.module,
+            upstream: b.upstream,
+        }
+    }
 }
 
 /// `PUT …/routes/NAME`: the tenant's modules to run after the route's own.
@@ -444,6 +447,16 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let ok = |v: serde_json::Value| Ok(Resp::Json(200, v));
     let by = who.label();
+    if let ["v1", "tenants", t, resource, ..] = segs.as_slice() {
+        // everything under a tenant: the operator, or a token of that tenant carrying the
+        // operation the resource names (tokens are the operator's alone)
+        match *resource {
+            "tokens" => operator(who)?,
+            "modules" | "functions" | "routes" => allowed(who, t, Some("deploy"))?,
+            op => allowed(who, t, Some(op))?,
+        }
+        exists(c, t)?;
+    }
     match (req.method.as_str(), segs.as_slice()) {
         ("GET", ["v1", "cluster"]) => {
             operator(who)?;
@@ -475,8 +488,6 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             ok(serde_json::json!({ "deleted": t }))
         }
         ("POST", ["v1", "tenants", t, "tokens"]) => {
-            operator(who)?;
-            exists(c, t)?;
             let n: NewToken = json_body(&req.body)?;
             if n.ops.is_empty() || n.ops.iter().any(|o| !token::OPS.contains(&o.as_str())) {
                 return Err(ApiError::new(
@@ -503,22 +514,9 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             c.revoke(jti)?;
             ok(serde_json::json!({ "revoked": jti }))
         }
-        ("GET", ["v1", "tenants", t, "modules"]) => {
-            allowed_on(c, who, t, "deploy")?;
-            ok(serde_json::to_value(c.modules_view(t)).unwrap_or_default())
-        }
+        ("GET", ["v1", "tenants", t, "modules"]) => ok(serde_json::json!(c.modules_view(t))),
         ("PUT", ["v1", "tenants", t, "modules", m]) => {
-            allowed_on(c, who, t, "deploy")?;
-            let num = |k: &str| -> ApiResult<Option<u64>> {
-                req.query
-                    .get(k)
-                    .map(|v| {
-                        v.parse().map_err(|_| {
-                            ApiError::new(400, "bad_query", format!("{k} must be a number"))
-                        })
-                    })
-                    .transpose()
-            };
+            let num = |k: &str| query_num(&req, k);
             let opts = DeployOpts {
                 config: req.query.get("config").cloned().unwrap_or_default(),
                 budget_us: num("budget_us")?,
@@ -532,12 +530,8 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
                 .map_err(|e| ApiError::new(500, "internal", e.to_string()))??;
             Ok(Resp::Json(201, serde_json::to_value(v).unwrap_or_default()))
         }
-        ("GET", ["v1", "tenants", t, "modules", m]) => {
-            allowed(who, t, Some("deploy"))?;
-            ok(serde_json::to_value(c.module_view(t, m)?).unwrap_or_default())
-        }
+        ("GET", ["v1", "tenants", t, "modules", m]) => ok(serde_json::json!(c.module_view(t, m)?)),
         ("POST", ["v1", "tenants", t, "modules", m, action @ ("activate" | "rollback")]) => {
-            allowed(who, t, Some("deploy"))?;
             let version = if *action == "activate" {
                 Some(json_body::<Activate>(&req.body)?.version)
             } else {
@@ -550,50 +544,29 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             ok(serde_json::json!({ "active": v }))
         }
         ("DELETE", ["v1", "tenants", t, "modules", m]) => {
-            allowed(who, t, Some("deploy"))?;
             c.delete_module(t, m, &by)?;
             ok(serde_json::json!({ "deleted": m }))
         }
-        ("GET", ["v1", "tenants", t, "functions"]) => {
-            allowed_on(c, who, t, "deploy")?;
-            ok(serde_json::to_value(c.functions_view(t)).unwrap_or_default())
-        }
+        ("GET", ["v1", "tenants", t, "functions"]) => ok(serde_json::json!(c.functions_view(t))),
         ("PUT", ["v1", "tenants", t, "functions", f]) => {
-            allowed_on(c, who, t, "deploy")?;
-            let b: Bind = json_body(&req.body)?;
-            c.bind(
-                t,
-                f,
-                FunctionRec {
-                    module: b.module,
-                    upstream: b.upstream,
-                },
-                &by,
-            )?;
+            c.bind(t, f, json_body::<Bind>(&req.body)?.into(), &by)?;
             ok(serde_json::json!({ "bound": c.function_url(t, f) }))
         }
         ("DELETE", ["v1", "tenants", t, "functions", f]) => {
-            allowed(who, t, Some("deploy"))?;
             c.unbind(t, f, &by)?;
             ok(serde_json::json!({ "unbound": f }))
         }
-        ("GET", ["v1", "tenants", t, "routes"]) => {
-            allowed_on(c, who, t, "deploy")?;
-            ok(serde_json::to_value(c.route_hooks_view(t)).unwrap_or_default())
-        }
+        ("GET", ["v1", "tenants", t, "routes"]) => ok(serde_json::json!(c.route_hooks_view(t))),
         ("PUT", ["v1", "tenants", t, "routes", r]) => {
-            allowed_on(c, who, t, "deploy")?;
             let a: Attach = json_body(&req.body)?;
             c.attach(t, r, a.modules, &by)?;
             ok(serde_json::json!({ "route": r, "attached": c.route_hooks_view(t).get(*r) }))
         }
         ("GET", ["v1", "tenants", t, "usage"]) => {
-            allowed_on(c, who, t, "usage")?;
             let n = |k: &str, d: u64| req.query.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
             ok(c.usage_now(t, n("from", 0), n("to", u64::MAX)).await)
         }
         ("GET", ["v1", "tenants", t, "kv"]) => {
-            allowed_on(c, who, t, "kv")?;
             let q = |k: &str| req.query.get(k).map(String::as_str);
             let limit = match query_num(&req, "limit")? {
                 None => 100,
@@ -606,7 +579,6 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
                 .await?)
         }
         ("GET", ["v1", "tenants", t, "kv", key]) => {
-            allowed_on(c, who, t, "kv")?;
             let v = c.kv_get(t, key).await?;
             if v["found"] == false {
                 return Err(ApiError::new(
@@ -618,27 +590,19 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             ok(v)
         }
         ("PUT", ["v1", "tenants", t, "kv", key]) => {
-            allowed_on(c, who, t, "kv")?;
             let version = query_num(&req, "version")?;
             let ttl = query_num(&req, "ttl_ms")?.map(Duration::from_millis);
             ok(c.kv_put(t, key, req.body.clone(), version, ttl, &by)
                 .await?)
         }
-        ("DELETE", ["v1", "tenants", t, "kv", key]) => {
-            allowed_on(c, who, t, "kv")?;
-            ok(c.kv_delete(t, key, query_num(&req, "version")?, &by)
-                .await?)
-        }
-        ("GET", ["v1", "tenants", t, "secrets"]) => {
-            allowed_on(c, who, t, "secrets")?;
-            ok(c.secret_list(t).await?)
-        }
+        ("DELETE", ["v1", "tenants", t, "kv", key]) => ok(c
+            .kv_delete(t, key, query_num(&req, "version")?, &by)
+            .await?),
+        ("GET", ["v1", "tenants", t, "secrets"]) => ok(c.secret_list(t).await?),
         ("PUT", ["v1", "tenants", t, "secrets", name]) => {
-            allowed_on(c, who, t, "secrets")?;
             ok(c.secret_set(t, name, &req.body, &by).await?)
         }
         ("DELETE", ["v1", "tenants", t, "secrets", name]) => {
-            allowed_on(c, who, t, "secrets")?;
             ok(c.secret_delete(t, name, &by).await?)
         }
         ("POST", ["v1", "secrets", "rotate-key"]) => {
@@ -646,7 +610,6 @@ async fn dispatch(c: &Arc<Control>, who: &Who, req: Req) -> ApiResult<Resp> {
             ok(c.rotate_secret_key(&by).await?)
         }
         ("GET", ["v1", "tenants", t, "logs"]) => {
-            allowed_on(c, who, t, "logs")?;
             let log = c.log(t);
             if req
                 .query

@@ -285,6 +285,15 @@ fn not_found(what: &str) -> ApiError {
     ApiError::new(404, "not_found", format!("{what} does not exist"))
 }
 
+/// 404 unless tenant `t` has deployed module `m`.
+fn deployed(s: &Stored, t: &str, m: &str) -> ApiResult<()> {
+    if s.modules.get(t).is_some_and(|ms| ms.contains_key(m)) {
+        Ok(())
+    } else {
+        Err(not_found(&format!("module `{m}` of tenant `{t}`")))
+    }
+}
+
 pub struct Control {
     data_dir: PathBuf,
     live: Arc<Live>,
@@ -828,14 +837,10 @@ impl Control {
         }
         let mut s = self.lock_for_change()?;
         for m in &modules {
-            if !s.modules.get(t).is_some_and(|ms| ms.contains_key(m)) {
-                return Err(not_found(&format!("module `{m}` of tenant `{t}`")));
-            }
+            deployed(&s, t, m)?;
         }
-        s.route_hooks
-            .entry(t.into())
-            .or_default()
-            .insert(route.into(), modules);
+        let attached = s.route_hooks.entry(t.into()).or_default();
+        attached.insert(route.into(), modules);
         self.commit(&mut s)?;
         tracing::info!(tenant = %t, route = %route, by = %by, "modules attached to route");
         Ok(())
@@ -897,6 +902,19 @@ impl Control {
     /// clears one. Rate and concurrency apply to the next request; allowed upstreams
     /// re-configure the tenant's active modules (from the precompiled cache); the module
     /// limits (`max_budget_us`, `max_memory_mb`, `max_module_bytes`) apply to later deploys.
+    /// 409 when tenant `name` is declared in the conf file: the API does not change it,
+    /// the operator does (`to_do`) there.
+    fn not_in_conf(&self, name: &str, to_do: &str) -> ApiResult<()> {
+        if self.live.load().tenants.contains_key(name) {
+            return Err(ApiError::new(
+                409,
+                "conf_tenant",
+                format!("tenant `{name}` is declared in the conf file; {to_do}"),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn update_tenant(&self, name: &str, patch: serde_json::Value) -> ApiResult<TenantLimits> {
         let serde_json::Value::Object(patch) = patch else {
             return Err(ApiError::new(
@@ -905,14 +923,8 @@ impl Control {
                 "the body must be a JSON object of limits",
             ));
         };
+        self.not_in_conf(name, "change its limits there")?;
         let mut s = self.lock_for_change()?;
-        if self.live.load().tenants.contains_key(name) {
-            return Err(ApiError::new(
-                409,
-                "conf_tenant",
-                format!("tenant `{name}` is declared in the conf file; change its limits there"),
-            ));
-        }
         let current = s
             .tenants
             .get(name)
@@ -955,14 +967,8 @@ impl Control {
     }
 
     pub fn delete_tenant(&self, name: &str) -> ApiResult<()> {
+        self.not_in_conf(name, "remove it there")?;
         let mut s = self.lock_for_change()?;
-        if self.live.load().tenants.contains_key(name) {
-            return Err(ApiError::new(
-                409,
-                "conf_tenant",
-                format!("tenant `{name}` is declared in the conf file; remove it there"),
-            ));
-        }
         if s.tenants.remove(name).is_none() {
             return Err(not_found(&format!("tenant `{name}`")));
         }
@@ -1283,16 +1289,7 @@ impl Control {
             return Err(bad_name("function names are 1-63 of a-z, 0-9, - and _"));
         }
         let mut s = self.lock_for_change()?;
-        if !s
-            .modules
-            .get(t)
-            .is_some_and(|ms| ms.contains_key(&rec.module))
-        {
-            return Err(not_found(&format!(
-                "module `{}` of tenant `{t}`",
-                rec.module
-            )));
-        }
+        deployed(&s, t, &rec.module)?;
         if let Some(u) = &rec.upstream {
             let allowed = self
                 .all_tenants(&s)

@@ -21,16 +21,28 @@ impl From<StateError> for ApiError {
     }
 }
 
-/// 409: the key was not at the version the caller expected.
-fn conflict(key: &str, now: u64) -> ApiError {
-    ApiError::new(409, "conflict", format!("`{key}` is at version {now}"))
-}
-
-/// A key change done: logged (without its value), answered with the key and `answer`.
-fn logged(t: &str, key: &str, by: &str, op: &str, mut answer: Value) -> Value {
-    tracing::info!(tenant = t, key, by, op, "admin: kv change");
-    answer["key"] = key.into();
-    answer
+/// The answer to key change `op` of tenant `t`: when done, logged (without its value) and
+/// answered with the key and `answer` (given the new version); 409 when the key was not at
+/// the version the caller expected.
+fn changed(
+    written: Written,
+    (t, key, by): (&str, &str, &str),
+    op: &str,
+    answer: impl FnOnce(u64) -> Value,
+) -> ApiResult<Value> {
+    match written {
+        Written::Done(v) => {
+            tracing::info!(tenant = t, key, by, op, "admin: kv change");
+            let mut answer = answer(v);
+            answer["key"] = key.into();
+            Ok(answer)
+        }
+        Written::Conflict(now) => Err(ApiError::new(
+            409,
+            "conflict",
+            format!("`{key}` is at version {now}"),
+        )),
+    }
 }
 
 fn unavailable(reason: String) -> ApiError {
@@ -72,15 +84,9 @@ impl Control {
         by: &str,
     ) -> ApiResult<Value> {
         let s = self.services()?;
-        match s
-            .store
-            .tenant(t, None)
-            .set(key, Bytes::from(value), version, ttl)
-            .await?
-        {
-            Written::Done(v) => Ok(logged(t, key, by, "put", json!({ "version": v }))),
-            Written::Conflict(v) => Err(conflict(key, v)),
-        }
+        let tenant = s.store.tenant(t, None);
+        let written = tenant.set(key, Bytes::from(value), version, ttl).await?;
+        changed(written, (t, key, by), "put", |v| json!({ "version": v }))
     }
 
     pub async fn kv_delete(
@@ -91,10 +97,13 @@ impl Control {
         by: &str,
     ) -> ApiResult<Value> {
         let s = self.services()?;
-        match s.store.tenant(t, None).delete(key, version).await? {
-            Written::Done(_) => Ok(logged(t, key, by, "delete", json!({ "deleted": true }))),
-            Written::Conflict(v) => Err(conflict(key, v)),
-        }
+        let written = s.store.tenant(t, None).delete(key, version).await?;
+        changed(
+            written,
+            (t, key, by),
+            "delete",
+            |_| json!({ "deleted": true }),
+        )
     }
 
     pub async fn kv_list(

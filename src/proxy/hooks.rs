@@ -937,8 +937,7 @@ impl Callouts {
                         req_ro: at.req_ro,
                         resp: at.resp.as_deref_mut(),
                         body: at.body.as_mut().map(|(t, b)| (*t, &mut **b)),
-                        info: Some(&mut *info),
-                        ..View::default()
+                        ..View::of(&mut *info)
                     }
                 };
             }

@@ -108,6 +108,14 @@ impl Ctx {
     fn route_name(&self) -> Option<&str> {
         self.route.as_ref().map(|r| &*r.name)
     }
+
+    /// Ends a body phase with a hook's answer: Pingora's error path (`fail_to_proxy`)
+    /// sends it, with the status `why` explains.
+    fn answer_from_body_phase<T>(&mut self, r: LocalResponse, why: &'static str) -> Result<T> {
+        let status = r.status;
+        self.pending = Some(r);
+        Error::e_explain(HTTPStatus(status), why)
+    }
 }
 
 /// The request's host as routes match it: normalized by [`check_target`] (lower case, no
@@ -969,12 +977,7 @@ impl ProxyHttp for Gateway {
             Flow::Continue => *body = Some(Bytes::from(std::mem::take(&mut state.req_body))),
             Flow::Buffer => *body = Some(Bytes::new()),
             Flow::Respond(r) => {
-                let status = r.status;
-                ctx.pending = Some(r);
-                return Error::e_explain(
-                    HTTPStatus(status),
-                    "a hook answered during the request body",
-                );
+                return ctx.answer_from_body_phase(r, "a hook answered during the request body")
             }
         }
         // A streamed body keeps the client's Content-Length (see upstream_request_filter):
@@ -1001,7 +1004,7 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .expect("routes without upstream answered earlier");
         let avoid = &ctx.failed_targets;
-        let peer = match &up.hash_key {
+        let peer = match up.balancer.hash_key() {
             None => up.peer_avoiding(b"", avoid),
             Some(HashKey::Path) => {
                 up.peer_avoiding(session.req_header().uri.path().as_bytes(), avoid)
@@ -1248,12 +1251,8 @@ impl ProxyHttp for Gateway {
                 // Like Envoy, a local reply once the response is under way resets the
                 // stream: fail_to_proxy answers it if the head is still unsent, and
                 // otherwise cuts the response off.
-                let status = r.status;
-                ctx.pending = Some(r);
-                return Error::e_explain(
-                    HTTPStatus(status),
-                    "a hook answered or failed during the response body",
-                );
+                let why = "a hook answered or failed during the response body";
+                return ctx.answer_from_body_phase(r, why);
             }
         }
         if let Framing::Length(n) = &mut ctx.resp_framing {
@@ -1300,7 +1299,7 @@ impl ProxyHttp for Gateway {
             .route
             .as_ref()
             .and_then(|r| r.upstream.as_ref())
-            .map_or((0, 0), |u| (u.retries, u.targets.len()));
+            .map_or((0, 0), |u| (u.retries, u.balancer.targets()));
         // a retry needs a target this request has not failed on yet
         if ctx.retries < allowed
             && targets > ctx.failed_targets.len()

@@ -117,8 +117,8 @@ impl Wiring {
         let peer = u.peer(b"")?;
         Some(component::Outgoing {
             address: peer._address.to_string(),
-            connect_timeout: u.connect_timeout,
-            read_timeout: u.read_timeout,
+            connect_timeout: u.timeouts.connect,
+            read_timeout: u.timeouts.read,
         })
     }
 

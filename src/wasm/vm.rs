@@ -168,7 +168,7 @@ impl Vm {
         store.data_mut().memory = memory;
         store.data_mut().alloc = Some(alloc);
         macro_rules! opt {
-            ($name:literal) => {
+            ($name:expr) => {
                 match inst.get_export(&mut *store, $name) {
                     None => None,
                     Some(_) => Some(inst.get_typed_func(&mut *store, $name).map_err(|e| {
@@ -180,47 +180,40 @@ impl Vm {
                 }
             };
         }
+        // v0.1.0 header callbacks have no end-of-stream argument: another type, another field
         let abi01 = store.data().abi01;
-        let f = Exports {
-            on_context_create: inst
-                .get_typed_func(&mut *store, "proxy_on_context_create")
-                .map_err(|e| fail("instantiate", format!("proxy_on_context_create: {e}")))?,
-            on_vm_start: opt!("proxy_on_vm_start"),
-            on_configure: opt!("proxy_on_configure"),
-            on_request_headers: if abi01 {
-                None
-            } else {
-                opt!("proxy_on_request_headers")
-            },
-            on_request_body: opt!("proxy_on_request_body"),
-            on_response_headers: if abi01 {
-                None
-            } else {
-                opt!("proxy_on_response_headers")
-            },
-            on_request_headers_01: if abi01 {
-                opt!("proxy_on_request_headers")
-            } else {
-                None
-            },
-            on_response_headers_01: if abi01 {
-                opt!("proxy_on_response_headers")
-            } else {
-                None
-            },
-            on_response_body: opt!("proxy_on_response_body"),
-            on_response_trailers: opt!("proxy_on_response_trailers"),
-            on_log: opt!("proxy_on_log"),
-            on_done: opt!("proxy_on_done"),
-            on_delete: opt!("proxy_on_delete"),
-            on_http_call_response: opt!("proxy_on_http_call_response"),
-            on_foreign_function: opt!("proxy_on_foreign_function"),
-            on_grpc_receive: opt!("proxy_on_grpc_receive"),
-            on_grpc_close: opt!("proxy_on_grpc_close"),
-            on_grpc_receive_initial_metadata: opt!("proxy_on_grpc_receive_initial_metadata"),
-            on_grpc_receive_trailing_metadata: opt!("proxy_on_grpc_receive_trailing_metadata"),
-            on_tick: opt!("proxy_on_tick"),
-            on_queue_ready: opt!("proxy_on_queue_ready"),
+        macro_rules! by_abi {
+            ($name:literal) => {
+                if abi01 {
+                    (None, opt!($name))
+                } else {
+                    (opt!($name), None)
+                }
+            };
+        }
+        let (on_request_headers, on_request_headers_01) = by_abi!("proxy_on_request_headers");
+        let (on_response_headers, on_response_headers_01) = by_abi!("proxy_on_response_headers");
+        let on_context_create = inst
+            .get_typed_func(&mut *store, "proxy_on_context_create")
+            .map_err(|e| fail("instantiate", format!("proxy_on_context_create: {e}")))?;
+        // every other callback is optional and exported as `proxy_` + its field's name
+        macro_rules! exports {
+            ($($cb:ident),* $(,)?) => {
+                Exports {
+                    $($cb: opt!(concat!("proxy_", stringify!($cb))),)*
+                    on_context_create,
+                    on_request_headers,
+                    on_request_headers_01,
+                    on_response_headers,
+                    on_response_headers_01,
+                }
+            };
+        }
+        let f = exports! {
+            on_vm_start, on_configure, on_request_body, on_response_body, on_response_trailers,
+            on_log, on_done, on_delete, on_http_call_response, on_foreign_function,
+            on_grpc_receive, on_grpc_close, on_grpc_receive_initial_metadata,
+            on_grpc_receive_trailing_metadata, on_tick, on_queue_ready,
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
         for init in ["_initialize", "_start"] {
@@ -697,8 +690,7 @@ impl Lease {
             (req.headers.len() - req.headers.contains_key(http::header::HOST) as usize) as i32 + 4;
         let view = View {
             req: Some(req),
-            info: Some(info),
-            ..View::default()
+            ..View::of(info)
         };
         self.headers(Side::Request, n, end_of_stream, view)
     }
@@ -721,8 +713,7 @@ impl Lease {
         let view = View {
             req,
             req_ro,
-            info: Some(info),
-            ..View::default()
+            ..View::of(info)
         };
         self.body(BufferType::RequestBody, view, body, end_of_stream)
     }
@@ -778,8 +769,7 @@ impl Lease {
         let view = View {
             req_ro: Some(req),
             resp: Some(resp),
-            info: Some(info),
-            ..View::default()
+            ..View::of(info)
         };
         self.headers(Side::Response, n, end_of_stream, view)
     }
@@ -797,8 +787,7 @@ impl Lease {
         let view = View {
             req_ro: Some(req),
             resp: head,
-            info: Some(info),
-            ..View::default()
+            ..View::of(info)
         };
         self.body(BufferType::ResponseBody, view, body, end_of_stream)
     }
@@ -812,9 +801,8 @@ impl Lease {
         let n = trailers.len() as i32;
         let view = View {
             req_ro: Some(req),
-            info: Some(info),
             resp_trailers: Some(trailers),
-            ..View::default()
+            ..View::of(info)
         };
         // (ctx, headers): the shape of a v0.1.0 header callback
         let pick: fn(&Exports) -> Option<&F2R> = |e| e.on_response_trailers.as_ref();
@@ -989,9 +977,8 @@ impl Lease {
         let view = View {
             req_ro: req,
             resp_ro: resp,
-            info: Some(&mut *info),
             log: true,
-            ..View::default()
+            ..View::of(&mut *info)
         };
         let logged = self.run("on_log", view, |s, f| match &f.on_log {
             Some(func) => func.call(s, ctx),

@@ -151,7 +151,16 @@ impl Pollable for SinkStream {
     async fn ready(&mut self) {}
 }
 
+/// What `wasi:cli` hands the guest's async writers: like the p2 stream, never waits.
 impl AsyncWrite for SinkStream {
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
     fn poll_write(
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
@@ -159,13 +168,5 @@ impl AsyncWrite for SinkStream {
     ) -> Poll<io::Result<usize>> {
         self.write_bytes(buf);
         Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }

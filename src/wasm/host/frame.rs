@@ -36,6 +36,16 @@ pub struct View<'a> {
     pub log: bool,
 }
 
+impl<'a> View<'a> {
+    /// A request's view that reaches its [`RequestInfo`] and nothing else yet.
+    pub fn of(info: &'a mut RequestInfo) -> Self {
+        View {
+            info: Some(info),
+            ..View::default()
+        }
+    }
+}
+
 /// Pointers into the proxy's request state, valid during one callback (see the module
 /// doc). Not `Clone`: at most one frame holds a writable pointer.
 #[derive(Default)]
