@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks, side by side in one run on this machine:
-#   wrk against: the upstream directly, the gateway (no hook, API-key hook, JWT hook,
+#   wrk against: the upstream directly, the gateway (no hook, API-key hook, the same hook
+#   with a fresh instance per request, JWT hook,
 #   wasm API backend), a bare Pingora proxy with no logic (examples/bare_pingora.rs: the
 #   floor under the gateway), and nginx as the same reverse proxy (plain, and with an njs
 #   API-key check); a function reading one key of its tenant's state store against the
@@ -75,6 +76,10 @@ targets = ["127.0.0.1:$up_port"]
 [modules.key]
 path = "$root/guests/out/api_key_auth.wasm"
 config = { keys = ["bench-key"] }
+[modules.key_fresh]
+path = "$root/guests/out/api_key_auth.wasm"
+config = { keys = ["bench-key"] }
+isolation = "request"
 [modules.jwt]
 path = "$root/guests/out/jwt_auth.wasm"
 config = { secret = "$jwt_secret" }
@@ -125,6 +130,10 @@ upstream = "up"
 path_prefix = "/key"
 upstream = "up"
 hooks = ["key"]
+[[routes]]
+path_prefix = "/isolated"
+upstream = "up"
+hooks = ["key_fresh"]
 [[routes]]
 path_prefix = "/jwt"
 upstream = "up"
@@ -217,14 +226,17 @@ for p in "$gw_port" "$gwr_port"; do
 done
 
 # --- wrk runs, interleaved across targets
-names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key pingora_bare kv_read kv_plain)
+names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key pingora_bare kv_read kv_plain
+       gateway_key_fresh)
 urls=("http://127.0.0.1:$up_port/" "http://127.0.0.1:$gw_port/plain/x" "http://127.0.0.1:$gw_port/key/x"
       "http://127.0.0.1:$gw_port/jwt/x" "http://127.0.0.1:$gw_port/hello/bench" "http://127.0.0.1:$ng_port/x"
       "http://127.0.0.1:$ng_port/key/x" "http://127.0.0.1:$bare_port/x"
-      "http://127.0.0.1:$gw_port/kvb/kv/bench" "http://127.0.0.1:$gw_port/kvb/plain")
-hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key" "" "" "")
+      "http://127.0.0.1:$gw_port/kvb/kv/bench" "http://127.0.0.1:$gw_port/kvb/plain"
+      "http://127.0.0.1:$gw_port/isolated/x")
+hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key" "" "" ""
+      "x-api-key: bench-key")
 # the server process(es) whose CPU each target costs (nginx: master and workers)
-servers=("$up_pid" "$gw_pid" "$gw_pid" "$gw_pid" "$gw_pid" ng ng "$bare_pid" "$gw_pid" "$gw_pid")
+servers=("$up_pid" "$gw_pid" "$gw_pid" "$gw_pid" "$gw_pid" ng ng "$bare_pid" "$gw_pid" "$gw_pid" "$gw_pid")
 
 # cpu_ticks PID|ng: user + system clock ticks the server has used so far
 cpu_ticks() {
@@ -553,6 +565,8 @@ print(f"ratio hook_vs_plain={med['gateway_key'] / med['gateway']:.2f}")
 print(f"ratio jwt_hook_vs_plain={med['gateway_jwt'] / med['gateway']:.2f}")
 print(f"ratio wasm_auth_vs_njs_auth={med['gateway_key'] / med['nginx_njs_key']:.2f}")
 print(f"ratio wasm_backend_vs_plain={med['gateway_backend'] / med['gateway']:.2f}")
+# the API-key route with a fresh instance per request (isolation = "request") vs shared VMs
+print(f"ratio isolated_vs_shared={med['gateway_key_fresh'] / med['gateway_key']:.2f}")
 # CPU time (user + system, from /proc) the serving process spent per request
 cpu = {n: statistics.median(r["cpu"]) for n, r in rows.items()}
 for n in ("nginx", "pingora_bare", "gateway", "gateway_key"):

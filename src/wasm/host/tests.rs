@@ -599,3 +599,33 @@ fn request_isolation_gives_every_request_a_fresh_instance() {
         assert_eq!(seen(&p, false).as_deref(), Some("1"));
     }
 }
+
+/// The guest counts in its memory instead of a global: a byte in its data segment (5 at
+/// first) and one in zero-filled memory past it. Fresh instances reuse pooled slots whose
+/// touched pages are reset in place (see `engine_config`): each must see both as the
+/// module left them.
+#[test]
+fn fresh_instances_see_the_memory_their_module_declares() {
+    let counting = LIFECYCLE
+        .replace(
+            r#"(data (i32.const 96) "x-trap")"#,
+            r#"(data (i32.const 96) "x-trap") (data (i32.const 300) "\05")"#,
+        )
+        .replace(
+            "(global.set $seen (i32.add (global.get $seen) (i32.const 1)))",
+            "(i32.store8 (i32.const 40000) (i32.add (i32.load8_u (i32.const 40000)) (i32.const 1)))
+             (i32.store8 (i32.const 300) (i32.add (i32.load8_u (i32.const 300)) (i32.const 1)))
+             (global.set $seen (i32.add (i32.load8_u (i32.const 40000)) (i32.load8_u (i32.const 300))))",
+        );
+    let shared = plugin(&wat::parse_str(&counting).unwrap());
+    let fresh = plugin_with(
+        &wat::parse_str(&counting).unwrap(),
+        spec(Isolation::Request),
+    );
+    // the counter byte is '0' + zero-filled count + data count: 7 on a clean instance
+    assert_eq!(seen(&shared, false).as_deref(), Some("7"));
+    assert_eq!(seen(&shared, false).as_deref(), Some("9"));
+    for _ in 0..4 {
+        assert_eq!(seen(&fresh, false).as_deref(), Some("7"));
+    }
+}
