@@ -224,6 +224,9 @@ pub struct Compiled {
     pub exports: Vec<String>,
     pub size: usize,
     pub pre: InstancePre<host::Host>,
+    /// The callbacks' export indices, in the order `Vm::boot` looks them up, once the
+    /// module's first instance checked their types.
+    pub(crate) callbacks: std::sync::OnceLock<Box<[Option<wasmtime::ModuleExport>]>>,
     pub compile_time: Duration,
     pub from_disk: bool,
 }
@@ -548,6 +551,7 @@ impl Runtime {
             digest: hex::encode(digest),
             size: bytes.len(),
             pre,
+            callbacks: Default::default(),
             compile_time: start.elapsed(),
             from_disk,
         });

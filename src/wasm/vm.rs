@@ -10,7 +10,7 @@ use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use wasmtime::{Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
+use wasmtime::{Extern, Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
 
 const ROOT: i32 = super::host::ROOT_CONTEXT;
 /// Budget multiplier for VM start (`_initialize`, `on_vm_start`, `on_configure`).
@@ -160,26 +160,53 @@ impl Vm {
             .pre
             .instantiate(&mut *store)
             .map_err(|e| failure("instantiate", e, store.data()))?;
+        // The first instance of a module finds its callbacks by name and has wasmtime check
+        // their types; their export indices are kept then, so the module's later instances
+        // (a fresh one per request under `isolation = "request"`) take them by index,
+        // without a name lookup or a type check each.
+        let known = plugin.compiled.callbacks.get();
+        let mut found = Vec::new();
+        let mut k = 0;
+        macro_rules! opt {
+            ($name:expr) => {{
+                k += 1;
+                match known {
+                    Some(known) => known[k - 1].as_ref().map(|at| {
+                        let func = inst
+                            .get_module_export(&mut *store, at)
+                            .and_then(Extern::into_func)
+                            .expect("the module's own export");
+                        // SAFETY: an instance of this same module had this export checked
+                        // against this type by `get_typed_func` (below) before its index
+                        // was kept; a module's export types are the same in every instance.
+                        unsafe { TypedFunc::new_unchecked(&*store, func) }
+                    }),
+                    None => {
+                        let func = match inst.get_export(&mut *store, $name) {
+                            None => None,
+                            Some(_) => {
+                                Some(inst.get_typed_func(&mut *store, $name).map_err(|e| {
+                                    fail(
+                                        "instantiate",
+                                        format!("export {} has the wrong type: {e}", $name),
+                                    )
+                                })?)
+                            }
+                        };
+                        let module = plugin.compiled.pre.module();
+                        found.push(func.as_ref().and_then(|_| module.get_export_index($name)));
+                        func
+                    }
+                }
+            }};
+        }
         let memory = inst.get_memory(&mut *store, "memory");
-        let alloc = inst
-            .get_typed_func::<i32, i32>(&mut *store, "proxy_on_memory_allocate")
-            .or_else(|_| inst.get_typed_func::<i32, i32>(&mut *store, "malloc"))
-            .map_err(|e| fail("instantiate", format!("allocator has the wrong type: {e}")))?;
+        let alloc = match opt!("proxy_on_memory_allocate") {
+            Some(f) => f,
+            None => opt!("malloc").ok_or_else(|| fail("instantiate", "no allocator".into()))?,
+        };
         store.data_mut().memory = memory;
         store.data_mut().alloc = Some(alloc);
-        macro_rules! opt {
-            ($name:expr) => {
-                match inst.get_export(&mut *store, $name) {
-                    None => None,
-                    Some(_) => Some(inst.get_typed_func(&mut *store, $name).map_err(|e| {
-                        fail(
-                            "instantiate",
-                            format!("export {} has the wrong type: {e}", $name),
-                        )
-                    })?),
-                }
-            };
-        }
         // v0.1.0 header callbacks have no end-of-stream argument: another type, another field
         let abi01 = store.data().abi01;
         macro_rules! by_abi {
@@ -193,9 +220,8 @@ impl Vm {
         }
         let (on_request_headers, on_request_headers_01) = by_abi!("proxy_on_request_headers");
         let (on_response_headers, on_response_headers_01) = by_abi!("proxy_on_response_headers");
-        let on_context_create = inst
-            .get_typed_func(&mut *store, "proxy_on_context_create")
-            .map_err(|e| fail("instantiate", format!("proxy_on_context_create: {e}")))?;
+        let on_context_create = opt!("proxy_on_context_create")
+            .ok_or_else(|| fail("instantiate", "no proxy_on_context_create".into()))?;
         // every other callback is optional and exported as `proxy_` + its field's name
         macro_rules! exports {
             ($($cb:ident),* $(,)?) => {
@@ -216,15 +242,16 @@ impl Vm {
             on_grpc_receive_trailing_metadata, on_tick, on_queue_ready,
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
-        for init in ["_initialize", "_start"] {
-            if inst.get_export(&mut *store, init).is_some() {
-                let func = inst
-                    .get_typed_func::<(), ()>(&mut *store, init)
-                    .map_err(|e| fail("instantiate", format!("{init}: {e}")))?;
-                func.call(&mut *store, ())
-                    .map_err(|e| failure("_initialize", e, store.data()))?;
-                break;
-            }
+        let init: Option<TypedFunc<(), ()>> = match opt!("_initialize") {
+            Some(f) => Some(f),
+            None => opt!("_start"),
+        };
+        if known.is_none() {
+            let _ = plugin.compiled.callbacks.set(found.into());
+        }
+        if let Some(init) = init {
+            init.call(&mut *store, ())
+                .map_err(|e| failure("_initialize", e, store.data()))?;
         }
         f.on_context_create
             .call(&mut *store, (ROOT, 0))

@@ -600,6 +600,48 @@ fn request_isolation_gives_every_request_a_fresh_instance() {
     }
 }
 
+/// Later instances take a module's callbacks by the export indices its first instance
+/// found (see `Vm::boot`): the same callbacks, also in a module with `malloc` and `_start`
+/// in place of the SDKs' names; an export of the wrong type is refused, never taken.
+#[test]
+fn every_instance_finds_the_callbacks_its_module_exports() {
+    let variant = LIFECYCLE
+        .replace("proxy_on_memory_allocate", "malloc")
+        .replace(
+            r#"(func (export "proxy_abi_version_0_2_1"))"#,
+            r#"(func (export "proxy_abi_version_0_2_1"))
+           (func (export "_start") (global.set $seen (i32.const 4)))"#,
+        );
+    let fresh = plugin_with(&wat::parse_str(&variant).unwrap(), spec(Isolation::Request));
+    for _ in 0..3 {
+        assert_eq!(seen(&fresh, false).as_deref(), Some("5"));
+    }
+    // every instance: its root context created and started, the request's context through
+    // to its end, then the root context's end (after the instance that checked the module)
+    let one = [
+        "create", "vm_start", "create", "done", "log", "delete", "done", "delete",
+    ];
+    assert_eq!(messages(&fresh)[4..], one.repeat(3));
+
+    let wrong = LIFECYCLE.replace(
+        r#"(func (export "proxy_on_done") (param i32) (result i32)"#,
+        r#"(func (export "proxy_on_done") (param i32 i32) (result i32)"#,
+    );
+    let rt = Runtime::new(false).expect("runtime");
+    for isolation in [Isolation::Shared, Isolation::Request] {
+        let refused = rt.plugin(
+            spec(isolation),
+            &wat::parse_str(&wrong).unwrap(),
+            &Metrics::new(),
+        );
+        let e = refused
+            .err()
+            .expect("a callback of the wrong type is refused")
+            .to_string();
+        assert!(e.contains("proxy_on_done has the wrong type"), "{e}");
+    }
+}
+
 /// The guest counts in its memory instead of a global: a byte in its data segment (5 at
 /// first) and one in zero-filled memory past it. Fresh instances reuse pooled slots whose
 /// touched pages are reset in place (see `engine_config`): each must see both as the
