@@ -53,6 +53,11 @@ pub const MAX_WASM_STACK: usize = 512 << 10;
 pub const MAX_LOCAL_RESPONSE_BYTES: usize = 1 << 20;
 /// Instances the pooling allocator can hold at once, across all modules.
 const POOL_INSTANCES: u32 = 1000;
+/// Idle VMs kept across all plugins: half the pool, so VMs that wait for their module's
+/// next request (every module keeps up to its `max_instances`) can never take the slots
+/// that fresh instances, busier modules, or the modules of a reloaded conf need. Past it
+/// a returned VM is let go (`on_done`, `on_delete`) and its module starts one when needed.
+const MAX_IDLE_VMS: usize = POOL_INSTANCES as usize / 2;
 /// How long a request waits for a busy module's instance before getting 503.
 pub const INSTANCE_WAIT: Duration = Duration::from_millis(100);
 /// Fuel a body callback may spend, beyond its per-callback budget, per body byte that
@@ -300,6 +305,8 @@ pub struct SharedState {
     /// Tenant state and secrets, once the server opened them (`serve`; none in `check`
     /// or tests that do not set them).
     pub services: std::sync::OnceLock<Arc<crate::state::Services>>,
+    /// VMs idle in any plugin's pool (see [`MAX_IDLE_VMS`]).
+    idle_vms: std::sync::atomic::AtomicUsize,
 }
 
 impl SharedState {
@@ -733,7 +740,7 @@ impl Plugin {
         self: &Arc<Self>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Lease, Failure> {
-        let vm = match self.idle.pop() {
+        let vm = match self.unpark() {
             Some(vm) => vm,
             None => vm::Vm::start(self, true)?,
         };
@@ -764,7 +771,13 @@ impl Plugin {
             }
             // no proxy yet (the conf is loading): sent once the timers start
         }
+        let idle = &self.shared.idle_vms;
+        if idle.fetch_add(1, Ordering::AcqRel) >= MAX_IDLE_VMS {
+            idle.fetch_sub(1, Ordering::AcqRel);
+            return self.dispose(vm);
+        }
         if let Err(vm) = self.idle.push(vm) {
+            idle.fetch_sub(1, Ordering::AcqRel);
             return self.dispose(vm);
         }
         if self.retired.load(Ordering::Acquire) {
@@ -830,8 +843,15 @@ impl Plugin {
         &self.queue_signal
     }
 
+    /// An idle VM from the pool, if there is one.
+    fn unpark(&self) -> Option<Box<vm::Vm>> {
+        let vm = self.idle.pop()?;
+        self.shared.idle_vms.fetch_sub(1, Ordering::AcqRel);
+        Some(vm)
+    }
+
     fn drain_idle(&self) {
-        while let Some(vm) = self.idle.pop() {
+        while let Some(vm) = self.unpark() {
             self.dispose(vm);
         }
     }
@@ -959,7 +979,7 @@ impl Plugin {
         let gen = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         // VMs started before the proxy ran (the conf load) send their root callouts now
         let n = self.idle.len();
-        for vm in (0..n).filter_map(|_| self.idle.pop()).collect::<Vec<_>>() {
+        for vm in (0..n).filter_map(|_| self.unpark()).collect::<Vec<_>>() {
             self.park(vm);
         }
         rt.spawn(async move {
@@ -1004,7 +1024,7 @@ impl Plugin {
         if self.pending_queues.is_empty() {
             return;
         }
-        let Some(mut vm) = self.idle.pop() else {
+        let Some(mut vm) = self.unpark() else {
             return;
         };
         while let Some(id) = self.pending_queues.pop() {
@@ -1020,7 +1040,7 @@ impl Plugin {
         let n = self.idle.len();
         let mut done = Vec::with_capacity(n);
         for _ in 0..n {
-            let Some(mut vm) = self.idle.pop() else { break };
+            let Some(mut vm) = self.unpark() else { break };
             match vm.tick(self) {
                 Ok(()) => done.push(vm),
                 Err(f) => self.report(&f),

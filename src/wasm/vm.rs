@@ -85,6 +85,9 @@ pub(crate) fn check_exports(m: &Module) -> Result<(), String> {
 fn failure(callback: &'static str, e: wasmtime::Error, host: &Host) -> Failure {
     let cause = if host.out_of_fuel {
         Cause::Overrun
+    } else if e.is::<wasmtime::PoolConcurrencyLimitError>() {
+        // every slot of the instance pool is taken: busy, not the guest's fault
+        Cause::Busy
     } else {
         match e.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => Cause::Overrun,
@@ -242,16 +245,16 @@ impl Vm {
             on_grpc_receive_trailing_metadata, on_tick, on_queue_ready,
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
-        let init: Option<TypedFunc<(), ()>> = match opt!("_initialize") {
-            Some(f) => Some(f),
-            None => opt!("_start"),
+        let init: Option<(TypedFunc<(), ()>, _)> = match opt!("_initialize") {
+            Some(f) => Some((f, "_initialize")),
+            None => opt!("_start").map(|f| (f, "_start")),
         };
         if known.is_none() {
             let _ = plugin.compiled.callbacks.set(found.into());
         }
-        if let Some(init) = init {
+        if let Some((init, name)) = init {
             init.call(&mut *store, ())
-                .map_err(|e| failure("_initialize", e, store.data()))?;
+                .map_err(|e| failure(name, e, store.data()))?;
         }
         f.on_context_create
             .call(&mut *store, (ROOT, 0))

@@ -642,6 +642,46 @@ fn every_instance_finds_the_callbacks_its_module_exports() {
     }
 }
 
+/// Idle VMs never fill the instance pool: a module that parked many (its `max_instances`)
+/// and another that then used the rest leave room for a third module's fresh instance.
+/// Before the cap, 1000 parked VMs made every other module answer busy until a restart
+/// (found by an outside trial).
+#[test]
+fn idle_vms_leave_room_in_the_instance_pool() {
+    let rt = Runtime::new(false).expect("runtime");
+    let bytes = wat::parse_str(LIFECYCLE).unwrap();
+    let shared = |name: &str| {
+        let spec = PluginSpec {
+            name: name.into(),
+            max_instances: 600,
+            ..spec(Isolation::Shared)
+        };
+        rt.plugin(spec, &bytes, &Metrics::new()).expect("plugin")
+    };
+    let (a, b) = (shared("a"), shared("b"));
+    let fresh = rt
+        .plugin(spec(Isolation::Request), &bytes, &Metrics::new())
+        .expect("plugin");
+    // a: 600 requests at once, then all its VMs wait idle
+    let leases: Vec<_> = (0..600).map(|_| a.try_lease().expect("a lease")).collect();
+    drop(leases);
+    // b: as many at once as the pool allows, then idle too
+    let mut leases = Vec::new();
+    while let Ok(l) = b.try_lease() {
+        leases.push(l);
+    }
+    assert!(leases.len() >= 400, "b got {} VMs", leases.len());
+    drop(leases);
+    assert!(matches!(run(&fresh).0, Outcome::Continue));
+    // a pool that requests fill answers busy, not a trap
+    let mut all: Vec<_> = std::iter::from_fn(|| a.try_lease().ok()).collect();
+    all.extend(std::iter::from_fn(|| b.try_lease().ok()));
+    let busy = fresh.try_lease().err().expect("the pool is full");
+    assert!(matches!(busy.cause, Cause::Busy), "{busy:?}");
+    drop(all);
+    assert!(matches!(run(&fresh).0, Outcome::Continue));
+}
+
 /// The guest counts in its memory instead of a global: a byte in its data segment (5 at
 /// first) and one in zero-filled memory past it. Fresh instances reuse pooled slots whose
 /// touched pages are reset in place (see `engine_config`): each must see both as the
