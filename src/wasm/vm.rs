@@ -163,42 +163,49 @@ impl Vm {
             .pre
             .instantiate(&mut *store)
             .map_err(|e| failure("instantiate", e, store.data()))?;
-        // The first instance of a module finds its callbacks by name and has wasmtime check
-        // their types; their export indices are kept then, so the module's later instances
-        // (a fresh one per request under `isolation = "request"`) take them by index,
-        // without a name lookup or a type check each.
+        // Callbacks are taken by export index. The first instance of a module finds the
+        // indices by name and has wasmtime check each callback's type; they are kept then,
+        // so the module's later instances (a fresh one per request under `isolation =
+        // "request"`) skip both the name lookups and the type checks.
         let known = plugin.compiled.callbacks.get();
+        let module = plugin.compiled.pre.module();
+        let wrong = |name: &str, e: String| {
+            fail(
+                "instantiate",
+                format!("export {name} has the wrong type: {e}"),
+            )
+        };
         let mut found = Vec::new();
         let mut k = 0;
         macro_rules! opt {
             ($name:expr) => {{
                 k += 1;
-                match known {
-                    Some(known) => known[k - 1].as_ref().map(|at| {
-                        let func = inst
-                            .get_module_export(&mut *store, at)
-                            .and_then(Extern::into_func)
-                            .expect("the module's own export");
-                        // SAFETY: an instance of this same module had this export checked
-                        // against this type by `get_typed_func` (below) before its index
-                        // was kept; a module's export types are the same in every instance.
-                        unsafe { TypedFunc::new_unchecked(&*store, func) }
-                    }),
+                let at = match known {
+                    Some(known) => known[k - 1],
                     None => {
-                        let func = match inst.get_export(&mut *store, $name) {
-                            None => None,
-                            Some(_) => {
-                                Some(inst.get_typed_func(&mut *store, $name).map_err(|e| {
-                                    fail(
-                                        "instantiate",
-                                        format!("export {} has the wrong type: {e}", $name),
-                                    )
-                                })?)
-                            }
-                        };
-                        let module = plugin.compiled.pre.module();
-                        found.push(func.as_ref().and_then(|_| module.get_export_index($name)));
-                        func
+                        found.push(module.get_export_index($name));
+                        found[k - 1]
+                    }
+                };
+                match at {
+                    None => None,
+                    Some(at) => {
+                        let func = inst
+                            .get_module_export(&mut *store, &at)
+                            .and_then(Extern::into_func);
+                        Some(match (func, known) {
+                            // SAFETY: an instance of this same module had this export
+                            // checked against this type (`typed`, below) before its index
+                            // was kept; a module's export types are the same in every
+                            // instance.
+                            (Some(func), Some(_)) => unsafe {
+                                TypedFunc::new_unchecked(&*store, func)
+                            },
+                            (Some(func), None) => func
+                                .typed(&*store)
+                                .map_err(|e| wrong($name, e.to_string()))?,
+                            (None, _) => return Err(wrong($name, "not a function".into())),
+                        })
                     }
                 }
             }};
