@@ -401,6 +401,109 @@ async fn filters_change_a_functions_response_head() {
     assert!(r.headers().get("x-frame-options").is_none());
 }
 
+/// The route's filters see a function's response body as they see an upstream's: the SDK
+/// guest `body-scan` buffers the whole body and sends it to a scanner with an HTTP callout
+/// from `on_response_body`; the scanner's answer (here an echo of what it got) replaces
+/// the JavaScript function's body. Holding the head, the guest adds the scanner's status;
+/// a scanner it cannot reach makes it answer 451 in place of the whole response. A body
+/// that no longer fits the Content-Length the head kept is cut off, never sent as whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_see_and_change_a_functions_response_body() {
+    let scanner = Upstream::start("scanner").await;
+    let (dead, _dead) = refusing_port();
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[upstreams.scanner]
+targets = ["{}"]
+[upstreams.dead]
+targets = ["127.0.0.1:{dead}"]
+[modules.js]
+path = "{{guests}}/hello-js.wasm"
+[modules.big]
+path = "{{guests}}/misbehave-rs.wasm"
+[modules.held]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["scanner"]
+config = {{ upstream = "scanner", hold_head = true }}
+[modules.streamed]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["scanner"]
+config = {{ upstream = "scanner" }}
+[modules.length]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["scanner"]
+config = {{ upstream = "scanner", keep_length = true }}
+[modules.refused]
+path = "{{guests}}/body_scan.wasm"
+allowed_upstreams = ["dead"]
+config = {{ upstream = "dead", hold_head = true }}
+[[routes]]
+path_prefix = "/held"
+hooks = ["held", "js"]
+[[routes]]
+path_prefix = "/streamed"
+hooks = ["streamed", "js"]
+[[routes]]
+path_prefix = "/refused"
+hooks = ["refused", "js"]
+[[routes]]
+path_prefix = "/length/"
+hooks = ["length", "big"]
+"#,
+            scanner.addr()
+        );
+    let gw = Gw::start(&conf);
+    let send = |path: &str| client().get(gw.url("http", path)).send();
+    for path in ["/held", "/streamed", "/held"] {
+        let r = send(path).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let scanned = r
+            .headers()
+            .get("x-scanned")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(
+            scanned.as_deref(),
+            (path == "/held").then_some("200"),
+            "{path}"
+        );
+        let scan: Value = r.json().await.unwrap();
+        assert_eq!(scan["upstream"], "scanner", "{path}");
+        assert_eq!(scan["path"], "/scan");
+        assert_eq!(
+            scan["body"], "hello from js\n",
+            "the scanner saw the function's body"
+        );
+    }
+    let scans = scanner
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(scans, 3, "one scan per response");
+    let r = send("/refused").await.unwrap();
+    assert_eq!(r.status(), 451);
+    assert_eq!(r.headers()["x-scanned"], "refused");
+    assert_eq!(r.text().await.unwrap(), "refused by the scanner");
+    // the scanner's echo of a 1 MiB body is longer than the length the head kept
+    let r = send("/length/huge-declared?1").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], (1u64 << 20).to_string());
+    assert!(
+        r.bytes().await.is_err(),
+        "a cut-off body must not read as complete"
+    );
+    assert_eq!(
+        scanner
+            .stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    // and the gateway goes on serving
+    let r = send("/streamed").await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// A function's response limit: a declared length over it gets the failure policy before
 /// any byte is sent; a stream past it is cut off (the chunked body never ends cleanly);
 /// up to the limit it is delivered whole.

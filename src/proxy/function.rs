@@ -2,7 +2,9 @@
 //! arrives) goes into a WASI-HTTP component, and its response goes out to the client as
 //! the guest writes it, so a server-sent-events function delivers each event when it
 //! writes it. Nothing is buffered whole, except a body the route's Proxy-Wasm filters
-//! already read.
+//! read: they see the function's answer as they see an upstream's (`on_response_headers`,
+//! `on_response_body` chunk by chunk, `on_response_trailers`), may hold its head until
+//! they have seen the body, change it, or answer in its place.
 //!
 //! A failure before the response head gets the function's failure policy (or 503
 //! `function_busy` with `Retry-After` when all its instances are busy); a failure after
@@ -97,7 +99,7 @@ pub async fn serve(
         }
         Err(_) => return Ok(policy_reply(&backend.spec.policy, route)),
     };
-    let (parts, mut out) = response.into_parts();
+    let (parts, mut body) = response.into_parts();
     let mut head = ResponseHeader::build(parts.status.as_u16(), Some(parts.headers.len()))?;
     for (k, v) in &parts.headers {
         if !is_hop_by_hop(k.as_str()) {
@@ -113,31 +115,39 @@ pub async fn serve(
         ));
         return Ok(policy_reply(&backend.spec.policy, route));
     }
-    let mut sent = 0u64;
     let status = parts.status.as_u16();
     let bodiless = status == 204 || status == 304 || status < 200;
-    // the route's filters see the head as the function set it (a CORS or security-header
-    // filter applies to a function's answer as to an upstream's)
-    if let Some((state, callouts)) = filters {
+    let mut out = Out {
+        head: Some(Box::new(head)),
+        head_only: session.req_header().method == http::Method::HEAD,
+        h11: session.req_header().version == http::Version::HTTP_11 && !session.is_http2(),
+        length: None,
+        sent: 0,
+    };
+    // The route's filters see the head as the function set it (a CORS or security-header
+    // filter applies to a function's answer as to an upstream's), then the body as it
+    // comes. A module may hold the head until it has seen the body: nothing has gone out
+    // yet, so it can still replace the whole answer.
+    let mut filters = filters;
+    if let Some((state, callouts)) = filters.as_mut() {
+        let head = out.head.as_deref_mut().expect("not written yet");
         let req = session.req_header();
-        let flow = (state.response_headers(req, &mut head, bodiless, false, callouts)).await;
-        if let Flow::Respond(r) = flow {
-            return Ok(Served::Filtered(r));
+        match state
+            .response_headers(req, head, bodiless, true, callouts)
+            .await
+        {
+            Flow::Respond(r) => return Ok(Served::Filtered(r)),
+            Flow::Buffer => state.held_head = out.head.take(),
+            Flow::Continue => {}
         }
     }
-    // the gateway frames the body: one valid Content-Length the guest set, else chunked
-    // on HTTP/1.1 so the connection stays open for the next request (an HTTP/1.0 client
-    // reads to the close; HTTP/2 frames itself)
-    super::framing::keep_framing(&mut head, None);
-    let h11 = session.req_header().version == http::Version::HTTP_11 && !session.is_http2();
-    if h11 && !bodiless && !head.headers.contains_key(http::header::CONTENT_LENGTH) {
-        head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
-    }
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(head), false).await?;
+    out.send_head(session).await?;
+    let mut trailers = None;
+    // bytes the function wrote, whatever the filters make of them
+    let mut written = 0u64;
     loop {
         let frame = tokio::select! {
-            f = out.frame() => f,
+            f = body.frame() => f,
             more = feed(session, &mut tx, &mut pending, &mut seen, max), if tx.is_some() => {
                 // the guest answered before the whole body came: it keeps reading it
                 if more?.is_some() {
@@ -146,34 +156,155 @@ pub async fn serve(
                 continue;
             }
         };
-        match frame {
+        let data = match frame {
             None => break,
             Some(Ok(f)) => match f.into_data() {
-                Ok(data) if !head_only => {
-                    sent += data.len() as u64;
-                    if sent > max_out {
-                        let cause = format!("the function's response went past its max_response_bytes {max_out}: cut off");
-                        backend.report(&cause);
-                        return Error::e_explain(InternalError, cause);
-                    }
-                    session.write_response_body(Some(data), false).await?
-                }
-                Ok(_) => {}
+                Ok(data) => data,
                 Err(f) => {
-                    if let Ok(trailers) = f.into_trailers() {
-                        session.write_response_trailers(trailers).await?;
-                    }
+                    trailers = f.into_trailers().ok();
+                    continue;
                 }
             },
             Some(Err(e)) => {
                 return Error::e_explain(InternalError, format!("function body failed: {e}"));
             }
+        };
+        written += data.len() as u64;
+        if written > max_out {
+            let cause = format!(
+                "the function's response went past its max_response_bytes {max_out}: cut off"
+            );
+            backend.report(&cause);
+            return Error::e_explain(InternalError, cause);
         }
+        match filters.as_mut() {
+            Some((state, callouts)) if !bodiless => {
+                let req = session.req_header();
+                let mut flow = state.response_body(req, Some(&data), false);
+                if state.waiting_on_callouts() {
+                    flow = state.response_body_wait(req, callouts).await;
+                }
+                if let Some(r) = out.filtered(session, state, flow).await? {
+                    return Ok(Served::Filtered(r));
+                }
+            }
+            _ => out.send(session, data).await?,
+        }
+    }
+    if let Some((state, callouts)) = filters.as_mut() {
+        let req = session.req_header();
+        if !bodiless {
+            let mut flow = state.response_body(req, None, true);
+            if state.waiting_on_callouts() {
+                flow = state.response_body_wait(req, callouts).await;
+            }
+            if let Some(r) = out.filtered(session, state, flow).await? {
+                return Ok(Served::Filtered(r));
+            }
+        }
+        if let Some(head) = state.held_head.take() {
+            // a module held the head to the end and failed there (its policy let the
+            // response go on)
+            out.head = Some(head);
+            out.send_head(session).await?;
+            let rest = std::mem::take(&mut state.resp_body);
+            out.send(session, Bytes::from(rest)).await?;
+        }
+        if let Some(t) = trailers.as_mut() {
+            state.response_trailers(session.req_header(), t);
+        }
+    }
+    if let Some(n) = out.length.filter(|n| out.sent != *n && !out.head_only) {
+        let cause = format!(
+            "the response body is {} bytes, its Content-Length says {n}: cut off",
+            out.sent
+        );
+        return Error::e_explain(InternalError, cause);
+    }
+    if let Some(t) = trailers {
+        session.write_response_trailers(t).await?;
     }
     session
         .write_response_body(Some(Bytes::new()), true)
         .await?;
     Ok(Served::Answered)
+}
+
+/// The function's response on its way to the client.
+struct Out {
+    /// Not written yet (a module holds it, or it comes next).
+    head: Option<Box<ResponseHeader>>,
+    head_only: bool,
+    h11: bool,
+    /// The Content-Length the head went out with: the body must be that long.
+    length: Option<u64>,
+    sent: u64,
+}
+
+impl Out {
+    /// Writes the head, framed by the gateway: one valid Content-Length the guest (or a
+    /// filter) set, else chunked on HTTP/1.1 so the connection stays open for the next
+    /// request (an HTTP/1.0 client reads to the close; HTTP/2 frames itself).
+    async fn send_head(&mut self, session: &mut Session) -> Result<()> {
+        let Some(mut head) = self.head.take() else {
+            return Ok(());
+        };
+        super::framing::keep_framing(&mut head, None);
+        let status = head.status.as_u16();
+        let bodiless = status == 204 || status == 304 || status < 200;
+        self.length = (head.headers.get(http::header::CONTENT_LENGTH))
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if self.h11 && !bodiless && self.length.is_none() {
+            head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
+        session.write_response_header(head, false).await
+    }
+
+    /// Writes a body chunk (none for HEAD), within the length the head announced.
+    async fn send(&mut self, session: &mut Session, data: Bytes) -> Result<()> {
+        if self.head_only || data.is_empty() {
+            return Ok(());
+        }
+        self.sent += data.len() as u64;
+        if self.length.is_some_and(|n| self.sent > n) {
+            return Error::e_explain(
+                InternalError,
+                "the response body went past its Content-Length: cut off",
+            );
+        }
+        session.write_response_body(Some(data), false).await
+    }
+
+    /// Acts on what the filters made of a body chunk: sends what they let through (and a
+    /// head a module let go), or their answer in place of the response while its head has
+    /// not gone out; once it has, an answer cuts the response off, as Envoy resets the
+    /// stream.
+    async fn filtered(
+        &mut self,
+        session: &mut Session,
+        state: &mut super::hooks::HookState,
+        flow: Flow,
+    ) -> Result<Option<LocalResponse>> {
+        match flow {
+            Flow::Buffer => Ok(None),
+            Flow::Respond(r) if state.held_head.is_some() || self.head.is_some() => Ok(Some(r)),
+            Flow::Respond(_) => Error::e_explain(
+                InternalError,
+                "a hook answered during the function's response body: cut off",
+            ),
+            Flow::Continue => {
+                if let Some(head) = state.head_ready() {
+                    self.head = Some(head);
+                    self.send_head(session).await?;
+                }
+                if self.head.is_none() {
+                    let body = std::mem::take(&mut state.resp_body);
+                    self.send(session, Bytes::from(body)).await?;
+                }
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Moves one chunk of the request body to the guest. `Some` is the answer when the body

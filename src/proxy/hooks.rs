@@ -400,9 +400,9 @@ impl HookState {
     }
 
     /// `on_response_headers`, last module first. A local response replaces the upstream's.
-    /// `hold`: a module may pause the head until it has seen the body (an upstream's
-    /// answer). A function's answer streams as the function writes it, with no body
-    /// callbacks, so there a pausing module lets the head through as it is.
+    /// `hold`: a module may pause the head until it has seen the body (where the proxy can
+    /// keep the head back: an upstream's answer to an HTTP/1.1 client, a function's answer
+    /// to any client); elsewhere a pausing module lets the head through as it is.
     pub async fn response_headers(
         &mut self,
         req: &RequestHeader,
