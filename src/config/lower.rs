@@ -57,12 +57,21 @@ pub struct Server {
 pub struct Admin {
     /// Empty: no admin API.
     pub listen: String,
+    /// Where the operator token comes from when the conf does not hold it (named in logs).
     pub token_env: String,
+    /// The operator token: `[admin] token`, else `$token_env`; never empty.
     pub token: Option<String>,
-    /// Function hosts are `{function}.{tenant}.<base_domain>` (lowercase, no final dot).
+    pub functions: FunctionNames,
+}
+
+/// Where function URLs live.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FunctionNames {
+    /// `{prefix}/{tenant}/{function}/...`: `""` or `/seg...` without a trailing slash;
+    /// `""` leaves only hosts.
+    pub prefix: String,
+    /// `{function}.{tenant}.<base_domain>`, lowercase, without a trailing dot.
     pub base_domain: Option<String>,
-    /// Function paths are `{function_prefix}/{tenant}/{function}/...`; `""`: hosts only.
-    pub function_prefix: String,
 }
 
 /// `[limits]` on client connections and requests.
@@ -390,12 +399,17 @@ impl Lowering<'_> {
             },
             admin: Admin {
                 listen: admin.listen,
+                token: admin
+                    .token
+                    .or_else(|| std::env::var(&admin.token_env).ok())
+                    .filter(|t| !t.is_empty()),
                 token_env: admin.token_env,
-                token: admin.token,
-                base_domain: admin
-                    .base_domain
-                    .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
-                function_prefix: admin.function_prefix.into_inner(),
+                functions: FunctionNames {
+                    prefix: admin.function_prefix.into_inner(),
+                    base_domain: admin
+                        .base_domain
+                        .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
+                },
             },
             limits: Limits {
                 max_request_body_bytes: limits.max_request_body_bytes,

@@ -17,7 +17,7 @@ pub mod store;
 pub mod token;
 
 use crate::cluster::Cluster;
-use crate::config::is_dns_label;
+use crate::config::{is_dns_label, FunctionNames};
 use crate::metrics::Metrics;
 use crate::reload::Live;
 use crate::route::{HeaderOps, Rewrite, Route};
@@ -235,10 +235,7 @@ pub enum FnLookup {
 /// The function table with the namespace it was built for; swapped as one.
 #[derive(Default)]
 struct FnTable {
-    /// `[admin] function_prefix`: `""` or `/seg...` without a trailing slash.
-    prefix: String,
-    /// `[admin] base_domain`, lowercase, without a trailing dot.
-    base_domain: Option<String>,
+    names: FunctionNames,
     /// tenant -> function -> route; nested so a lookup borrows the request's `&str`s.
     map: HashMap<String, HashMap<String, Arc<Function>>>,
 }
@@ -366,12 +363,7 @@ impl Control {
     ) -> anyhow::Result<Control> {
         std::fs::create_dir_all(data_dir)?;
         let snap = live.load();
-        let operator_token = snap
-            .admin
-            .token
-            .clone()
-            .or_else(|| std::env::var(&snap.admin.token_env).ok())
-            .filter(|t| !t.is_empty());
+        let operator_token = snap.admin.token.clone();
         let cluster = match &snap.cluster {
             Some(conf) => Some(Cluster::open((**conf).clone(), &snap.node.id)?),
             None => None,
@@ -673,7 +665,6 @@ impl Control {
                     .collect(),
             );
         }
-        let prefix = snap.admin.function_prefix.clone();
         let mut functions: HashMap<String, HashMap<String, Arc<Function>>> = HashMap::new();
         for (t, fns) in &s.functions {
             let Some(tenant) = tenants.get(t) else {
@@ -697,7 +688,7 @@ impl Control {
                     name: name.into(),
                     upstream,
                     rewrite: Some(Rewrite::Prefix {
-                        from: format!("{prefix}/{t}/{f}"),
+                        from: format!("{}/{t}/{f}", snap.admin.functions.prefix),
                         to: String::new(),
                     }),
                     request_headers: HeaderOps::default(),
@@ -738,8 +729,7 @@ impl Control {
         self.route_hooks.store(Arc::new(route_hooks));
         self.tenants.store(Arc::new(tenants));
         self.functions.store(Arc::new(FnTable {
-            prefix,
-            base_domain: snap.admin.base_domain.clone(),
+            names: snap.admin.functions.clone(),
             map: functions,
         }));
     }
@@ -756,7 +746,7 @@ impl Control {
     /// Where a function answers, for the caller of a bind.
     pub fn function_url(&self, t: &str, f: &str) -> String {
         let table = self.functions.load();
-        match (&table.base_domain, table.prefix.as_str()) {
+        match (&table.names.base_domain, table.names.prefix.as_str()) {
             (Some(base), "") => format!("{f}.{t}.{base}"),
             (_, prefix) => format!("{prefix}/{t}/{f}"),
         }
@@ -772,7 +762,7 @@ impl Control {
             Some(found) => FnLookup::Found(found.clone()),
             None => FnLookup::Missing,
         };
-        if let Some(base) = &table.base_domain {
+        if let Some(base) = &table.names.base_domain {
             let host = host.strip_suffix('.').unwrap_or(host);
             let labels = host
                 .len()
@@ -794,10 +784,10 @@ impl Control {
                 }
             }
         }
-        if table.prefix.is_empty() {
+        if table.names.prefix.is_empty() {
             return FnLookup::NotFunction;
         }
-        let Some(rest) = path.strip_prefix(table.prefix.as_str()) else {
+        let Some(rest) = path.strip_prefix(table.names.prefix.as_str()) else {
             return FnLookup::NotFunction;
         };
         if !rest.is_empty() && !rest.starts_with('/') {

@@ -205,17 +205,27 @@ pub enum Isolation {
 
 /// A module as the conf declares it, before it is instantiated.
 pub struct PluginSpec {
+    /// The module's name, unique within its tenant.
     pub name: String,
+    /// Whose module it is: named in its log lines, metrics and usage.
     pub tenant: String,
+    /// Proxy-Wasm's `root_id`: which root context of a multi-root module serves.
     pub root_id: String,
+    /// Given to `on_configure` (the plugin configuration).
     pub config: Vec<u8>,
+    /// Given to `on_vm_start`.
     pub vm_config: Vec<u8>,
-    pub budget: Duration,
-    pub request_budget: Duration,
-    pub memory_bytes: u64,
     pub isolation: Isolation,
-    pub max_instances: usize,
+    /// What a request gets when the module fails.
     pub policy: FailurePolicy,
+    /// CPU time one callback may take (counted as fuel).
+    pub budget: Duration,
+    /// CPU time all callbacks of one request may take together.
+    pub request_budget: Duration,
+    /// Largest linear memory an instance may have.
+    pub memory_bytes: u64,
+    /// Instances (VMs and fresh ones) that may exist at once.
+    pub max_instances: usize,
     /// Where its callouts may go; the plugin takes them over (see [`Plugin::set_upstreams`]).
     pub allowed_upstreams: Vec<Arc<Upstream>>,
     pub min_tick: Duration,
