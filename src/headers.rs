@@ -4,6 +4,17 @@
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
+/// Headers that describe one connection, never passed from the upstream's to the
+/// client's (RFC 9110 §7.6.1), besides those the `Connection` header names.
+pub const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+/// A header that belongs to one connection, not to the message (RFC 9110 §7.6.1).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case("connection")
+        || name.eq_ignore_ascii_case("transfer-encoding")
+        || HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
 /// A header map is at its capacity (the `http` crate's limit): the change was not made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapFull;

@@ -1,6 +1,8 @@
 //! Upstreams: load-balanced targets with timeouts, keepalive, optional TLS, and active
 //! health checks that run for as long as the snapshot owning the upstream is alive.
 
+pub mod client;
+
 use crate::metrics::UpstreamMetrics;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use pingora::lb::selection::{Consistent, RoundRobin};

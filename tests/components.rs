@@ -401,6 +401,118 @@ async fn filters_change_a_functions_response_head() {
     assert!(r.headers().get("x-frame-options").is_none());
 }
 
+/// A function's outgoing HTTP goes through the gateway's upstream pool: consecutive calls
+/// reuse one connection, a POST body streams to the upstream (framed by the gateway) and
+/// the upstream's answer back to the function, a TLS upstream is reached over TLS with its
+/// SNI and CA (here another gateway's TLS listener), and refused without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_call_upstreams_through_the_gateway_pool() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["up.test".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(p("up.crt"), leaf.pem()).unwrap();
+    std::fs::write(p("up.key"), leaf_key.serialize_pem()).unwrap();
+    // a TLS front for the same upstream
+    let front_conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = ""
+[admin]
+listen = ""
+[[listeners]]
+listen = "127.0.0.1:{{port:https}}"
+tls = {{ certs = [{{ cert = "{}", key = "{}", sni = ["up.test"] }}] }}
+[upstreams.up]
+targets = ["{}"]
+[[routes]]
+upstream = "up"
+"#,
+        p("up.crt"),
+        p("up.key"),
+        up.addr()
+    );
+    let front = Gw::start_in(dir, &front_conf, Default::default());
+    let ca_path = front.dir().join("ca.pem").display().to_string();
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[upstreams.up]
+targets = ["{}"]
+[upstreams.secure]
+targets = ["127.0.0.1:{}"]
+tls = {{ sni = "up.test", ca = "{ca_path}" }}
+[upstreams.untrusted]
+targets = ["127.0.0.1:{}"]
+tls = {{ sni = "up.test" }}
+[modules.fetch]
+path = "{{guests}}/fetch-rs.wasm"
+allowed_upstreams = ["up", "secure", "untrusted"]
+[[routes]]
+path_prefix = "/fetch"
+hooks = ["fetch"]
+"#,
+            up.addr(),
+            front.port("https"),
+            front.port("https"),
+        );
+    let gw = Gw::start(&conf);
+    let stats = &up.stats;
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..5 {
+        assert_eq!(get(&gw, "/fetch?up").await, (200, "status 200\n".into()));
+    }
+    assert_eq!(count(&stats.requests), 5);
+    assert_eq!(
+        count(&stats.connections),
+        1,
+        "the calls share one pooled connection"
+    );
+
+    // a POST body to the upstream and its answer back
+    let sent = "x".repeat(100_000);
+    let r = client()
+        .post(gw.url("http", "/fetch?up"))
+        .body(sent.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let (status, echoed) = text.split_once('\n').unwrap();
+    assert_eq!(status, "status 200");
+    let echo: Value = serde_json::from_str(echoed).unwrap();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/posted");
+    assert_eq!(echo["headers"]["host"], "up");
+    assert_eq!(echo["headers"]["x-from"], "fetch-rs");
+    assert_eq!(echo["body"].as_str().unwrap().len(), sent.len());
+    assert_eq!(count(&stats.connections), 1);
+
+    // over TLS, verified against the upstream's CA; an untrusted certificate is refused
+    assert_eq!(
+        get(&gw, "/fetch?secure").await,
+        (200, "status 200\n".into())
+    );
+    assert_eq!(count(&stats.requests), 7);
+    let (status, text) = get(&gw, "/fetch?untrusted").await;
+    assert_eq!(status, 200);
+    assert!(text.starts_with("error ErrorCode::Tls"), "{text}");
+    assert_eq!(count(&stats.requests), 7);
+}
+
 /// The route's filters see a function's response body as they see an upstream's: the SDK
 /// guest `body-scan` buffers the whole body and sends it to a scanner with an HTTP callout
 /// from `on_response_body`; the scanner's answer (here an echo of what it got) replaces

@@ -20,10 +20,11 @@ pub struct UpstreamOpts {
     pub reset: bool,
 }
 
-/// Requests answered, for tests.
+/// Requests answered and connections accepted, for tests.
 #[derive(Default)]
 pub struct Stats {
     pub requests: AtomicU64,
+    pub connections: AtomicU64,
 }
 
 /// Serves until the listener's task is dropped.
@@ -34,6 +35,7 @@ pub async fn serve(listener: TcpListener, opts: UpstreamOpts, stats: Arc<Stats>)
             continue;
         };
         let _ = sock.set_nodelay(true);
+        stats.connections.fetch_add(1, Ordering::Relaxed);
         let (opts, stats) = (opts.clone(), stats.clone());
         tokio::spawn(async move {
             let _ = conn(sock, &opts, &stats).await;

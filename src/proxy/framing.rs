@@ -86,16 +86,7 @@ pub async fn continue_if_expected(session: &mut Session) -> Result<()> {
     Ok(())
 }
 
-/// Headers that describe one connection, never passed from the upstream's to the
-/// client's (RFC 9110 §7.6.1), besides those the `Connection` header names.
-const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
-
-/// A header that belongs to one connection, not to the message (RFC 9110 §7.6.1).
-pub fn is_hop_by_hop(name: &str) -> bool {
-    name.eq_ignore_ascii_case("connection")
-        || name.eq_ignore_ascii_case("transfer-encoding")
-        || HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-}
+pub use crate::headers::{is_hop_by_hop, HOP_BY_HOP};
 
 /// Cleans a response head before the client gets it: hop-by-hop headers go (`Upgrade`
 /// stays on a 101), a 1xx/204/304 carries no Transfer-Encoding, and an HTTP/1.0 client

@@ -6,7 +6,7 @@
 use super::component::{self, Io, Limits, Outcome, Stdio};
 use super::meter::{TenantLog, Usage};
 use super::{FailurePolicy, ModuleError, Runtime, FUEL_PER_US};
-use crate::upstream::Upstream;
+use crate::upstream::{client, Upstream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -93,7 +93,7 @@ impl Wiring {
         let (log, allow, meter) = (self.clone(), self.clone(), self.clone());
         Io {
             sink: Arc::new(move |stream, line| log.line(stream, line)),
-            outgoing: Arc::new(move |authority: &str| allow.resolve(authority)),
+            outgoing: allow,
             grants: component::Grants::default(),
             on_end: Some(Arc::new(move |o: &Outcome| meter.bill(o))),
         }
@@ -106,20 +106,6 @@ impl Wiring {
         };
         self.log.push(&self.name, level, line);
         tracing::info!(target: "wasmgate::guest", tenant = %self.tenant, module = %self.name, "{line}");
-    }
-
-    /// An allowed upstream's target for `authority` (its name, with or without a port),
-    /// within the upstream's connect and read timeouts.
-    fn resolve(&self, authority: &str) -> Option<component::Outgoing> {
-        let name = authority.split(':').next().unwrap_or(authority);
-        let upstreams = self.upstreams.load();
-        let u = upstreams.iter().find(|u| &*u.name == name)?;
-        let peer = u.peer(b"")?;
-        Some(component::Outgoing {
-            address: peer._address.to_string(),
-            connect_timeout: u.timeouts.connect,
-            read_timeout: u.timeouts.read,
-        })
     }
 
     fn bill(&self, o: &Outcome) {
@@ -185,5 +171,63 @@ impl Runtime {
             function,
             digest,
         }))
+    }
+}
+
+/// Outgoing HTTP of a function: only to its allowed upstreams, named by the authority
+/// (`http://NAME/...`, any port ignored), through the gateway's upstream connection pool
+/// and the upstream's timeouts (see [`crate::upstream::client`]). Each call counts in the
+/// module's usage.
+impl component::OutgoingPolicy for Wiring {
+    fn send(
+        &self,
+        authority: &str,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+    ) -> component::SendFuture {
+        let name = authority.split(':').next().unwrap_or(authority);
+        let upstreams = self.upstreams.load();
+        let Some(u) = upstreams.iter().find(|u| &*u.name == name).cloned() else {
+            return component::denied(authority);
+        };
+        self.usage.http_callouts.fetch_add(1, Ordering::Relaxed);
+        let o = options.unwrap_or_default();
+        let deadlines = u.deadlines([
+            o.connect_timeout,
+            o.first_byte_timeout,
+            o.between_bytes_timeout,
+        ]);
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, pump) = client::send(&u, request, deadlines)
+                .await
+                .map_err(error_code)?;
+            let response = response.map(|b| b.map_err(error_code).boxed_unsync());
+            let pump = async move {
+                pump.await;
+                Ok(())
+            };
+            Ok((
+                response,
+                Box::new(pump) as Box<dyn std::future::Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// A failed call as the guest sees it (wasi:http's `error-code`).
+fn error_code(e: client::CallError) -> wasmtime_wasi_http::Error {
+    use client::CallError as C;
+    use wasmtime_wasi_http::Error as E;
+    match e {
+        C::Unavailable => E::DestinationUnavailable,
+        C::ConnectionRefused => E::ConnectionRefused,
+        C::ConnectionTimeout => E::ConnectionTimeout,
+        C::Tls => E::TlsProtocolError,
+        C::ReadTimeout => E::ConnectionReadTimeout,
+        C::WriteTimeout => E::ConnectionWriteTimeout,
+        C::Terminated => E::ConnectionTerminated,
+        C::BadRequest => E::HttpRequestUriInvalid,
+        C::Body(m) | C::Protocol(m) => E::InternalError(Some(m)),
     }
 }

@@ -47,7 +47,7 @@ mod stdio;
 #[cfg(test)]
 mod tests;
 
-pub use state::{DenyAll, Grants, Outgoing, OutgoingPolicy};
+pub use state::{denied, DenyAll, Grants, Outgoing, OutgoingPolicy, SendFuture};
 pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 
 use bytes::Bytes;

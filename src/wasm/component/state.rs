@@ -14,17 +14,38 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
-/// Decides where a guest's outgoing request may go: given the authority the guest asked for
-/// (an upstream name, `host[:port]`), where to connect and within which timeouts, or `None`
-/// to deny it (the guest sees `HttpRequestDenied`).
+/// Where a guest's outgoing requests go. `send` gets the authority the guest named (an
+/// upstream name, `host[:port]`) and sends the request there, or fails it with
+/// `HttpRequestDenied`. A closure resolving an authority to an [`Outgoing`] address is a
+/// policy too: it sends over a connection of its own (wasi-http's default client, no
+/// pool; what the unit tests use).
 pub trait OutgoingPolicy: Send + Sync {
-    fn resolve(&self, authority: &str) -> Option<Outgoing>;
+    fn send(
+        &self,
+        authority: &str,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+    ) -> SendFuture;
 }
 
 impl<F: Fn(&str) -> Option<Outgoing> + Send + Sync> OutgoingPolicy for F {
-    fn resolve(&self, authority: &str) -> Option<Outgoing> {
-        self(authority)
+    fn send(
+        &self,
+        authority: &str,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+    ) -> SendFuture {
+        match self(authority) {
+            Some(target) => target.send(request, options),
+            None => denied(authority),
+        }
     }
+}
+
+/// What a policy answers a request it does not let through.
+pub fn denied(authority: &str) -> SendFuture {
+    tracing::debug!(%authority, "component: outgoing request denied");
+    Box::new(async { Err(HttpError::HttpRequestDenied) })
 }
 
 /// Where an allowed outgoing request goes, and the longest it may wait: the upstream's own
@@ -58,14 +79,46 @@ impl Outgoing {
             between_bytes_timeout: cap(asked.between_bytes_timeout, self.read_timeout),
         }
     }
+
+    /// Sends `request` to this address over a connection of its own; the Host header keeps
+    /// the name the guest used.
+    fn send(
+        &self,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+    ) -> SendFuture {
+        let mut parts = request.uri().clone().into_parts();
+        match self.address.parse::<Authority>() {
+            Ok(authority) => parts.authority = Some(authority),
+            Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
+        }
+        match Uri::from_parts(parts) {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
+        }
+        let options = Some(self.options(options));
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
 }
 
 /// The policy of a function granted no outgoing HTTP at all.
 pub struct DenyAll;
 
 impl OutgoingPolicy for DenyAll {
-    fn resolve(&self, _: &str) -> Option<Outgoing> {
-        None
+    fn send(
+        &self,
+        authority: &str,
+        _: http::Request<WasiBody>,
+        _: Option<RequestOptions>,
+    ) -> SendFuture {
+        denied(authority)
     }
 }
 
@@ -228,7 +281,9 @@ struct Hooks {
     policy: Arc<dyn OutgoingPolicy>,
 }
 
-type SendResult = Result<
+/// What sending an outgoing request gives the guest: the response head with its body, and
+/// the work that moves the body (run beside it), or why it failed.
+pub type SendResult = Result<
     (
         http::Response<WasiBody>,
         Box<dyn Future<Output = Result<(), HttpError>> + Send>,
@@ -236,41 +291,21 @@ type SendResult = Result<
     HttpError,
 >;
 
+pub type SendFuture = Box<dyn Future<Output = SendResult> + Send>;
+
 impl WasiHttpHooks for Hooks {
     fn send_request(
         &mut self,
-        mut request: http::Request<WasiBody>,
+        request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-    ) -> Box<dyn Future<Output = SendResult> + Send> {
+    ) -> SendFuture {
         let asked = request
             .uri()
             .authority()
             .map(Authority::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let Some(target) = self.policy.resolve(&asked) else {
-            tracing::debug!(authority = %asked, "component: outgoing request denied");
-            return Box::new(async { Err(HttpError::HttpRequestDenied) });
-        };
-        // Connect to the resolved address; the Host header keeps the name the guest used.
-        let mut parts = request.uri().clone().into_parts();
-        match target.address.parse::<Authority>() {
-            Ok(authority) => parts.authority = Some(authority),
-            Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
-        }
-        match Uri::from_parts(parts) {
-            Ok(uri) => *request.uri_mut() = uri,
-            Err(_) => return Box::new(async { Err(HttpError::HttpRequestUriInvalid) }),
-        }
-        let options = Some(target.options(options));
-        Box::new(async move {
-            use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
-        })
+            .unwrap_or_default();
+        let asked = asked.to_string();
+        self.policy.send(&asked, request, options)
     }
 }
