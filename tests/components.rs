@@ -401,6 +401,59 @@ async fn filters_change_a_functions_response_head() {
     assert!(r.headers().get("x-frame-options").is_none());
 }
 
+/// A function's response trailers reach an HTTP/2 client after the whole body (the
+/// streaming guest ends with `x-events: 3`); an HTTP/1.1 client gets the same body, whole,
+/// without them (Pingora writes no HTTP/1 trailers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_functions_trailers_reach_http2_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["gw.test".into()]).unwrap();
+    let (cert, key) = (dir.path().join("gw.crt"), dir.path().join("gw.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let conf = HEAD.to_string()
+        + &format!(
+            r#"
+[[listeners]]
+listen = "127.0.0.1:{{port:https}}"
+tls = {{ certs = [{{ cert = "{}", key = "{}" }}] }}
+[modules.events]
+path = "{{guests}}/stream-rs.wasm"
+[[routes]]
+path_prefix = "/events"
+hooks = ["events"]
+"#,
+            cert.display(),
+            key.display()
+        );
+    let gw = Gw::start_in(dir, &conf, Default::default());
+    let mut h2 = h2_client(gw.port("https"), ck.cert.der().to_vec()).await;
+    for _ in 0..2 {
+        h2 = h2.ready().await.unwrap();
+        let req = http::Request::get("https://gw.test/events")
+            .body(())
+            .unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            got.extend_from_slice(&chunk);
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        assert_eq!(String::from_utf8_lossy(&got), "event 0\nevent 1\nevent 2\n");
+        let trailers = body.trailers().await.unwrap().expect("trailers");
+        assert_eq!(trailers["x-events"], "3");
+    }
+    let (status, text) = get(&gw, "/events").await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "event 0\nevent 1\nevent 2\n")
+    );
+}
+
 /// A function's outgoing HTTP goes through the gateway's upstream pool: consecutive calls
 /// reuse one connection, a POST body streams to the upstream (framed by the gateway) and
 /// the upstream's answer back to the function, a TLS upstream is reached over TLS with its

@@ -485,31 +485,6 @@ hooks = ["cancel"]
     assert_eq!(svc.requests.load(Ordering::Relaxed), 0);
 }
 
-/// An HTTP/2 client over TLS to the gateway's `https` listener (which presents `der`).
-async fn h2_client(port: u16, der: Vec<u8>) -> h2::client::SendRequest<Bytes> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der.into()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("gw.test").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    send
-}
-
 /// Over HTTP/2 a local reply to a gRPC request is one HEADERS frame that ends the stream
 /// (trailers-only), whether a guest or the gateway made it: not headers and then an empty
 /// DATA frame or a reset, which gRPC clients take for a broken call. And an HTTP/1.1 gRPC

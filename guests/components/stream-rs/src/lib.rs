@@ -1,5 +1,6 @@
 //! Streams: sets the response at once, then writes "event N\n" three times, 100 ms apart
 //! (like a server-sent-events function). The host must deliver each event as written.
+//! The body ends with a trailer, `x-events: 3`.
 use wasi::clocks::monotonic_clock::subscribe_duration;
 use wasi::http::types::{
     Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -27,7 +28,9 @@ impl wasi::exports::http::incoming_handler::Guest for Stream {
                 .expect("write body");
         }
         drop(stream);
-        OutgoingBody::finish(body, None).expect("finish body");
+        let trailers = Fields::from_list(&[("x-events".into(), EVENTS.to_string().into_bytes())])
+            .expect("valid trailer");
+        OutgoingBody::finish(body, Some(trailers)).expect("finish body");
     }
 }
 
