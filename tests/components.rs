@@ -336,19 +336,21 @@ async fn tenants_deploy_components_as_functions() {
     );
     assert!(la.contains("hello-js") && !la.contains("hello-rs"), "{la}");
     assert!(lb.contains("hello-rs") && !lb.contains("hello-js"), "{lb}");
-    // usage counts the invocations, per tenant
-    let mut invocations = 0;
+    // usage counts the invocations and the body bytes, per tenant
+    let mut usage = Value::Null;
     for _ in 0..50 {
         let (_, v) = a
             .json("GET", "/v1/tenants/alpha/usage", &alpha, Value::Null)
             .await;
-        invocations = v["modules"]["hello"]["invocations"].as_u64().unwrap_or(0);
-        if invocations >= 1 {
+        usage = v["modules"]["hello"].clone();
+        if usage["invocations"].as_u64().unwrap_or(0) >= 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(invocations, 1);
+    assert_eq!(usage["invocations"], 1, "{usage}");
+    assert_eq!(usage["bytes_out"], "hello from js\n".len(), "{usage}");
+    assert_eq!(usage["bytes_in"], 0, "{usage}");
 }
 
 /// A function that answers while the request body still arrives (a streaming echo) gets

@@ -52,7 +52,8 @@ pub enum RequestBody {
 }
 
 /// Runs the request through `backend`. `Err` after the head was sent means the response
-/// was cut off.
+/// was cut off. The body bytes in (from the client) and out (to it) count in the
+/// function's usage, however the request ended.
 pub async fn serve(
     session: &mut Session,
     backend: &Arc<FunctionBackend>,
@@ -61,6 +62,35 @@ pub async fn serve(
     route: &str,
     filters: Filters<'_>,
 ) -> Result<Served> {
+    let (mut bytes_in, mut bytes_out) = (0, 0);
+    let io = Tally {
+        bytes_in: &mut bytes_in,
+        bytes_out: &mut bytes_out,
+    };
+    let served = answer(session, backend, authority, body, route, filters, io).await;
+    backend.count_bytes(bytes_in, bytes_out);
+    served
+}
+
+/// Body bytes moved for one request.
+struct Tally<'a> {
+    bytes_in: &'a mut u64,
+    bytes_out: &'a mut u64,
+}
+
+async fn answer(
+    session: &mut Session,
+    backend: &Arc<FunctionBackend>,
+    authority: &str,
+    body: RequestBody,
+    route: &str,
+    filters: Filters<'_>,
+    tally: Tally<'_>,
+) -> Result<Served> {
+    let seen = tally.bytes_in;
+    if let RequestBody::Read(b) = &body {
+        *seen = b.len() as u64;
+    }
     let (incoming, mut tx, max) = match body {
         RequestBody::Read(b) if b.is_empty() => (component::body::empty(), None, 0),
         RequestBody::Read(b) => (component::body::full(b), None, 0),
@@ -78,13 +108,12 @@ pub async fn serve(
     };
     let handle = backend.function.handle(request, backend.io());
     tokio::pin!(handle);
-    let mut seen = 0u64;
     // a chunk read from the client but not yet handed to the guest (see `feed`)
     let mut pending: Option<Bytes> = None;
     let answer = loop {
         tokio::select! {
             r = &mut handle => break r,
-            more = feed(session, &mut tx, &mut pending, &mut seen, max), if tx.is_some() => {
+            more = feed(session, &mut tx, &mut pending, seen, max), if tx.is_some() => {
                 if let Some(reply) = more? {
                     return Ok(reply);
                 }
@@ -122,7 +151,7 @@ pub async fn serve(
         head_only: session.req_header().method == http::Method::HEAD,
         h11: session.req_header().version == http::Version::HTTP_11 && !session.is_http2(),
         length: None,
-        sent: 0,
+        sent: tally.bytes_out,
     };
     // The route's filters see the head as the function set it (a CORS or security-header
     // filter applies to a function's answer as to an upstream's), then the body as it
@@ -148,7 +177,7 @@ pub async fn serve(
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
-            more = feed(session, &mut tx, &mut pending, &mut seen, max), if tx.is_some() => {
+            more = feed(session, &mut tx, &mut pending, seen, max), if tx.is_some() => {
                 // the guest answered before the whole body came: it keeps reading it
                 if more?.is_some() {
                     return Error::e_explain(InternalError, "request body over the limit mid-response");
@@ -214,7 +243,7 @@ pub async fn serve(
             state.response_trailers(session.req_header(), t);
         }
     }
-    if let Some(n) = out.length.filter(|n| out.sent != *n && !out.head_only) {
+    if let Some(n) = out.length.filter(|n| *out.sent != *n && !out.head_only) {
         let cause = format!(
             "the response body is {} bytes, its Content-Length says {n}: cut off",
             out.sent
@@ -231,17 +260,17 @@ pub async fn serve(
 }
 
 /// The function's response on its way to the client.
-struct Out {
+struct Out<'a> {
     /// Not written yet (a module holds it, or it comes next).
     head: Option<Box<ResponseHeader>>,
     head_only: bool,
     h11: bool,
     /// The Content-Length the head went out with: the body must be that long.
     length: Option<u64>,
-    sent: u64,
+    sent: &'a mut u64,
 }
 
-impl Out {
+impl Out<'_> {
     /// Writes the head, framed by the gateway: one valid Content-Length the guest (or a
     /// filter) set, else chunked on HTTP/1.1 so the connection stays open for the next
     /// request (an HTTP/1.0 client reads to the close; HTTP/2 frames itself).
@@ -265,8 +294,8 @@ impl Out {
         if self.head_only || data.is_empty() {
             return Ok(());
         }
-        self.sent += data.len() as u64;
-        if self.length.is_some_and(|n| self.sent > n) {
+        *self.sent += data.len() as u64;
+        if self.length.is_some_and(|n| *self.sent > n) {
             return Error::e_explain(
                 InternalError,
                 "the response body went past its Content-Length: cut off",

@@ -81,6 +81,13 @@ impl FunctionBackend {
         tracing::warn!(tenant = %w.tenant, module = %w.name, failure = %cause, "function failed");
     }
 
+    /// Counts a request's body bytes from the client and to it.
+    pub fn count_bytes(&self, bytes_in: u64, bytes_out: u64) {
+        let u = &self.wiring.usage;
+        u.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        u.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+    }
+
     /// Replaces the upstreams outgoing HTTP may reach (after a reload or a change of the
     /// tenant's allowed upstreams).
     pub fn set_upstreams(&self, upstreams: Vec<Arc<Upstream>>) {
