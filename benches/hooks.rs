@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use wasmgate::metrics::Metrics;
 use wasmgate::wasm::Isolation;
-use wasmgate::wasm::{FailurePolicy, Outcome, Plugin, PluginSpec, RequestInfo, Runtime};
+use wasmgate::wasm::{
+    Compilers, FailurePolicy, Outcome, Plugin, PluginSpec, RequestInfo, Runtime, Tier,
+};
 
 fn spec(name: &str, config: &str, isolation: Isolation) -> PluginSpec {
     PluginSpec {
@@ -127,7 +129,61 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
+    tiers(c, &guests);
     interruption(c);
+}
+
+/// The JWT guest (an SDK-built HS256 check) verifying one valid token per request on a
+/// pooled VM, on optimized (Cranelift) and on baseline (Winch) code: what a module costs
+/// while it serves on baseline code after a cold deploy. And what compiling it costs on
+/// each tier.
+fn tiers(c: &mut Criterion, guests: &std::path::Path) {
+    use base64::Engine as _;
+    use hmac::Mac;
+    let jwt = std::fs::read(guests.join("jwt_auth.wasm")).expect("guests/out/jwt_auth.wasm");
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(br#"{"sub":"bench","exp":4102444800}"#)
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"bench-secret").unwrap();
+    mac.update(signed.as_bytes());
+    let token = format!("{signed}.{}", b64(&mac.finalize().into_bytes()));
+    let mut req = request();
+    req.insert_header("authorization", format!("Bearer {token}"))
+        .unwrap();
+    let metrics = Metrics::new();
+    let cfg = r#"{"secret":"bench-secret"}"#;
+    let mut g = c.benchmark_group("jwt_tier");
+    for (name, compilers, tier) in [
+        ("optimized", Compilers::Optimized, Tier::Optimized),
+        ("baseline", Compilers::Baseline, Tier::Baseline),
+    ] {
+        let rt = Runtime::with_compilers(false, compilers).unwrap();
+        let p = rt
+            .plugin(spec(name, cfg, Isolation::Shared), &jwt, &metrics)
+            .unwrap();
+        assert_eq!(p.compiled.tier(), tier);
+        g.bench_function(name, |b| b.iter(|| one_request(&p, &mut req)));
+    }
+    g.finish();
+    // compiling a module not seen before (a new runtime each time: nothing cached)
+    let mut g = c.benchmark_group("compile_jwt");
+    g.sample_size(10);
+    for (name, compilers) in [
+        ("optimized", Compilers::Optimized),
+        ("baseline", Compilers::Baseline),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || Runtime::with_compilers(false, compilers).unwrap(),
+                |rt| black_box(rt.compile(&jwt).unwrap()),
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
 }
 
 /// The same small loop called on three engines: no interruption, fuel, epochs.

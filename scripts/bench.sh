@@ -547,6 +547,10 @@ fig = {
     "route_match_10k_ns": est("route_match", "10000_routes"),
     "hook_chain_pooled_us": est("hook_chain", "pooled_vm") / 1000,
     "hook_chain_fresh_us": est("hook_chain", "fresh_instance") / 1000,
+    "jwt_hook_optimized_us": est("jwt_tier", "optimized") / 1000,
+    "jwt_hook_baseline_us": est("jwt_tier", "baseline") / 1000,
+    "compile_jwt_optimized_ms": est("compile_jwt", "optimized") / 1e6,
+    "compile_jwt_baseline_ms": est("compile_jwt", "baseline") / 1e6,
     "get_header_map_value_ns": est("host_call_x1000", "get_header_map_value") / 1000,
     "send_local_response_ns": est("host_call_x1000", "send_local_response") / 1000,
     "call_no_budget_ns": est("budget_mechanism_call_100_iterations", "none"),
@@ -563,6 +567,9 @@ print(f"ratio bare_pingora_vs_nginx={med['pingora_bare'] / med['nginx']:.2f}")
 print(f"ratio gateway_vs_upstream_direct={med['gateway'] / med['upstream']:.2f}")
 print(f"ratio hook_vs_plain={med['gateway_key'] / med['gateway']:.2f}")
 print(f"ratio jwt_hook_vs_plain={med['gateway_jwt'] / med['gateway']:.2f}")
+# steady state of the JWT guest on baseline (Winch) code vs optimized (Cranelift) code,
+# in-process per request (criterion `jwt_tier`): above 1, baseline code is slower
+print(f"ratio jwt_baseline_vs_optimized={fig['jwt_hook_baseline_us'] / fig['jwt_hook_optimized_us']:.2f}")
 print(f"ratio wasm_auth_vs_njs_auth={med['gateway_key'] / med['nginx_njs_key']:.2f}")
 print(f"ratio wasm_backend_vs_plain={med['gateway_backend'] / med['gateway']:.2f}")
 # the API-key route with a fresh instance per request (isolation = "request") vs shared VMs

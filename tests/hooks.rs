@@ -1030,6 +1030,13 @@ hooks = ["hello"]
         "{}",
         gw.log()
     );
+    // it went live on baseline code; the artifact is written with its optimized code
+    assert!(
+        gw.wait_log("module optimized", Duration::from_secs(30))
+            .await,
+        "{}",
+        gw.log()
+    );
     let (dir, ports) = gw.stop();
     let gw = Gw::start_in(dir, &conf, ports);
     assert!(

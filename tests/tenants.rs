@@ -637,6 +637,13 @@ async fn deploys_survive_a_restart_without_recompiling() {
         .0,
         200
     );
+    // the deploy went live on baseline code; its optimized code is the artifact kept
+    assert!(
+        gw.wait_log("module optimized", Duration::from_secs(30))
+            .await,
+        "{}",
+        gw.log()
+    );
     let (dir, ports) = gw.stop();
     let gw = Gw::start_in(dir, &conf(&up.addr()), ports);
     let r = client()

@@ -238,12 +238,87 @@ pub struct Compiled {
     pub abi01: bool,
     pub exports: Vec<String>,
     pub size: usize,
-    pub pre: InstancePre<host::Host>,
-    /// The callbacks' export indices, in the order `Vm::boot` looks them up, once the
-    /// module's first instance checked their types.
-    pub(crate) callbacks: std::sync::OnceLock<Box<[Option<wasmtime::ModuleExport>]>>,
+    /// Its machine code: swapped once when a module that went live on baseline code has
+    /// its optimized code (see [`Tier`]); instances and VMs started from then on use it.
+    code: arc_swap::ArcSwap<Code>,
     pub compile_time: Duration,
     pub from_disk: bool,
+}
+
+impl Compiled {
+    /// The code new instances start from.
+    pub fn code(&self) -> Arc<Code> {
+        self.code.load_full()
+    }
+
+    pub fn tier(&self) -> Tier {
+        self.code.load().tier
+    }
+
+    /// `code` is what new instances start from.
+    pub(crate) fn is_current(&self, code: &Arc<Code>) -> bool {
+        Arc::ptr_eq(&self.code.load(), code)
+    }
+}
+
+/// Which compiler made a module's code. A module nowhere compiled yet (a deploy, a conf
+/// load without a cached artifact) goes live on baseline code at once, and a background
+/// thread compiles its optimized code, which then replaces it for new instances and VMs
+/// (running ones finish on the code they started with). Precompiled artifacts are always
+/// optimized code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Winch, wasmtime's baseline compiler: one pass, several times faster to compile,
+    /// slower to run.
+    Baseline,
+    /// Cranelift, the optimizing compiler.
+    Optimized,
+}
+
+/// Which compilers a runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compilers {
+    /// Baseline first, optimized in the background (serving).
+    Tiered,
+    /// Optimized only (a conf check; benchmarks).
+    Optimized,
+    /// Baseline only, never upgraded (tests and benchmarks of the baseline tier).
+    Baseline,
+}
+
+/// A module's machine code for one engine, ready to instantiate.
+pub struct Code {
+    pub tier: Tier,
+    pub pre: InstancePre<host::Host>,
+    /// The callbacks' export indices, in the order `Vm::boot` looks them up, once the
+    /// first instance of this code checked their types.
+    pub(crate) callbacks: std::sync::OnceLock<Box<[Option<wasmtime::ModuleExport>]>>,
+}
+
+impl Code {
+    fn new(linker: &Linker<host::Host>, module: &Module, tier: Tier) -> Result<Code, ModuleError> {
+        let mut linker = linker.clone();
+        host::wasi::stub_unknown(&mut linker, module).map_err(ModuleError::MissingImport)?;
+        let pre = linker
+            .instantiate_pre(module)
+            .map_err(|e| ModuleError::MissingImport(root_cause(&e)))?;
+        Ok(Code {
+            tier,
+            pre,
+            callbacks: Default::default(),
+        })
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        self.pre.module().engine()
+    }
+}
+
+/// A module that went live on baseline code, for the background compiler.
+struct Upgrade {
+    compiled: Arc<Compiled>,
+    bytes: Vec<u8>,
+    artifact: Option<PathBuf>,
 }
 
 /// A configured module: compiled code, its conf, its idle VMs.
@@ -251,7 +326,6 @@ pub struct Plugin {
     pub spec: PluginSpec,
     pub compiled: Arc<Compiled>,
     pub(crate) shared: Arc<SharedState>,
-    pub(crate) engine: Engine,
     idle: ArrayQueue<Box<vm::Vm>>,
     permits: Arc<tokio::sync::Semaphore>,
     pub(crate) metrics: PluginMetrics,
@@ -438,8 +512,15 @@ impl TenantQuota {
 
 /// The engine, the host functions, and the compiled-module cache.
 pub struct Runtime {
+    /// Cranelift: optimized code, with the pooling allocator.
     engine: Engine,
     linker: Linker<host::Host>,
+    /// Winch, for modules not compiled yet ([`Compilers::Tiered`] or `Baseline`).
+    baseline: Option<(Engine, Linker<host::Host>)>,
+    compilers: Compilers,
+    /// Where baseline modules go for their optimized code (the thread starts with the
+    /// first one).
+    optimizer: std::sync::Mutex<Option<std::sync::mpsc::Sender<Upgrade>>>,
     cache: DashMap<[u8; 32], Arc<Compiled>>,
     /// Where precompiled artifacts persist across restarts, once the conf named it.
     cache_dir: std::sync::OnceLock<PathBuf>,
@@ -464,16 +545,37 @@ impl Runtime {
     }
 
     /// `persist`: precompiled artifacts are kept on disk, in the folder the first conf
-    /// names ([`Runtime::set_cache_dir`]); otherwise in memory only.
+    /// names ([`Runtime::set_cache_dir`]), and modules are compiled in tiers; otherwise
+    /// artifacts stay in memory and every module is compiled optimized at once.
     pub fn new(persist: bool) -> anyhow::Result<Runtime> {
+        let compilers = if persist {
+            Compilers::Tiered
+        } else {
+            Compilers::Optimized
+        };
+        Self::with_compilers(persist, compilers)
+    }
+
+    pub fn with_compilers(persist: bool, compilers: Compilers) -> anyhow::Result<Runtime> {
         let werr = |e: wasmtime::Error| anyhow::anyhow!("{e:#}");
-        let engine = Engine::new(&engine_config()).map_err(werr)?;
-        let mut linker = Linker::new(&engine);
-        host::define(&mut linker).map_err(werr)?;
-        host::wasi::define(&mut linker).map_err(werr)?;
+        let linked = |config: &Config| -> anyhow::Result<(Engine, Linker<host::Host>)> {
+            let engine = Engine::new(config).map_err(werr)?;
+            let mut linker = Linker::new(&engine);
+            host::define(&mut linker).map_err(werr)?;
+            host::wasi::define(&mut linker).map_err(werr)?;
+            Ok((engine, linker))
+        };
+        let (engine, linker) = linked(&engine_config())?;
+        let baseline = match compilers {
+            Compilers::Optimized => None,
+            _ => Some(linked(&baseline_config())?),
+        };
         Ok(Runtime {
             engine,
             linker,
+            baseline,
+            compilers,
+            optimizer: Default::default(),
             cache: DashMap::new(),
             cache_dir: std::sync::OnceLock::new(),
             components: std::sync::OnceLock::new(),
@@ -548,32 +650,94 @@ impl Runtime {
     }
 
     /// Compiles `bytes` (or finds it compiled, in memory or on disk) and checks that it
-    /// is a Proxy-Wasm module this host can run.
+    /// is a Proxy-Wasm module this host can run. A module not compiled before goes live on
+    /// baseline code when the runtime is tiered (see [`Tier`]).
     pub fn compile(&self, bytes: &[u8]) -> Result<Arc<Compiled>, ModuleError> {
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         if let Some(c) = self.cache.get(&digest) {
             return Ok(c.clone());
         }
+        if !bytes.starts_with(b"\0asm") {
+            return Err(ModuleError::NotWasm);
+        }
         let start = Instant::now();
-        let (module, from_disk) = self.load_or_compile(bytes, &digest)?;
-        vm::check_exports(&module).map_err(ModuleError::NotProxyWasm)?;
-        let mut linker = self.linker.clone();
-        host::wasi::stub_unknown(&mut linker, &module).map_err(ModuleError::MissingImport)?;
-        let pre = linker
-            .instantiate_pre(&module)
-            .map_err(|e| ModuleError::MissingImport(root_cause(&e)))?;
+        let artifact = self.artifact_path(&self.engine, &hex::encode(digest), "cwasm");
+        let precompiled = load_artifact(&self.engine, artifact.as_deref());
+        // Winch does not compile every proposal Cranelift does: then Cranelift it is
+        let baseline = match (&precompiled, &self.baseline) {
+            (None, Some((engine, linker))) => Some((Module::new(engine, bytes).ok(), linker)),
+            _ => None,
+        };
+        let (code, from_disk) = match (precompiled, baseline) {
+            (Some(module), _) => (checked(&self.linker, &module, Tier::Optimized)?, true),
+            (None, Some((Some(module), linker))) => {
+                (checked(linker, &module, Tier::Baseline)?, false)
+            }
+            (None, _) => {
+                let module = optimize(&self.engine, bytes, artifact.as_deref())?;
+                (checked(&self.linker, &module, Tier::Optimized)?, false)
+            }
+        };
+        let module = code.pre.module();
         let compiled = Arc::new(Compiled {
             abi01: module.get_export("proxy_abi_version_0_1_0").is_some(),
             exports: module.exports().map(|e| e.name().to_string()).collect(),
             digest: hex::encode(digest),
             size: bytes.len(),
-            pre,
-            callbacks: Default::default(),
+            code: arc_swap::ArcSwap::from_pointee(code),
             compile_time: start.elapsed(),
             from_disk,
         });
         self.cache.insert(digest, compiled.clone());
+        if compiled.tier() == Tier::Baseline && self.compilers == Compilers::Tiered {
+            self.optimize_later(Upgrade {
+                compiled: compiled.clone(),
+                bytes: bytes.to_vec(),
+                artifact,
+            });
+        }
         Ok(compiled)
+    }
+
+    /// Queues a baseline module for its optimized code. One background thread compiles
+    /// them one at a time (Cranelift compiles a module's functions in parallel itself), so
+    /// a burst of deploys never takes more than the cores one compile takes.
+    fn optimize_later(&self, job: Upgrade) {
+        let mut tx = self.optimizer.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match tx.as_ref() {
+            Some(sender) => match sender.send(job) {
+                Ok(()) => return,
+                // the thread is gone (it cannot panic, but if it did): start another
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (send, jobs) = std::sync::mpsc::channel::<Upgrade>();
+        let (engine, linker) = (self.engine.clone(), self.linker.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wasmgate-optimize".into())
+            .spawn(move || {
+                for job in jobs {
+                    upgrade(&engine, &linker, job);
+                }
+            });
+        if spawned.is_ok() && send.send(job).is_ok() {
+            *tx = Some(send);
+        }
+    }
+
+    /// Waits until every module queued for optimized code has it (tests, benchmarks).
+    pub fn wait_optimized(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.compilers == Compilers::Tiered
+            && self.cache.iter().any(|c| c.tier() == Tier::Baseline)
+        {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// Where the precompiled code of the module with `digest` lives, for `engine` (its
@@ -584,38 +748,6 @@ impl Runtime {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         Some(d.join(format!("{digest}-{:016x}.{ext}", h.finish())))
-    }
-
-    fn load_or_compile(
-        &self,
-        bytes: &[u8],
-        digest: &[u8; 32],
-    ) -> Result<(Module, bool), ModuleError> {
-        if !bytes.starts_with(b"\0asm") {
-            return Err(ModuleError::NotWasm);
-        }
-        let artifact = self.artifact_path(&self.engine, &hex::encode(digest), "cwasm");
-        if let Some(path) = &artifact {
-            if path.exists() {
-                // SAFETY: the artifact was written by `Module::serialize` of an engine with
-                // the same compatibility hash (part of the file name), into the gateway's
-                // own data directory; wasmtime checks its header and version again.
-                if let Ok(m) = unsafe { Module::deserialize_file(&self.engine, path) } {
-                    return Ok((m, true));
-                }
-            }
-        }
-        let module = Module::new(&self.engine, bytes)
-            .map_err(|e| ModuleError::DoesNotCompile(root_cause(&e)))?;
-        if let Some(path) = artifact {
-            if let Ok(ser) = module.serialize() {
-                let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, ser).is_ok() {
-                    let _ = std::fs::rename(&tmp, &path);
-                }
-            }
-        }
-        Ok((module, false))
     }
 
     /// Builds a plugin: compile, then start one VM to run `on_vm_start` and `on_configure`,
@@ -655,7 +787,6 @@ impl Runtime {
         let plugin = Arc::new(Plugin {
             compiled,
             shared: self.shared.clone(),
-            engine: self.engine.clone(),
             idle: ArrayQueue::new(max.max(1)),
             permits: Arc::new(tokio::sync::Semaphore::new(max)),
             metrics: pm,
@@ -769,10 +900,21 @@ impl Plugin {
     /// has callouts to make, or gRPC streams open, stays out of the pool until they are
     /// answered or closed.
     fn park(self: &Arc<Self>, mut vm: Box<vm::Vm>) {
+        let root_busy = vm.has_root_calls() || vm.has_root_streams();
         if self.retired.load(Ordering::Acquire) || vm.is_stale(self) {
             return self.dispose(vm);
         }
-        if vm.has_root_calls() || vm.has_root_streams() {
+        if vm.runs_old_code(self) && !root_busy {
+            // its replacement on the new code takes its place (unbilled, like the VM a
+            // module starts with), so the module's root context lives on: its ticks and
+            // queues do not wait for the next request
+            self.dispose(vm);
+            match vm::Vm::start(self, false) {
+                Ok(vm) => return self.park(vm),
+                Err(f) => return self.report(&f),
+            }
+        }
+        if root_busy {
             if let (Some(d), Ok(rt)) = (self.dispatch.get(), tokio::runtime::Handle::try_current())
             {
                 let calls = vm.take_root_calls();
@@ -1060,6 +1202,63 @@ impl Plugin {
             self.park(vm);
         }
     }
+}
+
+/// `module`'s code, once it is known to be a Proxy-Wasm module whose imports link.
+fn checked(linker: &Linker<host::Host>, module: &Module, tier: Tier) -> Result<Code, ModuleError> {
+    vm::check_exports(module).map_err(ModuleError::NotProxyWasm)?;
+    Code::new(linker, module, tier)
+}
+
+/// A precompiled artifact, if one is there and loads.
+fn load_artifact(engine: &Engine, path: Option<&Path>) -> Option<Module> {
+    let path = path.filter(|p| p.exists())?;
+    // SAFETY: the artifact was written by `Module::serialize` of an engine with the same
+    // compatibility hash (part of the file name), into the gateway's own data directory;
+    // wasmtime checks its header and version again.
+    unsafe { Module::deserialize_file(engine, path) }.ok()
+}
+
+/// Compiles `bytes` with Cranelift and keeps the artifact at `artifact` (written to a
+/// temporary name, then renamed: a reader never sees half a file).
+fn optimize(engine: &Engine, bytes: &[u8], artifact: Option<&Path>) -> Result<Module, ModuleError> {
+    let module =
+        Module::new(engine, bytes).map_err(|e| ModuleError::DoesNotCompile(root_cause(&e)))?;
+    if let (Some(path), Ok(ser)) = (artifact, module.serialize()) {
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, ser).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+    Ok(module)
+}
+
+/// Gives a baseline module its optimized code (the background compiler's one job).
+fn upgrade(engine: &Engine, linker: &Linker<host::Host>, job: Upgrade) {
+    let start = Instant::now();
+    let code = optimize(engine, &job.bytes, job.artifact.as_deref())
+        .and_then(|module| Code::new(linker, &module, Tier::Optimized));
+    let digest = &job.compiled.digest[..12];
+    match code {
+        Ok(code) => {
+            job.compiled.code.store(Arc::new(code));
+            let ms = start.elapsed().as_millis() as u64;
+            tracing::info!(digest, compile_ms = ms, "module optimized");
+        }
+        // it runs on baseline code, so this is the optimizer's limit, not the module's
+        // fault: it keeps its baseline code
+        Err(e) => tracing::warn!(digest, error = %e, "module stays on baseline code"),
+    }
+}
+
+/// Winch: the same limits, fuel and stack as [`engine_config`], without the pooling
+/// allocator (baseline code serves a module only until its optimized code is ready, so
+/// its instances are few; their memory is still capped per store).
+fn baseline_config() -> Config {
+    let mut c = engine_config();
+    c.strategy(wasmtime::Strategy::Winch);
+    c.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+    c
 }
 
 fn engine_config() -> Config {

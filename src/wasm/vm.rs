@@ -50,6 +50,8 @@ struct Exports {
 
 pub struct Vm {
     store: Store<Host>,
+    /// The code it runs (a module's baseline code until its optimized code is ready).
+    code: Arc<super::Code>,
     f: Exports,
     next_ctx: i32,
     /// Callouts the root context made outside any request (`on_configure`, `on_tick`,
@@ -133,33 +135,38 @@ impl Vm {
             abi01: plugin.compiled.abi01,
             awaiting_done: false,
         };
-        let mut store = Store::new(&plugin.engine, host);
+        let code = plugin.compiled.code();
+        let mut store = Store::new(code.engine(), host);
         store.limiter(|h| &mut h.limits);
         let start_fuel = fuel_for(plugin.spec.budget).saturating_mul(START_BUDGET_FACTOR);
         store.set_fuel(start_fuel).map_err(|e| Failure {
             callback: "instantiate",
             cause: Cause::Trap(e.to_string()),
         })?;
-        let booted = Self::boot(plugin, &mut store);
+        let booted = Self::boot(plugin, &code, &mut store);
         if billed {
             plugin.bill_fuel(start_fuel - store.get_fuel().unwrap_or(0).min(start_fuel));
         }
         let root_calls = std::mem::take(&mut store.data_mut().effects.calls);
         Ok(Box::new(Vm {
             store,
+            code,
             f: booted?,
             next_ctx: ROOT + 1,
             root_calls,
         }))
     }
 
-    fn boot(plugin: &Arc<Plugin>, store: &mut Store<Host>) -> Result<Exports, Failure> {
+    fn boot(
+        plugin: &Arc<Plugin>,
+        code: &super::Code,
+        store: &mut Store<Host>,
+    ) -> Result<Exports, Failure> {
         let fail = |cb: &'static str, msg: String| Failure {
             callback: cb,
             cause: Cause::Trap(msg),
         };
-        let inst = plugin
-            .compiled
+        let inst = code
             .pre
             .instantiate(&mut *store)
             .map_err(|e| failure("instantiate", e, store.data()))?;
@@ -167,8 +174,8 @@ impl Vm {
         // indices by name and has wasmtime check each callback's type; they are kept then,
         // so the module's later instances (a fresh one per request under `isolation =
         // "request"`) skip both the name lookups and the type checks.
-        let known = plugin.compiled.callbacks.get();
-        let module = plugin.compiled.pre.module();
+        let known = code.callbacks.get();
+        let module = code.pre.module();
         let wrong = |name: &str, e: String| {
             fail(
                 "instantiate",
@@ -257,7 +264,7 @@ impl Vm {
             None => opt!("_start").map(|f| (f, "_start")),
         };
         if known.is_none() {
-            let _ = plugin.compiled.callbacks.set(found.into());
+            let _ = code.callbacks.set(found.into());
         }
         if let Some((init, name)) = init {
             init.call(&mut *store, ())
@@ -325,8 +332,15 @@ impl Vm {
 
     /// The root context's callouts not yet sent.
     /// Whether the plugin was reconfigured after this VM took its configuration.
+    /// Started with a configuration since replaced: not pooled again.
     pub(crate) fn is_stale(&self, plugin: &Plugin) -> bool {
         self.store.data().config_gen != plugin.config_gen.load(Ordering::Acquire)
+    }
+
+    /// Runs code since replaced by the module's optimized code: not pooled again once its
+    /// root context has nothing open (callouts, gRPC streams), which would be lost.
+    pub(crate) fn runs_old_code(&self, plugin: &Plugin) -> bool {
+        !plugin.compiled.is_current(&self.code)
     }
 
     pub(crate) fn take_root_calls(&mut self) -> Vec<PendingCall> {
@@ -526,6 +540,11 @@ impl Lease {
 
     pub fn plugin(&self) -> &Arc<Plugin> {
         &self.plugin
+    }
+
+    /// Which compiler made the code this request runs on.
+    pub fn tier(&self) -> Option<super::Tier> {
+        self.vm.as_ref().map(|vm| vm.code.tier)
     }
 
     /// Whether this request's HTTP context exists and has not failed: Envoy calls a

@@ -7,7 +7,8 @@
 use crate::metrics::Metrics;
 use crate::wasm::abi::{self, Status};
 use crate::wasm::{
-    Cause, FailurePolicy, Isolation, Outcome, Plugin, PluginSpec, RequestInfo, Runtime,
+    Cause, Compilers, FailurePolicy, Isolation, Outcome, Plugin, PluginSpec, RequestInfo, Runtime,
+    Tier,
 };
 use pingora::http::RequestHeader;
 use std::sync::Arc;
@@ -710,4 +711,134 @@ fn fresh_instances_see_the_memory_their_module_declares() {
     for _ in 0..4 {
         assert_eq!(seen(&fresh, false).as_deref(), Some("7"));
     }
+}
+
+/// A plugin on a runtime with these compilers.
+fn plugin_on(compilers: Compilers, bytes: &[u8], spec: PluginSpec) -> (Runtime, Arc<Plugin>) {
+    let rt = Runtime::with_compilers(false, compilers).expect("runtime");
+    let p = rt.plugin(spec, bytes, &Metrics::new()).expect("plugin");
+    (rt, p)
+}
+
+/// Sums 1..=n in a loop, stores the sum in memory and records its low byte.
+fn summing(n: u32) -> Vec<u8> {
+    guest(
+        &format!(
+            r#"(local.set $a (i32.const {n}))
+               (loop $l
+                 (local.set $b (i32.add (local.get $b) (local.get $a)))
+                 (i32.store (i32.const 300) (local.get $b))
+                 (local.set $a (i32.sub (local.get $a) (i32.const 1)))
+                 (br_if $l (local.get $a)))
+               (call $rec (i32.and (i32.load (i32.const 300)) (i32.const 15)))"#
+        ),
+        "",
+    )
+}
+
+#[test]
+fn baseline_code_is_metered_and_limited_as_optimized_code_is() {
+    let n = 10_000u32;
+    let expect = (n * (n + 1) / 2) & 15;
+    let mut fuel = Vec::new();
+    for compilers in [Compilers::Optimized, Compilers::Baseline] {
+        let (_rt, p) = plugin_on(compilers, &summing(n), spec(Isolation::Shared));
+        let before = p.metrics.fuel.get();
+        let (out, req) = run(&p);
+        assert!(matches!(out, Outcome::Continue), "{compilers:?}: {out:?}");
+        let letter = char::from(b'A' + expect as u8).to_string();
+        assert_eq!(all(&req, "x-s"), [letter], "{compilers:?}");
+        fuel.push(p.metrics.fuel.get() - before);
+        assert_eq!(
+            p.compiled.tier(),
+            match compilers {
+                Compilers::Baseline => Tier::Baseline,
+                _ => Tier::Optimized,
+            }
+        );
+    }
+    // Winch and Cranelift count the same operators: one request costs the same fuel
+    let (optimized, baseline) = (fuel[0], fuel[1]);
+    eprintln!("fuel per request: optimized {optimized}, baseline {baseline}");
+    assert!(optimized > u64::from(n) * 4, "{optimized}");
+    assert_eq!(baseline, optimized);
+
+    // the budget stops an endless loop, and memory cannot grow past the module's limit,
+    // on baseline code too
+    let mut s = spec(Isolation::Shared);
+    s.budget = Duration::from_micros(200);
+    let endless = guest("(loop $l (br $l))", "");
+    let (_rt, p) = plugin_on(Compilers::Baseline, &endless, s);
+    match run(&p).0 {
+        Outcome::Failed(f) => assert!(matches!(f.cause, Cause::Overrun), "{:?}", f.cause),
+        other => panic!("expected an overrun, got {other:?}"),
+    }
+    // 16 MiB allowed, 2 pages declared: 254 more pages fit, 255 do not
+    let grow = guest(
+        "(call $rec (i32.add (i32.const 2) (memory.grow (i32.const 255))))
+         (call $rec (i32.add (i32.const 2) (memory.grow (i32.const 254))))",
+        "",
+    );
+    let (_rt, p) = plugin_on(Compilers::Baseline, &grow, spec(Isolation::Shared));
+    let (_, req) = run(&p);
+    // memory.grow answers the old size (2 pages) or -1: recorded as 2 + that
+    assert_eq!(all(&req, "x-s"), ["B", "E"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_go_live_on_baseline_code_and_move_to_optimized_code_without_a_failure() {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/guests/out/api_key_auth.wasm"
+    ))
+    .expect("built guests (scripts/build-guests.sh)");
+    let mut s = spec(Isolation::Shared);
+    s.config = br#"{"keys": ["k1"]}"#.to_vec();
+    s.max_instances = 8;
+    let (rt, p) = plugin_on(Compilers::Tiered, &bytes, s);
+    // requests from four tasks while the optimizer works; then until each task saw the
+    // new code
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while std::time::Instant::now() < deadline {
+                    let mut req = request();
+                    let mut info = RequestInfo::default();
+                    let mut lease = p.lease().await.expect("lease");
+                    let tier = lease.tier().expect("a VM");
+                    let out = lease.on_request_headers(&mut req, &mut info, true);
+                    lease.finish(Some(&req), None, &mut info);
+                    assert!(matches!(out, Outcome::Continue), "{tier:?}: {out:?}");
+                    if seen.last() != Some(&tier) {
+                        seen.push(tier);
+                    }
+                    if tier == Tier::Optimized && seen.len() > 1 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                seen
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), [Tier::Baseline, Tier::Optimized]);
+    }
+    assert!(rt.wait_optimized(Duration::from_secs(30)));
+    assert_eq!(p.compiled.tier(), Tier::Optimized);
+    // a key the guest does not know is still refused on the new code
+    let mut req = request();
+    req.insert_header("x-api-key", "nope").unwrap();
+    let mut info = RequestInfo::default();
+    let mut lease = p.lease().await.expect("lease");
+    assert_eq!(lease.tier(), Some(Tier::Optimized));
+    let out = lease.on_request_headers(&mut req, &mut info, true);
+    lease.finish(Some(&req), None, &mut info);
+    assert!(
+        matches!(out, Outcome::Respond(ref r) if r.status == 401),
+        "{out:?}"
+    );
 }
