@@ -462,49 +462,21 @@ hooks = ["events"]
 /// SNI and CA (here another gateway's TLS listener), and refused without them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn functions_call_upstreams_through_the_gateway_pool() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let up = Upstream::start("up").await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["up.test".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let p = |n: &str| dir.path().join(n).display().to_string();
-    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(p("up.crt"), leaf.pem()).unwrap();
-    std::fs::write(p("up.key"), leaf_key.serialize_pem()).unwrap();
+    let late = Upstream::with(UpstreamOpts {
+        name: "late".into(),
+        body_after: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
     // a TLS front for the same upstream
-    let front_conf = format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = ""
-[admin]
-listen = ""
-[[listeners]]
-listen = "127.0.0.1:{{port:https}}"
-tls = {{ certs = [{{ cert = "{}", key = "{}", sni = ["up.test"] }}] }}
-[upstreams.up]
-targets = ["{}"]
-[[routes]]
-upstream = "up"
-"#,
-        p("up.crt"),
-        p("up.key"),
-        up.addr()
-    );
-    let front = Gw::start_in(dir, &front_conf, Default::default());
-    let ca_path = front.dir().join("ca.pem").display().to_string();
+    let (front, ca_path) = tls_front(&up.addr(), "up.test");
     let conf = HEAD.to_string()
         + &format!(
             r#"
 [upstreams.up]
+targets = ["{}"]
+[upstreams.late]
 targets = ["{}"]
 [upstreams.secure]
 targets = ["127.0.0.1:{}"]
@@ -514,22 +486,38 @@ targets = ["127.0.0.1:{}"]
 tls = {{ sni = "up.test" }}
 [modules.fetch]
 path = "{{guests}}/fetch-rs.wasm"
-allowed_upstreams = ["up", "secure", "untrusted"]
+allowed_upstreams = ["up", "late", "secure", "untrusted"]
 [[routes]]
 path_prefix = "/fetch"
 hooks = ["fetch"]
 "#,
             up.addr(),
+            late.addr(),
             front.port("https"),
             front.port("https"),
         );
     let gw = Gw::start(&conf);
     let stats = &up.stats;
     let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
-    for _ in 0..5 {
+    // the guest reads only the status of these answers: what it leaves of the body is
+    // drained so the connection serves the next call
+    for _ in 0..20 {
         assert_eq!(get(&gw, "/fetch?up").await, (200, "status 200\n".into()));
     }
-    assert_eq!(count(&stats.requests), 5);
+    assert_eq!(count(&stats.requests), 20);
+    // also when the body comes after the guest stopped reading (20 ms after the head;
+    // the next call comes once it is in)
+    for _ in 0..5 {
+        assert_eq!(get(&gw, "/fetch?late").await, (200, "status 200\n".into()));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let late_stats = &late.stats;
+    assert_eq!(count(&late_stats.requests), 5);
+    assert_eq!(
+        count(&late_stats.connections),
+        1,
+        "the late body was drained"
+    );
     assert_eq!(
         count(&stats.connections),
         1,
@@ -561,11 +549,11 @@ hooks = ["fetch"]
         get(&gw, "/fetch?secure").await,
         (200, "status 200\n".into())
     );
-    assert_eq!(count(&stats.requests), 7);
+    assert_eq!(count(&stats.requests), 22);
     let (status, text) = get(&gw, "/fetch?untrusted").await;
     assert_eq!(status, 200);
     assert!(text.starts_with("error ErrorCode::Tls"), "{text}");
-    assert_eq!(count(&stats.requests), 7);
+    assert_eq!(count(&stats.requests), 22);
 }
 
 /// The route's filters see a function's response body as they see an upstream's: the SDK
@@ -578,48 +566,26 @@ hooks = ["fetch"]
 async fn filters_see_and_change_a_functions_response_body() {
     let scanner = Upstream::start("scanner").await;
     let (dead, _dead) = refusing_port();
-    let conf = HEAD.to_string()
+    let mut conf = HEAD.to_string()
         + &format!(
-            r#"
-[upstreams.scanner]
-targets = ["{}"]
-[upstreams.dead]
-targets = ["127.0.0.1:{dead}"]
-[modules.js]
-path = "{{guests}}/hello-js.wasm"
-[modules.big]
-path = "{{guests}}/misbehave-rs.wasm"
-[modules.held]
-path = "{{guests}}/body_scan.wasm"
-allowed_upstreams = ["scanner"]
-config = {{ upstream = "scanner", hold_head = true }}
-[modules.streamed]
-path = "{{guests}}/body_scan.wasm"
-allowed_upstreams = ["scanner"]
-config = {{ upstream = "scanner" }}
-[modules.length]
-path = "{{guests}}/body_scan.wasm"
-allowed_upstreams = ["scanner"]
-config = {{ upstream = "scanner", keep_length = true }}
-[modules.refused]
-path = "{{guests}}/body_scan.wasm"
-allowed_upstreams = ["dead"]
-config = {{ upstream = "dead", hold_head = true }}
-[[routes]]
-path_prefix = "/held"
-hooks = ["held", "js"]
-[[routes]]
-path_prefix = "/streamed"
-hooks = ["streamed", "js"]
-[[routes]]
-path_prefix = "/refused"
-hooks = ["refused", "js"]
-[[routes]]
-path_prefix = "/length/"
-hooks = ["length", "big"]
-"#,
+            "\n[upstreams.scanner]\ntargets = [\"{}\"]\n[upstreams.dead]\ntargets = [\"127.0.0.1:{dead}\"]\n\
+             [modules.js]\npath = \"{{guests}}/hello-js.wasm\"\n\
+             [modules.big]\npath = \"{{guests}}/misbehave-rs.wasm\"\n",
             scanner.addr()
         );
+    // one body-scan module per behaviour, each in front of a function at /NAME
+    for (name, target, options, function) in [
+        ("held", "scanner", ", hold_head = true", "js"),
+        ("streamed", "scanner", "", "js"),
+        ("length", "scanner", ", keep_length = true", "big"),
+        ("refused", "dead", ", hold_head = true", "js"),
+    ] {
+        conf += &format!(
+            "[modules.{name}]\npath = \"{{guests}}/body_scan.wasm\"\nallowed_upstreams = [\"{target}\"]\n\
+             config = {{ upstream = \"{target}\"{options} }}\n\
+             [[routes]]\npath_prefix = \"/{name}\"\nhooks = [\"{name}\", \"{function}\"]\n"
+        );
+    }
     let gw = Gw::start(&conf);
     let send = |path: &str| client().get(gw.url("http", path)).send();
     for path in ["/held", "/streamed", "/held"] {

@@ -653,44 +653,10 @@ async fn access_log_path_is_relative_to_the_conf() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_tls_with_sni_and_verification() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let echo = Upstream::start("echo").await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["up.test".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let p = |n: &str| dir.path().join(n).display().to_string();
-    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(p("up.crt"), leaf.pem()).unwrap();
-    std::fs::write(p("up.key"), leaf_key.serialize_pem()).unwrap();
     // gateway A: the TLS upstream, fronting the echo server
-    let a_conf = format!(
-        r#"
-[server]
-watch_config = false
-[metrics]
-listen = ""
-[[listeners]]
-listen = "127.0.0.1:{{port:https}}"
-tls = {{ certs = [{{ cert = "{}", key = "{}", sni = ["up.test"] }}] }}
-[upstreams.echo]
-targets = ["{}"]
-[[routes]]
-upstream = "echo"
-"#,
-        p("up.crt"),
-        p("up.key"),
-        echo.addr()
-    );
-    let a = Gw::start_in(dir, &a_conf, Default::default());
+    let (a, ca_path) = tls_front(&echo.addr(), "up.test");
     let a_addr = format!("127.0.0.1:{}", a.port("https"));
-    let ca_path = a.dir().join("ca.pem").display().to_string();
     // gateway B: proxies to A over TLS, verifying A's certificate against the CA
     let b_conf = format!(
         r#"

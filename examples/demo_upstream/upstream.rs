@@ -18,6 +18,8 @@ pub struct UpstreamOpts {
     pub delay: Duration,
     /// Close the connection after reading the request, without answering.
     pub reset: bool,
+    /// Send the response head, wait this long, then the body (a body that comes later).
+    pub body_after: Duration,
 }
 
 /// Requests answered and connections accepted, for tests.
@@ -157,6 +159,11 @@ async fn conn(mut sock: TcpStream, opts: &UpstreamOpts, stats: &Stats) -> std::i
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-upstream: ");
         out.extend_from_slice(opts.name.as_bytes());
         out.extend_from_slice(format!("\r\ncontent-length: {}\r\n\r\n", payload.len()).as_bytes());
+        if !opts.body_after.is_zero() {
+            sock.write_all(&out).await?;
+            tokio::time::sleep(opts.body_after).await;
+            out.clear();
+        }
         if method != "HEAD" {
             out.extend_from_slice(&payload);
         }

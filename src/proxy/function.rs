@@ -53,7 +53,7 @@ pub enum RequestBody {
 
 /// Runs the request through `backend`. `Err` after the head was sent means the response
 /// was cut off. The body bytes in (from the client) and out (to it) count in the
-/// function's usage, however the request ended.
+/// function's usage, however the request ended (see [`Tally`]).
 pub async fn serve(
     session: &mut Session,
     backend: &Arc<FunctionBackend>,
@@ -62,32 +62,12 @@ pub async fn serve(
     route: &str,
     filters: Filters<'_>,
 ) -> Result<Served> {
-    let (mut bytes_in, mut bytes_out) = (0, 0);
-    let io = Tally {
-        bytes_in: &mut bytes_in,
-        bytes_out: &mut bytes_out,
+    let mut tally = Tally {
+        backend,
+        bytes_in: 0,
+        bytes_out: 0,
     };
-    let served = answer(session, backend, authority, body, route, filters, io).await;
-    backend.count_bytes(bytes_in, bytes_out);
-    served
-}
-
-/// Body bytes moved for one request.
-struct Tally<'a> {
-    bytes_in: &'a mut u64,
-    bytes_out: &'a mut u64,
-}
-
-async fn answer(
-    session: &mut Session,
-    backend: &Arc<FunctionBackend>,
-    authority: &str,
-    body: RequestBody,
-    route: &str,
-    filters: Filters<'_>,
-    tally: Tally<'_>,
-) -> Result<Served> {
-    let seen = tally.bytes_in;
+    let seen = &mut tally.bytes_in;
     if let RequestBody::Read(b) = &body {
         *seen = b.len() as u64;
     }
@@ -151,7 +131,7 @@ async fn answer(
         head_only: session.req_header().method == http::Method::HEAD,
         h11: session.req_header().version == http::Version::HTTP_11 && !session.is_http2(),
         length: None,
-        sent: tally.bytes_out,
+        sent: &mut tally.bytes_out,
     };
     // The route's filters see the head as the function set it (a CORS or security-header
     // filter applies to a function's answer as to an upstream's), then the body as it
@@ -250,13 +230,31 @@ async fn answer(
         );
         return Error::e_explain(InternalError, cause);
     }
-    if let Some(t) = trailers {
-        session.write_response_trailers(t).await?;
+    // over HTTP/2 the trailers end the stream; HTTP/1 gets none (Pingora writes no
+    // HTTP/1 trailers) and its body ends with its framing
+    match trailers {
+        Some(t) if session.is_http2() => session.write_response_trailers(t).await?,
+        _ => {
+            session
+                .write_response_body(Some(Bytes::new()), true)
+                .await?
+        }
     }
-    session
-        .write_response_body(Some(Bytes::new()), true)
-        .await?;
     Ok(Served::Answered)
+}
+
+/// Body bytes one request moved, counted in the function's usage when the request ends,
+/// however it ends (answered, failed, cut off, or dropped because the client left).
+struct Tally<'a> {
+    backend: &'a Arc<FunctionBackend>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        self.backend.count_bytes(self.bytes_in, self.bytes_out);
+    }
 }
 
 /// The function's response on its way to the client.
@@ -319,7 +317,7 @@ impl Out<'_> {
             Flow::Respond(r) if state.held_head.is_some() || self.head.is_some() => Ok(Some(r)),
             Flow::Respond(_) => Error::e_explain(
                 InternalError,
-                "a hook answered during the function's response body: cut off",
+                "a hook answered or failed during the function's response body: cut off",
             ),
             Flow::Continue => {
                 if let Some(head) = state.head_ready() {

@@ -1079,6 +1079,10 @@ impl Callouts {
         let mut body = Vec::new();
         while let Some(chunk) = s.read_response_body().await? {
             if body.len() + chunk.len() > 1 << 20 {
+                tracing::warn!(
+                    upstream = %c.upstream_name(),
+                    "callout answer over 1 MiB: the guest gets it as a lost connection"
+                );
                 return Err(pingora::Error::explain(
                     pingora::ErrorType::InvalidHTTPHeader,
                     "callout response over 1 MiB",

@@ -32,6 +32,10 @@ static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 /// Frames of a response body in flight to the caller before the reader waits.
 const BODY_FRAMES: usize = 4;
 
+/// The most of a response body the caller left unread that is read and dropped to keep
+/// its connection for the next call; past that the connection is closed instead.
+const DRAIN: usize = 64 << 10;
+
 /// How long each step may take: the upstream's timeouts, or shorter ones the caller asked.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
@@ -144,14 +148,21 @@ where
     s.set_read_timeout(Some(deadlines.between_bytes));
     let (mut tx, rx) = mpsc::channel(BODY_FRAMES);
     let pump = async move {
+        // what is left of the body once the caller stopped reading it (a guest that only
+        // wanted the status): read and dropped, up to DRAIN bytes, so the connection can
+        // serve the next call
+        let mut drain: Option<usize> = None;
         loop {
             match s.read_response_body().await {
-                Ok(Some(data)) => {
-                    if tx.send(Ok(Frame::data(data))).await.is_err() {
-                        // the caller stopped reading: this connection is not reusable
-                        return;
+                Ok(Some(data)) => match drain.as_mut() {
+                    Some(left) if data.len() > *left => return, // too much: not reused
+                    Some(left) => *left -= data.len(),
+                    None => {
+                        if tx.send(Ok(Frame::data(data))).await.is_err() {
+                            drain = Some(DRAIN);
+                        }
                     }
-                }
+                },
                 Ok(None) => break,
                 Err(e) => {
                     let _ = tx.send(Err(CallError::from(e))).await;

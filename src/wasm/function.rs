@@ -210,13 +210,14 @@ impl component::OutgoingPolicy for Wiring {
                 .await
                 .map_err(error_code)?;
             let response = response.map(|b| b.map_err(error_code).boxed_unsync());
-            let pump = async move {
-                pump.await;
-                Ok(())
-            };
+            // on a task of its own: wasi-http aborts the work it is handed when the guest
+            // drops the response, and the pump must outlive that to drain what the guest
+            // left of the body and give the connection back to the pool
+            tokio::spawn(pump);
+            let done = async { Ok(()) };
             Ok((
                 response,
-                Box::new(pump) as Box<dyn std::future::Future<Output = _> + Send>,
+                Box::new(done) as Box<dyn std::future::Future<Output = _> + Send>,
             ))
         })
     }

@@ -570,6 +570,13 @@ impl Runtime {
             Compilers::Optimized => None,
             _ => Some(linked(&baseline_config())?),
         };
+        if let Some((engine, _)) = &baseline {
+            // the compiler's one-time set-up, here rather than in the first deploy
+            let _ = Module::new(
+                engine,
+                "(module (func (export \"f\") (result i32) (i32.const 1)))",
+            );
+        }
         Ok(Runtime {
             engine,
             linker,
@@ -653,9 +660,14 @@ impl Runtime {
     /// is a Proxy-Wasm module this host can run. A module not compiled before goes live on
     /// baseline code when the runtime is tiered (see [`Tier`]).
     pub fn compile(&self, bytes: &[u8]) -> Result<Arc<Compiled>, ModuleError> {
+        self.compile_found(bytes).map(|(c, _)| c)
+    }
+
+    /// [`Runtime::compile`], and whether the module was already compiled in memory.
+    fn compile_found(&self, bytes: &[u8]) -> Result<(Arc<Compiled>, bool), ModuleError> {
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         if let Some(c) = self.cache.get(&digest) {
-            return Ok(c.clone());
+            return Ok((c.clone(), true));
         }
         if !bytes.starts_with(b"\0asm") {
             return Err(ModuleError::NotWasm);
@@ -696,7 +708,7 @@ impl Runtime {
                 artifact,
             });
         }
-        Ok(compiled)
+        Ok((compiled, false))
     }
 
     /// Queues a baseline module for its optimized code. One background thread compiles
@@ -717,8 +729,15 @@ impl Runtime {
         let spawned = std::thread::Builder::new()
             .name("wasmgate-optimize".into())
             .spawn(move || {
+                // Cranelift on this one thread: the other cores stay free for requests
+                // and for the baseline compiles of the next deploys (with its parallel
+                // compilation, a 24 ms Winch compile took 140-240 ms beside it)
+                let mut config = engine_config();
+                config.parallel_compilation(false);
+                config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+                let serial = Engine::new(&config).ok();
                 for job in jobs {
-                    upgrade(&engine, &linker, job);
+                    upgrade(serial.as_ref(), &engine, &linker, job);
                 }
             });
         if spawned.is_ok() && send.send(job).is_ok() {
@@ -764,14 +783,16 @@ impl Runtime {
                 max: MAX_MEMORY_BYTES >> 20,
             });
         }
-        let compiled = self.compile(bytes)?;
+        let start = Instant::now();
+        let (compiled, in_memory) = self.compile_found(bytes)?;
         let config = self.configuration(&spec.tenant, &spec.config)?;
         tracing::info!(
             tenant = %spec.tenant,
             module = %spec.name,
             digest = &compiled.digest[..12],
-            precompiled = compiled.from_disk,
-            compile_ms = compiled.compile_time.as_millis() as u64,
+            precompiled = in_memory || compiled.from_disk,
+            tier = ?compiled.tier(),
+            compile_ms = start.elapsed().as_millis() as u64,
             "module loaded"
         );
         let labels = [spec.tenant.as_str(), spec.name.as_str()];
@@ -1219,25 +1240,46 @@ fn load_artifact(engine: &Engine, path: Option<&Path>) -> Option<Module> {
     unsafe { Module::deserialize_file(engine, path) }.ok()
 }
 
-/// Compiles `bytes` with Cranelift and keeps the artifact at `artifact` (written to a
-/// temporary name, then renamed: a reader never sees half a file).
+/// Compiles `bytes` with Cranelift and keeps the artifact at `artifact`.
 fn optimize(engine: &Engine, bytes: &[u8], artifact: Option<&Path>) -> Result<Module, ModuleError> {
     let module =
         Module::new(engine, bytes).map_err(|e| ModuleError::DoesNotCompile(root_cause(&e)))?;
     if let (Some(path), Ok(ser)) = (artifact, module.serialize()) {
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, ser).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+        write_artifact(path, &ser);
     }
     Ok(module)
 }
 
-/// Gives a baseline module its optimized code (the background compiler's one job).
-fn upgrade(engine: &Engine, linker: &Linker<host::Host>, job: Upgrade) {
+/// Writes an artifact under a temporary name, then renames it: a reader never sees half a
+/// file.
+fn write_artifact(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// Gives a baseline module its optimized code (the background compiler's one job):
+/// compiled by `serial` (Cranelift on one thread) and loaded into `engine`, whose
+/// settings it shares; if that fails, compiled by `engine` itself.
+fn upgrade(serial: Option<&Engine>, engine: &Engine, linker: &Linker<host::Host>, job: Upgrade) {
     let start = Instant::now();
-    let code = optimize(engine, &job.bytes, job.artifact.as_deref())
-        .and_then(|module| Code::new(linker, &module, Tier::Optimized));
+    let module = serial
+        .and_then(|serial| serial.precompile_module(&job.bytes).ok())
+        // SAFETY: the bytes were just made by `precompile_module` of an engine with this
+        // engine's code settings (only its thread count and allocator differ); wasmtime
+        // checks that they are compatible and refuses them otherwise.
+        .and_then(|ser| unsafe { Module::deserialize(engine, &ser) }.ok());
+    let module = match module {
+        Some(module) => {
+            if let (Some(path), Ok(ser)) = (&job.artifact, module.serialize()) {
+                write_artifact(path, &ser);
+            }
+            Ok(module)
+        }
+        None => optimize(engine, &job.bytes, job.artifact.as_deref()),
+    };
+    let code = module.and_then(|module| Code::new(linker, &module, Tier::Optimized));
     let digest = &job.compiled.digest[..12];
     match code {
         Ok(code) => {

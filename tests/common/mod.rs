@@ -487,3 +487,56 @@ pub async fn h2_client(port: u16, der: Vec<u8>) -> h2::client::SendRequest<bytes
     tokio::spawn(conn);
     send
 }
+
+/// A test CA and a certificate for `name` it signed, written into `dir` as `ca.pem`,
+/// `{name}.crt` and `{name}.key`; returns the three paths.
+pub fn ca_signed(dir: &Path, name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let p = |n: &str| dir.join(n).display().to_string();
+    let paths = (
+        p("ca.pem"),
+        p(&format!("{name}.crt")),
+        p(&format!("{name}.key")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, leaf_key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A gateway whose TLS listener `https` (certificate for `name`, signed by a test CA)
+/// proxies everything to `upstream`: a TLS upstream for other gateways. Returns it and the
+/// CA's path.
+pub fn tls_front(upstream: &str, name: &str) -> (Gw, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, crt, key) = ca_signed(dir.path(), name);
+    let conf = format!(
+        r#"
+[server]
+watch_config = false
+[metrics]
+listen = ""
+[admin]
+listen = ""
+[[listeners]]
+listen = "127.0.0.1:{{port:https}}"
+tls = {{ certs = [{{ cert = "{crt}", key = "{key}", sni = ["{name}"] }}] }}
+[upstreams.up]
+targets = ["{upstream}"]
+[[routes]]
+upstream = "up"
+"#
+    );
+    let gw = Gw::start_in(dir, &conf, Default::default());
+    let ca = gw.dir().join("ca.pem").display().to_string();
+    (gw, ca)
+}
