@@ -1270,6 +1270,7 @@ fn upgrade(serial: Option<&Engine>, engine: &Engine, linker: &Linker<host::Host>
         // engine's code settings (only its thread count and allocator differ); wasmtime
         // checks that they are compatible and refuses them otherwise.
         .and_then(|ser| unsafe { Module::deserialize(engine, &ser) }.ok());
+    let serial_ok = module.is_some();
     let module = match module {
         Some(module) => {
             if let (Some(path), Ok(ser)) = (&job.artifact, module.serialize()) {
@@ -1285,7 +1286,12 @@ fn upgrade(serial: Option<&Engine>, engine: &Engine, linker: &Linker<host::Host>
         Ok(code) => {
             job.compiled.code.store(Arc::new(code));
             let ms = start.elapsed().as_millis() as u64;
-            tracing::info!(digest, compile_ms = ms, "module optimized");
+            tracing::info!(
+                digest,
+                compile_ms = ms,
+                one_thread = serial_ok,
+                "module optimized"
+            );
         }
         // it runs on baseline code, so this is the optimizer's limit, not the module's
         // fault: it keeps its baseline code
