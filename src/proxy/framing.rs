@@ -135,6 +135,11 @@ pub fn response_head(session: &mut Session, resp: &mut ResponseHeader) -> Result
     Ok(())
 }
 
+/// A status whose response never has a body (1xx, 204, 304), whatever its head says.
+pub fn status_without_body(status: u16) -> bool {
+    status < 200 || status == 204 || status == 304
+}
+
 /// Whether a response can carry no body, so its head ends the stream: the answer to a
 /// HEAD request, 204, 304, or a declared length of 0 (the end-of-stream flag Envoy gives
 /// `on_http_response_headers`).

@@ -125,7 +125,7 @@ pub async fn serve(
         return Ok(policy_reply(&backend.spec.policy, route));
     }
     let status = parts.status.as_u16();
-    let bodiless = status == 204 || status == 304 || status < 200;
+    let bodiless = super::framing::status_without_body(status);
     let mut out = Out {
         head: Some(Box::new(head)),
         head_only: session.req_header().method == http::Method::HEAD,
@@ -216,8 +216,9 @@ pub async fn serve(
             // response go on)
             out.head = Some(head);
             out.send_head(session).await?;
-            let rest = std::mem::take(&mut state.resp_body);
-            out.send(session, Bytes::from(rest)).await?;
+            if let Some(rest) = super::take_nonempty(&mut state.resp_body) {
+                out.send(session, rest).await?;
+            }
         }
         if let Some(t) = trailers.as_mut() {
             state.response_trailers(session.req_header(), t);
@@ -277,8 +278,7 @@ impl Out<'_> {
             return Ok(());
         };
         super::framing::keep_framing(&mut head, None);
-        let status = head.status.as_u16();
-        let bodiless = status == 204 || status == 304 || status < 200;
+        let bodiless = super::framing::status_without_body(head.status.as_u16());
         self.length = (head.headers.get(http::header::CONTENT_LENGTH))
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if self.h11 && !bodiless && self.length.is_none() {
@@ -324,9 +324,8 @@ impl Out<'_> {
                     self.head = Some(head);
                     self.send_head(session).await?;
                 }
-                if self.head.is_none() {
-                    let body = std::mem::take(&mut state.resp_body);
-                    self.send(session, Bytes::from(body)).await?;
+                if let Some(body) = super::take_nonempty(&mut state.resp_body) {
+                    self.send(session, body).await?;
                 }
                 Ok(None)
             }

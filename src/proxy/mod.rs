@@ -314,7 +314,7 @@ const PREREAD_LIMIT: u64 = 64 * 1024;
 
 /// The buffered body as the next chunk; `None` when empty, so Pingora never writes an
 /// empty chunk after the end of a body.
-fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
+pub(super) fn take_nonempty(buf: &mut Vec<u8>) -> Option<Bytes> {
     if buf.is_empty() {
         None
     } else {
