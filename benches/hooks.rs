@@ -13,7 +13,7 @@ use std::time::Duration;
 use wasmgate::metrics::Metrics;
 use wasmgate::wasm::Isolation;
 use wasmgate::wasm::{
-    Compilers, FailurePolicy, Outcome, Plugin, PluginSpec, RequestInfo, Runtime, Tier,
+    Compilers, FailurePolicy, FilterLimits, Outcome, Plugin, PluginSpec, RequestInfo, Runtime, Tier,
 };
 
 fn spec(name: &str, config: &str, isolation: Isolation) -> PluginSpec {
@@ -23,14 +23,16 @@ fn spec(name: &str, config: &str, isolation: Isolation) -> PluginSpec {
         root_id: String::new(),
         config: config.as_bytes().to_vec(),
         vm_config: Vec::new(),
-        budget: Duration::from_millis(5),
-        request_budget: Duration::from_millis(20),
-        memory_bytes: 16 << 20,
         isolation,
-        max_instances: 4,
         policy: FailurePolicy::Deny(503),
+        limits: FilterLimits {
+            budget: Duration::from_millis(5),
+            request_budget: Duration::from_millis(20),
+            memory_bytes: 16 << 20,
+            max_instances: 4,
+            min_tick: Duration::from_millis(10),
+        },
         allowed_upstreams: Vec::new(),
-        min_tick: Duration::from_millis(10),
     }
 }
 

@@ -43,14 +43,25 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// An upstream as the conf declares it, with the state the gateway keeps for it.
 pub struct Upstream {
+    /// Its name in the conf, in metrics and in log lines.
     pub name: Arc<str>,
+    /// Which target serves the next request (and which are healthy).
     pub balancer: Balancer,
-    pub timeouts: Timeouts,
+    pub connect: Connect,
+    /// How many other targets a request may try after a connect failure.
     pub retries: usize,
-    pub tls: Option<UpstreamTls>,
+    /// How often its targets' health is checked; `None`: never.
     pub health_interval: Option<Duration>,
     pub metrics: UpstreamMetrics,
+}
+
+/// How the gateway connects to an upstream's targets: the same for each of them.
+pub struct Connect {
+    pub timeouts: Timeouts,
+    /// `None`: plain TCP.
+    pub tls: Option<UpstreamTls>,
     /// Keeps pooled connections of different upstreams apart even when they share a
     /// target and SNI (Pingora's pool key does not include the trusted CAs).
     pub pool_key: u64,
@@ -152,19 +163,20 @@ impl Upstream {
     /// Like [`Upstream::peer`], never one of the `avoid` targets (a retry goes elsewhere).
     pub fn peer_avoiding(&self, key: &[u8], avoid: &[String]) -> Option<Box<HttpPeer>> {
         let backend = self.balancer.select(key, avoid)?;
-        let (tls, sni) = match &self.tls {
+        let c = &self.connect;
+        let (tls, sni) = match &c.tls {
             Some(t) => (true, t.sni.clone()),
             None => (false, String::new()),
         };
         let mut peer = Box::new(HttpPeer::new(backend, tls, sni));
-        peer.group_key = self.pool_key;
+        peer.group_key = c.pool_key;
         let o = &mut peer.options;
-        let t = self.timeouts;
+        let t = c.timeouts;
         o.connection_timeout = Some(t.connect);
         o.read_timeout = Some(t.read);
         o.write_timeout = Some(t.write);
         o.idle_timeout = Some(t.idle);
-        if let Some(t) = &self.tls {
+        if let Some(t) = &c.tls {
             o.verify_cert = t.verify;
             o.verify_hostname = t.verify;
             o.ca = t.ca.clone();

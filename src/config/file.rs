@@ -489,31 +489,21 @@ pub struct ModuleFile {
     pub min_tick_ms: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FailurePolicyFile {
-    /// `deny`, `allow` or `respond`.
-    pub action: Spanned<String>,
+    /// `deny` (when absent), `allow` or `respond`.
+    pub action: Option<Spanned<String>>,
     /// Status for `deny` and `respond`.
     pub status: Option<u16>,
     /// Body for `respond`.
     pub body: Option<String>,
 }
 
-impl Default for FailurePolicyFile {
-    fn default() -> Self {
-        FailurePolicyFile {
-            action: Spanned::new(0..0, "deny".into()),
-            status: None,
-            body: None,
-        }
-    }
-}
-
 /// `[tenants.NAME]`, each value with its place for error messages; lowered into
 /// [`crate::tenant::TenantLimits`] (see its fields for what each means).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TenantFile {
     pub max_budget_us: Option<Spanned<u64>>,
     pub max_memory_mb: Option<Spanned<u64>>,
@@ -521,7 +511,6 @@ pub struct TenantFile {
     pub rate_per_sec: Option<Spanned<u32>>,
     pub burst: Option<Spanned<u32>>,
     pub max_concurrency: Option<Spanned<u32>>,
-    #[serde(default)]
     pub allowed_upstreams: Vec<Spanned<String>>,
     /// The tenant's own state limits (default: `[state]`'s).
     pub state_max_bytes: Option<Spanned<u64>>,

@@ -6,7 +6,7 @@ use crate::metrics::Metrics;
 use crate::route::{path_params, HeaderOps, Rewrite, Route};
 use crate::routing::{PathPattern, RouteKey, Router};
 use crate::tenant::TenantLimits;
-use crate::upstream::{self, Balancer, HashKey, Timeouts, Upstream, UpstreamTls};
+use crate::upstream::{self, Balancer, Connect, HashKey, Timeouts, Upstream, UpstreamTls};
 use crate::wasm::{self, FunctionBackend, FunctionSpec, HookChain, Plugin, PluginSpec};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::BTreeMap;
@@ -665,26 +665,28 @@ impl Lowering<'_> {
                 Arc::new(Upstream {
                     name: name.as_str().into(),
                     balancer,
-                    timeouts: Timeouts {
-                        connect: Duration::from_millis(uf.connect_timeout_ms.max(1)),
-                        read: Duration::from_millis(uf.read_timeout_ms.max(1)),
-                        write: Duration::from_millis(uf.write_timeout_ms.max(1)),
-                        idle: Duration::from_secs(uf.idle_timeout_secs),
+                    connect: Connect {
+                        timeouts: Timeouts {
+                            connect: Duration::from_millis(uf.connect_timeout_ms.max(1)),
+                            read: Duration::from_millis(uf.read_timeout_ms.max(1)),
+                            write: Duration::from_millis(uf.write_timeout_ms.max(1)),
+                            idle: Duration::from_secs(uf.idle_timeout_secs),
+                        },
+                        tls,
+                        pool_key: {
+                            use std::hash::{Hash, Hasher};
+                            let mut h = std::collections::hash_map::DefaultHasher::new();
+                            name.hash(&mut h);
+                            if let Some(ca) = uf.tls.as_ref().and_then(|t| t.ca.as_ref()) {
+                                std::fs::read(self.resolve(ca))
+                                    .unwrap_or_default()
+                                    .hash(&mut h);
+                            }
+                            h.finish()
+                        },
                     },
                     retries: uf.retries,
-                    tls,
                     health_interval,
-                    pool_key: {
-                        use std::hash::{Hash, Hasher};
-                        let mut h = std::collections::hash_map::DefaultHasher::new();
-                        name.hash(&mut h);
-                        if let Some(ca) = uf.tls.as_ref().and_then(|t| t.ca.as_ref()) {
-                            std::fs::read(self.resolve(ca))
-                                .unwrap_or_default()
-                                .hash(&mut h);
-                        }
-                        h.finish()
-                    },
                     metrics: self.env.metrics.upstream(name),
                 }),
             );
@@ -750,14 +752,16 @@ impl Lowering<'_> {
                     self.err(m, format!("module `{name}`: memory_mb {memory_mb} exceeds tenant `{tenant_name}`'s max_memory_mb {max}"));
                 }
             }
+            let action = mf.on_failure.action.as_ref();
             let policy = match wasm::FailurePolicy::parse(
-                mf.on_failure.action.get_ref(),
+                action.map_or("deny", |a| a.get_ref()),
                 mf.on_failure.status,
                 mf.on_failure.body.as_deref(),
             ) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.err(&mf.on_failure.action, format!("module `{name}`: {e}"));
+                    // a bad status without an action: the module's line
+                    self.err(action.unwrap_or(&mf.path), format!("module `{name}`: {e}"));
                     continue;
                 }
             };
@@ -829,17 +833,19 @@ impl Lowering<'_> {
                 root_id: mf.root_id.clone(),
                 config: value_bytes(mf.config.as_ref()),
                 vm_config: value_bytes(mf.vm_config.as_ref()),
-                budget: Duration::from_micros(mf.budget_us),
-                request_budget: Duration::from_micros(
-                    mf.request_budget_us
-                        .unwrap_or(mf.budget_us.saturating_mul(8)),
-                ),
-                memory_bytes: memory_mb.saturating_mul(1024 * 1024),
                 isolation: mf.isolation.into(),
-                max_instances: mf.max_instances,
                 policy,
+                limits: wasm::FilterLimits {
+                    budget: Duration::from_micros(mf.budget_us),
+                    request_budget: Duration::from_micros(
+                        mf.request_budget_us
+                            .unwrap_or(mf.budget_us.saturating_mul(8)),
+                    ),
+                    memory_bytes: memory_mb.saturating_mul(1024 * 1024),
+                    max_instances: mf.max_instances,
+                    min_tick: Duration::from_millis(mf.min_tick_ms.max(1)),
+                },
                 allowed_upstreams: allowed,
-                min_tick: Duration::from_millis(mf.min_tick_ms.max(1)),
             };
             match self.env.wasm.plugin(spec, &bytes, self.env.metrics) {
                 Ok(p) => {

@@ -23,7 +23,7 @@ use crate::reload::Live;
 use crate::route::{HeaderOps, Rewrite, Route};
 use crate::tenant::TenantLimits;
 use crate::wasm::meter::now_secs;
-use crate::wasm::{FailurePolicy, HookChain, Plugin, PluginSpec};
+use crate::wasm::{FailurePolicy, FilterLimits, HookChain, Plugin, PluginSpec};
 use crate::wasm::{FunctionBackend, FunctionSpec, Isolation};
 use crate::wasm::{DEFAULT_BUDGET_US, DEFAULT_MEMORY_MB};
 use arc_swap::ArcSwap;
@@ -1048,14 +1048,16 @@ impl Control {
             root_id: String::new(),
             config: v.config.clone().into_bytes(),
             vm_config: Vec::new(),
-            budget: Duration::from_micros(v.budget_us),
-            request_budget: Duration::from_micros(v.budget_us * 8),
-            memory_bytes: v.memory_mb << 20,
             isolation: Isolation::Shared,
-            max_instances: 64,
             policy: FailurePolicy::Deny(503),
+            limits: FilterLimits {
+                budget: Duration::from_micros(v.budget_us),
+                request_budget: Duration::from_micros(v.budget_us * 8),
+                memory_bytes: v.memory_mb << 20,
+                max_instances: 64,
+                min_tick: Duration::from_millis(10),
+            },
             allowed_upstreams: allowed,
-            min_tick: Duration::from_millis(10),
         };
         self.live
             .wasm

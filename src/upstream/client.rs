@@ -47,7 +47,7 @@ pub struct Deadlines {
 impl Upstream {
     /// The deadlines of a call: the upstream's, each shortened where `asked` is shorter.
     pub fn deadlines(&self, asked: [Option<Duration>; 3]) -> Deadlines {
-        let t = self.timeouts;
+        let t = self.connect.timeouts;
         let cap = |a: Option<Duration>, max: Duration| a.map_or(max, |a| a.min(max));
         Deadlines {
             connect: cap(asked[0], t.connect),
@@ -122,13 +122,13 @@ where
     let mut peer = upstream.peer(b"").ok_or(CallError::Unavailable)?;
     peer.options.connection_timeout = Some(deadlines.connect);
     peer.options.total_connection_timeout = Some(deadlines.connect);
-    let idle = upstream.timeouts.idle;
+    let idle = upstream.connect.timeouts.idle;
     let (parts, mut body) = request.into_parts();
     let (mut s, _reused) =
         tokio::time::timeout(deadlines.connect, CONNECTOR.get_http_session(&*peer))
             .await
             .map_err(|_| CallError::ConnectionTimeout)??;
-    s.set_write_timeout(Some(upstream.timeouts.write));
+    s.set_write_timeout(Some(upstream.connect.timeouts.write));
     s.set_read_timeout(Some(deadlines.first_byte));
     let h2 = matches!(s, HttpSession::H2(_));
     let head = request_head(&parts, body.is_end_stream(), body.size_hint().exact(), h2)?;

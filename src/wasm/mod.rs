@@ -218,6 +218,14 @@ pub struct PluginSpec {
     pub isolation: Isolation,
     /// What a request gets when the module fails.
     pub policy: FailurePolicy,
+    pub limits: FilterLimits,
+    /// Where its callouts may go; the plugin takes them over (see [`Plugin::set_upstreams`]).
+    pub allowed_upstreams: Vec<Arc<Upstream>>,
+}
+
+/// What a Proxy-Wasm module may use (a function's are [`component::Limits`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FilterLimits {
     /// CPU time one callback may take (counted as fuel).
     pub budget: Duration,
     /// CPU time all callbacks of one request may take together.
@@ -226,8 +234,7 @@ pub struct PluginSpec {
     pub memory_bytes: u64,
     /// Instances (VMs and fresh ones) that may exist at once.
     pub max_instances: usize,
-    /// Where its callouts may go; the plugin takes them over (see [`Plugin::set_upstreams`]).
-    pub allowed_upstreams: Vec<Arc<Upstream>>,
+    /// The shortest tick period the module may set.
     pub min_tick: Duration,
 }
 
@@ -777,9 +784,9 @@ impl Runtime {
         bytes: &[u8],
         metrics: &Metrics,
     ) -> Result<Arc<Plugin>, ModuleError> {
-        if spec.memory_bytes > MAX_MEMORY_BYTES {
+        if spec.limits.memory_bytes > MAX_MEMORY_BYTES {
             return Err(ModuleError::MemoryTooLarge {
-                mb: spec.memory_bytes >> 20,
+                mb: spec.limits.memory_bytes >> 20,
                 max: MAX_MEMORY_BYTES >> 20,
             });
         }
@@ -804,7 +811,7 @@ impl Runtime {
             guest_counters: metrics.guest_metrics.clone(),
             guest_gauges: metrics.guest_gauges.clone(),
         };
-        let max = spec.max_instances;
+        let max = spec.limits.max_instances;
         let plugin = Arc::new(Plugin {
             compiled,
             shared: self.shared.clone(),
@@ -883,6 +890,11 @@ impl Plugin {
                 .map_err(|_| busy())?,
         };
         self.lease_with(permit)
+    }
+
+    /// Fuel this module's callbacks have burned so far, all instances together.
+    pub fn fuel_spent(&self) -> u64 {
+        self.metrics.fuel.get()
     }
 
     /// Like [`Plugin::lease`] without waiting: `Busy` at once when at `max_instances`.

@@ -112,7 +112,7 @@ impl Vm {
         let host = Host {
             config_gen,
             limits: StoreLimitsBuilder::new()
-                .memory_size(plugin.spec.memory_bytes as usize)
+                .memory_size(plugin.spec.limits.memory_bytes as usize)
                 .instances(1)
                 .tables(4)
                 .table_elements(20_000)
@@ -138,7 +138,7 @@ impl Vm {
         let code = plugin.compiled.code();
         let mut store = Store::new(code.engine(), host);
         store.limiter(|h| &mut h.limits);
-        let start_fuel = fuel_for(plugin.spec.budget).saturating_mul(START_BUDGET_FACTOR);
+        let start_fuel = fuel_for(plugin.spec.limits.budget).saturating_mul(START_BUDGET_FACTOR);
         store.set_fuel(start_fuel).map_err(|e| Failure {
             callback: "instantiate",
             cause: Cause::Trap(e.to_string()),
@@ -451,7 +451,7 @@ impl Vm {
                 ..Effects::default()
             };
         }
-        let fuel = fuel_for(plugin.spec.budget);
+        let fuel = fuel_for(plugin.spec.limits.budget);
         let (r, left) = with_frame(store, view, |store| {
             let _ = store.set_fuel(fuel);
             let r = call(store, f).map_err(|e| failure(name, e, store.data()));
@@ -524,7 +524,7 @@ impl Lease {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Lease {
         Lease {
-            fuel_left: fuel_for(plugin.spec.request_budget),
+            fuel_left: fuel_for(plugin.spec.limits.request_budget),
             body_fuel: 0,
             body_seen: [(0, false); 2],
             in_body: false,
@@ -572,7 +572,7 @@ impl Lease {
         // Body callbacks run on their own budget plus the body allowance, never on the
         // request's: a filter doing fixed work per chunk must not fail because the body
         // came in many chunks (the request budget would run out after budget/work chunks).
-        let budget = fuel_for(self.plugin.spec.budget);
+        let budget = fuel_for(self.plugin.spec.limits.budget);
         let fuel = if self.in_body {
             budget.saturating_add(self.body_fuel)
         } else {

@@ -61,7 +61,7 @@ fn set_tick_period_milliseconds(mut c: C, ms: i32) -> Ret {
         let ms = if ms == 0 {
             0
         } else {
-            ms.max(p.spec.min_tick.as_millis() as u32)
+            ms.max(p.spec.limits.min_tick.as_millis() as u32)
         };
         p.tick_ms.store(ms, Ordering::Relaxed);
         Ok(())

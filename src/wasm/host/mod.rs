@@ -411,6 +411,3 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 pub(crate) fn fuel_for(budget: Duration) -> u64 {
     (budget.as_micros() as u64).saturating_mul(FUEL_PER_US)
 }
-
-#[cfg(test)]
-mod tests;

@@ -4,15 +4,15 @@
 //! from the request head. Then the VM lifecycle: callback order, a shared VM's state
 //! across requests, a fresh instance per request, and a trapped VM replaced.
 
-use crate::metrics::Metrics;
-use crate::wasm::abi::{self, Status};
-use crate::wasm::{
-    Cause, Compilers, FailurePolicy, Isolation, Outcome, Plugin, PluginSpec, RequestInfo, Runtime,
-    Tier,
-};
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 use std::time::Duration;
+use wasmgate::metrics::Metrics;
+use wasmgate::wasm::abi::{self, Status, Status::*};
+use wasmgate::wasm::{
+    Cause, Compilers, FailurePolicy, FilterLimits, Isolation, Outcome, Plugin, PluginSpec,
+    RequestInfo, Runtime, Tier,
+};
 
 /// Every host call the tests use, a bump allocator, and the two recorders.
 const PRELUDE: &str = r#"
@@ -58,8 +58,10 @@ const PRELUDE: &str = r#"
 "#;
 
 /// A guest whose `proxy_on_request_headers` runs `body` (with locals `$a`..`$d`), with
-/// `data` segments from address 256 on.
+/// `data` segments from address 256 on. `body` is WAT, or a script of recorded host
+/// calls (see [`script`]), or both.
 fn guest(body: &str, data: &str) -> Vec<u8> {
+    let body = script(body);
     let wat = format!(
         r#"(module {PRELUDE}
   (func (export "proxy_on_context_create") (param i32 i32))
@@ -79,14 +81,16 @@ fn spec(isolation: Isolation) -> PluginSpec {
         root_id: String::new(),
         config: b"the-config".to_vec(),
         vm_config: Vec::new(),
-        budget: Duration::from_millis(50),
-        request_budget: Duration::from_millis(200),
-        memory_bytes: 16 << 20,
         isolation,
-        max_instances: 2,
         policy: FailurePolicy::Deny(503),
+        limits: FilterLimits {
+            budget: Duration::from_millis(50),
+            request_budget: Duration::from_millis(200),
+            memory_bytes: 16 << 20,
+            max_instances: 2,
+            min_tick: Duration::from_millis(10),
+        },
         allowed_upstreams: Vec::new(),
-        min_tick: Duration::from_millis(10),
     }
 }
 
@@ -151,35 +155,73 @@ fn statuses(req: &RequestHeader) -> Vec<Status> {
         .collect()
 }
 
-/// A WAT data string for bytes.
-fn wat_bytes(b: &[u8]) -> String {
-    b.iter().map(|c| format!("\\{c:02x}")).collect()
+/// Turns each script line `host_call arg.. [show]` into WAT that records the call's
+/// status (and with `show`, the value it gave); lines starting with `(` or `;` are WAT
+/// and stay as they are. An argument is an i32 (`256`, `0x7ffffff0`, `-1`), the i32
+/// stored at an address (`@28`) or an i64 (`i64:5`).
+fn script(body: &str) -> String {
+    let mut wat = String::new();
+    for line in body.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('(') || line.starts_with(';') {
+            wat.push_str(line);
+            wat.push('\n');
+            continue;
+        }
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let show = words.last() == Some(&"show");
+        if show {
+            words.pop();
+        }
+        let args: String = words[1..]
+            .iter()
+            .map(|a| match (a.strip_prefix('@'), a.strip_prefix("i64:")) {
+                (Some(addr), _) => format!(" (i32.load (i32.const {addr}))"),
+                (_, Some(n)) => format!(" (i64.const {n})"),
+                _ => format!(" (i32.const {a})"),
+            })
+            .collect();
+        wat.push_str(&format!("(call $rec (call ${}{args}))\n", words[0]));
+        if show {
+            wat.push_str("(call $show)\n");
+        }
+    }
+    wat
+}
+
+/// Runs one request through a shared-VM plugin of `guest(body, data)`.
+fn probe(body: &str, data: &str) -> (Outcome, RequestHeader) {
+    run(&plugin(&guest(body, data)))
+}
+
+/// A plugin whose one recorded `call` is given a serialized header map at address 512:
+/// `MAP` in `call` stands for its address and size.
+fn with_map(call: &str, map: &[u8]) -> Arc<Plugin> {
+    let bytes: String = map.iter().map(|c| format!("\\{c:02x}")).collect();
+    plugin(&guest(
+        &call.replace("MAP", &format!("512 {}", map.len())),
+        &format!(r#"(data (i32.const 512) "{bytes}")"#),
+    ))
 }
 
 #[test]
 fn header_reads_answer_envoys_statuses() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (out, req) = probe(
         r#"
-        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $get_header (i32.const 0) (i32.const 272) (i32.const 9) (i32.const 16) (i32.const 20)))
-        (call $rec (call $get_header (i32.const 0) (i32.const 0x7ffffff0) (i32.const 64) (i32.const 16) (i32.const 20)))
-        (call $rec (call $get_header (i32.const 9) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
-        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 0x7ffffff0) (i32.const 20)))
-        (call $rec (call $get_header (i32.const 0) (i32.const 288) (i32.const 5) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $get_header (i32.const 0) (i32.const 304) (i32.const 10) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $get_header (i32.const 2) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        get_header 0 256 9 16 20 show
+        get_header 0 272 9 16 20
+        get_header 0 0x7ffffff0 64 16 20
+        get_header 9 256 9 16 20
+        get_header 0 256 9 0x7ffffff0 20
+        get_header 0 288 5 16 20 show
+        get_header 0 304 10 16 20 show
+        get_header 2 256 9 16 20
         ;; all pairs of a map the callback does not have: Ok and empty, as Envoy
-        (call $rec (call $get_pairs (i32.const 2) (i32.const 16) (i32.const 20)))
+        get_pairs 2 16 20
         (call $rec (i32.load (i32.const 20)))
         "#,
         r#"(data (i32.const 256) "x-api-key") (data (i32.const 272) "x-missing")
            (data (i32.const 288) ":path") (data (i32.const 304) ":authority")"#,
-    ));
-    let (out, req) = run(&p);
+    );
     assert!(matches!(out, Outcome::Continue), "{out:?}");
     assert_eq!(
         statuses(&req),
@@ -202,23 +244,21 @@ fn header_reads_answer_envoys_statuses() {
 
 #[test]
 fn header_changes_apply_to_the_lent_head_only() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
-        (call $rec (call $replace_header (i32.const 0) (i32.const 256) (i32.const 5) (i32.const 264) (i32.const 4)))
-        (call $rec (call $add_header (i32.const 0) (i32.const 272) (i32.const 3) (i32.const 276) (i32.const 1)))
-        (call $rec (call $remove_header (i32.const 0) (i32.const 280) (i32.const 9)))
-        (call $rec (call $replace_header (i32.const 2) (i32.const 272) (i32.const 3) (i32.const 276) (i32.const 1)))
-        (call $rec (call $add_header (i32.const 0) (i32.const 296) (i32.const 8) (i32.const 276) (i32.const 1)))
-        (call $rec (call $remove_header (i32.const 0) (i32.const 256) (i32.const 5)))
-        (call $rec (call $replace_header (i32.const 0) (i32.const 256) (i32.const 5) (i32.const 312) (i32.const 17)))
+        replace_header 0 256 5 264 4
+        add_header 0 272 3 276 1
+        remove_header 0 280 9
+        replace_header 2 272 3 276 1
+        add_header 0 296 8 276 1
+        remove_header 0 256 5
+        replace_header 0 256 5 312 17
         "#,
         r#"(data (i32.const 256) ":path") (data (i32.const 264) "/new")
            (data (i32.const 272) "x-a") (data (i32.const 276) "1")
            (data (i32.const 280) "x-api-key") (data (i32.const 296) "bad name")
            (data (i32.const 312) "http://evil/path")"#,
-    ));
-    let (_, req) = run(&p);
+    );
     assert_eq!(
         statuses(&req),
         // no response head to change in the request phase: Envoy's BadArgument
@@ -240,13 +280,7 @@ fn header_changes_apply_to_the_lent_head_only() {
 #[test]
 fn setting_all_pairs_replaces_regular_headers_and_keeps_the_rest() {
     let pairs = abi::serialize_map([(&b"x-new"[..], &b"v"[..]), (b":path", b"/p")]);
-    let p = plugin(&guest(
-        &format!(
-            "(call $rec (call $set_pairs (i32.const 0) (i32.const 256) (i32.const {})))",
-            pairs.len()
-        ),
-        &format!(r#"(data (i32.const 256) "{}")"#, wat_bytes(&pairs)),
-    ));
+    let p = with_map("set_pairs 0 MAP", &pairs);
     let (_, req) = run(&p);
     assert_eq!(statuses(&req), [Status::Ok]);
     assert_eq!(req.uri.path(), "/p");
@@ -258,43 +292,35 @@ fn setting_all_pairs_replaces_regular_headers_and_keeps_the_rest() {
 
 #[test]
 fn properties_round_trip_and_read_envoys_attributes() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
-        (call $rec (call $set_property (i32.const 256) (i32.const 7) (i32.const 264) (i32.const 2)))
-        (call $rec (call $get_property (i32.const 256) (i32.const 7) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $get_property (i32.const 272) (i32.const 12) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $get_property (i32.const 288) (i32.const 11) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $get_property (i32.const 304) (i32.const 4) (i32.const 16) (i32.const 20)))
+        set_property 256 7 264 2
+        get_property 256 7 16 20 show
+        get_property 272 12 16 20 show
+        get_property 288 11 16 20 show
+        get_property 304 4 16 20
         "#,
         r#"(data (i32.const 256) "my.prop") (data (i32.const 264) "v1")
            (data (i32.const 272) "request\00path") (data (i32.const 288) "plugin_name")
            (data (i32.const 304) "nope")"#,
-    ));
-    let (_, req) = run(&p);
+    );
     assert_eq!(statuses(&req), [Ok, Ok, Ok, Ok, NotFound]);
     assert_eq!(all(&req, "x-v"), ["v1", "/api?x=1", "probe"]);
 }
 
 #[test]
 fn buffers_are_what_the_callback_was_given() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
-        (call $rec (call $get_buffer (i32.const 7) (i32.const 4) (i32.const 6) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $get_buffer (i32.const 7) (i32.const 99) (i32.const 1) (i32.const 16) (i32.const 20)))
-        (call $rec (call $get_buffer (i32.const 0) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
-        (call $rec (call $get_buffer (i32.const 4) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
-        (call $rec (call $get_buffer (i32.const 2) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
-        (call $rec (call $get_buffer (i32.const 42) (i32.const 0) (i32.const 10) (i32.const 16) (i32.const 20)))
+        get_buffer 7 4 6 16 20 show
+        get_buffer 7 99 1 16 20
+        get_buffer 0 0 10 16 20
+        get_buffer 4 0 10 16 20
+        get_buffer 2 0 10 16 20
+        get_buffer 42 0 10 16 20
         "#,
         "",
-    ));
-    let (_, req) = run(&p);
+    );
     assert_eq!(
         statuses(&req),
         [
@@ -311,11 +337,10 @@ fn buffers_are_what_the_callback_was_given() {
 
 #[test]
 fn a_local_reply_is_recorded_for_the_proxy_with_its_details() {
-    use Status::*;
     let p = plugin(&guest(
         r#"
-        (call $rec (call $local (i32.const 99) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
-        (call $rec (call $local (i32.const 403) (i32.const 256) (i32.const 11) (i32.const 272) (i32.const 2) (i32.const 0) (i32.const 0) (i32.const -1)))
+        local 99 0 0 0 0 0 0 -1
+        local 403 256 11 272 2 0 0 -1
         "#,
         r#"(data (i32.const 256) "not allowed") (data (i32.const 272) "no")"#,
     ));
@@ -339,18 +364,12 @@ fn a_local_reply_is_recorded_for_the_proxy_with_its_details() {
 /// (refusing it would let a denied request through), without that header.
 #[test]
 fn a_local_reply_drops_headers_that_are_not_http() {
-    let map = crate::wasm::abi::serialize_map([
+    let map = wasmgate::wasm::abi::serialize_map([
         (&b"bad name"[..], &b"1"[..]),
         (b"x-ok", b"2"),
         (b"x-bad-value", b"a\r\nb"),
     ]);
-    let p = plugin(&guest(
-        &format!(
-            "(call $rec (call $local (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 512) (i32.const {}) (i32.const -1)))",
-            map.len()
-        ),
-        &format!(r#"(data (i32.const 512) "{}")"#, wat_bytes(&map)),
-    ));
+    let p = with_map("local 403 0 0 0 0 MAP -1", &map);
     let (out, req) = run(&p);
     assert_eq!(statuses(&req), [Status::Ok]);
     match out {
@@ -367,20 +386,17 @@ fn a_local_reply_drops_headers_that_are_not_http() {
 /// refuse), a removal removes it, a replacement sets it.
 #[test]
 fn host_writes_change_the_one_authority() {
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
-        (call $rec (call $add_header (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 264) (i32.const 9)))
-        (call $rec (call $get_header (i32.const 0) (i32.const 296) (i32.const 10) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $remove_header (i32.const 0) (i32.const 256) (i32.const 4)))
-        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 16) (i32.const 20)))
-        (call $rec (call $replace_header (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 280) (i32.const 9)))
+        add_header 0 256 4 264 9
+        get_header 0 296 10 16 20 show
+        remove_header 0 256 4
+        get_header 0 256 4 16 20
+        replace_header 0 256 4 280 9
         "#,
         r#"(data (i32.const 256) "host") (data (i32.const 264) "b.example") (data (i32.const 280) "c.example")
            (data (i32.const 296) ":authority")"#,
-    ));
-    let (_, req) = run(&p);
-    use Status::*;
+    );
     assert_eq!(statuses(&req), [Ok, Ok, Ok, NotFound, Ok]);
     assert_eq!(all(&req, "x-v"), ["example.com,b.example"]);
     assert_eq!(all(&req, "host"), ["c.example"]);
@@ -388,8 +404,7 @@ fn host_writes_change_the_one_authority() {
 
 #[test]
 fn the_effective_context_switches_only_between_root_and_this_request() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
         (local.set $a (call $effective (i32.const 1)))
         ;; the root context has no request map until it switches back (Envoy: BadArgument)
@@ -398,71 +413,61 @@ fn the_effective_context_switches_only_between_root_and_this_request() {
         (local.set $d (call $effective (local.get $ctx)))
         (call $rec (local.get $a)) (call $rec (local.get $b))
         (call $rec (local.get $c)) (call $rec (local.get $d))
-        (call $rec (call $get_header (i32.const 0) (i32.const 256) (i32.const 9) (i32.const 16) (i32.const 20)))
+        get_header 0 256 9 16 20
         "#,
         r#"(data (i32.const 256) "x-api-key")"#,
-    ));
-    let (_, req) = run(&p);
+    );
     assert_eq!(statuses(&req), [Ok, BadArgument, BadArgument, Ok, Ok]);
 }
 
 #[test]
 fn shared_data_compares_and_swaps() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
-        (call $rec (call $set_shared (i32.const 256) (i32.const 1) (i32.const 260) (i32.const 2) (i32.const 0)))
-        (call $rec (call $get_shared (i32.const 256) (i32.const 1) (i32.const 16) (i32.const 20) (i32.const 24)))
-        (call $show)
-        (call $rec (call $set_shared (i32.const 256) (i32.const 1) (i32.const 264) (i32.const 2) (i32.const 99)))
-        (call $rec (call $set_shared (i32.const 256) (i32.const 1) (i32.const 264) (i32.const 2) (i32.load (i32.const 24))))
-        (call $rec (call $get_shared (i32.const 256) (i32.const 1) (i32.const 16) (i32.const 20) (i32.const 24)))
-        (call $show)
-        (call $rec (call $get_shared (i32.const 268) (i32.const 1) (i32.const 16) (i32.const 20) (i32.const 24)))
+        set_shared 256 1 260 2 0
+        get_shared 256 1 16 20 24 show
+        set_shared 256 1 264 2 99
+        set_shared 256 1 264 2 @24
+        get_shared 256 1 16 20 24 show
+        get_shared 268 1 16 20 24
         "#,
         r#"(data (i32.const 256) "k") (data (i32.const 260) "v1") (data (i32.const 264) "v2")
            (data (i32.const 268) "z")"#,
-    ));
-    let (_, req) = run(&p);
+    );
     assert_eq!(statuses(&req), [Ok, Ok, CasMismatch, Ok, Ok, NotFound]);
     assert_eq!(all(&req, "x-v"), ["v1", "v2"]);
 }
 
 #[test]
 fn queues_hand_items_over_in_order_and_say_when_empty() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
-        (call $rec (call $register_queue (i32.const 256) (i32.const 1) (i32.const 28)))
-        (call $rec (call $enqueue (i32.load (i32.const 28)) (i32.const 260) (i32.const 4)))
-        (call $rec (call $dequeue (i32.load (i32.const 28)) (i32.const 16) (i32.const 20)))
-        (call $show)
-        (call $rec (call $dequeue (i32.load (i32.const 28)) (i32.const 16) (i32.const 20)))
-        (call $rec (call $enqueue (i32.const 12345) (i32.const 260) (i32.const 4)))
+        register_queue 256 1 28
+        enqueue @28 260 4
+        dequeue @28 16 20 show
+        dequeue @28 16 20
+        enqueue 12345 260 4
         "#,
         r#"(data (i32.const 256) "q") (data (i32.const 260) "item")"#,
-    ));
-    let (_, req) = run(&p);
+    );
     assert_eq!(statuses(&req), [Ok, Ok, Ok, Empty, NotFound]);
     assert_eq!(all(&req, "x-v"), ["item"]);
 }
 
 #[test]
 fn metrics_count_and_refuse_what_their_kind_cannot_do() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (_, req) = probe(
         r#"
-        (call $rec (call $define_metric (i32.const 0) (i32.const 256) (i32.const 4) (i32.const 32)))
-        (call $rec (call $increment_metric (i32.load (i32.const 32)) (i64.const 5)))
-        (call $rec (call $increment_metric (i32.load (i32.const 32)) (i64.const -1)))
-        (call $rec (call $get_metric (i32.load (i32.const 32)) (i32.const 40)))
+        define_metric 0 256 4 32
+        increment_metric @32 i64:5
+        increment_metric @32 i64:-1
+        get_metric @32 40
         (call $rec (i32.eqz (i64.eq (i64.load (i32.const 40)) (i64.const 5))))
-        (call $rec (call $get_metric (i32.const 777) (i32.const 40)))
-        (call $rec (call $define_metric (i32.const 7) (i32.const 256) (i32.const 4) (i32.const 32)))
+        get_metric 777 40
+        define_metric 7 256 4 32
         "#,
         r#"(data (i32.const 256) "hits")"#,
-    ));
-    let (_, req) = run(&p);
+    );
     // the fifth is the guest's own check that the counter reads 5 (0 = equal)
     assert_eq!(
         statuses(&req),
@@ -472,15 +477,13 @@ fn metrics_count_and_refuse_what_their_kind_cannot_do() {
 
 #[test]
 fn calls_not_offered_answer_a_status_never_a_trap() {
-    use Status::*;
-    let p = plugin(&guest(
+    let (out, req) = probe(
         r#"
-        (call $rec (call $foreign (i32.const 256) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 20)))
-        (call $rec (call $done))
+        foreign 256 3 0 0 16 20
+        done
         "#,
         r#"(data (i32.const 256) "abc")"#,
-    ));
-    let (out, req) = run(&p);
+    );
     assert!(matches!(out, Outcome::Continue));
     assert_eq!(statuses(&req), [NotFound, NotFound]);
 }
@@ -489,7 +492,7 @@ fn calls_not_offered_answer_a_status_never_a_trap() {
 fn host_calls_are_paid_from_the_budget() {
     // reads one header forever: only the fuel host calls cost can stop it
     let mut s = spec(Isolation::Shared);
-    s.budget = Duration::from_micros(200);
+    s.limits.budget = Duration::from_micros(200);
     let p = plugin_with(
         &guest(
             r#"(loop $l
@@ -652,11 +655,9 @@ fn idle_vms_leave_room_in_the_instance_pool() {
     let rt = Runtime::new(false).expect("runtime");
     let bytes = wat::parse_str(LIFECYCLE).unwrap();
     let shared = |name: &str| {
-        let spec = PluginSpec {
-            name: name.into(),
-            max_instances: 600,
-            ..spec(Isolation::Shared)
-        };
+        let mut spec = spec(Isolation::Shared);
+        spec.name = name.into();
+        spec.limits.max_instances = 600;
         rt.plugin(spec, &bytes, &Metrics::new()).expect("plugin")
     };
     let (a, b) = (shared("a"), shared("b"));
@@ -667,10 +668,7 @@ fn idle_vms_leave_room_in_the_instance_pool() {
     let leases: Vec<_> = (0..600).map(|_| a.try_lease().expect("a lease")).collect();
     drop(leases);
     // b: as many at once as the pool allows, then idle too
-    let mut leases = Vec::new();
-    while let Ok(l) = b.try_lease() {
-        leases.push(l);
-    }
+    let leases: Vec<_> = std::iter::from_fn(|| b.try_lease().ok()).collect();
     assert!(leases.len() >= 400, "b got {} VMs", leases.len());
     drop(leases);
     assert!(matches!(run(&fresh).0, Outcome::Continue));
@@ -743,12 +741,12 @@ fn baseline_code_is_metered_and_limited_as_optimized_code_is() {
     let mut fuel = Vec::new();
     for compilers in [Compilers::Optimized, Compilers::Baseline] {
         let (_rt, p) = plugin_on(compilers, &summing(n), spec(Isolation::Shared));
-        let before = p.metrics.fuel.get();
+        let before = p.fuel_spent();
         let (out, req) = run(&p);
         assert!(matches!(out, Outcome::Continue), "{compilers:?}: {out:?}");
         let letter = char::from(b'A' + expect as u8).to_string();
         assert_eq!(all(&req, "x-s"), [letter], "{compilers:?}");
-        fuel.push(p.metrics.fuel.get() - before);
+        fuel.push(p.fuel_spent() - before);
         assert_eq!(
             p.compiled.tier(),
             match compilers {
@@ -766,7 +764,7 @@ fn baseline_code_is_metered_and_limited_as_optimized_code_is() {
     // the budget stops an endless loop, and memory cannot grow past the module's limit,
     // on baseline code too
     let mut s = spec(Isolation::Shared);
-    s.budget = Duration::from_micros(200);
+    s.limits.budget = Duration::from_micros(200);
     let endless = guest("(loop $l (br $l))", "");
     let (_rt, p) = plugin_on(Compilers::Baseline, &endless, s);
     match run(&p).0 {
@@ -794,7 +792,7 @@ async fn modules_go_live_on_baseline_code_and_move_to_optimized_code_without_a_f
     .expect("built guests (scripts/build-guests.sh)");
     let mut s = spec(Isolation::Shared);
     s.config = br#"{"keys": ["k1"]}"#.to_vec();
-    s.max_instances = 8;
+    s.limits.max_instances = 8;
     let (rt, p) = plugin_on(Compilers::Tiered, &bytes, s);
     // requests from four tasks while the optimizer works; then until each task saw the
     // new code
