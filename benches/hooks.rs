@@ -102,12 +102,24 @@ fn bench(c: &mut Criterion) {
     let fresh = rt
         .plugin(spec("fresh", cfg, Isolation::Request), &rewrite, &metrics)
         .unwrap();
+    if !fresh.snapshotted() {
+        eprintln!("rewrite.wasm has no snapshot: fresh_instance runs its start");
+    }
+    // the same without a snapshot: every instance runs the module's start
+    let mut unsnapped = Runtime::new(false).unwrap();
+    unsnapped.set_snapshots(false);
+    let started = unsnapped
+        .plugin(spec("started", cfg, Isolation::Request), &rewrite, &metrics)
+        .unwrap();
 
     let mut g = c.benchmark_group("hook_chain");
     let mut req = request();
     g.bench_function("pooled_vm", |b| b.iter(|| one_request(&pooled, &mut req)));
     g.bench_function("fresh_instance", |b| {
         b.iter(|| one_request(&fresh, &mut req))
+    });
+    g.bench_function("fresh_instance_started", |b| {
+        b.iter(|| one_request(&started, &mut req))
     });
     g.finish();
 

@@ -616,16 +616,27 @@ fn every_instance_finds_the_callbacks_its_module_exports() {
             r#"(func (export "proxy_abi_version_0_2_1"))
            (func (export "_start") (global.set $seen (i32.const 4)))"#,
         );
-    let fresh = plugin_with(&wat::parse_str(&variant).unwrap(), spec(Isolation::Request));
+    let bytes = wat::parse_str(&variant).unwrap();
+    let mut rt = Runtime::new(false).expect("runtime");
+    rt.set_snapshots(false);
+    let fresh = rt
+        .plugin(spec(Isolation::Request), &bytes, &Metrics::new())
+        .expect("plugin");
     for _ in 0..3 {
         assert_eq!(seen(&fresh, false).as_deref(), Some("5"));
     }
     // every instance: its root context created and started, the request's context through
     // to its end, then the root context's end (after the instance that checked the module)
-    let one = [
-        "create", "vm_start", "create", "done", "log", "delete", "done", "delete",
-    ];
-    assert_eq!(messages(&fresh)[4..], one.repeat(3));
+    let request = ["create", "done", "log", "delete", "done", "delete"];
+    let started = [&["create", "vm_start"][..], &request].concat();
+    assert_eq!(messages(&fresh)[4..], started.repeat(3));
+    // from a snapshot: the same callbacks, the start ran once (for the snapshot)
+    let snapped = plugin_with(&bytes, spec(Isolation::Request));
+    assert!(snapped.snapshotted());
+    for _ in 0..3 {
+        assert_eq!(seen(&snapped, false).as_deref(), Some("5"));
+    }
+    assert_eq!(messages(&snapped)[8..], request.repeat(3));
 
     let wrong = LIFECYCLE.replace(
         r#"(func (export "proxy_on_done") (param i32) (result i32)"#,
@@ -839,4 +850,169 @@ async fn modules_go_live_on_baseline_code_and_move_to_optimized_code_without_a_f
         matches!(out, Outcome::Respond(ref r) if r.status == 401),
         "{out:?}"
     );
+}
+
+/// A guest whose start builds state: `on_vm_start` counts itself in a metric,
+/// `on_configure` keeps its configuration; each request records the configuration kept
+/// (`x-v`) and the starts so far (`x-s`, `A` + count).
+fn configured() -> Vec<u8> {
+    let wat = format!(
+        r#"(module {PRELUDE}
+  (data (i32.const 256) "starts")
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $define_metric (i32.const 0) (i32.const 256) (i32.const 6) (i32.const 32)))
+    (drop (call $increment_metric (i32.load (i32.const 32)) (i64.const 1)))
+    (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $get_buffer (i32.const 7) (i32.const 0) (local.get 1) (i32.const 40) (i32.const 44)))
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add_header (i32.const 0) (i32.const 4) (i32.const 3)
+      (i32.load (i32.const 40)) (i32.load (i32.const 44))))
+    (drop (call $get_metric (i32.load (i32.const 32)) (i32.const 48)))
+    (call $rec (i32.wrap_i64 (i64.load (i32.const 48))))
+    (i32.const 0)))"#
+    );
+    wat::parse_str(&wat).expect("test WAT")
+}
+
+/// Two requests through `p`: each one's (`x-v`, `x-s`).
+fn twice(p: &Arc<Plugin>) -> Vec<(String, String)> {
+    (0..2)
+        .map(|_| {
+            let (out, req) = run(p);
+            assert!(matches!(out, Outcome::Continue), "{out:?}");
+            (all(&req, "x-v").concat(), all(&req, "x-s").concat())
+        })
+        .collect()
+}
+
+fn configured_with(rt: &Runtime, config: &str) -> Arc<Plugin> {
+    let mut s = spec(Isolation::Request);
+    s.config = config.as_bytes().to_vec();
+    rt.plugin(s, &configured(), &Metrics::new())
+        .expect("plugin")
+}
+
+/// Fresh instances from a snapshot see the state the start built (the configuration
+/// `on_configure` kept) without running the start: the starts counted stay at two (the
+/// instance that checked the module, the one the snapshot was taken from), where without
+/// a snapshot every request's instance starts again. A changed configuration is another
+/// snapshot; a reconfigured module starts its instances again until it has one.
+#[test]
+fn snapshots_serve_what_the_start_built_without_running_it() {
+    let mut rt = Runtime::new(false).expect("runtime");
+    rt.set_snapshots(false);
+    let p = configured_with(&rt, "the-config");
+    assert!(!p.snapshotted());
+    let v = |s: &str| s.to_string();
+    assert_eq!(
+        twice(&p),
+        [(v("the-config"), v("C")), (v("the-config"), v("D"))]
+    );
+
+    let rt = Runtime::new(false).expect("runtime");
+    let a = configured_with(&rt, "config-a");
+    let b = configured_with(&rt, "config-b");
+    assert!(a.snapshotted() && b.snapshotted());
+    assert_eq!(
+        twice(&a),
+        [(v("config-a"), v("C")), (v("config-a"), v("C"))]
+    );
+    assert_eq!(
+        twice(&b),
+        [(v("config-b"), v("C")), (v("config-b"), v("C"))]
+    );
+
+    a.reconfigure(b"config-c".to_vec());
+    assert!(
+        !a.snapshotted(),
+        "a snapshot of the old configuration is not used"
+    );
+    assert_eq!(
+        twice(&a),
+        [(v("config-c"), v("D")), (v("config-c"), v("E"))]
+    );
+}
+
+/// A start that reads random bytes is not snapshotted: every instance would get the same
+/// bytes. Its instances keep starting, each with bytes of its own.
+#[test]
+fn a_start_that_reads_random_bytes_is_not_snapshotted() {
+    let wat = format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
+  {PRELUDE}
+  (func (export "_initialize") (drop (call $random (i32.const 64) (i32.const 4))))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $rec (i32.and (i32.load8_u (i32.const 64)) (i32.const 15)))
+    (call $rec (i32.and (i32.load8_u (i32.const 65)) (i32.const 15)))
+    (call $rec (i32.and (i32.load8_u (i32.const 66)) (i32.const 15)))
+    (call $rec (i32.and (i32.load8_u (i32.const 67)) (i32.const 15)))
+    (i32.const 0)))"#
+    );
+    let p = plugin_with(&wat::parse_str(&wat).unwrap(), spec(Isolation::Request));
+    assert!(!p.snapshotted());
+    let draws: Vec<String> = (0..3).map(|_| all(&run(&p).1, "x-s").concat()).collect();
+    assert!(
+        draws[0] != draws[1] || draws[1] != draws[2],
+        "every instance draws its own bytes: {draws:?}"
+    );
+}
+
+/// A snapshot kept on disk whose bytes no longer match their digest is taken again, not
+/// loaded; the module serves as before.
+#[test]
+fn a_corrupt_snapshot_on_disk_is_taken_again() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let load = || {
+        let rt = Runtime::new(true).expect("runtime");
+        rt.set_cache_dir(dir.path()).unwrap();
+        let p = configured_with(&rt, "kept");
+        assert!(p.snapshotted());
+        assert_eq!(twice(&p)[1].0, "kept");
+        rt
+    };
+    drop(load());
+    let snap = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "snap"))
+        .expect("a snapshot on disk");
+    let valid = |b: &[u8]| Sha256::digest(&b[32..]).as_slice() == &b[..32];
+    let mut bytes = std::fs::read(&snap).unwrap();
+    assert!(valid(&bytes));
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&snap, &bytes).unwrap();
+    drop(load());
+    assert!(
+        valid(&std::fs::read(&snap).unwrap()),
+        "taken again and kept"
+    );
+}
+
+/// Instances from a snapshot are metered and limited as any: an endless loop overruns its
+/// budget, memory cannot grow past `memory_mb`.
+#[test]
+fn snapshot_instances_keep_their_budget_and_memory_limit() {
+    let endless = plugin_with(&guest("(loop $l (br $l))", ""), spec(Isolation::Request));
+    assert!(endless.snapshotted());
+    match run(&endless).0 {
+        Outcome::Failed(f) => assert!(matches!(f.cause, Cause::Overrun), "{:?}", f.cause),
+        other => panic!("expected an overrun, got {other:?}"),
+    }
+    let grow = plugin_with(
+        &guest(
+            "(call $rec (i32.add (i32.const 2) (memory.grow (i32.const 255))))
+             (call $rec (i32.add (i32.const 2) (memory.grow (i32.const 254))))",
+            "",
+        ),
+        spec(Isolation::Request),
+    );
+    assert!(grow.snapshotted());
+    assert_eq!(all(&run(&grow).1, "x-s"), ["B", "E"]);
 }

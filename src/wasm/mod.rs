@@ -328,6 +328,12 @@ struct Upgrade {
     artifact: Option<PathBuf>,
 }
 
+/// A module pre-initialized with one configuration (see [`Runtime::snapshot`]).
+struct Snap {
+    compiled: Arc<Compiled>,
+    config_gen: u64,
+}
+
 /// A configured module: compiled code, its conf, its idle VMs.
 pub struct Plugin {
     pub spec: PluginSpec,
@@ -367,6 +373,9 @@ pub struct Plugin {
     queue_waiters: std::sync::atomic::AtomicUsize,
     queue_signal: tokio::sync::Notify,
     dispatch: DispatchSlot,
+    /// Fresh instances (`isolation = "request"`) start from this snapshot of the
+    /// module's start, while the configuration is the one it was taken with.
+    snap: arc_swap::ArcSwapOption<Snap>,
     /// The upstreams its callouts may reach, by name: first `spec.allowed_upstreams`,
     /// then whatever the embedder hands over when the upstreams are rebuilt (a deployed
     /// module outlives the conf snapshot it was built against).
@@ -535,6 +544,8 @@ pub struct Runtime {
     components: std::sync::OnceLock<component::ComponentRuntime>,
     /// Artifacts go to disk at all (`serve`, not `check`).
     persist: bool,
+    /// Fresh-instance modules get snapshots ([`Runtime::snapshot`]).
+    snapshots: bool,
     shared: Arc<SharedState>,
     pub meter: Arc<meter::Meter>,
     dispatch: DispatchSlot,
@@ -594,6 +605,7 @@ impl Runtime {
             cache_dir: std::sync::OnceLock::new(),
             components: std::sync::OnceLock::new(),
             persist,
+            snapshots: true,
             shared: Arc::new(SharedState::default()),
             meter: Arc::default(),
             dispatch: Arc::default(),
@@ -837,11 +849,106 @@ impl Runtime {
             queue_signal: tokio::sync::Notify::new(),
             dispatch: self.dispatch.clone(),
             upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
+            snap: Default::default(),
             spec,
         });
         let first = vm::Vm::start(&plugin, false).map_err(ModuleError::Start)?;
         plugin.give_back(first);
+        if plugin.spec.isolation == Isolation::Request && self.snapshots {
+            self.snapshot(&plugin, bytes);
+        }
         Ok(plugin)
+    }
+
+    /// Gives a plugin whose instances are fresh per request a snapshot of its start:
+    /// `_initialize`, `on_vm_start` and `on_configure` run once, in an instance of the
+    /// module wizer instrumented; wizer then writes its memory and globals into a new
+    /// module, which fresh instances start from (a copy-on-write image) without running
+    /// any of them. The snapshot is kept beside the artifacts, named by the module, its
+    /// configuration and the engine, with its own digest: one that does not match it is
+    /// taken again, never trusted. What is frozen: the start's clock readings and log
+    /// lines (written once, when the snapshot is taken); a start that reads random bytes,
+    /// makes callouts or is configured with secrets is not snapshotted (every instance
+    /// would share its bytes; its callouts would have no answer; secrets stay off disk).
+    fn snapshot(&self, plugin: &Arc<Plugin>, bytes: &[u8]) {
+        let spec = &plugin.spec;
+        let config = plugin.config.load_full();
+        let why_not = if *config != spec.config {
+            Err("its configuration holds secrets".to_string())
+        } else {
+            Ok(())
+        };
+        let start = Instant::now();
+        let key = {
+            let mut h = Sha256::new();
+            for part in [
+                &b"wasmgate snapshot 1"[..],
+                plugin.compiled.digest.as_bytes(),
+                spec.root_id.as_bytes(),
+                &spec.vm_config,
+                &config,
+            ] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+            hex::encode(h.finalize())
+        };
+        let path = self.artifact_path(&self.engine, &key, "snap");
+        let kept = path.as_deref().and_then(read_verified);
+        let from_disk = kept.is_some();
+        let taken = why_not.and_then(|()| match kept {
+            Some(snap) => Ok(snap),
+            None => {
+                let snap = self.take_snapshot(plugin, bytes)?;
+                if let Some(path) = &path {
+                    let digest: [u8; 32] = Sha256::digest(&snap).into();
+                    write_artifact(path, &[&digest[..], &snap].concat());
+                }
+                Ok(snap)
+            }
+        });
+        let compiled = taken.and_then(|snap| {
+            let (compiled, _) = self.compile_found(&snap).map_err(|e| e.to_string())?;
+            Ok(compiled)
+        });
+        let (tenant, module) = (&spec.tenant, &spec.name);
+        match compiled {
+            Ok(compiled) => {
+                tracing::info!(
+                    %tenant, %module, from_disk,
+                    ms = start.elapsed().as_millis() as u64,
+                    "module snapshotted: fresh instances skip its start"
+                );
+                plugin.snap.store(Some(Arc::new(Snap {
+                    compiled,
+                    config_gen: 0,
+                })));
+            }
+            Err(why) => tracing::info!(%tenant, %module, why, "module not snapshotted"),
+        }
+    }
+
+    fn take_snapshot(&self, plugin: &Arc<Plugin>, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let wizer = wasmtime_wizer::Wizer::new();
+        let (cx, instrumented) = wizer.instrument(bytes).map_err(|e| e.to_string())?;
+        // the instrumented module runs once: the quickest compiler will do
+        let (engine, linker, tier) = match &self.baseline {
+            Some((engine, linker)) => (engine, linker, Tier::Baseline),
+            None => (&self.engine, &self.linker, Tier::Optimized),
+        };
+        let module = Module::new(engine, &instrumented).map_err(|e| root_cause(&e))?;
+        let code = Arc::new(Code::new(linker, &module, tier).map_err(|e| e.to_string())?);
+        let (mut vm, instance) = vm::Vm::start_on(plugin, code, false, vm::Boot::Full)
+            .map_err(|f| format!("{}: {}", f.callback, f.cause))?;
+        let snap = vm.snapshot(instance, &wizer, &cx);
+        plugin.dispose(vm);
+        snap
+    }
+
+    /// Modules with `isolation = "request"` start from snapshots (the default); off, they
+    /// run their start in every instance (tests and benchmarks compare the two).
+    pub fn set_snapshots(&mut self, on: bool) {
+        self.snapshots = on;
     }
 }
 
@@ -1080,6 +1187,19 @@ impl Plugin {
         self.drain_idle();
     }
 
+    /// The code a fresh instance starts from when the module has a snapshot for its
+    /// current configuration (a reconfiguration leaves the old one behind).
+    pub(crate) fn snapshot(&self) -> Option<Arc<Code>> {
+        let snap = self.snap.load();
+        let snap = snap.as_ref()?;
+        (snap.config_gen == self.config_gen.load(Ordering::Acquire)).then(|| snap.compiled.code())
+    }
+
+    /// Whether fresh instances start from a snapshot now.
+    pub fn snapshotted(&self) -> bool {
+        self.snapshot().is_some()
+    }
+
     pub(crate) fn next_metric_id(&self) -> u32 {
         self.next_metric.fetch_add(1, Ordering::Relaxed)
     }
@@ -1244,6 +1364,14 @@ fn checked(linker: &Linker<host::Host>, module: &Module, tier: Tier) -> Result<C
 }
 
 /// A precompiled artifact, if one is there and loads.
+/// A snapshot kept on disk: its SHA-256, then the module. `None` when missing or when
+/// the bytes do not match their digest (then it is taken again).
+fn read_verified(path: &Path) -> Option<Vec<u8>> {
+    let kept = std::fs::read(path).ok()?;
+    let (digest, snap) = kept.split_at_checked(32)?;
+    (Sha256::digest(snap).as_slice() == digest).then(|| snap.to_vec())
+}
+
 fn load_artifact(engine: &Engine, path: Option<&Path>) -> Option<Module> {
     let path = path.filter(|p| p.exists())?;
     // SAFETY: the artifact was written by `Module::serialize` of an engine with the same

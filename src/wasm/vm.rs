@@ -10,7 +10,7 @@ use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use wasmtime::{Extern, Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
+use wasmtime::{Extern, Instance, Module, Store, StoreLimitsBuilder, Trap, TypedFunc};
 
 const ROOT: i32 = super::host::ROOT_CONTEXT;
 /// Budget multiplier for VM start (`_initialize`, `on_vm_start`, `on_configure`).
@@ -46,6 +46,50 @@ struct Exports {
     on_tick: Option<F1>,
     on_queue_ready: Option<F2>,
     on_foreign_function: Option<F3>,
+}
+
+/// How a VM's instance gets ready for requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Boot {
+    /// The module's start runs: `_initialize`, the root context's creation,
+    /// `on_vm_start`, `on_configure`.
+    Full,
+    /// The instance comes from a snapshot taken after that start: nothing runs.
+    Snapshot,
+}
+
+/// An instance's state as wizer reads it for a snapshot.
+struct Frozen<'a> {
+    store: &'a mut Store<Host>,
+    instance: Instance,
+}
+
+impl wasmtime_wizer::InstanceState for Frozen<'_> {
+    async fn global_get(
+        &mut self,
+        name: &str,
+        _: wasmtime_wizer::ValType,
+    ) -> wasmtime_wizer::SnapshotVal {
+        use wasmtime::Val;
+        use wasmtime_wizer::SnapshotVal as S;
+        let global = self.instance.get_global(&mut *self.store, name);
+        match global.map(|g| g.get(&mut *self.store)) {
+            Some(Val::I64(x)) => S::I64(x),
+            Some(Val::F32(x)) => S::F32(x),
+            Some(Val::F64(x)) => S::F64(x),
+            Some(Val::V128(x)) => S::V128(x.as_u128()),
+            Some(Val::I32(x)) => S::I32(x),
+            // wizer exported every global it asks for, with a value type
+            _ => unreachable!("instrumented global {name}"),
+        }
+    }
+
+    async fn memory_contents(&mut self, name: &str, contents: impl FnOnce(&[u8]) + Send) {
+        match self.instance.get_memory(&mut *self.store, name) {
+            Some(m) => contents(m.data(&*self.store)),
+            None => contents(&[]),
+        }
+    }
 }
 
 pub struct Vm {
@@ -107,6 +151,21 @@ impl Vm {
     /// gateway starts itself when it loads a module (deploy, conf load, restart) checks
     /// the module and is not billed: a gateway restart costs tenants nothing.
     pub(crate) fn start(plugin: &Arc<Plugin>, billed: bool) -> Result<Box<Vm>, Failure> {
+        let started = match plugin.snapshot() {
+            Some(code) => Self::start_on(plugin, code, billed, Boot::Snapshot),
+            None => Self::start_on(plugin, plugin.compiled.code(), billed, Boot::Full),
+        };
+        started.map(|(vm, _)| vm)
+    }
+
+    /// [`Vm::start`] on `code`, started as `boot` says; also the instance (a snapshot
+    /// reads its memory and globals).
+    pub(crate) fn start_on(
+        plugin: &Arc<Plugin>,
+        code: Arc<super::Code>,
+        billed: bool,
+        boot: Boot,
+    ) -> Result<(Box<Vm>, Instance), Failure> {
         // the generation first: a configuration newer than it only makes the VM stale
         let config_gen = plugin.config_gen.load(Ordering::Acquire);
         let host = Host {
@@ -134,8 +193,8 @@ impl Vm {
             parked: Default::default(),
             abi01: plugin.compiled.abi01,
             awaiting_done: false,
+            read_random: false,
         };
-        let code = plugin.compiled.code();
         let mut store = Store::new(code.engine(), host);
         store.limiter(|h| &mut h.limits);
         let start_fuel = fuel_for(plugin.spec.limits.budget).saturating_mul(START_BUDGET_FACTOR);
@@ -143,25 +202,28 @@ impl Vm {
             callback: "instantiate",
             cause: Cause::Trap(e.to_string()),
         })?;
-        let booted = Self::boot(plugin, &code, &mut store);
+        let booted = Self::boot(plugin, &code, &mut store, boot);
         if billed {
             plugin.bill_fuel(start_fuel - store.get_fuel().unwrap_or(0).min(start_fuel));
         }
         let root_calls = std::mem::take(&mut store.data_mut().effects.calls);
-        Ok(Box::new(Vm {
+        let (f, instance) = booted?;
+        let vm = Box::new(Vm {
             store,
             code,
-            f: booted?,
+            f,
             next_ctx: ROOT + 1,
             root_calls,
-        }))
+        });
+        Ok((vm, instance))
     }
 
     fn boot(
         plugin: &Arc<Plugin>,
         code: &super::Code,
         store: &mut Store<Host>,
-    ) -> Result<Exports, Failure> {
+        boot: Boot,
+    ) -> Result<(Exports, Instance), Failure> {
         let fail = |cb: &'static str, msg: String| Failure {
             callback: cb,
             cause: Cause::Trap(msg),
@@ -266,6 +328,10 @@ impl Vm {
         if known.is_none() {
             let _ = code.callbacks.set(found.into());
         }
+        if boot == Boot::Snapshot {
+            // its memory and globals are those of an instance that ran all of the below
+            return Ok((f, inst));
+        }
         if let Some((init, name)) = init {
             init.call(&mut *store, ())
                 .map_err(|e| failure(name, e, store.data()))?;
@@ -297,7 +363,36 @@ impl Vm {
                 });
             }
         }
-        Ok(f)
+        Ok((f, inst))
+    }
+
+    /// A pre-initialized module of this VM's instance (`instance`, started from the
+    /// module `cx` instrumented): its memory and globals as the start left them. `Err`
+    /// says why the start cannot be frozen.
+    pub(crate) fn snapshot(
+        &mut self,
+        instance: Instance,
+        wizer: &wasmtime_wizer::Wizer,
+        cx: &wasmtime_wizer::ModuleContext<'_>,
+    ) -> Result<Vec<u8>, String> {
+        if self.store.data().read_random {
+            return Err("its start reads random bytes, which every instance would share".into());
+        }
+        if self.has_root_calls() || self.has_root_streams() {
+            return Err("its start makes callouts".into());
+        }
+        let mut state = Frozen {
+            store: &mut self.store,
+            instance,
+        };
+        // wizer panics on a global no snapshot value holds (a reference): no snapshot then
+        let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            futures::executor::block_on(wizer.snapshot(cx, &mut state))
+        }));
+        match taken {
+            Ok(snap) => snap.map_err(|e| e.to_string()),
+            Err(_) => Err("a global holds a value a snapshot cannot".into()),
+        }
     }
 
     pub(crate) fn queue_ready(&mut self, plugin: &Plugin, queue: u32) -> Result<(), Failure> {

@@ -82,6 +82,9 @@ pub struct Host {
     pub(crate) abi01: bool,
     /// The root context answered `on_done` with false and waits for `proxy_done`.
     pub(crate) awaiting_done: bool,
+    /// The guest asked for random bytes (`random_get`): its start cannot be snapshotted,
+    /// or every instance started from the snapshot would share them.
+    pub(crate) read_random: bool,
 }
 
 /// The root context's id: the first context every VM creates.

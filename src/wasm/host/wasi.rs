@@ -171,6 +171,7 @@ pub(crate) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         }
         // 20 MiB took 40-60 ms here (2-3 ns a byte): three fuel units a byte, paid first.
         charge_fuel(&mut c, n as u64 * RANDOM_FUEL_PER_BYTE)?;
+        c.data_mut().read_random = true;
         let Some(m) = mem(&mut c) else {
             return Ok(EFAULT);
         };
