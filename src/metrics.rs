@@ -24,6 +24,8 @@ pub struct Metrics {
     pub responses_aborted: IntCounter,
     /// Request heads over `max_request_header_bytes`, refused while being read.
     pub heads_too_large: IntCounter,
+    /// Requests the HTTP/1.1 fast path served (the rest went through Pingora's proxy).
+    pub fast_path_requests: IntCounter,
     pub reloads: IntCounterVec,
     pub generation: IntGauge,
     pub access_log_dropped: IntCounter,
@@ -136,6 +138,11 @@ impl Metrics {
             heads_too_large: f.counter(
                 "request_heads_too_large_total",
                 "Request heads refused with 431 while being read, over max_request_header_bytes",
+            ),
+            fast_path_requests: f.counter(
+                "fast_path_requests_total",
+                "Requests served by the HTTP/1.1 fast path; the others went through Pingora's \
+                 proxy (HTTP/2, bodies, upgrades, HTTP/1.0, [server] fast_path = false)",
             ),
             reloads: f.counters(
                 "config_reloads_total",

@@ -65,8 +65,15 @@ pub fn run(conf: &Path, upgrade: bool) -> anyhow::Result<()> {
     gateway.control = Some(control.clone());
     runtime.set_dispatch(gateway.callouts());
     // every accepted stream is wrapped: exact connection count, request-head deadline
+    let fast = crate::proxy::fast::FastPath::new(
+        gateway.clone(),
+        pingora::connectors::TransportConnector::new(Some(
+            pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration),
+        )),
+    );
     let app = ClientApp::new(
         pingora::proxy::http_proxy(&server.configuration, gateway),
+        Some(fast),
         live.clone(),
         metrics.clone(),
     );

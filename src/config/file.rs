@@ -138,6 +138,9 @@ pub struct ServerSection {
     pub data_dir: String,
     /// Re-read the conf file when it changes on disk (debounced), besides SIGHUP.
     pub watch_config: bool,
+    /// Serve bodiless HTTP/1.1 requests on the fast path (`proxy/fast.rs`); off, Pingora's
+    /// proxy serves every request. Read for each new client connection.
+    pub fast_path: bool,
 }
 
 impl Default for ServerSection {
@@ -148,6 +151,7 @@ impl Default for ServerSection {
             grace_period_secs: 5,
             data_dir: "data".into(),
             watch_config: true,
+            fast_path: true,
         }
     }
 }

@@ -46,6 +46,7 @@ pub struct Snapshot {
 pub struct Server {
     pub threads: usize,
     pub work_stealing: bool,
+    pub fast_path: bool,
     pub grace_period: Duration,
     /// Resolved against the conf file's folder.
     pub data_dir: PathBuf,
@@ -387,6 +388,7 @@ impl Lowering<'_> {
             server: Server {
                 threads: server.threads,
                 work_stealing: server.work_stealing,
+                fast_path: server.fast_path,
                 grace_period: Duration::from_secs(server.grace_period_secs),
                 data_dir: self.resolve(&server.data_dir),
                 watch_config: server.watch_config,

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::time::Duration;
 
+#[derive(Clone)]
 pub struct AccessLog {
     tx: SyncSender<String>,
     dropped: prometheus::IntCounter,

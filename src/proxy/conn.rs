@@ -47,6 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
+use crate::proxy::fast::{FastPath, Route};
 use crate::proxy::respond::{error_body, GatewayError};
 use crate::reload::Live;
 
@@ -271,17 +272,20 @@ pub fn request_done() {
     });
 }
 
-/// Wraps the proxy application so each accepted stream becomes a [`ClientStream`].
+/// Wraps the proxy application so each accepted stream becomes a [`ClientStream`], and
+/// serves what it can of an HTTP/1 connection on the fast path ([`FastPath`]).
 pub struct ClientApp<A> {
     inner: Arc<A>,
+    fast: Option<FastPath>,
     live: Arc<Live>,
     metrics: Arc<Metrics>,
 }
 
 impl<A> ClientApp<A> {
-    pub fn new(inner: A, live: Arc<Live>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(inner: A, fast: Option<FastPath>, live: Arc<Live>, metrics: Arc<Metrics>) -> Self {
         ClientApp {
             inner: Arc::new(inner),
+            fast,
             live,
             metrics,
         }
@@ -299,11 +303,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
             // handed back for reuse: already wrapped and counted
             return self.inner.process_new(stream, shutdown).await;
         }
-        let (limit, head_limit) = {
+        let (limit, head_limit, fast_on) = {
             let snap = self.live.load();
             (
                 snap.limits.client_header_timeout,
                 snap.limits.max_request_header_bytes,
+                snap.server.fast_path,
             )
         };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
@@ -320,12 +325,51 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ClientApp<A> {
             head_limit,
             self.metrics.clone(),
         );
-        CONN.scope(phase, self.inner.process_new(Box::new(wrapped), shutdown))
-            .await
+        match self.fast.as_ref().filter(|_| fast_on && !h2) {
+            Some(fast) => {
+                CONN.scope(phase, self.serve_h1(fast, wrapped, shutdown))
+                    .await
+            }
+            None => {
+                CONN.scope(phase, self.inner.process_new(Box::new(wrapped), shutdown))
+                    .await
+            }
+        }
     }
 
     async fn cleanup(&self) {
         self.inner.cleanup().await
+    }
+}
+
+impl<A: ServerApp + Send + Sync + 'static> ClientApp<A> {
+    /// An HTTP/1 connection: each request the fast path takes is served there; the first
+    /// it does not take goes to Pingora with the rest of the connection.
+    async fn serve_h1(
+        self: &Arc<Self>,
+        fast: &FastPath,
+        stream: ClientStream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut stream = Box::new(stream);
+        // the first head waits as long as the head clock allows; later ones as long as
+        // keep-alive does
+        let mut idle = None;
+        loop {
+            match stream.next_head(idle).await? {
+                Route::Fast => {}
+                Route::Pingora => return self.inner.process_new(stream, shutdown).await,
+            }
+            let shutting_down = *shutdown.borrow();
+            let (back, read_ahead) = fast.serve(stream, shutting_down).await?;
+            stream = back.into_any().downcast::<ClientStream>().ok()?;
+            if let Some(mut next) = read_ahead {
+                next.extend_from_slice(&stream.replay);
+                stream.replay = next;
+            }
+            let keepalive = self.live.load().limits.client_keepalive_timeout_secs;
+            idle = Some(Duration::from_secs(keepalive.max(1)));
+        }
     }
 }
 
@@ -408,6 +452,9 @@ pub struct ClientStream {
     refusing: Option<(&'static [u8], usize)>,
     /// Pingora's own error answer being replaced: ours, and how much of it is written.
     replacing: Option<(&'static [u8], usize)>,
+    /// Bytes read to look at a request head first ([`ClientStream::next_head`]), read
+    /// again from here.
+    replay: bytes::BytesMut,
     metrics: Arc<Metrics>,
 }
 
@@ -432,7 +479,48 @@ impl ClientStream {
             head_limit,
             refusing: None,
             replacing: None,
+            replay: bytes::BytesMut::new(),
             metrics,
+        }
+    }
+
+    /// Reads until the next request head is whole, keeping what it read to be read again,
+    /// and says who serves it. `None`: the connection ended (closed, idle past `idle`, a
+    /// head refused: 408 or 431, as on Pingora's path). A head over
+    /// `max_request_header_bytes` that arrived at once is refused here, as Pingora's path
+    /// refuses one that arrives in parts.
+    async fn next_head(&mut self, idle: Option<Duration>) -> Option<Route> {
+        loop {
+            if !self.replay.is_empty() {
+                if let Some(route) = Route::of(&self.replay) {
+                    if self.replay.len() > self.head_limit && matches!(route, Route::Fast) {
+                        let _ = std::future::poll_fn(|cx| self.refuse_large_head(cx)).await;
+                        return None;
+                    }
+                    return Some(route);
+                }
+            }
+            let waiting = self.replay.is_empty();
+            self.replay.reserve(4096);
+            let mut chunk = std::mem::take(&mut self.replay);
+            let read = std::future::poll_fn(|cx| {
+                let mut buf = ReadBuf::uninit(chunk.spare_capacity_mut());
+                ready!(self.poll_read_counted(cx, &mut buf))?;
+                Poll::Ready(Ok::<_, io::Error>(buf.filled().len()))
+            });
+            let n = match idle.filter(|_| waiting) {
+                Some(idle) => tokio::time::timeout(idle, read).await.ok()?,
+                None => read.await,
+            }
+            .ok()?;
+            // SAFETY: `poll_read_counted` initialized and filled these `n` bytes of the
+            // spare capacity (a `ReadBuf` over it counts what was written).
+            unsafe { chunk.set_len(chunk.len() + n) };
+            self.replay = chunk;
+            if n == 0 {
+                // the client ended mid-head: Pingora answers that as it always has
+                return (!waiting).then_some(Route::Pingora);
+            }
         }
     }
 
@@ -576,6 +664,24 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            // already counted against the head's limits when first read
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_read_counted(cx, buf)
+    }
+}
+
+impl ClientStream {
+    /// A read from the client with the head's clock and size limit.
+    fn poll_read_counted(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if this.refusing.is_some() {
             return this.poll_refuse(cx);
         }

@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod conn;
+pub mod fast;
 pub mod forwarded;
 pub mod framing;
 mod function;
@@ -32,6 +33,9 @@ use respond::GatewayError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The proxy's phases. Cheap to clone (shared handles): Pingora's proxy owns one, the
+/// fast path another.
+#[derive(Clone)]
 pub struct Gateway {
     pub live: Arc<Live>,
     /// Tenants' function URLs and limits (when the admin API is on).
