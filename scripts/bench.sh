@@ -147,6 +147,38 @@ pids+=($!)
 gw_pid=$!
 wait_port "$gw_port"
 
+# --- the same gateway with the fast path off: every request through Pingora's proxy
+gwp_port=$(free_port)
+cat > "$tmp/gw-pingora.toml" <<CONF
+[server]
+threads = $threads
+data_dir = "$tmp/data-pingora"
+watch_config = false
+fast_path = false
+[metrics]
+listen = ""
+[admin]
+listen = ""
+[[listeners]]
+listen = "127.0.0.1:$gwp_port"
+[upstreams.up]
+targets = ["127.0.0.1:$up_port"]
+[modules.key]
+path = "$root/guests/out/api_key_auth.wasm"
+config = { keys = ["bench-key"] }
+[[routes]]
+path_prefix = "/plain"
+upstream = "up"
+[[routes]]
+path_prefix = "/key"
+upstream = "up"
+hooks = ["key"]
+CONF
+RUST_LOG=warn "$bin" serve --config "$tmp/gw-pingora.toml" >"$tmp/gw-pingora.log" 2>&1 &
+pids+=($!)
+gwp_pid=$!
+wait_port "$gwp_port"
+
 # --- Pingora with no logic of its own: the floor under the gateway
 bare_port=$(free_port)
 RUST_LOG=warn "$bare_bin" "127.0.0.1:$bare_port" "127.0.0.1:$up_port" "$threads" \
@@ -227,16 +259,18 @@ done
 
 # --- wrk runs, interleaved across targets
 names=(upstream gateway gateway_key gateway_jwt gateway_backend nginx nginx_njs_key pingora_bare kv_read kv_plain
-       gateway_key_fresh)
+       gateway_key_fresh gateway_pingora gateway_pingora_key)
 urls=("http://127.0.0.1:$up_port/" "http://127.0.0.1:$gw_port/plain/x" "http://127.0.0.1:$gw_port/key/x"
       "http://127.0.0.1:$gw_port/jwt/x" "http://127.0.0.1:$gw_port/hello/bench" "http://127.0.0.1:$ng_port/x"
       "http://127.0.0.1:$ng_port/key/x" "http://127.0.0.1:$bare_port/x"
       "http://127.0.0.1:$gw_port/kvb/kv/bench" "http://127.0.0.1:$gw_port/kvb/plain"
-      "http://127.0.0.1:$gw_port/isolated/x")
+      "http://127.0.0.1:$gw_port/isolated/x" "http://127.0.0.1:$gwp_port/plain/x"
+      "http://127.0.0.1:$gwp_port/key/x")
 hdrs=("" "" "x-api-key: bench-key" "authorization: Bearer $token" "" "" "x-api-key: bench-key" "" "" ""
-      "x-api-key: bench-key")
+      "x-api-key: bench-key" "" "x-api-key: bench-key")
 # the server process(es) whose CPU each target costs (nginx: master and workers)
-servers=("$up_pid" "$gw_pid" "$gw_pid" "$gw_pid" "$gw_pid" ng ng "$bare_pid" "$gw_pid" "$gw_pid" "$gw_pid")
+servers=("$up_pid" "$gw_pid" "$gw_pid" "$gw_pid" "$gw_pid" ng ng "$bare_pid" "$gw_pid" "$gw_pid" "$gw_pid"
+         "$gwp_pid" "$gwp_pid")
 
 # cpu_ticks PID|ng: user + system clock ticks the server has used so far
 cpu_ticks() {
@@ -268,6 +302,17 @@ for run in $(seq 1 "$runs"); do
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
     echo "${names[$i]} $rps $p50 $p99 $cpu ${errs:-}" >>"$tmp/results"
+  done
+done
+
+# --- the proxy loops at c128 as well (latency under more connections), interleaved
+for run in $(seq 1 "$runs"); do
+  for i in 1 5 7 11; do # gateway (fast path), nginx, bare Pingora, gateway on Pingora's path
+    out=$(wrk -t1 -c128 -d"${dur}s" --latency "${urls[$i]}")
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    echo "${names[$i]}_c128 $rps $p50 $p99 0" >>"$tmp/results"
   done
 done
 
@@ -576,10 +621,17 @@ print(f"ratio wasm_auth_vs_njs_auth={med['gateway_key'] / med['nginx_njs_key']:.
 print(f"ratio wasm_backend_vs_plain={med['gateway_backend'] / med['gateway']:.2f}")
 # the API-key route with a fresh instance per request (isolation = "request") vs shared VMs
 print(f"ratio isolated_vs_shared={med['gateway_key_fresh'] / med['gateway_key']:.2f}")
+# the fast path against Pingora's proxy, the same gateway otherwise
+print(f"ratio fast_path_vs_pingora_path={med['gateway'] / med['gateway_pingora']:.2f}")
+print(f"ratio fast_path_vs_pingora_path_key={med['gateway_key'] / med['gateway_pingora_key']:.2f}")
+print(f"ratio pingora_path_vs_nginx={med['gateway_pingora'] / med['nginx']:.2f}")
 # CPU time (user + system, from /proc) the serving process spent per request
 cpu = {n: statistics.median(r["cpu"]) for n, r in rows.items()}
-for n in ("nginx", "pingora_bare", "gateway", "gateway_key"):
+for n in ("nginx", "pingora_bare", "gateway", "gateway_key", "gateway_pingora"):
     print(f"figure cpu_us_per_request_{n}={cpu[n]:.1f}")
+for n in ("nginx", "pingora_bare", "gateway_pingora", "gateway"):
+    print(f"figure p99_c{conns}_ms_{n}={statistics.median(rows[n]['p99']):.2f}")
+    print(f"figure p99_c128_ms_{n}={statistics.median(rows[n + '_c128']['p99']):.2f}")
 d = json.load(open(deploys))
 print(f"\ndeploys (upload -> first 200 on the function URL), median of 3: small cold {statistics.median(d['cold']):.0f} ms,"
       f" small warm {statistics.median(d['warm']):.0f} ms, 1 MB cold {statistics.median(d['big']):.0f} ms")
