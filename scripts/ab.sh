@@ -29,30 +29,7 @@ wait_port "$up_port"
 start_gw() {
   gw_port=$(free_port)
   mkdir -p "$tmp/$1"
-  cat >"$tmp/$1/gw.toml" <<CONF
-[server]
-threads = 1
-data_dir = "$tmp/$1/data"
-watch_config = false
-[metrics]
-listen = ""
-[admin]
-listen = ""
-[[listeners]]
-listen = "127.0.0.1:$gw_port"
-[upstreams.up]
-targets = ["127.0.0.1:$up_port"]
-[modules.key]
-path = "$root/guests/out/api_key_auth.wasm"
-config = { keys = ["ab-key"] }
-[[routes]]
-path_prefix = "/plain"
-upstream = "up"
-[[routes]]
-path_prefix = "/key"
-upstream = "up"
-hooks = ["key"]
-CONF
+  proxy_conf "$tmp/$1/gw.toml" "$gw_port" "$up_port" "$tmp/$1/data" ab-key 1
   RUST_LOG=warn "$2" serve --config "$tmp/$1/gw.toml" >"$tmp/$1/log" 2>&1 &
   pids+=($!)
   wait_port "$gw_port"

@@ -145,35 +145,12 @@ CONF
 RUST_LOG=warn "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
 pids+=($!)
 gw_pid=$!
-wait_port "$gw_port"
+wait_port "$gw_port" 300
 
 # --- the same gateway with the fast path off: every request through Pingora's proxy
 gwp_port=$(free_port)
-cat > "$tmp/gw-pingora.toml" <<CONF
-[server]
-threads = $threads
-data_dir = "$tmp/data-pingora"
-watch_config = false
-fast_path = false
-[metrics]
-listen = ""
-[admin]
-listen = ""
-[[listeners]]
-listen = "127.0.0.1:$gwp_port"
-[upstreams.up]
-targets = ["127.0.0.1:$up_port"]
-[modules.key]
-path = "$root/guests/out/api_key_auth.wasm"
-config = { keys = ["bench-key"] }
-[[routes]]
-path_prefix = "/plain"
-upstream = "up"
-[[routes]]
-path_prefix = "/key"
-upstream = "up"
-hooks = ["key"]
-CONF
+proxy_conf "$tmp/gw-pingora.toml" "$gwp_port" "$up_port" "$tmp/data-pingora" bench-key "$threads" \
+  "fast_path = false"
 RUST_LOG=warn "$bin" serve --config "$tmp/gw-pingora.toml" >"$tmp/gw-pingora.log" 2>&1 &
 pids+=($!)
 gwp_pid=$!
@@ -353,7 +330,7 @@ for lang in rs js py; do
     "$wasmtime_bin" serve "${ws_flags[@]}" "${extra[@]}" --addr "127.0.0.1:$ws_port" \
       "$root/guests/out/hello-$lang.wasm" >"$tmp/ws-$lang-$mode.log" 2>&1 &
     ws_pid=$!
-    wait_port "$ws_port"
+    wait_port "$ws_port" 300
     for target in "${tags[@]}"; do
       case $target in gw*) url="http://127.0.0.1:$gw_port/$gw_path/$lang" ;; *) url="http://127.0.0.1:$ws_port/" ;; esac
       for _ in 1 2; do # twice: a reused instance must answer again

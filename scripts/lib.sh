@@ -61,9 +61,11 @@ ensure_rust_targets() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# wait_port PORT: until something listens on 127.0.0.1:PORT (10 s at most)
+# wait_port PORT [SECONDS]: until something listens on 127.0.0.1:PORT (10 s at most by
+# default; a gateway that compiles JavaScript and Python components on a machine with no
+# artifacts yet takes longer)
 wait_port() {
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 $(( ${2:-10} * 20 ))); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.05
   done
@@ -103,4 +105,35 @@ ensure_wasmtime_cli() {
       --target-dir "$CARGO_TARGET_DIR/wasmtime-cli" >&2
   fi
   echo "$root/bin/wasmtime"
+}
+
+# proxy_conf FILE PORT UPSTREAM_PORT DATA_DIR KEY THREADS [SERVER_LINES]: a gateway conf
+# with a plain proxy route (/plain) and an API-key hook route (/key, key KEY) to one
+# upstream, no admin API, no metrics; SERVER_LINES go into [server] (e.g. "fast_path = false").
+proxy_conf() {
+  cat >"$1" <<CONF
+[server]
+threads = $6
+data_dir = "$4"
+watch_config = false
+${7:-}
+[metrics]
+listen = ""
+[admin]
+listen = ""
+[[listeners]]
+listen = "127.0.0.1:$2"
+[upstreams.up]
+targets = ["127.0.0.1:$3"]
+[modules.key]
+path = "$root/guests/out/api_key_auth.wasm"
+config = { keys = ["$5"] }
+[[routes]]
+path_prefix = "/plain"
+upstream = "up"
+[[routes]]
+path_prefix = "/key"
+upstream = "up"
+hooks = ["key"]
+CONF
 }

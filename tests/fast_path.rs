@@ -11,6 +11,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,16 +22,19 @@ type Seen = Arc<Mutex<Vec<u8>>>;
 /// An upstream that records each request (head and `Content-Length` or chunked body) and
 /// answers by path: `/cl`, `/chunked`, `/close` (no framing, then closes), `/204`, `/304`,
 /// `/hang` (never answers), anything else a `Content-Length` echo of the path.
-async fn recording_upstream() -> (u16, Seen) {
+async fn recording_upstream() -> (u16, Seen, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen: Seen = Arc::default();
     let log = seen.clone();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
             };
+            count.fetch_add(1, Ordering::Relaxed);
             let log = log.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -65,7 +69,7 @@ async fn recording_upstream() -> (u16, Seen) {
             });
         }
     });
-    (port, seen)
+    (port, seen, accepted)
 }
 
 /// One request from `buf` + the socket: head and body, raw.
@@ -195,7 +199,7 @@ fn corpus() -> Vec<(&'static str, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_path_forwards_and_answers_as_pingoras_proxy_does() {
-    let (up, seen) = recording_upstream().await;
+    let (up, seen, accepted) = recording_upstream().await;
     let (dead, _hold) = refusing_port();
     let routes = format!(
         r#"
@@ -255,4 +259,21 @@ upstream = "rec"
     assert!(served >= 20.0, "the fast path served {served} requests");
     let none = metric(&slow.metrics().await, "wasmgate_fast_path_requests_total");
     assert_eq!(none, 0.0);
+
+    // upstream connections are kept: 30 requests one after another, each on a client
+    // connection of its own, take one upstream connection on either loop
+    for gw in [&slow, &fast] {
+        let port = gw.port("http");
+        let before = accepted.load(Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..30 {
+                let answer = exchange(port, CLOSE.as_bytes());
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            }
+        })
+        .await
+        .unwrap();
+        let opened = accepted.load(Ordering::Relaxed) - before;
+        assert!(opened <= 1, "{opened} upstream connections for 30 requests");
+    }
 }

@@ -216,6 +216,8 @@ impl FastPath {
         client.write_timeout = peer.options.write_timeout;
         let (server_reuse, client_reuse, error) = self.exchange(session, &mut client, ctx).await;
         if client_reuse && error.is_none() {
+            // keep-alive as the answer allows (Pingora's pool does the same on release)
+            client.respect_keepalive();
             if let Some(stream) = client.reuse().await {
                 put_idle(peer.reuse_hash(), stream);
             }
