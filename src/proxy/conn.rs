@@ -47,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
-use crate::proxy::fast::{FastPath, Route};
+use crate::proxy::fast::{FastPath, Loop};
 use crate::proxy::respond::{error_body, GatewayError};
 use crate::reload::Live;
 
@@ -357,8 +357,8 @@ impl<A: ServerApp + Send + Sync + 'static> ClientApp<A> {
         let mut idle = None;
         loop {
             match stream.next_head(idle).await? {
-                Route::Fast => {}
-                Route::Pingora => return self.inner.process_new(stream, shutdown).await,
+                Loop::Fast => {}
+                Loop::Pingora => return self.inner.process_new(stream, shutdown).await,
             }
             let shutting_down = *shutdown.borrow();
             let (back, read_ahead) = fast.serve(stream, shutting_down).await?;
@@ -489,11 +489,11 @@ impl ClientStream {
     /// head refused: 408 or 431, as on Pingora's path). A head over
     /// `max_request_header_bytes` that arrived at once is refused here, as Pingora's path
     /// refuses one that arrives in parts.
-    async fn next_head(&mut self, idle: Option<Duration>) -> Option<Route> {
+    async fn next_head(&mut self, idle: Option<Duration>) -> Option<Loop> {
         loop {
             if !self.replay.is_empty() {
-                if let Some(route) = Route::of(&self.replay) {
-                    if self.replay.len() > self.head_limit && matches!(route, Route::Fast) {
+                if let Some(route) = Loop::of(&self.replay) {
+                    if self.replay.len() > self.head_limit && matches!(route, Loop::Fast) {
                         let _ = std::future::poll_fn(|cx| self.refuse_large_head(cx)).await;
                         return None;
                     }
@@ -519,7 +519,7 @@ impl ClientStream {
             self.replay = chunk;
             if n == 0 {
                 // the client ended mid-head: Pingora answers that as it always has
-                return (!waiting).then_some(Route::Pingora);
+                return (!waiting).then_some(Loop::Pingora);
             }
         }
     }

@@ -12,7 +12,7 @@
 //! chunked and close-delimited bodies).
 //!
 //! Everything else goes to Pingora, decided from the request head before any of it is
-//! consumed ([`Route::of`]): HTTP/2, requests with a body or `Expect`, upgrades, HTTP/1.0,
+//! consumed ([`Loop::of`]): HTTP/2, requests with a body or `Expect`, upgrades, HTTP/1.0,
 //! connection-nominated headers, heads this loop's parser cannot read. A connection
 //! handed to Pingora stays with it. Upstreams are always spoken to in HTTP/1.1 here (as
 //! nginx does); an upstream that only speaks HTTP/2 is reached by HTTP/2 clients.
@@ -38,17 +38,17 @@ const MAX_TRIES: usize = 16;
 const IDLE_PER_TARGET: usize = 128;
 
 /// What the next request head on a connection asks for.
-pub enum Route {
+pub enum Loop {
     /// The fast path serves it.
     Fast,
     /// Pingora serves it (and the rest of the connection).
     Pingora,
 }
 
-impl Route {
+impl Loop {
     /// Decides from a complete request head (`None`: not complete yet). A head the
     /// parser refuses goes to Pingora, which answers it as it always has.
-    pub fn of(head: &[u8]) -> Option<Route> {
+    pub fn of(head: &[u8]) -> Option<Loop> {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         let fast = match req.parse(head) {
@@ -60,7 +60,7 @@ impl Route {
                     && req.headers.iter().all(plain)
             }
         };
-        Some(if fast { Route::Fast } else { Route::Pingora })
+        Some(if fast { Loop::Fast } else { Loop::Pingora })
     }
 }
 
@@ -86,8 +86,11 @@ fn plain(h: &httparse::Header) -> bool {
         .any(|n| name.eq_ignore_ascii_case(n))
 }
 
-/// Hop-by-hop fields Pingora's default request policy strips before the phases see the
-/// upstream request (the fast path admits no connection-nominated ones).
+/// The fields Pingora's default request policy strips before the phases see the upstream
+/// request (the fast path admits no connection-nominated ones), in Pingora's order: not
+/// [`crate::headers::HOP_BY_HOP`], which is the RFC's set. The order is part of the bytes
+/// sent: a removal moves the map's last field into the hole, so another order forwards
+/// the remaining fields in another order (the differential test shows it).
 const HOP_BY_HOP: [&str; 10] = [
     "keep-alive",
     "proxy-connection",
