@@ -67,6 +67,13 @@ pub struct Connect {
     pub pool_key: u64,
 }
 
+impl Upstream {
+    /// Whether its targets are asked for HTTP/2 (through ALPN).
+    pub fn wants_h2(&self) -> bool {
+        self.connect.tls.as_ref().is_some_and(|t| t.http2)
+    }
+}
+
 impl Balancer {
     /// Round robin over `addrs`, or consistent hashing of `hash`.
     pub fn new(addrs: &[String], hash: Option<HashKey>) -> std::io::Result<Balancer> {

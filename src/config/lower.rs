@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<Arc<Route>>,
     pub router: Router,
+    /// Some route's upstream asks for HTTP/2: the fast path looks such requests up first.
+    pub h2_routes: bool,
     pub plugins: BTreeMap<String, Arc<Plugin>>,
     /// The `[node]` guests see.
     pub node: Arc<wasm::NodeInfo>,
@@ -377,6 +379,9 @@ impl Lowering<'_> {
         let modules = self.plugins(&f, &upstreams);
         let (routes, router) = self.routes(&f, &upstreams, &modules);
         let plugins = modules.filters;
+        let h2_routes = routes
+            .iter()
+            .any(|r| r.upstream.as_ref().is_some_and(|u| u.wants_h2()));
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| (e.line, e.column));
             return Err(ConfErrors(self.errors));
@@ -436,6 +441,7 @@ impl Lowering<'_> {
             upstreams,
             routes,
             router: router.unwrap_or_default(),
+            h2_routes,
             plugins,
             node,
             state: state.unwrap_or_default(),

@@ -357,8 +357,8 @@ impl<A: ServerApp + Send + Sync + 'static> ClientApp<A> {
         let mut idle = None;
         loop {
             match stream.next_head(idle).await? {
-                Loop::Fast => {}
-                Loop::Pingora => return self.inner.process_new(stream, shutdown).await,
+                Loop::Fast { .. } if fast.takes(&stream.replay) => {}
+                _ => return self.inner.process_new(stream, shutdown).await,
             }
             let shutting_down = *shutdown.borrow();
             let (back, read_ahead) = fast.serve(stream, shutting_down).await?;
@@ -493,7 +493,7 @@ impl ClientStream {
         loop {
             if !self.replay.is_empty() {
                 if let Some(route) = Loop::of(&self.replay) {
-                    if self.replay.len() > self.head_limit && matches!(route, Loop::Fast) {
+                    if matches!(route, Loop::Fast { head } if head > self.head_limit) {
                         let _ = std::future::poll_fn(|cx| self.refuse_large_head(cx)).await;
                         return None;
                     }

@@ -1,21 +1,24 @@
-//! The HTTP/1.1 fast path: a bodiless HTTP/1.1 request on an HTTP/1 client connection is
-//! proxied by a plain request → response loop on the connection's own task, with a
-//! per-thread pool of upstream connections, instead of Pingora's proxy machinery (a task
-//! and two channels per request, a pool behind locks that spawns a task per idle
-//! connection and asks the kernel for the peer's address on every reuse).
+//! The HTTP/1.1 fast path: an HTTP/1.1 request on an HTTP/1 client connection is proxied
+//! by a plain request → response loop on the connection's own task, with a per-thread
+//! pool of upstream connections, instead of Pingora's proxy machinery (a task and two
+//! channels per request, a pool behind locks that spawns a task per idle connection and
+//! asks the kernel for the peer's address on every reuse). Bodies stream both ways at
+//! once, in one `select!` over the client's body and the upstream's answer.
 //!
 //! Only the machinery is replaced. The request runs the gateway's own phases, the same
 //! [`ProxyHttp`] methods of [`Gateway`] Pingora calls, in the order Pingora calls them:
-//! routing, limits, hooks, rewrites, the error answers, the access log and the metrics
-//! are the same code on both paths. Pingora's HTTP/1 session still parses the request,
-//! writes the response and frames both (smuggling checks, keep-alive, HEAD/204/304,
-//! chunked and close-delimited bodies).
+//! routing, limits, hooks and their body callbacks, rewrites, `Expect: 100-continue`, the
+//! error answers, the access log and the metrics are the same code on both paths.
+//! Pingora's HTTP/1 sessions still parse the request, write the response and frame both
+//! (keep-alive, HEAD/204/304, chunked and close-delimited bodies); a retry sends the body
+//! again from Pingora's retry buffer, under Pingora's retry rules.
 //!
 //! Everything else goes to Pingora, decided from the request head before any of it is
-//! consumed ([`Loop::of`]): HTTP/2, requests with a body or `Expect`, upgrades, HTTP/1.0,
-//! connection-nominated headers, heads this loop's parser cannot read. A connection
-//! handed to Pingora stays with it. Upstreams are always spoken to in HTTP/1.1 here (as
-//! nginx does); an upstream that only speaks HTTP/2 is reached by HTTP/2 clients.
+//! consumed ([`Loop::of`]): HTTP/2, upgrades, HTTP/1.0, absolute-form targets,
+//! connection-nominated headers, any framing but one `Content-Length` or `chunked`
+//! (smuggling attempts are Pingora's to refuse), heads this loop's parser cannot read,
+//! and routes whose upstream asks for HTTP/2 ([`FastPath::takes`]). A connection handed
+//! to Pingora stays with it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,51 +42,67 @@ const IDLE_PER_TARGET: usize = 128;
 
 /// What the next request head on a connection asks for.
 pub enum Loop {
-    /// The fast path serves it.
-    Fast,
+    /// The fast path serves it; the head is this many bytes (what follows is its body
+    /// or the next request).
+    Fast { head: usize },
     /// Pingora serves it (and the rest of the connection).
     Pingora,
 }
 
 impl Loop {
-    /// Decides from a complete request head (`None`: not complete yet). A head the
-    /// parser refuses goes to Pingora, which answers it as it always has.
-    pub fn of(head: &[u8]) -> Option<Loop> {
+    /// Decides from the bytes read so far, once they hold a whole request head (`None`:
+    /// not yet). A head the parser refuses goes to Pingora, which answers it as it
+    /// always has.
+    pub fn of(buf: &[u8]) -> Option<Loop> {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        let fast = match req.parse(head) {
-            Ok(httparse::Status::Partial) => return None,
-            Err(_) => false,
-            Ok(httparse::Status::Complete(_)) => {
-                req.version == Some(1)
+        match req.parse(buf) {
+            Ok(httparse::Status::Partial) => None,
+            Ok(httparse::Status::Complete(head))
+                if req.version == Some(1)
                     && req.path.is_some_and(|p| p.starts_with('/'))
-                    && req.headers.iter().all(plain)
+                    && admits(req.headers) =>
+            {
+                Some(Loop::Fast { head })
             }
-        };
-        Some(if fast { Loop::Fast } else { Loop::Pingora })
+            _ => Some(Loop::Pingora),
+        }
     }
 }
 
-/// A header the fast path forwards as Pingora would without special handling: no body
-/// framing, no upgrade, no `Expect`, no connection-nominated fields.
-fn plain(h: &httparse::Header) -> bool {
-    let v = h.value;
-    let name = h.name;
-    if name.eq_ignore_ascii_case("content-length") {
-        return v == b"0";
+/// Whether the fast path forwards these fields as Pingora would without special handling:
+/// one body framing at most (a `Content-Length` of digits or `Transfer-Encoding: chunked`,
+/// never both), `Expect: 100-continue` only, no upgrade, no connection-nominated fields.
+/// Anything else (smuggling attempts included) is Pingora's to refuse or handle.
+fn admits(headers: &[httparse::Header]) -> bool {
+    let mut framings = 0;
+    for h in headers {
+        let (name, v) = (h.name, h.value);
+        let ok = if name.eq_ignore_ascii_case("content-length") {
+            framings += 1;
+            !v.is_empty() && v.len() <= 18 && v.iter().all(u8::is_ascii_digit)
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            framings += 1;
+            v.eq_ignore_ascii_case(b"chunked")
+        } else if name.eq_ignore_ascii_case("expect") {
+            v.eq_ignore_ascii_case(b"100-continue")
+        } else if name.eq_ignore_ascii_case("connection") {
+            v.split(|b| *b == b',').all(|t| {
+                let t = t.trim_ascii();
+                t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+            })
+        } else if name.eq_ignore_ascii_case("host") {
+            !v.contains(&b'@')
+        } else {
+            !["upgrade", "http2-settings"]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n))
+        };
+        if !ok || framings > 1 {
+            return false;
+        }
     }
-    if name.eq_ignore_ascii_case("connection") {
-        return v.split(|b| *b == b',').all(|t| {
-            let t = t.trim_ascii();
-            t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
-        });
-    }
-    if name.eq_ignore_ascii_case("host") {
-        return !v.contains(&b'@');
-    }
-    !["transfer-encoding", "upgrade", "expect", "http2-settings"]
-        .iter()
-        .any(|n| name.eq_ignore_ascii_case(n))
+    true
 }
 
 /// The fields Pingora's default request policy strips before the phases see the upstream
@@ -106,8 +125,20 @@ const HOP_BY_HOP: [&str; 10] = [
 
 thread_local! {
     /// Idle upstream connections of this thread, by peer (address, TLS, pool key).
-    static IDLE: RefCell<HashMap<u64, Vec<(Stream, Instant)>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<Idle> = RefCell::new(Idle::default());
 }
+
+/// A thread's idle upstream connections, each with the instant it expires.
+#[derive(Default)]
+struct Idle {
+    by_peer: HashMap<u64, Vec<(Stream, Option<Instant>)>>,
+    /// When expired connections of every peer were last dropped.
+    swept: Option<Instant>,
+}
+
+/// How often a thread drops its expired idle connections, those of peers no longer asked
+/// for included (an upstream a reload removed, a target gone from DNS).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The fast path's state: the gateway's phases and a connector for new upstream
 /// connections (TLS included).
@@ -119,6 +150,46 @@ pub struct FastPath {
 impl FastPath {
     pub fn new(gateway: Gateway, connector: TransportConnector) -> FastPath {
         FastPath { gateway, connector }
+    }
+
+    /// Whether this loop takes a request [`Loop::of`] admitted: not one whose route's
+    /// upstream asks for HTTP/2, which Pingora's proxy speaks (this loop speaks HTTP/1.1
+    /// upstream). Looked up only when the conf has such a route, from the head as sent: a
+    /// spelling that normalizes to another route only changes which loop serves it.
+    pub fn takes(&self, head: &[u8]) -> bool {
+        let snap = self.gateway.live.load();
+        if !snap.h2_routes {
+            return true;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        if req.parse(head).is_err() {
+            return false;
+        }
+        let (Some(method), Some(path)) = (req.method, req.path) else {
+            return false;
+        };
+        let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
+            return false;
+        };
+        let host = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .unwrap_or("");
+        let host = match host.rsplit_once(':') {
+            Some((h, port)) if !h.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        let path = path.split(['?', ';']).next().unwrap_or(path);
+        match snap.router.find(host.trim_end_matches('.'), path, &method) {
+            Ok(m) => !snap.routes[m.route]
+                .upstream
+                .as_ref()
+                .is_some_and(|u| u.wants_h2()),
+            Err(_) => true,
+        }
     }
 
     /// Serves one request whose head is in `stream`'s replay buffer; the stream back
@@ -222,7 +293,7 @@ impl FastPath {
             // keep-alive as the answer allows (Pingora's pool does the same on release)
             client.respect_keepalive();
             if let Some(stream) = client.reuse().await {
-                put_idle(peer.reuse_hash(), stream);
+                put_idle(peer.reuse_hash(), stream, peer.idle_timeout());
             }
         }
         let error = error.map(|e| {
@@ -235,14 +306,15 @@ impl FastPath {
 
     /// A pooled connection to `peer` that is still open, or a new one.
     async fn connect(&self, peer: &HttpPeer) -> Result<(Stream, bool)> {
-        if let Some(s) = take_idle(peer.reuse_hash(), peer.idle_timeout()) {
+        if let Some(s) = take_idle(peer.reuse_hash()) {
             return Ok((s, true));
         }
         Ok((self.connector.new_stream(peer).await?, false))
     }
 
-    /// The request head upstream, then the response to the client, one task at a time:
-    /// (client reusable, upstream reusable, error).
+    /// The request upstream and the response to the client, both ways at once as
+    /// Pingora's proxy does (an upstream may answer before it has read the body): (client
+    /// reusable, upstream reusable, error).
     async fn exchange(
         &self,
         session: &mut Session,
@@ -262,62 +334,146 @@ impl FastPath {
         if let Err(e) = host_after_filters(&mut req, had_host) {
             return (false, true, Some(e.into_in()));
         }
+        // a body whose length the filters removed goes chunked (Pingora's rule)
+        let has_body = !session.is_body_empty();
+        if has_body
+            && !req.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        {
+            if let Err(e) = req.insert_header(http::header::TRANSFER_ENCODING, "chunked") {
+                return (false, true, Some(e));
+            }
+        }
         if let Err(e) = client.write_request_header(req).await {
             return (false, false, Some(e.into_up()));
         }
-        let head_only = session.req_header().method == http::Method::HEAD;
-        loop {
-            let task = match client.read_response_task().await {
-                Ok(t) => t,
-                Err(e) => return (false, false, Some(e.into_up())),
-            };
-            let (task, end) = match task {
-                HttpTask::Header(mut head, end) => {
-                    // Pingora's rule: a response without framing becomes chunked, so the
-                    // client connection can stay open
-                    let no_body = head_only || matches!(head.status.as_u16(), 204 | 304);
-                    if !no_body
-                        && !head.status.is_informational()
-                        && !head.headers.contains_key(http::header::TRANSFER_ENCODING)
-                        && !head.headers.contains_key(http::header::CONTENT_LENGTH)
-                        && !end
-                    {
-                        head.set_version(http::Version::HTTP_11);
-                        if let Err(e) =
-                            head.insert_header(http::header::TRANSFER_ENCODING, "chunked")
-                        {
-                            return (false, false, Some(e));
-                        }
-                    }
-                    if let Err(e) = gw.response_filter(session, &mut head, ctx).await {
-                        return (false, false, Some(e));
-                    }
-                    (HttpTask::Header(head, end), end)
-                }
-                HttpTask::Body(mut data, end) => {
-                    if let Err(e) = gw.response_body_filter(session, &mut data, end, ctx) {
-                        return (false, false, Some(e));
-                    }
-                    (HttpTask::Body(data, end), end)
-                }
-                HttpTask::Done => (HttpTask::Done, true),
-                HttpTask::Failed(e) => return (false, false, Some(e)),
-                // HTTP/1 upstreams send neither here (no upgrade was asked for)
-                other => (other, false),
-            };
-            if let Err(e) = session.write_response_tasks(vec![task]).await {
-                return (false, false, Some(e));
-            }
-            if end {
-                break;
+        // what was read of the body so far is kept, so a retry can send it again
+        let replay = session.as_ref().get_retry_buffer();
+        session.as_mut().enable_retry_buffering();
+        let mut reading = !session.is_body_done();
+        let mut sending = true;
+        let mut send_error = None;
+        if replay.is_some() || !has_body {
+            match self.send_body(session, client, replay, !reading, ctx).await {
+                Ok(true) => sending = false,
+                Ok(false) => {}
+                Err(Side::Filter(e)) => return (false, false, Some(e)),
+                Err(Side::Upstream(e)) => (sending, send_error) = (false, Some(e)),
             }
         }
-        let client_reuse = client.is_body_done();
+        let mut response_done = false;
+        while !response_done || (reading && sending) {
+            tokio::select! {
+                task = client.read_response_task(), if !response_done => {
+                    let task = match task {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let e = send_error.unwrap_or(e);
+                            return (false, false, Some(e.into_up()));
+                        }
+                    };
+                    match self.respond(session, task, ctx).await {
+                        Ok(done) => response_done = done,
+                        Err(e) => return (false, false, Some(e)),
+                    }
+                }
+                body = session.downstream_session.read_body_or_idle(false), if reading => {
+                    let body = match body {
+                        Ok(b) => b,
+                        Err(e) => return (false, false, Some(e.into_down())),
+                    };
+                    reading = !(body.is_none() || session.is_body_done());
+                    if !sending {
+                        continue;
+                    }
+                    match self.send_body(session, client, body, !reading, ctx).await {
+                        Ok(done) => sending = !done,
+                        Err(Side::Filter(e)) => return (false, false, Some(e)),
+                        Err(Side::Upstream(e)) => (sending, send_error) = (false, Some(e)),
+                    }
+                }
+            }
+        }
+        // a connection whose request was cut short carries no other
+        let client_reuse = send_error.is_none() && !sending && client.is_body_done();
         match session.downstream_session.finish_body().await {
             Ok(_) => (true, client_reuse, None),
             Err(_) => (false, client_reuse, None),
         }
     }
+
+    /// One piece of the request body through the body phase, then upstream (an empty
+    /// piece mid-body is "nothing yet", not the end): whether the request is complete.
+    async fn send_body(
+        &self,
+        session: &mut Session,
+        client: &mut UpstreamSession,
+        mut data: Option<bytes::Bytes>,
+        end: bool,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<bool, Side> {
+        let end = end || data.is_none();
+        self.gateway
+            .request_body_filter(session, &mut data, end, ctx)
+            .await
+            .map_err(Side::Filter)?;
+        let end = end || data.is_none();
+        if let Some(d) = data.filter(|d| !d.is_empty()) {
+            client
+                .write_body(&d)
+                .await
+                .map_err(|e| Side::Upstream(e.into_up()))?;
+        }
+        if end {
+            client
+                .finish_body()
+                .await
+                .map_err(|e| Side::Upstream(e.into_up()))?;
+        }
+        Ok(end)
+    }
+
+    /// One piece of the upstream's response through the response phases, then to the
+    /// client: whether the response is complete.
+    async fn respond(&self, session: &mut Session, task: HttpTask, ctx: &mut Ctx) -> Result<bool> {
+        let gw = &self.gateway;
+        let (task, end) = match task {
+            HttpTask::Header(mut head, end) => {
+                // Pingora's rule: a response without framing becomes chunked, so the
+                // client connection can stay open
+                let head_only = session.req_header().method == http::Method::HEAD;
+                let no_body = head_only || matches!(head.status.as_u16(), 204 | 304);
+                if !no_body
+                    && !head.status.is_informational()
+                    && !head.headers.contains_key(http::header::TRANSFER_ENCODING)
+                    && !head.headers.contains_key(http::header::CONTENT_LENGTH)
+                    && !end
+                {
+                    head.set_version(http::Version::HTTP_11);
+                    head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                }
+                gw.response_filter(session, &mut head, ctx).await?;
+                (HttpTask::Header(head, end), end)
+            }
+            HttpTask::Body(mut data, end) => {
+                gw.response_body_filter(session, &mut data, end, ctx)?;
+                (HttpTask::Body(data, end), end)
+            }
+            HttpTask::Done => (HttpTask::Done, true),
+            HttpTask::Failed(e) => return Err(e),
+            // HTTP/1 upstreams send neither here (no upgrade was asked for)
+            other => (other, false),
+        };
+        session.write_response_tasks(vec![task]).await?;
+        Ok(end)
+    }
+}
+
+/// Which side of a request body's trip failed: the body phase (the request ends with its
+/// answer) or the upstream (its answer may still come).
+enum Side {
+    Filter(Box<Error>),
+    Upstream(Box<Error>),
 }
 
 /// A client connection after a response, and what was read of the next request.
@@ -343,13 +499,14 @@ fn host_after_filters(req: &mut RequestHeader, had_host: bool) -> Result<()> {
     Ok(())
 }
 
-/// An idle connection to the peer keyed `key` that is still open and has been idle less
-/// than `max_idle`. Closed ones (the upstream hung up) and stale ones are dropped.
-fn take_idle(key: u64, max_idle: Option<Duration>) -> Option<Stream> {
+/// An idle connection to the peer keyed `key` that is still open and not expired.
+/// Closed ones (the upstream hung up) and expired ones are dropped.
+fn take_idle(key: u64) -> Option<Stream> {
     IDLE.with_borrow_mut(|idle| {
-        let list = idle.get_mut(&key)?;
-        while let Some((stream, since)) = list.pop() {
-            if max_idle.is_some_and(|m| since.elapsed() >= m) || !quiet(&stream) {
+        let list = idle.by_peer.get_mut(&key)?;
+        let now = Instant::now();
+        while let Some((stream, until)) = list.pop() {
+            if until.is_some_and(|u| now >= u) || !quiet(&stream) {
                 continue;
             }
             return Some(stream);
@@ -358,11 +515,24 @@ fn take_idle(key: u64, max_idle: Option<Duration>) -> Option<Stream> {
     })
 }
 
-fn put_idle(key: u64, stream: Stream) {
+/// Keeps `stream` for `max_idle` (`None`: until the upstream closes it), and now and
+/// then drops every expired connection of this thread.
+fn put_idle(key: u64, stream: Stream, max_idle: Option<Duration>) {
     IDLE.with_borrow_mut(|idle| {
-        let list = idle.entry(key).or_default();
+        let now = Instant::now();
+        if idle
+            .swept
+            .is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY)
+        {
+            idle.swept = Some(now);
+            idle.by_peer.retain(|_, list| {
+                list.retain(|(_, until)| until.is_none_or(|u| now < u));
+                !list.is_empty()
+            });
+        }
+        let list = idle.by_peer.entry(key).or_default();
         if list.len() < IDLE_PER_TARGET {
-            list.push((stream, Instant::now()));
+            list.push((stream, max_idle.map(|m| now + m)));
         }
     });
 }
