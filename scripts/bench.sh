@@ -293,6 +293,19 @@ for run in $(seq 1 "$runs"); do
   done
 done
 
+# --- POST with a 1 KiB body (the request body streamed through each loop), interleaved
+printf 'wrk.method = "POST"\nwrk.body = string.rep("b", 1024)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' >"$tmp/post.lua"
+for run in $(seq 1 "$runs"); do
+  for i in 1 5 11; do # gateway (fast path), nginx, gateway on Pingora's path
+    out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency -s "$tmp/post.lua" "${urls[$i]}")
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+    echo "${names[$i]}_post $rps $p50 $p99 0 ${errs:-}" >>"$tmp/results"
+  done
+done
+
 # --- one state read timed inside the guest (kv-rs /time/KEY answers the ns its get took),
 #     2000 requests on one kept-alive connection per store, interleaved in blocks of 100
 python3 - "127.0.0.1:$gw_port" "127.0.0.1:$gwr_port" "$tmp/kv_times" <<'PY'
@@ -601,6 +614,9 @@ print(f"ratio isolated_vs_shared={med['gateway_key_fresh'] / med['gateway_key']:
 # the fast path against Pingora's proxy, the same gateway otherwise
 print(f"ratio fast_path_vs_pingora_path={med['gateway'] / med['gateway_pingora']:.2f}")
 print(f"ratio fast_path_vs_pingora_path_key={med['gateway_key'] / med['gateway_pingora_key']:.2f}")
+# POST, 1 KiB body: the fast path streams request bodies too
+print(f"ratio fast_path_vs_pingora_path_post={med['gateway_post'] / med['gateway_pingora_post']:.2f}")
+print(f"ratio gateway_post_vs_nginx_post={med['gateway_post'] / med['nginx_post']:.2f}")
 print(f"ratio pingora_path_vs_nginx={med['gateway_pingora'] / med['nginx']:.2f}")
 # CPU time (user + system, from /proc) the serving process spent per request
 cpu = {n: statistics.median(r["cpu"]) for n, r in rows.items()}
