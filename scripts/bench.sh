@@ -266,30 +266,34 @@ for i in "${!names[@]}"; do
   [ "$code" = 200 ] || { echo "${names[$i]} answered $code" >&2; exit 1; }
 done
 
+# wrk_row NAME SERVER WRK_ARGS...: one wrk run, appended to the results as a row: name,
+# req/s, p50, p99, the server's CPU (user + system) per request in µs, errors
+wrk_row() {
+  local name=$1 server=$2 before out used done_n cpu rps p50 p99 errs
+  shift 2
+  before=$(cpu_ticks "$server")
+  out=$(wrk -t1 -d"${dur}s" --latency "$@")
+  used=$(( ($(cpu_ticks "$server") - before) * tick_us ))
+  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  done_n=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu=$(awk -v u="$used" -v n="$done_n" 'BEGIN {printf "%.1f", (n > 0 ? u / n : 0)}')
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  echo "$name $rps $p50 $p99 $cpu ${errs:-}" >>"$tmp/results"
+}
+
 : >"$tmp/results"
 for run in $(seq 1 "$runs"); do
   for i in "${!names[@]}"; do
-    before=$(cpu_ticks "${servers[$i]}")
-    out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency ${hdrs[$i]:+-H "${hdrs[$i]}"} "${urls[$i]}")
-    used=$(( ($(cpu_ticks "${servers[$i]}") - before) * tick_us ))
-    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    done_n=$(awk '/requests in/ {print $1}' <<<"$out")
-    cpu=$(awk -v u="$used" -v n="$done_n" 'BEGIN {printf "%.1f", (n > 0 ? u / n : 0)}')
-    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-    errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-    echo "${names[$i]} $rps $p50 $p99 $cpu ${errs:-}" >>"$tmp/results"
+    wrk_row "${names[$i]}" "${servers[$i]}" -c"$conns" ${hdrs[$i]:+-H "${hdrs[$i]}"} "${urls[$i]}"
   done
 done
 
 # --- the proxy loops at c128 as well (latency under more connections), interleaved
 for run in $(seq 1 "$runs"); do
   for i in 1 5 7 11; do # gateway (fast path), nginx, bare Pingora, gateway on Pingora's path
-    out=$(wrk -t1 -c128 -d"${dur}s" --latency "${urls[$i]}")
-    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-    echo "${names[$i]}_c128 $rps $p50 $p99 0" >>"$tmp/results"
+    wrk_row "${names[$i]}_c128" "${servers[$i]}" -c128 "${urls[$i]}"
   done
 done
 
@@ -297,12 +301,7 @@ done
 printf 'wrk.method = "POST"\nwrk.body = string.rep("b", 1024)\nwrk.headers["Content-Type"] = "application/octet-stream"\n' >"$tmp/post.lua"
 for run in $(seq 1 "$runs"); do
   for i in 1 5 11; do # gateway (fast path), nginx, gateway on Pingora's path
-    out=$(wrk -t1 -c"$conns" -d"${dur}s" --latency -s "$tmp/post.lua" "${urls[$i]}")
-    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-    errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-    echo "${names[$i]}_post $rps $p50 $p99 0 ${errs:-}" >>"$tmp/results"
+    wrk_row "${names[$i]}_post" "${servers[$i]}" -c"$conns" -s "$tmp/post.lua" "${urls[$i]}"
   done
 done
 

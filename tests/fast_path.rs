@@ -116,6 +116,17 @@ fn exchange(port: u16, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     s.write_all(bytes).unwrap();
+    let out = read_until(&mut s, |_| false);
+    let text = String::from_utf8_lossy(&out)
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    dechunk(&text)
+}
+
+/// What `s` reads until it closes, its read timeout passes, or `done` says so.
+fn read_until(s: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let mut out = Vec::new();
     let mut chunk = [0u8; 8192];
     while let Ok(n) = s.read(&mut chunk) {
@@ -123,13 +134,11 @@ fn exchange(port: u16, bytes: &[u8]) -> String {
             break;
         }
         out.extend_from_slice(&chunk[..n]);
+        if done(&out) {
+            break;
+        }
     }
-    let text = String::from_utf8_lossy(&out)
-        .split("\r\n")
-        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
-        .collect::<Vec<_>>()
-        .join("\r\n");
-    dechunk(&text)
+    out
 }
 
 /// `s` with each chunked body as one canonical chunk: where a proxy cuts chunks is
@@ -371,17 +380,7 @@ async fn an_upstream_that_answers_before_the_body_is_sent_is_heard_on_both_loops
             let writer = std::thread::spawn(move || {
                 let _ = w.write_all(request.as_bytes());
             });
-            let mut out = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = s.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                out.extend_from_slice(&chunk[..n]);
-                if out.ends_with(b"too big\n") {
-                    break;
-                }
-            }
+            let out = read_until(&mut s, |o| o.ends_with(b"too big\n"));
             drop(s);
             let _ = writer.join();
             String::from_utf8_lossy(&out).to_string()
