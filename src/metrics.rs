@@ -142,7 +142,8 @@ impl Metrics {
             fast_path_requests: f.counter(
                 "fast_path_requests_total",
                 "Requests served by the HTTP/1.1 fast path; the others went through Pingora's \
-                 proxy (HTTP/2, upgrades, HTTP/1.0, odd framing, HTTP/2 upstreams, [server] fast_path = false)",
+                 proxy (HTTP/2, upgrades, HTTP/1.0, odd framing, HTTP/2 upstreams, \
+                 [server] fast_path = false)",
             ),
             reloads: f.counters(
                 "config_reloads_total",
