@@ -57,7 +57,8 @@ sig = b(hmac.new(sys.argv[1].encode(), f"{head}.{body}".encode(), hashlib.sha256
 print(f"{head}.{body}.{sig}")
 PY
 )
-cat > "$tmp/gw.toml" <<CONF
+{
+cat <<CONF
 [server]
 threads = $threads
 data_dir = "$tmp/data"
@@ -69,13 +70,10 @@ listen = "127.0.0.1:$admin_port"
 token = "bench-operator-token"
 [state]
 ops_per_sec = 0 # the kv targets measure the store, not the tenant's rate limit
-[[listeners]]
-listen = "127.0.0.1:$gw_port"
-[upstreams.up]
-targets = ["127.0.0.1:$up_port"]
-[modules.key]
-path = "$root/guests/out/api_key_auth.wasm"
-config = { keys = ["bench-key"] }
+CONF
+# /plain and /key as on the gateway with the fast path off (below)
+proxy_routes "$gw_port" "$up_port" bench-key
+cat <<CONF
 [modules.key_fresh]
 path = "$root/guests/out/api_key_auth.wasm"
 config = { keys = ["bench-key"] }
@@ -124,13 +122,6 @@ hooks = ["fnr_js"]
 path_prefix = "/fnr/py"
 hooks = ["fnr_py"]
 [[routes]]
-path_prefix = "/plain"
-upstream = "up"
-[[routes]]
-path_prefix = "/key"
-upstream = "up"
-hooks = ["key"]
-[[routes]]
 path_prefix = "/isolated"
 upstream = "up"
 hooks = ["key_fresh"]
@@ -142,6 +133,7 @@ hooks = ["jwt"]
 path_prefix = "/hello"
 hooks = ["hello"]
 CONF
+} >"$tmp/gw.toml"
 RUST_LOG=warn "$bin" serve --config "$tmp/gw.toml" >"$tmp/gw.log" 2>&1 &
 pids+=($!)
 gw_pid=$!

@@ -107,11 +107,34 @@ ensure_wasmtime_cli() {
   echo "$root/bin/wasmtime"
 }
 
+# proxy_routes PORT UPSTREAM_PORT KEY: a listener, one upstream, a plain proxy route
+# (/plain) and an API-key hook route (/key, key KEY): what every gateway the benchmarks
+# compare serves alike
+proxy_routes() {
+  cat <<CONF
+[[listeners]]
+listen = "127.0.0.1:$1"
+[upstreams.up]
+targets = ["127.0.0.1:$2"]
+[modules.key]
+path = "$root/guests/out/api_key_auth.wasm"
+config = { keys = ["$3"] }
+[[routes]]
+path_prefix = "/plain"
+upstream = "up"
+[[routes]]
+path_prefix = "/key"
+upstream = "up"
+hooks = ["key"]
+CONF
+}
+
 # proxy_conf FILE PORT UPSTREAM_PORT DATA_DIR KEY THREADS [SERVER_LINES]: a gateway conf
-# with a plain proxy route (/plain) and an API-key hook route (/key, key KEY) to one
-# upstream, no admin API, no metrics; SERVER_LINES go into [server] (e.g. "fast_path = false").
+# of proxy_routes only, no admin API, no metrics; SERVER_LINES go into [server] (e.g.
+# "fast_path = false").
 proxy_conf() {
-  cat >"$1" <<CONF
+  {
+    cat <<CONF
 [server]
 threads = $6
 data_dir = "$4"
@@ -121,19 +144,7 @@ ${7:-}
 listen = ""
 [admin]
 listen = ""
-[[listeners]]
-listen = "127.0.0.1:$2"
-[upstreams.up]
-targets = ["127.0.0.1:$3"]
-[modules.key]
-path = "$root/guests/out/api_key_auth.wasm"
-config = { keys = ["$5"] }
-[[routes]]
-path_prefix = "/plain"
-upstream = "up"
-[[routes]]
-path_prefix = "/key"
-upstream = "up"
-hooks = ["key"]
 CONF
+    proxy_routes "$2" "$3" "$5"
+  } >"$1"
 }

@@ -33,6 +33,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer, ALPN};
 use pingora::{Error, ErrorType, Result};
 
+use super::target::{normalize_host, normalize_path};
 use super::{Ctx, Gateway};
 
 /// How many times one request is tried (Pingora's own limit).
@@ -154,8 +155,8 @@ impl FastPath {
 
     /// Whether this loop takes a request [`Loop::of`] admitted: not one whose route's
     /// upstream asks for HTTP/2, which Pingora's proxy speaks (this loop speaks HTTP/1.1
-    /// upstream). Looked up only when the conf has such a route, from the head as sent: a
-    /// spelling that normalizes to another route only changes which loop serves it.
+    /// upstream). Looked up only when the conf has such a route, by the normalized host
+    /// and path the gateway routes by.
     pub fn takes(&self, head: &[u8]) -> bool {
         let snap = self.gateway.live.load();
         if !snap.h2_routes {
@@ -178,12 +179,13 @@ impl FastPath {
             .find(|h| h.name.eq_ignore_ascii_case("host"))
             .and_then(|h| std::str::from_utf8(h.value).ok())
             .unwrap_or("");
-        let host = match host.rsplit_once(':') {
-            Some((h, port)) if !h.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => host,
+        let path = path.split('?').next().unwrap_or(path);
+        // the host and path `request_filter` routes by; a target it refuses is answered
+        // alike on either loop
+        let (Ok(host), Ok(path)) = (normalize_host(host), normalize_path(path)) else {
+            return true;
         };
-        let path = path.split(['?', ';']).next().unwrap_or(path);
-        match snap.router.find(host.trim_end_matches('.'), path, &method) {
+        match snap.router.find(&host, &path.key, &method) {
             Ok(m) => !snap.routes[m.route]
                 .upstream
                 .as_ref()
