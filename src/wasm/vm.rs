@@ -24,28 +24,70 @@ type F3R = TypedFunc<(i32, i32, i32), i32>;
 type F5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 struct Exports {
-    on_context_create: F2,
-    on_vm_start: Option<F2R>,
-    on_configure: Option<F2R>,
-    on_request_headers: Option<F3R>,
-    on_request_body: Option<F3R>,
-    on_response_headers: Option<F3R>,
+    on_context_create: Cb<F2>,
+    on_vm_start: Cb<F2R>,
+    on_configure: Cb<F2R>,
+    on_request_headers: Cb<F3R>,
+    on_request_body: Cb<F3R>,
+    on_response_headers: Cb<F3R>,
     /// v0.1.0 modules' header callbacks, which have no end-of-stream argument.
-    on_request_headers_01: Option<F2R>,
-    on_response_headers_01: Option<F2R>,
-    on_response_body: Option<F3R>,
-    on_response_trailers: Option<F2R>,
-    on_log: Option<F1>,
-    on_done: Option<TypedFunc<i32, i32>>,
-    on_delete: Option<F1>,
-    on_http_call_response: Option<F5>,
-    on_grpc_receive: Option<F3>,
-    on_grpc_close: Option<F3>,
-    on_grpc_receive_initial_metadata: Option<F3>,
-    on_grpc_receive_trailing_metadata: Option<F3>,
-    on_tick: Option<F1>,
-    on_queue_ready: Option<F2>,
-    on_foreign_function: Option<F3>,
+    on_request_headers_01: Cb<F2R>,
+    on_response_headers_01: Cb<F2R>,
+    on_response_body: Cb<F3R>,
+    on_response_trailers: Cb<F2R>,
+    on_log: Cb<F1>,
+    on_done: Cb<TypedFunc<i32, i32>>,
+    on_delete: Cb<F1>,
+    on_http_call_response: Cb<F5>,
+    on_grpc_receive: Cb<F3>,
+    on_grpc_close: Cb<F3>,
+    on_grpc_receive_initial_metadata: Cb<F3>,
+    on_grpc_receive_trailing_metadata: Cb<F3>,
+    on_tick: Cb<F1>,
+    on_queue_ready: Cb<F2>,
+    on_foreign_function: Cb<F3>,
+}
+
+/// A callback the module exports, resolved on its first call. A fresh instance (one per
+/// request under `isolation = "request"`) calls a handful of its twenty-odd callbacks,
+/// and resolving one costs wasmtime a function reference set up in the instance and a
+/// type looked up under the engine's lock, then dropped with the store.
+struct Cb<F> {
+    at: Option<(Instance, wasmtime::ModuleExport)>,
+    func: std::sync::OnceLock<F>,
+}
+
+impl<F> Cb<F> {
+    fn absent() -> Cb<F> {
+        Cb {
+            at: None,
+            func: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn exists(&self) -> bool {
+        self.at.is_some()
+    }
+}
+
+impl<P: wasmtime::WasmParams, R: wasmtime::WasmResults> Cb<TypedFunc<P, R>> {
+    /// The callback, if the module exports it.
+    fn get(&self, s: &mut Store<Host>) -> Option<&TypedFunc<P, R>> {
+        if let Some(f) = self.func.get() {
+            return Some(f);
+        }
+        let (inst, at) = self.at.as_ref()?;
+        let func = inst
+            .get_module_export(&mut *s, at)
+            .and_then(Extern::into_func)?;
+        // SAFETY: `Cb`s of a module's known exports are made only after its first
+        // instance had each checked against its type (`Vm::boot`); a module's export
+        // types are the same in every instance.
+        Some(
+            self.func
+                .get_or_init(|| unsafe { TypedFunc::new_unchecked(&*s, func) }),
+        )
+    }
 }
 
 /// How a VM's instance gets ready for requests.
@@ -246,7 +288,9 @@ impl Vm {
         };
         let mut found = Vec::new();
         let mut k = 0;
-        macro_rules! opt {
+        // each callback in turn (the same order in every instance of a module): resolved
+        // and type-checked now in the module's first instance, on its first call after
+        macro_rules! cb {
             ($name:expr) => {{
                 k += 1;
                 let at = match known {
@@ -256,33 +300,35 @@ impl Vm {
                         found[k - 1]
                     }
                 };
-                match at {
-                    None => None,
-                    Some(at) => {
+                match (at, known) {
+                    (None, _) => Cb::absent(),
+                    (Some(at), Some(_)) => Cb {
+                        at: Some((inst, at)),
+                        func: std::sync::OnceLock::new(),
+                    },
+                    (Some(at), None) => {
                         let func = inst
                             .get_module_export(&mut *store, &at)
-                            .and_then(Extern::into_func);
-                        Some(match (func, known) {
-                            // SAFETY: an instance of this same module had this export
-                            // checked against this type (`typed`, below) before its index
-                            // was kept; a module's export types are the same in every
-                            // instance.
-                            (Some(func), Some(_)) => unsafe {
-                                TypedFunc::new_unchecked(&*store, func)
-                            },
-                            (Some(func), None) => func
-                                .typed(&*store)
-                                .map_err(|e| wrong($name, e.to_string()))?,
-                            (None, _) => return Err(wrong($name, "not a function".into())),
-                        })
+                            .and_then(Extern::into_func)
+                            .ok_or_else(|| wrong($name, "not a function".into()))?;
+                        let typed = func
+                            .typed(&*store)
+                            .map_err(|e| wrong($name, e.to_string()))?;
+                        Cb {
+                            at: Some((inst, at)),
+                            func: typed.into(),
+                        }
                     }
                 }
             }};
         }
         let memory = inst.get_memory(&mut *store, "memory");
-        let alloc = match opt!("proxy_on_memory_allocate") {
+        let alloc = match cb!("proxy_on_memory_allocate").get(store).cloned() {
             Some(f) => f,
-            None => opt!("malloc").ok_or_else(|| fail("instantiate", "no allocator".into()))?,
+            None => cb!("malloc")
+                .get(store)
+                .cloned()
+                .ok_or_else(|| fail("instantiate", "no allocator".into()))?,
         };
         store.data_mut().memory = memory;
         store.data_mut().alloc = Some(alloc);
@@ -291,21 +337,23 @@ impl Vm {
         macro_rules! by_abi {
             ($name:literal) => {
                 if abi01 {
-                    (None, opt!($name))
+                    (Cb::absent(), cb!($name))
                 } else {
-                    (opt!($name), None)
+                    (cb!($name), Cb::absent())
                 }
             };
         }
         let (on_request_headers, on_request_headers_01) = by_abi!("proxy_on_request_headers");
         let (on_response_headers, on_response_headers_01) = by_abi!("proxy_on_response_headers");
-        let on_context_create = opt!("proxy_on_context_create")
-            .ok_or_else(|| fail("instantiate", "no proxy_on_context_create".into()))?;
+        let on_context_create = cb!("proxy_on_context_create");
+        if !on_context_create.exists() {
+            return Err(fail("instantiate", "no proxy_on_context_create".into()));
+        }
         // every other callback is optional and exported as `proxy_` + its field's name
         macro_rules! exports {
             ($($cb:ident),* $(,)?) => {
                 Exports {
-                    $($cb: opt!(concat!("proxy_", stringify!($cb))),)*
+                    $($cb: cb!(concat!("proxy_", stringify!($cb))),)*
                     on_context_create,
                     on_request_headers,
                     on_request_headers_01,
@@ -321,10 +369,7 @@ impl Vm {
             on_grpc_receive_trailing_metadata, on_tick, on_queue_ready,
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
-        let init: Option<(TypedFunc<(), ()>, _)> = match opt!("_initialize") {
-            Some(f) => Some((f, "_initialize")),
-            None => opt!("_start").map(|f| (f, "_start")),
-        };
+        let (initialize, start): (Cb<TypedFunc<(), ()>>, _) = (cb!("_initialize"), cb!("_start"));
         if known.is_none() {
             let _ = code.callbacks.set(found.into());
         }
@@ -332,15 +377,20 @@ impl Vm {
             // its memory and globals are those of an instance that ran all of the below
             return Ok((f, inst));
         }
-        if let Some((init, name)) = init {
-            init.call(&mut *store, ())
-                .map_err(|e| failure(name, e, store.data()))?;
+        let init = match initialize.exists() {
+            true => (initialize, "_initialize"),
+            false => (start, "_start"),
+        };
+        if let Some(func) = init.0.get(store) {
+            func.call(&mut *store, ())
+                .map_err(|e| failure(init.1, e, store.data()))?;
         }
-        f.on_context_create
-            .call(&mut *store, (ROOT, 0))
-            .map_err(|e| failure("on_context_create", e, store.data()))?;
+        if let Some(func) = f.on_context_create.get(store) {
+            func.call(&mut *store, (ROOT, 0))
+                .map_err(|e| failure("on_context_create", e, store.data()))?;
+        }
         let p = &plugin.spec;
-        if let Some(func) = &f.on_vm_start {
+        if let Some(func) = f.on_vm_start.get(store) {
             let ok = func
                 .call(&mut *store, (ROOT, p.vm_config.len() as i32))
                 .map_err(|e| failure("on_vm_start", e, store.data()))?;
@@ -351,7 +401,7 @@ impl Vm {
                 });
             }
         }
-        if let Some(func) = &f.on_configure {
+        if let Some(func) = f.on_configure.get(store) {
             let size = store.data().config.len() as i32;
             let ok = func
                 .call(&mut *store, (ROOT, size))
@@ -397,7 +447,7 @@ impl Vm {
 
     pub(crate) fn queue_ready(&mut self, plugin: &Plugin, queue: u32) -> Result<(), Failure> {
         self.root_call(plugin, "on_queue_ready", View::default(), |s, f| {
-            match &f.on_queue_ready {
+            match f.on_queue_ready.get(s) {
                 Some(func) => func.call(s, (ROOT, queue as i32)),
                 None => Ok(()),
             }
@@ -406,7 +456,7 @@ impl Vm {
 
     pub(crate) fn tick(&mut self, plugin: &Plugin) -> Result<(), Failure> {
         self.root_call(plugin, "on_tick", View::default(), |s, f| {
-            match &f.on_tick {
+            match f.on_tick.get(s) {
                 Some(func) => func.call(s, ROOT),
                 None => Ok(()),
             }
@@ -461,7 +511,7 @@ impl Vm {
     pub(crate) fn shutdown(&mut self, plugin: &Plugin) -> bool {
         let mut done = true;
         let r = self.root_call(plugin, "on_done", View::default(), |s, f| {
-            match &f.on_done {
+            match f.on_done.get(s) {
                 Some(func) => func.call(&mut *s, ROOT).map(|v| done = v != 0),
                 None => Ok(()),
             }
@@ -511,7 +561,7 @@ impl Vm {
 
     fn delete_root(&mut self, plugin: &Plugin) {
         let r = self.root_call(plugin, "on_delete", View::default(), |s, f| {
-            match &f.on_delete {
+            match f.on_delete.get(s) {
                 Some(func) => func.call(s, ROOT),
                 None => Ok(()),
             }
@@ -751,7 +801,9 @@ impl Lease {
         let ctx = vm.next_ctx;
         vm.next_ctx = vm.next_ctx.wrapping_add(1).max(ROOT + 1);
         self.run("on_context_create", View::default(), |s, f| {
-            f.on_context_create.call(s, (ctx, ROOT))
+            f.on_context_create
+                .get(s)
+                .map_or(Ok(()), |g| g.call(s, (ctx, ROOT)))
         })?;
         self.ctx = ctx;
         self.plugin.metrics.invocations.inc();
@@ -765,7 +817,7 @@ impl Lease {
     fn stream(
         &mut self,
         name: &'static str,
-        pick: fn(&Exports) -> Option<&F3R>,
+        pick: fn(&Exports) -> Option<&Cb<F3R>>,
         a: i32,
         b: i32,
         view: View<'_>,
@@ -777,8 +829,8 @@ impl Lease {
     fn stream_either(
         &mut self,
         name: &'static str,
-        pick: fn(&Exports) -> Option<&F3R>,
-        pick01: fn(&Exports) -> Option<&F2R>,
+        pick: fn(&Exports) -> Option<&Cb<F3R>>,
+        pick01: fn(&Exports) -> Option<&Cb<F2R>>,
         a: i32,
         b: i32,
         view: View<'_>,
@@ -790,10 +842,15 @@ impl Lease {
             return Outcome::Continue;
         }
         let ctx = self.ctx;
-        match self.run(name, view, |s, f| match (pick(f), pick01(f)) {
-            (Some(func), _) => func.call(s, (ctx, a, b)),
-            (None, Some(func)) => func.call(s, (ctx, a)),
-            (None, None) => Ok(ACTION_CONTINUE),
+        match self.run(name, view, |s, f| {
+            match (
+                pick(f).and_then(|c| c.get(s)),
+                pick01(f).and_then(|c| c.get(s)),
+            ) {
+                (Some(func), _) => func.call(s, (ctx, a, b)),
+                (None, Some(func)) => func.call(s, (ctx, a)),
+                (None, None) => Ok(ACTION_CONTINUE),
+            }
         }) {
             Err(e) => Outcome::Failed(e),
             Ok((action, fx)) => outcome(action, fx),
@@ -802,17 +859,17 @@ impl Lease {
 
     /// A headers callback with `n` headers, v0.1.0 modules' form included.
     fn headers(&mut self, side: Side, n: i32, end_of_stream: bool, view: View<'_>) -> Outcome {
-        type Pick<F> = fn(&Exports) -> Option<&F>;
+        type Pick<F> = fn(&Exports) -> Option<&Cb<F>>;
         let (name, pick, pick01): (_, Pick<F3R>, Pick<F2R>) = match side {
             Side::Request => (
                 "on_request_headers",
-                |e| e.on_request_headers.as_ref(),
-                |e| e.on_request_headers_01.as_ref(),
+                |e| Some(&e.on_request_headers),
+                |e| Some(&e.on_request_headers_01),
             ),
             Side::Response => (
                 "on_response_headers",
-                |e| e.on_response_headers.as_ref(),
-                |e| e.on_response_headers_01.as_ref(),
+                |e| Some(&e.on_response_headers),
+                |e| Some(&e.on_response_headers_01),
             ),
         };
         self.stream_either(name, pick, pick01, n, end_of_stream as i32, view)
@@ -826,8 +883,10 @@ impl Lease {
     }
 
     /// Whether the leased VM's module exports the callback `pick` selects.
-    fn exports<T>(&self, pick: fn(&Exports) -> Option<&T>) -> bool {
-        self.vm.as_ref().is_some_and(|v| pick(&v.f).is_some())
+    fn exports<T>(&self, pick: fn(&Exports) -> Option<&Cb<T>>) -> bool {
+        self.vm
+            .as_ref()
+            .is_some_and(|v| pick(&v.f).is_some_and(Cb::exists))
     }
 
     pub fn on_request_headers(
@@ -878,9 +937,9 @@ impl Lease {
         body: &mut Vec<u8>,
         end_of_stream: bool,
     ) -> Outcome {
-        let (dir, name, pick): (usize, _, fn(&Exports) -> Option<&F3R>) = match t {
-            BufferType::RequestBody => (0, "on_request_body", |e| e.on_request_body.as_ref()),
-            _ => (1, "on_response_body", |e| e.on_response_body.as_ref()),
+        let (dir, name, pick): (usize, _, fn(&Exports) -> Option<&Cb<F3R>>) = match t {
+            BufferType::RequestBody => (0, "on_request_body", |e| Some(&e.on_request_body)),
+            _ => (1, "on_response_body", |e| Some(&e.on_response_body)),
         };
         let n = body.len() as i32;
         self.body_arrived(dir, body.len());
@@ -956,7 +1015,7 @@ impl Lease {
             ..View::of(info)
         };
         // (ctx, headers): the shape of a v0.1.0 header callback
-        let pick: fn(&Exports) -> Option<&F2R> = |e| e.on_response_trailers.as_ref();
+        let pick: fn(&Exports) -> Option<&Cb<F2R>> = |e| Some(&e.on_response_trailers);
         self.stream_either("on_response_trailers", |_| None, pick, n, 0, view)
     }
 
@@ -1047,11 +1106,8 @@ impl Lease {
         view.root = true;
         let phase = Phase::of(&view);
         let (name, has) = match ev {
-            RootEvent::Tick => ("on_tick", self.exports(|e| e.on_tick.as_ref())),
-            RootEvent::Queue(_) => (
-                "on_queue_ready",
-                self.exports(|e| e.on_queue_ready.as_ref()),
-            ),
+            RootEvent::Tick => ("on_tick", self.exports(|e| Some(&e.on_tick))),
+            RootEvent::Queue(_) => ("on_queue_ready", self.exports(|e| Some(&e.on_queue_ready))),
             RootEvent::Answer(a) => {
                 view.call = Some(a);
                 (answer_callback(a), self.answer_exported(a))
@@ -1061,10 +1117,10 @@ impl Lease {
             return Outcome::Pause;
         }
         let r = self.run(name, view, |s, f| match ev {
-            RootEvent::Tick => f.on_tick.as_ref().map_or(Ok(()), |g| g.call(s, ROOT)),
+            RootEvent::Tick => f.on_tick.get(s).map_or(Ok(()), |g| g.call(s, ROOT)),
             RootEvent::Queue(id) => f
                 .on_queue_ready
-                .as_ref()
+                .get(s)
                 .map_or(Ok(()), |g| g.call(s, (ROOT, id as i32))),
             RootEvent::Answer(a) => deliver_answer(s, f, ROOT, a),
         });
@@ -1118,7 +1174,7 @@ impl Lease {
         info: &mut RequestInfo,
     ) {
         let ctx = self.ctx;
-        let done = self.run("on_done", View::default(), |s, f| match &f.on_done {
+        let done = self.run("on_done", View::default(), |s, f| match f.on_done.get(s) {
             Some(func) => func.call(s, ctx).map(drop),
             None => Ok(()),
         });
@@ -1131,16 +1187,18 @@ impl Lease {
             log: true,
             ..View::of(&mut *info)
         };
-        let logged = self.run("on_log", view, |s, f| match &f.on_log {
+        let logged = self.run("on_log", view, |s, f| match f.on_log.get(s) {
             Some(func) => func.call(s, ctx),
             None => Ok(()),
         });
         if logged.is_err() {
             return;
         }
-        let _ = self.run("on_delete", View::default(), |s, f| match &f.on_delete {
-            Some(func) => func.call(s, ctx),
-            None => Ok(()),
+        let _ = self.run("on_delete", View::default(), |s, f| {
+            match f.on_delete.get(s) {
+                Some(func) => func.call(s, ctx),
+                None => Ok(()),
+            }
         });
     }
 }
@@ -1176,24 +1234,24 @@ fn answer_callback(a: &CallResponse) -> &'static str {
 
 fn answer_callback_exported(e: &Exports, a: &CallResponse) -> bool {
     if let Some(ev) = a.stream {
-        return stream_callback(e, ev).is_some();
+        return stream_callback(e, ev).exists();
     }
     if a.foreign {
-        return e.on_foreign_function.is_some();
+        return e.on_foreign_function.exists();
     }
     match &a.grpc {
-        None => e.on_http_call_response.is_some(),
-        Some(g) if g.code == 0 => e.on_grpc_receive.is_some(),
-        Some(_) => e.on_grpc_close.is_some(),
+        None => e.on_http_call_response.exists(),
+        Some(g) if g.code == 0 => e.on_grpc_receive.exists(),
+        Some(_) => e.on_grpc_close.exists(),
     }
 }
 
-fn stream_callback(e: &Exports, ev: StreamEvent) -> Option<&F3> {
+fn stream_callback(e: &Exports, ev: StreamEvent) -> &Cb<F3> {
     match ev {
-        StreamEvent::InitialMetadata => e.on_grpc_receive_initial_metadata.as_ref(),
-        StreamEvent::Message => e.on_grpc_receive.as_ref(),
-        StreamEvent::TrailingMetadata => e.on_grpc_receive_trailing_metadata.as_ref(),
-        StreamEvent::Close => e.on_grpc_close.as_ref(),
+        StreamEvent::InitialMetadata => &e.on_grpc_receive_initial_metadata,
+        StreamEvent::Message => &e.on_grpc_receive,
+        StreamEvent::TrailingMetadata => &e.on_grpc_receive_trailing_metadata,
+        StreamEvent::Close => &e.on_grpc_close,
     }
 }
 
@@ -1224,7 +1282,9 @@ fn deliver_stream_event(
         }
     };
     let token = a.token as i32;
-    let r = stream_callback(f, ev).map_or(Ok(()), |g| g.call(&mut *s, (ROOT, token, arg)));
+    let r = stream_callback(f, ev)
+        .get(s)
+        .map_or(Ok(()), |g| g.call(&mut *s, (ROOT, token, arg)));
     if ev == StreamEvent::Close {
         let streams = &mut s.data_mut().grpc_streams;
         streams.retain(|t| t.token != a.token || !t.local_closed);
@@ -1261,7 +1321,7 @@ fn deliver_answer(
         // a state call's result (`wasmgate.kv.*`), read as CallData
         return f
             .on_foreign_function
-            .as_ref()
+            .get(s)
             .map_or(Ok(()), |g| g.call(s, (ctx, token, a.body.len() as i32)));
     }
     let Some(g) = &a.grpc else {
@@ -1276,7 +1336,7 @@ fn deliver_answer(
         };
         return f
             .on_http_call_response
-            .as_ref()
+            .get(s)
             .map_or(Ok(()), |g| g.call(s, (ctx, token, nh, nb, nt)));
     };
     let tokens = &mut s.data_mut().grpc_tokens;
@@ -1289,7 +1349,7 @@ fn deliver_answer(
     } else {
         (&f.on_grpc_close, g.code as i32)
     };
-    func.as_ref()
+    func.get(s)
         .map_or(Ok(()), |g| g.call(s, (ROOT, token, arg)))
 }
 
