@@ -277,7 +277,8 @@ impl Vm {
         // Callbacks are taken by export index. The first instance of a module finds the
         // indices by name and has wasmtime check each callback's type; they are kept then,
         // so the module's later instances (a fresh one per request under `isolation =
-        // "request"`) skip both the name lookups and the type checks.
+        // "request"`) skip both the name lookups and the type checks, and resolve each
+        // callback only when it is first called (see `Cb`).
         let known = code.callbacks.get();
         let module = code.pre.module();
         let wrong = |name: &str, e: String| {
@@ -369,7 +370,11 @@ impl Vm {
             on_grpc_receive_trailing_metadata, on_tick, on_queue_ready,
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
-        let (initialize, start): (Cb<TypedFunc<(), ()>>, _) = (cb!("_initialize"), cb!("_start"));
+        let initialize: Cb<TypedFunc<(), ()>> = cb!("_initialize");
+        let init = match initialize.exists() {
+            true => (initialize, "_initialize"),
+            false => (cb!("_start"), "_start"),
+        };
         if known.is_none() {
             let _ = code.callbacks.set(found.into());
         }
@@ -377,10 +382,6 @@ impl Vm {
             // its memory and globals are those of an instance that ran all of the below
             return Ok((f, inst));
         }
-        let init = match initialize.exists() {
-            true => (initialize, "_initialize"),
-            false => (start, "_start"),
-        };
         if let Some(func) = init.0.get(store) {
             func.call(&mut *store, ())
                 .map_err(|e| failure(init.1, e, store.data()))?;
