@@ -22,6 +22,8 @@ type F2R = TypedFunc<(i32, i32), i32>;
 type F3 = TypedFunc<(i32, i32, i32), ()>;
 type F3R = TypedFunc<(i32, i32, i32), i32>;
 type F5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+/// Picks one callback of a module's exports (`None`: a callback the caller has no use for).
+type Pick<F> = fn(&Exports) -> Option<&Cb<F>>;
 
 struct Exports {
     on_context_create: Cb<F2>,
@@ -818,7 +820,7 @@ impl Lease {
     fn stream(
         &mut self,
         name: &'static str,
-        pick: fn(&Exports) -> Option<&Cb<F3R>>,
+        pick: Pick<F3R>,
         a: i32,
         b: i32,
         view: View<'_>,
@@ -830,8 +832,8 @@ impl Lease {
     fn stream_either(
         &mut self,
         name: &'static str,
-        pick: fn(&Exports) -> Option<&Cb<F3R>>,
-        pick01: fn(&Exports) -> Option<&Cb<F2R>>,
+        pick: Pick<F3R>,
+        pick01: Pick<F2R>,
         a: i32,
         b: i32,
         view: View<'_>,
@@ -860,7 +862,6 @@ impl Lease {
 
     /// A headers callback with `n` headers, v0.1.0 modules' form included.
     fn headers(&mut self, side: Side, n: i32, end_of_stream: bool, view: View<'_>) -> Outcome {
-        type Pick<F> = fn(&Exports) -> Option<&Cb<F>>;
         let (name, pick, pick01): (_, Pick<F3R>, Pick<F2R>) = match side {
             Side::Request => (
                 "on_request_headers",
@@ -884,7 +885,7 @@ impl Lease {
     }
 
     /// Whether the leased VM's module exports the callback `pick` selects.
-    fn exports<T>(&self, pick: fn(&Exports) -> Option<&Cb<T>>) -> bool {
+    fn exports<T>(&self, pick: Pick<T>) -> bool {
         self.vm
             .as_ref()
             .is_some_and(|v| pick(&v.f).is_some_and(Cb::exists))
@@ -938,7 +939,7 @@ impl Lease {
         body: &mut Vec<u8>,
         end_of_stream: bool,
     ) -> Outcome {
-        let (dir, name, pick): (usize, _, fn(&Exports) -> Option<&Cb<F3R>>) = match t {
+        let (dir, name, pick): (usize, _, Pick<F3R>) = match t {
             BufferType::RequestBody => (0, "on_request_body", |e| Some(&e.on_request_body)),
             _ => (1, "on_response_body", |e| Some(&e.on_response_body)),
         };
@@ -1016,7 +1017,7 @@ impl Lease {
             ..View::of(info)
         };
         // (ctx, headers): the shape of a v0.1.0 header callback
-        let pick: fn(&Exports) -> Option<&Cb<F2R>> = |e| Some(&e.on_response_trailers);
+        let pick: Pick<F2R> = |e| Some(&e.on_response_trailers);
         self.stream_either("on_response_trailers", |_| None, pick, n, 0, view)
     }
 
