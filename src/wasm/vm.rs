@@ -90,6 +90,13 @@ impl<P: wasmtime::WasmParams, R: wasmtime::WasmResults> Cb<TypedFunc<P, R>> {
                 .get_or_init(|| unsafe { TypedFunc::new_unchecked(&*s, func) }),
         )
     }
+
+    /// The callback itself, for one kept outside [`Exports`] (the allocator): resolved
+    /// once and moved out, not cloned (a clone copies its type from the engine again).
+    fn take(self, s: &mut Store<Host>) -> Option<TypedFunc<P, R>> {
+        self.get(s)?;
+        self.func.into_inner()
+    }
 }
 
 /// How a VM's instance gets ready for requests.
@@ -326,11 +333,10 @@ impl Vm {
             }};
         }
         let memory = inst.get_memory(&mut *store, "memory");
-        let alloc = match cb!("proxy_on_memory_allocate").get(store).cloned() {
+        let alloc = match cb!("proxy_on_memory_allocate").take(store) {
             Some(f) => f,
             None => cb!("malloc")
-                .get(store)
-                .cloned()
+                .take(store)
                 .ok_or_else(|| fail("instantiate", "no allocator".into()))?,
         };
         store.data_mut().memory = memory;
