@@ -956,13 +956,22 @@ async fn idle_keepalive_timeout_is_the_operators() {
         idle >= Duration::from_millis(900) && idle < Duration::from_secs(3),
         "closed after {idle:?}"
     );
-    // within the timeout it is reused
+    // within the timeout it is reused, for longer than the timeout in all (the idle
+    // clock armed at the first wait goes off mid-way and is moved, not obeyed)
     let mut s = raw_client(gw.port("http"));
-    for _ in 0..2 {
+    for _ in 0..6 {
         write!(s, "GET /a HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
         assert_eq!(status_and_body(&mut s).unwrap().0, 200);
         std::thread::sleep(Duration::from_millis(300));
     }
+    // and closed once it is idle past it again
+    let t = std::time::Instant::now();
+    assert!(status_and_body(&mut s).is_none(), "closed while idle");
+    let idle = t.elapsed();
+    assert!(
+        idle >= Duration::from_millis(600) && idle < Duration::from_secs(3),
+        "closed after {idle:?}"
+    );
     // 0 turns keep-alive off: one request per connection
     gw.rewrite_conf(&conf(0));
     gw.signal(libc::SIGHUP);

@@ -455,6 +455,10 @@ pub struct ClientStream {
     /// Bytes read to look at a request head first ([`ClientStream::next_head`]), read
     /// again from here.
     replay: bytes::BytesMut,
+    /// The keep-alive clock between requests on the fast path: armed once and left in the
+    /// timer wheel while requests keep coming; when it goes off, it is moved to the
+    /// current wait's deadline unless that has passed (see [`ClientStream::next_head`]).
+    keepalive: Option<Pin<Box<Sleep>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -480,6 +484,7 @@ impl ClientStream {
             refusing: None,
             replacing: None,
             replay: bytes::BytesMut::new(),
+            keepalive: None,
             metrics,
         }
     }
@@ -501,6 +506,20 @@ impl ClientStream {
                 }
             }
             let waiting = self.replay.is_empty();
+            // between requests, wait at most `idle` for the next one: on the connection's
+            // one clock, which moves only when it goes off early (one timer per idle
+            // period, not one per request)
+            let idle = idle.filter(|_| waiting).map(|idle| {
+                let until = Instant::now() + idle;
+                let mut clock = self
+                    .keepalive
+                    .take()
+                    .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(until)));
+                if clock.deadline() > until {
+                    clock.as_mut().reset(until); // the keep-alive a reload shortened
+                }
+                (clock, until)
+            });
             self.replay.reserve(4096);
             let mut chunk = std::mem::take(&mut self.replay);
             let read = std::future::poll_fn(|cx| {
@@ -508,8 +527,25 @@ impl ClientStream {
                 ready!(self.poll_read_counted(cx, &mut buf))?;
                 Poll::Ready(Ok::<_, io::Error>(buf.filled().len()))
             });
-            let n = match idle.filter(|_| waiting) {
-                Some(idle) => tokio::time::timeout(idle, read).await.ok()?,
+            let n = match idle {
+                Some((mut clock, until)) => {
+                    let mut read = std::pin::pin!(read);
+                    let n = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(n) = read.as_mut().poll(cx) {
+                            return Poll::Ready(Some(n));
+                        }
+                        loop {
+                            ready!(clock.as_mut().poll(cx));
+                            if Instant::now() >= until {
+                                return Poll::Ready(None);
+                            }
+                            clock.as_mut().reset(until);
+                        }
+                    })
+                    .await;
+                    self.keepalive = Some(clock);
+                    n?
+                }
                 None => read.await,
             }
             .ok()?;
