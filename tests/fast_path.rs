@@ -431,3 +431,90 @@ async fn routes_to_http2_upstreams_stay_on_pingoras_path() {
         "a request to an HTTP/2 upstream took the fast path"
     );
 }
+
+/// An upstream that closes a kept-alive connection (FIN) when it has been idle 50 ms, but
+/// keeps reading it: a request that still arrives on it was sent on a connection the
+/// upstream had closed, and is counted in `late` (and never answered).
+async fn closing_upstream() -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted, late) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (count, too_late) = (accepted.clone(), late.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            let too_late = too_late.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let wait = tokio::time::timeout(
+                        Duration::from_millis(50),
+                        read_request(&mut s, &mut buf),
+                    );
+                    match wait.await {
+                        Ok(Some(_)) => {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(_) => break, // idle: close our side
+                    }
+                }
+                let _ = s.shutdown().await;
+                if read_request(&mut s, &mut buf).await.is_some() {
+                    too_late.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (port, accepted, late)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
+    let (up, accepted, late) = closing_upstream().await;
+    let gw = Gw::start(&format!(
+        "{HEAD}[upstreams.up]\ntargets = [\"127.0.0.1:{up}\"]\n[[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\n"
+    ));
+    let port = gw.port("http");
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answers = Vec::new();
+        for i in 0..3 {
+            // a POST: not idempotent, so a failure on a dead connection would show
+            let req = format!("POST /p{i} HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc");
+            if s.write_all(req.as_bytes()).is_err() {
+                answers.push(format!(
+                    "request {i}: the gateway had closed the connection"
+                ));
+                break;
+            }
+            let out = read_until(&mut s, |o| o.ends_with(b"ok"));
+            answers.push(String::from_utf8_lossy(&out).to_string());
+            // the upstream closes its side meanwhile
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        answers
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    for a in &answers {
+        assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    }
+    assert_eq!(
+        late.load(Ordering::Relaxed),
+        0,
+        "a request went to a closed connection"
+    );
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        3,
+        "one new connection per request"
+    );
+    let served = metric(&gw.metrics().await, "wasmgate_fast_path_requests_total");
+    assert_eq!(served, 3.0);
+}

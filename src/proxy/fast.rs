@@ -277,7 +277,9 @@ impl FastPath {
         if peer.options.alpn != ALPN::H1 {
             peer.options.alpn = ALPN::H1;
         }
-        let (stream, reused) = match self.connect(&peer).await {
+        // the pool key: what a pooled connection must match (hashed once per try)
+        let key = peer.reuse_hash();
+        let (stream, reused) = match self.connect(&peer, key).await {
             Ok(c) => c,
             Err(mut e) => {
                 e.as_up();
@@ -295,7 +297,7 @@ impl FastPath {
             // keep-alive as the answer allows (Pingora's pool does the same on release)
             client.respect_keepalive();
             if let Some(stream) = client.reuse().await {
-                put_idle(peer.reuse_hash(), stream, peer.idle_timeout());
+                put_idle(key, stream, peer.idle_timeout());
             }
         }
         let error = error.map(|e| {
@@ -306,9 +308,9 @@ impl FastPath {
         (server_reuse, error)
     }
 
-    /// A pooled connection to `peer` that is still open, or a new one.
-    async fn connect(&self, peer: &HttpPeer) -> Result<(Stream, bool)> {
-        if let Some(s) = take_idle(peer.reuse_hash()) {
+    /// A pooled connection to `peer` (pool key `key`) that is still open, or a new one.
+    async fn connect(&self, peer: &HttpPeer, key: u64) -> Result<(Stream, bool)> {
+        if let Some(s) = take_idle(key) {
             return Ok((s, true));
         }
         Ok((self.connector.new_stream(peer).await?, false))
@@ -507,8 +509,8 @@ fn take_idle(key: u64) -> Option<Stream> {
     IDLE.with_borrow_mut(|idle| {
         let list = idle.by_peer.get_mut(&key)?;
         let now = Instant::now();
-        while let Some((stream, until)) = list.pop() {
-            if until.is_some_and(|u| now >= u) || !quiet(&stream) {
+        while let Some((mut stream, until)) = list.pop() {
+            if until.is_some_and(|u| now >= u) || !quiet(&mut stream) {
                 continue;
             }
             return Some(stream);
@@ -542,13 +544,21 @@ fn put_idle(key: u64, stream: Stream, max_idle: Option<Duration>) {
 /// Whether an idle connection has nothing to read: no bytes, no end of stream. A pooled
 /// HTTP/1 connection that became readable was closed by the upstream (or sent bytes it
 /// should not have): either way it cannot carry a request.
-fn quiet(stream: &Stream) -> bool {
-    use std::os::fd::FromRawFd;
-    let fd = stream.id();
-    // SAFETY: `fd` is the socket `stream` owns and keeps open for this call; the
-    // `TcpStream` made from it is never dropped (`ManuallyDrop`), so it does not close
-    // it. `peek` only reads the socket's receive queue; the socket is non-blocking
-    // (tokio set it so), so an empty queue is `WouldBlock`, never a wait.
-    let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    matches!(socket.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+///
+/// Asked of the runtime, not the kernel: one read polled with a waker that does nothing.
+/// While the reactor has seen no event on the socket since its last read drained it, the
+/// read is pending without a system call (nginx, too, learns of a closed idle upstream
+/// connection from its event loop); otherwise the read tells. A close the reactor has not
+/// seen yet is the race every pool has: the request fails on a reused connection before
+/// any answer, and is tried again (Pingora's rule, [`FastPath::proxy`]).
+fn quiet(stream: &mut Stream) -> bool {
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::{AsyncRead, ReadBuf};
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    matches!(
+        std::pin::Pin::new(stream).poll_read(&mut cx, &mut buf),
+        Poll::Pending
+    )
 }
