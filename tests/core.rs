@@ -941,7 +941,7 @@ async fn slow_request_heads_get_408_but_idle_keepalive_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keepalive_timeout_is_the_operators() {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let up = Upstream::start("echo").await;
     let conf = |secs: u64| echo_conf(&format!("client_keepalive_timeout_secs = {secs}"), &up);
     let mut gw = Gw::start(&conf(1));
@@ -972,6 +972,29 @@ async fn idle_keepalive_timeout_is_the_operators() {
         idle >= Duration::from_millis(600) && idle < Duration::from_secs(3),
         "closed after {idle:?}"
     );
+    // the operator's keep-alive never reopens a connection RFC 9112 wants closed: after
+    // a request with both Content-Length and Transfer-Encoding (in either order), what a
+    // proxy in front reading the length took for body never runs as a request
+    for framing in [
+        "content-length: 42\r\ntransfer-encoding: chunked",
+        "transfer-encoding: chunked\r\ncontent-length: 42",
+    ] {
+        let mut s = raw_client(gw.port("http"));
+        write!(
+            s,
+            "POST /a HTTP/1.1\r\nhost: t\r\n{framing}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: t\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let raw = String::from_utf8_lossy(&raw);
+        assert_eq!(
+            raw.matches("HTTP/1.1 ").count(),
+            1,
+            "one answer, then closed: {raw}"
+        );
+        assert!(!raw.contains("smuggled"), "{raw}");
+    }
     // 0 turns keep-alive off: one request per connection
     gw.rewrite_conf(&conf(0));
     gw.signal(libc::SIGHUP);

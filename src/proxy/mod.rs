@@ -886,8 +886,14 @@ impl ProxyHttp for Gateway {
                 .await;
         }
         let keepalive = snap.limits.client_keepalive_timeout_secs;
-        if keepalive != crate::config::file::DEFAULT_KEEPALIVE_SECS {
-            // idle time allowed before the next request (0: none, close after this one)
+        // idle time allowed before the next request (0: none, close after this one), on a
+        // connection Pingora keeps: never one it closes (`Connection: close`, HTTP/1.0,
+        // or Content-Length with Transfer-Encoding, after which RFC 9112 wants the
+        // connection closed: the bytes a length-reading proxy in front took for body
+        // must never run as a request)
+        if keepalive != crate::config::file::DEFAULT_KEEPALIVE_SECS
+            && session.get_keepalive().is_some()
+        {
             session.set_keepalive((keepalive > 0).then_some(keepalive));
         }
         // a slow client must not hold the request: each body read has a deadline (408)
