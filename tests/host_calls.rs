@@ -605,8 +605,9 @@ fn request_isolation_gives_every_request_a_fresh_instance() {
 }
 
 /// Later instances take a module's callbacks by the export indices its first instance
-/// found, each resolved on its first call (see `Vm::boot`): the same callbacks, also in a module with `malloc` and `_start`
-/// in place of the SDKs' names; an export of the wrong type is refused, never taken.
+/// found, each resolved on its first call (see `Vm::boot`): the same callbacks, also in a
+/// module with `malloc` and `_start` in place of the SDKs' names; an export of the wrong
+/// type is refused, never taken.
 #[test]
 fn every_instance_finds_the_callbacks_its_module_exports() {
     let variant = LIFECYCLE

@@ -379,9 +379,10 @@ impl Vm {
         };
         // WASI reactors (`_initialize`) and commands (`_start`) set up their runtime first.
         let initialize: Cb<TypedFunc<(), ()>> = cb!("_initialize");
-        let init = match initialize.exists() {
-            true => (initialize, "_initialize"),
-            false => (cb!("_start"), "_start"),
+        let init = if initialize.exists() {
+            (initialize, "_initialize")
+        } else {
+            (cb!("_start"), "_start")
         };
         if known.is_none() {
             let _ = code.callbacks.set(found.into());
