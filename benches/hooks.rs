@@ -105,6 +105,16 @@ fn bench(c: &mut Criterion) {
     if !fresh.snapshotted() {
         eprintln!("rewrite.wasm has no snapshot: fresh_instance runs its start");
     }
+    // the same instantiated anew for every request (no renewal)
+    let mut unrenewed = Runtime::new(false).unwrap();
+    unrenewed.set_renewal(false);
+    let instantiated = unrenewed
+        .plugin(
+            spec("instantiated", cfg, Isolation::Request),
+            &rewrite,
+            &metrics,
+        )
+        .unwrap();
     // the same without a snapshot: every instance runs the module's start
     let mut unsnapped = Runtime::new(false).unwrap();
     unsnapped.set_snapshots(false);
@@ -117,6 +127,10 @@ fn bench(c: &mut Criterion) {
     g.bench_function("pooled_vm", |b| b.iter(|| one_request(&pooled, &mut req)));
     g.bench_function("fresh_instance", |b| {
         b.iter(|| one_request(&fresh, &mut req))
+    });
+    assert!(fresh.renewals() > 0, "fresh_instance renewed no VM");
+    g.bench_function("fresh_instance_instantiated", |b| {
+        b.iter(|| one_request(&instantiated, &mut req))
     });
     g.bench_function("fresh_instance_started", |b| {
         b.iter(|| one_request(&started, &mut req))

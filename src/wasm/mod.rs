@@ -15,6 +15,7 @@ pub mod component;
 mod function;
 pub mod host;
 pub mod meter;
+mod renew;
 mod vm;
 
 pub use function::{FunctionBackend, FunctionSpec, DEFAULT_MAX_RESPONSE_BYTES};
@@ -300,6 +301,9 @@ pub struct Code {
     /// The callbacks' export indices, in the order `Vm::boot` looks them up, once the
     /// first instance of this code checked their types.
     pub(crate) callbacks: std::sync::OnceLock<Box<[Option<wasmtime::ModuleExport>]>>,
+    /// A snapshot's memory and globals as its instances start, for renewing its VMs
+    /// (`None`: they cannot be; see [`renew`]). Taken by the code's first VM.
+    pub(crate) pristine: std::sync::OnceLock<Option<renew::Pristine>>,
 }
 
 impl Code {
@@ -313,6 +317,7 @@ impl Code {
             tier,
             pre,
             callbacks: Default::default(),
+            pristine: Default::default(),
         })
     }
 
@@ -376,6 +381,10 @@ pub struct Plugin {
     /// Fresh instances (`isolation = "request"`) start from this snapshot of the
     /// module's start, while the configuration is the one it was taken with.
     snap: arc_swap::ArcSwapOption<Snap>,
+    /// VMs renewed for another request (see [`Plugin::renew`]).
+    renewals: AtomicU64,
+    /// Whether its VMs are renewed at all (the runtime's [`Runtime::set_renewal`]).
+    renews: bool,
     /// The upstreams its callouts may reach, by name: first `spec.allowed_upstreams`,
     /// then whatever the embedder hands over when the upstreams are rebuilt (a deployed
     /// module outlives the conf snapshot it was built against).
@@ -546,6 +555,8 @@ pub struct Runtime {
     persist: bool,
     /// Fresh-instance modules get snapshots ([`Runtime::snapshot`]).
     snapshots: bool,
+    /// VMs started from snapshots are renewed for the next request ([`renew`]).
+    renewal: bool,
     shared: Arc<SharedState>,
     pub meter: Arc<meter::Meter>,
     dispatch: DispatchSlot,
@@ -606,6 +617,7 @@ impl Runtime {
             components: std::sync::OnceLock::new(),
             persist,
             snapshots: true,
+            renewal: true,
             shared: Arc::new(SharedState::default()),
             meter: Arc::default(),
             dispatch: Arc::default(),
@@ -850,6 +862,8 @@ impl Runtime {
             dispatch: self.dispatch.clone(),
             upstreams: arc_swap::ArcSwap::from_pointee(std::mem::take(&mut spec.allowed_upstreams)),
             snap: Default::default(),
+            renewals: AtomicU64::new(0),
+            renews: self.renewal,
             spec,
         });
         let first = vm::Vm::start(&plugin, false).map_err(ModuleError::Start)?;
@@ -908,14 +922,19 @@ impl Runtime {
             }
         });
         let compiled = taken.and_then(|snap| {
+            // its VMs are renewed after each request when nothing else of them can change
+            let (snap, renewed) = match renew::prepare(&snap) {
+                Ok(prepared) => (prepared, "yes".to_string()),
+                Err(why) => (snap, format!("no: {why}")),
+            };
             let (compiled, _) = self.compile_found(&snap).map_err(|e| e.to_string())?;
-            Ok(compiled)
+            Ok((compiled, renewed))
         });
         let (tenant, module) = (&spec.tenant, &spec.name);
         match compiled {
-            Ok(compiled) => {
+            Ok((compiled, renewed)) => {
                 tracing::info!(
-                    %tenant, %module, from_disk,
+                    %tenant, %module, from_disk, renewed,
                     ms = start.elapsed().as_millis() as u64,
                     "module snapshotted: fresh instances skip its start"
                 );
@@ -949,6 +968,12 @@ impl Runtime {
     /// run their start in every instance (tests and benchmarks compare the two).
     pub fn set_snapshots(&mut self, on: bool) {
         self.snapshots = on;
+    }
+
+    /// VMs started from a snapshot are renewed after their request (the default); off,
+    /// each request instantiates the snapshot anew (tests and benchmarks compare the two).
+    pub fn set_renewal(&mut self, on: bool) {
+        self.renewal = on;
     }
 }
 
@@ -1032,7 +1057,36 @@ impl Plugin {
         if self.spec.isolation == Isolation::Shared {
             self.park(vm);
         } else {
-            self.dispose(vm);
+            self.renew(vm);
+        }
+    }
+
+    /// Ends a VM's root context as [`Plugin::dispose`] does; then, instead of dropping a
+    /// VM started from the module's snapshot, puts it back as the snapshot starts every
+    /// instance ([`vm::Vm::renew`]) and pools it for the next request. The pool holds
+    /// only renewed VMs: no timer or queue callback runs in them (see
+    /// [`Plugin::tick_idle`]), as none runs in a fresh instance before its request.
+    fn renew(self: &Arc<Self>, mut vm: Box<vm::Vm>) {
+        match vm.shutdown(self) {
+            vm::Ended::Deleted => {}
+            vm::Ended::Waiting => return self.await_done(vm),
+            vm::Ended::Failed => return,
+        }
+        if !self.renews || self.retired.load(Ordering::Acquire) || !vm.renew(self) {
+            return;
+        }
+        self.renewals.fetch_add(1, Ordering::Relaxed);
+        let idle = &self.shared.idle_vms;
+        if idle.fetch_add(1, Ordering::AcqRel) >= MAX_IDLE_VMS {
+            idle.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        if self.idle.push(vm).is_err() {
+            idle.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        if self.retired.load(Ordering::Acquire) {
+            self.drain_idle(); // retired meanwhile
         }
     }
 
@@ -1152,9 +1206,13 @@ impl Plugin {
     /// [`vm::Vm::shutdown`]) and drops it. A root context waiting for its `proxy_done`
     /// keeps the VM on a task of its own, for at most [`DONE_WAIT`].
     fn dispose(&self, mut vm: Box<vm::Vm>) {
-        if !vm.shutdown(self) {
-            return;
+        if vm.shutdown(self) == vm::Ended::Waiting {
+            self.await_done(vm);
         }
+    }
+
+    /// Keeps a VM whose root context waits for `proxy_done` on a task of its own.
+    fn await_done(&self, mut vm: Box<vm::Vm>) {
         match (tokio::runtime::Handle::try_current(), vm.plugin()) {
             (Ok(rt), p) => {
                 rt.spawn(vm.await_done(p));
@@ -1193,6 +1251,11 @@ impl Plugin {
         let snap = self.snap.load();
         let snap = snap.as_ref()?;
         (snap.config_gen == self.config_gen.load(Ordering::Acquire)).then(|| snap.compiled.code())
+    }
+
+    /// How many VMs were renewed for another request instead of dropped.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
     }
 
     /// Whether fresh instances start from a snapshot now.
@@ -1326,7 +1389,9 @@ impl Plugin {
     /// `on_queue_ready` on one idle VM for every pending queue. With every VM busy the
     /// notices wait for the next attempt; nothing is lost, the items stay queued.
     fn deliver_queues(self: &Arc<Self>) {
-        if self.pending_queues.is_empty() {
+        // renewed VMs stay as their snapshot left them (a request waiting on its root
+        // context takes the notices)
+        if self.pending_queues.is_empty() || self.spec.isolation == Isolation::Request {
             return;
         }
         let Some(mut vm) = self.unpark() else {
@@ -1341,7 +1406,12 @@ impl Plugin {
         self.park(vm);
     }
 
+    /// `on_tick` on each idle VM. Not on renewed ones (`isolation = "request"`): each
+    /// request's instance starts as the snapshot left it, as a fresh instance would.
     fn tick_idle(self: &Arc<Self>) {
+        if self.spec.isolation == Isolation::Request {
+            return;
+        }
         let n = self.idle.len();
         let mut done = Vec::with_capacity(n);
         for _ in 0..n {

@@ -6,6 +6,7 @@ use super::host::{
     fuel_for, with_frame, CallResponse, Effects, Host, LocalResponse, PendingCall, RequestInfo,
     StreamEvent, StreamEvents, View,
 };
+use super::renew::{Handles, Pristine};
 use super::{Cause, Failure, Plugin};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::atomic::Ordering;
@@ -153,6 +154,19 @@ pub struct Vm {
     /// `on_queue_ready`, its own callout answers), not yet sent: the plugin sends them and
     /// keeps this VM out of its pool until they are answered (see `Plugin::park`).
     root_calls: Vec<PendingCall>,
+    /// Its memory and mutable globals, when it can be renewed (see [`Vm::renew`]).
+    renew: Option<Handles>,
+}
+
+/// How a root context's end went (see [`Vm::shutdown`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// `on_done` and `on_delete` ran.
+    Deleted,
+    /// `on_done` answered false: the root context waits for the guest's `proxy_done`.
+    Waiting,
+    /// A callback failed (reported).
+    Failed,
 }
 
 /// Rejects modules that are not Proxy-Wasm filters, with the reason.
@@ -195,6 +209,37 @@ fn failure(callback: &'static str, e: wasmtime::Error, host: &Host) -> Failure {
     Failure { callback, cause }
 }
 
+/// The host state of a new store (or of a renewed one).
+fn new_host(plugin: &Arc<Plugin>, config_gen: u64) -> Host {
+    Host {
+        config_gen,
+        limits: StoreLimitsBuilder::new()
+            .memory_size(plugin.spec.limits.memory_bytes as usize)
+            .instances(1)
+            .tables(4)
+            .table_elements(20_000)
+            .memories(1)
+            .build(),
+        plugin: plugin.clone(),
+        config: plugin.config.load_full(),
+        frame: Default::default(),
+        effects: Effects::default(),
+        memory: None,
+        alloc: None,
+        out_of_fuel: false,
+        grpc_tokens: Vec::new(),
+        grpc_streams: Vec::new(),
+        stream_events: Vec::new(),
+        root_stream_events: Vec::new(),
+        http_ctx: 0,
+        effective: ROOT,
+        parked: Default::default(),
+        abi01: plugin.compiled.abi01,
+        awaiting_done: false,
+        read_random: false,
+    }
+}
+
 impl Vm {
     /// Instantiates the module and configures its root context. The fuel this burns is
     /// billed to the tenant like any callback's when `billed` (VMs started to serve
@@ -219,33 +264,7 @@ impl Vm {
     ) -> Result<(Box<Vm>, Instance), Failure> {
         // the generation first: a configuration newer than it only makes the VM stale
         let config_gen = plugin.config_gen.load(Ordering::Acquire);
-        let host = Host {
-            config_gen,
-            limits: StoreLimitsBuilder::new()
-                .memory_size(plugin.spec.limits.memory_bytes as usize)
-                .instances(1)
-                .tables(4)
-                .table_elements(20_000)
-                .memories(1)
-                .build(),
-            plugin: plugin.clone(),
-            config: plugin.config.load_full(),
-            frame: Default::default(),
-            effects: Effects::default(),
-            memory: None,
-            alloc: None,
-            out_of_fuel: false,
-            grpc_tokens: Vec::new(),
-            grpc_streams: Vec::new(),
-            stream_events: Vec::new(),
-            root_stream_events: Vec::new(),
-            http_ctx: 0,
-            effective: ROOT,
-            parked: Default::default(),
-            abi01: plugin.compiled.abi01,
-            awaiting_done: false,
-            read_random: false,
-        };
+        let host = new_host(plugin, config_gen);
         let mut store = Store::new(code.engine(), host);
         store.limiter(|h| &mut h.limits);
         let start_fuel = fuel_for(plugin.spec.limits.budget).saturating_mul(START_BUDGET_FACTOR);
@@ -259,12 +278,29 @@ impl Vm {
         }
         let root_calls = std::mem::take(&mut store.data_mut().effects.calls);
         let (f, instance) = booted?;
+        // What renewing puts back: a snapshot's instance before any code ran in it. Read
+        // from an instance of its own: reading every page of this one would map them all,
+        // and the scan that renews it walks every mapped page.
+        let renew = match boot {
+            Boot::Snapshot => code
+                .pristine
+                .get_or_init(|| {
+                    let mut s = Store::new(code.engine(), new_host(plugin, config_gen));
+                    s.limiter(|h| &mut h.limits);
+                    let first = code.pre.instantiate(&mut s).ok()?;
+                    Pristine::take(&mut s, first, code.pre.module())
+                })
+                .as_ref()
+                .and_then(|p| p.handles(&mut store, instance)),
+            Boot::Full => None,
+        };
         let vm = Box::new(Vm {
             store,
             code,
             f,
             next_ctx: ROOT + 1,
             root_calls,
+            renew,
         });
         Ok((vm, instance))
     }
@@ -518,7 +554,7 @@ impl Vm {
     /// The end of the VM's root context, when the VM is let go: `on_done`, then
     /// `on_delete` unless `on_done` answered false. Then the root context waits for the
     /// guest's `proxy_done` (see [`Vm::await_done`]); returns whether it does.
-    pub(crate) fn shutdown(&mut self, plugin: &Plugin) -> bool {
+    pub(crate) fn shutdown(&mut self, plugin: &Plugin) -> Ended {
         let mut done = true;
         let r = self.root_call(plugin, "on_done", View::default(), |s, f| {
             match f.on_done.get(s) {
@@ -528,14 +564,40 @@ impl Vm {
         });
         if let Err(f) = r {
             plugin.report(&f);
-            return false; // failed: dropped without on_delete, like any failed VM
+            return Ended::Failed; // dropped without on_delete, like any failed VM
         }
         if !done {
             self.store.data_mut().awaiting_done = true;
-            return true;
+            return Ended::Waiting;
         }
-        self.delete_root(plugin);
-        false
+        match self.delete_root(plugin) {
+            Ok(()) => Ended::Deleted,
+            Err(()) => Ended::Failed,
+        }
+    }
+
+    /// Puts a VM started from its module's current snapshot, whose root context ended,
+    /// back as the snapshot starts every instance (see [`super::renew`]): its memory,
+    /// globals, contexts and host state. `false` when it cannot be (the memory grew, the
+    /// snapshot or the configuration changed, the scan failed): then it is dropped.
+    pub(crate) fn renew(&mut self, plugin: &Arc<Plugin>) -> bool {
+        let (Some(handles), Some(Some(pristine))) = (&self.renew, self.code.pristine.get()) else {
+            return false;
+        };
+        let current = plugin
+            .snapshot()
+            .is_some_and(|code| Arc::ptr_eq(&code, &self.code));
+        if !current || self.is_stale(plugin) || !pristine.restore(&mut self.store, handles) {
+            return false;
+        }
+        let h = self.store.data_mut();
+        let mut host = new_host(plugin, h.config_gen);
+        host.memory = h.memory;
+        host.alloc = h.alloc.take();
+        *h = host;
+        self.next_ctx = ROOT + 1;
+        self.root_calls.clear();
+        true
     }
 
     /// A root context that answered `on_done` with false keeps getting `on_tick` at its
@@ -555,13 +617,13 @@ impl Vm {
             }
         }
         self.store.data_mut().awaiting_done = false;
-        self.delete_root(&plugin);
+        let _ = self.delete_root(&plugin);
     }
 
     /// Ends a root context waiting for `proxy_done` at once.
     pub(crate) fn give_up_done(&mut self, plugin: &Plugin) {
         self.store.data_mut().awaiting_done = false;
-        self.delete_root(plugin);
+        let _ = self.delete_root(plugin);
     }
 
     /// The plugin this VM runs.
@@ -569,16 +631,14 @@ impl Vm {
         self.store.data().plugin.clone()
     }
 
-    fn delete_root(&mut self, plugin: &Plugin) {
+    fn delete_root(&mut self, plugin: &Plugin) -> Result<(), ()> {
         let r = self.root_call(plugin, "on_delete", View::default(), |s, f| {
             match f.on_delete.get(s) {
                 Some(func) => func.call(s, ROOT),
                 None => Ok(()),
             }
         });
-        if let Err(f) = r {
-            plugin.report(&f);
-        }
+        r.map_err(|f| plugin.report(&f))
     }
 
     /// A root-context callback outside any request, under the module's callback budget.
