@@ -143,7 +143,11 @@ impl Runtime {
         if let Some(c) = self.components.get() {
             return Ok(c);
         }
-        let c = component::ComponentRuntime::new().map_err(ModuleError::DoesNotCompile)?;
+        let c = component::ComponentRuntime::with_compilers(
+            component::CpuBudget::Epoch,
+            self.compilers,
+        )
+        .map_err(ModuleError::DoesNotCompile)?;
         Ok(self.components.get_or_init(|| c))
     }
 
@@ -161,7 +165,7 @@ impl Runtime {
         let function = rt
             .compile_cached(bytes, spec.limits.clone(), artifact.as_deref())
             .map_err(ModuleError::NotProxyWasm)?;
-        tracing::info!(tenant = %spec.tenant, module = %spec.name, digest = &digest[..12], export = function.handler_export(), "function loaded");
+        tracing::info!(tenant = %spec.tenant, module = %spec.name, digest = &digest[..12], export = function.handler_export(), tier = ?function.tier(), "function loaded");
         let wiring = Arc::new(Wiring {
             tenant: spec.tenant.clone(),
             name: spec.name.clone(),

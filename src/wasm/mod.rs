@@ -776,9 +776,15 @@ impl Runtime {
         }
     }
 
-    /// Waits until every module queued for optimized code has it (tests, benchmarks).
+    /// Waits until every module and function queued for optimized code has it (tests,
+    /// benchmarks).
     pub fn wait_optimized(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
+        if let Some(c) = self.components.get() {
+            if !c.wait_optimized(timeout) {
+                return false;
+            }
+        }
         while self.compilers == Compilers::Tiered
             && self.cache.iter().any(|c| c.tier() == Tier::Baseline)
         {

@@ -50,6 +50,7 @@ mod tests;
 pub use state::{denied, DenyAll, Grants, Outgoing, OutgoingPolicy, SendFuture};
 pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 
+pub use super::{Compilers, Tier};
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use state::Host;
@@ -209,14 +210,63 @@ pub struct ComponentRuntime {
     /// kept instance holds a permit until it leaves its queue.
     idle: Arc<Semaphore>,
     idle_cap: usize,
+    compilers: Compilers,
+    /// Winch and its linker: a component nowhere compiled yet goes live on its code while
+    /// the background compiler makes Cranelift's (see [`Tier`]).
+    baseline: Option<(Engine, Linker<Host>)>,
+    /// Cranelift's incremental cache, shared with the background compiler's engine.
+    code_cache: Arc<codecache::CodeCache>,
+    /// The background compiler's queue, once it runs.
+    optimizer: std::sync::Mutex<Option<std::sync::mpsc::Sender<Upgrade>>>,
+    /// Functions queued for their optimized code and not there yet.
+    upgrading: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// A function that went live on baseline code, for the background compiler.
+struct Upgrade {
+    code: Arc<arc_swap::ArcSwap<Code>>,
+    bytes: Vec<u8>,
+    artifact: Option<std::path::PathBuf>,
+}
+
+/// The engine settings every component engine shares: the component model, copy-on-write
+/// memory images, and the CPU budget's mechanism.
+fn base_config(budget: CpuBudget) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true).memory_init_cow(true);
+    match budget {
+        CpuBudget::Epoch => config.epoch_interruption(true),
+        CpuBudget::Fuel => config.consume_fuel(true),
+    };
+    config
+}
+
+/// All of WASI 0.2 (cli, clocks, filesystem, io, random, sockets), then wasi:http and the
+/// gateway's key-value interface.
+fn new_linker(engine: &Engine) -> Result<Linker<Host>, String> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+        .and_then(|()| kv::add_to_linker(&mut linker))
+        .map_err(|e| format!("component linker: {e:#}"))?;
+    Ok(linker)
+}
+
 impl ComponentRuntime {
-    /// A runtime metering CPU with epochs.
+    /// A runtime metering CPU with epochs, compiling with Cranelift only.
     pub fn new() -> Result<Self, String> {
         Self::with_budget(CpuBudget::Epoch)
     }
 
     pub fn with_budget(budget: CpuBudget) -> Result<Self, String> {
+        Self::with_compilers(budget, Compilers::Optimized)
+    }
+
+    /// A runtime compiling as `compilers` says: `Tiered` (the gateway when it serves)
+    /// puts a component compiled nowhere yet live on Winch's code at once (a JavaScript
+    /// hello: 1.4 s instead of 5.3 s of Cranelift) and swaps Cranelift's in when the
+    /// background compiler has it.
+    pub fn with_compilers(budget: CpuBudget, compilers: Compilers) -> Result<Self, String> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOL_INSTANCES)
             .total_core_instances(POOL_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
@@ -231,35 +281,41 @@ impl ComponentRuntime {
             .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
             .table_keep_resident(TABLE_KEEP_RESIDENT)
             .async_stack_keep_resident(ASYNC_STACK_KEEP_RESIDENT);
-        let mut config = Config::new();
+        let code_cache = Arc::new(codecache::CodeCache::default());
+        let mut config = base_config(budget);
         config
-            .wasm_component_model(true)
-            .memory_init_cow(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .enable_incremental_compilation(Arc::new(codecache::CodeCache::default()))
+            .enable_incremental_compilation(code_cache.clone())
             .map_err(|e| format!("component engine: {e:#}"))?;
-        match budget {
-            CpuBudget::Epoch => config.epoch_interruption(true),
-            CpuBudget::Fuel => config.consume_fuel(true),
-        };
         let engine = Engine::new(&config).map_err(|e| format!("component engine: {e:#}"))?;
-
-        let mut linker = Linker::new(&engine);
-        // All of WASI 0.2 (cli, clocks, filesystem, io, random, sockets), then wasi:http.
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
-            .and_then(|()| kv::add_to_linker(&mut linker))
-            .map_err(|e| format!("component linker: {e:#}"))?;
+        let linker = new_linker(&engine)?;
+        // Winch: the same budget mechanism (it supports epochs and fuel alike), instances
+        // allocated on demand (baseline code serves a function only until its optimized
+        // code is in)
+        let baseline = match compilers {
+            Compilers::Optimized => None,
+            Compilers::Tiered | Compilers::Baseline => {
+                let mut config = base_config(budget);
+                config.strategy(wasmtime::Strategy::Winch);
+                let engine =
+                    Engine::new(&config).map_err(|e| format!("component engine: {e:#}"))?;
+                let linker = new_linker(&engine)?;
+                Some((engine, linker))
+            }
+        };
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         if budget == CpuBudget::Epoch {
-            let (engine, stop) = (engine.clone(), ticker_stop.clone());
+            let engines: Vec<Engine> = std::iter::once(engine.clone())
+                .chain(baseline.as_ref().map(|(e, _)| e.clone()))
+                .collect();
+            let stop = ticker_stop.clone();
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
-                        engine.increment_epoch();
+                        engines.iter().for_each(Engine::increment_epoch);
                     }
                 })
                 .map_err(|e| format!("epoch ticker: {e}"))?;
@@ -271,7 +327,63 @@ impl ComponentRuntime {
             ticker_stop,
             idle: Arc::new(Semaphore::new(MAX_IDLE_TOTAL)),
             idle_cap: MAX_IDLE_TOTAL,
+            compilers,
+            baseline,
+            code_cache,
+            optimizer: Default::default(),
+            upgrading: Default::default(),
         })
+    }
+
+    /// Waits until every function queued for optimized code has it (tests, benchmarks).
+    pub fn wait_optimized(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.upgrading.load(Ordering::Acquire) > 0 {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Queues a function on baseline code for its optimized code. One background thread
+    /// compiles them one at a time, with Cranelift on that thread only (the other core
+    /// stays free for requests and the next deploy's baseline compile), in an engine with
+    /// the serving engine's code settings; the code is then loaded into the serving engine
+    /// and written as the function's artifact.
+    fn optimize_later(&self, job: Upgrade) {
+        self.upgrading.fetch_add(1, Ordering::AcqRel);
+        let mut tx = self.optimizer.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match tx.as_ref() {
+            Some(sender) => match sender.send(job) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (send, jobs) = std::sync::mpsc::channel::<Upgrade>();
+        let (engine, linker) = (self.engine.clone(), self.linker.clone());
+        let mut config = base_config(self.budget);
+        config.parallel_compilation(false);
+        let serial = config
+            .enable_incremental_compilation(self.code_cache.clone())
+            .ok()
+            .and_then(|c| Engine::new(c).ok());
+        let upgrading = self.upgrading.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wasmgate-optimize-fn".into())
+            .spawn(move || {
+                for job in jobs {
+                    upgrade(serial.as_ref(), &engine, &linker, job);
+                    upgrading.fetch_sub(1, Ordering::AcqRel);
+                }
+            });
+        if spawned.is_ok() && send.send(job).is_ok() {
+            *tx = Some(send);
+        } else {
+            self.upgrading.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// The same runtime with at most `cap` idle instances across its functions (set before
@@ -321,26 +433,31 @@ impl ComponentRuntime {
             // gateway's own data directory; wasmtime checks its header and version again.
             unsafe { Component::deserialize_file(&self.engine, p) }.ok()
         });
-        let component = match cached {
-            Some(c) => c,
-            None => {
+        // Winch does not compile every proposal Cranelift does: then Cranelift it is
+        let baseline = match (&cached, &self.baseline) {
+            (None, Some((engine, linker))) => Component::new(engine, bytes)
+                .ok()
+                .map(|c| (c, engine, linker)),
+            _ => None,
+        };
+        let (component, engine, linker, tier) = match (cached, baseline) {
+            (Some(c), _) => (c, &self.engine, &self.linker, Tier::Optimized),
+            (None, Some((c, engine, linker))) => (c, engine, linker, Tier::Baseline),
+            (None, None) => {
                 let c = Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
                 if let (Some(path), Ok(ser)) = (artifact, c.serialize()) {
-                    let tmp = path.with_extension("tmp");
-                    if std::fs::write(&tmp, ser).is_ok() {
-                        let _ = std::fs::rename(&tmp, path);
-                    }
+                    write_artifact(path, &ser);
                 }
-                c
+                (c, &self.engine, &self.linker, Tier::Optimized)
             }
         };
         let ty = component.component_type();
         let exports: Vec<String> = ty
-            .exports(&self.engine)
+            .exports(engine)
             .map(|(name, _)| name.to_string())
             .collect();
         let handler = ty
-            .exports(&self.engine)
+            .exports(engine)
             .map(|(name, _)| name)
             .find(|name| name.starts_with(INCOMING_HANDLER))
             .map(str::to_string);
@@ -354,14 +471,17 @@ impl ComponentRuntime {
                 "a component without a wasi:http/incoming-handler@0.2.x export (it exports {names})"
             ));
         };
-        let instance_pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| format!("cannot link the component: {e:#}"))?;
-        let pre = ProxyPre::new(instance_pre)
-            .map_err(|e| format!("cannot use the component's {handler} export: {e:#}"))?;
+        let pre = link(linker, &component)?;
+        let code = Arc::new(arc_swap::ArcSwap::from_pointee(Code { pre, tier }));
+        if tier == Tier::Baseline && self.compilers == Compilers::Tiered {
+            self.optimize_later(Upgrade {
+                code: code.clone(),
+                bytes: bytes.to_vec(),
+                artifact: artifact.map(std::path::Path::to_path_buf),
+            });
+        }
         Ok(Function::new(
-            pre,
+            code,
             handler,
             self.budget,
             limits,
@@ -377,6 +497,63 @@ impl ComponentRuntime {
 impl Drop for ComponentRuntime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The `InstancePre` of a component exporting `wasi:http/proxy`'s handler.
+fn link(linker: &Linker<Host>, component: &Component) -> Result<ProxyPre<Host>, String> {
+    let instance_pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("cannot link the component: {e:#}"))?;
+    ProxyPre::new(instance_pre).map_err(|e| format!("cannot use the component's handler: {e:#}"))
+}
+
+/// Writes an artifact under a temporary name, then renames it: a reader never sees half a
+/// file.
+fn write_artifact(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// Gives a function on baseline code its optimized code: compiled by `serial` (Cranelift
+/// on one thread) and loaded into `engine`, whose code settings it shares; if that fails,
+/// compiled by `engine` itself. New instances start on it; running ones, and idle ones
+/// kept for reuse, finish on the baseline code (idle ones are not reused again).
+fn upgrade(serial: Option<&Engine>, engine: &Engine, linker: &Linker<Host>, job: Upgrade) {
+    let start = std::time::Instant::now();
+    let from_serial = serial
+        .and_then(|serial| serial.precompile_component(&job.bytes).ok())
+        .and_then(|ser| {
+            // SAFETY: the bytes were just made by `precompile_component` of an engine with
+            // this engine's code settings (only its thread count and allocator differ);
+            // wasmtime checks that they are compatible and refuses them otherwise.
+            let c = unsafe { Component::deserialize(engine, &ser) }.ok()?;
+            Some((c, ser))
+        });
+    let compiled = match from_serial {
+        Some((c, ser)) => Ok((c, ser)),
+        None => Component::new(engine, &job.bytes)
+            .and_then(|c| Ok((c.clone(), c.serialize()?)))
+            .map_err(|e| format!("{e:#}")),
+    };
+    let linked = compiled.and_then(|(c, ser)| Ok((link(linker, &c)?, ser)));
+    match linked {
+        Ok((pre, ser)) => {
+            if let Some(path) = &job.artifact {
+                write_artifact(path, &ser);
+            }
+            job.code.store(Arc::new(Code {
+                pre,
+                tier: Tier::Optimized,
+            }));
+            tracing::info!(
+                ms = start.elapsed().as_millis() as u64,
+                "component: optimized code in, new instances start on it"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "component: no optimized code, baseline code stays"),
     }
 }
 
@@ -409,8 +586,16 @@ fn wasm_kind(bytes: &[u8]) -> Option<Kind> {
 
 /// A compiled function backend: linked once, instantiated fresh per request (or reused
 /// for consecutive requests when its limits say so).
-pub struct Function {
+/// A function's machine code, ready to instantiate, and which compiler made it.
+struct Code {
     pre: ProxyPre<Host>,
+    tier: Tier,
+}
+
+pub struct Function {
+    /// Swapped once when a function that went live on baseline code has its optimized
+    /// code (shared with the copies [`Function::with_limits`] makes).
+    code: Arc<arc_swap::ArcSwap<Code>>,
     handler: String,
     budget: CpuBudget,
     limits: Limits,
@@ -433,13 +618,15 @@ struct Idle {
     store: Store<Host>,
     proxy: Proxy,
     served: u32,
+    /// The code it runs: not reused once the function has newer code.
+    tier: Tier,
     /// Its place among the runtime's idle instances, given back when it leaves the queue.
     _slot: OwnedSemaphorePermit,
 }
 
 impl Function {
     fn new(
-        pre: ProxyPre<Host>,
+        code: Arc<arc_swap::ArcSwap<Code>>,
         handler: String,
         budget: CpuBudget,
         limits: Limits,
@@ -450,7 +637,7 @@ impl Function {
             Arc::new(ArrayQueue::new(idle))
         });
         Arc::new(Function {
-            pre,
+            code,
             handler,
             budget,
             slots: Arc::new(Semaphore::new(limits.max_instances)),
@@ -476,12 +663,17 @@ impl Function {
     pub fn with_limits(&self, limits: Limits) -> Arc<Function> {
         let idle = self.idle_budget.clone();
         Function::new(
-            self.pre.clone(),
+            self.code.clone(),
             self.handler.clone(),
             self.budget,
             limits,
             idle,
         )
+    }
+
+    /// Which compiler made the code new instances start on.
+    pub fn tier(&self) -> Tier {
+        self.code.load().tier
     }
 
     /// Instances that could start now.
@@ -520,11 +712,12 @@ impl Function {
         request: hyper::Request<HyperIncomingBody>,
         io: Io,
     ) -> Result<hyper::Response<HyperOutgoingBody>, Failure> {
+        let tier = self.tier();
         let idle = self
             .idle
             .as_ref()
             .filter(|_| !self.reuse_off.load(Ordering::Relaxed))
-            .and_then(|q| q.pop());
+            .and_then(|q| std::iter::from_fn(|| q.pop()).find(|idle| idle.tier == tier));
         let Some(idle) = idle else {
             return self.run(request, io, None).await;
         };
@@ -580,14 +773,15 @@ impl Function {
             .try_acquire_owned()
             .map_err(|_| Failure::Busy)?;
         let on_end = io.on_end.clone();
-        let (mut store, proxy, served) = match idle {
+        let code = self.code.load_full();
+        let (mut store, proxy, served, tier) = match idle {
             Some(idle) => {
                 let mut store = idle.store;
                 store.data_mut().rebind(io.sink, io.outgoing, io.grants);
                 self.arm(&mut store)?;
-                (store, Some(idle.proxy), idle.served)
+                (store, Some(idle.proxy), idle.served, idle.tier)
             }
-            None => (self.new_store(io)?, None, 0),
+            None => (self.new_store(&code.pre, io)?, None, 0, code.tier),
         };
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
@@ -601,7 +795,7 @@ impl Function {
                 .map_err(|e| Failure::Host(format!("{e:#}")))?;
             (req, out)
         };
-        let pre = self.pre.clone();
+        let pre = code.pre.clone();
         let deadline = self.limits.deadline;
         let (budget, cpu_limit) = (self.budget, self.limits.cpu);
         let keep = self.idle.clone().map(|queue| {
@@ -665,6 +859,7 @@ impl Function {
                         store,
                         proxy,
                         served,
+                        tier,
                         _slot: slot,
                     });
                 }
@@ -690,9 +885,9 @@ impl Function {
         }
     }
 
-    fn new_store(&self, io: Io) -> Result<Store<Host>, Failure> {
+    fn new_store(&self, pre: &ProxyPre<Host>, io: Io) -> Result<Store<Host>, Failure> {
         let host = Host::new(self.limits.memory_bytes, io.sink, io.outgoing, io.grants);
-        let mut store = Store::new(self.pre.engine(), host);
+        let mut store = Store::new(pre.engine(), host);
         store.limiter(|host| &mut host.memory);
         if self.budget == CpuBudget::Epoch {
             let budget = ticks(self.limits.cpu);

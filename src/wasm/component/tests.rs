@@ -691,3 +691,100 @@ fn a_guests_request_options_cannot_extend_the_upstreams_timeouts() {
     assert_eq!(o.first_byte_timeout, Some(Duration::from_secs(2)));
     assert_eq!(o.between_bytes_timeout, Some(Duration::from_secs(2)));
 }
+
+/// Baseline (Winch) code is limited as optimized code is: a loop overruns its CPU budget
+/// under epochs and under fuel, misses a shorter deadline, and a memory bomb hits its
+/// limit; the hellos of all three languages answer on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_code_answers_and_is_limited_as_optimized_code_is() {
+    for budget in [CpuBudget::Epoch, CpuBudget::Fuel] {
+        let runtime = ComponentRuntime::with_compilers(budget, Compilers::Baseline).unwrap();
+        let compile = |name: &str, limits: Limits| {
+            let f = runtime
+                .compile_with(&guest(name).unwrap(), limits)
+                .expect("compiles");
+            assert_eq!(f.tier(), Tier::Baseline, "{name}");
+            f
+        };
+        let spin = compile(
+            "loop-rs",
+            Limits {
+                cpu: Duration::from_millis(50),
+                ..Limits::default()
+            },
+        );
+        let start = Instant::now();
+        assert_eq!(fails(&spin).await, Failure::Overrun, "{budget:?}");
+        assert!(start.elapsed() < Duration::from_secs(2), "{budget:?}");
+        if budget == CpuBudget::Fuel {
+            continue; // the rest does not depend on the budget's mechanism
+        }
+        let late = spin.with_limits(Limits {
+            cpu: Duration::from_secs(30),
+            deadline: Duration::from_millis(100),
+            ..Limits::default()
+        });
+        assert_eq!(fails(&late).await, Failure::Deadline);
+        let bomb = compile(
+            "bomb-rs",
+            Limits {
+                memory_bytes: 32 << 20,
+                ..Limits::default()
+            },
+        );
+        assert_eq!(fails(&bomb).await, Failure::Memory);
+        for (name, says) in [
+            ("hello-rs", "hello from rust\n"),
+            ("hello-js", "hello from js\n"),
+            ("hello-py", "hello from python\n"),
+        ] {
+            let f = compile(name, Limits::default());
+            let response = f.handle(get("/"), Io::default()).await.expect(name);
+            assert_eq!(text(response).await, (200, says.to_string()));
+        }
+    }
+}
+
+/// A component compiled nowhere yet goes live on baseline code; the background compiler
+/// swaps optimized code in while requests keep coming (reused instances included), none
+/// fails, and the optimized code is written as the artifact the next load takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_go_live_on_baseline_code_and_move_to_optimized_code_without_a_failure() {
+    let bytes = guest("hello-rs").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("hello.cwasm");
+    let runtime = ComponentRuntime::with_compilers(CpuBudget::Epoch, Compilers::Tiered).unwrap();
+    let f = runtime
+        .compile_cached(&bytes, reusing(1000), Some(&artifact))
+        .expect("compiles");
+    assert_eq!(f.tier(), Tier::Baseline);
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut served = 0;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    let tier = f.tier();
+                    let response = f.handle(get("/"), Io::default()).await.expect("answers");
+                    assert_eq!(text(response).await, (200, "hello from rust\n".into()));
+                    served += 1;
+                    if tier == Tier::Optimized {
+                        break;
+                    }
+                }
+                served
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap() > 1, "served on both tiers");
+    }
+    assert!(runtime.wait_optimized(Duration::from_secs(60)));
+    assert_eq!(f.tier(), Tier::Optimized);
+    assert!(artifact.exists(), "the optimized code is kept");
+    let again = runtime
+        .compile_cached(&bytes, Limits::default(), Some(&artifact))
+        .expect("loads");
+    assert_eq!(again.tier(), Tier::Optimized, "loaded, not compiled again");
+}
