@@ -545,7 +545,7 @@ pub struct Runtime {
     compilers: Compilers,
     /// Where baseline modules go for their optimized code (the thread starts with the
     /// first one).
-    optimizer: std::sync::Mutex<Option<std::sync::mpsc::Sender<Upgrade>>>,
+    optimizer: Background<Upgrade>,
     cache: DashMap<[u8; 32], Arc<Compiled>>,
     /// Where precompiled artifacts persist across restarts, once the conf named it.
     cache_dir: std::sync::OnceLock<PathBuf>,
@@ -746,34 +746,17 @@ impl Runtime {
     /// them one at a time (Cranelift compiles a module's functions in parallel itself), so
     /// a burst of deploys never takes more than the cores one compile takes.
     fn optimize_later(&self, job: Upgrade) {
-        let mut tx = self.optimizer.lock().unwrap_or_else(|e| e.into_inner());
-        let job = match tx.as_ref() {
-            Some(sender) => match sender.send(job) {
-                Ok(()) => return,
-                // the thread is gone (it cannot panic, but if it did): start another
-                Err(std::sync::mpsc::SendError(job)) => job,
-            },
-            None => job,
-        };
-        let (send, jobs) = std::sync::mpsc::channel::<Upgrade>();
         let (engine, linker) = (self.engine.clone(), self.linker.clone());
-        let spawned = std::thread::Builder::new()
-            .name("wasmgate-optimize".into())
-            .spawn(move || {
-                // Cranelift on this one thread: the other cores stay free for requests
-                // and for the baseline compiles of the next deploys (with its parallel
-                // compilation, a 24 ms Winch compile took 140-240 ms beside it)
-                let mut config = engine_config();
-                config.parallel_compilation(false);
-                config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
-                let serial = Engine::new(&config).ok();
-                for job in jobs {
-                    upgrade(serial.as_ref(), &engine, &linker, job);
-                }
-            });
-        if spawned.is_ok() && send.send(job).is_ok() {
-            *tx = Some(send);
-        }
+        self.optimizer.send("wasmgate-optimize", job, move || {
+            // Cranelift on this one thread: the other cores stay free for requests and
+            // for the baseline compiles of the next deploys (with its parallel
+            // compilation, a 24 ms Winch compile took 140-240 ms beside it)
+            let mut config = engine_config();
+            config.parallel_compilation(false);
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+            let serial = Engine::new(&config).ok();
+            move |job| upgrade(serial.as_ref(), &engine, &linker, job)
+        });
     }
 
     /// Waits until every module and function queued for optimized code has it (tests,
@@ -1466,9 +1449,49 @@ fn optimize(engine: &Engine, bytes: &[u8], artifact: Option<&Path>) -> Result<Mo
     Ok(module)
 }
 
+/// A queue of jobs for one background thread, started with the first job (and again if it
+/// is ever gone): the background compilers of modules and of components.
+pub(crate) struct Background<J>(std::sync::Mutex<Option<std::sync::mpsc::Sender<J>>>);
+
+impl<J> Default for Background<J> {
+    fn default() -> Self {
+        Background(Default::default())
+    }
+}
+
+impl<J: Send + 'static> Background<J> {
+    /// Queues `job`. Without a thread, starts one named `name` that gives each job to the
+    /// handler `start` makes on it. `false` if no thread could be started.
+    pub(crate) fn send<F: FnMut(J)>(
+        &self,
+        name: &str,
+        job: J,
+        start: impl FnOnce() -> F + Send + 'static,
+    ) -> bool {
+        let mut tx = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match tx.as_ref() {
+            Some(sender) => match sender.send(job) {
+                Ok(()) => return true,
+                // the thread is gone (it cannot panic, but if it did): start another
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (send, jobs) = std::sync::mpsc::channel::<J>();
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || jobs.into_iter().for_each(start()));
+        let sent = spawned.is_ok() && send.send(job).is_ok();
+        if sent {
+            *tx = Some(send);
+        }
+        sent
+    }
+}
+
 /// Writes an artifact under a temporary name, then renames it: a reader never sees half a
 /// file.
-fn write_artifact(path: &Path, bytes: &[u8]) {
+pub(crate) fn write_artifact(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp");
     if std::fs::write(&tmp, bytes).is_ok() {
         let _ = std::fs::rename(&tmp, path);

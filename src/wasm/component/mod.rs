@@ -50,6 +50,7 @@ mod tests;
 pub use state::{denied, DenyAll, Grants, Outgoing, OutgoingPolicy, SendFuture};
 pub use stdio::{LineSink, Stdio, MAX_BYTES_PER_REQUEST, MAX_LINE_BYTES};
 
+use super::write_artifact;
 pub use super::{Compilers, Tier};
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
@@ -217,7 +218,7 @@ pub struct ComponentRuntime {
     /// Cranelift's incremental cache, shared with the background compiler's engine.
     code_cache: Arc<codecache::CodeCache>,
     /// The background compiler's queue, once it runs.
-    optimizer: std::sync::Mutex<Option<std::sync::mpsc::Sender<Upgrade>>>,
+    optimizer: super::Background<Upgrade>,
     /// Functions queued for their optimized code and not there yet.
     upgrading: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -354,34 +355,22 @@ impl ComponentRuntime {
     /// and written as the function's artifact.
     fn optimize_later(&self, job: Upgrade) {
         self.upgrading.fetch_add(1, Ordering::AcqRel);
-        let mut tx = self.optimizer.lock().unwrap_or_else(|e| e.into_inner());
-        let job = match tx.as_ref() {
-            Some(sender) => match sender.send(job) {
-                Ok(()) => return,
-                Err(std::sync::mpsc::SendError(job)) => job,
-            },
-            None => job,
-        };
-        let (send, jobs) = std::sync::mpsc::channel::<Upgrade>();
         let (engine, linker) = (self.engine.clone(), self.linker.clone());
         let mut config = base_config(self.budget);
         config.parallel_compilation(false);
-        let serial = config
-            .enable_incremental_compilation(self.code_cache.clone())
-            .ok()
-            .and_then(|c| Engine::new(c).ok());
+        let code_cache = self.code_cache.clone();
         let upgrading = self.upgrading.clone();
-        let spawned = std::thread::Builder::new()
-            .name("wasmgate-optimize-fn".into())
-            .spawn(move || {
-                for job in jobs {
-                    upgrade(serial.as_ref(), &engine, &linker, job);
-                    upgrading.fetch_sub(1, Ordering::AcqRel);
-                }
-            });
-        if spawned.is_ok() && send.send(job).is_ok() {
-            *tx = Some(send);
-        } else {
+        let started = self.optimizer.send("wasmgate-optimize-fn", job, move || {
+            let serial = config
+                .enable_incremental_compilation(code_cache)
+                .ok()
+                .and_then(|c| Engine::new(c).ok());
+            move |job| {
+                upgrade(serial.as_ref(), &engine, &linker, job);
+                upgrading.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        if !started {
             self.upgrading.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -506,15 +495,6 @@ fn link(linker: &Linker<Host>, component: &Component) -> Result<ProxyPre<Host>, 
         .instantiate_pre(component)
         .map_err(|e| format!("cannot link the component: {e:#}"))?;
     ProxyPre::new(instance_pre).map_err(|e| format!("cannot use the component's handler: {e:#}"))
-}
-
-/// Writes an artifact under a temporary name, then renames it: a reader never sees half a
-/// file.
-fn write_artifact(path: &std::path::Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, bytes).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
-    }
 }
 
 /// Gives a function on baseline code its optimized code: compiled by `serial` (Cranelift
