@@ -1173,3 +1173,65 @@ fn sdk_guests_answer_the_same_on_renewed_vms() {
     assert!(a[1].starts_with("401"), "{a:?}");
     assert_eq!(renewed.renewals(), keys.len() as u64);
 }
+
+/// A snapshot is another module's only if everything its start could see or be limited
+/// by is the same: two modules of the same bytes and configuration but another name,
+/// tenant or memory limit each get their own (here on one runtime keeping snapshots on
+/// disk, where the second used to load the first one's). The guest's start grows its
+/// memory by 100 pages (refused under a 2 MiB limit) and keeps its `plugin_name`; each
+/// request records whether the memory is large and shows the name kept.
+#[test]
+fn snapshots_are_not_shared_by_modules_that_differ_in_name_tenant_or_limits() {
+    let wat = format!(
+        r#"(module {PRELUDE}
+  (data (i32.const 256) "plugin_name")
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (memory.grow (i32.const 100)))
+    (drop (call $get_property (i32.const 256) (i32.const 11) (i32.const 16) (i32.const 20)))
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $rec (i32.gt_u (memory.size) (i32.const 50)))
+    (call $show)
+    (i32.const 0)))"#
+    );
+    let bytes = wat::parse_str(&wat).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::new(true).expect("runtime");
+    rt.set_cache_dir(dir.path()).unwrap();
+    let load = |name: &str, tenant: &str, memory_mb: u64| {
+        let mut s = spec(Isolation::Request);
+        s.name = name.into();
+        s.tenant = tenant.into();
+        s.limits.memory_bytes = memory_mb << 20;
+        let p = rt.plugin(s, &bytes, &Metrics::new()).expect("plugin");
+        assert!(p.snapshotted(), "{name}");
+        p
+    };
+    let answer = |p: &Arc<Plugin>| {
+        let (out, req) = run(p);
+        assert!(matches!(out, Outcome::Continue), "{out:?}");
+        (all(&req, "x-s").concat(), all(&req, "x-v").concat())
+    };
+    let one = load("one", "t1", 16);
+    let two = load("two", "t1", 16);
+    let other = load("one", "t2", 16);
+    let small = load("small", "t1", 2);
+    for _ in 0..2 {
+        assert_eq!(answer(&one), ("B".into(), "one".into()));
+        assert_eq!(answer(&two), ("B".into(), "two".into()));
+        assert_eq!(answer(&other), ("B".into(), "one".into()));
+        assert_eq!(answer(&small), ("A".into(), "small".into()));
+    }
+    let snaps = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "snap")
+        })
+        .count();
+    assert_eq!(snaps, 4, "one snapshot per module");
+}

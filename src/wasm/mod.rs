@@ -884,12 +884,24 @@ impl Runtime {
         let start = Instant::now();
         let key = {
             let mut h = Sha256::new();
+            // everything the start can see or be limited by: the module, its identity
+            // (name, tenant, root id, node: properties), its configuration and limits
+            let limits = [
+                spec.limits.memory_bytes,
+                spec.limits.budget.as_nanos() as u64,
+            ]
+            .map(u64::to_le_bytes)
+            .concat();
             for part in [
-                &b"wasmgate snapshot 1"[..],
+                &b"wasmgate snapshot 2"[..],
                 plugin.compiled.digest.as_bytes(),
+                spec.tenant.as_bytes(),
+                spec.name.as_bytes(),
                 spec.root_id.as_bytes(),
+                &plugin.shared.node().to_protobuf(),
                 &spec.vm_config,
                 &config,
+                &limits,
             ] {
                 h.update((part.len() as u64).to_le_bytes());
                 h.update(part);
