@@ -1064,14 +1064,20 @@ fn renewable() -> Vec<u8> {
 #[test]
 fn renewed_vms_start_every_request_as_the_snapshot_left_them() {
     let first = ["C", "F", "E", "A", "A", "C", "A"].map(String::from);
-    let shared = plugin(&renewable());
+    // one runtime for the three (each runtime reserves its own instance pool)
+    let mut rt = Runtime::new(false).expect("runtime");
+    let on = |rt: &Runtime, isolation| {
+        rt.plugin(spec(isolation), &renewable(), &Metrics::new())
+            .expect("plugin")
+    };
+    let shared = on(&rt, Isolation::Shared);
     assert_eq!(all(&run(&shared).1, "x-s"), first);
     assert_eq!(
         all(&run(&shared).1, "x-s"),
         ["D", "G", "F", "B", "D", "C", "B"]
     );
 
-    let fresh = plugin_with(&renewable(), spec(Isolation::Request));
+    let fresh = on(&rt, Isolation::Request);
     assert!(fresh.snapshotted());
     for i in 0..6 {
         assert_eq!(all(&run(&fresh).1, "x-s"), first, "request {i}");
@@ -1079,11 +1085,8 @@ fn renewed_vms_start_every_request_as_the_snapshot_left_them() {
     assert_eq!(fresh.renewals(), 6, "each request's VM renewed");
 
     // the same, instantiated anew for each request
-    let mut rt = Runtime::new(false).expect("runtime");
     rt.set_renewal(false);
-    let instantiated = rt
-        .plugin(spec(Isolation::Request), &renewable(), &Metrics::new())
-        .expect("plugin");
+    let instantiated = on(&rt, Isolation::Request);
     for _ in 0..3 {
         assert_eq!(all(&run(&instantiated).1, "x-s"), first);
     }
@@ -1095,13 +1098,17 @@ fn renewed_vms_start_every_request_as_the_snapshot_left_them() {
 /// are dropped and each request gets a new instance, as without renewal.
 #[test]
 fn vms_renewal_cannot_restore_are_dropped() {
-    let grows = plugin_with(
-        &guest(
-            "(call $rec (memory.size)) (drop (memory.grow (i32.const 1)))",
-            "",
-        ),
-        spec(Isolation::Request),
-    );
+    let rt = Runtime::new(false).expect("runtime");
+    let grows = rt
+        .plugin(
+            spec(Isolation::Request),
+            &guest(
+                "(call $rec (memory.size)) (drop (memory.grow (i32.const 1)))",
+                "",
+            ),
+            &Metrics::new(),
+        )
+        .expect("plugin");
     assert!(grows.snapshotted());
     for _ in 0..3 {
         assert_eq!(all(&run(&grows).1, "x-s"), ["C"]);
@@ -1119,7 +1126,13 @@ fn vms_renewal_cannot_restore_are_dropped() {
     (i32.const 0))
   (elem declare func $f))"#
     );
-    let sets = plugin_with(&wat::parse_str(&wat).unwrap(), spec(Isolation::Request));
+    let sets = rt
+        .plugin(
+            spec(Isolation::Request),
+            &wat::parse_str(&wat).unwrap(),
+            &Metrics::new(),
+        )
+        .expect("plugin");
     // no snapshot either (wizer refuses table.set); renewing checks for itself too
     assert!(!sets.snapshotted());
     for _ in 0..3 {
@@ -1142,8 +1155,8 @@ fn sdk_guests_answer_the_same_on_renewed_vms() {
         s.config = br#"{"keys": ["k1", "k2"]}"#.to_vec();
         s
     };
-    let renewed = plugin_with(&bytes, s());
     let mut rt = Runtime::new(false).expect("runtime");
+    let renewed = rt.plugin(s(), &bytes, &Metrics::new()).expect("plugin");
     rt.set_renewal(false);
     let instantiated = rt.plugin(s(), &bytes, &Metrics::new()).expect("plugin");
     let keys = ["k1", "nope", "", "k2", "k1k2", "k2", "K1", "k1"];

@@ -1077,18 +1077,7 @@ impl Plugin {
             return;
         }
         self.renewals.fetch_add(1, Ordering::Relaxed);
-        let idle = &self.shared.idle_vms;
-        if idle.fetch_add(1, Ordering::AcqRel) >= MAX_IDLE_VMS {
-            idle.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        if self.idle.push(vm).is_err() {
-            idle.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        if self.retired.load(Ordering::Acquire) {
-            self.drain_idle(); // retired meanwhile
-        }
+        let _ = self.pool(vm); // no room: dropped, its root context already ended
     }
 
     /// Puts an idle VM in the pool, unless the plugin is retired. A VM whose root context
@@ -1118,18 +1107,27 @@ impl Plugin {
             }
             // no proxy yet (the conf is loading): sent once the timers start
         }
+        if let Err(vm) = self.pool(vm) {
+            self.dispose(vm);
+        }
+    }
+
+    /// Puts `vm` in the idle pool, within the gateway's [`MAX_IDLE_VMS`]; gives it back
+    /// when there is no room.
+    fn pool(&self, vm: Box<vm::Vm>) -> Result<(), Box<vm::Vm>> {
         let idle = &self.shared.idle_vms;
         if idle.fetch_add(1, Ordering::AcqRel) >= MAX_IDLE_VMS {
             idle.fetch_sub(1, Ordering::AcqRel);
-            return self.dispose(vm);
+            return Err(vm);
         }
         if let Err(vm) = self.idle.push(vm) {
             idle.fetch_sub(1, Ordering::AcqRel);
-            return self.dispose(vm);
+            return Err(vm);
         }
         if self.retired.load(Ordering::Acquire) {
             self.drain_idle(); // retired meanwhile
         }
+        Ok(())
     }
 
     /// Sends a root context's callouts and hands it each answer (`on_http_call_response`
